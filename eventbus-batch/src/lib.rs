@@ -1,0 +1,8 @@
+#![doc = include_str!("../README.md")]
+
+mod config;
+mod engine;
+pub mod metrics;
+
+pub use config::{BatchConfig, OnFull};
+pub use engine::{Batcher, WindowStats};

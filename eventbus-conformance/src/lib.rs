@@ -1,0 +1,102 @@
+#![doc = include_str!("../README.md")]
+
+use std::future::Future;
+use std::time::Duration;
+
+use eventbus_core::{BatchSink, Subscriber, Topic};
+
+pub mod scenarios;
+
+/// Behaviours that legitimately differ between backends.
+#[derive(Clone, Copy, Debug)]
+#[non_exhaustive]
+pub struct Caps {
+    /// Members of one consumer group receive disjoint shares (a Kafka group on a one-partition
+    /// topic gives everything to one member, which is allowed).
+    pub members_share_evenly: bool,
+    /// Shortest ack wait the backend honours in tests.
+    pub min_ack_wait: Duration,
+}
+
+impl Default for Caps {
+    fn default() -> Self {
+        Caps {
+            members_share_evenly: true,
+            min_ack_wait: Duration::from_millis(500),
+        }
+    }
+}
+
+impl Caps {
+    /// Set `members_share_evenly`.
+    pub fn members_share_evenly(mut self, v: bool) -> Self {
+        self.members_share_evenly = v;
+        self
+    }
+    /// Set `min_ack_wait`.
+    pub fn min_ack_wait(mut self, d: Duration) -> Self {
+        self.min_ack_wait = d;
+        self
+    }
+}
+
+/// What a backend provides to the suite.
+pub trait Harness: Send + Sync + 'static {
+    /// The publishing sink.
+    type Sink: BatchSink;
+    /// The subscriber.
+    type Sub: Subscriber + Send + Sync + 'static;
+
+    /// Capabilities.
+    fn caps(&self) -> Caps;
+
+    /// A fresh topic, unique to this call, provisioned so it can be published to and
+    /// subscribed. `hint` is a readable suffix.
+    fn topic(&self, hint: &str) -> impl Future<Output = Topic> + Send;
+
+    /// A topic that passes validation but which the broker refuses (no stream covers it,
+    /// unknown topic, blocked).
+    fn unroutable_topic(&self) -> impl Future<Output = Topic> + Send;
+
+    /// A new sink.
+    fn sink(&self) -> impl Future<Output = Self::Sink> + Send;
+
+    /// A new subscriber.
+    fn subscriber(&self) -> impl Future<Output = Self::Sub> + Send;
+}
+
+/// Expand the suite into one `#[tokio::test]` per scenario. `$harness` is an expression,
+/// evaluated once per test, that yields a [`Harness`] (it may `.await`).
+#[macro_export]
+macro_rules! conformance_tests {
+    ($harness:expr) => {
+        $crate::conformance_tests!(@each $harness;
+            roundtrip_intact,
+            invalid_input_typed_errors,
+            many_publishers_and_subscribers,
+            topics_isolated,
+            nack_redelivers,
+            unacked_redelivered_after_ack_wait,
+            close_and_reopen_loses_nothing,
+            concurrent_subscribe_and_close,
+            per_key_order,
+            consumer_groups,
+            new_subscriber_reads_old_messages,
+            close_flushes_everything,
+            batch_outcomes_in_order,
+            bad_message_fails_alone,
+            oversize_rejected_before_window,
+            window_bounds_in_flight,
+            publish_after_close_fails,
+        );
+    };
+    (@each $harness:expr; $($name:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                let harness = $harness;
+                $crate::scenarios::run(stringify!($name), $crate::scenarios::$name(&harness)).await;
+            }
+        )*
+    };
+}

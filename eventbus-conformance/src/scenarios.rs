@@ -1,0 +1,661 @@
+//! The scenarios. Each takes a [`Harness`] and panics with a clear message on failure.
+
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use eventbus_batch::{BatchConfig, Batcher, OnFull};
+use eventbus_core::{
+    BatchSink, Delivery, Envelope, ErrorKind, Message, Outcome, Position, Publisher, SubscribeSpec,
+    Subscriber, Subscription, Topic,
+};
+use tokio::time::timeout;
+
+use crate::Harness;
+
+/// Longest any scenario may run before it counts as hung.
+pub const SCENARIO_TIMEOUT: Duration = Duration::from_secs(120);
+const RECV_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Run one scenario with a hang guard.
+pub async fn run(name: &str, f: impl Future<Output = ()>) {
+    if timeout(SCENARIO_TIMEOUT, f).await.is_err() {
+        panic!("scenario {name} hung for more than {SCENARIO_TIMEOUT:?}");
+    }
+}
+
+async fn publisher<H: Harness>(h: &H, cfg: BatchConfig) -> Batcher<H::Sink> {
+    Batcher::new(h.sink().await, cfg).expect("valid batch config")
+}
+
+async fn subscribe<H: Harness>(h: &H, spec: SubscribeSpec) -> Subscription {
+    h.subscriber()
+        .await
+        .subscribe(spec)
+        .await
+        .expect("subscribe")
+}
+
+async fn recv(sub: &mut Subscription, within: Duration) -> Option<Delivery> {
+    match timeout(within, sub.next()).await {
+        Ok(Some(Ok(d))) => Some(d),
+        Ok(Some(Err(e))) => panic!("subscription error: {e}"),
+        Ok(None) => panic!("subscription ended unexpectedly"),
+        Err(_) => None,
+    }
+}
+
+/// Receive exactly `n` deliveries, acking each; panics if they do not arrive in time.
+async fn take_acked(sub: &mut Subscription, n: usize) -> Vec<Message> {
+    let mut out = Vec::with_capacity(n);
+    while out.len() < n {
+        match recv(sub, RECV_TIMEOUT).await {
+            Some(d) => {
+                out.push(d.message().clone());
+                d.ack().await.expect("ack");
+            }
+            None => panic!("received {} of {n} messages before timing out", out.len()),
+        }
+    }
+    out
+}
+
+/// Assert nothing more arrives for `quiet`.
+async fn assert_quiet(sub: &mut Subscription, quiet: Duration) {
+    if let Some(d) = recv(sub, quiet).await {
+        panic!(
+            "unexpected extra delivery: {:?} (count {})",
+            d.message(),
+            d.info().delivery_count
+        );
+    }
+}
+
+async fn publish_all<P: Publisher>(p: &P, msgs: Vec<Message>) -> Vec<Outcome> {
+    let mut acks = Vec::with_capacity(msgs.len());
+    for m in msgs {
+        acks.push(p.publish(m).await.expect("publish admitted"));
+    }
+    let mut out = Vec::with_capacity(acks.len());
+    for a in acks {
+        out.push(a.await);
+    }
+    out
+}
+
+fn assert_all_acked(outcomes: &[Outcome]) {
+    for (i, o) in outcomes.iter().enumerate() {
+        assert!(o.is_acked(), "message {i} not acked: {o:?}");
+    }
+}
+
+fn numbered(topic: &Topic, n: usize) -> Vec<Message> {
+    (0..n)
+        .map(|i| Message::new(topic, format!("m-{i}")))
+        .collect()
+}
+
+fn ids(msgs: &[Message]) -> HashSet<String> {
+    msgs.iter().map(|m| m.id().to_string()).collect()
+}
+
+fn position_key(p: &Position) -> (i64, i64) {
+    match p {
+        Position::Stream { sequence, .. } => (0, *sequence as i64),
+        Position::Partition { partition, offset } => (*partition as i64, *offset),
+        Position::Offset(o) => (0, *o as i64),
+        _ => (0, 0),
+    }
+}
+
+/// Payload, key, headers, id and envelope survive a round trip.
+pub async fn roundtrip_intact<H: Harness>(h: &H) {
+    let topic = h.topic("roundtrip").await;
+    let mut sub = subscribe(h, SubscribeSpec::new(&topic)).await;
+    let p = publisher(h, BatchConfig::default()).await;
+    let env = Envelope::new("order.created")
+        .event_id("evt-1")
+        .aggregate_id("order-42")
+        .schema_version(7)
+        .correlation_id("corr-1")
+        .causation_id("cause-1")
+        .trace_id("trace-1")
+        .tenant("acme");
+    let payload: Vec<u8> = (0..=255u8).collect();
+    let sent = env.apply(
+        Message::new(&topic, payload.clone())
+            .with_key("key-1")
+            .with_header("x-custom", "v 1")
+            .with_header("x-empty", ""),
+    );
+    let o = p.publish(sent.clone()).await.expect("admitted").await;
+    assert!(o.is_acked(), "{o:?}");
+    let got = take_acked(&mut sub, 1).await.remove(0);
+    assert_eq!(got.topic(), &topic);
+    assert_eq!(&got.payload()[..], &payload[..], "payload");
+    assert_eq!(got.key().map(|k| &k[..]), Some(&b"key-1"[..]), "key");
+    assert_eq!(got.id(), sent.id(), "message id");
+    assert_eq!(got.headers().get("x-custom"), Some("v 1"));
+    assert_eq!(got.headers().get("x-empty"), Some(""));
+    assert_eq!(
+        Envelope::from_headers(got.headers()).expect("envelope"),
+        env
+    );
+    p.close(Duration::from_secs(5)).await.expect("close");
+}
+
+/// Invalid topics, header names and values fail with typed errors before any I/O, and nothing
+/// else is affected.
+pub async fn invalid_input_typed_errors<H: Harness>(h: &H) {
+    let topic = h.topic("invalid").await;
+    let p = publisher(h, BatchConfig::default()).await;
+    let bad = [
+        Message::new("", "x"),
+        Message::new("a..b", "x"),
+        Message::new("a b", "x"),
+        Message::new("a\r\nb", "x"),
+        Message::new(&topic, "x").with_header("bad:name", "v"),
+        Message::new(&topic, "x").with_header("bad name", "v"),
+        Message::new(&topic, "x").with_header("name", "evil\r\nInjected: 1"),
+    ];
+    for m in bad {
+        let shown = format!("{m:?}");
+        let err = p
+            .publish(m)
+            .await
+            .expect_err("invalid message must be rejected");
+        assert_eq!(err.kind(), ErrorKind::InvalidMessage, "{shown}: {err}");
+        assert!(!err.is_retryable());
+        assert!(
+            !err.to_string().contains("evil"),
+            "error echoes header value: {err}"
+        );
+    }
+    assert_eq!(
+        p.stats().in_flight,
+        0,
+        "rejected messages hold no window slot"
+    );
+    let o = p
+        .publish(Message::new(&topic, "good"))
+        .await
+        .expect("admitted")
+        .await;
+    assert!(o.is_acked(), "{o:?}");
+    let mut sub = subscribe(h, SubscribeSpec::new(&topic)).await;
+    let got = take_acked(&mut sub, 1).await;
+    assert_eq!(&got[0].payload()[..], b"good");
+    assert_quiet(&mut sub, Duration::from_millis(500)).await;
+}
+
+/// Five concurrent publishers, three subscribers in one group: every message arrives,
+/// none is lost.
+pub async fn many_publishers_and_subscribers<H: Harness>(h: &H) {
+    let topic = h.topic("many").await;
+    const PUBLISHERS: usize = 5;
+    const PER: usize = 400;
+    let mut subs = Vec::new();
+    for _ in 0..3 {
+        subs.push(subscribe(h, SubscribeSpec::new(&topic).group("g")).await);
+    }
+    let p = publisher(h, BatchConfig::default()).await;
+    let mut tasks = Vec::new();
+    for w in 0..PUBLISHERS {
+        let p = p.clone();
+        let topic = topic.clone();
+        tasks.push(tokio::spawn(async move {
+            let msgs: Vec<Message> = (0..PER)
+                .map(|i| Message::new(&topic, format!("w{w}-{i}")).with_key(format!("k{w}")))
+                .collect();
+            let expected = ids(&msgs);
+            assert_all_acked(&publish_all(&p, msgs).await);
+            expected
+        }));
+    }
+    let mut expected = HashSet::new();
+    for t in tasks {
+        expected.extend(t.await.expect("publisher task"));
+    }
+    let received = Arc::new(parking_set());
+    let total = Arc::new(AtomicUsize::new(0));
+    let mut readers = Vec::new();
+    for mut s in subs {
+        let received = Arc::clone(&received);
+        let total = Arc::clone(&total);
+        readers.push(tokio::spawn(async move {
+            while total.load(Ordering::SeqCst) < PUBLISHERS * PER {
+                if let Some(d) = recv(&mut s, Duration::from_millis(200)).await {
+                    received
+                        .lock()
+                        .unwrap()
+                        .insert(d.message().id().to_string());
+                    total.fetch_add(1, Ordering::SeqCst);
+                    d.ack().await.expect("ack");
+                }
+            }
+            s.close().await;
+        }));
+    }
+    let waited = timeout(Duration::from_secs(60), async {
+        for r in readers {
+            r.await.expect("reader");
+        }
+    })
+    .await;
+    let got = received.lock().unwrap().clone();
+    assert!(
+        waited.is_ok(),
+        "only {} of {} messages arrived",
+        got.len(),
+        expected.len()
+    );
+    assert_eq!(got, expected, "received ids differ from published ids");
+    p.close(Duration::from_secs(5)).await.expect("close");
+}
+
+fn parking_set() -> std::sync::Mutex<HashSet<String>> {
+    std::sync::Mutex::new(HashSet::new())
+}
+
+/// Messages on one topic never show up on another.
+pub async fn topics_isolated<H: Harness>(h: &H) {
+    let a = h.topic("iso-a").await;
+    let b = h.topic("iso-b").await;
+    let p = publisher(h, BatchConfig::default()).await;
+    assert_all_acked(&publish_all(&p, numbered(&a, 10)).await);
+    assert_all_acked(&publish_all(&p, numbered(&b, 3)).await);
+    let mut sa = subscribe(h, SubscribeSpec::new(&a)).await;
+    let mut sb = subscribe(h, SubscribeSpec::new(&b)).await;
+    let ga = take_acked(&mut sa, 10).await;
+    let gb = take_acked(&mut sb, 3).await;
+    assert!(ga.iter().all(|m| m.topic() == &a));
+    assert!(gb.iter().all(|m| m.topic() == &b));
+    assert_quiet(&mut sb, Duration::from_millis(500)).await;
+}
+
+/// A nacked message is delivered again, with a higher delivery count.
+pub async fn nack_redelivers<H: Harness>(h: &H) {
+    let topic = h.topic("nack").await;
+    let p = publisher(h, BatchConfig::default()).await;
+    assert_all_acked(&publish_all(&p, vec![Message::new(&topic, "again")]).await);
+    let mut sub = subscribe(
+        h,
+        SubscribeSpec::new(&topic)
+            .group("g")
+            .ack_wait(Duration::from_secs(30)),
+    )
+    .await;
+    let first = recv(&mut sub, RECV_TIMEOUT).await.expect("first delivery");
+    assert_eq!(first.info().delivery_count, 1);
+    let id = first.message().id().clone();
+    first.nack(Duration::from_millis(100)).await.expect("nack");
+    let second = recv(&mut sub, RECV_TIMEOUT)
+        .await
+        .expect("redelivery after nack");
+    assert_eq!(second.message().id(), &id);
+    assert_eq!(second.info().delivery_count, 2);
+    second.ack().await.expect("ack");
+    assert_quiet(&mut sub, Duration::from_millis(800)).await;
+}
+
+/// A delivery that is neither acked nor nacked comes back after the ack wait.
+pub async fn unacked_redelivered_after_ack_wait<H: Harness>(h: &H) {
+    let topic = h.topic("ackwait").await;
+    let wait = h.caps().min_ack_wait;
+    let p = publisher(h, BatchConfig::default()).await;
+    assert_all_acked(&publish_all(&p, vec![Message::new(&topic, "slow")]).await);
+    let mut sub = subscribe(h, SubscribeSpec::new(&topic).group("g").ack_wait(wait)).await;
+    let first = recv(&mut sub, RECV_TIMEOUT).await.expect("first delivery");
+    let (msg, _, acker) = first.split();
+    let started = tokio::time::Instant::now();
+    let second = recv(&mut sub, RECV_TIMEOUT + wait * 4)
+        .await
+        .expect("redelivery after ack wait");
+    assert!(
+        started.elapsed() >= wait / 2,
+        "redelivered too early: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(second.message().id(), msg.id());
+    assert!(second.info().delivery_count >= 2);
+    second.ack().await.expect("ack");
+    drop(acker);
+}
+
+/// Closing a subscription with unhandled deliveries and opening the group again loses nothing.
+pub async fn close_and_reopen_loses_nothing<H: Harness>(h: &H) {
+    let topic = h.topic("reopen").await;
+    let p = publisher(h, BatchConfig::default()).await;
+    let msgs = numbered(&topic, 50);
+    let expected = ids(&msgs);
+    assert_all_acked(&publish_all(&p, msgs).await);
+    let spec = SubscribeSpec::new(&topic)
+        .group("g")
+        .prefetch(8)
+        .ack_wait(Duration::from_secs(30));
+    let mut sub = subscribe(h, spec.clone()).await;
+    let mut got: HashSet<String> = ids(&take_acked(&mut sub, 10).await);
+    sub.close().await;
+    let mut sub = subscribe(h, spec).await;
+    while got.len() < expected.len() {
+        let d = recv(&mut sub, RECV_TIMEOUT).await.unwrap_or_else(|| {
+            panic!(
+                "after reopen only {} of {} distinct messages arrived",
+                got.len(),
+                expected.len()
+            )
+        });
+        got.insert(d.message().id().to_string());
+        d.ack().await.expect("ack");
+    }
+    assert_eq!(got, expected);
+}
+
+/// Subscribing and closing concurrently neither hangs nor loses messages.
+pub async fn concurrent_subscribe_and_close<H: Harness>(h: &H) {
+    let topic = h.topic("churn").await;
+    let p = publisher(h, BatchConfig::default()).await;
+    let msgs = numbered(&topic, 20);
+    let expected = ids(&msgs);
+    assert_all_acked(&publish_all(&p, msgs).await);
+    let mut tasks = Vec::new();
+    for i in 0..8 {
+        let sub = h.subscriber().await;
+        let topic = topic.clone();
+        tasks.push(tokio::spawn(async move {
+            let s = sub
+                .subscribe(SubscribeSpec::new(&topic).group("g").prefetch(4))
+                .await
+                .expect("subscribe");
+            if i % 2 == 0 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            s.close().await;
+        }));
+    }
+    for t in tasks {
+        t.await.expect("churn task");
+    }
+    let mut sub = subscribe(
+        h,
+        SubscribeSpec::new(&topic)
+            .group("g")
+            .ack_wait(Duration::from_secs(30)),
+    )
+    .await;
+    let mut got = HashSet::new();
+    while got.len() < expected.len() {
+        let d = recv(&mut sub, RECV_TIMEOUT).await.unwrap_or_else(|| {
+            panic!(
+                "only {} of {} arrived after churn",
+                got.len(),
+                expected.len()
+            )
+        });
+        got.insert(d.message().id().to_string());
+        d.ack().await.expect("ack");
+    }
+    assert_eq!(got, expected);
+}
+
+/// Messages with the same key arrive in publish order.
+pub async fn per_key_order<H: Harness>(h: &H) {
+    let topic = h.topic("order").await;
+    let p = publisher(h, BatchConfig::default().max_messages(7)).await;
+    const KEYS: usize = 4;
+    const PER: usize = 100;
+    let mut msgs = Vec::new();
+    for i in 0..PER {
+        for k in 0..KEYS {
+            msgs.push(Message::new(&topic, format!("{k}:{i}")).with_key(format!("key-{k}")));
+        }
+    }
+    assert_all_acked(&publish_all(&p, msgs).await);
+    let mut sub = subscribe(h, SubscribeSpec::new(&topic).prefetch(64)).await;
+    let got = take_acked(&mut sub, KEYS * PER).await;
+    let mut last: HashMap<String, i64> = HashMap::new();
+    for m in got {
+        let s = String::from_utf8(m.payload().to_vec()).expect("utf8");
+        let (k, i) = s.split_once(':').expect("k:i");
+        let i: i64 = i.parse().expect("number");
+        let prev = last.insert(k.to_owned(), i).unwrap_or(-1);
+        assert_eq!(i, prev + 1, "key {k}: got {i} after {prev}");
+    }
+}
+
+/// Every group sees every message; members of one group share them without duplicates.
+pub async fn consumer_groups<H: Harness>(h: &H) {
+    let topic = h.topic("groups").await;
+    let mut a1 = subscribe(h, SubscribeSpec::new(&topic).group("a").prefetch(16)).await;
+    let mut a2 = subscribe(h, SubscribeSpec::new(&topic).group("a").prefetch(16)).await;
+    let mut b = subscribe(h, SubscribeSpec::new(&topic).group("b")).await;
+    let p = publisher(h, BatchConfig::default()).await;
+    let msgs: Vec<Message> = (0..200)
+        .map(|i| Message::new(&topic, format!("{i}")).with_key(format!("k{i}")))
+        .collect();
+    let expected = ids(&msgs);
+    assert_all_acked(&publish_all(&p, msgs).await);
+    assert_eq!(
+        ids(&take_acked(&mut b, 200).await),
+        expected,
+        "group b sees everything"
+    );
+    let mut seen1 = HashSet::new();
+    let mut seen2 = HashSet::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while seen1.len() + seen2.len() < 200 && tokio::time::Instant::now() < deadline {
+        tokio::select! {
+            d = a1.next() => { let d = d.expect("open").expect("ok"); seen1.insert(d.message().id().to_string()); d.ack().await.expect("ack"); }
+            d = a2.next() => { let d = d.expect("open").expect("ok"); seen2.insert(d.message().id().to_string()); d.ack().await.expect("ack"); }
+        }
+    }
+    assert!(
+        seen1.is_disjoint(&seen2),
+        "members of one group both received the same message"
+    );
+    let union: HashSet<String> = seen1.union(&seen2).cloned().collect();
+    assert_eq!(union, expected, "group a (two members) sees everything");
+    if h.caps().members_share_evenly {
+        assert!(
+            !seen1.is_empty() && !seen2.is_empty(),
+            "both members get a share: {} / {}",
+            seen1.len(),
+            seen2.len()
+        );
+    }
+}
+
+/// A subscriber created after publishing reads the retained messages.
+pub async fn new_subscriber_reads_old_messages<H: Harness>(h: &H) {
+    let topic = h.topic("old").await;
+    let p = publisher(h, BatchConfig::default()).await;
+    let msgs = numbered(&topic, 25);
+    let expected = ids(&msgs);
+    assert_all_acked(&publish_all(&p, msgs).await);
+    p.close(Duration::from_secs(5)).await.expect("close");
+    let mut sub = subscribe(h, SubscribeSpec::new(&topic).group("late")).await;
+    assert_eq!(ids(&take_acked(&mut sub, 25).await), expected);
+}
+
+/// `close` sends and resolves everything admitted before it, even with a long linger.
+pub async fn close_flushes_everything<H: Harness>(h: &H) {
+    let topic = h.topic("closeflush").await;
+    let p = publisher(
+        h,
+        BatchConfig::default()
+            .linger(Duration::from_secs(3600))
+            .max_messages(1_000_000),
+    )
+    .await;
+    let msgs = numbered(&topic, 300);
+    let expected = ids(&msgs);
+    let mut acks = Vec::new();
+    for m in msgs {
+        acks.push(p.publish(m).await.expect("admitted"));
+    }
+    let report = p.close(Duration::from_secs(30)).await.expect("close");
+    assert_eq!(report.unresolved, 0);
+    for a in acks {
+        let o = a.await;
+        assert!(o.is_acked(), "{o:?}");
+    }
+    let mut sub = subscribe(h, SubscribeSpec::new(&topic)).await;
+    assert_eq!(ids(&take_acked(&mut sub, 300).await), expected);
+    assert_quiet(&mut sub, Duration::from_millis(500)).await;
+}
+
+/// Outcomes come back per message, in order: positions grow with publish order.
+pub async fn batch_outcomes_in_order<H: Harness>(h: &H) {
+    let topic = h.topic("inorder").await;
+    let p = publisher(
+        h,
+        BatchConfig::default()
+            .linger(Duration::from_millis(20))
+            .max_messages(50),
+    )
+    .await;
+    let outcomes = publish_all(
+        &p,
+        (0..200)
+            .map(|i| Message::new(&topic, format!("{i}")).with_key("same"))
+            .collect(),
+    )
+    .await;
+    let mut prev: Option<(i64, i64)> = None;
+    for o in outcomes {
+        let ack = o.into_result().expect("acked");
+        let k = position_key(&ack.position);
+        if let Some(p) = prev {
+            assert!(k > p, "position {k:?} after {p:?}");
+        }
+        prev = Some(k);
+    }
+}
+
+/// One message the broker refuses, inside a batch of good ones, fails alone.
+pub async fn bad_message_fails_alone<H: Harness>(h: &H) {
+    let topic = h.topic("partial").await;
+    let bad = h.unroutable_topic().await;
+    let p = publisher(h, BatchConfig::default().linger(Duration::from_millis(50))).await;
+    let mut msgs = numbered(&topic, 10);
+    msgs.insert(5, Message::new(&bad, "nowhere"));
+    let outcomes = publish_all(&p, msgs).await;
+    for (i, o) in outcomes.iter().enumerate() {
+        if i == 5 {
+            let e = o.error().expect("unroutable message must not be acked");
+            assert!(o.is_failed() || o.is_unknown(), "{o:?}");
+            assert!(
+                matches!(e.kind(), ErrorKind::Rejected | ErrorKind::InvalidMessage),
+                "{e}"
+            );
+        } else {
+            assert!(o.is_acked(), "message {i}: {o:?}");
+        }
+    }
+    let mut sub = subscribe(h, SubscribeSpec::new(&topic)).await;
+    take_acked(&mut sub, 10).await;
+    assert_quiet(&mut sub, Duration::from_millis(500)).await;
+}
+
+/// An oversize message fails with `TooLarge` before it takes a window slot.
+pub async fn oversize_rejected_before_window<H: Harness>(h: &H) {
+    let topic = h.topic("oversize").await;
+    let limit = h
+        .sink()
+        .await
+        .limits()
+        .max_message_bytes
+        .expect("backend declares a message size limit");
+    let p = publisher(
+        h,
+        BatchConfig::default()
+            .max_in_flight(1)
+            .on_full(OnFull::Error),
+    )
+    .await;
+    let err = p
+        .publish(Message::new(&topic, vec![7u8; limit + 1]))
+        .await
+        .expect_err("oversize must fail");
+    assert_eq!(err.kind(), ErrorKind::TooLarge, "{err}");
+    assert_eq!(p.stats().in_flight, 0);
+    // The only window slot is still free.
+    let o = p
+        .publish(Message::new(&topic, "fits"))
+        .await
+        .expect("admitted")
+        .await;
+    assert!(o.is_acked(), "{o:?}");
+}
+
+/// The number of admitted, unresolved messages never exceeds the window; `OnFull::Error`
+/// fails fast with `Overloaded` when it is full.
+pub async fn window_bounds_in_flight<H: Harness>(h: &H) {
+    let topic = h.topic("window").await;
+    const WINDOW: usize = 8;
+    let p = publisher(h, BatchConfig::default().max_in_flight(WINDOW)).await;
+    let mut acks = Vec::new();
+    let mut peak = 0;
+    for m in numbered(&topic, 400) {
+        acks.push(p.publish(m).await.expect("admitted"));
+        let s = p.stats();
+        assert!(
+            s.in_flight <= WINDOW,
+            "in flight {} > window {WINDOW}",
+            s.in_flight
+        );
+        peak = peak.max(s.in_flight);
+    }
+    assert!(peak >= 1);
+    for a in acks {
+        assert!(a.await.is_acked());
+    }
+    assert_eq!(p.stats().in_flight, 0, "every slot released");
+    // Fail fast: fill the window without awaiting acks; at least one publish must be refused
+    // or all must fit (if the broker acks faster than we publish); never more than WINDOW.
+    let fast = publisher(
+        h,
+        BatchConfig::default()
+            .max_in_flight(WINDOW)
+            .on_full(OnFull::Error),
+    )
+    .await;
+    let mut admitted = Vec::new();
+    let mut overloaded = 0;
+    for m in numbered(&topic, 200) {
+        match fast.publish(m).await {
+            Ok(a) => admitted.push(a),
+            Err(e) => {
+                assert_eq!(e.kind(), ErrorKind::Overloaded, "{e}");
+                assert!(e.is_retryable());
+                overloaded += 1;
+            }
+        }
+        assert!(fast.stats().in_flight <= WINDOW);
+    }
+    assert_eq!(admitted.len() + overloaded, 200);
+    for a in admitted {
+        assert!(a.await.is_acked());
+    }
+}
+
+/// After `close`, `publish` fails with `Closed`; close is idempotent.
+pub async fn publish_after_close_fails<H: Harness>(h: &H) {
+    let topic = h.topic("closed").await;
+    let p = publisher(h, BatchConfig::default()).await;
+    assert_all_acked(&publish_all(&p, numbered(&topic, 3)).await);
+    let r = p.close(Duration::from_secs(5)).await.expect("close");
+    assert_eq!(r.unresolved, 0);
+    let e = p
+        .publish(Message::new(&topic, "late"))
+        .await
+        .expect_err("closed");
+    assert_eq!(e.kind(), ErrorKind::Closed);
+    assert!(!e.is_retryable());
+    p.close(Duration::from_secs(1))
+        .await
+        .expect("second close is fine");
+    p.flush().await.expect("flush after close returns");
+}

@@ -1,0 +1,434 @@
+//! Messages: topic, key, headers, payload and a stable id.
+
+use std::fmt;
+use std::sync::Arc;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use bytes::Bytes;
+
+use crate::error::{Error, ErrorKind};
+
+/// A topic (Kafka) or subject (NATS) name. Cheap to clone: build it once and reuse it.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Topic(Arc<str>);
+
+impl Topic {
+    /// A new topic name. It is validated when published or subscribed, not here.
+    pub fn new(name: impl AsRef<str>) -> Self {
+        Topic(Arc::from(name.as_ref()))
+    }
+
+    /// The name as a string slice.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Topic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&*self.0, f)
+    }
+}
+
+impl fmt::Display for Topic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl From<&str> for Topic {
+    fn from(s: &str) -> Self {
+        Topic::new(s)
+    }
+}
+
+impl From<String> for Topic {
+    fn from(s: String) -> Self {
+        Topic(Arc::from(s))
+    }
+}
+
+impl From<&Topic> for Topic {
+    fn from(t: &Topic) -> Self {
+        t.clone()
+    }
+}
+
+impl AsRef<str> for Topic {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
+}
+
+/// A stable message id, used by backends for de-duplication (`Nats-Msg-Id`, a Kafka header).
+///
+/// [`Message::new`] generates one (a random per-process prefix and a counter: unique, cheap, and
+/// never reused); callers with their own idempotency key use [`Message::with_id`]. A retry of the
+/// same `Message` value carries the same id.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct MessageId(IdRepr);
+
+#[derive(Clone, PartialEq, Eq, Hash)]
+enum IdRepr {
+    Generated(u64, u64),
+    Custom(Arc<str>),
+}
+
+fn process_prefix() -> u64 {
+    static PREFIX: OnceLock<u64> = OnceLock::new();
+    *PREFIX.get_or_init(rand::random::<u64>)
+}
+
+impl MessageId {
+    /// A fresh, process-unique id.
+    pub fn generate() -> Self {
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        MessageId(IdRepr::Generated(
+            process_prefix(),
+            COUNTER.fetch_add(1, Ordering::Relaxed),
+        ))
+    }
+
+    /// An id chosen by the caller (for example an idempotency key from an upstream system).
+    pub fn custom(id: impl AsRef<str>) -> Self {
+        MessageId(IdRepr::Custom(Arc::from(id.as_ref())))
+    }
+
+    /// Write the id's text form into `out` (32 hex digits for generated ids).
+    pub fn write_to(&self, out: &mut String) {
+        use fmt::Write;
+        match &self.0 {
+            IdRepr::Generated(a, b) => {
+                let _ = write!(out, "{a:016x}{b:016x}");
+            }
+            IdRepr::Custom(s) => out.push_str(s),
+        }
+    }
+}
+
+impl fmt::Display for MessageId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.0 {
+            IdRepr::Generated(a, b) => write!(f, "{a:016x}{b:016x}"),
+            IdRepr::Custom(s) => f.write_str(s),
+        }
+    }
+}
+
+impl fmt::Debug for MessageId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "MessageId({self})")
+    }
+}
+
+impl From<&str> for MessageId {
+    fn from(s: &str) -> Self {
+        MessageId::custom(s)
+    }
+}
+
+/// Ordered message headers (name, value), both UTF-8 text. Names are compared case-sensitively.
+///
+/// Names must be non-empty and free of control characters, whitespace and `:`; values must not
+/// contain CR or LF. [`Headers::validate`] checks this; publishing checks it before any I/O.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Headers(Vec<(String, String)>);
+
+impl Headers {
+    /// No headers.
+    pub fn new() -> Self {
+        Headers(Vec::new())
+    }
+
+    /// Append a header (several values per name are allowed).
+    pub fn append(&mut self, name: impl Into<String>, value: impl Into<String>) {
+        self.0.push((name.into(), value.into()));
+    }
+
+    /// Replace every value of `name` with `value`.
+    pub fn insert(&mut self, name: impl Into<String>, value: impl Into<String>) {
+        let name = name.into();
+        self.0.retain(|(n, _)| *n != name);
+        self.0.push((name, value.into()));
+    }
+
+    /// The first value of `name`.
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// Remove every value of `name`; returns whether any was removed.
+    pub fn remove(&mut self, name: &str) -> bool {
+        let before = self.0.len();
+        self.0.retain(|(n, _)| n != name);
+        before != self.0.len()
+    }
+
+    /// Iterate over `(name, value)` pairs in insertion order.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.0.iter().map(|(n, v)| (n.as_str(), v.as_str()))
+    }
+
+    /// Number of header entries.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// `true` when there are no headers.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Bytes the headers take on the wire, roughly (`name: value\r\n` per entry).
+    pub fn encoded_len(&self) -> usize {
+        self.0.iter().map(|(n, v)| n.len() + v.len() + 4).sum()
+    }
+
+    /// Check every name and value. Errors name the offending header but never echo its value.
+    pub fn validate(&self) -> Result<(), Error> {
+        for (name, value) in &self.0 {
+            if name.is_empty() {
+                return Err(Error::new(ErrorKind::InvalidMessage, "empty header name"));
+            }
+            if name
+                .chars()
+                .any(|c| c == ':' || c.is_whitespace() || c.is_control())
+            {
+                return Err(Error::new(
+                    ErrorKind::InvalidMessage,
+                    "header name contains ':', whitespace or a control character",
+                ));
+            }
+            if value.contains(['\r', '\n']) {
+                return Err(Error::new(
+                    ErrorKind::InvalidMessage,
+                    format!("value of header {:?} contains CR or LF", truncate(name, 64)),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for Headers {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Header values can carry tokens; show names only.
+        f.debug_set()
+            .entries(self.0.iter().map(|(n, _)| n))
+            .finish()
+    }
+}
+
+impl<N: Into<String>, V: Into<String>> FromIterator<(N, V)> for Headers {
+    fn from_iter<T: IntoIterator<Item = (N, V)>>(iter: T) -> Self {
+        Headers(
+            iter.into_iter()
+                .map(|(n, v)| (n.into(), v.into()))
+                .collect(),
+        )
+    }
+}
+
+pub(crate) fn truncate(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// One event: a topic, an optional partitioning key, headers, a payload and a stable id.
+///
+/// ```
+/// use eventbus_core::Message;
+/// let m = Message::new("orders.created", &b"{\"id\":1}"[..])
+///     .with_key("customer-7")
+///     .with_header("content-type", "application/json");
+/// assert_eq!(m.topic().as_str(), "orders.created");
+/// assert_eq!(m.headers().get("content-type"), Some("application/json"));
+/// ```
+#[derive(Clone, PartialEq, Eq)]
+pub struct Message {
+    id: MessageId,
+    topic: Topic,
+    key: Option<Bytes>,
+    headers: Headers,
+    payload: Bytes,
+}
+
+impl Message {
+    /// A message with a generated id, no key and no headers.
+    pub fn new(topic: impl Into<Topic>, payload: impl Into<Bytes>) -> Self {
+        Message {
+            id: MessageId::generate(),
+            topic: topic.into(),
+            key: None,
+            headers: Headers::new(),
+            payload: payload.into(),
+        }
+    }
+
+    /// Set the partitioning / ordering key.
+    pub fn with_key(mut self, key: impl Into<Bytes>) -> Self {
+        self.key = Some(key.into());
+        self
+    }
+
+    /// Append a header.
+    pub fn with_header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.headers.append(name, value);
+        self
+    }
+
+    /// Replace all headers.
+    pub fn with_headers(mut self, headers: Headers) -> Self {
+        self.headers = headers;
+        self
+    }
+
+    /// Use a caller-chosen id instead of the generated one.
+    pub fn with_id(mut self, id: impl Into<MessageId>) -> Self {
+        self.id = id.into();
+        self
+    }
+
+    /// The message id.
+    pub fn id(&self) -> &MessageId {
+        &self.id
+    }
+
+    /// The topic or subject.
+    pub fn topic(&self) -> &Topic {
+        &self.topic
+    }
+
+    /// The key, if any.
+    pub fn key(&self) -> Option<&Bytes> {
+        self.key.as_ref()
+    }
+
+    /// The headers.
+    pub fn headers(&self) -> &Headers {
+        &self.headers
+    }
+
+    /// Mutable headers.
+    pub fn headers_mut(&mut self) -> &mut Headers {
+        &mut self.headers
+    }
+
+    /// The payload.
+    pub fn payload(&self) -> &Bytes {
+        &self.payload
+    }
+
+    /// Approximate size on the wire: payload, key, headers and topic. Used for the byte limits of
+    /// batches and of the ACK window.
+    pub fn encoded_len(&self) -> usize {
+        self.payload.len()
+            + self.key.as_ref().map_or(0, Bytes::len)
+            + self.headers.encoded_len()
+            + self.topic.as_str().len()
+    }
+
+    /// Split into parts: `(id, topic, key, headers, payload)`.
+    pub fn into_parts(self) -> (MessageId, Topic, Option<Bytes>, Headers, Bytes) {
+        (self.id, self.topic, self.key, self.headers, self.payload)
+    }
+
+    /// Build from parts (the inverse of [`Message::into_parts`]); backends use it on receive.
+    pub fn from_parts(
+        id: MessageId,
+        topic: Topic,
+        key: Option<Bytes>,
+        headers: Headers,
+        payload: Bytes,
+    ) -> Self {
+        Message {
+            id,
+            topic,
+            key,
+            headers,
+            payload,
+        }
+    }
+}
+
+impl fmt::Debug for Message {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Never print payload or key bytes: they may be personal data.
+        f.debug_struct("Message")
+            .field("id", &self.id)
+            .field("topic", &self.topic)
+            .field("key_len", &self.key.as_ref().map(Bytes::len))
+            .field("headers", &self.headers)
+            .field("payload_len", &self.payload.len())
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generated_ids_are_unique_and_stable_across_clone() {
+        let a = Message::new("t", "x");
+        let b = Message::new("t", "x");
+        assert_ne!(a.id(), b.id());
+        assert_eq!(a.clone().id(), a.id());
+        assert_eq!(a.id().to_string().len(), 32);
+        let mut s = String::new();
+        a.id().write_to(&mut s);
+        assert_eq!(s, a.id().to_string());
+    }
+
+    #[test]
+    fn header_validation() {
+        let ok: Headers = [("a-b", "v 1")].into_iter().collect();
+        assert!(ok.validate().is_ok());
+        for (n, v) in [
+            ("", "v"),
+            ("a:b", "v"),
+            ("a b", "v"),
+            ("a\r", "v"),
+            ("a", "x\ny"),
+            ("a", "x\r"),
+        ] {
+            let h: Headers = [(n, v)].into_iter().collect();
+            let e = h.validate().unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::InvalidMessage, "{n:?}={v:?}");
+            assert!(!e.to_string().contains('\n'));
+        }
+    }
+
+    #[test]
+    fn debug_hides_payload_and_header_values() {
+        let m = Message::new("t", "secret-payload")
+            .with_header("auth", "token-123")
+            .with_key("k");
+        let d = format!("{m:?}");
+        assert!(!d.contains("secret-payload"));
+        assert!(!d.contains("token-123"));
+        assert!(d.contains("auth"));
+    }
+
+    #[test]
+    fn insert_replaces() {
+        let mut h = Headers::new();
+        h.append("a", "1");
+        h.append("a", "2");
+        h.insert("a", "3");
+        assert_eq!(h.len(), 1);
+        assert_eq!(h.get("a"), Some("3"));
+        assert!(h.remove("a"));
+        assert!(h.is_empty());
+    }
+}

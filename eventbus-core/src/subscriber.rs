@@ -1,0 +1,334 @@
+//! The user-facing subscribe API: subscriptions yield deliveries, each acked exactly once.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+
+use crate::error::Error;
+use crate::message::{Message, Topic};
+use crate::outcome::Position;
+
+/// Where a new consumer (group) starts reading.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum StartFrom {
+    /// Everything the broker still retains (default).
+    #[default]
+    Earliest,
+    /// Only messages published after the subscription was created.
+    Latest,
+}
+
+/// What to subscribe to and how.
+///
+/// ```
+/// use std::time::Duration;
+/// use eventbus_core::SubscribeSpec;
+/// let spec = SubscribeSpec::new("orders.created").group("billing").ack_wait(Duration::from_secs(5));
+/// assert_eq!(spec.group.as_deref(), Some("billing"));
+/// ```
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct SubscribeSpec {
+    /// Topic / subject.
+    pub topic: Topic,
+    /// Consumer group: every group sees every message, members of one group share them.
+    /// `None` gives an exclusive, non-durable subscription that sees every message.
+    pub group: Option<String>,
+    /// How long a delivery may stay un-acked before it is redelivered. Default 30 s.
+    pub ack_wait: Duration,
+    /// Deliveries before a message is given up on (dead-lettered where supported). Default: none.
+    pub max_deliveries: Option<u32>,
+    /// Most deliveries buffered ahead of the handler. Default 256.
+    pub prefetch: usize,
+    /// Where a new group starts. Default [`StartFrom::Earliest`].
+    pub start: StartFrom,
+}
+
+impl SubscribeSpec {
+    /// Subscribe to `topic` with defaults.
+    pub fn new(topic: impl Into<Topic>) -> Self {
+        SubscribeSpec {
+            topic: topic.into(),
+            group: None,
+            ack_wait: Duration::from_secs(30),
+            max_deliveries: None,
+            prefetch: 256,
+            start: StartFrom::Earliest,
+        }
+    }
+    /// Join consumer group `name`.
+    pub fn group(mut self, name: impl Into<String>) -> Self {
+        self.group = Some(name.into());
+        self
+    }
+    /// Set the ack wait.
+    pub fn ack_wait(mut self, d: Duration) -> Self {
+        self.ack_wait = d;
+        self
+    }
+    /// Set the maximum deliveries.
+    pub fn max_deliveries(mut self, n: u32) -> Self {
+        self.max_deliveries = Some(n);
+        self
+    }
+    /// Set the prefetch bound (at least 1).
+    pub fn prefetch(mut self, n: usize) -> Self {
+        self.prefetch = n.max(1);
+        self
+    }
+    /// Set the start position.
+    pub fn start(mut self, s: StartFrom) -> Self {
+        self.start = s;
+        self
+    }
+}
+
+/// Settles one delivery. Backends implement it; users call it through [`Delivery`].
+#[async_trait::async_trait]
+pub trait AckHandle: Send + Sync + 'static {
+    /// Processed: never deliver again.
+    async fn ack(self: Box<Self>) -> Result<(), Error>;
+    /// Not processed: deliver again after `delay`.
+    async fn nack(self: Box<Self>, delay: Duration) -> Result<(), Error>;
+    /// Never deliver again, without processing (poison message).
+    async fn term(self: Box<Self>) -> Result<(), Error>;
+}
+
+/// A boxed [`AckHandle`].
+pub struct Acker(Box<dyn AckHandle>);
+
+impl Acker {
+    /// Wrap a backend's handle.
+    pub fn new(h: impl AckHandle) -> Self {
+        Acker(Box::new(h))
+    }
+    /// See [`AckHandle::ack`].
+    pub async fn ack(self) -> Result<(), Error> {
+        self.0.ack().await
+    }
+    /// See [`AckHandle::nack`].
+    pub async fn nack(self, delay: Duration) -> Result<(), Error> {
+        self.0.nack(delay).await
+    }
+    /// See [`AckHandle::term`].
+    pub async fn term(self) -> Result<(), Error> {
+        self.0.term().await
+    }
+}
+
+impl fmt::Debug for Acker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Acker")
+    }
+}
+
+/// Broker-side facts about a delivery.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct DeliveryInfo {
+    /// 1 on first delivery, then 2, 3, ...
+    pub delivery_count: u32,
+    /// Where the message is stored.
+    pub position: Position,
+}
+
+impl DeliveryInfo {
+    /// New info.
+    pub fn new(delivery_count: u32, position: Position) -> Self {
+        DeliveryInfo {
+            delivery_count,
+            position,
+        }
+    }
+}
+
+/// A received message and the handle to settle it.
+#[derive(Debug)]
+pub struct Delivery {
+    message: Message,
+    info: DeliveryInfo,
+    acker: Acker,
+}
+
+impl Delivery {
+    /// Assemble a delivery (backends).
+    pub fn new(message: Message, info: DeliveryInfo, acker: Acker) -> Self {
+        Delivery {
+            message,
+            info,
+            acker,
+        }
+    }
+    /// The message.
+    pub fn message(&self) -> &Message {
+        &self.message
+    }
+    /// Delivery facts.
+    pub fn info(&self) -> &DeliveryInfo {
+        &self.info
+    }
+    /// Acknowledge.
+    pub async fn ack(self) -> Result<(), Error> {
+        self.acker.ack().await
+    }
+    /// Ask for redelivery after `delay`.
+    pub async fn nack(self, delay: Duration) -> Result<(), Error> {
+        self.acker.nack(delay).await
+    }
+    /// Terminate: never redeliver.
+    pub async fn term(self) -> Result<(), Error> {
+        self.acker.term().await
+    }
+    /// Take the parts, e.g. to move the message into a handler and ack later.
+    pub fn split(self) -> (Message, DeliveryInfo, Acker) {
+        (self.message, self.info, self.acker)
+    }
+}
+
+/// A stream of deliveries. Close it with [`Subscription::close`]: buffered, unhandled deliveries
+/// are then handed back for immediate redelivery (dropping it does the same in the background).
+pub struct Subscription {
+    rx: mpsc::Receiver<Result<Delivery, Error>>,
+    stop: Option<oneshot::Sender<()>>,
+    done: Option<oneshot::Receiver<()>>,
+}
+
+/// The backend's end of a [`Subscription`].
+pub struct Feed {
+    tx: mpsc::Sender<Result<Delivery, Error>>,
+    stop: oneshot::Receiver<()>,
+    _done: oneshot::Sender<()>,
+}
+
+impl fmt::Debug for Subscription {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Subscription").finish_non_exhaustive()
+    }
+}
+
+impl fmt::Debug for Feed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Feed").finish_non_exhaustive()
+    }
+}
+
+impl Subscription {
+    /// A linked pair; `prefetch` bounds the deliveries buffered in between.
+    pub fn channel(prefetch: usize) -> (Subscription, Feed) {
+        let (tx, rx) = mpsc::channel(prefetch.max(1));
+        let (stop_tx, stop_rx) = oneshot::channel();
+        let (done_tx, done_rx) = oneshot::channel();
+        (
+            Subscription {
+                rx,
+                stop: Some(stop_tx),
+                done: Some(done_rx),
+            },
+            Feed {
+                tx,
+                stop: stop_rx,
+                _done: done_tx,
+            },
+        )
+    }
+
+    /// The next delivery; `None` once the backend ended the subscription.
+    pub async fn next(&mut self) -> Option<Result<Delivery, Error>> {
+        self.rx.recv().await
+    }
+
+    /// Stop receiving, hand back buffered deliveries for redelivery, and wait for the backend
+    /// task to finish.
+    pub async fn close(mut self) {
+        self.stop.take();
+        self.rx.close();
+        while let Some(d) = self.rx.recv().await {
+            if let Ok(d) = d {
+                let _ = d.nack(Duration::ZERO).await;
+            }
+        }
+        if let Some(done) = self.done.take() {
+            let _ = done.await;
+        }
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        if self.done.is_none() {
+            return; // closed explicitly
+        }
+        self.stop.take();
+        self.rx.close();
+        let mut buffered = Vec::new();
+        while let Ok(d) = self.rx.try_recv() {
+            if let Ok(d) = d {
+                buffered.push(d);
+            }
+        }
+        if !buffered.is_empty() {
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn(async move {
+                    for d in buffered {
+                        let _ = d.nack(Duration::ZERO).await;
+                    }
+                });
+            }
+        }
+    }
+}
+
+impl futures_core::Stream for Subscription {
+    type Item = Result<Delivery, Error>;
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.rx.poll_recv(cx)
+    }
+}
+
+impl Feed {
+    /// Hand a delivery to the subscriber, waiting for buffer room. Returns the delivery back
+    /// when the subscription is closed, so the backend can release it.
+    pub async fn send(
+        &mut self,
+        d: Result<Delivery, Error>,
+    ) -> Result<(), Result<Delivery, Error>> {
+        tokio::select! {
+            biased;
+            _ = &mut self.stop => Err(d),
+            permit = self.tx.reserve() => match permit {
+                Ok(p) => { p.send(d); Ok(()) }
+                Err(_) => Err(d),
+            },
+        }
+    }
+
+    /// Resolves when the subscriber closed or dropped the subscription.
+    pub async fn stopped(&mut self) {
+        let _ = (&mut self.stop).await;
+    }
+
+    /// `true` once the subscriber is gone.
+    pub fn is_stopped(&self) -> bool {
+        self.tx.is_closed()
+    }
+}
+
+/// Creates subscriptions.
+///
+/// # Contract
+/// - Every group sees every message; members of one group share them; `group: None` sees every
+///   message on its own.
+/// - A delivery not acked within `ack_wait`, or nacked, is delivered again (at least once).
+/// - Dropping or closing a subscription loses nothing: unsettled deliveries are redelivered.
+pub trait Subscriber: Send + Sync {
+    /// Start a subscription.
+    fn subscribe(
+        &self,
+        spec: SubscribeSpec,
+    ) -> impl Future<Output = Result<Subscription, Error>> + Send;
+}

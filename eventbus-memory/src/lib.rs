@@ -1,0 +1,417 @@
+#![doc = include_str!("../README.md")]
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use eventbus_core::{
+    Ack, AckHandle, Acker, BatchSink, Delivery, DeliveryInfo, Error, ErrorKind, Feed, Message,
+    Outcome, Position, SinkLimits, StartFrom, SubscribeSpec, Subscriber, Subscription, Topic,
+    TopicRules,
+};
+use parking_lot::Mutex;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+const BACKEND: &str = "memory";
+
+/// An in-process broker. Clones share state.
+#[derive(Clone, Default)]
+pub struct MemoryBroker {
+    inner: Arc<BrokerInner>,
+}
+
+impl std::fmt::Debug for MemoryBroker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryBroker").finish_non_exhaustive()
+    }
+}
+
+#[derive(Default)]
+struct BrokerInner {
+    topics: Mutex<HashMap<Topic, Arc<TopicState>>>,
+    blocked: Mutex<HashSet<Topic>>,
+    max_message_bytes: AtomicU64,
+    next_ephemeral: AtomicU64,
+}
+
+#[derive(Default)]
+struct TopicState {
+    log: Mutex<TopicLog>,
+    notify: Notify,
+}
+
+#[derive(Default)]
+struct TopicLog {
+    messages: Vec<Message>,
+    groups: HashMap<String, GroupState>,
+}
+
+struct GroupState {
+    next: u64,
+    pending: BTreeMap<u64, PendingEntry>,
+    /// (due, offset) for every pending entry.
+    due: BTreeSet<(Instant, u64)>,
+    members: usize,
+    ephemeral: bool,
+}
+
+struct PendingEntry {
+    deliveries: u32,
+    due: Instant,
+    token: u64,
+}
+
+static TOKENS: AtomicU64 = AtomicU64::new(1);
+
+impl MemoryBroker {
+    /// A new, empty broker. The default message size limit is 1 MiB.
+    pub fn new() -> Self {
+        let b = MemoryBroker::default();
+        b.inner.max_message_bytes.store(1 << 20, Ordering::Relaxed);
+        b
+    }
+
+    /// Change the largest accepted message ([`Message::encoded_len`]).
+    pub fn set_max_message_bytes(&self, n: usize) {
+        self.inner
+            .max_message_bytes
+            .store(n as u64, Ordering::Relaxed);
+    }
+
+    /// A publishing sink; wrap it in `eventbus_batch::Batcher`.
+    pub fn sink(&self) -> MemorySink {
+        MemorySink {
+            broker: self.clone(),
+        }
+    }
+
+    /// A subscriber.
+    pub fn subscriber(&self) -> MemorySubscriber {
+        MemorySubscriber {
+            broker: self.clone(),
+        }
+    }
+
+    /// Make the broker refuse writes to `topic` (each such message resolves as
+    /// [`Outcome::Failed`] with [`ErrorKind::Rejected`]), like a NATS subject no stream covers.
+    pub fn block_topic(&self, topic: impl Into<Topic>) {
+        self.inner.blocked.lock().insert(topic.into());
+    }
+
+    /// Messages stored in `topic`.
+    pub fn topic_len(&self, topic: impl Into<Topic>) -> usize {
+        self.topic(&topic.into()).log.lock().messages.len()
+    }
+
+    /// A copy of the messages stored in `topic`, in order.
+    pub fn messages(&self, topic: impl Into<Topic>) -> Vec<Message> {
+        self.topic(&topic.into()).log.lock().messages.clone()
+    }
+
+    /// Un-acked deliveries of `group` on `topic` plus messages it has not received yet: its lag.
+    pub fn group_lag(&self, topic: impl Into<Topic>, group: &str) -> u64 {
+        let t = self.topic(&topic.into());
+        let log = t.log.lock();
+        let len = log.messages.len() as u64;
+        log.groups
+            .get(group)
+            .map_or(len, |g| len - g.next + g.pending.len() as u64)
+    }
+
+    fn topic(&self, name: &Topic) -> Arc<TopicState> {
+        let mut topics = self.inner.topics.lock();
+        Arc::clone(topics.entry(name.clone()).or_default())
+    }
+
+    fn append(&self, msg: Message) -> Outcome {
+        if self.inner.blocked.lock().contains(msg.topic()) {
+            return Outcome::Failed(
+                Error::new(
+                    ErrorKind::Rejected,
+                    format!("topic {} refuses writes", msg.topic()),
+                )
+                .with_backend(BACKEND),
+            );
+        }
+        let t = self.topic(msg.topic());
+        let offset = {
+            let mut log = t.log.lock();
+            log.messages.push(msg);
+            log.messages.len() as u64 - 1
+        };
+        t.notify.notify_waiters();
+        Outcome::Acked(Ack {
+            position: Position::Offset(offset),
+        })
+    }
+}
+
+/// The publishing side of a [`MemoryBroker`].
+#[derive(Clone, Debug)]
+pub struct MemorySink {
+    broker: MemoryBroker,
+}
+
+impl BatchSink for MemorySink {
+    fn name(&self) -> &'static str {
+        BACKEND
+    }
+
+    fn limits(&self) -> SinkLimits {
+        SinkLimits::none()
+            .max_message_bytes(self.broker.inner.max_message_bytes.load(Ordering::Relaxed) as usize)
+    }
+
+    fn validate(&self, msg: &Message) -> Result<(), Error> {
+        eventbus_core::validate::message(msg, TopicRules::Portable, self.limits().max_message_bytes)
+    }
+
+    fn send_batch(
+        &self,
+        batch: Vec<Message>,
+    ) -> impl Future<Output = Vec<Outcome>> + Send + 'static {
+        // Appended synchronously: batches are stored in call order.
+        let outcomes: Vec<Outcome> = batch.into_iter().map(|m| self.broker.append(m)).collect();
+        std::future::ready(outcomes)
+    }
+}
+
+/// The subscribing side of a [`MemoryBroker`].
+#[derive(Clone, Debug)]
+pub struct MemorySubscriber {
+    broker: MemoryBroker,
+}
+
+impl Subscriber for MemorySubscriber {
+    fn subscribe(
+        &self,
+        spec: SubscribeSpec,
+    ) -> impl Future<Output = Result<Subscription, Error>> + Send {
+        let broker = self.broker.clone();
+        async move {
+            eventbus_core::validate::topic(spec.topic.as_str(), TopicRules::Portable)
+                .map_err(|e| e.with_backend(BACKEND))?;
+            let topic = broker.topic(&spec.topic);
+            let (group, ephemeral) = match &spec.group {
+                Some(g) => (g.clone(), false),
+                None => (
+                    format!(
+                        "_ephemeral_{}",
+                        broker.inner.next_ephemeral.fetch_add(1, Ordering::Relaxed)
+                    ),
+                    true,
+                ),
+            };
+            {
+                let mut log = topic.log.lock();
+                let len = log.messages.len() as u64;
+                let g = log
+                    .groups
+                    .entry(group.clone())
+                    .or_insert_with(|| GroupState {
+                        next: if spec.start == StartFrom::Latest {
+                            len
+                        } else {
+                            0
+                        },
+                        pending: BTreeMap::new(),
+                        due: BTreeSet::new(),
+                        members: 0,
+                        ephemeral,
+                    });
+                g.members += 1;
+            }
+            let (sub, feed) = Subscription::channel(spec.prefetch);
+            tokio::spawn(member(topic, group, spec, feed));
+            Ok(sub)
+        }
+    }
+}
+
+enum Next {
+    Deliver(Delivery),
+    Wait(Option<Instant>),
+}
+
+async fn member(topic: Arc<TopicState>, group: String, spec: SubscribeSpec, mut feed: Feed) {
+    loop {
+        let notified = topic.notify.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        let next = next_delivery(&topic, &group, &spec);
+        match next {
+            Next::Deliver(d) => {
+                if let Err(Ok(d)) = feed.send(Ok(d)).await {
+                    let _ = d.nack(Duration::ZERO).await;
+                    break;
+                }
+            }
+            Next::Wait(due) => {
+                let sleep = async {
+                    match due {
+                        Some(d) => tokio::time::sleep_until(d).await,
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    _ = notified => {}
+                    _ = sleep => {}
+                    _ = feed.stopped() => break,
+                }
+            }
+        }
+    }
+    let mut log = topic.log.lock();
+    let remove = match log.groups.get_mut(&group) {
+        Some(g) => {
+            g.members -= 1;
+            g.members == 0 && g.ephemeral
+        }
+        None => false,
+    };
+    if remove {
+        log.groups.remove(&group);
+    }
+    drop(log);
+    // Other members may now pick up what this one released.
+    topic.notify.notify_waiters();
+}
+
+fn next_delivery(topic: &Arc<TopicState>, group: &str, spec: &SubscribeSpec) -> Next {
+    let now = Instant::now();
+    let mut log = topic.log.lock();
+    let TopicLog { messages, groups } = &mut *log;
+    let Some(g) = groups.get_mut(group) else {
+        return Next::Wait(None);
+    };
+    loop {
+        // 1. A pending delivery whose ack wait expired or whose nack delay passed.
+        if let Some(&(due, offset)) = g.due.first() {
+            if due <= now {
+                g.due.pop_first();
+                let p = g
+                    .pending
+                    .get_mut(&offset)
+                    .expect("due index matches pending");
+                if spec.max_deliveries.is_some_and(|m| p.deliveries >= m) {
+                    // Given up on (dead-lettering is the handler runtime's job).
+                    g.pending.remove(&offset);
+                    continue;
+                }
+                p.deliveries += 1;
+                p.due = now + spec.ack_wait;
+                p.token = TOKENS.fetch_add(1, Ordering::Relaxed);
+                g.due.insert((p.due, offset));
+                let d = make_delivery(
+                    topic,
+                    group,
+                    &messages[offset as usize],
+                    offset,
+                    p.deliveries,
+                    p.token,
+                );
+                return Next::Deliver(d);
+            }
+        }
+        // 2. The next new message.
+        if (g.next as usize) < messages.len() {
+            let offset = g.next;
+            g.next += 1;
+            let token = TOKENS.fetch_add(1, Ordering::Relaxed);
+            let due = now + spec.ack_wait;
+            g.pending.insert(
+                offset,
+                PendingEntry {
+                    deliveries: 1,
+                    due,
+                    token,
+                },
+            );
+            g.due.insert((due, offset));
+            return Next::Deliver(make_delivery(
+                topic,
+                group,
+                &messages[offset as usize],
+                offset,
+                1,
+                token,
+            ));
+        }
+        return Next::Wait(g.due.first().map(|(d, _)| *d));
+    }
+}
+
+fn make_delivery(
+    topic: &Arc<TopicState>,
+    group: &str,
+    msg: &Message,
+    offset: u64,
+    n: u32,
+    token: u64,
+) -> Delivery {
+    Delivery::new(
+        msg.clone(),
+        DeliveryInfo::new(n, Position::Offset(offset)),
+        Acker::new(MemoryAcker {
+            topic: Arc::clone(topic),
+            group: group.to_owned(),
+            offset,
+            token,
+        }),
+    )
+}
+
+struct MemoryAcker {
+    topic: Arc<TopicState>,
+    group: String,
+    offset: u64,
+    token: u64,
+}
+
+impl MemoryAcker {
+    /// Apply `f` to the pending entry if this delivery is still the current one.
+    fn settle(&self, redeliver_at: Option<Instant>) {
+        let mut log = self.topic.log.lock();
+        if let Some(g) = log.groups.get_mut(&self.group) {
+            if let Some(p) = g.pending.get_mut(&self.offset) {
+                if p.token != self.token {
+                    return; // stale: already redelivered to someone else
+                }
+                g.due.remove(&(p.due, self.offset));
+                match redeliver_at {
+                    Some(at) => {
+                        p.due = at;
+                        p.token = 0;
+                        g.due.insert((at, self.offset));
+                    }
+                    None => {
+                        g.pending.remove(&self.offset);
+                    }
+                }
+            }
+        }
+        drop(log);
+        if redeliver_at.is_some() {
+            self.topic.notify.notify_waiters();
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl AckHandle for MemoryAcker {
+    async fn ack(self: Box<Self>) -> Result<(), Error> {
+        self.settle(None);
+        Ok(())
+    }
+    async fn nack(self: Box<Self>, delay: Duration) -> Result<(), Error> {
+        self.settle(Some(Instant::now() + delay));
+        Ok(())
+    }
+    async fn term(self: Box<Self>) -> Result<(), Error> {
+        self.settle(None);
+        Ok(())
+    }
+}
