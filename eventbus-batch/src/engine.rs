@@ -77,7 +77,8 @@ struct Entry {
     msg: Message,
     tx: AckSender,
     bytes: u32,
-    admitted: Instant,
+    /// Wall-clock admission time (std, not tokio: read once per message, it must be cheap).
+    admitted: std::time::Instant,
 }
 
 #[derive(Default)]
@@ -86,6 +87,8 @@ struct Acc {
     bytes: usize,
     /// Sequence number of `items[0]`; sequence numbers are given at admission.
     front_seq: u64,
+    /// When `items[0]` was admitted, on the (pausable) Tokio clock: the linger start.
+    first_at: Option<Instant>,
     next_seq: u64,
     /// `flush()`/`close()` asked for everything queued to go now.
     force: bool,
@@ -199,8 +202,14 @@ impl<S: BatchSink> Batcher<S> {
                 b.forget();
             }
             OnFull::Wait => {
-                let m = i.window_msgs.acquire().await.map_err(closed)?;
-                let b = i.window_bytes.acquire_many(bytes).await.map_err(closed)?;
+                let m = match i.window_msgs.try_acquire() {
+                    Ok(m) => m,
+                    Err(_) => i.window_msgs.acquire().await.map_err(closed)?,
+                };
+                let b = match i.window_bytes.try_acquire_many(bytes) {
+                    Ok(b) => b,
+                    Err(_) => i.window_bytes.acquire_many(bytes).await.map_err(closed)?,
+                };
                 m.forget();
                 b.forget();
             }
@@ -241,7 +250,7 @@ impl<S: BatchSink> Batcher<S> {
             msg,
             tx,
             bytes,
-            admitted: Instant::now(),
+            admitted: std::time::Instant::now(),
         };
         let wake = {
             let mut acc = i.acc.lock();
@@ -253,6 +262,7 @@ impl<S: BatchSink> Batcher<S> {
             let was_empty = acc.items.is_empty();
             if was_empty {
                 acc.front_seq = acc.next_seq;
+                acc.first_at = (!i.cfg.linger.is_zero()).then(Instant::now);
             }
             acc.next_seq += 1;
             acc.bytes += bytes as usize;
@@ -402,7 +412,7 @@ async fn flusher<S: BatchSink>(inner: Arc<Inner<S>>) {
                     }
                     None
                 } else {
-                    let first = acc.items[0].admitted;
+                    let first = acc.first_at.unwrap_or_else(Instant::now);
                     let full_count = acc.items.len() >= cfg.max_messages;
                     let full_bytes = acc.bytes >= cfg.max_bytes;
                     let due = first + cfg.linger;
@@ -478,7 +488,7 @@ fn take_batch(acc: &mut Acc, max_messages: usize, max_bytes: usize) -> (Vec<Entr
 /// when the batch task is aborted or panics.
 struct BatchGuard<S: BatchSink> {
     inner: Arc<Inner<S>>,
-    txs: Vec<(AckSender, Instant)>,
+    txs: Vec<(AckSender, std::time::Instant)>,
     count: usize,
     bytes: usize,
     first_seq: u64,
@@ -488,7 +498,7 @@ struct BatchGuard<S: BatchSink> {
 impl<S: BatchSink> BatchGuard<S> {
     fn resolve(&mut self, outcomes: Vec<Outcome>) {
         let m = &self.inner.metrics;
-        let now = Instant::now();
+        let now = std::time::Instant::now();
         let (mut acked, mut failed, mut unknown) = (0u64, 0u64, 0u64);
         for ((tx, admitted), o) in self.txs.drain(..).zip(outcomes) {
             match &o {
@@ -544,7 +554,12 @@ fn dispatch<S: BatchSink>(
     m.batch_messages.record(n as f64);
     m.batch_bytes.record(bytes as f64);
     m.in_flight.increment(n as f64);
-    let deadline = batch[0].admitted + inner.cfg.ack_timeout;
+    // The deadline counts from the first message's admission.
+    let deadline = Instant::now()
+        + inner
+            .cfg
+            .ack_timeout
+            .saturating_sub(batch[0].admitted.elapsed());
     let mut msgs = Vec::with_capacity(n);
     let mut txs = Vec::with_capacity(n);
     for e in batch {

@@ -3,37 +3,77 @@
 use std::fmt;
 use std::sync::Arc;
 use std::sync::OnceLock;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 
 use bytes::Bytes;
 
 use crate::error::{Error, ErrorKind};
 
-/// A topic (Kafka) or subject (NATS) name. Cheap to clone: build it once and reuse it.
-#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Topic(Arc<str>);
+/// A topic (Kafka) or subject (NATS) name. Cheap to clone: build it once and reuse it (a reused
+/// `Topic` is also validated only once per set of naming rules).
+#[derive(Clone)]
+pub struct Topic(Arc<TopicInner>);
+
+struct TopicInner {
+    /// One bit per [`TopicRules`](crate::TopicRules) the name is known to satisfy.
+    valid: AtomicU8,
+    name: Box<str>,
+}
+
+impl PartialEq for Topic {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.name == other.0.name
+    }
+}
+impl Eq for Topic {}
+impl std::hash::Hash for Topic {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.0.name.hash(state)
+    }
+}
+impl PartialOrd for Topic {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Topic {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.0.name.cmp(&other.0.name)
+    }
+}
 
 impl Topic {
     /// A new topic name. It is validated when published or subscribed, not here.
     pub fn new(name: impl AsRef<str>) -> Self {
-        Topic(Arc::from(name.as_ref()))
+        Topic(Arc::new(TopicInner {
+            valid: AtomicU8::new(0),
+            name: name.as_ref().into(),
+        }))
     }
 
     /// The name as a string slice.
     pub fn as_str(&self) -> &str {
-        &self.0
+        &self.0.name
+    }
+
+    pub(crate) fn known_valid(&self, bit: u8) -> bool {
+        self.0.valid.load(Ordering::Relaxed) & bit != 0
+    }
+
+    pub(crate) fn mark_valid(&self, bit: u8) {
+        self.0.valid.fetch_or(bit, Ordering::Relaxed);
     }
 }
 
 impl fmt::Debug for Topic {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Debug::fmt(&*self.0, f)
+        fmt::Debug::fmt(self.as_str(), f)
     }
 }
 
 impl fmt::Display for Topic {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(self.as_str())
     }
 }
 
@@ -45,7 +85,7 @@ impl From<&str> for Topic {
 
 impl From<String> for Topic {
     fn from(s: String) -> Self {
-        Topic(Arc::from(s))
+        Topic::new(s)
     }
 }
 
@@ -57,7 +97,7 @@ impl From<&Topic> for Topic {
 
 impl AsRef<str> for Topic {
     fn as_ref(&self) -> &str {
-        &self.0
+        self.as_str()
     }
 }
 

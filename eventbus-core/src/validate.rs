@@ -2,7 +2,7 @@
 //! [`ErrorKind::TooLarge`] error and never echoes payload bytes.
 
 use crate::error::{Error, ErrorKind};
-use crate::message::{Message, truncate};
+use crate::message::{Message, Topic, truncate};
 
 /// Which naming rules a backend applies to topics.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -63,13 +63,29 @@ pub fn topic(name: &str, rules: TopicRules) -> Result<(), Error> {
     }
 }
 
+/// Like [`topic`], but remembers a success inside the shared [`Topic`], so a reused `Topic` is
+/// checked once per set of rules.
+pub fn topic_cached(t: &Topic, rules: TopicRules) -> Result<(), Error> {
+    let bit = match rules {
+        TopicRules::Nats => 1,
+        TopicRules::Kafka => 2,
+        TopicRules::Portable => 4,
+    };
+    if t.known_valid(bit) {
+        return Ok(());
+    }
+    topic(t.as_str(), rules)?;
+    t.mark_valid(bit);
+    Ok(())
+}
+
 /// Check a whole message: topic, headers, and encoded size against `max_message_bytes`.
 pub fn message(
     msg: &Message,
     rules: TopicRules,
     max_message_bytes: Option<usize>,
 ) -> Result<(), Error> {
-    topic(msg.topic().as_str(), rules)?;
+    topic_cached(msg.topic(), rules)?;
     msg.headers().validate()?;
     if let Some(max) = max_message_bytes {
         let len = msg.encoded_len();
@@ -113,6 +129,22 @@ mod tests {
         // Portable excludes what either side rejects.
         assert!(topic("a..b", TopicRules::Portable).is_err());
         assert!(topic("a/b", TopicRules::Portable).is_err());
+    }
+
+    #[test]
+    fn cached_validation_agrees() {
+        let good = Topic::new("a.b");
+        let bad = Topic::new("a..b");
+        for _ in 0..2 {
+            assert!(topic_cached(&good, TopicRules::Nats).is_ok());
+            assert!(topic_cached(&bad, TopicRules::Nats).is_err());
+        }
+        let slash = Topic::new("a/b");
+        assert!(topic_cached(&slash, TopicRules::Nats).is_ok());
+        assert!(
+            topic_cached(&slash, TopicRules::Kafka).is_err(),
+            "cache is per rule set"
+        );
     }
 
     #[test]
