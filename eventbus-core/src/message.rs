@@ -131,8 +131,23 @@ impl MessageId {
     }
 
     /// An id chosen by the caller (for example an idempotency key from an upstream system).
+    ///
+    /// Ids are compared by their text form: `custom(generated.to_string()) == generated`.
     pub fn custom(id: impl AsRef<str>) -> Self {
-        MessageId(IdRepr::Custom(Arc::from(id.as_ref())))
+        let s = id.as_ref();
+        // Canonical form of a generated id (32 lowercase hex digits): the compact representation.
+        if s.len() == 32
+            && s.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        {
+            if let (Ok(a), Ok(b)) = (
+                u64::from_str_radix(&s[..16], 16),
+                u64::from_str_radix(&s[16..], 16),
+            ) {
+                return MessageId(IdRepr::Generated(a, b));
+            }
+        }
+        MessageId(IdRepr::Custom(Arc::from(s)))
     }
 
     /// Write the id's text form into `out` (32 hex digits for generated ids).
@@ -428,6 +443,12 @@ mod tests {
         let mut s = String::new();
         a.id().write_to(&mut s);
         assert_eq!(s, a.id().to_string());
+        assert_eq!(
+            &MessageId::custom(&s),
+            a.id(),
+            "parsed text equals the generated id"
+        );
+        assert_eq!(MessageId::custom("order-1").to_string(), "order-1");
     }
 
     #[test]

@@ -1,1 +1,109 @@
-//! placeholder
+#![doc = include_str!("../README.md")]
+
+mod config;
+mod error;
+mod headers;
+mod sink;
+mod stream;
+mod subscriber;
+
+use std::time::Duration;
+
+use async_nats::jetstream;
+use eventbus_core::Error;
+
+pub use config::{NatsAuth, NatsConfig};
+pub use headers::{KEY as KEY_HEADER, KEY_HEX as KEY_HEX_HEADER};
+pub use sink::NatsSink;
+pub use stream::{StorageKind, StreamSpec, StreamState};
+pub use subscriber::NatsSubscriber;
+
+/// A connection to a NATS server with JetStream: makes sinks, subscribers and streams.
+#[derive(Clone, Debug)]
+pub struct NatsBackend {
+    client: async_nats::Client,
+    js: jetstream::Context,
+}
+
+impl NatsBackend {
+    /// Connect. Fails within `connect_timeout` with a typed error (`Connect`, `Timeout`, `Auth`,
+    /// `Config`): no silent retry loop at start.
+    pub async fn connect(config: NatsConfig) -> Result<Self, Error> {
+        let mut opts = match &config.auth {
+            NatsAuth::None => async_nats::ConnectOptions::new(),
+            NatsAuth::UserPassword { user, password } => {
+                async_nats::ConnectOptions::with_user_and_password(user.clone(), password.clone())
+            }
+            NatsAuth::Token { token } => async_nats::ConnectOptions::with_token(token.clone()),
+            NatsAuth::NKey { seed } => async_nats::ConnectOptions::with_nkey(seed.clone()),
+            NatsAuth::CredsFile { path } => {
+                async_nats::ConnectOptions::with_credentials_file(path.clone())
+                    .await
+                    .map_err(|e| {
+                        error::err(
+                            eventbus_core::ErrorKind::Config,
+                            "could not read the creds file",
+                        )
+                        .with_source(e)
+                    })?
+            }
+        };
+        opts = opts
+            .name(config.name.clone())
+            .connection_timeout(config.connect_timeout)
+            .require_tls(config.tls_required);
+        if let Some(ca) = &config.tls_root_certificates {
+            opts = opts.add_root_certificates(ca.clone());
+        }
+        if let Some((cert, key)) = &config.tls_client_cert {
+            opts = opts.add_client_certificate(cert.clone(), key.clone());
+        }
+        let client = tokio::time::timeout(
+            config.connect_timeout + Duration::from_secs(1),
+            opts.connect(config.url.as_str()),
+        )
+        .await
+        .map_err(|_| {
+            error::err(eventbus_core::ErrorKind::Timeout, "connect timed out").temporary()
+        })?
+        .map_err(error::connect)?;
+        let js = jetstream::ContextBuilder::new()
+            .timeout(config.ack_timeout)
+            .max_ack_inflight(config.max_ack_inflight)
+            .backpressure_on_inflight(true)
+            .build(client.clone());
+        Ok(NatsBackend { client, js })
+    }
+
+    /// A publishing sink; wrap it in `eventbus_batch::Batcher`.
+    pub fn sink(&self) -> NatsSink {
+        NatsSink::new(self.js.clone(), self.client.server_info().max_payload)
+    }
+
+    /// A subscriber.
+    pub fn subscriber(&self) -> NatsSubscriber {
+        NatsSubscriber {
+            js: self.js.clone(),
+        }
+    }
+
+    /// The server's `max_payload` in bytes.
+    pub fn max_payload(&self) -> usize {
+        self.client.server_info().max_payload
+    }
+
+    /// The server version string.
+    pub fn server_version(&self) -> String {
+        self.client.server_info().version
+    }
+
+    /// The underlying async-nats client (escape hatch).
+    pub fn client(&self) -> &async_nats::Client {
+        &self.client
+    }
+
+    /// The JetStream context (escape hatch).
+    pub fn jetstream(&self) -> &jetstream::Context {
+        &self.js
+    }
+}

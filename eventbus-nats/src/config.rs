@@ -1,0 +1,263 @@
+//! Connection configuration.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use eventbus_core::{Error, ErrorKind};
+use serde::{Deserialize, Serialize};
+
+/// How to authenticate. Secrets are redacted from `Debug`.
+#[derive(Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "type")]
+#[non_exhaustive]
+pub enum NatsAuth {
+    /// No credentials.
+    #[default]
+    None,
+    /// User and password.
+    UserPassword {
+        /// User name.
+        user: String,
+        /// Password (secret).
+        password: String,
+    },
+    /// Token (secret).
+    Token {
+        /// The token.
+        token: String,
+    },
+    /// NKey seed (secret).
+    NKey {
+        /// The seed, `SU...`.
+        seed: String,
+    },
+    /// A `.creds` file (JWT and seed).
+    CredsFile {
+        /// Path to the file.
+        path: PathBuf,
+    },
+}
+
+impl fmt::Debug for NatsAuth {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            NatsAuth::None => f.write_str("None"),
+            NatsAuth::UserPassword { user, .. } => f
+                .debug_struct("UserPassword")
+                .field("user", user)
+                .field("password", &"<redacted>")
+                .finish(),
+            NatsAuth::Token { .. } => f.write_str("Token(<redacted>)"),
+            NatsAuth::NKey { .. } => f.write_str("NKey(<redacted>)"),
+            NatsAuth::CredsFile { path } => {
+                f.debug_struct("CredsFile").field("path", path).finish()
+            }
+        }
+    }
+}
+
+/// Connection settings for [`NatsBackend`](crate::NatsBackend).
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(default)]
+#[non_exhaustive]
+pub struct NatsConfig {
+    /// Server URL(s), comma separated. Default `nats://127.0.0.1:4222`.
+    pub url: String,
+    /// Credentials. Default none.
+    pub auth: NatsAuth,
+    /// Require TLS. Default `false` (a `tls://` URL also requires it).
+    pub tls_required: bool,
+    /// Extra root certificates (PEM) to trust. Default none.
+    pub tls_root_certificates: Option<PathBuf>,
+    /// Client certificate and key (PEM) for mutual TLS. Default none.
+    pub tls_client_cert: Option<(PathBuf, PathBuf)>,
+    /// Initial connect timeout. Default 5 s.
+    #[serde(with = "millis")]
+    pub connect_timeout: Duration,
+    /// How long to wait for each JetStream publish ack. Default 10 s. The batching engine's
+    /// `ack_timeout` bounds a message's whole life; this bounds the wait on the wire.
+    #[serde(with = "millis")]
+    pub ack_timeout: Duration,
+    /// async-nats's own limit of publishes awaiting acks. Default 262,144: set well above the
+    /// engine's ACK window so that **our** window is the one that binds.
+    pub max_ack_inflight: usize,
+    /// Connection name shown by the server. Default `eventbus`.
+    pub name: String,
+}
+
+impl Default for NatsConfig {
+    fn default() -> Self {
+        NatsConfig {
+            url: "nats://127.0.0.1:4222".into(),
+            auth: NatsAuth::None,
+            tls_required: false,
+            tls_root_certificates: None,
+            tls_client_cert: None,
+            connect_timeout: Duration::from_secs(5),
+            ack_timeout: Duration::from_secs(10),
+            max_ack_inflight: 262_144,
+            name: "eventbus".into(),
+        }
+    }
+}
+
+impl fmt::Debug for NatsConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NatsConfig")
+            .field("url", &redact_url(&self.url))
+            .field("auth", &self.auth)
+            .field("tls_required", &self.tls_required)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("ack_timeout", &self.ack_timeout)
+            .field("max_ack_inflight", &self.max_ack_inflight)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Remove `user:password@` from URLs.
+pub(crate) fn redact_url(url: &str) -> String {
+    url.split(',')
+        .map(|u| match (u.find("://"), u.rfind('@')) {
+            (Some(s), Some(at)) if at > s => format!("{}<redacted>@{}", &u[..s + 3], &u[at + 1..]),
+            _ => u.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+impl NatsConfig {
+    /// Defaults with `url`.
+    pub fn new(url: impl Into<String>) -> Self {
+        NatsConfig {
+            url: url.into(),
+            ..Default::default()
+        }
+    }
+    /// Set credentials.
+    pub fn auth(mut self, auth: NatsAuth) -> Self {
+        self.auth = auth;
+        self
+    }
+    /// Set the per-ack wait.
+    pub fn ack_timeout(mut self, d: Duration) -> Self {
+        self.ack_timeout = d;
+        self
+    }
+    /// Set the connect timeout.
+    pub fn connect_timeout(mut self, d: Duration) -> Self {
+        self.connect_timeout = d;
+        self
+    }
+
+    /// Read `EVENTBUS_NATS_URL`, `EVENTBUS_NATS_USER` + `EVENTBUS_NATS_PASSWORD`,
+    /// `EVENTBUS_NATS_TOKEN`, `EVENTBUS_NATS_NKEY`, `EVENTBUS_NATS_CREDS`, `EVENTBUS_NATS_TLS`
+    /// (`1`/`true`), `EVENTBUS_NATS_CA`.
+    pub fn from_env() -> Result<Self, Error> {
+        Self::from_iter(std::env::vars())
+    }
+
+    /// Like [`NatsConfig::from_env`], from any `(key, value)` pairs.
+    #[allow(clippy::should_implement_trait)] // fallible, unlike FromIterator
+    pub fn from_iter<K: AsRef<str>, V: Into<String>>(
+        vars: impl IntoIterator<Item = (K, V)>,
+    ) -> Result<Self, Error> {
+        let mut c = NatsConfig::default();
+        let (mut user, mut password) = (None, None);
+        for (k, v) in vars {
+            let v = v.into();
+            match k.as_ref() {
+                "EVENTBUS_NATS_URL" => c.url = v,
+                "EVENTBUS_NATS_USER" => user = Some(v),
+                "EVENTBUS_NATS_PASSWORD" => password = Some(v),
+                "EVENTBUS_NATS_TOKEN" => c.auth = NatsAuth::Token { token: v },
+                "EVENTBUS_NATS_NKEY" => c.auth = NatsAuth::NKey { seed: v },
+                "EVENTBUS_NATS_CREDS" => c.auth = NatsAuth::CredsFile { path: v.into() },
+                "EVENTBUS_NATS_TLS" => {
+                    c.tls_required = match v.as_str() {
+                        "1" | "true" => true,
+                        "0" | "false" | "" => false,
+                        _ => {
+                            return Err(Error::new(
+                                ErrorKind::Config,
+                                "EVENTBUS_NATS_TLS must be true or false",
+                            ));
+                        }
+                    }
+                }
+                "EVENTBUS_NATS_CA" => c.tls_root_certificates = Some(v.into()),
+                _ => {}
+            }
+        }
+        match (user, password) {
+            (Some(user), Some(password)) => c.auth = NatsAuth::UserPassword { user, password },
+            (None, None) => {}
+            _ => {
+                return Err(Error::new(
+                    ErrorKind::Config,
+                    "EVENTBUS_NATS_USER and EVENTBUS_NATS_PASSWORD must be set together",
+                ));
+            }
+        }
+        Ok(c)
+    }
+}
+
+mod millis {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(d.as_millis() as u64)
+    }
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        Ok(Duration::from_millis(u64::deserialize(d)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_redacts_secrets() {
+        let c =
+            NatsConfig::new("nats://alice:s3cret@127.0.0.1:4222").auth(NatsAuth::UserPassword {
+                user: "alice".into(),
+                password: "hunter2".into(),
+            });
+        let d = format!("{c:?}");
+        assert!(!d.contains("hunter2") && !d.contains("s3cret"), "{d}");
+        assert!(d.contains("alice"));
+        let t = format!(
+            "{:?}",
+            NatsAuth::Token {
+                token: "tok-123".into()
+            }
+        );
+        assert!(!t.contains("tok-123"));
+        let n = format!(
+            "{:?}",
+            NatsAuth::NKey {
+                seed: "SUAB".into()
+            }
+        );
+        assert!(!n.contains("SUAB"));
+    }
+
+    #[test]
+    fn from_iter_reads_and_validates() {
+        let c = NatsConfig::from_iter([
+            ("EVENTBUS_NATS_URL", "nats://h:1"),
+            ("EVENTBUS_NATS_USER", "u"),
+            ("EVENTBUS_NATS_PASSWORD", "p"),
+        ])
+        .unwrap();
+        assert_eq!(c.url, "nats://h:1");
+        assert!(matches!(c.auth, NatsAuth::UserPassword { .. }));
+        let e = NatsConfig::from_iter([("EVENTBUS_NATS_USER", "u")]).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Config);
+        assert!(NatsConfig::from_iter([("EVENTBUS_NATS_TLS", "maybe")]).is_err());
+    }
+}

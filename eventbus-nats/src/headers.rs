@@ -1,0 +1,96 @@
+//! Message <-> NATS headers. The key and id travel as headers; user headers pass through.
+
+use async_nats::HeaderMap;
+use async_nats::header::NATS_MESSAGE_ID;
+use eventbus_core::{Bytes, Headers, Message, MessageId, Topic};
+
+/// Header carrying the message key (UTF-8 keys as is).
+pub const KEY: &str = "Eventbus-Key";
+/// Header carrying the message key hex-encoded (keys that are not header-safe text).
+pub const KEY_HEX: &str = "Eventbus-Key-Hex";
+
+/// Bytes reserved below `max_payload` for headers the backend adds.
+pub(crate) const OVERHEAD: usize = 128;
+
+pub(crate) fn encode(msg: Message) -> (String, Bytes, HeaderMap) {
+    let (id, topic, key, headers, payload) = msg.into_parts();
+    let mut h = HeaderMap::new();
+    for (n, v) in headers.iter() {
+        h.append(n, v);
+    }
+    let mut ids = String::with_capacity(32);
+    id.write_to(&mut ids);
+    h.insert(NATS_MESSAGE_ID, ids.as_str());
+    if let Some(k) = key {
+        match std::str::from_utf8(&k) {
+            Ok(s) if !s.contains(['\r', '\n']) => h.insert(KEY, s),
+            _ => h.insert(KEY_HEX, hex(&k)),
+        }
+    }
+    (topic.as_str().to_owned(), payload, h)
+}
+
+pub(crate) fn decode(subject: &str, headers: Option<&HeaderMap>, payload: Bytes) -> Message {
+    let mut out = Headers::new();
+    let mut id = None;
+    let mut key = None;
+    if let Some(h) = headers {
+        for (name, values) in h.iter() {
+            let name: &str = name.as_ref();
+            for v in values {
+                let v = v.as_str();
+                if name.eq_ignore_ascii_case("Nats-Msg-Id") {
+                    id = Some(MessageId::custom(v));
+                } else if name == KEY {
+                    key = Some(Bytes::copy_from_slice(v.as_bytes()));
+                } else if name == KEY_HEX {
+                    key = unhex(v).map(Bytes::from);
+                } else {
+                    out.append(name, v);
+                }
+            }
+        }
+    }
+    Message::from_parts(
+        id.unwrap_or_else(MessageId::generate),
+        Topic::new(subject),
+        key,
+        out,
+        payload,
+    )
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    if s.len() % 2 != 0 {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).ok())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roundtrip_binary_and_text_keys() {
+        for key in [&b"customer-7"[..], &[0u8, 255, 10, 13][..]] {
+            let m = Message::new("a.b", "p")
+                .with_key(key.to_vec())
+                .with_header("x", "1");
+            let id = m.id().to_string();
+            let (subject, payload, h) = encode(m);
+            let back = decode(&subject, Some(&h), payload);
+            assert_eq!(back.key().map(|k| &k[..]), Some(key));
+            assert_eq!(back.id().to_string(), id);
+            assert_eq!(back.headers().get("x"), Some("1"));
+            assert_eq!(back.headers().len(), 1, "internal headers are stripped");
+        }
+    }
+}
