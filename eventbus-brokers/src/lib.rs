@@ -338,6 +338,18 @@ impl NatsServer {
         &self.log
     }
 
+    /// Leave the server running after this value is dropped (for `cargo xtask brokers up`);
+    /// returns its pid. The store directory is kept.
+    pub fn detach(mut self) -> Option<u32> {
+        let pid = self.pid();
+        if let Some(c) = self.proc.child.take() {
+            std::mem::forget(c);
+        }
+        let dir = std::mem::replace(&mut self.store, tempfile::tempdir().ok()?);
+        let _ = dir.keep();
+        pid
+    }
+
     /// `kill -9` the server (its store survives).
     pub fn kill(&mut self) {
         self.proc.kill();
@@ -441,6 +453,17 @@ impl Tansu {
     /// The log file.
     pub fn log_path(&self) -> &Path {
         &self.log
+    }
+
+    /// Leave the broker running after this value is dropped; returns its pid.
+    pub fn detach(mut self) -> Option<u32> {
+        let pid = self.pid();
+        if let Some(c) = self.proc.child.take() {
+            std::mem::forget(c);
+        }
+        let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().ok()?);
+        let _ = dir.keep();
+        pid
     }
 
     /// `kill -9` the broker.

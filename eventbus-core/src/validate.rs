@@ -63,6 +63,36 @@ pub fn topic(name: &str, rules: TopicRules) -> Result<(), Error> {
     }
 }
 
+/// Check a subscription filter: like [`topic`] with [`TopicRules::Nats`], except that a whole
+/// token may be `*` and the last token may be `>`.
+pub fn subscription_filter(name: &str) -> Result<(), Error> {
+    let bad = |why: &str| {
+        Err(Error::new(
+            ErrorKind::InvalidMessage,
+            format!("invalid subject filter {:?}: {why}", truncate(name, 80)),
+        ))
+    };
+    if name.is_empty() {
+        return bad("empty");
+    }
+    if name.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return bad("contains whitespace or a control character");
+    }
+    let tokens: Vec<&str> = name.split('.').collect();
+    for (i, t) in tokens.iter().enumerate() {
+        if t.is_empty() {
+            return bad("empty token");
+        }
+        if *t != "*" && *t != ">" && t.contains(['*', '>']) {
+            return bad("wildcards must be whole tokens");
+        }
+        if *t == ">" && i + 1 != tokens.len() {
+            return bad("'>' must be the last token");
+        }
+    }
+    Ok(())
+}
+
 /// Like [`topic`], but remembers a success inside the shared [`Topic`], so a reused `Topic` is
 /// checked once per set of rules.
 pub fn topic_cached(t: &Topic, rules: TopicRules) -> Result<(), Error> {
@@ -129,6 +159,16 @@ mod tests {
         // Portable excludes what either side rejects.
         assert!(topic("a..b", TopicRules::Portable).is_err());
         assert!(topic("a/b", TopicRules::Portable).is_err());
+    }
+
+    #[test]
+    fn subscription_filters() {
+        for ok in ["a", "a.*", "a.>", "*.b.>", ">"] {
+            subscription_filter(ok).unwrap();
+        }
+        for bad in ["", "a.>.b", "a*", "a..b", "a b", "a.b>"] {
+            assert!(subscription_filter(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

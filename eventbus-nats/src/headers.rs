@@ -12,15 +12,17 @@ pub const KEY_HEX: &str = "Eventbus-Key-Hex";
 /// Bytes reserved below `max_payload` for headers the backend adds.
 pub(crate) const OVERHEAD: usize = 128;
 
-pub(crate) fn encode(msg: Message) -> (String, Bytes, HeaderMap) {
+pub(crate) fn encode(msg: Message, with_id: bool) -> (String, Bytes, HeaderMap) {
     let (id, topic, key, headers, payload) = msg.into_parts();
     let mut h = HeaderMap::new();
     for (n, v) in headers.iter() {
         h.append(n, v);
     }
-    let mut ids = String::with_capacity(32);
-    id.write_to(&mut ids);
-    h.insert(NATS_MESSAGE_ID, ids.as_str());
+    if with_id {
+        let mut ids = String::with_capacity(32);
+        id.write_to(&mut ids);
+        h.insert(NATS_MESSAGE_ID, ids.as_str());
+    }
     if let Some(k) = key {
         match std::str::from_utf8(&k) {
             Ok(s) if !s.contains(['\r', '\n']) => h.insert(KEY, s),
@@ -85,7 +87,7 @@ mod tests {
                 .with_key(key.to_vec())
                 .with_header("x", "1");
             let id = m.id().to_string();
-            let (subject, payload, h) = encode(m);
+            let (subject, payload, h) = encode(m, true);
             let back = decode(&subject, Some(&h), payload);
             assert_eq!(back.key().map(|k| &k[..]), Some(key));
             assert_eq!(back.id().to_string(), id);

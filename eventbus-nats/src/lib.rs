@@ -51,6 +51,8 @@ impl NatsBackend {
         opts = opts
             .name(config.name.clone())
             .connection_timeout(config.connect_timeout)
+            // Acks arrive on one inbox subscription: give it room for a full window of acks.
+            .subscription_capacity(1 << 20)
             .require_tls(config.tls_required);
         if let Some(ca) = &config.tls_root_certificates {
             opts = opts.add_root_certificates(ca.clone());
@@ -75,9 +77,16 @@ impl NatsBackend {
         Ok(NatsBackend { client, js })
     }
 
-    /// A publishing sink; wrap it in `eventbus_batch::Batcher`.
-    pub fn sink(&self) -> NatsSink {
-        NatsSink::new(self.js.clone(), self.client.server_info().max_payload)
+    /// A publishing sink; wrap it in `eventbus_batch::Batcher`. Every message carries its id in
+    /// `Nats-Msg-Id`, so the stream de-duplicates retries within its duplicate window.
+    pub async fn sink(&self) -> Result<NatsSink, Error> {
+        NatsSink::new(self.client.clone(), true).await
+    }
+
+    /// A sink that does not send `Nats-Msg-Id`: no server-side de-duplication, slightly less
+    /// work per message. Retries of unknown outcomes may then store duplicates.
+    pub async fn sink_without_dedup(&self) -> Result<NatsSink, Error> {
+        NatsSink::new(self.client.clone(), false).await
     }
 
     /// A subscriber.

@@ -1,60 +1,242 @@
-//! The publishing side: an ordered writer task feeding pipelined JetStream publishes.
+//! The publishing side (mode `async`): core NATS publishes with a reply subject on one shared
+//! inbox subscription, written in order by one writer task, with every ack of every batch
+//! outstanding at once (bounded by the engine's ACK window).
+//!
+//! Each message of batch `B` gets the reply subject `<inbox>.B.<i>`; a router task reads the
+//! JetStream acks off the inbox and fills the batch's outcome slots. That is one map lookup per
+//! ack and no per-message future, channel or timer: the engine's deadline covers lost acks.
 
+use std::collections::HashMap;
 use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
-use async_nats::jetstream::{self, context::PublishAckFuture};
-use eventbus_core::{BatchSink, Error, Message, Outcome, SinkLimits, TopicRules};
-use futures_util::future::join_all;
+use async_nats::{Client, StatusCode};
+use eventbus_core::{
+    Ack, BatchSink, Error, ErrorKind, Message, Outcome, Position, SinkLimits, TopicRules,
+};
+use futures_util::StreamExt;
+use parking_lot::Mutex;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::error::{self, BACKEND};
+use crate::error::{BACKEND, err};
 use crate::headers;
 
-type Sent = Vec<Result<PublishAckFuture, Outcome>>;
-
 struct Job {
+    id: u64,
     batch: Vec<Message>,
-    reply: oneshot::Sender<Sent>,
 }
 
-/// Publishes batches to JetStream (mode `async`): every message is its own JetStream publish,
-/// written in order on one connection, with all acks outstanding at once (bounded by the
-/// engine's ACK window). Wrap it in `eventbus_batch::Batcher`.
-#[derive(Clone, Debug)]
+struct Pending {
+    outcomes: Vec<Option<Outcome>>,
+    remaining: usize,
+    done: Option<oneshot::Sender<Vec<Outcome>>>,
+}
+
+#[derive(Default)]
+struct Router {
+    pending: Mutex<HashMap<u64, Pending>>,
+}
+
+impl Router {
+    /// Record the outcome of message `i` of batch `id`; completes the batch when it is the last.
+    fn settle(&self, id: u64, i: usize, o: Outcome) {
+        let mut map = self.pending.lock();
+        let Some(p) = map.get_mut(&id) else { return }; // batch already timed out or dropped
+        let Some(slot) = p.outcomes.get_mut(i) else {
+            return;
+        };
+        if slot.is_none() {
+            *slot = Some(o);
+            p.remaining -= 1;
+        }
+        if p.remaining == 0 {
+            let p = map.remove(&id).expect("present");
+            drop(map);
+            let outcomes = p
+                .outcomes
+                .into_iter()
+                .map(|o| o.expect("all settled"))
+                .collect();
+            if let Some(done) = p.done {
+                let _ = done.send(outcomes);
+            }
+        }
+    }
+}
+
+/// Removes a batch's routing entry when its future is dropped (deadline, close).
+struct Cleanup {
+    router: Arc<Router>,
+    id: u64,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        self.router.pending.lock().remove(&self.id);
+    }
+}
+
+/// Publishes batches to JetStream. Wrap it in `eventbus_batch::Batcher`.
+#[derive(Clone)]
 pub struct NatsSink {
     tx: mpsc::UnboundedSender<Job>,
+    router: Arc<Router>,
+    next_batch: Arc<AtomicU64>,
     limits: SinkLimits,
+    dedup: bool,
+}
+
+impl std::fmt::Debug for NatsSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NatsSink")
+            .field("limits", &self.limits)
+            .field("dedup", &self.dedup)
+            .finish_non_exhaustive()
+    }
 }
 
 impl NatsSink {
-    pub(crate) fn new(js: jetstream::Context, max_payload: usize) -> Self {
+    pub(crate) async fn new(client: Client, dedup: bool) -> Result<Self, Error> {
+        let inbox = client.new_inbox();
+        let sub = client.subscribe(format!("{inbox}.>")).await.map_err(|e| {
+            err(ErrorKind::Connect, "could not subscribe to the ack inbox")
+                .temporary()
+                .with_source(e)
+        })?;
+        let router = Arc::new(Router::default());
+        tokio::spawn(route(sub, inbox.len() + 1, Arc::clone(&router)));
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(writer(js, rx));
         // Leave room for the headers we add (Nats-Msg-Id, key) and the NATS/1.0 header line.
-        let max_message_bytes = max_payload.saturating_sub(headers::OVERHEAD);
-        NatsSink {
+        let max = client
+            .server_info()
+            .max_payload
+            .saturating_sub(headers::OVERHEAD);
+        tokio::spawn(writer(client, inbox, rx, Arc::clone(&router), dedup));
+        Ok(NatsSink {
             tx,
-            limits: SinkLimits::none().max_message_bytes(max_message_bytes),
+            router,
+            next_batch: Arc::new(AtomicU64::new(0)),
+            limits: SinkLimits::none().max_message_bytes(max),
+            dedup,
+        })
+    }
+}
+
+async fn writer(
+    client: Client,
+    inbox: String,
+    mut rx: mpsc::UnboundedReceiver<Job>,
+    router: Arc<Router>,
+    dedup: bool,
+) {
+    let mut reply = String::with_capacity(inbox.len() + 24);
+    while let Some(job) = rx.recv().await {
+        for (i, msg) in job.batch.into_iter().enumerate() {
+            let (subject, payload, hdrs) = headers::encode(msg, dedup);
+            reply.clear();
+            use std::fmt::Write;
+            let _ = write!(reply, "{inbox}.{}.{i}", job.id);
+            if let Err(e) = client
+                .publish_with_reply_and_headers(subject, reply.clone(), hdrs, payload)
+                .await
+            {
+                // Not handed to the connection: definitely not sent.
+                router.settle(
+                    job.id,
+                    i,
+                    Outcome::Failed(
+                        err(ErrorKind::Connect, "could not queue the publish")
+                            .temporary()
+                            .with_source(e),
+                    ),
+                );
+            }
         }
     }
 }
 
-async fn writer(js: jetstream::Context, mut rx: mpsc::UnboundedReceiver<Job>) {
-    while let Some(job) = rx.recv().await {
-        let mut sent = Vec::with_capacity(job.batch.len());
-        for msg in job.batch {
-            let (subject, payload, hdrs) = headers::encode(msg);
-            let publish = jetstream::message::PublishMessage::build()
-                .payload(payload)
-                .headers(hdrs);
-            sent.push(
-                js.send_publish(subject, publish)
-                    .await
-                    .map_err(error::send_failed),
-            );
-        }
-        let _ = job.reply.send(sent);
+#[derive(serde::Deserialize)]
+struct ApiAck<'a> {
+    #[serde(borrow)]
+    stream: Option<&'a str>,
+    seq: Option<u64>,
+    #[serde(default)]
+    duplicate: bool,
+    error: Option<ApiError>,
+}
+
+#[derive(serde::Deserialize)]
+struct ApiError {
+    #[serde(default)]
+    code: u16,
+    #[serde(default)]
+    err_code: u16,
+    #[serde(default)]
+    description: String,
+}
+
+fn parse_ack(m: &async_nats::Message) -> Outcome {
+    if m.status == Some(StatusCode::NO_RESPONDERS) {
+        return Outcome::Failed(err(
+            ErrorKind::Rejected,
+            "no JetStream stream covers the subject (no responders)",
+        ));
     }
+    match serde_json::from_slice::<ApiAck<'_>>(&m.payload) {
+        Ok(ApiAck { error: Some(e), .. }) => {
+            let kind = match (e.code, e.err_code) {
+                (_, 10054 | 10003) => ErrorKind::TooLarge, // message / payload size exceeded
+                (401 | 403, _) => ErrorKind::Auth,
+                (503, _) => ErrorKind::Overloaded,
+                _ => ErrorKind::Rejected,
+            };
+            let mut error = err(
+                kind,
+                format!(
+                    "JetStream refused the message: {} (code {}, err_code {})",
+                    e.description, e.code, e.err_code
+                ),
+            );
+            if kind == ErrorKind::Overloaded {
+                error = error.temporary();
+            }
+            Outcome::Failed(error)
+        }
+        Ok(ApiAck {
+            stream: Some(stream),
+            seq: Some(seq),
+            duplicate,
+            ..
+        }) => Outcome::Acked(Ack {
+            position: Position::Stream {
+                stream: stream.to_owned(),
+                sequence: seq,
+                duplicate,
+            },
+        }),
+        _ => Outcome::Unknown(err(
+            ErrorKind::Other,
+            "unreadable JetStream ack; the message may be stored",
+        )),
+    }
+}
+
+async fn route(mut sub: async_nats::Subscriber, skip: usize, router: Arc<Router>) {
+    while let Some(m) = sub.next().await {
+        let Some(rest) = m.subject.as_str().get(skip..) else {
+            continue;
+        };
+        let Some((b, i)) = rest.split_once('.') else {
+            continue;
+        };
+        let (Ok(b), Ok(i)) = (b.parse::<u64>(), i.parse::<usize>()) else {
+            continue;
+        };
+        router.settle(b, i, parse_ack(&m));
+    }
+    // The connection is gone for good: pending batches resolve through the engine's deadline.
+    tracing::debug!("NATS ack inbox closed");
 }
 
 impl BatchSink for NatsSink {
@@ -75,10 +257,24 @@ impl BatchSink for NatsSink {
         batch: Vec<Message>,
     ) -> impl Future<Output = Vec<Outcome>> + Send + 'static {
         let n = batch.len();
-        let (reply, rx) = oneshot::channel();
+        let id = self.next_batch.fetch_add(1, Ordering::Relaxed);
+        let (done, rx) = oneshot::channel();
+        self.router.pending.lock().insert(
+            id,
+            Pending {
+                outcomes: (0..n).map(|_| None).collect(),
+                remaining: n,
+                done: Some(done),
+            },
+        );
+        let cleanup = Cleanup {
+            router: Arc::clone(&self.router),
+            id,
+        };
         // Queued synchronously: the writer publishes batches in call order.
-        let queued = self.tx.send(Job { batch, reply }).is_ok();
+        let queued = self.tx.send(Job { id, batch }).is_ok();
         async move {
+            let _cleanup = cleanup;
             if !queued {
                 return vec![
                     Outcome::Failed(
@@ -88,24 +284,12 @@ impl BatchSink for NatsSink {
                 ];
             }
             match rx.await {
-                Ok(sent) => {
-                    join_all(sent.into_iter().map(|s| async move {
-                        match s {
-                            Ok(ack) => error::ack_result(ack.await),
-                            Err(o) => o,
-                        }
-                    }))
-                    .await
-                }
-                // The writer died mid-batch: some messages may have been written.
+                Ok(outcomes) => outcomes,
                 Err(_) => vec![
-                    Outcome::Unknown(
-                        Error::new(
-                            eventbus_core::ErrorKind::Connect,
-                            "NATS writer stopped mid-batch"
-                        )
-                        .with_backend(BACKEND)
-                    );
+                    Outcome::Unknown(err(
+                        ErrorKind::Connect,
+                        "ack routing stopped; the message may be stored"
+                    ));
                     n
                 ],
             }

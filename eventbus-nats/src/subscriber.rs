@@ -6,7 +6,7 @@ use std::time::Duration;
 use async_nats::jetstream::{self, AckKind, consumer::pull};
 use eventbus_core::{
     AckHandle, Acker, Delivery, DeliveryInfo, Error, Feed, Position, StartFrom, SubscribeSpec,
-    Subscriber, Subscription, TopicRules,
+    Subscriber, Subscription,
 };
 use futures_util::StreamExt;
 
@@ -43,7 +43,8 @@ impl Subscriber for NatsSubscriber {
     ) -> impl Future<Output = Result<Subscription, Error>> + Send {
         let js = self.js.clone();
         async move {
-            eventbus_core::validate::topic(spec.topic.as_str(), TopicRules::Nats)?;
+            eventbus_core::validate::subscription_filter(spec.topic.as_str())
+                .map_err(|e| e.with_backend(BACKEND))?;
             let stream_name = js
                 .stream_by_subject(spec.topic.as_str())
                 .await

@@ -54,7 +54,7 @@ impl Harness for NatsHarness {
     }
 
     async fn sink(&self) -> NatsSink {
-        self.backend.sink()
+        self.backend.sink().await.expect("sink")
     }
 
     async fn subscriber(&self) -> NatsSubscriber {

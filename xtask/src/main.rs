@@ -1,1 +1,197 @@
-fn main() {}
+//! `cargo xtask`: the project's own commands.
+//!
+//! - `cargo xtask test` installs (pinned, cached) and checks the brokers, then runs every test
+//!   of the workspace with `EVENTBUS_REQUIRE_BACKENDS=1`: a test that needs a broker and cannot
+//!   start one fails.
+//! - `cargo xtask bench [ARGS]` installs and starts the brokers, then runs the benchmark
+//!   (`eventbus-bench`, release build) with ARGS; `--help` lists them.
+//! - `cargo xtask brokers up|down|status` starts / stops / shows local brokers for your own use.
+//! - `cargo xtask ci` is what `.ci/run` runs: fmt, clippy, doc, test, bench --quick.
+#![allow(missing_docs)]
+#![allow(clippy::print_stdout, clippy::print_stderr)] // a command-line tool
+
+use std::path::PathBuf;
+use std::process::{Command, ExitCode};
+
+use eventbus_brokers as brokers;
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("test") => test(&args[1..]),
+        Some("bench") => bench(&args[1..]),
+        Some("brokers") => brokers_cmd(&args[1..]),
+        Some("ci") => ci(),
+        Some("install") => install(),
+        _ => {
+            eprintln!(
+                "usage: cargo xtask <test [cargo test args] | bench [bench args] | brokers up|down|status | install | ci>"
+            );
+            return ExitCode::from(2);
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+type Result<T = ()> = std::result::Result<T, String>;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    c.current_dir(root());
+    c
+}
+
+fn run(mut c: Command) -> Result {
+    eprintln!("==> {c:?}");
+    let s = c
+        .status()
+        .map_err(|e| format!("could not run {c:?}: {e}"))?;
+    if s.success() {
+        Ok(())
+    } else {
+        Err(format!("{c:?} failed: {s}"))
+    }
+}
+
+/// Install every pinned broker the tests and benchmarks use (cached; no-op when present).
+fn install() -> Result {
+    let nats = brokers::install_nats().map_err(|e| e.to_string())?;
+    eprintln!(
+        "==> nats-server {}: {}",
+        brokers::NATS_VERSION,
+        nats.display()
+    );
+    Ok(())
+}
+
+fn broker_env(c: &mut Command) {
+    c.env("EVENTBUS_NATS_SERVER", brokers::nats_server_path());
+    c.env("EVENTBUS_TANSU", brokers::tansu_path());
+    c.env("EVENTBUS_REQUIRE_BACKENDS", "1");
+}
+
+fn test(extra: &[String]) -> Result {
+    install()?;
+    let mut c = cargo();
+    c.args(["test", "--workspace", "--all-targets"]).args(extra);
+    broker_env(&mut c);
+    run(c)?;
+    let mut d = cargo();
+    d.args(["test", "--workspace", "--doc"]);
+    broker_env(&mut d);
+    run(d)
+}
+
+fn bench(extra: &[String]) -> Result {
+    let external = extra.iter().any(|a| a == "--nats-url");
+    if !external {
+        install()?;
+    }
+    let mut c = cargo();
+    c.args(["run", "--release", "-p", "eventbus-bench", "--"])
+        .args(extra);
+    broker_env(&mut c);
+    run(c)
+}
+
+fn state_file() -> PathBuf {
+    brokers::cache_dir().join("brokers.state")
+}
+
+fn alive(pid: &str) -> bool {
+    PathBuf::from(format!("/proc/{pid}")).exists()
+}
+
+fn brokers_cmd(args: &[String]) -> Result {
+    match args.first().map(String::as_str) {
+        Some("up") => {
+            if state_file().exists() {
+                brokers_cmd(&["down".into()])?;
+            }
+            install()?;
+            let nats = brokers::NatsServer::start().map_err(|e| e.to_string())?;
+            let url = nats.url();
+            let log = nats.log_path().to_path_buf();
+            let pid = nats.detach().ok_or("nats-server has no pid")?;
+            let mut state = format!("nats {pid} NATS_URL={url} {}\n", log.display());
+            if brokers::tansu_path().exists() {
+                let t = brokers::Tansu::start(brokers::TansuStorage::Memory)
+                    .map_err(|e| e.to_string())?;
+                let (b, log) = (t.bootstrap(), t.log_path().to_path_buf());
+                let pid = t.detach().ok_or("tansu has no pid")?;
+                state.push_str(&format!(
+                    "tansu {pid} KAFKA_BROKERS={b} {}\n",
+                    log.display()
+                ));
+            }
+            std::fs::create_dir_all(brokers::cache_dir()).map_err(|e| e.to_string())?;
+            std::fs::write(state_file(), &state).map_err(|e| e.to_string())?;
+            brokers_cmd(&["status".into()])
+        }
+        Some("status") => {
+            let state = std::fs::read_to_string(state_file()).unwrap_or_default();
+            for line in state.lines() {
+                let parts: Vec<&str> = line.split(' ').collect();
+                if let [name, pid, var, log] = parts[..] {
+                    if alive(pid) {
+                        println!("{var}");
+                        eprintln!("# {name}: pid {pid}, log {log}");
+                    } else {
+                        eprintln!("# {name}: pid {pid} is not running (log {log})");
+                    }
+                }
+            }
+            Ok(())
+        }
+        Some("down") => {
+            let state = std::fs::read_to_string(state_file()).unwrap_or_default();
+            for line in state.lines() {
+                let parts: Vec<&str> = line.split(' ').collect();
+                if let [name, pid, ..] = parts[..] {
+                    if alive(pid) {
+                        let _ = Command::new("kill").arg(pid).status();
+                        eprintln!("# stopped {name} (pid {pid})");
+                    }
+                }
+            }
+            let _ = std::fs::remove_file(state_file());
+            Ok(())
+        }
+        _ => Err("usage: cargo xtask brokers up|down|status".into()),
+    }
+}
+
+fn ci() -> Result {
+    let mut fmt = cargo();
+    fmt.args(["fmt", "--all", "--", "--check"]);
+    run(fmt)?;
+    let mut clippy = cargo();
+    clippy.args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]);
+    run(clippy)?;
+    let mut doc = cargo();
+    doc.args(["doc", "--workspace", "--no-deps"])
+        .env("RUSTDOCFLAGS", "-D warnings");
+    run(doc)?;
+    test(&[])?;
+    bench(&["--quick".into()])
+}

@@ -1,0 +1,231 @@
+//! `eventbus-bench`: the seed's scenarios (500 / 2,000 / 5,000 / 10,000 messages of 108 bytes,
+//! 5 topics, 5 publishers) plus Sustained (1,000,000), for each backend and mode:
+//!
+//! - `naive`: each publisher awaits every ack before the next publish (what the seed's NATS
+//!   backend effectively did);
+//! - `sdk`: through the batching engine with its default config;
+//! - `raw`: the bare client at its best, no SDK (async-nats JetStream context, pipelined, best
+//!   of several ack windows).
+//!
+//! Clocks stop on exact events (the last ack, the last distinct delivery), and every run is
+//! verified against the broker (stream state, distinct ids seen by a subscriber).
+#![allow(missing_docs)]
+#![allow(clippy::print_stdout, clippy::print_stderr)] // a command-line report
+
+mod drive;
+mod report;
+mod sys;
+
+use std::path::PathBuf;
+
+use clap::Parser;
+
+#[derive(Parser, Debug, Clone)]
+#[command(about = "Reproduce the seed's NATS-vs-Kafka table against real brokers, honestly timed")]
+pub(crate) struct Args {
+    /// CI-sized: fewer messages, one repetition, durable storage only.
+    #[arg(long)]
+    pub quick: bool,
+    /// Scenarios (comma separated): low, medium, high, extreme, sustained, sustained-1k.
+    #[arg(long, value_delimiter = ',')]
+    pub scenario: Vec<String>,
+    /// Backends (comma separated): nats, memory.
+    #[arg(long, value_delimiter = ',')]
+    pub backend: Vec<String>,
+    /// Modes (comma separated): naive, sdk, raw.
+    #[arg(long, value_delimiter = ',')]
+    pub mode: Vec<String>,
+    /// Storage class: durable (JetStream file), memory (JetStream memory) or both.
+    #[arg(long, default_value = "both")]
+    pub storage: String,
+    /// Repetitions per (scenario, backend, mode); the median is reported with min and max.
+    #[arg(long)]
+    pub reps: Option<usize>,
+    /// SDK ACK window (messages in flight). Default: the engine's default.
+    #[arg(long)]
+    pub window: Option<usize>,
+    /// SDK linger in milliseconds. Default: the engine's default (0).
+    #[arg(long)]
+    pub linger: Option<u64>,
+    /// Output directory for JSON, CSV and the Markdown table.
+    #[arg(long, default_value = "target/bench")]
+    pub out: PathBuf,
+    /// Use this NATS server instead of starting a local one.
+    #[arg(long)]
+    pub nats_url: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Scenario {
+    pub name: &'static str,
+    pub messages: usize,
+    pub payload: usize,
+    pub topics: usize,
+    pub publishers: usize,
+}
+
+const SCENARIOS: [Scenario; 6] = [
+    Scenario {
+        name: "low",
+        messages: 500,
+        payload: 108,
+        topics: 5,
+        publishers: 5,
+    },
+    Scenario {
+        name: "medium",
+        messages: 2_000,
+        payload: 108,
+        topics: 5,
+        publishers: 5,
+    },
+    Scenario {
+        name: "high",
+        messages: 5_000,
+        payload: 108,
+        topics: 5,
+        publishers: 5,
+    },
+    Scenario {
+        name: "extreme",
+        messages: 10_000,
+        payload: 108,
+        topics: 5,
+        publishers: 5,
+    },
+    Scenario {
+        name: "sustained",
+        messages: 1_000_000,
+        payload: 108,
+        topics: 5,
+        publishers: 5,
+    },
+    Scenario {
+        name: "sustained-1k",
+        messages: 200_000,
+        payload: 1024,
+        topics: 5,
+        publishers: 5,
+    },
+];
+
+/// Naive runs are capped: at ~10k msg/s a million one-by-one acks would take minutes and show
+/// nothing new. The record says how many messages were actually sent.
+const NAIVE_CAP: usize = 20_000;
+
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    match rt.block_on(run(args)) {
+        Ok(true) => std::process::ExitCode::SUCCESS,
+        Ok(false) => {
+            eprintln!(
+                "\nSOME RUNS FAILED VERIFICATION: see `verified` and `verify_note` above and in the JSON."
+            );
+            std::process::ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("bench: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> Result<bool, String> {
+    let pick = |list: &[String], all: &[&str], default: &[&str]| -> Vec<String> {
+        let chosen: Vec<String> = if list.is_empty() {
+            default.iter().map(|s| s.to_string()).collect()
+        } else {
+            list.to_vec()
+        };
+        chosen
+            .into_iter()
+            .filter(|c| all.contains(&c.as_str()))
+            .collect()
+    };
+    let default_scen: &[&str] = if args.quick {
+        &["low", "extreme", "sustained"]
+    } else {
+        &["low", "medium", "high", "extreme", "sustained"]
+    };
+    let scen_names = pick(&args.scenario, &SCENARIOS.map(|s| s.name), default_scen);
+    let mut scenarios: Vec<Scenario> = SCENARIOS
+        .iter()
+        .copied()
+        .filter(|s| scen_names.iter().any(|n| n == s.name))
+        .collect();
+    if args.quick {
+        for s in &mut scenarios {
+            s.messages = s.messages.min(20_000);
+        }
+    }
+    let backends = pick(&args.backend, &["nats", "memory"], &["nats", "memory"]);
+    let modes = pick(
+        &args.mode,
+        &["naive", "sdk", "raw"],
+        &["naive", "sdk", "raw"],
+    );
+    let storages: Vec<&str> = match (args.quick, args.storage.as_str()) {
+        (true, "both") => vec!["durable"],
+        (_, "both") => vec!["durable", "memory"],
+        (_, "durable") => vec!["durable"],
+        (_, "memory") => vec!["memory"],
+        (_, other) => {
+            return Err(format!(
+                "--storage must be durable, memory or both, not {other}"
+            ));
+        }
+    };
+    let reps = args.reps.unwrap_or(if args.quick { 1 } else { 3 }).max(1);
+    let env = drive::Env::start(&args, backends.iter().any(|b| b == "nats")).await?;
+    eprintln!("{}", env.describe());
+
+    let mut plan = Vec::new();
+    for s in &scenarios {
+        for b in &backends {
+            for st in &storages {
+                if b == "memory" && *st == "durable" && storages.len() > 1 {
+                    continue; // the in-process backend has one storage class: memory
+                }
+                for m in &modes {
+                    if b == "memory" && m == "raw" {
+                        continue; // there is no client below the SDK for the in-process backend
+                    }
+                    for rep in 0..reps {
+                        plan.push((*s, b.clone(), m.clone(), st.to_string(), rep));
+                    }
+                }
+            }
+        }
+    }
+    let bar = indicatif::ProgressBar::new(plan.len() as u64).with_style(
+        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} {msg}").expect("template"),
+    );
+    let mut records = Vec::new();
+    for (s, b, m, st, rep) in plan {
+        let mut s = s;
+        if m == "naive" {
+            s.messages = s.messages.min(NAIVE_CAP);
+        }
+        bar.set_message(format!("{} {} {} {} #{}", s.name, b, m, st, rep + 1));
+        for rec in env.run_one(&args, s, &b, &m, &st, rep).await? {
+            if !rec.verified {
+                bar.println(format!(
+                    "VERIFICATION FAILED: {} {} {} {} (window {}): {}",
+                    s.name, b, m, st, rec.window, rec.verify_note
+                ));
+            }
+            records.push(rec);
+        }
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    let all_ok = records.iter().all(|r| r.verified);
+    report::write(&args, &env.describe(), &records)?;
+    env.stop().await;
+    Ok(all_ok)
+}

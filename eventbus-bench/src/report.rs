@@ -1,0 +1,300 @@
+//! Records, medians, and the tables / JSON / CSV written after a run.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use serde::Serialize;
+
+use crate::{Args, Scenario};
+
+/// One (scenario, backend, mode, storage, repetition[, raw window]) run.
+#[derive(Clone, Debug, Serialize)]
+pub(crate) struct Record {
+    pub scenario: String,
+    pub backend: String,
+    pub mode: String,
+    pub storage: String,
+    pub rep: usize,
+    pub messages: usize,
+    pub payload_bytes: usize,
+    pub topics: usize,
+    pub publishers: usize,
+    /// ACK window (SDK) or async-nats max_ack_inflight (raw).
+    pub window: usize,
+    pub publish_secs: f64,
+    pub publish_msgs_per_sec: f64,
+    pub publish_mb_per_sec: f64,
+    /// `None` when not every message reached the subscriber.
+    pub e2e_msgs_per_sec: Option<f64>,
+    pub ack_p50_us: u64,
+    pub ack_p99_us: u64,
+    pub ack_p999_us: u64,
+    pub e2e_p50_us: u64,
+    pub e2e_p99_us: u64,
+    pub peak_rss_bytes: u64,
+    pub cpu_secs: f64,
+    pub broker_cpu_secs: f64,
+    pub acked: u64,
+    pub failed: u64,
+    pub unknown: u64,
+    pub first_error: Option<String>,
+    pub stored: u64,
+    pub received_distinct: u64,
+    pub received_duplicates: u64,
+    pub verified: bool,
+    pub verify_method: String,
+    pub verify_note: String,
+    pub topic_or_stream: String,
+}
+
+impl Record {
+    pub(crate) fn new(s: Scenario, backend: &str, mode: &str, storage: &str, rep: usize) -> Record {
+        Record {
+            scenario: s.name.into(),
+            backend: backend.into(),
+            mode: mode.into(),
+            storage: if backend == "memory" {
+                "memory".into()
+            } else {
+                storage.into()
+            },
+            rep,
+            messages: s.messages,
+            payload_bytes: s.payload,
+            topics: s.topics,
+            publishers: s.publishers,
+            window: 0,
+            publish_secs: 0.0,
+            publish_msgs_per_sec: 0.0,
+            publish_mb_per_sec: 0.0,
+            e2e_msgs_per_sec: None,
+            ack_p50_us: 0,
+            ack_p99_us: 0,
+            ack_p999_us: 0,
+            e2e_p50_us: 0,
+            e2e_p99_us: 0,
+            peak_rss_bytes: 0,
+            cpu_secs: 0.0,
+            broker_cpu_secs: 0.0,
+            acked: 0,
+            failed: 0,
+            unknown: 0,
+            first_error: None,
+            stored: 0,
+            received_distinct: 0,
+            received_duplicates: 0,
+            verified: false,
+            verify_method: String::new(),
+            verify_note: String::new(),
+            topic_or_stream: String::new(),
+        }
+    }
+}
+
+/// The seed's measured NATS and Kafka figures (msg/s), for reference.
+fn seed(scenario: &str) -> Option<(f64, f64)> {
+    match scenario {
+        "low" => Some((398.27, 495.25)),
+        "medium" => Some((737.90, 1618.76)),
+        "high" => Some((726.92, 4366.43)),
+        "extreme" => Some((828.55, 7996.03)),
+        _ => None,
+    }
+}
+
+#[derive(Clone, Copy, Default)]
+struct Stat {
+    median: f64,
+    min: f64,
+    max: f64,
+    rss: u64,
+    ack_p99: u64,
+    e2e: Option<f64>,
+    window: usize,
+    messages: usize,
+    verified: bool,
+}
+
+fn stat(rs: &[&Record]) -> Stat {
+    let mut v: Vec<f64> = rs.iter().map(|r| r.publish_msgs_per_sec).collect();
+    v.sort_by(f64::total_cmp);
+    let mut e: Vec<f64> = rs.iter().filter_map(|r| r.e2e_msgs_per_sec).collect();
+    e.sort_by(f64::total_cmp);
+    let mut p99: Vec<u64> = rs.iter().map(|r| r.ack_p99_us).collect();
+    p99.sort();
+    Stat {
+        median: v[v.len() / 2],
+        min: v[0],
+        max: v[v.len() - 1],
+        rss: rs.iter().map(|r| r.peak_rss_bytes).max().unwrap_or(0),
+        ack_p99: p99[p99.len() / 2],
+        e2e: (e.len() == rs.len()).then(|| e[e.len() / 2]),
+        window: rs[0].window,
+        messages: rs[0].messages,
+        verified: rs.iter().all(|r| r.verified),
+    }
+}
+
+fn fmt_rate(x: f64) -> String {
+    if x >= 1e6 {
+        format!("{:.2}M", x / 1e6)
+    } else if x >= 1e3 {
+        format!("{:.1}k", x / 1e3)
+    } else {
+        format!("{x:.0}")
+    }
+}
+
+pub(crate) fn write(args: &Args, machine: &str, records: &[Record]) -> Result<(), String> {
+    // (backend, storage, scenario, mode, window) -> records
+    let mut groups: BTreeMap<(String, String, String, String, usize), Vec<&Record>> =
+        BTreeMap::new();
+    for r in records {
+        groups
+            .entry((
+                r.backend.clone(),
+                r.storage.clone(),
+                r.scenario.clone(),
+                r.mode.clone(),
+                r.window,
+            ))
+            .or_default()
+            .push(r);
+    }
+    // Best raw window per (backend, storage, scenario) by median.
+    let mut table: BTreeMap<(String, String), BTreeMap<String, BTreeMap<String, Stat>>> =
+        BTreeMap::new();
+    for ((b, st, sc, m, _w), rs) in &groups {
+        let s = stat(rs);
+        let slot = table
+            .entry((b.clone(), st.clone()))
+            .or_default()
+            .entry(sc.clone())
+            .or_default();
+        match slot.get(m) {
+            Some(prev) if prev.median >= s.median => {}
+            _ => {
+                slot.insert(m.clone(), s);
+            }
+        }
+    }
+    let order = [
+        "low",
+        "medium",
+        "high",
+        "extreme",
+        "sustained",
+        "sustained-1k",
+    ];
+    let mut md = String::new();
+    let _ = writeln!(md, "{machine}\n");
+    for ((backend, storage), scen) in &table {
+        let what = match (backend.as_str(), storage.as_str()) {
+            ("nats", "durable") => "NATS JetStream, file storage (durable)",
+            ("nats", "memory") => "NATS JetStream, memory storage (not durable)",
+            ("memory", _) => {
+                "in-process memory backend (no broker; engine + subscriber overhead only)"
+            }
+            _ => "",
+        };
+        let _ = writeln!(md, "### {backend} / {storage}: {what}\n");
+        let _ = writeln!(
+            md,
+            "| scenario | msgs | naive msg/s | sdk msg/s (min-max) | raw msg/s (window) | sdk/raw | sdk/naive | sdk e2e msg/s | sdk ack p99 | sdk peak RSS | seed NATS msg/s | seed Kafka msg/s | verified |"
+        );
+        let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+        for name in order {
+            let Some(modes) = scen.get(name) else {
+                continue;
+            };
+            let naive = modes.get("naive");
+            let sdk = modes.get("sdk");
+            let raw = modes.get("raw");
+            let cell = |s: Option<&Stat>| s.map_or("-".to_owned(), |s| fmt_rate(s.median));
+            let ratio = |a: Option<&Stat>, b: Option<&Stat>| match (a, b) {
+                (Some(a), Some(b)) if b.median > 0.0 => format!("{:.2}x", a.median / b.median),
+                _ => "-".into(),
+            };
+            let verified = modes.values().all(|s| s.verified);
+            let (sn, sk) = seed(name).map_or(("-".into(), "-".into()), |(n, k)| {
+                (format!("{n:.0}"), format!("{k:.0}"))
+            });
+            let _ = writeln!(
+                md,
+                "| {name} | {} | {}{} | {} | {} | {} | {} | {} | {} | {} | {sn} | {sk} | {} |",
+                sdk.or(raw).map_or(0, |s| s.messages),
+                cell(naive),
+                naive
+                    .filter(|n| sdk.is_some_and(|s| s.messages != n.messages))
+                    .map_or(String::new(), |n| format!(" (of {})", n.messages)),
+                sdk.map_or("-".into(), |s| format!(
+                    "{} ({}-{})",
+                    fmt_rate(s.median),
+                    fmt_rate(s.min),
+                    fmt_rate(s.max)
+                )),
+                raw.map_or("-".into(), |s| format!(
+                    "{} (w={})",
+                    fmt_rate(s.median),
+                    s.window
+                )),
+                ratio(sdk, raw),
+                ratio(sdk, naive),
+                sdk.and_then(|s| s.e2e).map_or("-".into(), fmt_rate),
+                sdk.map_or("-".into(), |s| format!(
+                    "{:.1} ms",
+                    s.ack_p99 as f64 / 1000.0
+                )),
+                sdk.map_or("-".into(), |s| format!("{} MiB", s.rss / (1 << 20))),
+                if verified { "yes" } else { "**NO**" },
+            );
+        }
+        let _ = writeln!(md);
+    }
+    println!("\n{md}");
+    std::fs::create_dir_all(&args.out)
+        .map_err(|e| format!("create {}: {e}", args.out.display()))?;
+    let json = serde_json::to_string_pretty(records).map_err(|e| e.to_string())?;
+    std::fs::write(args.out.join("latest.json"), json).map_err(|e| e.to_string())?;
+    std::fs::write(args.out.join("latest.md"), &md).map_err(|e| e.to_string())?;
+    let mut csv = String::from(
+        "scenario,backend,mode,storage,rep,window,messages,payload_bytes,publish_msgs_per_sec,publish_mb_per_sec,e2e_msgs_per_sec,ack_p50_us,ack_p99_us,ack_p999_us,e2e_p50_us,e2e_p99_us,peak_rss_bytes,cpu_secs,broker_cpu_secs,acked,stored,received_distinct,verified,topic_or_stream\n",
+    );
+    for r in records {
+        let _ = writeln!(
+            csv,
+            "{},{},{},{},{},{},{},{},{:.1},{:.3},{},{},{},{},{},{},{},{:.3},{:.3},{},{},{},{},{}",
+            r.scenario,
+            r.backend,
+            r.mode,
+            r.storage,
+            r.rep,
+            r.window,
+            r.messages,
+            r.payload_bytes,
+            r.publish_msgs_per_sec,
+            r.publish_mb_per_sec,
+            r.e2e_msgs_per_sec
+                .map_or(String::new(), |x| format!("{x:.1}")),
+            r.ack_p50_us,
+            r.ack_p99_us,
+            r.ack_p999_us,
+            r.e2e_p50_us,
+            r.e2e_p99_us,
+            r.peak_rss_bytes,
+            r.cpu_secs,
+            r.broker_cpu_secs,
+            r.acked,
+            r.stored,
+            r.received_distinct,
+            r.verified,
+            r.topic_or_stream
+        );
+    }
+    std::fs::write(args.out.join("latest.csv"), csv).map_err(|e| e.to_string())?;
+    eprintln!(
+        "wrote {0}/latest.json, {0}/latest.csv, {0}/latest.md",
+        args.out.display()
+    );
+    Ok(())
+}
