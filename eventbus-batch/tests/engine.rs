@@ -142,10 +142,7 @@ async fn bytes_trigger_and_batches_respect_max_bytes() {
             .max_bytes(100),
     );
     for i in 0..3 {
-        let _ = p
-            .publish(Message::new("t", vec![i as u8; 40]))
-            .await
-            .unwrap();
+        drop(p.publish(Message::new("t", vec![i as u8; 40])).await.unwrap());
     }
     let s = tokio::time::timeout(Duration::from_millis(1), rx.recv())
         .await
@@ -463,7 +460,7 @@ mod props {
                                 .unwrap()
                                 .parse()
                                 .unwrap();
-                            if i % fail_every == 0 {
+                            if i.is_multiple_of(fail_every) {
                                 Outcome::Failed(Error::new(ErrorKind::Rejected, "scripted"))
                             } else {
                                 acked(i as u64)

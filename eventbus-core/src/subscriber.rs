@@ -271,15 +271,14 @@ impl Drop for Subscription {
                 buffered.push(d);
             }
         }
-        if !buffered.is_empty() {
-            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+        if !buffered.is_empty()
+            && let Ok(rt) = tokio::runtime::Handle::try_current() {
                 rt.spawn(async move {
                     for d in buffered {
                         let _ = d.nack(Duration::ZERO).await;
                     }
                 });
             }
-        }
     }
 }
 

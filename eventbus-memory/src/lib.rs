@@ -289,8 +289,8 @@ fn next_delivery(topic: &Arc<TopicState>, group: &str, spec: &SubscribeSpec) -> 
     };
     loop {
         // 1. A pending delivery whose ack wait expired or whose nack delay passed.
-        if let Some(&(due, offset)) = g.due.first() {
-            if due <= now {
+        if let Some(&(due, offset)) = g.due.first()
+            && due <= now {
                 g.due.pop_first();
                 let p = g
                     .pending
@@ -315,7 +315,6 @@ fn next_delivery(topic: &Arc<TopicState>, group: &str, spec: &SubscribeSpec) -> 
                 );
                 return Next::Deliver(d);
             }
-        }
         // 2. The next new message.
         if (g.next as usize) < messages.len() {
             let offset = g.next;
@@ -375,8 +374,8 @@ impl MemoryAcker {
     /// Apply `f` to the pending entry if this delivery is still the current one.
     fn settle(&self, redeliver_at: Option<Instant>) {
         let mut log = self.topic.log.lock();
-        if let Some(g) = log.groups.get_mut(&self.group) {
-            if let Some(p) = g.pending.get_mut(&self.offset) {
+        if let Some(g) = log.groups.get_mut(&self.group)
+            && let Some(p) = g.pending.get_mut(&self.offset) {
                 if p.token != self.token {
                     return; // stale: already redelivered to someone else
                 }
@@ -392,7 +391,6 @@ impl MemoryAcker {
                     }
                 }
             }
-        }
         drop(log);
         if redeliver_at.is_some() {
             self.topic.notify.notify_waiters();

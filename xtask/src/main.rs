@@ -160,12 +160,11 @@ fn brokers_cmd(args: &[String]) -> Result {
             let state = std::fs::read_to_string(state_file()).unwrap_or_default();
             for line in state.lines() {
                 let parts: Vec<&str> = line.split(' ').collect();
-                if let [name, pid, ..] = parts[..] {
-                    if alive(pid) {
+                if let [name, pid, ..] = parts[..]
+                    && alive(pid) {
                         let _ = Command::new("kill").arg(pid).status();
                         eprintln!("# stopped {name} (pid {pid})");
                     }
-                }
             }
             let _ = std::fs::remove_file(state_file());
             Ok(())
