@@ -512,16 +512,14 @@ impl Env {
                 .map_err(|e| format!("subscribe: {e}"))?;
             let mut rec = template.clone();
             let cfg = Self::sdk_config(args);
-            let sdk = if mode == "raw" {
-                None
-            } else {
-                Some(
-                    Batcher::new(
-                        n.backend.sink().await.map_err(|e| e.to_string())?,
-                        cfg.clone(),
-                    )
-                    .map_err(|e| e.to_string())?,
-                )
+            let sink = match mode {
+                "raw" => None,
+                "sdk-nodedup" => Some(n.backend.sink_without_dedup().await.map_err(|e| e.to_string())?),
+                _ => Some(n.backend.sink().await.map_err(|e| e.to_string())?),
+            };
+            let sdk = match sink {
+                Some(sink) => Some(Batcher::new(sink, cfg.clone()).map_err(|e| e.to_string())?),
+                None => None,
             };
             rec.window = if mode == "raw" {
                 window

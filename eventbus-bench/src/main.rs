@@ -32,7 +32,7 @@ pub(crate) struct Args {
     /// Backends (comma separated): nats, memory.
     #[arg(long, value_delimiter = ',')]
     pub backend: Vec<String>,
-    /// Modes (comma separated): naive, sdk, raw.
+    /// Modes (comma separated): naive, sdk, sdk-nodedup (NATS without Nats-Msg-Id), raw.
     #[arg(long, value_delimiter = ',')]
     pub mode: Vec<String>,
     /// Storage class: durable (JetStream file), memory (JetStream memory) or both.
@@ -166,8 +166,8 @@ async fn run(args: Args) -> Result<bool, String> {
     let backends = pick(&args.backend, &["nats", "memory"], &["nats", "memory"]);
     let modes = pick(
         &args.mode,
-        &["naive", "sdk", "raw"],
-        &["naive", "sdk", "raw"],
+        &["naive", "sdk", "sdk-nodedup", "raw"],
+        &["naive", "sdk", "sdk-nodedup", "raw"],
     );
     let storages: Vec<&str> = match (args.quick, args.storage.as_str()) {
         (true, "both") => vec!["durable"],
@@ -192,7 +192,7 @@ async fn run(args: Args) -> Result<bool, String> {
                     continue; // the in-process backend has one storage class: memory
                 }
                 for m in &modes {
-                    if b == "memory" && m == "raw" {
+                    if b == "memory" && (m == "raw" || m == "sdk-nodedup") {
                         continue; // there is no client below the SDK for the in-process backend
                     }
                     for rep in 0..reps {

@@ -200,9 +200,9 @@ pub(crate) fn write(args: &Args, machine: &str, records: &[Record]) -> Result<()
         let _ = writeln!(md, "### {backend} / {storage}: {what}\n");
         let _ = writeln!(
             md,
-            "| scenario | msgs | naive msg/s | sdk msg/s (min-max) | raw msg/s (window) | sdk/raw | sdk/naive | sdk e2e msg/s | sdk ack p99 | sdk peak RSS | seed NATS msg/s | seed Kafka msg/s | verified |"
+            "| scenario | msgs | naive msg/s | sdk msg/s (min-max) | sdk no-dedup msg/s | raw msg/s (window) | sdk/raw | no-dedup/raw | sdk/naive | sdk e2e msg/s | sdk ack p99 | sdk peak RSS | seed NATS msg/s | seed Kafka msg/s | verified |"
         );
-        let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+        let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
         for name in order {
             let Some(modes) = scen.get(name) else {
                 continue;
@@ -210,6 +210,7 @@ pub(crate) fn write(args: &Args, machine: &str, records: &[Record]) -> Result<()
             let naive = modes.get("naive");
             let sdk = modes.get("sdk");
             let raw = modes.get("raw");
+            let nodedup = modes.get("sdk-nodedup");
             let cell = |s: Option<&Stat>| s.map_or("-".to_owned(), |s| fmt_rate(s.median));
             let ratio = |a: Option<&Stat>, b: Option<&Stat>| match (a, b) {
                 (Some(a), Some(b)) if b.median > 0.0 => format!("{:.2}x", a.median / b.median),
@@ -221,7 +222,7 @@ pub(crate) fn write(args: &Args, machine: &str, records: &[Record]) -> Result<()
             });
             let _ = writeln!(
                 md,
-                "| {name} | {} | {}{} | {} | {} | {} | {} | {} | {} | {} | {sn} | {sk} | {} |",
+                "| {name} | {} | {}{} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {sn} | {sk} | {} |",
                 sdk.or(raw).map_or(0, |s| s.messages),
                 cell(naive),
                 naive
@@ -233,12 +234,14 @@ pub(crate) fn write(args: &Args, machine: &str, records: &[Record]) -> Result<()
                     fmt_rate(s.min),
                     fmt_rate(s.max)
                 )),
+                cell(nodedup),
                 raw.map_or("-".into(), |s| format!(
                     "{} (w={})",
                     fmt_rate(s.median),
                     s.window
                 )),
                 ratio(sdk, raw),
+                ratio(nodedup, raw),
                 ratio(sdk, naive),
                 sdk.and_then(|s| s.e2e).map_or("-".into(), fmt_rate),
                 sdk.map_or("-".into(), |s| format!(
