@@ -142,7 +142,11 @@ async fn bytes_trigger_and_batches_respect_max_bytes() {
             .max_bytes(100),
     );
     for i in 0..3 {
-        drop(p.publish(Message::new("t", vec![i as u8; 40])).await.unwrap());
+        drop(
+            p.publish(Message::new("t", vec![i as u8; 40]))
+                .await
+                .unwrap(),
+        );
     }
     let s = tokio::time::timeout(Duration::from_millis(1), rx.recv())
         .await

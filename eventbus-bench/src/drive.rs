@@ -514,7 +514,12 @@ impl Env {
             let cfg = Self::sdk_config(args);
             let sink = match mode {
                 "raw" => None,
-                "sdk-nodedup" => Some(n.backend.sink_without_dedup().await.map_err(|e| e.to_string())?),
+                "sdk-nodedup" => Some(
+                    n.backend
+                        .sink_without_dedup()
+                        .await
+                        .map_err(|e| e.to_string())?,
+                ),
                 _ => Some(n.backend.sink().await.map_err(|e| e.to_string())?),
             };
             let sdk = match sink {

@@ -202,7 +202,10 @@ pub(crate) fn write(args: &Args, machine: &str, records: &[Record]) -> Result<()
             md,
             "| scenario | msgs | naive msg/s | sdk msg/s (min-max) | sdk no-dedup msg/s | raw msg/s (window) | sdk/raw | no-dedup/raw | sdk/naive | sdk e2e msg/s | sdk ack p99 | sdk peak RSS | seed NATS msg/s | seed Kafka msg/s | verified |"
         );
-        let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+        let _ = writeln!(
+            md,
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+        );
         for name in order {
             let Some(modes) = scen.get(name) else {
                 continue;

@@ -142,9 +142,10 @@ impl MessageId {
             && let (Ok(a), Ok(b)) = (
                 u64::from_str_radix(&s[..16], 16),
                 u64::from_str_radix(&s[16..], 16),
-            ) {
-                return MessageId(IdRepr::Generated(a, b));
-            }
+            )
+        {
+            return MessageId(IdRepr::Generated(a, b));
+        }
         MessageId(IdRepr::Custom(Arc::from(s)))
     }
 

@@ -272,13 +272,14 @@ impl Drop for Subscription {
             }
         }
         if !buffered.is_empty()
-            && let Ok(rt) = tokio::runtime::Handle::try_current() {
-                rt.spawn(async move {
-                    for d in buffered {
-                        let _ = d.nack(Duration::ZERO).await;
-                    }
-                });
-            }
+            && let Ok(rt) = tokio::runtime::Handle::try_current()
+        {
+            rt.spawn(async move {
+                for d in buffered {
+                    let _ = d.nack(Duration::ZERO).await;
+                }
+            });
+        }
     }
 }
 

@@ -290,31 +290,32 @@ fn next_delivery(topic: &Arc<TopicState>, group: &str, spec: &SubscribeSpec) -> 
     loop {
         // 1. A pending delivery whose ack wait expired or whose nack delay passed.
         if let Some(&(due, offset)) = g.due.first()
-            && due <= now {
-                g.due.pop_first();
-                let p = g
-                    .pending
-                    .get_mut(&offset)
-                    .expect("due index matches pending");
-                if spec.max_deliveries.is_some_and(|m| p.deliveries >= m) {
-                    // Given up on (dead-lettering is the handler runtime's job).
-                    g.pending.remove(&offset);
-                    continue;
-                }
-                p.deliveries += 1;
-                p.due = now + spec.ack_wait;
-                p.token = TOKENS.fetch_add(1, Ordering::Relaxed);
-                g.due.insert((p.due, offset));
-                let d = make_delivery(
-                    topic,
-                    group,
-                    &messages[offset as usize],
-                    offset,
-                    p.deliveries,
-                    p.token,
-                );
-                return Next::Deliver(d);
+            && due <= now
+        {
+            g.due.pop_first();
+            let p = g
+                .pending
+                .get_mut(&offset)
+                .expect("due index matches pending");
+            if spec.max_deliveries.is_some_and(|m| p.deliveries >= m) {
+                // Given up on (dead-lettering is the handler runtime's job).
+                g.pending.remove(&offset);
+                continue;
             }
+            p.deliveries += 1;
+            p.due = now + spec.ack_wait;
+            p.token = TOKENS.fetch_add(1, Ordering::Relaxed);
+            g.due.insert((p.due, offset));
+            let d = make_delivery(
+                topic,
+                group,
+                &messages[offset as usize],
+                offset,
+                p.deliveries,
+                p.token,
+            );
+            return Next::Deliver(d);
+        }
         // 2. The next new message.
         if (g.next as usize) < messages.len() {
             let offset = g.next;
@@ -375,22 +376,23 @@ impl MemoryAcker {
     fn settle(&self, redeliver_at: Option<Instant>) {
         let mut log = self.topic.log.lock();
         if let Some(g) = log.groups.get_mut(&self.group)
-            && let Some(p) = g.pending.get_mut(&self.offset) {
-                if p.token != self.token {
-                    return; // stale: already redelivered to someone else
+            && let Some(p) = g.pending.get_mut(&self.offset)
+        {
+            if p.token != self.token {
+                return; // stale: already redelivered to someone else
+            }
+            g.due.remove(&(p.due, self.offset));
+            match redeliver_at {
+                Some(at) => {
+                    p.due = at;
+                    p.token = 0;
+                    g.due.insert((at, self.offset));
                 }
-                g.due.remove(&(p.due, self.offset));
-                match redeliver_at {
-                    Some(at) => {
-                        p.due = at;
-                        p.token = 0;
-                        g.due.insert((at, self.offset));
-                    }
-                    None => {
-                        g.pending.remove(&self.offset);
-                    }
+                None => {
+                    g.pending.remove(&self.offset);
                 }
             }
+        }
         drop(log);
         if redeliver_at.is_some() {
             self.topic.notify.notify_waiters();

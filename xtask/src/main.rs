@@ -161,10 +161,11 @@ fn brokers_cmd(args: &[String]) -> Result {
             for line in state.lines() {
                 let parts: Vec<&str> = line.split(' ').collect();
                 if let [name, pid, ..] = parts[..]
-                    && alive(pid) {
-                        let _ = Command::new("kill").arg(pid).status();
-                        eprintln!("# stopped {name} (pid {pid})");
-                    }
+                    && alive(pid)
+                {
+                    let _ = Command::new("kill").arg(pid).status();
+                    eprintln!("# stopped {name} (pid {pid})");
+                }
             }
             let _ = std::fs::remove_file(state_file());
             Ok(())
