@@ -6,6 +6,7 @@ mod error;
 mod message;
 mod outcome;
 mod publisher;
+mod router;
 mod sink;
 mod subscriber;
 pub mod validate;
@@ -15,6 +16,7 @@ pub use error::{Error, ErrorKind, Result, Retry};
 pub use message::{Headers, Message, MessageId, Topic};
 pub use outcome::{Ack, AckSender, Outcome, PendingAck, Position};
 pub use publisher::{CloseReport, Publisher};
+pub use router::{BatchOutcomes, OutcomeRouter};
 pub use sink::{BatchSink, SinkLimits};
 pub use subscriber::{
     AckHandle, Acker, Delivery, DeliveryInfo, Feed, StartFrom, SubscribeSpec, Subscriber,

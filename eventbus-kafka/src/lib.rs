@@ -1,2 +1,112 @@
-//! Kafka backend for eventbus (rdkafka). **Not implemented yet**: this crate is an empty
-//! placeholder in the workspace layout; see the project README for status.
+#![doc = include_str!("../README.md")]
+
+mod config;
+mod error;
+mod headers;
+mod sink;
+
+use std::time::Duration;
+
+use eventbus_core::{Error, ErrorKind};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+
+pub use config::KafkaConfig;
+pub use sink::{ID_HEADER, KafkaSink};
+
+/// A Kafka-protocol cluster: makes sinks and manages topics.
+#[derive(Clone, Debug)]
+pub struct KafkaBackend {
+    config: KafkaConfig,
+}
+
+impl KafkaBackend {
+    /// Check that the cluster answers (metadata request within `connect_timeout`).
+    pub async fn connect(config: KafkaConfig) -> Result<Self, Error> {
+        let c = config.clone();
+        tokio::task::spawn_blocking(move || {
+            let consumer: BaseConsumer = c
+                .client_config()
+                .create()
+                .map_err(|e| error::other("invalid Kafka client configuration", e))?;
+            consumer
+                .fetch_metadata(None, c.connect_timeout)
+                .map_err(|e| error::other("could not reach the Kafka cluster", e))?;
+            Ok::<_, Error>(())
+        })
+        .await
+        .map_err(|_| error::err(ErrorKind::Other, "connect task failed"))??;
+        Ok(KafkaBackend { config })
+    }
+
+    /// A publishing sink (one librdkafka producer); wrap it in `eventbus_batch::Batcher`.
+    pub fn sink(&self) -> Result<KafkaSink, Error> {
+        KafkaSink::new(&self.config)
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &KafkaConfig {
+        &self.config
+    }
+
+    /// Create `topic` with `partitions` (replication factor 1) unless it exists.
+    pub async fn ensure_topic(&self, topic: &str, partitions: i32) -> Result<(), Error> {
+        eventbus_core::validate::topic(topic, eventbus_core::TopicRules::Kafka)?;
+        let admin: AdminClient<DefaultClientContext> = self
+            .config
+            .client_config()
+            .create()
+            .map_err(|e| error::other("could not create the admin client", e))?;
+        let t = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
+        let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+        let results = admin
+            .create_topics(&[t], &opts)
+            .await
+            .map_err(|e| error::other("create topic failed", e))?;
+        for r in results {
+            match r {
+                Ok(_) => {}
+                Err((_, rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                Err((_, code)) => {
+                    return Err(error::err(
+                        ErrorKind::Rejected,
+                        format!("create topic failed: {code:?}"),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Low and high watermarks of every partition of `topic`.
+    pub async fn watermarks(&self, topic: &str) -> Result<Vec<(i32, i64, i64)>, Error> {
+        let c = self.config.clone();
+        let topic = topic.to_owned();
+        tokio::task::spawn_blocking(move || {
+            let consumer: BaseConsumer = c
+                .client_config()
+                .create()
+                .map_err(|e| error::other("client", e))?;
+            let md = consumer
+                .fetch_metadata(Some(&topic), c.connect_timeout)
+                .map_err(|e| error::other("metadata", e))?;
+            let mut out = Vec::new();
+            for t in md.topics() {
+                for p in t.partitions() {
+                    let (lo, hi) = consumer
+                        .fetch_watermarks(&topic, p.id(), c.connect_timeout)
+                        .map_err(|e| error::other("watermarks", e))?;
+                    out.push((p.id(), lo, hi));
+                }
+            }
+            Ok(out)
+        })
+        .await
+        .map_err(|_| error::err(ErrorKind::Other, "watermark task failed"))?
+    }
+}
+
+/// Convert a record read with a plain rdkafka consumer into a [`Message`](eventbus_core::Message)
+/// (id from the `eventbus-id` header, key, text headers, payload).
+pub use headers::decode as decode_record;

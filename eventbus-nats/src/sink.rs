@@ -6,18 +6,16 @@
 //! JetStream acks off the inbox and fills the batch's outcome slots. That is one map lookup per
 //! ack and no per-message future, channel or timer: the engine's deadline covers lost acks.
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use async_nats::{Client, StatusCode};
 use eventbus_core::{
-    Ack, BatchSink, Error, ErrorKind, Message, Outcome, Position, SinkLimits, TopicRules,
+    Ack, BatchSink, Error, ErrorKind, Message, Outcome, OutcomeRouter, Position, SinkLimits,
+    TopicRules,
 };
 use futures_util::StreamExt;
-use parking_lot::Mutex;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 
 use crate::error::{BACKEND, err};
 use crate::headers;
@@ -27,62 +25,11 @@ struct Job {
     batch: Vec<Message>,
 }
 
-struct Pending {
-    outcomes: Vec<Option<Outcome>>,
-    remaining: usize,
-    done: Option<oneshot::Sender<Vec<Outcome>>>,
-}
-
-#[derive(Default)]
-struct Router {
-    pending: Mutex<HashMap<u64, Pending>>,
-}
-
-impl Router {
-    /// Record the outcome of message `i` of batch `id`; completes the batch when it is the last.
-    fn settle(&self, id: u64, i: usize, o: Outcome) {
-        let mut map = self.pending.lock();
-        let Some(p) = map.get_mut(&id) else { return }; // batch already timed out or dropped
-        let Some(slot) = p.outcomes.get_mut(i) else {
-            return;
-        };
-        if slot.is_none() {
-            *slot = Some(o);
-            p.remaining -= 1;
-        }
-        if p.remaining == 0 {
-            let p = map.remove(&id).expect("present");
-            drop(map);
-            let outcomes = p
-                .outcomes
-                .into_iter()
-                .map(|o| o.expect("all settled"))
-                .collect();
-            if let Some(done) = p.done {
-                let _ = done.send(outcomes);
-            }
-        }
-    }
-}
-
-/// Removes a batch's routing entry when its future is dropped (deadline, close).
-struct Cleanup {
-    router: Arc<Router>,
-    id: u64,
-}
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        self.router.pending.lock().remove(&self.id);
-    }
-}
-
 /// Publishes batches to JetStream. Wrap it in `eventbus_batch::Batcher`.
 #[derive(Clone)]
 pub struct NatsSink {
     tx: mpsc::UnboundedSender<Job>,
-    router: Arc<Router>,
-    next_batch: Arc<AtomicU64>,
+    router: Arc<OutcomeRouter>,
     limits: SinkLimits,
     dedup: bool,
 }
@@ -104,7 +51,7 @@ impl NatsSink {
                 .temporary()
                 .with_source(e)
         })?;
-        let router = Arc::new(Router::default());
+        let router = Arc::new(OutcomeRouter::new(BACKEND));
         tokio::spawn(route(sub, inbox.len() + 1, Arc::clone(&router)));
         let (tx, rx) = mpsc::unbounded_channel();
         // Leave room for the headers we add (Nats-Msg-Id, key) and the NATS/1.0 header line.
@@ -116,7 +63,6 @@ impl NatsSink {
         Ok(NatsSink {
             tx,
             router,
-            next_batch: Arc::new(AtomicU64::new(0)),
             limits: SinkLimits::none().max_message_bytes(max),
             dedup,
         })
@@ -127,7 +73,7 @@ async fn writer(
     client: Client,
     inbox: String,
     mut rx: mpsc::UnboundedReceiver<Job>,
-    router: Arc<Router>,
+    router: Arc<OutcomeRouter>,
     dedup: bool,
 ) {
     let mut reply = String::with_capacity(inbox.len() + 24);
@@ -222,7 +168,7 @@ fn parse_ack(m: &async_nats::Message) -> Outcome {
     }
 }
 
-async fn route(mut sub: async_nats::Subscriber, skip: usize, router: Arc<Router>) {
+async fn route(mut sub: async_nats::Subscriber, skip: usize, router: Arc<OutcomeRouter>) {
     while let Some(m) = sub.next().await {
         let Some(rest) = m.subject.as_str().get(skip..) else {
             continue;
@@ -257,24 +203,10 @@ impl BatchSink for NatsSink {
         batch: Vec<Message>,
     ) -> impl Future<Output = Vec<Outcome>> + Send + 'static {
         let n = batch.len();
-        let id = self.next_batch.fetch_add(1, Ordering::Relaxed);
-        let (done, rx) = oneshot::channel();
-        self.router.pending.lock().insert(
-            id,
-            Pending {
-                outcomes: (0..n).map(|_| None).collect(),
-                remaining: n,
-                done: Some(done),
-            },
-        );
-        let cleanup = Cleanup {
-            router: Arc::clone(&self.router),
-            id,
-        };
+        let (id, outcomes) = self.router.register(n);
         // Queued synchronously: the writer publishes batches in call order.
         let queued = self.tx.send(Job { id, batch }).is_ok();
         async move {
-            let _cleanup = cleanup;
             if !queued {
                 return vec![
                     Outcome::Failed(
@@ -283,16 +215,7 @@ impl BatchSink for NatsSink {
                     n
                 ];
             }
-            match rx.await {
-                Ok(outcomes) => outcomes,
-                Err(_) => vec![
-                    Outcome::Unknown(err(
-                        ErrorKind::Connect,
-                        "ack routing stopped; the message may be stored"
-                    ));
-                    n
-                ],
-            }
+            outcomes.await
         }
     }
 }

@@ -1,0 +1,180 @@
+//! Producer configuration.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Settings for [`KafkaBackend`](crate::KafkaBackend). Secrets passed through `options`
+/// (SASL passwords, key material) are redacted from `Debug`.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(default)]
+#[non_exhaustive]
+pub struct KafkaConfig {
+    /// `bootstrap.servers`. Default `127.0.0.1:9092`.
+    pub brokers: String,
+    /// `client.id`. Default `eventbus`.
+    pub client_id: String,
+    /// librdkafka's own batching delay (`linger.ms`). Default 5 ms. The eventbus engine hands
+    /// messages over at once (its linger stays 0 for Kafka), so this is the only linger: no
+    /// double buffering.
+    #[serde(with = "millis")]
+    pub linger: Duration,
+    /// `message.timeout.ms`: how long librdkafka retries a message. Default 30 s. Keep it at or
+    /// below the engine's `ack_timeout` so the engine never gives up first.
+    #[serde(with = "millis")]
+    pub message_timeout: Duration,
+    /// Idempotent producer (`enable.idempotence`, implies `acks=all`). Default `true`.
+    pub idempotence: bool,
+    /// Largest message accepted (`message.max.bytes`). Default 1,000,000.
+    pub max_message_bytes: usize,
+    /// Connect / metadata timeout. Default 10 s.
+    #[serde(with = "millis")]
+    pub connect_timeout: Duration,
+    /// Any librdkafka property, applied last (escape hatch), e.g. `security.protocol`.
+    pub options: BTreeMap<String, String>,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        KafkaConfig {
+            brokers: "127.0.0.1:9092".into(),
+            client_id: "eventbus".into(),
+            linger: Duration::from_millis(5),
+            message_timeout: Duration::from_secs(30),
+            idempotence: true,
+            max_message_bytes: 1_000_000,
+            connect_timeout: Duration::from_secs(10),
+            options: BTreeMap::new(),
+        }
+    }
+}
+
+fn secret_key(k: &str) -> bool {
+    let k = k.to_ascii_lowercase();
+    ["password", "secret", "key", "token", "jaas"]
+        .iter()
+        .any(|s| k.contains(s))
+}
+
+impl fmt::Debug for KafkaConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let opts: BTreeMap<&str, &str> = self
+            .options
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.as_str(),
+                    if secret_key(k) {
+                        "<redacted>"
+                    } else {
+                        v.as_str()
+                    },
+                )
+            })
+            .collect();
+        f.debug_struct("KafkaConfig")
+            .field("brokers", &self.brokers)
+            .field("client_id", &self.client_id)
+            .field("linger", &self.linger)
+            .field("message_timeout", &self.message_timeout)
+            .field("idempotence", &self.idempotence)
+            .field("options", &opts)
+            .finish_non_exhaustive()
+    }
+}
+
+impl KafkaConfig {
+    /// Defaults with `brokers`.
+    pub fn new(brokers: impl Into<String>) -> Self {
+        KafkaConfig {
+            brokers: brokers.into(),
+            ..Default::default()
+        }
+    }
+    /// Set a librdkafka property (applied last).
+    pub fn option(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.options.insert(key.into(), value.into());
+        self
+    }
+    /// Set librdkafka's linger.
+    pub fn linger(mut self, d: Duration) -> Self {
+        self.linger = d;
+        self
+    }
+    /// Set the connect / metadata timeout.
+    pub fn connect_timeout(mut self, d: Duration) -> Self {
+        self.connect_timeout = d;
+        self
+    }
+    /// Set `message.timeout.ms`.
+    pub fn message_timeout(mut self, d: Duration) -> Self {
+        self.message_timeout = d;
+        self
+    }
+
+    pub(crate) fn client_config(&self) -> rdkafka::ClientConfig {
+        let mut c = rdkafka::ClientConfig::new();
+        c.set("bootstrap.servers", &self.brokers)
+            .set("client.id", &self.client_id);
+        for (k, v) in &self.options {
+            c.set(k, v);
+        }
+        c
+    }
+
+    pub(crate) fn producer_config(&self) -> rdkafka::ClientConfig {
+        let mut c = rdkafka::ClientConfig::new();
+        c.set("bootstrap.servers", &self.brokers)
+            .set("client.id", &self.client_id)
+            .set(
+                "enable.idempotence",
+                if self.idempotence { "true" } else { "false" },
+            )
+            .set("acks", "all")
+            .set("linger.ms", self.linger.as_millis().to_string())
+            .set("batch.num.messages", "10000")
+            .set("batch.size", "1000000")
+            // librdkafka's queue far above the engine's window: ours is the one that binds.
+            .set("queue.buffering.max.messages", "2000000")
+            .set("queue.buffering.max.kbytes", "2097151")
+            .set(
+                "message.timeout.ms",
+                self.message_timeout.as_millis().to_string(),
+            )
+            .set("message.max.bytes", self.max_message_bytes.to_string());
+        for (k, v) in &self.options {
+            c.set(k, v);
+        }
+        c
+    }
+}
+
+mod millis {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(d.as_millis() as u64)
+    }
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        Ok(Duration::from_millis(u64::deserialize(d)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_redacts_secret_options() {
+        let c = KafkaConfig::new("h:1")
+            .option("sasl.password", "hunter2")
+            .option("security.protocol", "SASL_SSL");
+        let d = format!("{c:?}");
+        assert!(!d.contains("hunter2"), "{d}");
+        assert!(d.contains("SASL_SSL"));
+    }
+}

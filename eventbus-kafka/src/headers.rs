@@ -1,0 +1,35 @@
+//! Kafka record -> Message.
+
+use eventbus_core::{Bytes, Headers, Message, MessageId, Topic};
+use rdkafka::message::{Headers as _, Message as _};
+
+use crate::sink::ID_HEADER;
+
+/// Bytes reserved below `message.max.bytes` for record overhead and our id header.
+pub(crate) const OVERHEAD: usize = 512;
+
+/// Convert a consumed record. Header values that are not UTF-8 are skipped (eventbus headers are
+/// text); the id header becomes the message id.
+pub fn decode(m: &rdkafka::message::BorrowedMessage<'_>) -> Message {
+    let mut headers = Headers::new();
+    let mut id = None;
+    if let Some(h) = m.headers() {
+        for hdr in h.iter() {
+            let Some(v) = hdr.value.and_then(|v| std::str::from_utf8(v).ok()) else {
+                continue;
+            };
+            if hdr.key == ID_HEADER {
+                id = Some(MessageId::custom(v));
+            } else {
+                headers.append(hdr.key, v);
+            }
+        }
+    }
+    Message::from_parts(
+        id.unwrap_or_else(MessageId::generate),
+        Topic::new(m.topic()),
+        m.key().map(Bytes::copy_from_slice),
+        headers,
+        Bytes::copy_from_slice(m.payload().unwrap_or_default()),
+    )
+}
