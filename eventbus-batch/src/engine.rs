@@ -490,13 +490,27 @@ struct BatchGuard<S: BatchSink> {
     inner: Arc<Inner<S>>,
     txs: Vec<(AckSender, std::time::Instant)>,
     count: usize,
+    released: bool,
     bytes: usize,
     first_seq: u64,
     _slot: OwnedSemaphorePermit,
 }
 
 impl<S: BatchSink> BatchGuard<S> {
+    /// Return the batch's window slots. Done before the outcomes are delivered, so a caller
+    /// that has awaited an ack never sees that message's slot still taken.
+    fn release_window(&mut self) {
+        if self.released {
+            return;
+        }
+        self.released = true;
+        self.inner.window_msgs.add_permits(self.count);
+        self.inner.window_bytes.add_permits(self.bytes);
+        self.inner.metrics.in_flight.decrement(self.count as f64);
+    }
+
     fn resolve(&mut self, outcomes: Vec<Outcome>) {
+        self.release_window();
         let m = &self.inner.metrics;
         let now = std::time::Instant::now();
         let (mut acked, mut failed, mut unknown) = (0u64, 0u64, 0u64);
@@ -531,11 +545,9 @@ impl<S: BatchSink> Drop for BatchGuard<S> {
             .with_backend(self.inner.sink.name());
             self.resolve_all(Outcome::Unknown(e));
         }
-        let count = self.count;
+        self.release_window();
+        // Last: `flush` waiters see the batch done only after its outcomes were delivered.
         self.inner.inflight.lock().remove(&self.first_seq);
-        self.inner.window_msgs.add_permits(count);
-        self.inner.window_bytes.add_permits(self.bytes);
-        self.inner.metrics.in_flight.decrement(count as f64);
         self.inner.progress.notify_waiters();
     }
 }
@@ -572,6 +584,7 @@ fn dispatch<S: BatchSink>(
         inner: Arc::clone(inner),
         txs,
         count: n,
+        released: false,
         bytes,
         first_seq,
         _slot: slot,
