@@ -22,6 +22,8 @@ const RAW_WINDOWS: [usize; 3] = [1_024, 4_096, 16_384];
 pub(crate) struct Env {
     #[cfg(feature = "nats")]
     nats: Option<NatsEnv>,
+    #[cfg(feature = "kafka")]
+    kafka: Option<crate::kafka::KafkaEnv>,
     next_run: AtomicU64,
 }
 
@@ -33,7 +35,7 @@ struct NatsEnv {
 }
 
 /// What the publishers saw.
-struct Published {
+pub(crate) struct Published {
     acked: u64,
     failed: u64,
     unknown: u64,
@@ -44,20 +46,20 @@ struct Published {
 }
 
 /// What the subscriber saw.
-struct Received {
-    distinct: u64,
-    duplicates: u64,
-    e2e_latency: Histogram<u64>,
+pub(crate) struct Received {
+    pub(crate) distinct: u64,
+    pub(crate) duplicates: u64,
+    pub(crate) e2e_latency: Histogram<u64>,
     /// From the first publish to the last distinct delivery; `None` if not all arrived.
-    elapsed: Option<Duration>,
+    pub(crate) elapsed: Option<Duration>,
 }
 
-fn hist() -> Histogram<u64> {
+pub(crate) fn hist() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 600_000_000, 3).expect("histogram bounds")
 }
 
 /// 108-byte (or larger) payload: publisher id, sequence, send time since t0, filler.
-fn payload(size: usize, publisher: u32, seq: u64, t0: Instant) -> Bytes {
+pub(crate) fn payload(size: usize, publisher: u32, seq: u64, t0: Instant) -> Bytes {
     let mut v = vec![b'x'; size.max(20)];
     v[0..4].copy_from_slice(&publisher.to_le_bytes());
     v[4..12].copy_from_slice(&seq.to_le_bytes());
@@ -65,7 +67,7 @@ fn payload(size: usize, publisher: u32, seq: u64, t0: Instant) -> Bytes {
     Bytes::from(v)
 }
 
-fn decode(p: &[u8]) -> Option<(u64, u64)> {
+pub(crate) fn decode(p: &[u8]) -> Option<(u64, u64)> {
     if p.len() < 20 {
         return None;
     }
@@ -75,12 +77,12 @@ fn decode(p: &[u8]) -> Option<(u64, u64)> {
     Some(((publisher << 40) | seq, sent))
 }
 
-fn share(s: &Scenario, w: usize) -> usize {
+pub(crate) fn share(s: &Scenario, w: usize) -> usize {
     s.messages / s.publishers + usize::from(w < s.messages % s.publishers)
 }
 
 /// Publish through the SDK. `naive`: await each ack before the next publish.
-async fn drive_sdk<S: BatchSink>(
+pub(crate) async fn drive_sdk<S: BatchSink>(
     p: &Batcher<S>,
     s: Scenario,
     topics: &[Topic],
@@ -159,9 +161,7 @@ async fn drive_raw_nats(
                 let mut r = Published::empty();
                 let mut last = Instant::now();
                 while let Some((sent, ack)) = rx.recv().await {
-                    let o = eventbus_core::Outcome::from_raw(
-                        ack.await.map(|_| ()).map_err(|e| e.to_string()),
-                    );
+                    let o = raw_outcome(ack.await.map(|_| ()).map_err(|e| e.to_string()));
                     last = Instant::now();
                     r.record(o, last - sent);
                 }
@@ -185,24 +185,19 @@ async fn drive_raw_nats(
     Published::merge(tasks, t0).await
 }
 
-trait FromRaw {
-    fn from_raw(r: Result<(), String>) -> Outcome;
-}
-
-impl FromRaw for Outcome {
-    fn from_raw(r: Result<(), String>) -> Outcome {
-        use eventbus_core::{Ack, Error, ErrorKind, Position};
-        match r {
-            Ok(()) => Outcome::Acked(Ack {
-                position: Position::Offset(0),
-            }),
-            Err(e) => Outcome::Unknown(Error::new(ErrorKind::Other, e)),
-        }
+/// A raw client's result as an outcome (the position is not needed by the bench).
+pub(crate) fn raw_outcome(r: Result<(), String>) -> Outcome {
+    use eventbus_core::{Ack, Error, ErrorKind, Position};
+    match r {
+        Ok(()) => Outcome::Acked(Ack {
+            position: Position::Offset(0),
+        }),
+        Err(e) => Outcome::Unknown(Error::new(ErrorKind::Other, e)),
     }
 }
 
 impl Published {
-    fn empty() -> Self {
+    pub(crate) fn empty() -> Self {
         Published {
             acked: 0,
             failed: 0,
@@ -213,7 +208,7 @@ impl Published {
         }
     }
 
-    fn record(&mut self, o: Outcome, latency: Duration) {
+    pub(crate) fn record(&mut self, o: Outcome, latency: Duration) {
         match &o {
             Outcome::Acked(_) => self.acked += 1,
             Outcome::Failed(_) => self.failed += 1,
@@ -225,7 +220,7 @@ impl Published {
         let _ = self.ack_latency.record((latency.as_micros() as u64).max(1));
     }
 
-    async fn merge(
+    pub(crate) async fn merge(
         tasks: Vec<tokio::task::JoinHandle<(Published, Instant)>>,
         t0: Instant,
     ) -> Published {
@@ -303,7 +298,12 @@ fn receive(
 }
 
 impl Env {
-    pub(crate) async fn start(args: &Args, need_nats: bool) -> Result<Env, String> {
+    pub(crate) async fn start(
+        args: &Args,
+        need_nats: bool,
+        need_kafka: bool,
+        storages: &[&str],
+    ) -> Result<Env, String> {
         #[cfg(feature = "nats")]
         let nats = if need_nats {
             let (server, url) = match &args.nats_url {
@@ -329,9 +329,19 @@ impl Env {
         };
         #[cfg(not(feature = "nats"))]
         let _ = (args, need_nats);
+        #[cfg(feature = "kafka")]
+        let kafka = if need_kafka {
+            Some(crate::kafka::KafkaEnv::start(args, storages).await?)
+        } else {
+            None
+        };
+        #[cfg(not(feature = "kafka"))]
+        let _ = (need_kafka, storages);
         Ok(Env {
             #[cfg(feature = "nats")]
             nats,
+            #[cfg(feature = "kafka")]
+            kafka,
             next_run: AtomicU64::new(0),
         })
     }
@@ -369,6 +379,11 @@ impl Env {
                 n.backend.server_version(),
                 n.url
             ));
+        }
+        #[cfg(feature = "kafka")]
+        if let Some(k) = &self.kafka {
+            s.push_str("; ");
+            s.push_str(&k.describe());
         }
         s
     }
@@ -452,6 +467,14 @@ impl Env {
                 let _ = p.close(Duration::from_secs(10)).await;
                 Ok(vec![rec])
             }
+            #[cfg(feature = "kafka")]
+            "kafka" => match &self.kafka {
+                Some(k) => {
+                    k.run(s, mode, storage, id, Self::sdk_config(args), rec)
+                        .await
+                }
+                None => Err("Kafka not started".into()),
+            },
             #[cfg(feature = "nats")]
             "nats" => {
                 self.run_nats(args, s, mode, storage, rep, id, &prefix, &topics, rec)
@@ -590,7 +613,7 @@ impl Received {
 }
 
 impl Record {
-    fn fill(&mut self, p: &Published, r: &Received, peak_rss: u64, cpu: f64) {
+    pub(crate) fn fill(&mut self, p: &Published, r: &Received, peak_rss: u64, cpu: f64) {
         let secs = p.elapsed.as_secs_f64().max(1e-9);
         self.acked = p.acked;
         self.failed = p.failed;
@@ -613,7 +636,7 @@ impl Record {
         self.cpu_secs = cpu;
     }
 
-    fn verify(&mut self, stored: u64, how: &str) {
+    pub(crate) fn verify(&mut self, stored: u64, how: &str) {
         self.stored = stored;
         self.verify_method = how.to_owned();
         let mut problems = Vec::new();

@@ -13,6 +13,8 @@
 #![allow(clippy::print_stdout, clippy::print_stderr)] // a command-line report
 
 mod drive;
+#[cfg(feature = "kafka")]
+mod kafka;
 mod report;
 mod sys;
 
@@ -29,7 +31,7 @@ pub(crate) struct Args {
     /// Scenarios (comma separated): low, medium, high, extreme, sustained, sustained-1k.
     #[arg(long, value_delimiter = ',')]
     pub scenario: Vec<String>,
-    /// Backends (comma separated): nats, memory.
+    /// Backends (comma separated): nats, kafka, memory.
     #[arg(long, value_delimiter = ',')]
     pub backend: Vec<String>,
     /// Modes (comma separated): naive, sdk, sdk-nodedup (NATS without Nats-Msg-Id), raw.
@@ -53,6 +55,9 @@ pub(crate) struct Args {
     /// Use this NATS server instead of starting a local one.
     #[arg(long)]
     pub nats_url: Option<String>,
+    /// Use this Kafka cluster (bootstrap servers) instead of starting local tansu brokers.
+    #[arg(long)]
+    pub kafka_brokers: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -109,9 +114,10 @@ const SCENARIOS: [Scenario; 6] = [
     },
 ];
 
-/// Naive runs are capped: at ~10k msg/s a million one-by-one acks would take minutes and show
+/// Naive runs are capped: at ~1k (Kafka, librdkafka linger) to ~30k (NATS) msg/s, a million
+/// one-by-one acks would take minutes and show
 /// nothing new. The record says how many messages were actually sent.
-const NAIVE_CAP: usize = 20_000;
+const NAIVE_CAP: usize = 5_000;
 
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
@@ -163,7 +169,11 @@ async fn run(args: Args) -> Result<bool, String> {
             s.messages = s.messages.min(20_000);
         }
     }
-    let backends = pick(&args.backend, &["nats", "memory"], &["nats", "memory"]);
+    let backends = pick(
+        &args.backend,
+        &["nats", "kafka", "memory"],
+        &["nats", "kafka", "memory"],
+    );
     let modes = pick(
         &args.mode,
         &["naive", "sdk", "sdk-nodedup", "raw"],
@@ -181,7 +191,13 @@ async fn run(args: Args) -> Result<bool, String> {
         }
     };
     let reps = args.reps.unwrap_or(if args.quick { 1 } else { 3 }).max(1);
-    let env = drive::Env::start(&args, backends.iter().any(|b| b == "nats")).await?;
+    let env = drive::Env::start(
+        &args,
+        backends.iter().any(|b| b == "nats"),
+        backends.iter().any(|b| b == "kafka"),
+        &storages,
+    )
+    .await?;
     eprintln!("{}", env.describe());
 
     let mut plan = Vec::new();
@@ -192,7 +208,7 @@ async fn run(args: Args) -> Result<bool, String> {
                     continue; // the in-process backend has one storage class: memory
                 }
                 for m in &modes {
-                    if b == "memory" && (m == "raw" || m == "sdk-nodedup") {
+                    if (b == "memory" && m == "raw") || (b != "nats" && m == "sdk-nodedup") {
                         continue; // there is no client below the SDK for the in-process backend
                     }
                     for rep in 0..reps {

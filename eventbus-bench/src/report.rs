@@ -21,6 +21,8 @@ pub(crate) struct Record {
     pub publishers: usize,
     /// ACK window (SDK) or async-nats max_ack_inflight (raw).
     pub window: usize,
+    /// Time to connect and warm the producer (Kafka: idempotent producer id), before the clock.
+    pub connect_ms: f64,
     pub publish_secs: f64,
     pub publish_msgs_per_sec: f64,
     pub publish_mb_per_sec: f64,
@@ -64,6 +66,7 @@ impl Record {
             topics: s.topics,
             publishers: s.publishers,
             window: 0,
+            connect_ms: 0.0,
             publish_secs: 0.0,
             publish_msgs_per_sec: 0.0,
             publish_mb_per_sec: 0.0,
@@ -192,6 +195,10 @@ pub(crate) fn write(args: &Args, machine: &str, records: &[Record]) -> Result<()
         let what = match (backend.as_str(), storage.as_str()) {
             ("nats", "durable") => "NATS JetStream, file storage (durable)",
             ("nats", "memory") => "NATS JetStream, memory storage (not durable)",
+            ("kafka", "durable") => "tansu SQLite engine (durable), Kafka protocol via librdkafka",
+            ("kafka", "memory") => {
+                "tansu memory engine (not durable), Kafka protocol via librdkafka"
+            }
             ("memory", _) => {
                 "in-process memory backend (no broker; engine + subscriber overhead only)"
             }
@@ -253,6 +260,51 @@ pub(crate) fn write(args: &Args, machine: &str, records: &[Record]) -> Result<()
                 )),
                 sdk.map_or("-".into(), |s| format!("{} MiB", s.rss / (1 << 20))),
                 if verified { "yes" } else { "**NO**" },
+            );
+        }
+        let _ = writeln!(md);
+    }
+    // The seed's layout, once per storage class: Kafka vs NATS, SDK and raw side by side.
+    for storage in ["durable", "memory"] {
+        let (Some(k), Some(n)) = (
+            table.get(&("kafka".to_owned(), storage.to_owned())),
+            table.get(&("nats".to_owned(), storage.to_owned())),
+        ) else {
+            continue;
+        };
+        let what = if storage == "durable" {
+            "durable: NATS file storage vs tansu SQLite"
+        } else {
+            "memory: NATS memory storage vs tansu memory engine (neither survives a restart)"
+        };
+        let _ = writeln!(md, "### Seed layout, {what}\n");
+        let _ = writeln!(
+            md,
+            "| scenario | Kafka sdk msg/s | Kafka raw msg/s | NATS sdk msg/s | NATS sdk no-dedup | NATS raw msg/s | NATS/Kafka (sdk) | NATS/Kafka (raw) | seed NATS/Kafka |"
+        );
+        let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|");
+        for name in order {
+            let (Some(km), Some(nm)) = (k.get(name), n.get(name)) else {
+                continue;
+            };
+            let r = |m: &BTreeMap<String, Stat>, mode: &str| m.get(mode).map(|s| s.median);
+            let cell = |x: Option<f64>| x.map_or("-".to_owned(), fmt_rate);
+            let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+                (Some(a), Some(b)) if b > 0.0 => format!("{:.2}", a / b),
+                _ => "-".into(),
+            };
+            let seed_ratio =
+                seed(name).map_or("-".to_owned(), |(sn, sk)| format!("{:.2}", sn / sk));
+            let _ = writeln!(
+                md,
+                "| {name} | {} | {} | {} | {} | {} | {} | {} | {seed_ratio} |",
+                cell(r(km, "sdk")),
+                cell(r(km, "raw")),
+                cell(r(nm, "sdk")),
+                cell(r(nm, "sdk-nodedup")),
+                cell(r(nm, "raw")),
+                ratio(r(nm, "sdk"), r(km, "sdk")),
+                ratio(r(nm, "raw"), r(km, "raw")),
             );
         }
         let _ = writeln!(md);

@@ -413,12 +413,12 @@ impl Tansu {
         let url = format!("tcp://127.0.0.1:{}", self.port);
         let engine = match self.storage {
             TansuStorage::Memory => "memory://tansu/".to_owned(),
-            TansuStorage::Sqlite => {
-                format!("sqlite://{}", self.dir.path().join("tansu.db").display())
-            }
+            // tansu resolves the path against its working directory (set below).
+            TansuStorage::Sqlite => "sqlite://tansu.db".to_owned(),
         };
         let mut cmd = Command::new(tansu_path());
-        cmd.arg("broker")
+        cmd.current_dir(self.dir.path())
+            .arg("broker")
             .args([
                 "--listener-url",
                 &url,
@@ -429,8 +429,15 @@ impl Tansu {
             ])
             .env("RUST_LOG", "warn");
         self.proc = Proc::spawn(&mut cmd, &self.log)?;
-        wait_for_port(self.port, Duration::from_secs(30))
-            .map_err(|e| other(format!("{e}; tansu log: {}", self.log.display())))
+        wait_for_port(self.port, Duration::from_secs(30)).map_err(|e| {
+            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(5).collect();
+            other(format!(
+                "{e}; tansu log ({}) ends: {}",
+                self.log.display(),
+                tail.join(" | ")
+            ))
+        })
     }
 
     /// `127.0.0.1:PORT`, for `bootstrap.servers`.

@@ -1,0 +1,315 @@
+//! Kafka side of the bench: tansu brokers (SQLite = durable, memory engine = not durable),
+//! SDK and raw rdkafka producers, a plain consumer that counts distinct ids.
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use eventbus_batch::Batcher;
+use eventbus_brokers::{Tansu, TansuStorage};
+use eventbus_core::{Message, Publisher, Topic};
+use eventbus_kafka::{KafkaBackend, KafkaConfig};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+
+use crate::drive::{Published, Received, decode, drive_sdk, hist, payload, share};
+use crate::report::Record;
+use crate::{Args, Scenario, sys};
+
+/// librdkafka lingers tried for the raw producer; the best is the baseline.
+const RAW_LINGERS_MS: [u64; 3] = [1, 5, 20];
+/// tansu's SQLite engine runs at tens of thousands of msg/s here: cap durable runs so the
+/// default bench stays within minutes. The record's `messages` says what was sent.
+pub(crate) const DURABLE_CAP: usize = 200_000;
+
+pub(crate) struct KafkaEnv {
+    brokers: Vec<(String, Option<Tansu>, KafkaBackend)>,
+}
+
+impl KafkaEnv {
+    pub(crate) async fn start(args: &Args, storages: &[&str]) -> Result<KafkaEnv, String> {
+        let mut brokers = Vec::new();
+        for st in storages {
+            let (tansu, bootstrap) = match &args.kafka_brokers {
+                Some(b) => (None, b.clone()),
+                None => {
+                    let engine = if *st == "durable" {
+                        TansuStorage::Sqlite
+                    } else {
+                        TansuStorage::Memory
+                    };
+                    let t = Tansu::start(engine).map_err(|e| format!("cannot start tansu: {e}"))?;
+                    let b = t.bootstrap();
+                    (Some(t), b)
+                }
+            };
+            let backend = KafkaBackend::connect(KafkaConfig::new(bootstrap.clone()))
+                .await
+                .map_err(|e| format!("cannot reach Kafka at {bootstrap}: {e}"))?;
+            brokers.push((st.to_string(), tansu, backend));
+        }
+        Ok(KafkaEnv { brokers })
+    }
+
+    pub(crate) fn describe(&self) -> String {
+        self.brokers
+            .iter()
+            .map(|(st, t, b)| match t {
+                Some(t) => format!(
+                    "tansu {} ({st}: {:?} engine) at {}",
+                    eventbus_brokers::TANSU_VERSION,
+                    t.storage(),
+                    b.config().brokers
+                ),
+                None => format!("external Kafka at {} (labelled {st})", b.config().brokers),
+            })
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+
+    fn broker(&self, storage: &str) -> Result<&(String, Option<Tansu>, KafkaBackend), String> {
+        self.brokers
+            .iter()
+            .find(|(s, _, _)| s == storage)
+            .ok_or_else(|| format!("no Kafka broker for storage {storage}"))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) async fn run(
+        &self,
+        mut s: Scenario,
+        mode: &str,
+        storage: &str,
+        id: u64,
+        cfg: eventbus_batch::BatchConfig,
+        template: Record,
+    ) -> Result<Vec<Record>, String> {
+        let (_, tansu, kafka) = self.broker(storage)?;
+        if storage == "durable" {
+            s.messages = s.messages.min(DURABLE_CAP);
+        }
+        let lingers: Vec<u64> = if mode == "raw" {
+            RAW_LINGERS_MS.to_vec()
+        } else {
+            vec![0]
+        };
+        let mut out = Vec::new();
+        for (li, linger) in lingers.into_iter().enumerate() {
+            let names: Vec<String> = (0..s.topics)
+                .map(|t| format!("bench.r{id}l{li}.t{t}"))
+                .collect();
+            for n in &names {
+                kafka
+                    .ensure_topic(n, 1)
+                    .await
+                    .map_err(|e| format!("create topic {n}: {e}"))?;
+            }
+            let warm = format!("bench.r{id}l{li}.warmup");
+            kafka
+                .ensure_topic(&warm, 1)
+                .await
+                .map_err(|e| format!("create topic: {e}"))?;
+            let topics: Vec<Topic> = names.iter().map(Topic::new).collect();
+            let mut rec = template.clone();
+            rec.messages = s.messages;
+            rec.topic_or_stream = format!("bench.r{id}l{li}.t*");
+            let bootstrap = kafka.config().brokers.clone();
+            let server_pid = tansu.as_ref().and_then(|t| t.pid());
+
+            // Producer up and warm (connection, idempotent producer id) before the clock starts.
+            let connect = Instant::now();
+            enum P<S: eventbus_core::BatchSink> {
+                Sdk(Batcher<S>),
+                Raw(FutureProducer),
+            }
+            let producer = if mode == "raw" {
+                let p: FutureProducer = ClientConfig::new()
+                    .set("bootstrap.servers", &bootstrap)
+                    .set("enable.idempotence", "true")
+                    .set("acks", "all")
+                    .set("linger.ms", linger.to_string())
+                    .set("batch.num.messages", "10000")
+                    .set("queue.buffering.max.messages", "2000000")
+                    .set("queue.buffering.max.kbytes", "2097151")
+                    .create()
+                    .map_err(|e| format!("raw producer: {e}"))?;
+                p.send(
+                    FutureRecord::<(), [u8]>::to(&warm).payload(&b"warmup"[..]),
+                    Duration::from_secs(30),
+                )
+                .await
+                .map_err(|(e, _)| format!("raw warm-up: {e}"))?;
+                rec.window = linger as usize;
+                P::Raw(p)
+            } else {
+                let b = Batcher::new(kafka.sink().map_err(|e| e.to_string())?, cfg.clone())
+                    .map_err(|e| e.to_string())?;
+                b.publish(Message::new(warm.as_str(), "warmup"))
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .await
+                    .into_result()
+                    .map_err(|e| format!("sdk warm-up: {e}"))?;
+                rec.window = cfg.max_in_flight;
+                P::Sdk(b)
+            };
+            rec.connect_ms = connect.elapsed().as_secs_f64() * 1e3;
+
+            sys::reset_peak_rss();
+            let (cpu0, scpu0) = (sys::cpu_seconds(None), sys::cpu_seconds(server_pid));
+            let (done_tx, done_rx) = tokio::sync::watch::channel(false);
+            let t0 = Instant::now();
+            let rx = consume(
+                bootstrap.clone(),
+                names.clone(),
+                s.messages as u64,
+                t0,
+                done_rx,
+            );
+            let published = match &producer {
+                P::Sdk(b) => drive_sdk(b, s, &topics, mode == "naive", t0).await,
+                P::Raw(p) => drive_raw(p, s, &names, t0).await,
+            };
+            let _ = done_tx.send(true);
+            let received = rx.await.map_err(|e| e.to_string())?;
+            rec.fill(
+                &published,
+                &received,
+                sys::peak_rss_bytes(),
+                sys::cpu_seconds(None) - cpu0,
+            );
+            rec.broker_cpu_secs = sys::cpu_seconds(server_pid) - scpu0;
+            if let P::Sdk(b) = producer {
+                let _ = b.close(Duration::from_secs(10)).await;
+            }
+            let (stored, how) = if storage == "durable" {
+                let mut total = 0;
+                for n in &names {
+                    for (_, lo, hi) in kafka.watermarks(n).await.map_err(|e| e.to_string())? {
+                        total += (hi - lo).max(0) as u64;
+                    }
+                }
+                (total, "SQLite high watermarks + distinct ids consumed")
+            } else {
+                // tansu 0.6.0's memory engine misreports high watermarks: count what a consumer reads.
+                (
+                    received.distinct,
+                    "distinct ids consumed (memory engine watermarks are unreliable)",
+                )
+            };
+            rec.verify(stored, how);
+            out.push(rec);
+        }
+        Ok(out)
+    }
+}
+
+async fn drive_raw(p: &FutureProducer, s: Scenario, topics: &[String], t0: Instant) -> Published {
+    let mut tasks = Vec::new();
+    for w in 0..s.publishers {
+        let (p, topics) = (p.clone(), topics.to_vec());
+        tasks.push(tokio::spawn(async move {
+            let n = share(&s, w);
+            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(
+                Instant,
+                rdkafka::producer::DeliveryFuture,
+            )>();
+            let acker = tokio::spawn(async move {
+                let mut r = Published::empty();
+                let mut last = Instant::now();
+                while let Some((sent, f)) = rx.recv().await {
+                    let o = match f.await {
+                        Ok(Ok(_)) => Ok(()),
+                        Ok(Err((e, _))) => Err(e.to_string()),
+                        Err(_) => Err("delivery future cancelled".into()),
+                    };
+                    last = Instant::now();
+                    r.record(crate::drive::raw_outcome(o), last - sent);
+                }
+                (r, last)
+            });
+            for i in 0..n {
+                let body = payload(s.payload, w as u32, i as u64, t0);
+                let topic = &topics[i % topics.len()];
+                let sent = Instant::now();
+                loop {
+                    match p.send_result(FutureRecord::<(), [u8]>::to(topic).payload(&body[..])) {
+                        Ok(f) => {
+                            tx.send((sent, f)).expect("acker alive");
+                            break;
+                        }
+                        // librdkafka's queue is full: a careful user waits and retries.
+                        Err((_e, _)) => tokio::time::sleep(Duration::from_millis(1)).await,
+                    }
+                }
+            }
+            drop(tx);
+            acker.await.expect("acker")
+        }));
+    }
+    Published::merge(tasks, t0).await
+}
+
+/// A plain consumer on every topic from the beginning, counting distinct ids.
+fn consume(
+    bootstrap: String,
+    topics: Vec<String>,
+    expected: u64,
+    t0: Instant,
+    done: tokio::sync::watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<Received> {
+    tokio::task::spawn_blocking(move || {
+        let mut r = Received {
+            distinct: 0,
+            duplicates: 0,
+            e2e_latency: hist(),
+            elapsed: None,
+        };
+        let consumer: BaseConsumer = match ClientConfig::new()
+            .set("bootstrap.servers", &bootstrap)
+            .set("group.id", "bench-verify")
+            .set("enable.auto.commit", "false")
+            .set("fetch.wait.max.ms", "10")
+            .create()
+        {
+            Ok(c) => c,
+            Err(_) => return r,
+        };
+        let mut tpl = TopicPartitionList::new();
+        for t in &topics {
+            let _ = tpl.add_partition_offset(t, 0, Offset::Beginning);
+        }
+        if consumer.assign(&tpl).is_err() {
+            return r;
+        }
+        let mut seen = HashSet::with_capacity(expected as usize);
+        let mut give_up: Option<Instant> = None;
+        while r.distinct < expected {
+            if give_up.is_none() && *done.borrow() {
+                give_up = Some(Instant::now() + Duration::from_secs(20));
+            }
+            if give_up.is_some_and(|g| Instant::now() > g) {
+                break;
+            }
+            let Some(Ok(m)) = consumer.poll(Duration::from_millis(50)) else {
+                continue;
+            };
+            use rdkafka::Message as _;
+            let now = t0.elapsed();
+            if let Some((id, sent)) = m.payload().and_then(decode) {
+                if seen.insert(id) {
+                    r.distinct += 1;
+                    let _ = r
+                        .e2e_latency
+                        .record(((now.as_nanos() as u64).saturating_sub(sent) / 1_000).max(1));
+                    if r.distinct == expected {
+                        r.elapsed = Some(now);
+                    }
+                } else {
+                    r.duplicates += 1;
+                }
+            }
+        }
+        r
+    })
+}
