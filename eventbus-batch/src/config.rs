@@ -14,7 +14,7 @@ pub enum OnFull {
     #[default]
     Wait,
     /// Wait at most this long, then fail with [`ErrorKind::Overloaded`].
-    #[serde(with = "humantime_millis")]
+    #[serde(with = "eventbus_core::serde_millis")]
     WaitFor(Duration),
     /// Fail at once with [`ErrorKind::Overloaded`].
     Error,
@@ -34,7 +34,7 @@ pub enum OnFull {
 #[non_exhaustive]
 pub struct BatchConfig {
     /// Longest a message waits for its batch to fill. Default 0 (natural batching).
-    #[serde(with = "humantime_millis")]
+    #[serde(with = "eventbus_core::serde_millis")]
     pub linger: Duration,
     /// Most messages per batch. Default 1,000 (clamped to the backend's limit).
     pub max_messages: usize,
@@ -48,7 +48,7 @@ pub struct BatchConfig {
     pub max_in_flight_batches: usize,
     /// Deadline for each message, from admission: past it the message resolves as
     /// [`Outcome::Unknown`](eventbus_core::Outcome::Unknown) and its slot is freed. Default 30 s.
-    #[serde(with = "humantime_millis")]
+    #[serde(with = "eventbus_core::serde_millis")]
     pub ack_timeout: Duration,
     /// Behaviour when the window is full. Default [`OnFull::Wait`].
     pub on_full: OnFull,
@@ -148,21 +148,6 @@ impl BatchConfig {
         c.max_in_flight = c.max_in_flight.min(u32::MAX as usize);
         c.max_in_flight_bytes = c.max_in_flight_bytes.min(u32::MAX as usize);
         Ok(c)
-    }
-}
-
-mod humantime_millis {
-    //! Durations as integer milliseconds in config files.
-    use std::time::Duration;
-
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    pub(super) fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_u64(d.as_millis() as u64)
-    }
-
-    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        Ok(Duration::from_millis(u64::deserialize(d)?))
     }
 }
 

@@ -18,9 +18,9 @@ use crate::{Args, Scenario, sys};
 
 /// librdkafka lingers tried for the raw producer; the best is the baseline.
 const RAW_LINGERS_MS: [u64; 3] = [1, 5, 20];
-/// tansu's SQLite engine runs at tens of thousands of msg/s here: cap durable runs so the
+/// tansu's SQLite engine takes tens of thousands of msg/s here: cap durable runs so the
 /// default bench stays within minutes. The record's `messages` says what was sent.
-pub(crate) const DURABLE_CAP: usize = 200_000;
+pub(crate) const DURABLE_CAP: usize = 100_000;
 
 pub(crate) struct KafkaEnv {
     brokers: Vec<(String, Option<Tansu>, KafkaBackend)>,
@@ -159,22 +159,36 @@ impl KafkaEnv {
             let (cpu0, scpu0) = (sys::cpu_seconds(None), sys::cpu_seconds(server_pid));
             let (done_tx, done_rx) = tokio::sync::watch::channel(false);
             let t0 = Instant::now();
-            let rx = consume(
-                bootstrap.clone(),
-                names.clone(),
-                s.messages as u64,
-                t0,
-                done_rx,
-            );
+            // tansu's SQLite engine serves reads at ~1.4k msg/s and slows as it grows: durable
+            // runs are verified by high watermarks only; memory runs by a consumer.
+            let durable = storage == "durable";
+            let rx = (!durable).then(|| {
+                consume(
+                    bootstrap.clone(),
+                    names.clone(),
+                    s.messages as u64,
+                    t0,
+                    done_rx,
+                )
+            });
             let published = match &producer {
                 P::Sdk(b) => drive_sdk(b, s, &topics, mode == "naive", t0).await,
                 P::Raw(p) => drive_raw(p, s, &names, t0).await,
             };
             let _ = done_tx.send(true);
-            let received = rx.await.map_err(|e| e.to_string())?;
+            let received = match rx {
+                Some(rx) => Some(rx.await.map_err(|e| e.to_string())?),
+                None => None,
+            };
+            let none = Received {
+                distinct: 0,
+                duplicates: 0,
+                e2e_latency: hist(),
+                elapsed: None,
+            };
             rec.fill(
                 &published,
-                &received,
+                received.as_ref().unwrap_or(&none),
                 sys::peak_rss_bytes(),
                 sys::cpu_seconds(None) - cpu0,
             );
@@ -182,26 +196,36 @@ impl KafkaEnv {
             if let P::Sdk(b) = producer {
                 let _ = b.close(Duration::from_secs(10)).await;
             }
-            let (stored, how) = if storage == "durable" {
-                let mut total = 0;
-                for n in &names {
-                    for (_, lo, hi) in kafka.watermarks(n).await.map_err(|e| e.to_string())? {
-                        total += (hi - lo).max(0) as u64;
-                    }
+            match received {
+                None => {
+                    let stored = watermark_total(kafka, &names).await?;
+                    rec.verify(
+                        stored,
+                        false,
+                        "SQLite high watermarks (no consumer: tansu SQLite reads are too slow)",
+                    );
                 }
-                (total, "SQLite high watermarks + distinct ids consumed")
-            } else {
                 // tansu 0.6.0's memory engine misreports high watermarks: count what a consumer reads.
-                (
-                    received.distinct,
+                Some(r) => rec.verify(
+                    r.distinct,
+                    true,
                     "distinct ids consumed (memory engine watermarks are unreliable)",
-                )
-            };
-            rec.verify(stored, how);
+                ),
+            }
             out.push(rec);
         }
         Ok(out)
     }
+}
+
+async fn watermark_total(kafka: &KafkaBackend, names: &[String]) -> Result<u64, String> {
+    let mut total = 0;
+    for n in names {
+        for (_, lo, hi) in kafka.watermarks(n).await.map_err(|e| e.to_string())? {
+            total += (hi - lo).max(0) as u64;
+        }
+    }
+    Ok(total)
 }
 
 async fn drive_raw(p: &FutureProducer, s: Scenario, topics: &[String], t0: Instant) -> Published {
@@ -210,24 +234,8 @@ async fn drive_raw(p: &FutureProducer, s: Scenario, topics: &[String], t0: Insta
         let (p, topics) = (p.clone(), topics.to_vec());
         tasks.push(tokio::spawn(async move {
             let n = share(&s, w);
-            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(
-                Instant,
-                rdkafka::producer::DeliveryFuture,
-            )>();
-            let acker = tokio::spawn(async move {
-                let mut r = Published::empty();
-                let mut last = Instant::now();
-                while let Some((sent, f)) = rx.recv().await {
-                    let o = match f.await {
-                        Ok(Ok(_)) => Ok(()),
-                        Ok(Err((e, _))) => Err(e.to_string()),
-                        Err(_) => Err("delivery future cancelled".into()),
-                    };
-                    last = Instant::now();
-                    r.record(crate::drive::raw_outcome(o), last - sent);
-                }
-                (r, last)
-            });
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            let acker = crate::drive::spawn_acker(rx);
             for i in 0..n {
                 let body = payload(s.payload, w as u32, i as u64, t0);
                 let topic = &topics[i % topics.len()];
@@ -235,7 +243,14 @@ async fn drive_raw(p: &FutureProducer, s: Scenario, topics: &[String], t0: Insta
                 loop {
                     match p.send_result(FutureRecord::<(), [u8]>::to(topic).payload(&body[..])) {
                         Ok(f) => {
-                            tx.send((sent, f)).expect("acker alive");
+                            let outcome = async move {
+                                crate::drive::raw_outcome(match f.await {
+                                    Ok(Ok(_)) => Ok(()),
+                                    Ok(Err((e, _))) => Err(e.to_string()),
+                                    Err(_) => Err("delivery future cancelled".into()),
+                                })
+                            };
+                            tx.send((sent, outcome)).expect("acker alive");
                             break;
                         }
                         // librdkafka's queue is full: a careful user waits and retries.
@@ -286,7 +301,7 @@ fn consume(
         let mut give_up: Option<Instant> = None;
         while r.distinct < expected {
             if give_up.is_none() && *done.borrow() {
-                give_up = Some(Instant::now() + Duration::from_secs(20));
+                give_up = Some(Instant::now() + Duration::from_secs(60));
             }
             if give_up.is_some_and(|g| Instant::now() > g) {
                 break;

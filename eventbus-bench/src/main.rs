@@ -12,6 +12,7 @@
 #![allow(missing_docs)]
 #![allow(clippy::print_stdout, clippy::print_stderr)] // a command-line report
 
+mod chart;
 mod drive;
 #[cfg(feature = "kafka")]
 mod kafka;
@@ -55,6 +56,13 @@ pub(crate) struct Args {
     /// Use this NATS server instead of starting a local one.
     #[arg(long)]
     pub nats_url: Option<String>,
+    /// Do not run anything: re-render the tables, chart (and README with --readme) from a
+    /// JSON file written by an earlier run.
+    #[arg(long)]
+    pub from_json: Option<PathBuf>,
+    /// Rewrite the results block of this README (and docs/bench/throughput.svg beside it).
+    #[arg(long)]
+    pub readme: Option<PathBuf>,
     /// Use this Kafka cluster (bootstrap servers) instead of starting local tansu brokers.
     #[arg(long)]
     pub kafka_brokers: Option<String>,
@@ -142,6 +150,14 @@ fn main() -> std::process::ExitCode {
 }
 
 async fn run(args: Args) -> Result<bool, String> {
+    if let Some(path) = &args.from_json {
+        let text =
+            std::fs::read_to_string(path).map_err(|e| format!("read {}: {e}", path.display()))?;
+        let doc = report::Saved::parse(&text, path)
+            .map_err(|e| format!("parse {}: {e}", path.display()))?;
+        report::write(&args, &doc.machine, &doc.records)?;
+        return Ok(doc.records.iter().all(|r| r.verified));
+    }
     let pick = |list: &[String], all: &[&str], default: &[&str]| -> Vec<String> {
         let chosen: Vec<String> = if list.is_empty() {
             default.iter().map(|s| s.to_string()).collect()
@@ -228,7 +244,16 @@ async fn run(args: Args) -> Result<bool, String> {
             s.messages = s.messages.min(NAIVE_CAP);
         }
         bar.set_message(format!("{} {} {} {} #{}", s.name, b, m, st, rep + 1));
-        for rec in env.run_one(&args, s, &b, &m, &st, rep).await? {
+        // One run's error fails that run (loudly), not the whole bench.
+        let recs = match env.run_one(&args, s, &b, &m, &st, rep).await {
+            Ok(recs) => recs,
+            Err(e) => {
+                let mut r = report::Record::new(s, &b, &m, &st, rep);
+                r.verify_note = format!("run failed: {e}");
+                vec![r]
+            }
+        };
+        for rec in recs {
             if !rec.verified {
                 bar.println(format!(
                     "VERIFICATION FAILED: {} {} {} {} (window {}): {}",

@@ -3,12 +3,37 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::{Args, Scenario};
 
+/// What `latest.json` holds: the machine and broker description, and one record per run.
+#[derive(Serialize, Deserialize)]
+pub(crate) struct Saved {
+    pub machine: String,
+    pub records: Vec<Record>,
+}
+
+impl Saved {
+    /// Parse `latest.json`; files from before the machine line was saved (a bare array of
+    /// records) take it from the `latest.md` beside them.
+    pub(crate) fn parse(text: &str, path: &std::path::Path) -> Result<Saved, serde_json::Error> {
+        match serde_json::from_str::<Saved>(text) {
+            Ok(s) => Ok(s),
+            Err(e) => {
+                let records: Vec<Record> = serde_json::from_str(text).map_err(|_| e)?;
+                let machine = std::fs::read_to_string(path.with_file_name("latest.md"))
+                    .ok()
+                    .and_then(|m| m.lines().next().map(str::to_owned))
+                    .unwrap_or_else(|| "machine not recorded".into());
+                Ok(Saved { machine, records })
+            }
+        }
+    }
+}
+
 /// One (scenario, backend, mode, storage, repetition[, raw window]) run.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub(crate) struct Record {
     pub scenario: String,
     pub backend: String,
@@ -310,11 +335,39 @@ pub(crate) fn write(args: &Args, machine: &str, records: &[Record]) -> Result<()
         let _ = writeln!(md);
     }
     println!("\n{md}");
+    let mut series = crate::chart::Series::new();
+    for ((backend, storage), scen) in &table {
+        for (sc, modes) in scen {
+            for (mode, st) in modes {
+                series.insert(
+                    (storage.clone(), sc.clone(), format!("{backend} {mode}")),
+                    st.median,
+                );
+            }
+        }
+    }
+    let present: Vec<&str> = order
+        .into_iter()
+        .filter(|o| series.keys().any(|(_, s, _)| s == o))
+        .collect();
+    let chart = crate::chart::svg(
+        &series,
+        &present,
+        "eventbus: publish throughput by scenario, backend and mode",
+    );
     std::fs::create_dir_all(&args.out)
         .map_err(|e| format!("create {}: {e}", args.out.display()))?;
-    let json = serde_json::to_string_pretty(records).map_err(|e| e.to_string())?;
+    let saved = Saved {
+        machine: machine.to_owned(),
+        records: records.to_vec(),
+    };
+    let json = serde_json::to_string_pretty(&saved).map_err(|e| e.to_string())?;
     std::fs::write(args.out.join("latest.json"), json).map_err(|e| e.to_string())?;
     std::fs::write(args.out.join("latest.md"), &md).map_err(|e| e.to_string())?;
+    std::fs::write(args.out.join("throughput.svg"), &chart).map_err(|e| e.to_string())?;
+    if let Some(readme) = &args.readme {
+        update_readme(readme, &md, &chart)?;
+    }
     let mut csv = String::from(
         "scenario,backend,mode,storage,rep,window,messages,payload_bytes,publish_msgs_per_sec,publish_mb_per_sec,e2e_msgs_per_sec,ack_p50_us,ack_p99_us,ack_p999_us,e2e_p50_us,e2e_p99_us,peak_rss_bytes,cpu_secs,broker_cpu_secs,acked,stored,received_distinct,verified,topic_or_stream\n",
     );
@@ -353,6 +406,37 @@ pub(crate) fn write(args: &Args, machine: &str, records: &[Record]) -> Result<()
     eprintln!(
         "wrote {0}/latest.json, {0}/latest.csv, {0}/latest.md",
         args.out.display()
+    );
+    Ok(())
+}
+
+/// Replace the block between `<!-- bench:begin -->` and `<!-- bench:end -->` in `readme` with
+/// the latest tables, and write the chart to `docs/bench/throughput.svg` beside it.
+fn update_readme(readme: &std::path::Path, md: &str, chart: &str) -> Result<(), String> {
+    let text =
+        std::fs::read_to_string(readme).map_err(|e| format!("read {}: {e}", readme.display()))?;
+    let (begin, end) = ("<!-- bench:begin -->", "<!-- bench:end -->");
+    let (Some(a), Some(b)) = (text.find(begin), text.find(end)) else {
+        return Err(format!(
+            "{} has no {begin} ... {end} block",
+            readme.display()
+        ));
+    };
+    let dir = readme
+        .parent()
+        .unwrap_or(std::path::Path::new("."))
+        .join("docs")
+        .join("bench");
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    std::fs::write(dir.join("throughput.svg"), chart).map_err(|e| e.to_string())?;
+    let block =
+        format!("{begin}\n\n![publish throughput](docs/bench/throughput.svg)\n\n{md}\n{end}");
+    let new = format!("{}{block}{}", &text[..a], &text[b + end.len()..]);
+    std::fs::write(readme, new).map_err(|e| e.to_string())?;
+    eprintln!(
+        "updated {} and {}",
+        readme.display(),
+        dir.join("throughput.svg").display()
     );
     Ok(())
 }

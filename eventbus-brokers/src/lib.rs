@@ -237,6 +237,16 @@ impl Proc {
         self.child.as_ref().map(Child::id)
     }
 
+    /// Stop managing the process (it keeps running) and keep `dir` on disk; returns the pid.
+    fn detach(&mut self, dir: &mut tempfile::TempDir) -> Option<u32> {
+        let pid = self.pid();
+        // Dropping a `Child` neither kills nor waits for it.
+        drop(self.child.take());
+        let kept = std::mem::replace(dir, tempfile::tempdir().ok()?);
+        let _ = kept.keep();
+        pid
+    }
+
     fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
@@ -339,13 +349,7 @@ impl NatsServer {
     /// Leave the server running after this value is dropped (for `cargo xtask brokers up`);
     /// returns its pid. The store directory is kept.
     pub fn detach(mut self) -> Option<u32> {
-        let pid = self.pid();
-        if let Some(c) = self.proc.child.take() {
-            std::mem::forget(c);
-        }
-        let dir = std::mem::replace(&mut self.store, tempfile::tempdir().ok()?);
-        let _ = dir.keep();
-        pid
+        self.proc.detach(&mut self.store)
     }
 
     /// `kill -9` the server (its store survives).
@@ -462,13 +466,7 @@ impl Tansu {
 
     /// Leave the broker running after this value is dropped; returns its pid.
     pub fn detach(mut self) -> Option<u32> {
-        let pid = self.pid();
-        if let Some(c) = self.proc.child.take() {
-            std::mem::forget(c);
-        }
-        let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().ok()?);
-        let _ = dir.keep();
-        pid
+        self.proc.detach(&mut self.dir)
     }
 
     /// `kill -9` the broker.

@@ -11,6 +11,24 @@ mod sink;
 mod subscriber;
 pub mod validate;
 
+/// `serde(with = "eventbus_core::serde_millis")`: a `Duration` as integer milliseconds in config
+/// files, the one representation every eventbus config uses.
+pub mod serde_millis {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    /// Serialize as milliseconds.
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(d.as_millis() as u64)
+    }
+
+    /// Deserialize from milliseconds.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        Ok(Duration::from_millis(u64::deserialize(d)?))
+    }
+}
+
 pub use envelope::{Envelope, names as envelope_headers};
 pub use error::{Error, ErrorKind, Result, Retry};
 pub use message::{Headers, Message, MessageId, Topic};

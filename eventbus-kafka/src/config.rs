@@ -19,18 +19,18 @@ pub struct KafkaConfig {
     /// librdkafka's own batching delay (`linger.ms`). Default 5 ms. The eventbus engine hands
     /// messages over at once (its linger stays 0 for Kafka), so this is the only linger: no
     /// double buffering.
-    #[serde(with = "millis")]
+    #[serde(with = "eventbus_core::serde_millis")]
     pub linger: Duration,
     /// `message.timeout.ms`: how long librdkafka retries a message. Default 30 s. Keep it at or
     /// below the engine's `ack_timeout` so the engine never gives up first.
-    #[serde(with = "millis")]
+    #[serde(with = "eventbus_core::serde_millis")]
     pub message_timeout: Duration,
     /// Idempotent producer (`enable.idempotence`, implies `acks=all`). Default `true`.
     pub idempotence: bool,
     /// Largest message accepted (`message.max.bytes`). Default 1,000,000.
     pub max_message_bytes: usize,
     /// Connect / metadata timeout. Default 10 s.
-    #[serde(with = "millis")]
+    #[serde(with = "eventbus_core::serde_millis")]
     pub connect_timeout: Duration,
     /// Any librdkafka property, applied last (escape hatch), e.g. `security.protocol`.
     pub options: BTreeMap<String, String>,
@@ -148,19 +148,6 @@ impl KafkaConfig {
             c.set(k, v);
         }
         c
-    }
-}
-
-mod millis {
-    use std::time::Duration;
-
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    pub(super) fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_u64(d.as_millis() as u64)
-    }
-    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        Ok(Duration::from_millis(u64::deserialize(d)?))
     }
 }
 

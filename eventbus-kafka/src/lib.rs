@@ -88,14 +88,16 @@ impl KafkaBackend {
                 .client_config()
                 .create()
                 .map_err(|e| error::other("client", e))?;
+            // Metadata and offsets can be slow on a loaded broker: allow more than connect.
+            let wait = c.connect_timeout.max(Duration::from_secs(30));
             let md = consumer
-                .fetch_metadata(Some(&topic), c.connect_timeout)
+                .fetch_metadata(Some(&topic), wait)
                 .map_err(|e| error::other("metadata", e))?;
             let mut out = Vec::new();
             for t in md.topics() {
                 for p in t.partitions() {
                     let (lo, hi) = consumer
-                        .fetch_watermarks(&topic, p.id(), c.connect_timeout)
+                        .fetch_watermarks(&topic, p.id(), wait)
                         .map_err(|e| error::other("watermarks", e))?;
                     out.push((p.id(), lo, hi));
                 }

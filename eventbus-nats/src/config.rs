@@ -73,11 +73,11 @@ pub struct NatsConfig {
     /// Client certificate and key (PEM) for mutual TLS. Default none.
     pub tls_client_cert: Option<(PathBuf, PathBuf)>,
     /// Initial connect timeout. Default 5 s.
-    #[serde(with = "millis")]
+    #[serde(with = "eventbus_core::serde_millis")]
     pub connect_timeout: Duration,
     /// How long to wait for each JetStream publish ack. Default 10 s. The batching engine's
     /// `ack_timeout` bounds a message's whole life; this bounds the wait on the wire.
-    #[serde(with = "millis")]
+    #[serde(with = "eventbus_core::serde_millis")]
     pub ack_timeout: Duration,
     /// async-nats's own limit of publishes awaiting acks. Default 262,144: set well above the
     /// engine's ACK window so that **our** window is the one that binds.
@@ -200,19 +200,6 @@ impl NatsConfig {
             }
         }
         Ok(c)
-    }
-}
-
-mod millis {
-    use std::time::Duration;
-
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    pub(super) fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_u64(d.as_millis() as u64)
-    }
-    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        Ok(Duration::from_millis(u64::deserialize(d)?))
     }
 }
 

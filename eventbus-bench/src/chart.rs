@@ -1,0 +1,158 @@
+//! A dependency-free SVG bar chart of publish throughput: one panel per storage class,
+//! scenarios along x, one bar per (backend, mode). Plain SVG so it renders anywhere (GitHub,
+//! browsers) without fonts installed on the machine that made it.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+/// `(storage, scenario, series) -> median msg/s`.
+pub(crate) type Series = BTreeMap<(String, String, String), f64>;
+
+const SERIES: [(&str, &str); 6] = [
+    ("kafka sdk", "#1f77b4"),
+    ("kafka raw", "#aec7e8"),
+    ("nats sdk", "#d62728"),
+    ("nats sdk-nodedup", "#ff7f0e"),
+    ("nats raw", "#ff9896"),
+    ("nats naive", "#7f7f7f"),
+];
+
+pub(crate) fn svg(data: &Series, scenarios: &[&str], title: &str) -> String {
+    let storages: Vec<&str> = ["durable", "memory"]
+        .into_iter()
+        .filter(|st| data.keys().any(|(s, _, _)| s == st))
+        .collect();
+    let (panel_w, panel_h, top, left) = (760.0, 300.0, 60.0, 70.0);
+    let height = top + storages.len() as f64 * (panel_h + 70.0) + 40.0;
+    let width = left + panel_w + 200.0;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="12">"#
+    );
+    let _ = writeln!(out, r#"<rect width="100%" height="100%" fill="white"/>"#);
+    let _ = writeln!(
+        out,
+        r#"<text x="{left}" y="24" font-size="16">{}</text>"#,
+        escape(title)
+    );
+    for (pi, storage) in storages.iter().enumerate() {
+        let y0 = top + pi as f64 * (panel_h + 70.0);
+        let max = data
+            .iter()
+            .filter(|((s, _, _), _)| s == storage)
+            .map(|(_, v)| *v)
+            .fold(1.0f64, f64::max);
+        let ymax = nice(max);
+        let _ = writeln!(
+            out,
+            r#"<text x="{left}" y="{}" font-size="14">{storage} storage: publish msg/s (median)</text>"#,
+            y0 - 8.0
+        );
+        for t in 0..=4 {
+            let v = ymax * t as f64 / 4.0;
+            let y = y0 + panel_h - panel_h * t as f64 / 4.0;
+            let _ = writeln!(
+                out,
+                r##"<line x1="{left}" x2="{}" y1="{y}" y2="{y}" stroke="#ddd"/>"##,
+                left + panel_w
+            );
+            let _ = writeln!(
+                out,
+                r#"<text x="{}" y="{}" text-anchor="end">{}</text>"#,
+                left - 6.0,
+                y + 4.0,
+                rate(v)
+            );
+        }
+        let group_w = panel_w / scenarios.len() as f64;
+        let bar_w = (group_w - 20.0) / SERIES.len() as f64;
+        for (si, sc) in scenarios.iter().enumerate() {
+            let gx = left + si as f64 * group_w + 10.0;
+            for (bi, (name, color)) in SERIES.iter().enumerate() {
+                if let Some(v) = data.get(&(storage.to_string(), sc.to_string(), name.to_string()))
+                {
+                    let h = panel_h * v / ymax;
+                    let x = gx + bi as f64 * bar_w;
+                    let _ = writeln!(
+                        out,
+                        r#"<rect x="{x:.1}" y="{:.1}" width="{:.1}" height="{h:.1}" fill="{color}"><title>{name} {sc}: {}</title></rect>"#,
+                        y0 + panel_h - h,
+                        bar_w - 1.0,
+                        rate(*v)
+                    );
+                }
+            }
+            let _ = writeln!(
+                out,
+                r#"<text x="{:.1}" y="{}" text-anchor="middle">{sc}</text>"#,
+                gx + (group_w - 20.0) / 2.0,
+                y0 + panel_h + 16.0
+            );
+        }
+    }
+    for (i, (name, color)) in SERIES.iter().enumerate() {
+        let y = top + 10.0 + i as f64 * 20.0;
+        let x = left + panel_w + 20.0;
+        let _ = writeln!(
+            out,
+            r#"<rect x="{x}" y="{}" width="12" height="12" fill="{color}"/>"#,
+            y - 10.0
+        );
+        let _ = writeln!(out, r#"<text x="{}" y="{y}">{name}</text>"#, x + 18.0);
+    }
+    out.push_str("</svg>\n");
+    out
+}
+
+fn nice(max: f64) -> f64 {
+    let mag = 10f64.powf(max.log10().floor());
+    for m in [1.0, 2.0, 2.5, 5.0, 10.0] {
+        if m * mag >= max {
+            return m * mag;
+        }
+    }
+    10.0 * mag
+}
+
+fn rate(x: f64) -> String {
+    if x >= 1e6 {
+        format!("{:.1}M", x / 1e6)
+    } else if x >= 1e3 {
+        format!("{:.0}k", x / 1e3)
+    } else {
+        format!("{x:.0}")
+    }
+}
+
+fn escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bars_scale_to_the_panel_and_missing_series_are_skipped() {
+        let mut d = Series::new();
+        d.insert(("durable".into(), "low".into(), "nats sdk".into()), 100.0);
+        d.insert(("durable".into(), "low".into(), "kafka sdk".into()), 50.0);
+        let s = svg(&d, &["low"], "t");
+        assert!(s.starts_with("<svg"));
+        assert_eq!(
+            s.matches("<title>").count(),
+            2,
+            "one bar per present series"
+        );
+        assert!(
+            s.contains("height=\"300.0\""),
+            "the largest bar fills the panel (ymax = 100)"
+        );
+        assert!(!s.contains("memory storage"), "no panel without data");
+        assert_eq!(nice(730.0), 1000.0);
+        assert_eq!(nice(210_000.0), 250_000.0);
+    }
+}
