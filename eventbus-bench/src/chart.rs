@@ -5,6 +5,8 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
+use crate::report::fmt_rate;
+
 /// `(storage, scenario, series) -> median msg/s`.
 pub(crate) type Series = BTreeMap<(String, String, String), f64>;
 
@@ -62,7 +64,7 @@ pub(crate) fn svg(data: &Series, scenarios: &[&str], title: &str) -> String {
                 r#"<text x="{}" y="{}" text-anchor="end">{}</text>"#,
                 left - 6.0,
                 y + 4.0,
-                rate(v)
+                fmt_rate(v)
             );
         }
         let group_w = panel_w / scenarios.len() as f64;
@@ -79,7 +81,7 @@ pub(crate) fn svg(data: &Series, scenarios: &[&str], title: &str) -> String {
                         r#"<rect x="{x:.1}" y="{:.1}" width="{:.1}" height="{h:.1}" fill="{color}"><title>{name} {sc}: {}</title></rect>"#,
                         y0 + panel_h - h,
                         bar_w - 1.0,
-                        rate(*v)
+                        fmt_rate(*v)
                     );
                 }
             }
@@ -113,16 +115,6 @@ fn nice(max: f64) -> f64 {
         }
     }
     10.0 * mag
-}
-
-fn rate(x: f64) -> String {
-    if x >= 1e6 {
-        format!("{:.1}M", x / 1e6)
-    } else if x >= 1e3 {
-        format!("{:.0}k", x / 1e3)
-    } else {
-        format!("{x:.0}")
-    }
 }
 
 fn escape(s: &str) -> String {

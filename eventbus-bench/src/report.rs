@@ -163,7 +163,7 @@ fn stat(rs: &[&Record]) -> Stat {
     }
 }
 
-fn fmt_rate(x: f64) -> String {
+pub(crate) fn fmt_rate(x: f64) -> String {
     if x >= 1e6 {
         format!("{:.2}M", x / 1e6)
     } else if x >= 1e3 {
