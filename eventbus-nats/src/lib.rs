@@ -1,5 +1,10 @@
 #![doc = include_str!("../README.md")]
 
+/// The workspace README's example, compiled as a doctest so it cannot rot.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+struct WorkspaceReadme;
+
 mod config;
 mod error;
 mod headers;
