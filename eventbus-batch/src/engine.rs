@@ -115,7 +115,6 @@ struct Inner<S: BatchSink> {
     inflight: Mutex<BTreeMap<u64, InflightBatch>>,
     progress: Notify,
     closed: AtomicBool,
-    sink_closed: AtomicBool,
     unresolved_at_close: AtomicU64,
     metrics: EngineMetrics,
 }
@@ -136,7 +135,6 @@ impl<S: BatchSink> Batcher<S> {
             inflight: Mutex::new(BTreeMap::new()),
             progress: Notify::new(),
             closed: AtomicBool::new(false),
-            sink_closed: AtomicBool::new(false),
             unresolved_at_close: AtomicU64::new(0),
             metrics,
             sink,
@@ -352,7 +350,8 @@ impl<S: BatchSink> Batcher<S> {
                 "close deadline passed with messages unresolved"
             );
         }
-        if first && !i.sink_closed.swap(true, Ordering::AcqRel) {
+        // `closed.swap` above makes exactly one close call the first: the sink closes once.
+        if first {
             let _ = tokio::time::timeout_at(until, i.sink.close()).await;
         }
         Ok(CloseReport::new(

@@ -257,12 +257,7 @@ fn receive(
 ) -> tokio::task::JoinHandle<Received> {
     tokio::spawn(async move {
         let mut seen = HashSet::with_capacity(expected as usize);
-        let mut r = Received {
-            distinct: 0,
-            duplicates: 0,
-            e2e_latency: hist(),
-            elapsed: None,
-        };
+        let mut r = Received::empty();
         let grace = Duration::from_secs(15);
         let mut deadline: Option<tokio::time::Instant> = None;
         while r.distinct < expected {
@@ -440,10 +435,9 @@ impl Env {
                     );
                 }
                 let p = Batcher::new(broker.sink(), cfg).map_err(|e| e.to_string())?;
-                sys::reset_peak_rss();
-                let cpu0 = sys::cpu_seconds(None);
                 let (done_tx, done_rx) = tokio::sync::watch::channel(false);
-                let t0 = Instant::now();
+                let meter = sys::Meter::start(None);
+                let t0 = meter.t0;
                 let per_topic = (s.messages / s.topics) as u64;
                 let rxs: Vec<_> = subs
                     .into_iter()
@@ -460,12 +454,7 @@ impl Env {
                     received.push(r.await.map_err(|e| e.to_string())?);
                 }
                 let received = Received::merge(received);
-                rec.fill(
-                    &published,
-                    &received,
-                    sys::peak_rss_bytes(),
-                    sys::cpu_seconds(None) - cpu0,
-                );
+                rec.fill(&published, &received, &meter);
                 let stored: u64 = topics.iter().map(|t| broker.topic_len(t) as u64).sum();
                 rec.topic_or_stream = format!("{prefix}.*");
                 rec.verify(stored, true, "in-memory topic logs");
@@ -482,7 +471,7 @@ impl Env {
             },
             #[cfg(feature = "nats")]
             "nats" => {
-                self.run_nats(args, s, mode, storage, rep, id, &prefix, &topics, rec)
+                self.run_nats(args, s, mode, storage, id, &prefix, &topics, rec)
                     .await
             }
             other => Err(format!("backend {other} is not built into this bench")),
@@ -497,7 +486,6 @@ impl Env {
         s: Scenario,
         mode: &str,
         storage: &str,
-        rep: usize,
         id: u64,
         prefix: &str,
         topics: &[Topic],
@@ -560,10 +548,9 @@ impl Env {
                 cfg.max_in_flight
             };
             let server_pid = n.server.as_ref().and_then(|s| s.pid());
-            sys::reset_peak_rss();
-            let (cpu0, scpu0) = (sys::cpu_seconds(None), sys::cpu_seconds(server_pid));
             let (done_tx, done_rx) = tokio::sync::watch::channel(false);
-            let t0 = Instant::now();
+            let meter = sys::Meter::start(server_pid);
+            let t0 = meter.t0;
             let rx = receive(sub, s.messages as u64, t0, done_rx);
             let published = match &sdk {
                 Some(p) => drive_sdk(p, s, &topics, mode == "naive", t0).await,
@@ -571,13 +558,7 @@ impl Env {
             };
             let _ = done_tx.send(true);
             let received = rx.await.map_err(|e| e.to_string())?;
-            rec.fill(
-                &published,
-                &received,
-                sys::peak_rss_bytes(),
-                sys::cpu_seconds(None) - cpu0,
-            );
-            rec.broker_cpu_secs = sys::cpu_seconds(server_pid) - scpu0;
+            rec.fill(&published, &received, &meter);
             let state = n
                 .backend
                 .stream_state(&stream)
@@ -595,12 +576,21 @@ impl Env {
             let _ = n.backend.delete_stream(&stream).await;
             out.push(rec);
         }
-        let _ = rep;
         Ok(out)
     }
 }
 
 impl Received {
+    /// Nothing received (no consumer ran, or none arrived).
+    pub(crate) fn empty() -> Received {
+        Received {
+            distinct: 0,
+            duplicates: 0,
+            e2e_latency: hist(),
+            elapsed: None,
+        }
+    }
+
     fn merge(parts: Vec<Received>) -> Received {
         let mut all = Received {
             distinct: 0,
@@ -622,7 +612,9 @@ impl Received {
 }
 
 impl Record {
-    pub(crate) fn fill(&mut self, p: &Published, r: &Received, peak_rss: u64, cpu: f64) {
+    pub(crate) fn fill(&mut self, p: &Published, r: &Received, meter: &sys::Meter) {
+        let (peak_rss, cpu, broker_cpu) = meter.stop();
+        self.broker_cpu_secs = broker_cpu;
         let secs = p.elapsed.as_secs_f64().max(1e-9);
         self.acked = p.acked;
         self.failed = p.failed;

@@ -12,7 +12,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
-use crate::drive::{Published, Received, decode, drive_sdk, hist, payload, share};
+use crate::drive::{Published, Received, decode, drive_sdk, payload, share};
 use crate::report::Record;
 use crate::{Args, Scenario, sys};
 
@@ -155,10 +155,9 @@ impl KafkaEnv {
             };
             rec.connect_ms = connect.elapsed().as_secs_f64() * 1e3;
 
-            sys::reset_peak_rss();
-            let (cpu0, scpu0) = (sys::cpu_seconds(None), sys::cpu_seconds(server_pid));
             let (done_tx, done_rx) = tokio::sync::watch::channel(false);
-            let t0 = Instant::now();
+            let meter = sys::Meter::start(server_pid);
+            let t0 = meter.t0;
             // tansu's SQLite engine serves reads at ~1.4k msg/s and slows as it grows: durable
             // runs are verified by high watermarks only; memory runs by a consumer.
             let durable = storage == "durable";
@@ -180,19 +179,11 @@ impl KafkaEnv {
                 Some(rx) => Some(rx.await.map_err(|e| e.to_string())?),
                 None => None,
             };
-            let none = Received {
-                distinct: 0,
-                duplicates: 0,
-                e2e_latency: hist(),
-                elapsed: None,
-            };
             rec.fill(
                 &published,
-                received.as_ref().unwrap_or(&none),
-                sys::peak_rss_bytes(),
-                sys::cpu_seconds(None) - cpu0,
+                received.as_ref().unwrap_or(&Received::empty()),
+                &meter,
             );
-            rec.broker_cpu_secs = sys::cpu_seconds(server_pid) - scpu0;
             if let P::Sdk(b) = producer {
                 let _ = b.close(Duration::from_secs(10)).await;
             }
@@ -274,12 +265,7 @@ fn consume(
     done: tokio::sync::watch::Receiver<bool>,
 ) -> tokio::task::JoinHandle<Received> {
     tokio::task::spawn_blocking(move || {
-        let mut r = Received {
-            distinct: 0,
-            duplicates: 0,
-            e2e_latency: hist(),
-            elapsed: None,
-        };
+        let mut r = Received::empty();
         let consumer: BaseConsumer = match ClientConfig::new()
             .set("bootstrap.servers", &bootstrap)
             .set("group.id", "bench-verify")
