@@ -174,18 +174,53 @@ fn set_executable(_: &Path) -> io::Result<()> {
     Ok(())
 }
 
-/// A free TCP port on 127.0.0.1.
+/// A free TCP port on 127.0.0.1 that this process has not handed out before.
+///
+/// Ports come from 20000..32000, below Linux's ephemeral range (32768+), so outgoing client
+/// sockets do not take them, and each port is handed out at most once per process: parallel
+/// tests in one test binary never race for the same port (a plain `bind(0)` probe can return
+/// the same port to two threads, and the loser's broker then fails to bind while the winner's
+/// answers its readiness check).
 pub fn free_port() -> io::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    use std::collections::HashSet;
+    use std::hash::{BuildHasher, RandomState};
+    use std::sync::Mutex;
+    static TAKEN: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
+    let seed = RandomState::new();
+    for attempt in 0u32..2000 {
+        let port = 20000 + (seed.hash_one((attempt, std::process::id())) % 12000) as u16;
+        let mut taken = TAKEN.lock().unwrap_or_else(|e| e.into_inner());
+        let taken = taken.get_or_insert_with(HashSet::new);
+        if taken.contains(&port) {
+            continue;
+        }
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            taken.insert(port);
+            return Ok(port);
+        }
+    }
+    Err(other("no free port found in 127.0.0.1:20000..32000"))
 }
 
 /// Wait until something accepts TCP connections on `port`.
 pub fn wait_for_port(port: u16, within: Duration) -> io::Result<()> {
+    wait_until_listening(port, within, || Ok(()))
+}
+
+/// Like [`wait_for_port`], but `alive` is checked on every poll so a child that exited (for
+/// example because it could not bind) is reported at once instead of after `within`.
+fn wait_until_listening(
+    port: u16,
+    within: Duration,
+    mut alive: impl FnMut() -> io::Result<()>,
+) -> io::Result<()> {
     let addr: SocketAddr = ([127, 0, 0, 1], port).into();
     let until = Instant::now() + within;
     loop {
+        alive()?;
         if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
-            return Ok(());
+            // The listener may belong to someone else: make sure our child is still running.
+            return alive();
         }
         if Instant::now() > until {
             return Err(other(format!(
@@ -194,6 +229,14 @@ pub fn wait_for_port(port: u16, within: Duration) -> io::Result<()> {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// The last `n` lines of a log file, joined with ` | `.
+fn log_tail(log: &Path, n: usize) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let mut tail: Vec<&str> = text.lines().rev().take(n).collect();
+    tail.reverse();
+    tail.join(" | ")
 }
 
 fn require(bin: &Path, name: &str, env: &str) -> io::Result<()> {
@@ -235,6 +278,21 @@ impl Proc {
 
     fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
+    }
+
+    /// Error if the child has exited.
+    fn alive(&mut self, name: &str, log: &Path) -> io::Result<()> {
+        let Some(child) = self.child.as_mut() else {
+            return Err(other(format!("{name} is not running")));
+        };
+        match child.try_wait()? {
+            None => Ok(()),
+            Some(status) => Err(other(format!(
+                "{name} exited at start-up ({status}); log {} ends: {}",
+                log.display(),
+                log_tail(log, 5)
+            ))),
+        }
     }
 
     /// Stop managing the process (it keeps running) and keep `dir` on disk; returns the pid.
@@ -322,8 +380,11 @@ impl NatsServer {
         .arg(self.store.path().join("js"))
         .args(&self.opts.args);
         self.proc = Proc::spawn(&mut cmd, &self.log)?;
-        wait_for_port(self.port, Duration::from_secs(15))
-            .map_err(|e| other(format!("{e}; nats-server log: {}", self.log.display())))
+        let (proc, log) = (&mut self.proc, &self.log);
+        wait_until_listening(self.port, Duration::from_secs(15), || {
+            proc.alive("nats-server", log)
+        })
+        .map_err(|e| other(format!("{e}; nats-server log: {}", self.log.display())))
     }
 
     /// `nats://127.0.0.1:PORT`.
@@ -433,15 +494,15 @@ impl Tansu {
             ])
             .env("RUST_LOG", "warn");
         self.proc = Proc::spawn(&mut cmd, &self.log)?;
-        wait_for_port(self.port, Duration::from_secs(30)).map_err(|e| {
-            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
-            let tail: Vec<&str> = log.lines().rev().take(5).collect();
-            other(format!(
-                "{e}; tansu log ({}) ends: {}",
-                self.log.display(),
-                tail.join(" | ")
-            ))
-        })
+        let (proc, log) = (&mut self.proc, &self.log);
+        wait_until_listening(self.port, Duration::from_secs(30), || proc.alive("tansu", log))
+            .map_err(|e| {
+                other(format!(
+                    "{e}; tansu log ({}) ends: {}",
+                    self.log.display(),
+                    log_tail(&self.log, 5)
+                ))
+            })
     }
 
     /// `127.0.0.1:PORT`, for `bootstrap.servers`.
