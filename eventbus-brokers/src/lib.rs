@@ -495,14 +495,16 @@ impl Tansu {
             .env("RUST_LOG", "warn");
         self.proc = Proc::spawn(&mut cmd, &self.log)?;
         let (proc, log) = (&mut self.proc, &self.log);
-        wait_until_listening(self.port, Duration::from_secs(30), || proc.alive("tansu", log))
-            .map_err(|e| {
-                other(format!(
-                    "{e}; tansu log ({}) ends: {}",
-                    self.log.display(),
-                    log_tail(&self.log, 5)
-                ))
-            })
+        wait_until_listening(self.port, Duration::from_secs(30), || {
+            proc.alive("tansu", log)
+        })
+        .map_err(|e| {
+            other(format!(
+                "{e}; tansu log ({}) ends: {}",
+                self.log.display(),
+                log_tail(&self.log, 5)
+            ))
+        })
     }
 
     /// `127.0.0.1:PORT`, for `bootstrap.servers`.

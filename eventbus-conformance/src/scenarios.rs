@@ -153,7 +153,7 @@ pub async fn invalid_input_typed_errors<H: Harness>(h: &H) {
     let p = publisher(h, BatchConfig::default()).await;
     let bad = [
         Message::new("", "x"),
-        Message::new("a..b", "x"),
+        Message::new("a*b", "x"),
         Message::new("a b", "x"),
         Message::new("a\r\nb", "x"),
         Message::new(&topic, "x").with_header("bad:name", "v"),

@@ -38,7 +38,7 @@ pub use router::{BatchOutcomes, OutcomeRouter};
 pub use sink::{BatchSink, SinkLimits};
 pub use subscriber::{
     AckHandle, Acker, Delivery, DeliveryInfo, Feed, StartFrom, SubscribeSpec, Subscriber,
-    Subscription,
+    Subscription, TrySend,
 };
 pub use validate::TopicRules;
 

@@ -307,6 +307,23 @@ impl Feed {
         }
     }
 
+    /// Hand a delivery over without waiting, for backends that poll from a plain thread.
+    /// On failure the delivery comes back with the reason.
+    #[expect(
+        clippy::result_large_err,
+        reason = "the delivery comes back by value: no allocation when the buffer is full"
+    )]
+    pub fn try_send(&self, d: Result<Delivery, Error>) -> Result<(), TrySend> {
+        match self.tx.try_reserve() {
+            Ok(p) => {
+                p.send(d);
+                Ok(())
+            }
+            Err(mpsc::error::TrySendError::Full(())) => Err(TrySend::Full(d)),
+            Err(mpsc::error::TrySendError::Closed(())) => Err(TrySend::Closed(d)),
+        }
+    }
+
     /// Resolves when the subscriber closed or dropped the subscription.
     pub async fn stopped(&mut self) {
         let _ = (&mut self.stop).await;
@@ -316,6 +333,15 @@ impl Feed {
     pub fn is_stopped(&self) -> bool {
         self.tx.is_closed()
     }
+}
+
+/// Why [`Feed::try_send`] did not hand a delivery over; the delivery comes back.
+#[derive(Debug)]
+pub enum TrySend {
+    /// The subscriber's buffer is full (`prefetch` deliveries waiting): try again later.
+    Full(Result<Delivery, Error>),
+    /// The subscription was closed or dropped: release the delivery.
+    Closed(Result<Delivery, Error>),
 }
 
 /// Creates subscriptions.

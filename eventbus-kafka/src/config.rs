@@ -32,6 +32,11 @@ pub struct KafkaConfig {
     /// Connect / metadata timeout. Default 10 s.
     #[serde(with = "eventbus_core::serde_millis")]
     pub connect_timeout: Duration,
+    /// How long a publish to a topic the cluster does not know waits for it to appear before
+    /// it fails with `Rejected` (`topic.metadata.propagation.max.ms`). Default 3 s (librdkafka's
+    /// own default, 30 s, made an unknown topic look like a hang).
+    #[serde(with = "eventbus_core::serde_millis")]
+    pub unknown_topic_timeout: Duration,
     /// Any librdkafka property, applied last (escape hatch), e.g. `security.protocol`.
     pub options: BTreeMap<String, String>,
 }
@@ -46,6 +51,7 @@ impl Default for KafkaConfig {
             idempotence: true,
             max_message_bytes: 1_000_000,
             connect_timeout: Duration::from_secs(10),
+            unknown_topic_timeout: Duration::from_secs(3),
             options: BTreeMap::new(),
         }
     }
@@ -108,6 +114,11 @@ impl KafkaConfig {
         self.connect_timeout = d;
         self
     }
+    /// Set how long a publish to an unknown topic waits before failing.
+    pub fn unknown_topic_timeout(mut self, d: Duration) -> Self {
+        self.unknown_topic_timeout = d;
+        self
+    }
     /// Set `message.timeout.ms`.
     pub fn message_timeout(mut self, d: Duration) -> Self {
         self.message_timeout = d;
@@ -118,6 +129,26 @@ impl KafkaConfig {
         let mut c = rdkafka::ClientConfig::new();
         c.set("bootstrap.servers", &self.brokers)
             .set("client.id", &self.client_id);
+        for (k, v) in &self.options {
+            c.set(k, v);
+        }
+        c
+    }
+
+    /// A consumer for `group`: no auto-commit and no automatic offset store (the subscription
+    /// commits the acked prefix itself), partition EOF events off.
+    pub(crate) fn consumer_config(&self, group: &str, earliest: bool) -> rdkafka::ClientConfig {
+        let mut c = rdkafka::ClientConfig::new();
+        c.set("bootstrap.servers", &self.brokers)
+            .set("client.id", &self.client_id)
+            .set("group.id", group)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("enable.partition.eof", "false")
+            .set(
+                "auto.offset.reset",
+                if earliest { "earliest" } else { "latest" },
+            );
         for (k, v) in &self.options {
             c.set(k, v);
         }
@@ -143,7 +174,11 @@ impl KafkaConfig {
                 "message.timeout.ms",
                 self.message_timeout.as_millis().to_string(),
             )
-            .set("message.max.bytes", self.max_message_bytes.to_string());
+            .set("message.max.bytes", self.max_message_bytes.to_string())
+            .set(
+                "topic.metadata.propagation.max.ms",
+                self.unknown_topic_timeout.as_millis().to_string(),
+            );
         for (k, v) in &self.options {
             c.set(k, v);
         }

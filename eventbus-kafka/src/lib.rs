@@ -4,6 +4,7 @@ mod config;
 mod error;
 mod headers;
 mod sink;
+mod subscriber;
 
 use std::time::Duration;
 
@@ -14,6 +15,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 
 pub use config::KafkaConfig;
 pub use sink::{ID_HEADER, KafkaSink};
+pub use subscriber::KafkaSubscriber;
 
 /// A Kafka-protocol cluster: makes sinks and manages topics.
 #[derive(Clone, Debug)]
@@ -43,6 +45,13 @@ impl KafkaBackend {
     /// A publishing sink (one librdkafka producer); wrap it in `eventbus_batch::Batcher`.
     pub fn sink(&self) -> Result<KafkaSink, Error> {
         KafkaSink::new(&self.config)
+    }
+
+    /// A subscriber (one librdkafka consumer and thread per subscription).
+    pub fn subscriber(&self) -> KafkaSubscriber {
+        KafkaSubscriber {
+            config: self.config.clone(),
+        }
     }
 
     /// The configuration.

@@ -1,0 +1,581 @@
+//! Consumer groups behind the `Subscriber` trait: at-least-once, only the acked prefix of each
+//! partition is ever committed.
+//!
+//! One plain thread per subscription polls librdkafka (so rebalance callbacks may block briefly
+//! without stalling the async runtime) and hands deliveries to the subscription's channel.
+//! Acks, nacks and terms are local bookkeeping; the thread commits, per partition, the offset
+//! just past the longest run of settled messages: every 100 ms while acks arrive, on revoke
+//! and on close. A nacked or un-acked (after `ack_wait`) message is delivered again by the
+//! same member; a message whose member goes away is delivered again by the next owner of its
+//! partition (Kafka keeps no per-message delivery count, so the count restarts there).
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use eventbus_core::{
+    AckHandle, Acker, Delivery, DeliveryInfo, Error, ErrorKind, Feed, Message, Position, StartFrom,
+    SubscribeSpec, Subscriber, Subscription, TopicRules, TrySend,
+};
+use parking_lot::Mutex;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::error::KafkaResult;
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+
+use crate::KafkaConfig;
+use crate::error::{self, BACKEND};
+
+/// How often acked progress is committed while acks keep arriving.
+const COMMIT_EVERY: Duration = Duration::from_millis(100);
+/// Longest single `poll` when idle (also the latency of a nack with zero delay).
+const IDLE_POLL: Duration = Duration::from_millis(20);
+/// How long the handler may stay behind before the partitions are paused.
+const PAUSE_AFTER: Duration = Duration::from_secs(1);
+/// Longest a revoke waits for deliveries already handed to the handler to be settled.
+const REVOKE_DRAIN: Duration = Duration::from_secs(10);
+
+/// Subscribes with Kafka consumers. `group: Some(g)` joins consumer group `g` (Kafka's own
+/// group protocol shares partitions among members); `group: None` reads every partition of the
+/// topic on its own and commits nothing.
+///
+/// Kafka-specific behaviour: members of a group share *partitions*, so a topic with one
+/// partition gives everything to one member; a delivery's count is kept by this member only.
+#[derive(Clone, Debug)]
+pub struct KafkaSubscriber {
+    pub(crate) config: KafkaConfig,
+}
+
+impl Subscriber for KafkaSubscriber {
+    fn subscribe(
+        &self,
+        spec: SubscribeSpec,
+    ) -> impl Future<Output = Result<Subscription, Error>> + Send {
+        let config = self.config.clone();
+        async move {
+            eventbus_core::validate::topic(spec.topic.as_str(), TopicRules::Kafka)
+                .map_err(|e| e.with_backend(BACKEND))?;
+            let rt = tokio::runtime::Handle::current();
+            let (sub, feed) = Subscription::channel(spec.prefetch);
+            let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+            std::thread::Builder::new()
+                .name("eventbus-kafka-sub".into())
+                .spawn(move || match start(&config, &spec) {
+                    Ok((consumer, shared)) => {
+                        let _ = ready_tx.send(Ok(()));
+                        let _rt = rt.enter();
+                        pump(&consumer, &shared, &spec, feed);
+                        shutdown(consumer, &shared);
+                    }
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                    }
+                })
+                .map_err(|e| {
+                    error::err(ErrorKind::Other, "could not start the consumer thread")
+                        .with_source(e)
+                })?;
+            ready_rx
+                .await
+                .map_err(|_| error::err(ErrorKind::Other, "consumer thread ended"))??;
+            Ok(sub)
+        }
+    }
+}
+
+/// Create the consumer, check the topic exists, and subscribe (group) or assign (exclusive).
+fn start(
+    config: &KafkaConfig,
+    spec: &SubscribeSpec,
+) -> Result<(BaseConsumer<Ctx>, Arc<Shared>), Error> {
+    let topic = spec.topic.as_str();
+    let group = spec.group.clone().unwrap_or_else(|| {
+        format!(
+            "eventbus-exclusive-{}",
+            eventbus_core::MessageId::generate()
+        )
+    });
+    let shared = Arc::new(Shared {
+        state: Mutex::new(State::default()),
+        ack_wait: spec.ack_wait,
+        grouped: spec.group.is_some(),
+    });
+    let consumer: BaseConsumer<Ctx> = config
+        .consumer_config(&group, spec.start == StartFrom::Earliest)
+        .create_with_context(Ctx {
+            shared: Arc::clone(&shared),
+        })
+        .map_err(|e| error::other("could not create the Kafka consumer", e))?;
+    let md = consumer
+        .fetch_metadata(Some(topic), config.connect_timeout)
+        .map_err(|e| error::other("could not read topic metadata", e))?;
+    let partitions: Vec<i32> = md
+        .topics()
+        .iter()
+        .filter(|t| t.name() == topic && t.error().is_none())
+        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+        .collect();
+    if partitions.is_empty() {
+        return Err(error::err(
+            ErrorKind::Rejected,
+            format!("unknown topic {topic:?}: create it first"),
+        ));
+    }
+    if spec.group.is_some() {
+        consumer
+            .subscribe(&[topic])
+            .map_err(|e| error::other("could not join the consumer group", e))?;
+    } else {
+        let start = match spec.start {
+            StartFrom::Latest => Offset::End,
+            _ => Offset::Beginning,
+        };
+        let mut tpl = TopicPartitionList::new();
+        for p in &partitions {
+            tpl.add_partition_offset(topic, *p, start)
+                .map_err(|e| error::other("invalid partition list", e))?;
+        }
+        consumer
+            .assign(&tpl)
+            .map_err(|e| error::other("could not assign partitions", e))?;
+        shared.state.lock().assigned(&partitions);
+    }
+    Ok((consumer, shared))
+}
+
+/// Identifies one delivery of one message in one assignment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct Key {
+    partition: i32,
+    offset: i64,
+    /// Assignment epoch: acks from before a revoke are ignored (the partition's next owner
+    /// delivers the message again).
+    epoch: u64,
+    /// Delivery round: a nack or ack-wait timer only counts for the latest delivery.
+    round: u32,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Stage {
+    /// Waiting in the backlog or for a redelivery timer: not with the handler.
+    Queued,
+    /// Handed to the subscription (buffered or with the handler).
+    Out,
+    /// Acked or terminated.
+    Settled,
+}
+
+struct Entry {
+    message: Message,
+    count: u32,
+    round: u32,
+    stage: Stage,
+}
+
+struct Part {
+    epoch: u64,
+    entries: BTreeMap<i64, Entry>,
+    /// Offset after the last message polled, once one was.
+    next: Option<i64>,
+    /// Last offset committed by us.
+    committed: Option<i64>,
+}
+
+impl Part {
+    /// Drop the settled run at the front; the offset to commit (first unsettled, or after the
+    /// last polled message).
+    fn commit_point(&mut self) -> Option<i64> {
+        while let Some(e) = self.entries.first_entry() {
+            if e.get().stage != Stage::Settled {
+                return Some(*e.key());
+            }
+            e.remove();
+        }
+        self.next
+    }
+}
+
+#[derive(Default)]
+struct State {
+    parts: HashMap<i32, Part>,
+    timers: BinaryHeap<Reverse<(Instant, Key)>>,
+    backlog: VecDeque<(Key, Delivery)>,
+    /// Messages polled and not yet settled, over all partitions.
+    unsettled: usize,
+    /// Something was settled since the last commit.
+    dirty: bool,
+    paused: bool,
+    /// The subscription is shutting down: a revoke commits at once, without draining.
+    closing: bool,
+    next_epoch: u64,
+}
+
+impl State {
+    fn assigned(&mut self, partitions: &[i32]) {
+        for p in partitions {
+            self.next_epoch += 1;
+            self.parts.insert(
+                *p,
+                Part {
+                    epoch: self.next_epoch,
+                    entries: BTreeMap::new(),
+                    next: None,
+                    committed: None,
+                },
+            );
+        }
+        self.paused = false;
+    }
+
+    fn entry(&mut self, k: &Key) -> Option<&mut Entry> {
+        let part = self.parts.get_mut(&k.partition)?;
+        if part.epoch != k.epoch {
+            return None;
+        }
+        part.entries.get_mut(&k.offset)
+    }
+
+    fn settle(&mut self, k: &Key) {
+        if let Some(e) = self.entry(k)
+            && e.stage != Stage::Settled
+        {
+            e.stage = Stage::Settled;
+            self.unsettled -= 1;
+            self.dirty = true;
+        }
+    }
+
+    /// Queue (another) delivery of the entry at `k` in a new round.
+    fn deliver(&mut self, shared: &Arc<Shared>, k: Key) {
+        let Some(e) = self.entry(&k) else { return };
+        e.round += 1;
+        e.count += 1;
+        e.stage = Stage::Queued;
+        let key = Key {
+            round: e.round,
+            ..k
+        };
+        let d = Delivery::new(
+            e.message.clone(),
+            DeliveryInfo::new(
+                e.count,
+                Position::Partition {
+                    partition: k.partition,
+                    offset: k.offset,
+                },
+            ),
+            Acker::new(KafkaAcker {
+                shared: Arc::clone(shared),
+                key,
+            }),
+        );
+        self.backlog.push_back((key, d));
+    }
+
+    /// Offsets to commit for `partitions` (all when `None`) where they moved.
+    fn take_commits(&mut self, topic: &str, partitions: Option<&[i32]>) -> TopicPartitionList {
+        let mut tpl = TopicPartitionList::new();
+        for (p, part) in &mut self.parts {
+            if partitions.is_some_and(|ps| !ps.contains(p)) {
+                continue;
+            }
+            if let Some(at) = part.commit_point()
+                && part.committed != Some(at)
+                && tpl
+                    .add_partition_offset(topic, *p, Offset::Offset(at))
+                    .is_ok()
+            {
+                part.committed = Some(at);
+            }
+        }
+        self.dirty = false;
+        tpl
+    }
+}
+
+struct Shared {
+    state: Mutex<State>,
+    ack_wait: Duration,
+    grouped: bool,
+}
+
+struct Ctx {
+    shared: Arc<Shared>,
+}
+
+impl ClientContext for Ctx {}
+
+impl ConsumerContext for Ctx {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let Rebalance::Revoke(tpl) = rebalance else {
+            return;
+        };
+        let revoked: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
+        let Some(topic) = tpl.elements().first().map(|e| e.topic().to_owned()) else {
+            return;
+        };
+        // Deliveries the handler already has get a bounded chance to be settled, so the next
+        // owner does not process them a second time.
+        let drain_until = Instant::now() + REVOKE_DRAIN.min(self.shared.ack_wait);
+        loop {
+            let mut st = self.shared.state.lock();
+            st.backlog.retain(|(k, _)| !revoked.contains(&k.partition));
+            let out = revoked
+                .iter()
+                .filter_map(|p| st.parts.get(p))
+                .flat_map(|p| p.entries.values())
+                .filter(|e| e.stage == Stage::Out)
+                .count();
+            if out == 0 || st.closing || Instant::now() >= drain_until {
+                break;
+            }
+            drop(st);
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let mut st = self.shared.state.lock();
+        let commit = st.take_commits(&topic, Some(&revoked));
+        for p in &revoked {
+            if let Some(part) = st.parts.remove(p) {
+                let open = part
+                    .entries
+                    .values()
+                    .filter(|e| e.stage != Stage::Settled)
+                    .count();
+                st.unsettled -= open;
+            }
+        }
+        drop(st);
+        if commit.count() > 0
+            && let Err(e) = consumer.commit(&commit, CommitMode::Sync)
+        {
+            tracing::warn!(error = %e, "commit on revoke failed; the next owner may redeliver");
+        }
+    }
+
+    fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(tpl) => {
+                let parts: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
+                self.shared.state.lock().assigned(&parts);
+            }
+            Rebalance::Error(e) => tracing::warn!(error = %e, "consumer group rebalance failed"),
+            Rebalance::Revoke(_) => {}
+        }
+    }
+
+    fn commit_callback(&self, result: KafkaResult<()>, _: &TopicPartitionList) {
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "offset commit failed; uncommitted messages may be redelivered");
+        }
+    }
+}
+
+/// Poll, hand over, redeliver and commit until the subscription is closed.
+fn pump(consumer: &BaseConsumer<Ctx>, shared: &Arc<Shared>, spec: &SubscribeSpec, feed: Feed) {
+    let topic = spec.topic.as_str();
+    let mut last_commit = Instant::now();
+    let max_unsettled = spec.prefetch.saturating_mul(8).max(1_000);
+    let mut behind_since: Option<Instant> = None;
+    loop {
+        if feed.is_stopped() {
+            return;
+        }
+        let now = Instant::now();
+        let mut st = shared.state.lock();
+        // Due timers: ack wait expired or nack delay over.
+        while let Some(Reverse((at, k))) = st.timers.peek().copied() {
+            if at > now {
+                break;
+            }
+            st.timers.pop();
+            let exhausted = match st.entry(&k) {
+                Some(e) if e.round == k.round && e.stage != Stage::Settled => {
+                    spec.max_deliveries.is_some_and(|m| e.count >= m)
+                }
+                _ => continue,
+            };
+            if exhausted {
+                tracing::warn!(
+                    topic,
+                    partition = k.partition,
+                    offset = k.offset,
+                    "message given up after max deliveries; committed past it"
+                );
+                st.settle(&k);
+            } else {
+                st.deliver(shared, k);
+            }
+        }
+        // Hand over what is waiting.
+        while let Some((k, d)) = st.backlog.pop_front() {
+            match feed.try_send(Ok(d)) {
+                Ok(()) => {
+                    if let Some(e) = st.entry(&k) {
+                        e.stage = Stage::Out;
+                    }
+                    st.timers
+                        .push(Reverse((Instant::now() + shared.ack_wait, k)));
+                }
+                Err(TrySend::Full(Ok(d))) => {
+                    st.backlog.push_front((k, d));
+                    break;
+                }
+                Err(_) => return,
+            }
+        }
+        // Flow control. The handler is behind when its buffer is full or it holds too many
+        // unsettled messages. Then stop polling (librdkafka's own bounded queue keeps what it
+        // prefetched); if that lasts, pause the partitions (which makes librdkafka drop its
+        // prefetched data and refetch on resume) and keep polling for group events only.
+        let behind = !st.backlog.is_empty() || st.unsettled >= max_unsettled;
+        if !behind {
+            behind_since = None;
+        }
+        let pause = behind && now - *behind_since.get_or_insert(now) >= PAUSE_AFTER;
+        if pause != st.paused {
+            st.paused = pause;
+            if let Ok(tpl) = consumer.assignment() {
+                let r = if pause {
+                    consumer.pause(&tpl)
+                } else {
+                    consumer.resume(&tpl)
+                };
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "pause/resume failed");
+                }
+            }
+        }
+        let wait = if behind {
+            Duration::from_millis(1)
+        } else {
+            st.timers
+                .peek()
+                .map_or(IDLE_POLL, |Reverse((at, _))| {
+                    at.saturating_duration_since(now)
+                })
+                .min(IDLE_POLL)
+        };
+        let commit = (shared.grouped && st.dirty && last_commit.elapsed() >= COMMIT_EVERY)
+            .then(|| st.take_commits(topic, None));
+        drop(st);
+        if let Some(tpl) = commit {
+            last_commit = Instant::now();
+            if tpl.count() > 0
+                && let Err(e) = consumer.commit(&tpl, CommitMode::Async)
+            {
+                tracing::debug!(error = %e, "async commit not queued");
+            }
+        }
+        if behind && !pause {
+            std::thread::sleep(wait);
+            continue;
+        }
+        match consumer.poll(wait) {
+            None => {}
+            Some(Ok(m)) => admit(shared, &m),
+            Some(Err(e)) => {
+                let err = error::other("consumer error", e);
+                if matches!(err.kind(), ErrorKind::Auth | ErrorKind::Rejected) {
+                    let _ = feed.try_send(Err(err));
+                } else {
+                    tracing::debug!(error = %err, "transient consumer error");
+                }
+            }
+        }
+    }
+}
+
+/// Register a freshly polled message and queue its first delivery.
+fn admit(shared: &Arc<Shared>, m: &rdkafka::message::BorrowedMessage<'_>) {
+    use rdkafka::Message as _;
+    let (partition, offset) = (m.partition(), m.offset());
+    let message = crate::headers::decode(m);
+    let mut st = shared.state.lock();
+    let Some(part) = st.parts.get_mut(&partition) else {
+        return; // revoked meanwhile: the next owner reads it
+    };
+    part.next = Some(offset + 1);
+    let epoch = part.epoch;
+    if part.entries.contains_key(&offset) {
+        return;
+    }
+    part.entries.insert(
+        offset,
+        Entry {
+            message,
+            count: 0,
+            round: 0,
+            stage: Stage::Queued,
+        },
+    );
+    st.unsettled += 1;
+    st.deliver(
+        shared,
+        Key {
+            partition,
+            offset,
+            epoch,
+            round: 0,
+        },
+    );
+}
+
+/// Commit what was settled, then leave the group (dropping the consumer closes it).
+fn shutdown(consumer: BaseConsumer<Ctx>, shared: &Arc<Shared>) {
+    let mut st = shared.state.lock();
+    st.closing = true;
+    st.backlog.clear();
+    let topic = consumer
+        .assignment()
+        .ok()
+        .and_then(|t| t.elements().first().map(|e| e.topic().to_owned()));
+    let commit = match (&topic, shared.grouped) {
+        (Some(t), true) => Some(st.take_commits(t, None)),
+        _ => None,
+    };
+    drop(st);
+    if let Some(tpl) = commit
+        && tpl.count() > 0
+        && let Err(e) = consumer.commit(&tpl, CommitMode::Sync)
+    {
+        tracing::warn!(error = %e, "final commit failed; the group may redeliver");
+    }
+    consumer.unsubscribe();
+}
+
+struct KafkaAcker {
+    shared: Arc<Shared>,
+    key: Key,
+}
+
+#[async_trait::async_trait]
+impl AckHandle for KafkaAcker {
+    async fn ack(self: Box<Self>) -> Result<(), Error> {
+        self.shared.state.lock().settle(&self.key);
+        Ok(())
+    }
+    async fn nack(self: Box<Self>, delay: Duration) -> Result<(), Error> {
+        let mut st = self.shared.state.lock();
+        let k = self.key;
+        if let Some(e) = st.entry(&k)
+            && e.round == k.round
+            && e.stage != Stage::Settled
+        {
+            // A new round: the pending ack-wait timer of this delivery no longer counts,
+            // the nack timer does.
+            e.round += 1;
+            e.stage = Stage::Queued;
+            let again = Key {
+                round: e.round,
+                ..k
+            };
+            st.timers.push(Reverse((Instant::now() + delay, again)));
+        }
+        Ok(())
+    }
+    async fn term(self: Box<Self>) -> Result<(), Error> {
+        self.shared.state.lock().settle(&self.key);
+        Ok(())
+    }
+}
