@@ -10,11 +10,12 @@ use crate::report::fmt_rate;
 /// `(storage, scenario, series) -> median msg/s`.
 pub(crate) type Series = BTreeMap<(String, String, String), f64>;
 
-const SERIES: [(&str, &str); 6] = [
+const SERIES: [(&str, &str); 7] = [
     ("kafka sdk", "#1f77b4"),
     ("kafka raw", "#aec7e8"),
     ("nats sdk", "#d62728"),
     ("nats sdk-nodedup", "#ff7f0e"),
+    ("nats sdk-atomic", "#8c564b"),
     ("nats raw", "#ff9896"),
     ("nats naive", "#7f7f7f"),
 ];

@@ -491,7 +491,7 @@ impl Env {
         topics: &[Topic],
         template: Record,
     ) -> Result<Vec<Record>, String> {
-        use eventbus_nats::{StorageKind, StreamSpec};
+        use eventbus_nats::{PublishMode, SinkOptions, StorageKind, StreamSpec};
         let n = self.nats.as_ref().ok_or("NATS not started")?;
         let windows: Vec<usize> = if mode == "raw" {
             RAW_WINDOWS.to_vec()
@@ -513,7 +513,11 @@ impl Env {
                 StorageKind::File
             };
             n.backend
-                .ensure_stream(&StreamSpec::new(&stream, [format!("{prefix}.>")]).storage(kind))
+                .ensure_stream(
+                    &StreamSpec::new(&stream, [format!("{prefix}.>")])
+                        .storage(kind)
+                        .allow_atomic(mode == "sdk-atomic"),
+                )
                 .await
                 .map_err(|e| format!("create stream: {e}"))?;
             let sub = n
@@ -533,6 +537,12 @@ impl Env {
                 "sdk-nodedup" => Some(
                     n.backend
                         .sink_without_dedup()
+                        .await
+                        .map_err(|e| e.to_string())?,
+                ),
+                "sdk-atomic" => Some(
+                    n.backend
+                        .sink_with(SinkOptions::default().mode(PublishMode::Atomic))
                         .await
                         .map_err(|e| e.to_string())?,
                 ),

@@ -35,7 +35,8 @@ pub(crate) struct Args {
     /// Backends (comma separated): nats, kafka, memory.
     #[arg(long, value_delimiter = ',')]
     pub backend: Vec<String>,
-    /// Modes (comma separated): naive, sdk, sdk-nodedup (NATS without Nats-Msg-Id), raw.
+    /// Modes (comma separated): naive, sdk, sdk-nodedup (NATS without Nats-Msg-Id), sdk-atomic
+    /// (NATS atomic batches, one ack per batch), raw.
     #[arg(long, value_delimiter = ',')]
     pub mode: Vec<String>,
     /// Storage class: durable (JetStream file), memory (JetStream memory) or both.
@@ -192,8 +193,8 @@ async fn run(args: Args) -> Result<bool, String> {
     );
     let modes = pick(
         &args.mode,
-        &["naive", "sdk", "sdk-nodedup", "raw"],
-        &["naive", "sdk", "sdk-nodedup", "raw"],
+        &["naive", "sdk", "sdk-nodedup", "sdk-atomic", "raw"],
+        &["naive", "sdk", "sdk-nodedup", "sdk-atomic", "raw"],
     );
     let storages: Vec<&str> = match (args.quick, args.storage.as_str()) {
         (true, "both") => vec!["durable"],
@@ -224,7 +225,7 @@ async fn run(args: Args) -> Result<bool, String> {
                     continue; // the in-process backend has one storage class: memory
                 }
                 for m in &modes {
-                    if (b == "memory" && m == "raw") || (b != "nats" && m == "sdk-nodedup") {
+                    if (b == "memory" && m == "raw") || (b != "nats" && m.starts_with("sdk-")) {
                         continue; // there is no client below the SDK for the in-process backend
                     }
                     for rep in 0..reps {

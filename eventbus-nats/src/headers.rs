@@ -9,8 +9,13 @@ pub const KEY: &str = "Eventbus-Key";
 /// Header carrying the message key hex-encoded (keys that are not header-safe text).
 pub const KEY_HEX: &str = "Eventbus-Key-Hex";
 
+/// Atomic batch headers (ADR-50).
+pub(crate) const BATCH_ID: &str = "Nats-Batch-Id";
+pub(crate) const BATCH_SEQUENCE: &str = "Nats-Batch-Sequence";
+pub(crate) const BATCH_COMMIT: &str = "Nats-Batch-Commit";
+
 /// Bytes reserved below `max_payload` for headers the backend adds.
-pub(crate) const OVERHEAD: usize = 128;
+pub(crate) const OVERHEAD: usize = 256;
 
 pub(crate) fn encode(msg: Message, with_id: bool) -> (String, Bytes, HeaderMap) {
     let (id, topic, key, headers, payload) = msg.into_parts();
@@ -43,6 +48,8 @@ pub(crate) fn decode(subject: &str, headers: Option<&HeaderMap>, payload: Bytes)
                 let v = v.as_str();
                 if name.eq_ignore_ascii_case("Nats-Msg-Id") {
                     id = Some(MessageId::custom(v));
+                } else if name.starts_with("Nats-Batch-") {
+                    // Transport framing of atomic batches, not user headers.
                 } else if name == KEY {
                     key = Some(Bytes::copy_from_slice(v.as_bytes()));
                 } else if name == KEY_HEX {

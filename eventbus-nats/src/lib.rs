@@ -19,7 +19,7 @@ use eventbus_core::Error;
 
 pub use config::{NatsAuth, NatsConfig};
 pub use headers::{KEY as KEY_HEADER, KEY_HEX as KEY_HEX_HEADER};
-pub use sink::NatsSink;
+pub use sink::{ATOMIC_MAX_IN_FLIGHT, ATOMIC_MAX_MESSAGES, NatsSink, PublishMode, SinkOptions};
 pub use stream::{StorageKind, StreamSpec, StreamState};
 pub use subscriber::NatsSubscriber;
 
@@ -85,13 +85,26 @@ impl NatsBackend {
     /// A publishing sink; wrap it in `eventbus_batch::Batcher`. Every message carries its id in
     /// `Nats-Msg-Id`, so the stream de-duplicates retries within its duplicate window.
     pub async fn sink(&self) -> Result<NatsSink, Error> {
-        NatsSink::new(self.client.clone(), true).await
+        self.sink_with(SinkOptions::default()).await
+    }
+
+    /// A publishing sink with explicit options (publish mode, de-duplication).
+    ///
+    /// ```no_run
+    /// # async fn demo(nats: eventbus_nats::NatsBackend) -> Result<(), eventbus_core::Error> {
+    /// use eventbus_nats::{PublishMode, SinkOptions};
+    /// // One ack per batch, all-or-nothing; the stream needs `StreamSpec::allow_atomic(true)`.
+    /// let sink = nats.sink_with(SinkOptions::default().mode(PublishMode::Atomic)).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn sink_with(&self, opts: SinkOptions) -> Result<NatsSink, Error> {
+        NatsSink::new(self.client.clone(), self.js.clone(), opts).await
     }
 
     /// A sink that does not send `Nats-Msg-Id`: no server-side de-duplication, slightly less
     /// work per message. Retries of unknown outcomes may then store duplicates.
     pub async fn sink_without_dedup(&self) -> Result<NatsSink, Error> {
-        NatsSink::new(self.client.clone(), false).await
+        self.sink_with(SinkOptions::default().dedup(false)).await
     }
 
     /// A subscriber.

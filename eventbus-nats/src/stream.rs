@@ -39,6 +39,9 @@ pub struct StreamSpec {
     pub max_messages: i64,
     /// De-duplication window for `Nats-Msg-Id`. Default 2 minutes.
     pub duplicate_window: Duration,
+    /// Accept atomic batch publishes (`allow_atomic`, server 2.12+), needed by
+    /// [`PublishMode::Atomic`](crate::PublishMode::Atomic). Default `false`.
+    pub allow_atomic: bool,
 }
 
 impl StreamSpec {
@@ -56,7 +59,13 @@ impl StreamSpec {
             max_bytes: -1,
             max_messages: -1,
             duplicate_window: Duration::from_secs(120),
+            allow_atomic: false,
         }
+    }
+    /// Accept atomic batch publishes.
+    pub fn allow_atomic(mut self, on: bool) -> Self {
+        self.allow_atomic = on;
+        self
     }
     /// Set the storage.
     pub fn storage(mut self, s: StorageKind) -> Self {
@@ -115,6 +124,7 @@ impl NatsBackend {
             max_bytes: spec.max_bytes,
             max_messages: spec.max_messages,
             duplicate_window: spec.duplicate_window,
+            allow_atomic_publish: spec.allow_atomic,
             ..Default::default()
         };
         self.jetstream()

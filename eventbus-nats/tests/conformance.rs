@@ -1,5 +1,6 @@
 //! The shared conformance suite against a real nats-server (2.15, JetStream, file storage),
-//! one server per test on a random port. A missing nats-server binary fails the test.
+//! one server per test on a random port, once per publish mode (`async`, `atomic`). A missing
+//! nats-server binary fails the test.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -7,16 +8,19 @@ use std::time::Duration;
 use eventbus_brokers::NatsServer;
 use eventbus_conformance::{Caps, Harness};
 use eventbus_core::Topic;
-use eventbus_nats::{NatsBackend, NatsConfig, NatsSink, NatsSubscriber, StreamSpec};
+use eventbus_nats::{
+    NatsBackend, NatsConfig, NatsSink, NatsSubscriber, PublishMode, SinkOptions, StreamSpec,
+};
 
 struct NatsHarness {
     _server: NatsServer,
     backend: NatsBackend,
+    mode: PublishMode,
     next: AtomicU64,
 }
 
 impl NatsHarness {
-    async fn start() -> Self {
+    async fn start(mode: PublishMode) -> Self {
         let server =
             NatsServer::start().unwrap_or_else(|e| panic!("cannot start nats-server: {e}"));
         let backend = NatsBackend::connect(NatsConfig::new(server.url()))
@@ -25,6 +29,7 @@ impl NatsHarness {
         NatsHarness {
             _server: server,
             backend,
+            mode,
             next: AtomicU64::new(0),
         }
     }
@@ -43,7 +48,10 @@ impl Harness for NatsHarness {
         let subject = format!("t{n}.{hint}");
         let stream = format!("S{n}_{hint}");
         self.backend
-            .ensure_stream(&StreamSpec::new(stream, [subject.clone()]))
+            .ensure_stream(
+                &StreamSpec::new(stream, [subject.clone()])
+                    .allow_atomic(self.mode == PublishMode::Atomic),
+            )
             .await
             .expect("ensure stream");
         Topic::new(subject)
@@ -54,7 +62,10 @@ impl Harness for NatsHarness {
     }
 
     async fn sink(&self) -> NatsSink {
-        self.backend.sink().await.expect("sink")
+        self.backend
+            .sink_with(SinkOptions::default().mode(self.mode))
+            .await
+            .expect("sink")
     }
 
     async fn subscriber(&self) -> NatsSubscriber {
@@ -62,4 +73,12 @@ impl Harness for NatsHarness {
     }
 }
 
-eventbus_conformance::conformance_tests!(NatsHarness::start().await);
+mod async_mode {
+    use super::*;
+    eventbus_conformance::conformance_tests!(NatsHarness::start(PublishMode::Async).await);
+}
+
+mod atomic_mode {
+    use super::*;
+    eventbus_conformance::conformance_tests!(NatsHarness::start(PublishMode::Atomic).await);
+}
