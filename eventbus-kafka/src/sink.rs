@@ -1,7 +1,8 @@
 //! The publishing side: librdkafka's idempotent producer, delivery reports routed per batch.
 
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use eventbus_core::{
@@ -23,9 +24,17 @@ const MAX_BATCH: usize = (1 << INDEX_BITS) - 1;
 
 pub(crate) struct Ctx {
     router: Arc<OutcomeRouter>,
+    /// librdkafka reported an error since the last check: the sink then asks librdkafka whether
+    /// it is fatal (the error callback does not say).
+    errored: Arc<AtomicBool>,
 }
 
-impl ClientContext for Ctx {}
+impl ClientContext for Ctx {
+    fn error(&self, e: rdkafka::error::KafkaError, reason: &str) {
+        self.errored.store(true, Ordering::Release);
+        tracing::warn!(error = %e, reason, "librdkafka error");
+    }
+}
 
 impl ProducerContext for Ctx {
     type DeliveryOpaque = usize;
@@ -54,6 +63,10 @@ pub struct KafkaSink {
     producer: Arc<ThreadedProducer<Ctx>>,
     router: Arc<OutcomeRouter>,
     limits: SinkLimits,
+    errored: Arc<AtomicBool>,
+    /// Set once librdkafka reports a fatal error (e.g. the idempotent producer lost its
+    /// guarantees): the producer is unusable and every later publish fails with it.
+    fatal: Arc<OnceLock<Error>>,
 }
 
 impl std::fmt::Debug for KafkaSink {
@@ -67,10 +80,12 @@ impl std::fmt::Debug for KafkaSink {
 impl KafkaSink {
     pub(crate) fn new(config: &crate::KafkaConfig) -> Result<Self, Error> {
         let router = Arc::new(OutcomeRouter::new(BACKEND));
+        let errored = Arc::new(AtomicBool::new(false));
         let producer: ThreadedProducer<Ctx> = config
             .producer_config()
             .create_with_context(Ctx {
                 router: Arc::clone(&router),
+                errored: Arc::clone(&errored),
             })
             .map_err(|e| error::other("could not create the Kafka producer", e))?;
         let limits = SinkLimits::none()
@@ -84,6 +99,8 @@ impl KafkaSink {
             producer: Arc::new(producer),
             router,
             limits,
+            errored,
+            fatal: Arc::new(OnceLock::new()),
         })
     }
 
@@ -113,6 +130,26 @@ impl BatchSink for KafkaSink {
     }
 
     fn validate(&self, msg: &Message) -> Result<(), Error> {
+        if self.errored.load(Ordering::Acquire) {
+            if let Some(e) = self.fatal.get() {
+                return Err(e.clone());
+            }
+            if let Some((code, reason)) = self.producer.client().fatal_error() {
+                tracing::error!(
+                    ?code,
+                    reason,
+                    "Kafka producer fatal error: publishing stopped"
+                );
+                let e = Error::new(
+                    eventbus_core::ErrorKind::Closed,
+                    format!(
+                        "the Kafka producer hit a fatal error ({code:?}) and stopped; create a new sink"
+                    ),
+                )
+                .with_backend(BACKEND);
+                return Err(self.fatal.get_or_init(|| e).clone());
+            }
+        }
         eventbus_core::validate::message(msg, TopicRules::Kafka, self.limits.max_message_bytes)
     }
 
