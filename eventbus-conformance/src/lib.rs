@@ -76,6 +76,7 @@ macro_rules! conformance_tests {
             many_publishers_and_subscribers,
             topics_isolated,
             nack_redelivers,
+            dead_letters_after_max_deliveries,
             unacked_redelivered_after_ack_wait,
             close_and_reopen_loses_nothing,
             concurrent_subscribe_and_close,

@@ -300,6 +300,53 @@ pub async fn nack_redelivers<H: Harness>(h: &H) {
     assert_quiet(&mut sub, Duration::from_millis(800)).await;
 }
 
+/// After `max_deliveries` unsettled deliveries a message goes to the dead-letter topic (payload,
+/// key and headers intact, original id, topic and delivery count in headers) and is not
+/// delivered again.
+pub async fn dead_letters_after_max_deliveries<H: Harness>(h: &H) {
+    use eventbus_core::dead_letter;
+    let topic = h.topic("dlsrc").await;
+    let dlq = h.topic("dlq").await;
+    let p = publisher(h, BatchConfig::default()).await;
+    let sent = Message::new(&topic, "poison")
+        .with_key("k-1")
+        .with_header("x-a", "1");
+    assert_all_acked(&publish_all(&p, vec![sent.clone()]).await);
+    let mut sub = subscribe(
+        h,
+        SubscribeSpec::new(&topic)
+            .group("g")
+            .max_deliveries(2)
+            .dead_letter(&dlq)
+            .ack_wait(Duration::from_secs(30)),
+    )
+    .await;
+    for n in 1..=2 {
+        let d = recv(&mut sub, RECV_TIMEOUT).await.expect("delivery");
+        assert_eq!(d.message().id(), sent.id());
+        assert_eq!(d.info().delivery_count, n);
+        d.nack(Duration::ZERO).await.expect("nack");
+    }
+    let mut dl = subscribe(h, SubscribeSpec::new(&dlq)).await;
+    let got = take_acked(&mut dl, 1).await.remove(0);
+    assert_eq!(&got.payload()[..], b"poison");
+    assert_eq!(got.key().map(|k| &k[..]), Some(&b"k-1"[..]));
+    assert_eq!(got.headers().get("x-a"), Some("1"));
+    let original_id = sent.id().to_string();
+    assert_eq!(
+        got.headers().get(dead_letter::ID),
+        Some(original_id.as_str())
+    );
+    assert_eq!(got.headers().get(dead_letter::TOPIC), Some(topic.as_str()));
+    assert_eq!(got.headers().get(dead_letter::DELIVERIES), Some("2"));
+    assert_eq!(
+        got.headers().get(dead_letter::REASON),
+        Some(dead_letter::MAX_DELIVERIES)
+    );
+    assert_quiet(&mut sub, Duration::from_millis(800)).await;
+    assert_quiet(&mut dl, Duration::from_millis(300)).await;
+}
+
 /// A delivery that is neither acked nor nacked comes back after the ack wait.
 pub async fn unacked_redelivered_after_ack_wait<H: Harness>(h: &H) {
     let topic = h.topic("ackwait").await;

@@ -36,6 +36,7 @@ pub use outcome::{Ack, AckSender, Outcome, PendingAck, Position};
 pub use publisher::{CloseReport, Publisher};
 pub use router::{BatchOutcomes, OutcomeRouter};
 pub use sink::{BatchSink, SinkLimits};
+pub use subscriber::dead_letter;
 pub use subscriber::{
     AckHandle, Acker, Delivery, DeliveryInfo, Feed, StartFrom, SubscribeSpec, Subscriber,
     Subscription, TrySend,

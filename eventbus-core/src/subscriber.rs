@@ -47,6 +47,10 @@ pub struct SubscribeSpec {
     pub prefetch: usize,
     /// Where a new group starts. Default [`StartFrom::Earliest`].
     pub start: StartFrom,
+    /// Where a message goes once it has been delivered `max_deliveries` times without an ack:
+    /// it is published there (see [`dead_letter`]) and only then removed from this
+    /// subscription. Without it, such a message is dropped with a warning. Default: none.
+    pub dead_letter: Option<Topic>,
 }
 
 impl SubscribeSpec {
@@ -59,6 +63,7 @@ impl SubscribeSpec {
             max_deliveries: None,
             prefetch: 256,
             start: StartFrom::Earliest,
+            dead_letter: None,
         }
     }
     /// Join consumer group `name`.
@@ -85,6 +90,64 @@ impl SubscribeSpec {
     pub fn start(mut self, s: StartFrom) -> Self {
         self.start = s;
         self
+    }
+    /// Dead-letter exhausted messages to `topic` (use with [`SubscribeSpec::max_deliveries`]).
+    pub fn dead_letter(mut self, topic: impl Into<Topic>) -> Self {
+        self.dead_letter = Some(topic.into());
+        self
+    }
+}
+
+/// Dead-lettering, the same on every backend: the dead letter is a copy of the message (key,
+/// headers, payload) on the dead-letter topic, with a derived id (`dlq-<original id>`, so a
+/// stream that de-duplicates by id never mistakes it for the original) and these headers.
+pub mod dead_letter {
+    use crate::message::{Message, MessageId, Topic};
+    use crate::outcome::Position;
+
+    /// The original message id.
+    pub const ID: &str = "eventbus-dlq-id";
+    /// The topic the message was read from.
+    pub const TOPIC: &str = "eventbus-dlq-topic";
+    /// Where it was stored there: `partition/offset`, `stream/sequence` or an offset.
+    pub const POSITION: &str = "eventbus-dlq-position";
+    /// How many times it was delivered.
+    pub const DELIVERIES: &str = "eventbus-dlq-deliveries";
+    /// Why it was dead-lettered.
+    pub const REASON: &str = "eventbus-dlq-reason";
+
+    /// The reason used when `max_deliveries` is exhausted.
+    pub const MAX_DELIVERIES: &str = "max deliveries exceeded";
+
+    /// Build the dead letter for `original`, read at `position` and delivered `deliveries` times.
+    pub fn message(
+        original: &Message,
+        to: &Topic,
+        position: &Position,
+        deliveries: u32,
+        reason: &str,
+    ) -> Message {
+        let id = original.id().to_string();
+        let where_ = match position {
+            Position::Partition { partition, offset } => format!("{partition}/{offset}"),
+            Position::Stream {
+                stream, sequence, ..
+            } => format!("{stream}/{sequence}"),
+            Position::Offset(o) => o.to_string(),
+        };
+        let (_, _, key, headers, payload) = original.clone().into_parts();
+        Message::from_parts(
+            MessageId::custom(format!("dlq-{id}")),
+            to.clone(),
+            key,
+            headers,
+            payload,
+        )
+        .with_header(ID, id)
+        .with_header(TOPIC, original.topic().as_str())
+        .with_header(POSITION, where_)
+        .with_header(DELIVERIES, deliveries.to_string())
+        .with_header(REASON, reason)
     }
 }
 

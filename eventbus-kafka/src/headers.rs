@@ -1,12 +1,30 @@
 //! Kafka record -> Message.
 
 use eventbus_core::{Bytes, Headers, Message, MessageId, Topic};
-use rdkafka::message::{Headers as _, Message as _};
+use rdkafka::message::{Header, Headers as _, Message as _, OwnedHeaders};
 
 use crate::sink::ID_HEADER;
 
 /// Bytes reserved below `message.max.bytes` for record overhead and our id header.
 pub(crate) const OVERHEAD: usize = 512;
+
+/// Kafka headers for a record: the id header first, then the user headers. `scratch` is reused
+/// for the id text.
+pub(crate) fn encode(id: &MessageId, headers: &Headers, scratch: &mut String) -> OwnedHeaders {
+    scratch.clear();
+    id.write_to(scratch);
+    let mut h = OwnedHeaders::new_with_capacity(headers.len() + 1).insert(Header {
+        key: ID_HEADER,
+        value: Some(scratch.as_bytes()),
+    });
+    for (n, v) in headers.iter() {
+        h = h.insert(Header {
+            key: n,
+            value: Some(v.as_bytes()),
+        });
+    }
+    h
+}
 
 /// Convert a consumed record. Header values that are not UTF-8 are skipped (eventbus headers are
 /// text); the id header becomes the message id.

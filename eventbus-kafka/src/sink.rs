@@ -9,7 +9,6 @@ use eventbus_core::{
     Ack, BatchSink, Error, Message, Outcome, OutcomeRouter, Position, SinkLimits, TopicRules,
 };
 use rdkafka::ClientContext;
-use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 
 use crate::error::{self, BACKEND};
@@ -162,18 +161,7 @@ impl BatchSink for KafkaSink {
         // Enqueued synchronously, in call order: librdkafka keeps per-partition order.
         for (i, msg) in batch.into_iter().enumerate() {
             let (mid, topic, key, headers, payload) = msg.into_parts();
-            ids.clear();
-            mid.write_to(&mut ids);
-            let mut h = OwnedHeaders::new_with_capacity(headers.len() + 1).insert(Header {
-                key: ID_HEADER,
-                value: Some(ids.as_bytes()),
-            });
-            for (n, v) in headers.iter() {
-                h = h.insert(Header {
-                    key: n,
-                    value: Some(v.as_bytes()),
-                });
-            }
+            let h = crate::headers::encode(&mid, &headers, &mut ids);
             let opaque = ((id as usize) << INDEX_BITS) | i;
             let mut record = BaseRecord::with_opaque_to(topic.as_str(), opaque)
                 .payload(&payload[..])

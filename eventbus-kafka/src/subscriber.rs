@@ -17,16 +17,19 @@ use std::time::{Duration, Instant};
 
 use eventbus_core::{
     AckHandle, Acker, Delivery, DeliveryInfo, Error, ErrorKind, Feed, Message, Position, StartFrom,
-    SubscribeSpec, Subscriber, Subscription, TopicRules, TrySend,
+    SubscribeSpec, Subscriber, Subscription, Topic, TopicRules, TrySend,
 };
 use parking_lot::Mutex;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::KafkaResult;
+use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
 use crate::KafkaConfig;
 use crate::error::{self, BACKEND};
 
+/// Delay before a dead letter that could not be stored is tried again.
+const DEAD_LETTER_RETRY: Duration = Duration::from_secs(1);
 /// How often acked progress is committed while acks keep arriving.
 const COMMIT_EVERY: Duration = Duration::from_millis(100);
 /// Longest single `poll` when idle (also the latency of a nack with zero delay).
@@ -62,10 +65,10 @@ impl Subscriber for KafkaSubscriber {
             std::thread::Builder::new()
                 .name("eventbus-kafka-sub".into())
                 .spawn(move || match start(&config, &spec) {
-                    Ok((consumer, shared)) => {
+                    Ok((consumer, shared, dead_letters)) => {
                         let _ = ready_tx.send(Ok(()));
                         let _rt = rt.enter();
-                        pump(&consumer, &shared, &spec, feed);
+                        pump(&consumer, &shared, &spec, feed, dead_letters.as_ref(), &rt);
                         shutdown(consumer, &shared);
                     }
                     Err(e) => {
@@ -84,11 +87,29 @@ impl Subscriber for KafkaSubscriber {
     }
 }
 
+/// A started consumer, its shared state, and its dead-letter producer.
+type Started = (BaseConsumer<Ctx>, Arc<Shared>, Option<DeadLetters>);
+
 /// Create the consumer, check the topic exists, and subscribe (group) or assign (exclusive).
 fn start(
     config: &KafkaConfig,
     spec: &SubscribeSpec,
-) -> Result<(BaseConsumer<Ctx>, Arc<Shared>), Error> {
+) -> Result<Started, Error> {
+    let dead_letters = match &spec.dead_letter {
+        Some(to) => {
+            eventbus_core::validate::topic(to.as_str(), TopicRules::Kafka)
+                .map_err(|e| e.with_backend(BACKEND))?;
+            Some(DeadLetters {
+                to: to.clone(),
+                producer: config
+                    .producer_config()
+                    .create()
+                    .map_err(|e| error::other("could not create the dead-letter producer", e))?,
+                timeout: config.message_timeout,
+            })
+        }
+        None => None,
+    };
     let topic = spec.topic.as_str();
     let group = spec.group.clone().unwrap_or_else(|| {
         format!(
@@ -141,7 +162,36 @@ fn start(
             .map_err(|e| error::other("could not assign partitions", e))?;
         shared.state.lock().assigned(&partitions);
     }
-    Ok((consumer, shared))
+    Ok((consumer, shared, dead_letters))
+}
+
+/// Where exhausted messages go.
+struct DeadLetters {
+    to: Topic,
+    producer: FutureProducer,
+    timeout: Duration,
+}
+
+impl DeadLetters {
+    /// Produce `letter` and wait for its delivery report; `true` once it is stored.
+    fn send(&self, rt: &tokio::runtime::Handle, letter: Message) -> bool {
+        let (id, topic, key, headers, payload) = letter.into_parts();
+        let mut scratch = String::new();
+        let h = crate::headers::encode(&id, &headers, &mut scratch);
+        let mut record = FutureRecord::to(topic.as_str())
+            .payload(&payload[..])
+            .headers(h);
+        if let Some(k) = &key {
+            record = record.key(&k[..]);
+        }
+        match rt.block_on(self.producer.send(record, self.timeout)) {
+            Ok(_) => true,
+            Err((e, _)) => {
+                tracing::warn!(error = %e, to = %self.to, "dead letter not stored; will retry");
+                false
+            }
+        }
+    }
 }
 
 /// Identifies one delivery of one message in one assignment.
@@ -372,8 +422,16 @@ impl ConsumerContext for Ctx {
 }
 
 /// Poll, hand over, redeliver and commit until the subscription is closed.
-fn pump(consumer: &BaseConsumer<Ctx>, shared: &Arc<Shared>, spec: &SubscribeSpec, feed: Feed) {
+fn pump(
+    consumer: &BaseConsumer<Ctx>,
+    shared: &Arc<Shared>,
+    spec: &SubscribeSpec,
+    feed: Feed,
+    dead_letters: Option<&DeadLetters>,
+    rt: &tokio::runtime::Handle,
+) {
     let topic = spec.topic.as_str();
+    let mut exhausted_now = Vec::new();
     let mut last_commit = Instant::now();
     let max_unsettled = spec.prefetch.saturating_mul(8).max(1_000);
     let mut behind_since: Option<Instant> = None;
@@ -395,17 +453,46 @@ fn pump(consumer: &BaseConsumer<Ctx>, shared: &Arc<Shared>, spec: &SubscribeSpec
                 }
                 _ => continue,
             };
-            if exhausted {
+            if !exhausted {
+                st.deliver(shared, k);
+            } else if let Some(dl) = dead_letters {
+                // Settled only once the dead letter is stored (below, without the lock).
+                let e = st.entry(&k).expect("checked above");
+                let letter = eventbus_core::dead_letter::message(
+                    &e.message,
+                    &dl.to,
+                    &Position::Partition {
+                        partition: k.partition,
+                        offset: k.offset,
+                    },
+                    e.count,
+                    eventbus_core::dead_letter::MAX_DELIVERIES,
+                );
+                exhausted_now.push((k, letter));
+            } else {
                 tracing::warn!(
                     topic,
                     partition = k.partition,
                     offset = k.offset,
-                    "message given up after max deliveries; committed past it"
+                    "message dropped after max deliveries (no dead-letter topic); committed past it"
                 );
                 st.settle(&k);
-            } else {
-                st.deliver(shared, k);
             }
+        }
+        if !exhausted_now.is_empty() {
+            drop(st);
+            for (k, letter) in exhausted_now.drain(..) {
+                let stored = dead_letters.is_some_and(|dl| dl.send(rt, letter));
+                let mut st = shared.state.lock();
+                if stored {
+                    st.settle(&k);
+                } else {
+                    // Try again shortly; the message stays unsettled (not committed past).
+                    st.timers
+                        .push(Reverse((Instant::now() + DEAD_LETTER_RETRY, k)));
+                }
+            }
+            st = shared.state.lock();
         }
         // Hand over what is waiting.
         while let Some((k, d)) = st.backlog.pop_front() {

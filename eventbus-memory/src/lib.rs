@@ -9,7 +9,7 @@ use std::time::Duration;
 use eventbus_core::{
     Ack, AckHandle, Acker, BatchSink, Delivery, DeliveryInfo, Error, ErrorKind, Feed, Message,
     Outcome, Position, SinkLimits, StartFrom, SubscribeSpec, Subscriber, Subscription, Topic,
-    TopicRules,
+    TopicRules, dead_letter,
 };
 use parking_lot::Mutex;
 use tokio::sync::Notify;
@@ -225,7 +225,7 @@ impl Subscriber for MemorySubscriber {
                 g.members += 1;
             }
             let (sub, feed) = Subscription::channel(spec.prefetch);
-            tokio::spawn(member(topic, group, spec, feed));
+            tokio::spawn(member(broker.clone(), topic, group, spec, feed));
             Ok(sub)
         }
     }
@@ -233,10 +233,18 @@ impl Subscriber for MemorySubscriber {
 
 enum Next {
     Deliver(Delivery),
+    /// A message out of deliveries: publish this dead letter (already removed from the group).
+    DeadLetter(Message),
     Wait(Option<Instant>),
 }
 
-async fn member(topic: Arc<TopicState>, group: String, spec: SubscribeSpec, mut feed: Feed) {
+async fn member(
+    broker: MemoryBroker,
+    topic: Arc<TopicState>,
+    group: String,
+    spec: SubscribeSpec,
+    mut feed: Feed,
+) {
     loop {
         let notified = topic.notify.notified();
         tokio::pin!(notified);
@@ -247,6 +255,11 @@ async fn member(topic: Arc<TopicState>, group: String, spec: SubscribeSpec, mut 
                 if let Err(Ok(d)) = feed.send(Ok(d)).await {
                     let _ = d.nack(Duration::ZERO).await;
                     break;
+                }
+            }
+            Next::DeadLetter(m) => {
+                if let Outcome::Failed(e) = broker.append(m) {
+                    tracing::warn!(error = %e, "dead letter refused; message dropped");
                 }
             }
             Next::Wait(due) => {
@@ -298,9 +311,28 @@ fn next_delivery(topic: &Arc<TopicState>, group: &str, spec: &SubscribeSpec) -> 
                 .get_mut(&offset)
                 .expect("due index matches pending");
             if spec.max_deliveries.is_some_and(|m| p.deliveries >= m) {
-                // Given up on (dead-lettering is the handler runtime's job).
+                let deliveries = p.deliveries;
                 g.pending.remove(&offset);
-                continue;
+                match &spec.dead_letter {
+                    Some(to) => {
+                        return Next::DeadLetter(dead_letter::message(
+                            &messages[offset as usize],
+                            to,
+                            &Position::Offset(offset),
+                            deliveries,
+                            dead_letter::MAX_DELIVERIES,
+                        ));
+                    }
+                    None => {
+                        tracing::warn!(
+                            topic = %spec.topic,
+                            offset,
+                            deliveries,
+                            "message dropped after max deliveries (no dead-letter topic)"
+                        );
+                        continue;
+                    }
+                }
             }
             p.deliveries += 1;
             p.due = now + spec.ack_wait;

@@ -6,7 +6,7 @@ use std::time::Duration;
 use async_nats::jetstream::{self, AckKind, consumer::pull};
 use eventbus_core::{
     AckHandle, Acker, Delivery, DeliveryInfo, Error, Feed, Position, StartFrom, SubscribeSpec,
-    Subscriber, Subscription,
+    Subscriber, Subscription, Topic, TopicRules,
 };
 use futures_util::StreamExt;
 
@@ -57,7 +57,12 @@ impl Subscriber for NatsSubscriber {
                 filter_subject: spec.topic.as_str().to_owned(),
                 ack_policy: jetstream::consumer::AckPolicy::Explicit,
                 ack_wait: spec.ack_wait,
-                max_deliver: spec.max_deliveries.map_or(-1, i64::from),
+                // With a dead-letter topic the server keeps redelivering and the pump moves the
+                // message once it is past `max_deliveries` (the server would only drop it).
+                max_deliver: match (&spec.dead_letter, spec.max_deliveries) {
+                    (None, Some(m)) => i64::from(m),
+                    _ => -1,
+                },
                 deliver_policy: match spec.start {
                     StartFrom::Latest => jetstream::consumer::DeliverPolicy::New,
                     _ => jetstream::consumer::DeliverPolicy::All,
@@ -82,8 +87,21 @@ impl Subscriber for NatsSubscriber {
                         .map_err(|e| error::other("could not create the consumer", e))?
                 }
             };
+            if let Some(to) = &spec.dead_letter {
+                eventbus_core::validate::topic(to.as_str(), TopicRules::Nats)
+                    .map_err(|e| e.with_backend(BACKEND))?;
+            }
+            let dead_letters =
+                spec.dead_letter
+                    .clone()
+                    .zip(spec.max_deliveries)
+                    .map(|(to, max)| DeadLetters {
+                        js: js.clone(),
+                        to,
+                        max,
+                    });
             let (sub, feed) = Subscription::channel(spec.prefetch);
-            tokio::spawn(pump(consumer, spec.prefetch, feed));
+            tokio::spawn(pump(consumer, spec.prefetch, feed, dead_letters));
             Ok(sub)
         }
     }
@@ -95,6 +113,7 @@ async fn pump(
     consumer: jetstream::consumer::Consumer<pull::Config>,
     prefetch: usize,
     mut feed: Feed,
+    dead_letters: Option<DeadLetters>,
 ) {
     'outer: loop {
         let batch = consumer
@@ -132,10 +151,53 @@ async fn pump(
                 }
             };
             let delivery = to_delivery(msg);
+            let delivery = match &dead_letters {
+                Some(dl) if delivery.info().delivery_count > dl.max => {
+                    dl.move_out(delivery).await;
+                    continue;
+                }
+                _ => delivery,
+            };
             if let Err(Ok(d)) = feed.send(Ok(delivery)).await {
                 let _ = d.nack(Duration::ZERO).await;
                 release_rest(&mut batch).await;
                 break 'outer;
+            }
+        }
+    }
+}
+
+/// Where messages past `max` deliveries go.
+struct DeadLetters {
+    js: jetstream::Context,
+    to: Topic,
+    max: u32,
+}
+
+impl DeadLetters {
+    /// Publish the dead letter, then terminate the original; if the publish fails, nack it so
+    /// the server offers it again later (nothing is dropped).
+    async fn move_out(&self, d: Delivery) {
+        let (msg, info, acker) = d.split();
+        let letter = eventbus_core::dead_letter::message(
+            &msg,
+            &self.to,
+            &info.position,
+            info.delivery_count - 1,
+            eventbus_core::dead_letter::MAX_DELIVERIES,
+        );
+        let (subject, payload, hdrs) = headers::encode(letter, true);
+        let stored = match self.js.publish_with_headers(subject, hdrs, payload).await {
+            Ok(ack) => ack.await.map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        match stored {
+            Ok(_) => {
+                let _ = acker.term().await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, to = %self.to, "dead letter not stored; will retry");
+                let _ = acker.nack(Duration::from_secs(1)).await;
             }
         }
     }
