@@ -91,10 +91,7 @@ impl Subscriber for KafkaSubscriber {
 type Started = (BaseConsumer<Ctx>, Arc<Shared>, Option<DeadLetters>);
 
 /// Create the consumer, check the topic exists, and subscribe (group) or assign (exclusive).
-fn start(
-    config: &KafkaConfig,
-    spec: &SubscribeSpec,
-) -> Result<Started, Error> {
+fn start(config: &KafkaConfig, spec: &SubscribeSpec) -> Result<Started, Error> {
     let dead_letters = match &spec.dead_letter {
         Some(to) => {
             eventbus_core::validate::topic(to.as_str(), TopicRules::Kafka)

@@ -343,10 +343,16 @@ enum Reply<'a> {
 
 fn parse_reply(m: &async_nats::Message) -> Reply<'_> {
     if m.status == Some(StatusCode::NO_RESPONDERS) {
-        return Reply::Refused(err(
-            ErrorKind::Rejected,
-            "no JetStream stream covers the subject (no responders)",
-        ));
+        // Nothing stored. Usually no stream covers the subject (retrying will not help), but
+        // a restarting server answers the same until JetStream is up again: say both.
+        return Reply::Refused(
+            err(
+                ErrorKind::Rejected,
+                "no JetStream responder: no stream covers the subject, or JetStream is not ready \
+                 yet (server starting or restarting)",
+            )
+            .temporary(),
+        );
     }
     if m.payload.is_empty() {
         return Reply::Empty;

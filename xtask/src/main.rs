@@ -192,6 +192,22 @@ fn ci() -> Result {
     doc.args(["doc", "--workspace", "--no-deps"])
         .env("RUSTDOCFLAGS", "-D warnings");
     run(doc)?;
+    // Users depend on single crates: each library must build on its own, without features
+    // another workspace member happens to switch on.
+    for krate in LIBRARIES {
+        let mut check = cargo();
+        check.args(["check", "--quiet", "-p", krate]);
+        run(check)?;
+    }
     test(&[])?;
     bench(&["--quick".into()])
 }
+
+/// The published library crates.
+const LIBRARIES: [&str; 5] = [
+    "eventbus-core",
+    "eventbus-batch",
+    "eventbus-memory",
+    "eventbus-nats",
+    "eventbus-kafka",
+];
