@@ -10,8 +10,9 @@ use crate::report::fmt_rate;
 /// `(storage, scenario, series) -> median msg/s`.
 pub(crate) type Series = BTreeMap<(String, String, String), f64>;
 
-const SERIES: [(&str, &str); 7] = [
+const SERIES: [(&str, &str); 8] = [
     ("kafka sdk", "#1f77b4"),
+    ("kafka sdk-nodedup", "#17becf"),
     ("kafka raw", "#aec7e8"),
     ("nats sdk", "#d62728"),
     ("nats sdk-nodedup", "#ff7f0e"),

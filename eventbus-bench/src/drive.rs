@@ -401,6 +401,9 @@ impl Env {
         if let Some(l) = args.linger {
             c = c.linger(Duration::from_millis(l));
         }
+        if let Some(b) = args.batches {
+            c = c.max_in_flight_batches(b);
+        }
         c
     }
 

@@ -142,7 +142,12 @@ impl KafkaEnv {
                 rec.window = linger as usize;
                 P::Raw(p)
             } else {
-                let b = Batcher::new(kafka.sink().map_err(|e| e.to_string())?, cfg.clone())
+                let sink = if mode == "sdk-nodedup" {
+                    kafka.sink_without_id()
+                } else {
+                    kafka.sink()
+                };
+                let b = Batcher::new(sink.map_err(|e| e.to_string())?, cfg.clone())
                     .map_err(|e| e.to_string())?;
                 b.publish(Message::new(warm.as_str(), "warmup"))
                     .await

@@ -35,7 +35,8 @@ pub(crate) struct Args {
     /// Backends (comma separated): nats, kafka, memory.
     #[arg(long, value_delimiter = ',')]
     pub backend: Vec<String>,
-    /// Modes (comma separated): naive, sdk, sdk-nodedup (NATS without Nats-Msg-Id), sdk-atomic
+    /// Modes (comma separated): naive, sdk, sdk-nodedup (NATS without Nats-Msg-Id, Kafka without
+    /// the eventbus-id header), sdk-atomic
     /// (NATS atomic batches, one ack per batch), raw.
     #[arg(long, value_delimiter = ',')]
     pub mode: Vec<String>,
@@ -48,6 +49,9 @@ pub(crate) struct Args {
     /// SDK ACK window (messages in flight). Default: the engine's default.
     #[arg(long)]
     pub window: Option<usize>,
+    /// SDK batches in flight (`max_in_flight_batches`). Default: the engine's default.
+    #[arg(long)]
+    pub batches: Option<usize>,
     /// SDK linger in milliseconds. Default: the engine's default (0).
     #[arg(long)]
     pub linger: Option<u64>,
@@ -225,8 +229,12 @@ async fn run(args: Args) -> Result<bool, String> {
                     continue; // the in-process backend has one storage class: memory
                 }
                 for m in &modes {
-                    if (b == "memory" && m == "raw") || (b != "nats" && m.starts_with("sdk-")) {
-                        continue; // there is no client below the SDK for the in-process backend
+                    // The in-process backend has no client below the SDK and no variants; atomic
+                    // batches are a NATS mode.
+                    if (b == "memory" && (m == "raw" || m.starts_with("sdk-")))
+                        || (b == "kafka" && m == "sdk-atomic")
+                    {
+                        continue;
                     }
                     for rep in 0..reps {
                         plan.push((*s, b.clone(), m.clone(), st.to_string(), rep));

@@ -8,22 +8,33 @@ use crate::sink::ID_HEADER;
 /// Bytes reserved below `message.max.bytes` for record overhead and our id header.
 pub(crate) const OVERHEAD: usize = 512;
 
-/// Kafka headers for a record: the id header first, then the user headers. `scratch` is reused
-/// for the id text.
-pub(crate) fn encode(id: &MessageId, headers: &Headers, scratch: &mut String) -> OwnedHeaders {
-    scratch.clear();
-    id.write_to(scratch);
-    let mut h = OwnedHeaders::new_with_capacity(headers.len() + 1).insert(Header {
-        key: ID_HEADER,
-        value: Some(scratch.as_bytes()),
-    });
+/// Kafka headers for a record: the id header first (unless `with_id` is off), then the user
+/// headers. `None` when there is nothing to send. `scratch` is reused for the id text.
+pub(crate) fn encode(
+    id: &MessageId,
+    headers: &Headers,
+    with_id: bool,
+    scratch: &mut String,
+) -> Option<OwnedHeaders> {
+    if !with_id && headers.is_empty() {
+        return None;
+    }
+    let mut h = OwnedHeaders::new_with_capacity(headers.len() + 1);
+    if with_id {
+        scratch.clear();
+        id.write_to(scratch);
+        h = h.insert(Header {
+            key: ID_HEADER,
+            value: Some(scratch.as_bytes()),
+        });
+    }
     for (n, v) in headers.iter() {
         h = h.insert(Header {
             key: n,
             value: Some(v.as_bytes()),
         });
     }
-    h
+    Some(h)
 }
 
 /// Convert a consumed record. Header values that are not UTF-8 are skipped (eventbus headers are

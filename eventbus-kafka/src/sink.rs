@@ -62,6 +62,8 @@ pub struct KafkaSink {
     producer: Arc<ThreadedProducer<Ctx>>,
     router: Arc<OutcomeRouter>,
     limits: SinkLimits,
+    /// Send the `eventbus-id` header.
+    id_header: bool,
     errored: Arc<AtomicBool>,
     /// Set once librdkafka reports a fatal error (e.g. the idempotent producer lost its
     /// guarantees): the producer is unusable and every later publish fails with it.
@@ -77,7 +79,7 @@ impl std::fmt::Debug for KafkaSink {
 }
 
 impl KafkaSink {
-    pub(crate) fn new(config: &crate::KafkaConfig) -> Result<Self, Error> {
+    pub(crate) fn new(config: &crate::KafkaConfig, id_header: bool) -> Result<Self, Error> {
         let router = Arc::new(OutcomeRouter::new(BACKEND));
         let errored = Arc::new(AtomicBool::new(false));
         let producer: ThreadedProducer<Ctx> = config
@@ -100,6 +102,7 @@ impl KafkaSink {
             limits,
             errored,
             fatal: Arc::new(OnceLock::new()),
+            id_header,
         })
     }
 
@@ -161,11 +164,13 @@ impl BatchSink for KafkaSink {
         // Enqueued synchronously, in call order: librdkafka keeps per-partition order.
         for (i, msg) in batch.into_iter().enumerate() {
             let (mid, topic, key, headers, payload) = msg.into_parts();
-            let h = crate::headers::encode(&mid, &headers, &mut ids);
+            let h = crate::headers::encode(&mid, &headers, self.id_header, &mut ids);
             let opaque = ((id as usize) << INDEX_BITS) | i;
-            let mut record = BaseRecord::with_opaque_to(topic.as_str(), opaque)
-                .payload(&payload[..])
-                .headers(h);
+            let mut record =
+                BaseRecord::with_opaque_to(topic.as_str(), opaque).payload(&payload[..]);
+            if let Some(h) = h {
+                record = record.headers(h);
+            }
             if let Some(k) = &key {
                 record = record.key(&k[..]);
             }

@@ -174,10 +174,11 @@ impl DeadLetters {
     fn send(&self, rt: &tokio::runtime::Handle, letter: Message) -> bool {
         let (id, topic, key, headers, payload) = letter.into_parts();
         let mut scratch = String::new();
-        let h = crate::headers::encode(&id, &headers, &mut scratch);
-        let mut record = FutureRecord::to(topic.as_str())
-            .payload(&payload[..])
-            .headers(h);
+        let h = crate::headers::encode(&id, &headers, true, &mut scratch);
+        let mut record = FutureRecord::to(topic.as_str()).payload(&payload[..]);
+        if let Some(h) = h {
+            record = record.headers(h);
+        }
         if let Some(k) = &key {
             record = record.key(&k[..]);
         }
