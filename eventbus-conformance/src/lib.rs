@@ -77,6 +77,7 @@ macro_rules! conformance_tests {
             topics_isolated,
             nack_redelivers,
             dead_letters_after_max_deliveries,
+            handler_orders_per_key_and_retries,
             unacked_redelivered_after_ack_wait,
             close_and_reopen_loses_nothing,
             concurrent_subscribe_and_close,

@@ -347,6 +347,134 @@ pub async fn dead_letters_after_max_deliveries<H: Harness>(h: &H) {
     assert_quiet(&mut dl, Duration::from_millis(300)).await;
 }
 
+/// The handler runtime (`eventbus_core::handler`): strict order per key while keys run in
+/// parallel, failed and panicking runs retried in place, everything acked exactly once. The
+/// concurrency limit is twice the number of keys, so only per-key serialization keeps at most
+/// one handler per key running; later messages are faster, so without it they would overtake.
+pub async fn handler_orders_per_key_and_retries<H: Harness>(h: &H) {
+    use eventbus_core::handler::{self, HandlerConfig, HandlerError, Retry};
+    use std::sync::Mutex;
+    const KEYS: usize = 4;
+    const PER: usize = 30;
+    let topic = h.topic("handler").await;
+    let p = publisher(h, BatchConfig::default()).await;
+    let mut msgs = Vec::new();
+    for i in 0..PER {
+        for k in 0..KEYS {
+            msgs.push(Message::new(&topic, format!("{k}:{i}")).with_key(format!("key-{k}")));
+        }
+    }
+    assert_all_acked(&publish_all(&p, msgs).await);
+    let sub = subscribe(
+        h,
+        SubscribeSpec::new(&topic)
+            .prefetch(64)
+            .ack_wait(Duration::from_secs(30)),
+    )
+    .await;
+    let log: Arc<Mutex<Vec<(usize, usize)>>> = Arc::default();
+    let attempts: Arc<Mutex<HashMap<String, u32>>> = Arc::default();
+    // Handlers running per key, and the most ever seen at once for any key / in total.
+    let running: Arc<Mutex<HashMap<usize, usize>>> = Arc::default();
+    let peak_per_key = Arc::new(AtomicUsize::new(0));
+    let peak_total = Arc::new(AtomicUsize::new(0));
+    let all_done = Arc::new(tokio::sync::Notify::new());
+    let handler = {
+        let (log, attempts, running, peak_per_key, peak_total, all_done) = (
+            Arc::clone(&log),
+            Arc::clone(&attempts),
+            Arc::clone(&running),
+            Arc::clone(&peak_per_key),
+            Arc::clone(&peak_total),
+            Arc::clone(&all_done),
+        );
+        move |msg: Message, _info| {
+            let (log, attempts, running, peak_per_key, peak_total, all_done) = (
+                Arc::clone(&log),
+                Arc::clone(&attempts),
+                Arc::clone(&running),
+                Arc::clone(&peak_per_key),
+                Arc::clone(&peak_total),
+                Arc::clone(&all_done),
+            );
+            async move {
+                let text = String::from_utf8(msg.payload().to_vec()).expect("utf8");
+                let (k, i) = text.split_once(':').expect("k:i");
+                let (k, i): (usize, usize) = (k.parse().expect("k"), i.parse().expect("i"));
+                {
+                    let mut r = running.lock().unwrap();
+                    *r.entry(k).or_insert(0) += 1;
+                    peak_per_key.fetch_max(r[&k], Ordering::SeqCst);
+                    peak_total.fetch_max(r.values().sum(), Ordering::SeqCst);
+                }
+                // Earlier messages take longer: unordered handling would let later ones pass.
+                tokio::time::sleep(Duration::from_millis(1 + ((PER - i) % 4) as u64 * 2)).await;
+                let n = {
+                    let mut a = attempts.lock().unwrap();
+                    let n = a.entry(text.clone()).or_insert(0);
+                    *n += 1;
+                    *n
+                };
+                *running.lock().unwrap().get_mut(&k).expect("running") -= 1;
+                if i % 7 == 3 && n == 1 {
+                    return Err(HandlerError::new("first attempt fails"));
+                }
+                if i % 11 == 5 && n == 1 {
+                    panic!("first attempt panics (expected by the test)");
+                }
+                let mut l = log.lock().unwrap();
+                l.push((k, i));
+                if l.len() == KEYS * PER {
+                    all_done.notify_one();
+                }
+                Ok(())
+            }
+        }
+    };
+    let cfg = HandlerConfig::default()
+        .concurrency(KEYS * 2)
+        .retry(Retry::default().initial(Duration::from_millis(5)));
+    let done = Arc::clone(&all_done);
+    let report = timeout(
+        Duration::from_secs(60),
+        handler::run(sub, cfg, handler, async move { done.notified().await }),
+    )
+    .await
+    .unwrap_or_else(|_| {
+        panic!(
+            "handler run did not finish: {} of {} handled",
+            log.lock().unwrap().len(),
+            KEYS * PER
+        )
+    });
+    let log = log.lock().unwrap().clone();
+    for k in 0..KEYS {
+        let seen: Vec<usize> = log
+            .iter()
+            .filter(|(kk, _)| *kk == k)
+            .map(|(_, i)| *i)
+            .collect();
+        assert_eq!(
+            seen,
+            (0..PER).collect::<Vec<_>>(),
+            "key {k}: order or completeness"
+        );
+    }
+    let per_key = peak_per_key.load(Ordering::SeqCst);
+    let total = peak_total.load(Ordering::SeqCst);
+    assert_eq!(per_key, 1, "two handlers of one key ran at once");
+    assert!(
+        total >= 2,
+        "different keys never ran in parallel (peak {total})"
+    );
+    let failing = (0..PER).filter(|i| i % 7 == 3).count() * KEYS;
+    let panicking = (0..PER).filter(|i| i % 11 == 5).count() * KEYS;
+    assert_eq!(report.acked as usize, KEYS * PER, "{report:?}");
+    assert_eq!(report.failures as usize, failing + panicking, "{report:?}");
+    assert_eq!(report.panics as usize, panicking, "{report:?}");
+    assert_eq!(report.gave_up, 0, "{report:?}");
+}
+
 /// A delivery that is neither acked nor nacked comes back after the ack wait.
 pub async fn unacked_redelivered_after_ack_wait<H: Harness>(h: &H) {
     let topic = h.topic("ackwait").await;

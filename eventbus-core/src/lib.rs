@@ -3,6 +3,7 @@
 
 mod envelope;
 mod error;
+pub mod handler;
 mod message;
 mod outcome;
 mod publisher;

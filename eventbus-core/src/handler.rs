@@ -1,0 +1,369 @@
+//! A handler runtime on top of any [`Subscription`]: bounded concurrency, strict order per key,
+//! in-place retries with exponential backoff and jitter, panics caught.
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use eventbus_core::handler::{self, HandlerConfig, HandlerError};
+//! # async fn demo(sub: eventbus_core::Subscription) {
+//! // Resolve this on SIGTERM / Ctrl-C (e.g. `tokio::signal::ctrl_c()`) for a graceful stop.
+//! let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+//! let report = handler::run(
+//!     sub,
+//!     HandlerConfig::default().concurrency(16),
+//!     |msg, _info| async move {
+//!         if msg.payload().is_empty() {
+//!             return Err(HandlerError::new("empty payload"));
+//!         }
+//!         Ok(())
+//!     },
+//!     async move {
+//!         let _ = stop_rx.await;
+//!     },
+//! )
+//! .await;
+//! println!("handled {} messages", report.acked);
+//! # drop(stop_tx);
+//! # }
+//! ```
+//!
+//! # Semantics
+//! - Messages with the same ordering key (the message key, else the envelope aggregate id) are
+//!   handled one at a time, in delivery order; different keys run in parallel, at most
+//!   `concurrency` at once. Messages without a key run in parallel with everything.
+//! - `Ok(())` acks. An error or a panic is retried in place (the key stays blocked, so order
+//!   holds) after an exponential backoff with jitter, up to `retry.max_attempts` runs in all.
+//!   After the last failed run the delivery is nacked at once: the backend redelivers it and,
+//!   with `SubscribeSpec::max_deliveries` and `dead_letter`, eventually moves it to the
+//!   dead-letter topic. Later messages of the same key may then run before that redelivery.
+//! - Keep `ack_wait` longer than a message's worst-case handling time including retries, or the
+//!   broker redelivers it while it is still being handled.
+//! - When `shutdown` resolves, no new delivery is started; running handlers finish (with their
+//!   retries), deliveries waiting behind a key are nacked for immediate redelivery, and the
+//!   subscription is closed.
+
+use std::collections::{HashMap, VecDeque};
+use std::fmt;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::Semaphore;
+
+use crate::envelope::names;
+use crate::message::Message;
+use crate::subscriber::{Delivery, DeliveryInfo, Subscription};
+
+/// Why a handler run failed. Its text goes to logs; keep payload bytes and secrets out of it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HandlerError {
+    message: String,
+}
+
+impl HandlerError {
+    /// A failure described by `message`.
+    pub fn new(message: impl Into<String>) -> Self {
+        HandlerError {
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for HandlerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for HandlerError {}
+
+/// Exponential backoff with jitter for in-place retries.
+#[derive(Clone, Copy, Debug, PartialEq)]
+#[non_exhaustive]
+pub struct Retry {
+    /// Handler runs per delivery, the first included (1 = no in-place retry). Default 3.
+    pub max_attempts: u32,
+    /// Delay before the first retry. Default 100 ms.
+    pub initial: Duration,
+    /// Longest delay. Default 5 s.
+    pub max: Duration,
+    /// Growth per retry. Default 2.
+    pub multiplier: f64,
+    /// Fraction of each delay that is random (0 = none, 1 = anywhere from 0). Default 0.2.
+    pub jitter: f64,
+}
+
+impl Default for Retry {
+    fn default() -> Self {
+        Retry {
+            max_attempts: 3,
+            initial: Duration::from_millis(100),
+            max: Duration::from_secs(5),
+            multiplier: 2.0,
+            jitter: 0.2,
+        }
+    }
+}
+
+impl Retry {
+    /// Set the maximum runs per delivery (at least 1).
+    pub fn max_attempts(mut self, n: u32) -> Self {
+        self.max_attempts = n.max(1);
+        self
+    }
+    /// Set the first delay.
+    pub fn initial(mut self, d: Duration) -> Self {
+        self.initial = d;
+        self
+    }
+    /// Set the longest delay.
+    pub fn max(mut self, d: Duration) -> Self {
+        self.max = d;
+        self
+    }
+    /// Set the jitter fraction (clamped to 0..=1).
+    pub fn jitter(mut self, j: f64) -> Self {
+        self.jitter = j.clamp(0.0, 1.0);
+        self
+    }
+
+    /// The delay before retry number `retry` (1-based), jittered with `random` in 0..1.
+    pub fn delay(&self, retry: u32, random: f64) -> Duration {
+        let exp = self
+            .multiplier
+            .max(1.0)
+            .powi(retry.saturating_sub(1) as i32);
+        let base = self.initial.as_secs_f64() * exp;
+        let capped = base.min(self.max.as_secs_f64());
+        let jittered = capped * (1.0 - self.jitter.clamp(0.0, 1.0) * random.clamp(0.0, 1.0));
+        Duration::from_secs_f64(jittered.max(0.0))
+    }
+}
+
+/// What keeps messages in order.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum OrderBy {
+    /// The message key, else the envelope aggregate id; unkeyed messages are unordered.
+    #[default]
+    KeyOrAggregate,
+    /// No ordering: every message may run in parallel.
+    Nothing,
+}
+
+/// Handler runtime settings.
+#[derive(Clone, Copy, Debug, PartialEq)]
+#[non_exhaustive]
+pub struct HandlerConfig {
+    /// Handlers running at once. Default 8.
+    pub concurrency: usize,
+    /// Ordering. Default [`OrderBy::KeyOrAggregate`].
+    pub order_by: OrderBy,
+    /// In-place retries.
+    pub retry: Retry,
+}
+
+impl Default for HandlerConfig {
+    fn default() -> Self {
+        HandlerConfig {
+            concurrency: 8,
+            order_by: OrderBy::KeyOrAggregate,
+            retry: Retry::default(),
+        }
+    }
+}
+
+impl HandlerConfig {
+    /// Set the concurrency (at least 1).
+    pub fn concurrency(mut self, n: usize) -> Self {
+        self.concurrency = n.max(1);
+        self
+    }
+    /// Set the ordering.
+    pub fn order_by(mut self, o: OrderBy) -> Self {
+        self.order_by = o;
+        self
+    }
+    /// Set the retry policy.
+    pub fn retry(mut self, r: Retry) -> Self {
+        self.retry = r;
+        self
+    }
+}
+
+/// What a run did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RunReport {
+    /// Deliveries handled successfully and acked.
+    pub acked: u64,
+    /// Deliveries handed back (nacked) after their last failed attempt.
+    pub gave_up: u64,
+    /// Failed handler runs (errors and panics), retried or not.
+    pub failures: u64,
+    /// Of those, panics.
+    pub panics: u64,
+    /// Deliveries nacked unhandled at shutdown.
+    pub released: u64,
+    /// Subscription errors seen (each is logged).
+    pub subscription_errors: u64,
+}
+
+#[derive(Default)]
+struct Shared {
+    queues: parking_lot::Mutex<HashMap<Vec<u8>, VecDeque<Delivery>>>,
+    report: parking_lot::Mutex<RunReport>,
+}
+
+fn order_key(m: &Message, order_by: OrderBy) -> Option<Vec<u8>> {
+    if order_by == OrderBy::Nothing {
+        return None;
+    }
+    m.key().map(|k| k.to_vec()).or_else(|| {
+        m.headers()
+            .get(names::AGGREGATE_ID)
+            .map(|a| a.as_bytes().to_vec())
+    })
+}
+
+/// Run `handler` over `sub` until the subscription ends or `shutdown` resolves. See the module
+/// docs for the semantics.
+pub async fn run<F, Fut>(
+    mut sub: Subscription,
+    cfg: HandlerConfig,
+    handler: F,
+    shutdown: impl Future<Output = ()>,
+) -> RunReport
+where
+    F: Fn(Message, DeliveryInfo) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), HandlerError>> + Send + 'static,
+{
+    let handler = Arc::new(handler);
+    let shared = Arc::new(Shared::default());
+    let permits = Arc::new(Semaphore::new(cfg.concurrency.max(1)));
+    let mut workers = tokio::task::JoinSet::new();
+    tokio::pin!(shutdown);
+    loop {
+        // Backpressure: take a handler slot before taking the next delivery.
+        let permit = tokio::select! {
+            p = Arc::clone(&permits).acquire_owned() => p.expect("semaphore never closed"),
+            _ = &mut shutdown => break,
+        };
+        let next = tokio::select! {
+            n = sub.next() => n,
+            _ = &mut shutdown => break,
+        };
+        let d = match next {
+            None => break,
+            Some(Ok(d)) => d,
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "subscription error");
+                shared.report.lock().subscription_errors += 1;
+                continue;
+            }
+        };
+        let key = order_key(d.message(), cfg.order_by);
+        if let Some(k) = &key {
+            let mut queues = shared.queues.lock();
+            if let Some(q) = queues.get_mut(k) {
+                // A worker owns this key: it takes this delivery when it gets there.
+                q.push_back(d);
+                continue; // the permit goes back
+            }
+            queues.insert(k.clone(), VecDeque::new());
+        }
+        let (handler, shared) = (Arc::clone(&handler), Arc::clone(&shared));
+        workers.spawn(async move {
+            let _permit = permit;
+            let mut d = d;
+            loop {
+                handle_one(&*handler, &cfg.retry, &shared, d).await;
+                let Some(k) = &key else { break };
+                let mut queues = shared.queues.lock();
+                let q = queues.get_mut(k).expect("key owned by this worker");
+                match q.pop_front() {
+                    Some(next) => d = next,
+                    None => {
+                        queues.remove(k);
+                        break;
+                    }
+                }
+            }
+        });
+        // Reap finished workers so the set does not grow.
+        while workers.try_join_next().is_some() {}
+    }
+    // Shutdown or end of stream: let running handlers finish, release what waits behind them.
+    let waiting: Vec<Delivery> = shared
+        .queues
+        .lock()
+        .values_mut()
+        .flat_map(|q| q.drain(..))
+        .collect();
+    for d in waiting {
+        shared.report.lock().released += 1;
+        let _ = d.nack(Duration::ZERO).await;
+    }
+    while workers.join_next().await.is_some() {}
+    sub.close().await;
+    *shared.report.lock()
+}
+
+async fn handle_one<F, Fut>(handler: &F, retry: &Retry, shared: &Shared, d: Delivery)
+where
+    F: Fn(Message, DeliveryInfo) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), HandlerError>> + Send + 'static,
+{
+    let (msg, info, acker) = d.split();
+    let mut attempt = 1;
+    loop {
+        // Spawned so a panic is caught as a JoinError instead of tearing down the runtime.
+        let run = tokio::spawn(handler(msg.clone(), info.clone())).await;
+        let failure = match run {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(e.to_string()),
+            Err(e) if e.is_panic() => {
+                shared.report.lock().panics += 1;
+                Some("handler panicked".to_owned())
+            }
+            Err(_) => Some("handler task cancelled".to_owned()),
+        };
+        let Some(why) = failure else {
+            shared.report.lock().acked += 1;
+            if let Err(e) = acker.ack().await {
+                tracing::warn!(error = %e, "ack failed; the message may be redelivered");
+            }
+            return;
+        };
+        shared.report.lock().failures += 1;
+        if attempt >= retry.max_attempts {
+            tracing::warn!(id = %msg.id(), attempts = attempt, error = %why, "handler gave up; handing the message back");
+            shared.report.lock().gave_up += 1;
+            let _ = acker.nack(Duration::ZERO).await;
+            return;
+        }
+        tracing::debug!(id = %msg.id(), attempt, error = %why, "handler failed; retrying");
+        tokio::time::sleep(retry.delay(attempt, rand::random::<f64>())).await;
+        attempt += 1;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_caps_and_jitters_down() {
+        let r = Retry::default()
+            .initial(Duration::from_millis(100))
+            .max(Duration::from_millis(350))
+            .jitter(0.5);
+        assert_eq!(r.delay(1, 0.0), Duration::from_millis(100));
+        assert_eq!(r.delay(2, 0.0), Duration::from_millis(200));
+        assert_eq!(r.delay(3, 0.0), Duration::from_millis(350), "capped");
+        assert_eq!(
+            r.delay(2, 1.0),
+            Duration::from_millis(100),
+            "half jittered away"
+        );
+    }
+}
