@@ -92,6 +92,8 @@ struct Acc {
     next_seq: u64,
     /// `flush()`/`close()` asked for everything queued to go now.
     force: bool,
+    /// A publisher found the ACK window full: send what is queued now instead of lingering.
+    window_full: bool,
     /// No more admissions (closed); flusher exits when empty.
     closed: bool,
     /// All handles dropped: flush everything, then exit.
@@ -202,16 +204,27 @@ impl<S: BatchSink> Batcher<S> {
             OnFull::Wait => {
                 let m = match i.window_msgs.try_acquire() {
                     Ok(m) => m,
-                    Err(_) => i.window_msgs.acquire().await.map_err(closed)?,
+                    Err(_) => {
+                        self.window_is_full();
+                        i.window_msgs.acquire().await.map_err(closed)?
+                    }
                 };
                 let b = match i.window_bytes.try_acquire_many(bytes) {
                     Ok(b) => b,
-                    Err(_) => i.window_bytes.acquire_many(bytes).await.map_err(closed)?,
+                    Err(_) => {
+                        self.window_is_full();
+                        i.window_bytes.acquire_many(bytes).await.map_err(closed)?
+                    }
                 };
                 m.forget();
                 b.forget();
             }
             OnFull::WaitFor(limit) => {
+                if i.window_msgs.available_permits() == 0
+                    || i.window_bytes.available_permits() < bytes as usize
+                {
+                    self.window_is_full();
+                }
                 let got = tokio::time::timeout(limit, async {
                     let m = i.window_msgs.acquire().await.map_err(closed)?;
                     let b = i.window_bytes.acquire_many(bytes).await.map_err(closed)?;
@@ -224,6 +237,18 @@ impl<S: BatchSink> Batcher<S> {
             }
         }
         Ok(())
+    }
+
+    /// Tell the flusher that admissions are blocked: lingering can only add latency now.
+    fn window_is_full(&self) {
+        let queued = {
+            let mut acc = self.inner.acc.lock();
+            acc.window_full = true;
+            !acc.items.is_empty()
+        };
+        if queued {
+            self.inner.wake.notify_one();
+        }
     }
 
     fn release(&self, bytes: u32) {
@@ -405,6 +430,7 @@ async fn flusher<S: BatchSink>(inner: Arc<Inner<S>>) {
                 let mut acc = inner.acc.lock();
                 if acc.items.is_empty() {
                     acc.force = false;
+                    acc.window_full = false;
                     if acc.closed || acc.draining {
                         // Nothing queued and no handle left that could queue more.
                         return;
@@ -424,6 +450,9 @@ async fn flusher<S: BatchSink>(inner: Arc<Inner<S>>) {
                         Some(Trigger::Flush)
                     } else if cfg.linger.is_zero() {
                         Some(Trigger::Immediate)
+                    } else if acc.window_full {
+                        acc.window_full = false;
+                        Some(Trigger::Window)
                     } else if due <= now {
                         Some(Trigger::Linger)
                     } else {

@@ -19,10 +19,13 @@ pub(crate) enum Trigger {
     Linger,
     Immediate,
     Flush,
+    /// The ACK window is full: nothing more can be admitted until this batch is acked, so
+    /// lingering would only add latency.
+    Window,
 }
 
 pub(crate) struct EngineMetrics {
-    batches: [Counter; 5],
+    batches: [Counter; 6],
     pub(crate) batch_messages: Histogram,
     pub(crate) batch_bytes: Histogram,
     pub(crate) in_flight: Gauge,
@@ -46,6 +49,7 @@ impl EngineMetrics {
                 b("linger"),
                 b("immediate"),
                 b("flush"),
+                b("window"),
             ],
             batch_messages: histogram!("eventbus_batch_messages", "backend" => backend),
             batch_bytes: histogram!("eventbus_batch_bytes", "backend" => backend),

@@ -185,6 +185,47 @@ async fn window_full_waits_then_admits() {
     assert!(a5.await.is_acked());
 }
 
+/// A full window ends the linger: the queued messages cannot be joined by more until they are
+/// acked, so the engine sends them at once instead of waiting out a long linger.
+#[tokio::test(start_paused = true)]
+async fn full_window_sends_without_waiting_for_linger() {
+    let (p, mut rx) = scripted(
+        BatchConfig::default()
+            .max_in_flight(3)
+            .linger(Duration::from_secs(3600))
+            .max_messages(100),
+    );
+    let mut acks = Vec::new();
+    for i in 0..3 {
+        acks.push(p.publish(msg(i)).await.unwrap());
+    }
+    no_batch(&mut rx, Duration::from_secs(60)).await; // lingering, window not yet contended
+    let fourth = tokio::spawn({
+        let p = p.clone();
+        async move { p.publish(msg(3)).await }
+    });
+    let s = tokio::time::timeout(Duration::from_millis(1), rx.recv())
+        .await
+        .expect("a blocked publisher ends the linger")
+        .unwrap();
+    assert_eq!(s.batch.len(), 3);
+    s.ack_all();
+    let a4 = fourth.await.unwrap().unwrap();
+    for a in acks {
+        assert!(a.await.is_acked());
+    }
+    // The fourth lingers normally (the window has room again) until flushed.
+    let flush = tokio::spawn({
+        let p = p.clone();
+        async move { p.flush().await }
+    });
+    let s = rx.recv().await.unwrap();
+    assert_eq!(s.batch.len(), 1);
+    s.ack_all();
+    flush.await.unwrap().unwrap();
+    assert!(a4.await.is_acked());
+}
+
 #[tokio::test(start_paused = true)]
 async fn window_full_wait_for_then_overloaded() {
     let (p, _rx) = scripted(

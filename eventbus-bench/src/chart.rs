@@ -125,6 +125,100 @@ fn escape(s: &str) -> String {
         .replace('>', "&gt;")
 }
 
+/// Latency versus throughput for a `--sweep`: x = publish msg/s (linear), y = ack p99 (log
+/// scale, 0.1 ms .. 10 s), one colour per backend/storage, each point labelled `window/linger`.
+pub(crate) fn latency_svg(records: &[crate::report::Record]) -> String {
+    let (w, h, left, top) = (900.0, 520.0, 80.0, 50.0);
+    let (pw, ph) = (w - left - 220.0, h - top - 60.0);
+    let xmax = nice(
+        records
+            .iter()
+            .map(|r| r.publish_msgs_per_sec)
+            .fold(1.0f64, f64::max),
+    );
+    let (lmin, lmax) = (-1.0f64, 4.0f64); // log10(ms): 0.1 ms .. 10 s
+    let ypos = |us: u64| {
+        let ms = (us.max(1) as f64 / 1000.0).log10().clamp(lmin, lmax);
+        top + ph - ph * (ms - lmin) / (lmax - lmin)
+    };
+    let xpos = |v: f64| left + pw * v / xmax;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="11">"#
+    );
+    let _ = writeln!(out, r#"<rect width="100%" height="100%" fill="white"/>"#);
+    let _ = writeln!(
+        out,
+        r#"<text x="{left}" y="24" font-size="15">ACK latency p99 vs publish throughput (sweep: window / linger ms)</text>"#
+    );
+    for t in 0..=4 {
+        let v = xmax * t as f64 / 4.0;
+        let x = xpos(v);
+        let _ = writeln!(
+            out,
+            r##"<line x1="{x}" y1="{top}" x2="{x}" y2="{}" stroke="#ddd"/><text x="{x}" y="{}" text-anchor="middle">{}</text>"##,
+            top + ph,
+            top + ph + 16.0,
+            crate::report::fmt_rate(v)
+        );
+    }
+    for (i, label) in ["0.1 ms", "1 ms", "10 ms", "100 ms", "1 s", "10 s"]
+        .iter()
+        .enumerate()
+    {
+        let y = top + ph - ph * i as f64 / (lmax - lmin);
+        let _ = writeln!(
+            out,
+            r##"<line x1="{left}" y1="{y}" x2="{}" y2="{y}" stroke="#ddd"/><text x="{}" y="{}" text-anchor="end">{label}</text>"##,
+            left + pw,
+            left - 6.0,
+            y + 4.0
+        );
+    }
+    let _ = writeln!(
+        out,
+        r#"<text x="{}" y="{}" text-anchor="middle">publish msg/s</text>"#,
+        left + pw / 2.0,
+        h - 12.0
+    );
+    const COLOURS: [&str; 6] = [
+        "#d62728", "#1f77b4", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b",
+    ];
+    let mut groups: BTreeMap<(String, String), Vec<&crate::report::Record>> = BTreeMap::new();
+    for r in records {
+        groups
+            .entry((r.backend.clone(), r.storage.clone()))
+            .or_default()
+            .push(r);
+    }
+    for (gi, ((backend, storage), rs)) in groups.iter().enumerate() {
+        let colour = COLOURS[gi % COLOURS.len()];
+        for r in rs {
+            let (x, y) = (xpos(r.publish_msgs_per_sec), ypos(r.ack_p99_us));
+            let _ = writeln!(
+                out,
+                r#"<circle cx="{x:.1}" cy="{y:.1}" r="4" fill="{colour}"/><text x="{:.1}" y="{:.1}" font-size="9" fill="{colour}">{}/{}</text>"#,
+                x + 5.0,
+                y - 4.0,
+                r.window,
+                r.linger_ms
+            );
+        }
+        let ly = top + 20.0 * gi as f64;
+        let _ = writeln!(
+            out,
+            r#"<circle cx="{}" cy="{ly}" r="5" fill="{colour}"/><text x="{}" y="{}">{}</text>"#,
+            left + pw + 20.0,
+            left + pw + 30.0,
+            ly + 4.0,
+            escape(&format!("{backend} {storage}"))
+        );
+    }
+    out.push_str("</svg>\n");
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -148,5 +242,26 @@ mod tests {
         assert!(!s.contains("memory storage"), "no panel without data");
         assert_eq!(nice(730.0), 1000.0);
         assert_eq!(nice(210_000.0), 250_000.0);
+    }
+
+    #[test]
+    fn latency_chart_has_a_point_per_run_and_a_legend_per_backend() {
+        let run = |backend: &str, window: usize, rate: f64, p99_us: u64| {
+            let mut r =
+                crate::report::Record::new(crate::SCENARIOS[0], backend, "sdk", "durable", 0);
+            r.window = window;
+            r.publish_msgs_per_sec = rate;
+            r.ack_p99_us = p99_us;
+            r
+        };
+        let s = latency_svg(&[
+            run("nats", 1, 10_000.0, 1_000),
+            run("nats", 4096, 150_000.0, 40_000),
+            run("kafka", 4096, 50_000.0, 80_000),
+        ]);
+        // 3 points (r=4) + 2 legend dots (r=5).
+        assert_eq!(s.matches(r#"r="4""#).count(), 3);
+        assert_eq!(s.matches(r#"r="5""#).count(), 2);
+        assert!(s.contains(">4096/0<"), "points are labelled window/linger");
     }
 }

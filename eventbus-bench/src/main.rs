@@ -49,6 +49,11 @@ pub(crate) struct Args {
     /// SDK ACK window (messages in flight). Default: the engine's default.
     #[arg(long)]
     pub window: Option<usize>,
+    /// Sweep the SDK's ACK window (1 .. 100,000) x linger (0 .. 20 ms) on one scenario (default
+    /// extreme) and storage class (default durable), mode sdk: writes sweep.{json,md,svg}, the SVG
+    /// being ACK latency p99 against throughput.
+    #[arg(long)]
+    pub sweep: bool,
     /// SDK batches in flight (`max_in_flight_batches`). Default: the engine's default.
     #[arg(long)]
     pub batches: Option<usize>,
@@ -154,6 +159,83 @@ fn main() -> std::process::ExitCode {
     }
 }
 
+/// ACK windows and engine lingers (ms) the sweep tries.
+const SWEEP_WINDOWS: [usize; 6] = [1, 16, 256, 4_096, 16_384, 100_000];
+const SWEEP_LINGERS_MS: [u64; 4] = [0, 1, 5, 20];
+
+async fn sweep(args: &Args, backends: &[String], storages: &[&str]) -> Result<bool, String> {
+    let name = args.scenario.first().map_or("extreme", String::as_str);
+    let scenario = SCENARIOS
+        .iter()
+        .copied()
+        .find(|s| s.name == name)
+        .ok_or_else(|| format!("unknown scenario {name}"))?;
+    // One storage class unless asked for explicitly: the sweep is about the SDK's knobs.
+    let storages: Vec<&str> = if storages.len() > 1 {
+        vec!["durable"]
+    } else {
+        storages.to_vec()
+    };
+    let backends: Vec<String> = backends
+        .iter()
+        .filter(|b| *b != "memory")
+        .cloned()
+        .collect();
+    let env = drive::Env::start(
+        args,
+        backends.iter().any(|b| b == "nats"),
+        backends.iter().any(|b| b == "kafka"),
+        &storages,
+    )
+    .await?;
+    eprintln!("{}", env.describe());
+    let total = backends.len() * storages.len() * SWEEP_WINDOWS.len() * SWEEP_LINGERS_MS.len();
+    let bar = indicatif::ProgressBar::new(total as u64).with_style(
+        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} {msg}").expect("template"),
+    );
+    let mut records = Vec::new();
+    for b in &backends {
+        for st in &storages {
+            for window in SWEEP_WINDOWS {
+                for linger in SWEEP_LINGERS_MS {
+                    let mut a = args.clone();
+                    a.window = Some(window);
+                    a.linger = Some(linger);
+                    let mut s = scenario;
+                    if window <= 16 {
+                        s.messages = s.messages.min(2_000); // near one-at-a-time speed
+                    }
+                    bar.set_message(format!("{b} {st} window {window} linger {linger} ms"));
+                    let recs = match env.run_one(&a, s, b, "sdk", st, 0).await {
+                        Ok(r) => r,
+                        Err(e) => {
+                            let mut r = report::Record::new(s, b, "sdk", st, 0);
+                            r.verify_note = format!("run failed: {e}");
+                            vec![r]
+                        }
+                    };
+                    for mut r in recs {
+                        r.window = window;
+                        r.linger_ms = linger;
+                        if !r.verified {
+                            bar.println(format!(
+                                "VERIFICATION FAILED: {b} {st} window {window} linger {linger}: {}",
+                                r.verify_note
+                            ));
+                        }
+                        records.push(r);
+                    }
+                    bar.inc(1);
+                }
+            }
+        }
+    }
+    bar.finish_and_clear();
+    report::write_sweep(args, &env.describe(), &records)?;
+    env.stop().await;
+    Ok(records.iter().all(|r| r.verified))
+}
+
 async fn run(args: Args) -> Result<bool, String> {
     if let Some(path) = &args.from_json {
         let text =
@@ -212,6 +294,9 @@ async fn run(args: Args) -> Result<bool, String> {
         }
     };
     let reps = args.reps.unwrap_or(if args.quick { 1 } else { 3 }).max(1);
+    if args.sweep {
+        return sweep(&args, &backends, &storages).await;
+    }
     let env = drive::Env::start(
         &args,
         backends.iter().any(|b| b == "nats"),

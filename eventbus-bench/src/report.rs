@@ -46,6 +46,9 @@ pub(crate) struct Record {
     pub publishers: usize,
     /// ACK window (SDK) or async-nats max_ack_inflight (raw).
     pub window: usize,
+    /// SDK engine linger in milliseconds (sweep runs; 0 otherwise).
+    #[serde(default)]
+    pub linger_ms: u64,
     /// Time to connect and warm the producer (Kafka: idempotent producer id), before the clock.
     pub connect_ms: f64,
     pub publish_secs: f64,
@@ -91,6 +94,7 @@ impl Record {
             topics: s.topics,
             publishers: s.publishers,
             window: 0,
+            linger_ms: 0,
             connect_ms: 0.0,
             publish_secs: 0.0,
             publish_msgs_per_sec: 0.0,
@@ -439,6 +443,65 @@ fn update_readme(readme: &std::path::Path, md: &str, chart: &str) -> Result<(), 
         "updated {} and {}",
         readme.display(),
         dir.join("throughput.svg").display()
+    );
+    Ok(())
+}
+
+/// The `--sweep` report: one row per (backend, storage, window, linger), a Markdown table, the
+/// JSON records and a latency-vs-throughput chart (`sweep.svg`).
+pub(crate) fn write_sweep(args: &Args, machine: &str, records: &[Record]) -> Result<(), String> {
+    use std::fmt::Write as _;
+    let mut md = String::new();
+    let _ = writeln!(md, "machine: {machine}\n");
+    let _ = writeln!(
+        md,
+        "| backend | storage | window | linger ms | msgs | publish msg/s | ack p50 | ack p99 | verified |"
+    );
+    let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|");
+    let mut rows: Vec<&Record> = records.iter().collect();
+    rows.sort_by(|a, b| {
+        (&a.backend, &a.storage, a.window, a.linger_ms).cmp(&(
+            &b.backend,
+            &b.storage,
+            b.window,
+            b.linger_ms,
+        ))
+    });
+    for r in &rows {
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} | {} | {} | {:.1} ms | {:.1} ms | {} |",
+            r.backend,
+            r.storage,
+            r.window,
+            r.linger_ms,
+            r.messages,
+            fmt_rate(r.publish_msgs_per_sec),
+            r.ack_p50_us as f64 / 1000.0,
+            r.ack_p99_us as f64 / 1000.0,
+            if r.verified { "yes" } else { "**NO**" },
+        );
+    }
+    println!("\n{md}");
+    std::fs::create_dir_all(&args.out)
+        .map_err(|e| format!("create {}: {e}", args.out.display()))?;
+    let put = |name: &str, text: String| {
+        let path = args.out.join(name);
+        std::fs::write(&path, text).map_err(|e| format!("write {}: {e}", path.display()))
+    };
+    put("sweep.md", md)?;
+    let doc = Saved {
+        machine: machine.to_owned(),
+        records: records.to_vec(),
+    };
+    put(
+        "sweep.json",
+        serde_json::to_string_pretty(&doc).map_err(|e| e.to_string())?,
+    )?;
+    put("sweep.svg", crate::chart::latency_svg(records))?;
+    eprintln!(
+        "wrote {0}/sweep.json, {0}/sweep.md, {0}/sweep.svg",
+        args.out.display()
     );
     Ok(())
 }
