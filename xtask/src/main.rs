@@ -199,6 +199,20 @@ fn ci() -> Result {
         check.args(["check", "--quiet", "-p", krate]);
         run(check)?;
     }
+    // A service that uses one backend never compiles the other: the bench builds with either.
+    for backend in ["nats", "kafka"] {
+        let mut check = cargo();
+        check.args([
+            "check",
+            "--quiet",
+            "-p",
+            "eventbus-bench",
+            "--no-default-features",
+            "--features",
+            backend,
+        ]);
+        run(check)?;
+    }
     test(&[])?;
     bench(&["--quick".into()])
 }
