@@ -62,6 +62,28 @@ async fn take_acked(sub: &mut Subscription, n: usize) -> Vec<Message> {
     out
 }
 
+/// Receive and ack until every id in `expected` was seen (`got` holds those seen before); panics
+/// naming `when` if deliveries stop first, and if anything unexpected arrived.
+async fn ack_until_all_seen(
+    sub: &mut Subscription,
+    got: &mut HashSet<String>,
+    expected: &HashSet<String>,
+    when: &str,
+) {
+    while got.len() < expected.len() {
+        let d = recv(sub, RECV_TIMEOUT).await.unwrap_or_else(|| {
+            panic!(
+                "{when}: only {} of {} distinct messages arrived",
+                got.len(),
+                expected.len()
+            )
+        });
+        got.insert(d.message().id().to_string());
+        d.ack().await.expect("ack");
+    }
+    assert_eq!(got, expected, "{when}");
+}
+
 /// Assert nothing more arrives for `quiet`.
 async fn assert_quiet(sub: &mut Subscription, quiet: Duration) {
     if let Some(d) = recv(sub, quiet).await {
@@ -73,7 +95,8 @@ async fn assert_quiet(sub: &mut Subscription, quiet: Duration) {
     }
 }
 
-async fn publish_all<P: Publisher>(p: &P, msgs: Vec<Message>) -> Vec<Outcome> {
+/// Publish every message (each must be admitted), then await every outcome, in order.
+pub async fn publish_all<P: Publisher>(p: &P, msgs: Vec<Message>) -> Vec<Outcome> {
     let mut acks = Vec::with_capacity(msgs.len());
     for m in msgs {
         acks.push(p.publish(m).await.expect("publish admitted"));
@@ -514,18 +537,7 @@ pub async fn close_and_reopen_loses_nothing<H: Harness>(h: &H) {
     let mut got: HashSet<String> = ids(&take_acked(&mut sub, 10).await);
     sub.close().await;
     let mut sub = subscribe(h, spec).await;
-    while got.len() < expected.len() {
-        let d = recv(&mut sub, RECV_TIMEOUT).await.unwrap_or_else(|| {
-            panic!(
-                "after reopen only {} of {} distinct messages arrived",
-                got.len(),
-                expected.len()
-            )
-        });
-        got.insert(d.message().id().to_string());
-        d.ack().await.expect("ack");
-    }
-    assert_eq!(got, expected);
+    ack_until_all_seen(&mut sub, &mut got, &expected, "after reopen").await;
 }
 
 /// Subscribing and closing concurrently neither hangs nor loses messages.
@@ -560,19 +572,7 @@ pub async fn concurrent_subscribe_and_close<H: Harness>(h: &H) {
             .ack_wait(Duration::from_secs(30)),
     )
     .await;
-    let mut got = HashSet::new();
-    while got.len() < expected.len() {
-        let d = recv(&mut sub, RECV_TIMEOUT).await.unwrap_or_else(|| {
-            panic!(
-                "only {} of {} arrived after churn",
-                got.len(),
-                expected.len()
-            )
-        });
-        got.insert(d.message().id().to_string());
-        d.ack().await.expect("ack");
-    }
-    assert_eq!(got, expected);
+    ack_until_all_seen(&mut sub, &mut HashSet::new(), &expected, "after churn").await;
 }
 
 /// Messages with the same key arrive in publish order.

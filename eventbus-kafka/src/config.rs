@@ -145,6 +145,9 @@ impl KafkaConfig {
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .set("enable.partition.eof", "false")
+            // A member that vanished without leaving is evicted after 10 s, not 45 s.
+            .set("session.timeout.ms", "10000")
+            .set("heartbeat.interval.ms", "3000")
             .set(
                 "auto.offset.reset",
                 if earliest { "earliest" } else { "latest" },

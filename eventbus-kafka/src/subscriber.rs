@@ -68,7 +68,11 @@ impl Subscriber for KafkaSubscriber {
                     Ok((consumer, shared, dead_letters)) => {
                         let _ = ready_tx.send(Ok(()));
                         let _rt = rt.enter();
-                        pump(&consumer, &shared, &spec, feed, dead_letters.as_ref(), &rt);
+                        pump(&consumer, &shared, &spec, &feed, dead_letters.as_ref(), &rt);
+                        // `Subscription::close` returns here, before the member has left the
+                        // group. (Holding it until after the leave made tansu 0.6.0's group
+                        // coordinator keep a departed leader and livelock the next join.)
+                        drop(feed);
                         shutdown(consumer, &shared);
                     }
                     Err(e) => {
@@ -424,7 +428,7 @@ fn pump(
     consumer: &BaseConsumer<Ctx>,
     shared: &Arc<Shared>,
     spec: &SubscribeSpec,
-    feed: Feed,
+    feed: &Feed,
     dead_letters: Option<&DeadLetters>,
     rt: &tokio::runtime::Handle,
 ) {

@@ -6,22 +6,11 @@
 use std::time::{Duration, Instant};
 
 use eventbus_batch::{BatchConfig, Batcher};
+use eventbus_conformance::scenarios::publish_all;
 use eventbus_core::{ErrorKind, Message, Outcome, Position, Publisher, SubscribeSpec, Subscriber};
-use eventbus_kafka::{KafkaBackend, KafkaConfig, KafkaSink};
+use eventbus_kafka::{KafkaBackend, KafkaConfig};
 use rdkafka::mocking::MockCluster;
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
-
-async fn publish_all(p: &Batcher<KafkaSink>, msgs: Vec<Message>) -> Vec<Outcome> {
-    let mut acks = Vec::new();
-    for m in msgs {
-        acks.push(p.publish(m).await.expect("admitted"));
-    }
-    let mut out = Vec::new();
-    for a in acks {
-        out.push(a.await);
-    }
-    out
-}
 
 fn offset(o: &Outcome) -> i64 {
     match o {

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use eventbus_batch::{BatchConfig, Batcher};
 use eventbus_brokers::NatsServer;
+use eventbus_conformance::scenarios::publish_all;
 use eventbus_core::{ErrorKind, Message, MessageId, Outcome, Position, Publisher};
 use eventbus_nats::{NatsBackend, NatsConfig, NatsSink, PublishMode, SinkOptions, StreamSpec};
 
@@ -29,18 +30,6 @@ async fn setup(allow_atomic: bool) -> (NatsServer, NatsBackend, Batcher<NatsSink
     )
     .unwrap();
     (server, nats, p)
-}
-
-async fn publish_all(p: &Batcher<NatsSink>, msgs: Vec<Message>) -> Vec<Outcome> {
-    let mut acks = Vec::new();
-    for m in msgs {
-        acks.push(p.publish(m).await.expect("admitted"));
-    }
-    let mut out = Vec::new();
-    for a in acks {
-        out.push(a.await);
-    }
-    out
 }
 
 fn seq(o: &Outcome) -> u64 {
