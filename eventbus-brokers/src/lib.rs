@@ -450,6 +450,8 @@ pub struct Tansu {
     proc: Proc,
     port: u16,
     storage: TansuStorage,
+    /// Port advertised to clients in metadata (differs from `port` behind a proxy).
+    advertised: u16,
     dir: tempfile::TempDir,
     log: PathBuf,
 }
@@ -457,15 +459,24 @@ pub struct Tansu {
 impl Tansu {
     /// Start tansu with `storage`.
     pub fn start(storage: TansuStorage) -> io::Result<Tansu> {
+        Self::start_advertising(storage, None)
+    }
+
+    /// Start tansu with `storage`, telling clients (in metadata) to connect to loopback port
+    /// `advertised` instead of its own: put a proxy there and every client connection, not only
+    /// the bootstrap one, goes through it.
+    pub fn start_advertising(storage: TansuStorage, advertised: Option<u16>) -> io::Result<Tansu> {
         let bin = tansu_path();
         require(&bin, "tansu", "EVENTBUS_TANSU")?;
         let dir = tempfile::Builder::new()
             .prefix("eventbus-tansu-")
             .tempdir()?;
         let log = dir.path().join("tansu.log");
+        let port = free_port()?;
         let mut t = Tansu {
             proc: Proc { child: None },
-            port: free_port()?,
+            port,
+            advertised: advertised.unwrap_or(port),
             storage,
             dir,
             log,
@@ -476,6 +487,7 @@ impl Tansu {
 
     fn spawn(&mut self) -> io::Result<()> {
         let url = format!("tcp://127.0.0.1:{}", self.port);
+        let advertised = format!("tcp://127.0.0.1:{}", self.advertised);
         let engine = match self.storage {
             TansuStorage::Memory => "memory://tansu/".to_owned(),
             // tansu resolves the path against its working directory (set below).
@@ -488,7 +500,7 @@ impl Tansu {
                 "--listener-url",
                 &url,
                 "--advertised-listener-url",
-                &url,
+                &advertised,
                 "--storage-engine",
                 &engine,
             ])
@@ -541,5 +553,21 @@ impl Tansu {
     pub fn restart(&mut self) -> io::Result<()> {
         self.proc.kill();
         self.spawn()
+    }
+
+    /// The port tansu listens on (the advertised one may differ, see
+    /// [`Tansu::start_advertising`]).
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// SIGSTOP.
+    pub fn pause(&self) -> io::Result<()> {
+        signal(self.pid().ok_or_else(|| other("not running"))?, "STOP")
+    }
+
+    /// SIGCONT.
+    pub fn resume(&self) -> io::Result<()> {
+        signal(self.pid().ok_or_else(|| other("not running"))?, "CONT")
     }
 }

@@ -182,6 +182,12 @@ impl From<&str> for MessageId {
     }
 }
 
+impl From<String> for MessageId {
+    fn from(s: String) -> Self {
+        MessageId::custom(&s)
+    }
+}
+
 /// Ordered message headers (name, value), both UTF-8 text. Names are compared case-sensitively.
 ///
 /// Names must be non-empty and free of control characters, whitespace and `:`; values must not

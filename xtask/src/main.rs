@@ -5,8 +5,12 @@
 //!   start one fails.
 //! - `cargo xtask bench [ARGS]` installs and starts the brokers, then runs the benchmark
 //!   (`eventbus-bench`, release build) with ARGS; `--help` lists them.
+//! - `cargo xtask reliability [ARGS]` runs the fault scenarios (kill -9 / restart, SIGSTOP,
+//!   TCP fault proxy, shutdown, cancellation, absent broker) and prints the figures table;
+//!   `--quick` is the CI subset, `--doc docs/reliability.md` rewrites the committed report.
 //! - `cargo xtask brokers up|down|status` starts / stops / shows local brokers for your own use.
-//! - `cargo xtask ci` is what `.ci/run` runs: fmt, clippy, doc, test, bench --quick.
+//! - `cargo xtask ci` is what `.ci/run` runs: fmt, clippy, doc, test, bench --quick,
+//!   reliability --quick.
 #![allow(missing_docs)]
 #![allow(clippy::print_stdout, clippy::print_stderr)] // a command-line tool
 
@@ -20,12 +24,13 @@ fn main() -> ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("test") => test(&args[1..]),
         Some("bench") => bench(&args[1..]),
+        Some("reliability") => reliability(&args[1..]),
         Some("brokers") => brokers_cmd(&args[1..]),
         Some("ci") => ci(),
         Some("install") => install(),
         _ => {
             eprintln!(
-                "usage: cargo xtask <test [cargo test args] | bench [bench args] | brokers up|down|status | install | ci>"
+                "usage: cargo xtask <test [cargo test args] | bench [bench args] | reliability [args] | brokers up|down|status | install | ci>"
             );
             return ExitCode::from(2);
         }
@@ -102,6 +107,16 @@ fn bench(extra: &[String]) -> Result {
     }
     let mut c = cargo();
     c.args(["run", "--release", "-p", "eventbus-bench", "--"])
+        .args(extra);
+    broker_env(&mut c);
+    run(c)
+}
+
+/// Run the fault scenarios (`eventbus-reliability`, release build); each starts its own brokers.
+fn reliability(extra: &[String]) -> Result {
+    install()?;
+    let mut c = cargo();
+    c.args(["run", "--release", "-p", "eventbus-reliability", "--"])
         .args(extra);
     broker_env(&mut c);
     run(c)
@@ -214,7 +229,8 @@ fn ci() -> Result {
         run(check)?;
     }
     test(&[])?;
-    bench(&["--quick".into()])
+    bench(&["--quick".into()])?;
+    reliability(&["--quick".into()])
 }
 
 /// The published library crates.

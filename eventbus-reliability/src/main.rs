@@ -1,0 +1,223 @@
+//! `eventbus-reliability`: runs the fault scenarios against real brokers and prints a table of
+//! figures per scenario and backend. Exits non-zero if any assertion failed.
+#![allow(missing_docs)]
+#![allow(clippy::print_stdout, clippy::print_stderr)] // a command-line report
+
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use clap::Parser;
+use eventbus_reliability::scenario::{self, Row, Size};
+use eventbus_reliability::target::Target;
+
+#[derive(Parser, Debug)]
+#[command(about = "Fault scenarios against real brokers: lost must be 0")]
+struct Args {
+    /// CI-sized (shorter stalls, fewer messages).
+    #[arg(long)]
+    quick: bool,
+    /// Backends (comma separated): nats, kafka.
+    #[arg(long, value_delimiter = ',')]
+    backend: Vec<String>,
+    /// Scenarios (comma separated): kill-restart, pause, stall-memory, blackhole, wire,
+    /// shutdown, cancel, absent. Default: all.
+    #[arg(long, value_delimiter = ',')]
+    scenario: Vec<String>,
+    /// Output directory for reliability.json and reliability.md.
+    #[arg(long, default_value = "target/reliability")]
+    out: PathBuf,
+    /// Also write the Markdown report here (e.g. docs/reliability.md).
+    #[arg(long)]
+    doc: Option<PathBuf>,
+}
+
+const ALL: [&str; 8] = [
+    "kill-restart",
+    "pause",
+    "stall-memory",
+    "blackhole",
+    "wire",
+    "shutdown",
+    "cancel",
+    "absent",
+];
+
+fn proxied(s: &str) -> bool {
+    matches!(s, "blackhole" | "wire")
+}
+
+async fn run_on<T: Target>(t: &mut T, s: &str, size: Size) -> Row {
+    match s {
+        "kill-restart" => scenario::kill_restart(t, size).await,
+        "pause" => scenario::pause(t, size).await,
+        "stall-memory" => scenario::stall_memory(t, size).await,
+        "blackhole" => scenario::blackhole(t, size).await,
+        "wire" => scenario::wire(t, size).await,
+        "shutdown" => scenario::shutdown(t, size).await,
+        "cancel" => scenario::cancel(t, size).await,
+        other => unreachable!("scenario {other}"),
+    }
+}
+
+async fn run(backend: &str, s: &str, size: Size) -> Row {
+    let failed = |e: String| Row {
+        scenario: s.into(),
+        backend: backend.into(),
+        failures: vec![e],
+        ..Row::default()
+    };
+    if s == "absent" {
+        return match backend {
+            "nats" => scenario::absent("nats").await,
+            "kafka" => scenario::absent("kafka").await,
+            _ => failed(format!("unknown backend {backend}")),
+        };
+    }
+    match backend {
+        #[cfg(feature = "nats")]
+        "nats" => {
+            match eventbus_reliability::target::nats::Nats::start(Vec::new(), proxied(s)).await {
+                Ok(mut t) => run_on(&mut t, s, size).await,
+                Err(e) => failed(e),
+            }
+        }
+        #[cfg(feature = "kafka")]
+        "kafka" => match eventbus_reliability::target::kafka::Kafka::start(proxied(s)).await {
+            Ok(mut t) => run_on(&mut t, s, size).await,
+            Err(e) => failed(e),
+        },
+        _ => failed(format!("backend {backend} not built")),
+    }
+}
+
+fn opt(v: Option<u64>) -> String {
+    v.map_or("-".into(), |v| v.to_string())
+}
+
+fn markdown(rows: &[Row], quick: bool) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "| scenario | backend | sent | acked | failed | unknown | refused | retried | stored | **lost** | **failed but stored** | dup | reorder | corrupt | detect ms | recover ms | max ack ms | peak in flight / window | RSS growth | verdict |"
+    );
+    let _ = writeln!(s, "|{}", "---|".repeat(20));
+    for r in rows {
+        let f = &r.figures;
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | **{}** | **{}** | {} | {} | {} | {} | {} | {} | {} / {} | {} | {} |",
+            r.scenario,
+            r.backend,
+            f.sent,
+            f.acked,
+            f.failed,
+            f.unknown,
+            f.refused,
+            f.retried,
+            f.stored,
+            f.lost,
+            f.failed_but_stored,
+            f.duplicates,
+            f.reorders,
+            f.corrupt,
+            opt(r.detect_ms),
+            opt(r.recover_ms),
+            r.max_resolve_ms,
+            r.peak_in_flight,
+            r.window,
+            r.rss_growth_bytes
+                .map_or("-".into(), |b| format!("{:.1} MiB", b as f64 / 1048576.0)),
+            if r.passed() { "pass" } else { "FAIL" },
+        );
+    }
+    let _ = writeln!(s, "\nNotes{}:\n", if quick { " (quick run)" } else { "" });
+    for r in rows {
+        for n in r
+            .notes
+            .iter()
+            .chain(r.failures.iter().map(|f| f as &String))
+        {
+            let _ = writeln!(s, "- {} / {}: {n}", r.scenario, r.backend);
+        }
+    }
+    s
+}
+
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    let size = Size { quick: args.quick };
+    let backends: Vec<String> = if args.backend.is_empty() {
+        let mut v = Vec::new();
+        if cfg!(feature = "nats") {
+            v.push("nats".to_owned());
+        }
+        if cfg!(feature = "kafka") {
+            v.push("kafka".to_owned());
+        }
+        v
+    } else {
+        args.backend.clone()
+    };
+    let scenarios: Vec<String> = if args.scenario.is_empty() {
+        ALL.iter().map(|s| (*s).to_owned()).collect()
+    } else {
+        args.scenario.clone()
+    };
+    for s in &scenarios {
+        if !ALL.contains(&s.as_str()) {
+            eprintln!("unknown scenario {s}; known: {}", ALL.join(", "));
+            return std::process::ExitCode::from(2);
+        }
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let mut rows = Vec::new();
+    for s in &scenarios {
+        for b in &backends {
+            eprint!("==> {s} on {b} ... ");
+            let t0 = Instant::now();
+            let mut row = rt.block_on(run(b, s, size));
+            row.secs = t0.elapsed().as_secs_f64();
+            eprintln!(
+                "{} in {:.1} s{}",
+                if row.passed() { "pass" } else { "FAIL" },
+                row.secs,
+                if row.passed() {
+                    String::new()
+                } else {
+                    format!(": {}", row.failures.join("; "))
+                }
+            );
+            rows.push(row);
+        }
+    }
+    let md = markdown(&rows, args.quick);
+    println!("\n{md}");
+    let _ = std::fs::create_dir_all(&args.out);
+    let _ = std::fs::write(
+        args.out.join("reliability.json"),
+        serde_json::to_string_pretty(&rows).unwrap_or_default(),
+    );
+    let _ = std::fs::write(args.out.join("reliability.md"), &md);
+    if let Some(doc) = &args.doc {
+        let text = format!(
+            "# Reliability figures\n\nWritten by `cargo xtask reliability{}` (eventbus-reliability); \
+             see the crate docs for what each scenario does and asserts. **lost** (acked, never read \
+             back) and **failed but stored** must be 0 everywhere.\n\n{md}",
+            if args.quick { " --quick" } else { "" }
+        );
+        if let Err(e) = std::fs::write(doc, text) {
+            eprintln!("could not write {}: {e}", doc.display());
+        }
+    }
+    if rows.iter().all(Row::passed) {
+        std::process::ExitCode::SUCCESS
+    } else {
+        eprintln!("reliability: some scenarios FAILED");
+        std::process::ExitCode::FAILURE
+    }
+}

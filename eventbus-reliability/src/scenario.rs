@@ -1,0 +1,786 @@
+//! The fault scenarios, each generic over a [`Target`]. Every scenario publishes test messages,
+//! applies its fault, heals it, retries unknown outcomes with the same ids, drains the broker
+//! with a fresh consumer and checks the ledger against what it read.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use eventbus_batch::{BatchConfig, Batcher, OnFull};
+use eventbus_core::{Outcome, Publisher};
+use rand::Rng;
+use serde::Serialize;
+
+use crate::check::{self, Class, Figures, Gauge, Ledger, Load};
+use crate::target::Target;
+
+/// One scenario's result on one backend.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Row {
+    /// Scenario name.
+    pub scenario: String,
+    /// Backend name.
+    pub backend: String,
+    /// The checker's figures.
+    pub figures: Figures,
+    /// Time from the fault to the first non-acked outcome.
+    pub detect_ms: Option<u64>,
+    /// Time from healing to the first ack of a message admitted after it.
+    pub recover_ms: Option<u64>,
+    /// Longest admission-to-outcome time of a first attempt.
+    pub max_resolve_ms: u64,
+    /// Highest number of admitted, unresolved messages, sampled from the engine every
+    /// millisecond (the caller's own count, which lags by however long it takes to observe an
+    /// ack, is in the notes).
+    pub peak_in_flight: u64,
+    /// The configured ACK window (messages).
+    pub window: u64,
+    /// Peak RSS growth during the fault, bytes (where measured).
+    pub rss_growth_bytes: Option<u64>,
+    /// Anything else worth reading.
+    pub notes: Vec<String>,
+    /// Assertions that failed; empty = pass.
+    pub failures: Vec<String>,
+    /// Wall time of the scenario.
+    pub secs: f64,
+}
+
+impl Row {
+    fn new(scenario: &str, backend: &str) -> Row {
+        Row {
+            scenario: scenario.into(),
+            backend: backend.into(),
+            ..Row::default()
+        }
+    }
+
+    fn require(&mut self, ok: bool, what: impl Into<String>) {
+        if !ok {
+            self.failures.push(what.into());
+        }
+    }
+
+    /// The invariants every scenario keeps: nothing acked is lost, nothing failed is stored,
+    /// nothing corrupt is delivered.
+    fn require_safety(&mut self) {
+        let f = self.figures.clone();
+        self.require(f.lost == 0, format!("lost {} acked messages", f.lost));
+        self.require(
+            f.failed_but_stored == 0,
+            format!("{} failed messages were stored", f.failed_but_stored),
+        );
+        self.require(f.corrupt == 0, format!("{} corrupt deliveries", f.corrupt));
+        self.require(
+            self.peak_in_flight <= self.window,
+            format!(
+                "peak in flight {} above the window {}",
+                self.peak_in_flight, self.window
+            ),
+        );
+    }
+
+    /// Passed every assertion.
+    pub fn passed(&self) -> bool {
+        self.failures.is_empty()
+    }
+}
+
+/// Sizes: quick (CI) or full.
+#[derive(Clone, Copy, Debug)]
+pub struct Size {
+    /// CI-sized.
+    pub quick: bool,
+}
+
+fn run_id(name: &str) -> String {
+    let n: u32 = rand::rng().random();
+    format!("{name}-{n:08x}")
+}
+
+fn ms(d: Duration) -> u64 {
+    d.as_millis() as u64
+}
+
+async fn blocking<R>(f: impl FnOnce() -> R) -> R {
+    tokio::task::block_in_place(f)
+}
+
+/// Samples the engine's own window use every millisecond; the peak is read when it stops.
+struct Sampler {
+    peak: Arc<std::sync::atomic::AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Sampler {
+    fn start<S: eventbus_core::BatchSink>(p: &Batcher<S>) -> Sampler {
+        let peak = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (p, pk) = (p.clone(), Arc::clone(&peak));
+        let task = tokio::spawn(async move {
+            loop {
+                pk.fetch_max(p.stats().in_flight, std::sync::atomic::Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        });
+        Sampler { peak, task }
+    }
+
+    /// Stop sampling; record the engine's peak and the caller's view in `row`.
+    fn finish(self, row: &mut Row, gauge: &Gauge) {
+        self.task.abort();
+        row.peak_in_flight = self.peak.load(std::sync::atomic::Ordering::Relaxed) as u64;
+        row.notes.push(format!(
+            "caller's view of the peak in flight (publish returned, ack not yet observed): {}",
+            gauge.peak()
+        ));
+    }
+}
+
+/// After the fault: retry unknowns (same ids), drain with a fresh consumer, check.
+async fn settle<T: Target>(
+    t: &T,
+    p: &Batcher<T::Sink>,
+    load: &Load,
+    filter: &str,
+    ledger: &Ledger,
+    row: &mut Row,
+) {
+    let retried = check::retry_unknown(p, load, ledger, 3).await;
+    let expect = t.stored(&load.run).await.map(|n| n as usize);
+    match check::drain(
+        &t.subscriber(),
+        filter,
+        expect,
+        Duration::from_secs(3),
+        Duration::from_secs(120),
+    )
+    .await
+    {
+        Ok(reads) => row.figures = check::check(ledger, &reads, retried),
+        Err(e) => row.failures.push(format!("drain failed: {e}")),
+    }
+    if let Some(n) = expect {
+        row.notes.push(format!("broker holds {n}"));
+    }
+    row.max_resolve_ms = ms(ledger.max_resolve());
+}
+
+async fn setup<T: Target>(
+    t: &T,
+    name: &str,
+    topics: usize,
+    cfg: BatchConfig,
+) -> Result<(String, Vec<String>, String, Batcher<T::Sink>), String> {
+    let run = run_id(name);
+    let (topics, filter) = t
+        .provision(&run, topics)
+        .await
+        .map_err(|e| format!("provision: {e}"))?;
+    let sink = t.sink().await.map_err(|e| format!("sink: {e}"))?;
+    let p = Batcher::new(sink, cfg).map_err(|e| format!("batcher: {e}"))?;
+    Ok((run, topics, filter, p))
+}
+
+macro_rules! try_setup {
+    ($row:ident, $e:expr) => {
+        match $e {
+            Ok(v) => v,
+            Err(e) => {
+                $row.failures.push(e);
+                return $row;
+            }
+        }
+    };
+}
+
+/// Broker killed (-9) and restarted twice on the same store while 5 producers publish
+/// (10,000 messages full, 2,000 quick). Unknown outcomes are retried with the same id.
+pub async fn kill_restart<T: Target>(t: &mut T, size: Size) -> Row {
+    let mut row = Row::new("kill-restart", t.name());
+    let cfg = BatchConfig::default().ack_timeout(Duration::from_secs(5));
+    row.window = cfg.max_in_flight as u64;
+    let (run, topics, filter, p) = try_setup!(row, setup(t, "kill", 5, cfg).await);
+    let per = if size.quick { 400 } else { 2_000 };
+    let load = Load {
+        run,
+        topics,
+        producers: 5,
+        per,
+        payload: 100,
+        // ~2.5 s of publishing whatever the size.
+        pace: Some((per / 100, Duration::from_millis(25))),
+        stop_at: None,
+    };
+    let (ledger, gauge) = (Ledger::default(), Arc::new(Gauge::default()));
+    let sampler = Sampler::start(&p);
+    let script = async {
+        let mut restarts = Vec::new();
+        for _ in 0..2 {
+            tokio::time::sleep(Duration::from_millis(600)).await;
+            t.kill();
+            let down = Instant::now();
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let r = blocking(|| t.restart()).await;
+            restarts.push((down, r.map_err(|e| e.to_string())));
+        }
+        restarts
+    };
+    let (restarts, ()) = tokio::join!(script, check::publish(&p, &load, &ledger, &gauge));
+    for (down, r) in &restarts {
+        if let Err(e) = r {
+            row.failures.push(format!("restart failed: {e}"));
+        }
+        if let Some(d) = ledger.first_non_ack_after(*down) {
+            row.detect_ms = Some(row.detect_ms.map_or(ms(d), |x| x.max(ms(d))));
+        }
+    }
+    if let Some((down, _)) = restarts.last()
+        && let Some(d) = ledger.first_ack_admitted_after(*down)
+    {
+        row.recover_ms = Some(ms(d));
+    }
+    sampler.finish(&mut row, &gauge);
+    settle(t, &p, &load, &filter, &ledger, &mut row).await;
+    let _ = p.close(Duration::from_secs(5)).await;
+    row.require_safety();
+    row
+}
+
+/// Broker paused (SIGSTOP) longer than the ack deadline (1 s) under a steady load: every ack
+/// resolves by its deadline, the window holds, publishing recovers after SIGCONT.
+pub async fn pause<T: Target>(t: &mut T, size: Size) -> Row {
+    let mut row = Row::new("pause", t.name());
+    let deadline = Duration::from_secs(1);
+    let cfg = BatchConfig::default()
+        .ack_timeout(deadline)
+        .max_in_flight(2_000);
+    row.window = 2_000;
+    let (run, topics, filter, p) = try_setup!(row, setup(t, "pause", 5, cfg).await);
+    let stall = if size.quick {
+        Duration::from_millis(2_500)
+    } else {
+        Duration::from_secs(5)
+    };
+    let load = Load {
+        run,
+        topics,
+        producers: 5,
+        per: 600,
+        payload: 100,
+        pace: Some((10, Duration::from_millis(20 + ms(stall) / 60))),
+        stop_at: None,
+    };
+    let (ledger, gauge) = (Ledger::default(), Arc::new(Gauge::default()));
+    let sampler = Sampler::start(&p);
+    let script = async {
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        let r1 = t.pause();
+        let at = Instant::now();
+        tokio::time::sleep(stall).await;
+        let r2 = t.resume();
+        (at, Instant::now(), r1.and(r2))
+    };
+    let ((paused, resumed, r), ()) =
+        tokio::join!(script, check::publish(&p, &load, &ledger, &gauge));
+    if let Err(e) = r {
+        row.failures.push(format!("pause/resume: {e}"));
+    }
+    row.detect_ms = ledger.first_non_ack_after(paused).map(ms);
+    row.recover_ms = ledger.first_ack_admitted_after(resumed).map(ms);
+    sampler.finish(&mut row, &gauge);
+    let unknown_first = ledger
+        .entries()
+        .values()
+        .filter(|e| e.first == Class::Unknown)
+        .count();
+    row.notes
+        .push(format!("{unknown_first} first outcomes unknown"));
+    settle(t, &p, &load, &filter, &ledger, &mut row).await;
+    let _ = p.close(Duration::from_secs(5)).await;
+    row.require_safety();
+    // In-order ack collection adds a little; one second of slack over the deadline.
+    row.require(
+        row.max_resolve_ms <= ms(deadline) + 1_000,
+        format!(
+            "an ack took {} ms (deadline {} ms)",
+            row.max_resolve_ms,
+            ms(deadline)
+        ),
+    );
+    row.require(unknown_first > 0, "the pause produced no unknown outcome");
+    row.require(row.recover_ms.is_some(), "publishing did not recover");
+    row
+}
+
+fn rss_bytes(field: &str) -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(field))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// Stalled broker under full publish rate: 1 KiB messages for 30 s (5 s quick) against a
+/// paused broker with an 8 MiB window budget and `OnFull::WaitFor(100 ms)`: the window fills,
+/// `publish` then fails with `Overloaded`, and RSS grows by the budget plus a constant only.
+pub async fn stall_memory<T: Target>(t: &mut T, size: Size) -> Row {
+    /// Allowed RSS growth beyond the window's byte budget (client buffers, ledger, allocator).
+    const SLACK: u64 = 48 << 20;
+    let mut row = Row::new("stall-memory", t.name());
+    let budget: usize = 8 << 20;
+    let cfg = BatchConfig::default()
+        .ack_timeout(Duration::from_secs(120))
+        .max_in_flight(1_000_000)
+        .max_in_flight_bytes(budget)
+        .on_full(OnFull::WaitFor(Duration::from_millis(100)));
+    row.window = 1_000_000;
+    let (run, topics, filter, p) = try_setup!(row, setup(t, "stall", 5, cfg).await);
+    let stall = if size.quick {
+        Duration::from_secs(5)
+    } else {
+        Duration::from_secs(30)
+    };
+    if let Err(e) = t.pause() {
+        row.failures.push(format!("pause: {e}"));
+        return row;
+    }
+    let base = rss_bytes("VmRSS:");
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+    let load = Load {
+        run,
+        topics,
+        producers: 5,
+        per: u64::MAX,
+        payload: 1024,
+        pace: None,
+        stop_at: Some(Instant::now() + stall),
+    };
+    let (ledger, gauge) = (Ledger::default(), Arc::new(Gauge::default()));
+    let sampler = Sampler::start(&p);
+    let publish = check::publish(&p, &load, &ledger, &gauge);
+    let script = async {
+        tokio::time::sleep(stall).await;
+        let growth = rss_bytes("VmHWM:").saturating_sub(base);
+        let stats = p.stats();
+        let _ = t.resume();
+        (growth, stats)
+    };
+    let ((growth, stats), ()) = tokio::join!(script, publish);
+    row.rss_growth_bytes = Some(growth);
+    sampler.finish(&mut row, &gauge);
+    let refused = ledger.keys(Class::Refused).len();
+    row.notes.push(format!(
+        "window bytes at the end of the stall {} of {budget}; {refused} publishes refused (Overloaded)",
+        stats.in_flight_bytes
+    ));
+    settle(t, &p, &load, &filter, &ledger, &mut row).await;
+    let _ = p.close(Duration::from_secs(5)).await;
+    row.require_safety();
+    row.require(refused > 0, "the window never filled");
+    row.require(
+        growth <= budget as u64 + SLACK,
+        format!(
+            "RSS grew {} MiB, budget {} MiB + {} MiB",
+            growth >> 20,
+            budget >> 20,
+            SLACK >> 20
+        ),
+    );
+    row
+}
+
+/// Blackhole through the proxy (nothing forwarded, nothing closed, no RST) for 3 s (quick) /
+/// 10 s, then the connections are reset and the proxy passes again: outcomes resolve by the
+/// 1 s deadline, the client reconnects without a storm.
+pub async fn blackhole<T: Target>(t: &mut T, size: Size) -> Row {
+    let mut row = Row::new("blackhole", t.name());
+    let deadline = Duration::from_secs(1);
+    let cfg = BatchConfig::default()
+        .ack_timeout(deadline)
+        .max_in_flight(2_000);
+    row.window = 2_000;
+    let (run, topics, filter, p) = try_setup!(row, setup(t, "hole", 5, cfg).await);
+    let Some(proxy) = t.proxy() else {
+        row.failures.push("no proxy".into());
+        return row;
+    };
+    let hold = if size.quick {
+        Duration::from_secs(3)
+    } else {
+        Duration::from_secs(10)
+    };
+    let load = Load {
+        run,
+        topics,
+        producers: 5,
+        per: 600,
+        payload: 100,
+        pace: Some((10, Duration::from_millis(20 + ms(hold) / 60))),
+        stop_at: None,
+    };
+    let (ledger, gauge) = (Ledger::default(), Arc::new(Gauge::default()));
+    let sampler = Sampler::start(&p);
+    let accepted0 = proxy.accepted();
+    let script = async {
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        proxy.set(crate::proxy::Mode::Hold);
+        let at = Instant::now();
+        tokio::time::sleep(hold).await;
+        proxy.reset();
+        proxy.set(crate::proxy::Mode::Pass);
+        (at, Instant::now())
+    };
+    let ((held, healed), ()) = tokio::join!(script, check::publish(&p, &load, &ledger, &gauge));
+    row.detect_ms = ledger.first_non_ack_after(held).map(ms);
+    row.recover_ms = ledger.first_ack_admitted_after(healed).map(ms);
+    sampler.finish(&mut row, &gauge);
+    let reconnects = proxy.accepted() - accepted0;
+    row.notes.push(format!("{reconnects} new connections"));
+    settle(t, &p, &load, &filter, &ledger, &mut row).await;
+    let _ = p.close(Duration::from_secs(5)).await;
+    row.require_safety();
+    row.require(
+        row.max_resolve_ms <= ms(deadline) + 1_000,
+        format!(
+            "an ack took {} ms (deadline {} ms)",
+            row.max_resolve_ms,
+            ms(deadline)
+        ),
+    );
+    row.require(row.detect_ms.is_some(), "the blackhole was never noticed");
+    row.require(row.recover_ms.is_some(), "publishing did not recover");
+    row.require(reconnects <= 20, format!("reconnect storm: {reconnects}"));
+    row
+}
+
+/// The wire misbehaves through the proxy: 50 ms delay per chunk, a 256 KB/s bandwidth cap,
+/// then a connection cut in the middle of a frame: nothing corrupt is ever delivered, nothing
+/// acked is lost.
+pub async fn wire<T: Target>(t: &mut T, _size: Size) -> Row {
+    let mut row = Row::new("wire", t.name());
+    let cfg = BatchConfig::default().ack_timeout(Duration::from_secs(5));
+    row.window = cfg.max_in_flight as u64;
+    let (run, topics, filter, p) = try_setup!(row, setup(t, "wire", 5, cfg).await);
+    let Some(proxy) = t.proxy() else {
+        row.failures.push("no proxy".into());
+        return row;
+    };
+    let load = Load {
+        run,
+        topics,
+        producers: 5,
+        per: 800,
+        payload: 100,
+        pace: Some((10, Duration::from_millis(40))),
+        stop_at: None,
+    };
+    let (ledger, gauge) = (Ledger::default(), Arc::new(Gauge::default()));
+    let sampler = Sampler::start(&p);
+    let script = async {
+        use crate::proxy::Mode;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        proxy.set(Mode::Delay(Duration::from_millis(50)));
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        proxy.set(Mode::Bandwidth(256 * 1024));
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        proxy.set(Mode::Pass);
+        proxy.cut_after(5_000);
+        let cut = Instant::now();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        proxy.cut_after(777);
+        cut
+    };
+    let (cut, ()) = tokio::join!(script, check::publish(&p, &load, &ledger, &gauge));
+    row.recover_ms = ledger.first_ack_admitted_after(cut).map(ms);
+    sampler.finish(&mut row, &gauge);
+    settle(t, &p, &load, &filter, &ledger, &mut row).await;
+    let _ = p.close(Duration::from_secs(5)).await;
+    row.require_safety();
+    row.require(row.figures.acked > 0, "nothing acked");
+    row
+}
+
+/// Graceful shutdown with 5,000 messages in flight: `close(5 s)` returns within its deadline
+/// and every message is acked or reported unresolved; then the same against a paused broker
+/// with `close(1 s)`: nothing reported failed may reach the broker after it resumes.
+pub async fn shutdown<T: Target>(t: &mut T, _size: Size) -> Row {
+    let mut row = Row::new("shutdown", t.name());
+    let cfg = BatchConfig::default()
+        .max_in_flight(10_000)
+        .ack_timeout(Duration::from_secs(30));
+    row.window = 10_000;
+    let ledger = Ledger::default();
+    let mut loads = Vec::new();
+    let mut filters = Vec::new();
+    for (paused, deadline) in [
+        (false, Duration::from_secs(5)),
+        (true, Duration::from_secs(1)),
+    ] {
+        let (run, topics, filter, p) = try_setup!(
+            row,
+            setup(t, if paused { "shutp" } else { "shut" }, 1, cfg.clone()).await
+        );
+        if paused && let Err(e) = t.pause() {
+            row.failures.push(format!("pause: {e}"));
+            return row;
+        }
+        let load = Load {
+            run,
+            topics,
+            producers: 1,
+            per: 5_000,
+            payload: 100,
+            pace: None,
+            stop_at: None,
+        };
+        let producer = u32::from(paused);
+        let mut acks = Vec::new();
+        for seq in 0..load.per {
+            let m = crate::record::message(&load.run, &load.topics[0], producer, seq, load.payload);
+            let at = Instant::now();
+            match p.publish(m).await {
+                Ok(a) => acks.push((seq, at, a)),
+                Err(e) => ledger.record((producer, seq), at, Class::Refused, Some(e.kind())),
+            }
+        }
+        let t0 = Instant::now();
+        let report = p.close(deadline).await;
+        let took = t0.elapsed();
+        let (mut acked, mut other) = (0u64, 0u64);
+        for (seq, at, a) in acks {
+            let o: Outcome = a.await;
+            if o.is_acked() {
+                acked += 1;
+            } else {
+                other += 1;
+            }
+            ledger.record(
+                (producer, seq),
+                at,
+                Class::of(&o),
+                o.error().map(|e| e.kind()),
+            );
+        }
+        let unresolved = report.as_ref().map(|r| r.unresolved).unwrap_or(0);
+        row.notes.push(format!(
+            "{}: close({} ms) took {} ms, {acked} acked, {other} not acked, {unresolved} unresolved",
+            if paused { "paused broker" } else { "live broker" },
+            ms(deadline),
+            ms(took)
+        ));
+        row.require(
+            took <= deadline + Duration::from_millis(500),
+            format!("close took {} ms, deadline {} ms", ms(took), ms(deadline)),
+        );
+        row.require(acked + other == 5_000, "not every message resolved");
+        if paused {
+            let _ = t.resume();
+            row.require(
+                acked == 0 || other > 0,
+                "paused broker yet everything acked",
+            );
+        } else {
+            row.require(
+                other == unresolved,
+                "non-acked messages not reported unresolved",
+            );
+        }
+        loads.push(load);
+        filters.push(filter);
+    }
+    // Drain both runs and check them together (ids are distinct per run).
+    let mut reads = Vec::new();
+    for (load, filter) in loads.iter().zip(&filters) {
+        let expect = t.stored(&load.run).await.map(|n| n as usize);
+        match check::drain(
+            &t.subscriber(),
+            filter,
+            expect,
+            Duration::from_secs(3),
+            Duration::from_secs(60),
+        )
+        .await
+        {
+            Ok(r) => reads.extend(r),
+            Err(e) => row.failures.push(format!("drain: {e}")),
+        }
+    }
+    row.figures = check::check(&ledger, &reads, 0);
+    row.require_safety();
+    row
+}
+
+/// Cancellation: publish futures dropped at random points (a timeout of 0..300 µs) and 30 % of
+/// pending acks dropped unawaited, with a 256-message window. Afterwards no window slot has
+/// leaked (the whole window is admitted again without waiting) and no message resolved twice.
+pub async fn cancel<T: Target>(t: &mut T, size: Size) -> Row {
+    let mut row = Row::new("cancel", t.name());
+    const WINDOW: usize = 256;
+    let cfg = BatchConfig::default()
+        .max_in_flight(WINDOW)
+        .ack_timeout(Duration::from_secs(10));
+    row.window = WINDOW as u64;
+    let (run, topics, _filter, p) = try_setup!(row, setup(t, "cancel", 5, cfg).await);
+    let per = if size.quick { 400 } else { 2_000 };
+    let gauge = Arc::new(Gauge::default());
+    let sampler = Sampler::start(&p);
+    let mut tasks = Vec::new();
+    for producer in 0..5u32 {
+        let (p, run, topic, gauge) = (
+            p.clone(),
+            run.clone(),
+            topics[producer as usize % topics.len()].clone(),
+            Arc::clone(&gauge),
+        );
+        tasks.push(tokio::spawn(async move {
+            let (mut dropped_publish, mut dropped_ack, mut resolved) = (0u64, 0u64, 0u64);
+            let mut waits = Vec::new();
+            for seq in 0..per {
+                let m = crate::record::message(&run, &topic, producer, seq, 100);
+                let (cut, drop_ack, us) = {
+                    let mut r = rand::rng();
+                    (
+                        r.random_bool(0.3),
+                        r.random_bool(0.3),
+                        r.random_range(0..300u64),
+                    )
+                };
+                let admitted = if cut {
+                    match tokio::time::timeout(Duration::from_micros(us), p.publish(m)).await {
+                        Ok(r) => r.ok(),
+                        Err(_) => {
+                            dropped_publish += 1;
+                            None
+                        }
+                    }
+                } else {
+                    p.publish(m).await.ok()
+                };
+                let Some(ack) = admitted else { continue };
+                if drop_ack {
+                    dropped_ack += 1;
+                    drop(ack);
+                } else {
+                    gauge.up();
+                    let g = Arc::clone(&gauge);
+                    waits.push(tokio::spawn(async move {
+                        let _ = ack.await;
+                        g.down();
+                    }));
+                }
+            }
+            for w in waits {
+                if w.await.is_ok() {
+                    resolved += 1;
+                }
+            }
+            (dropped_publish, dropped_ack, resolved)
+        }));
+    }
+    let (mut dp, mut da, mut res) = (0, 0, 0);
+    for t in tasks {
+        if let Ok((a, b, c)) = t.await {
+            dp += a;
+            da += b;
+            res += c;
+        }
+    }
+    let _ = p.flush().await;
+    // Every slot comes back once everything resolved (bounded wait).
+    let t0 = Instant::now();
+    while p.stats().in_flight > 0 && t0.elapsed() < Duration::from_secs(15) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let leaked = p.stats().in_flight;
+    // The whole window is usable: WINDOW publishes admitted without awaiting any ack.
+    let mut held = Vec::new();
+    let full = tokio::time::timeout(Duration::from_secs(5), async {
+        for seq in 0..WINDOW as u64 {
+            match p
+                .publish(crate::record::message(&run, &topics[0], 9, seq, 100))
+                .await
+            {
+                Ok(a) => held.push(a),
+                Err(_) => return false,
+            }
+        }
+        true
+    })
+    .await
+    .unwrap_or(false);
+    for a in held {
+        let _ = a.await;
+    }
+    sampler.finish(&mut row, &gauge);
+    row.notes.push(format!(
+        "{dp} publish futures dropped mid-wait, {da} acks dropped unawaited, {res} awaited"
+    ));
+    let _ = p.close(Duration::from_secs(5)).await;
+    row.require(leaked == 0, format!("{leaked} window slots leaked"));
+    row.require(full, "the full window could not be admitted again");
+    row.require(dp + da > 0, "nothing was cancelled");
+    row.require(row.peak_in_flight <= row.window, "peak above the window");
+    row
+}
+
+/// Broker absent at start: connecting (through a proxy whose upstream is closed, so every
+/// attempt is counted) fails with a typed error within the 2 s connect timeout, and nothing
+/// keeps reconnecting in the background afterwards.
+pub async fn absent(backend: &'static str) -> Row {
+    let mut row = Row::new("absent", backend);
+    let dead = match eventbus_brokers::free_port() {
+        Ok(p) => p,
+        Err(e) => {
+            row.failures.push(format!("port: {e}"));
+            return row;
+        }
+    };
+    let proxy = match crate::proxy::FaultProxy::start(([127, 0, 0, 1], dead).into()).await {
+        Ok(p) => p,
+        Err(e) => {
+            row.failures.push(format!("proxy: {e}"));
+            return row;
+        }
+    };
+    let timeout = Duration::from_secs(2);
+    let addr = proxy.addr();
+    let t0 = Instant::now();
+    let result: Result<(), eventbus_core::Error> = match backend {
+        #[cfg(feature = "nats")]
+        "nats" => eventbus_nats::NatsBackend::connect(
+            eventbus_nats::NatsConfig::new(format!("nats://{addr}")).connect_timeout(timeout),
+        )
+        .await
+        .map(drop),
+        #[cfg(feature = "kafka")]
+        "kafka" => eventbus_kafka::KafkaBackend::connect(
+            eventbus_kafka::KafkaConfig::new(addr.to_string()).connect_timeout(timeout),
+        )
+        .await
+        .map(drop),
+        _ => {
+            row.failures.push(format!("backend {backend} not built"));
+            return row;
+        }
+    };
+    let took = t0.elapsed();
+    row.detect_ms = Some(ms(took));
+    let attempts = proxy.accepted();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let later = proxy.accepted() - attempts;
+    match &result {
+        Ok(()) => row.failures.push("connect succeeded with no broker".into()),
+        Err(e) => row.notes.push(format!(
+            "error kind {:?} (retry {}): {e}; {attempts} connection attempts, {later} after the error",
+            e.kind(),
+            e.is_retryable()
+        )),
+    }
+    row.require(
+        took <= timeout + Duration::from_secs(1),
+        format!("connect took {} ms (timeout {} ms)", ms(took), ms(timeout)),
+    );
+    row.require(later == 0, format!("{later} reconnects after giving up"));
+    row
+}
