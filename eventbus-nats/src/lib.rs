@@ -6,6 +6,7 @@
 struct WorkspaceReadme;
 
 mod config;
+mod denied;
 mod error;
 mod headers;
 mod sink;
@@ -28,6 +29,7 @@ pub use subscriber::NatsSubscriber;
 pub struct NatsBackend {
     client: async_nats::Client,
     js: jetstream::Context,
+    denied: std::sync::Arc<denied::Denied>,
 }
 
 impl NatsBackend {
@@ -59,6 +61,14 @@ impl NatsBackend {
             // Acks arrive on one inbox subscription: give it room for a full window of acks.
             .subscription_capacity(1 << 20)
             .require_tls(config.tls_required);
+        let denied = std::sync::Arc::new(denied::Denied::default());
+        let d = std::sync::Arc::clone(&denied);
+        opts = opts.event_callback(move |event| {
+            if let async_nats::Event::ServerError(async_nats::ServerError::Other(e)) = &event {
+                d.observe(e);
+            }
+            async {}
+        });
         if let Some(ca) = &config.tls_root_certificates {
             opts = opts.add_root_certificates(ca.clone());
         }
@@ -79,7 +89,7 @@ impl NatsBackend {
             .max_ack_inflight(config.max_ack_inflight)
             .backpressure_on_inflight(true)
             .build(client.clone());
-        Ok(NatsBackend { client, js })
+        Ok(NatsBackend { client, js, denied })
     }
 
     /// A publishing sink; wrap it in `eventbus_batch::Batcher`. Every message carries its id in
@@ -98,7 +108,13 @@ impl NatsBackend {
     /// # Ok(()) }
     /// ```
     pub async fn sink_with(&self, opts: SinkOptions) -> Result<NatsSink, Error> {
-        NatsSink::new(self.client.clone(), self.js.clone(), opts).await
+        NatsSink::new(
+            self.client.clone(),
+            self.js.clone(),
+            opts,
+            std::sync::Arc::clone(&self.denied),
+        )
+        .await
     }
 
     /// A sink that does not send `Nats-Msg-Id`: no server-side de-duplication, slightly less

@@ -102,6 +102,7 @@ pub struct NatsSink {
     router: Arc<OutcomeRouter>,
     limits: SinkLimits,
     opts: SinkOptions,
+    denied: Arc<crate::denied::Denied>,
 }
 
 impl std::fmt::Debug for NatsSink {
@@ -118,6 +119,7 @@ impl NatsSink {
         client: Client,
         js: async_nats::jetstream::Context,
         opts: SinkOptions,
+        denied: Arc<crate::denied::Denied>,
     ) -> Result<Self, Error> {
         let inbox = client.new_inbox();
         let sub = client.subscribe(format!("{inbox}.>")).await.map_err(|e| {
@@ -163,6 +165,7 @@ impl NatsSink {
             router,
             limits,
             opts,
+            denied,
         })
     }
 
@@ -522,7 +525,14 @@ impl BatchSink for NatsSink {
     }
 
     fn validate(&self, msg: &Message) -> Result<(), Error> {
-        eventbus_core::validate::message(msg, TopicRules::Nats, self.limits.max_message_bytes)
+        eventbus_core::validate::message(msg, TopicRules::Nats, self.limits.max_message_bytes)?;
+        if self.denied.contains(msg.topic().as_str()) {
+            return Err(err(
+                ErrorKind::Auth,
+                "the server refused this connection permission to publish to this subject",
+            ));
+        }
+        Ok(())
     }
 
     fn send_batch(
