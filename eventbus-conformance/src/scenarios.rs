@@ -395,60 +395,53 @@ pub async fn handler_orders_per_key_and_retries<H: Harness>(h: &H) {
             .ack_wait(Duration::from_secs(30)),
     )
     .await;
-    let log: Arc<Mutex<Vec<(usize, usize)>>> = Arc::default();
-    let attempts: Arc<Mutex<HashMap<String, u32>>> = Arc::default();
-    // Handlers running per key, and the most ever seen at once for any key / in total.
-    let running: Arc<Mutex<HashMap<usize, usize>>> = Arc::default();
-    let peak_per_key = Arc::new(AtomicUsize::new(0));
-    let peak_total = Arc::new(AtomicUsize::new(0));
-    let all_done = Arc::new(tokio::sync::Notify::new());
+    /// What the handler saw, shared by every invocation.
+    #[derive(Default)]
+    struct Probe {
+        log: Mutex<Vec<(usize, usize)>>,
+        attempts: Mutex<HashMap<String, u32>>,
+        /// Handlers running per key, and the most ever seen at once for any key / in total.
+        running: Mutex<HashMap<usize, usize>>,
+        peak_per_key: AtomicUsize,
+        peak_total: AtomicUsize,
+        all_done: tokio::sync::Notify,
+    }
+    let probe = Arc::new(Probe::default());
     let handler = {
-        let (log, attempts, running, peak_per_key, peak_total, all_done) = (
-            Arc::clone(&log),
-            Arc::clone(&attempts),
-            Arc::clone(&running),
-            Arc::clone(&peak_per_key),
-            Arc::clone(&peak_total),
-            Arc::clone(&all_done),
-        );
+        let probe = Arc::clone(&probe);
         move |msg: Message, _info| {
-            let (log, attempts, running, peak_per_key, peak_total, all_done) = (
-                Arc::clone(&log),
-                Arc::clone(&attempts),
-                Arc::clone(&running),
-                Arc::clone(&peak_per_key),
-                Arc::clone(&peak_total),
-                Arc::clone(&all_done),
-            );
+            let probe = Arc::clone(&probe);
             async move {
                 let text = String::from_utf8(msg.payload().to_vec()).expect("utf8");
                 let (k, i) = text.split_once(':').expect("k:i");
                 let (k, i): (usize, usize) = (k.parse().expect("k"), i.parse().expect("i"));
                 {
-                    let mut r = running.lock().unwrap();
+                    let mut r = probe.running.lock().unwrap();
                     *r.entry(k).or_insert(0) += 1;
-                    peak_per_key.fetch_max(r[&k], Ordering::SeqCst);
-                    peak_total.fetch_max(r.values().sum(), Ordering::SeqCst);
+                    probe.peak_per_key.fetch_max(r[&k], Ordering::SeqCst);
+                    probe
+                        .peak_total
+                        .fetch_max(r.values().sum(), Ordering::SeqCst);
                 }
                 // Earlier messages take longer: unordered handling would let later ones pass.
                 tokio::time::sleep(Duration::from_millis(1 + ((PER - i) % 4) as u64 * 2)).await;
                 let n = {
-                    let mut a = attempts.lock().unwrap();
+                    let mut a = probe.attempts.lock().unwrap();
                     let n = a.entry(text.clone()).or_insert(0);
                     *n += 1;
                     *n
                 };
-                *running.lock().unwrap().get_mut(&k).expect("running") -= 1;
+                *probe.running.lock().unwrap().get_mut(&k).expect("running") -= 1;
                 if i % 7 == 3 && n == 1 {
                     return Err(HandlerError::new("first attempt fails"));
                 }
                 if i % 11 == 5 && n == 1 {
                     panic!("first attempt panics (expected by the test)");
                 }
-                let mut l = log.lock().unwrap();
+                let mut l = probe.log.lock().unwrap();
                 l.push((k, i));
                 if l.len() == KEYS * PER {
-                    all_done.notify_one();
+                    probe.all_done.notify_one();
                 }
                 Ok(())
             }
@@ -457,20 +450,25 @@ pub async fn handler_orders_per_key_and_retries<H: Harness>(h: &H) {
     let cfg = HandlerConfig::default()
         .concurrency(KEYS * 2)
         .retry(Retry::default().initial(Duration::from_millis(5)));
-    let done = Arc::clone(&all_done);
+    let done = Arc::clone(&probe);
     let report = timeout(
         Duration::from_secs(60),
-        handler::run(sub, cfg, handler, async move { done.notified().await }),
+        handler::run(
+            sub,
+            cfg,
+            handler,
+            async move { done.all_done.notified().await },
+        ),
     )
     .await
     .unwrap_or_else(|_| {
         panic!(
             "handler run did not finish: {} of {} handled",
-            log.lock().unwrap().len(),
+            probe.log.lock().unwrap().len(),
             KEYS * PER
         )
     });
-    let log = log.lock().unwrap().clone();
+    let log = probe.log.lock().unwrap().clone();
     for k in 0..KEYS {
         let seen: Vec<usize> = log
             .iter()
@@ -483,8 +481,8 @@ pub async fn handler_orders_per_key_and_retries<H: Harness>(h: &H) {
             "key {k}: order or completeness"
         );
     }
-    let per_key = peak_per_key.load(Ordering::SeqCst);
-    let total = peak_total.load(Ordering::SeqCst);
+    let per_key = probe.peak_per_key.load(Ordering::SeqCst);
+    let total = probe.peak_total.load(Ordering::SeqCst);
     assert_eq!(per_key, 1, "two handlers of one key ran at once");
     assert!(
         total >= 2,

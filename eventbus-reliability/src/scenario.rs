@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use eventbus_batch::{BatchConfig, Batcher, OnFull};
-use eventbus_core::{Outcome, Publisher};
+use eventbus_core::{BatchSink, Outcome, Publisher};
 use rand::Rng;
 use serde::Serialize;
 
@@ -134,7 +134,23 @@ impl Sampler {
     }
 }
 
-/// After the fault: retry unknowns (same ids), drain with a fresh consumer, check.
+/// Publish `load` through `p` while `script` applies the fault. Returns the script's output and
+/// the ledger, and records the peak in flight in `row`.
+async fn under_load<S: BatchSink, R>(
+    p: &Batcher<S>,
+    load: &Load,
+    row: &mut Row,
+    script: impl Future<Output = R>,
+) -> (R, Ledger) {
+    let (ledger, gauge) = (Ledger::default(), Arc::new(Gauge::default()));
+    let sampler = Sampler::start(p);
+    let (out, ()) = tokio::join!(script, check::publish(p, load, &ledger, &gauge));
+    sampler.finish(row, &gauge);
+    (out, ledger)
+}
+
+/// After the fault: retry unknowns (same ids), drain with a fresh consumer, check, close, and
+/// assert the invariants every scenario keeps.
 async fn settle<T: Target>(
     t: &T,
     p: &Batcher<T::Sink>,
@@ -161,10 +177,15 @@ async fn settle<T: Target>(
         row.notes.push(format!("broker holds {n}"));
     }
     row.max_resolve_ms = ms(ledger.max_resolve());
+    let _ = p.close(Duration::from_secs(5)).await;
+    row.require_safety();
 }
 
+/// Provision `topics` topics for a new run tagged `name` and start an engine with `cfg`;
+/// `row.window` becomes the engine's effective window.
 async fn setup<T: Target>(
     t: &T,
+    row: &mut Row,
     name: &str,
     topics: usize,
     cfg: BatchConfig,
@@ -176,6 +197,7 @@ async fn setup<T: Target>(
         .map_err(|e| format!("provision: {e}"))?;
     let sink = t.sink().await.map_err(|e| format!("sink: {e}"))?;
     let p = Batcher::new(sink, cfg).map_err(|e| format!("batcher: {e}"))?;
+    row.window = p.config().max_in_flight as u64;
     Ok((run, topics, filter, p))
 }
 
@@ -196,8 +218,7 @@ macro_rules! try_setup {
 pub async fn kill_restart<T: Target>(t: &mut T, size: Size) -> Row {
     let mut row = Row::new("kill-restart", t.name());
     let cfg = BatchConfig::default().ack_timeout(Duration::from_secs(5));
-    row.window = cfg.max_in_flight as u64;
-    let (run, topics, filter, p) = try_setup!(row, setup(t, "kill", 5, cfg).await);
+    let (run, topics, filter, p) = try_setup!(row, setup(t, &mut row, "kill", 5, cfg).await);
     let per = if size.quick { 400 } else { 2_000 };
     let load = Load {
         run,
@@ -209,8 +230,6 @@ pub async fn kill_restart<T: Target>(t: &mut T, size: Size) -> Row {
         pace: Some((per / 100, Duration::from_millis(25))),
         stop_at: None,
     };
-    let (ledger, gauge) = (Ledger::default(), Arc::new(Gauge::default()));
-    let sampler = Sampler::start(&p);
     let script = async {
         let mut restarts = Vec::new();
         for _ in 0..2 {
@@ -223,7 +242,7 @@ pub async fn kill_restart<T: Target>(t: &mut T, size: Size) -> Row {
         }
         restarts
     };
-    let (restarts, ()) = tokio::join!(script, check::publish(&p, &load, &ledger, &gauge));
+    let (restarts, ledger) = under_load(&p, &load, &mut row, script).await;
     for (down, r) in &restarts {
         if let Err(e) = r {
             row.failures.push(format!("restart failed: {e}"));
@@ -237,27 +256,33 @@ pub async fn kill_restart<T: Target>(t: &mut T, size: Size) -> Row {
     {
         row.recover_ms = Some(ms(d));
     }
-    sampler.finish(&mut row, &gauge);
     settle(t, &p, &load, &filter, &ledger, &mut row).await;
-    let _ = p.close(Duration::from_secs(5)).await;
-    row.require_safety();
     row
 }
 
-/// Broker paused (SIGSTOP) longer than the ack deadline (1 s) under a steady load: every ack
-/// resolves by its deadline, the window holds, publishing recovers after SIGCONT.
-pub async fn pause<T: Target>(t: &mut T, size: Size) -> Row {
-    let mut row = Row::new("pause", t.name());
+/// The shared shape of [`pause`] and [`blackhole`]: a steady load (5 producers x 600 messages,
+/// paced to outlast the fault) with a 1 s ack deadline and a 2,000-message window; `fault` runs
+/// 800 ms in and `heal` `hold` later. Records time to detect and to recover and asserts that
+/// every first attempt resolved by its deadline (+1 s for in-order ack collection) and that
+/// publishing recovered. Returns the ledger, or `None` if the run could not be set up.
+async fn steady_fault<T: Target>(
+    t: &T,
+    row: &mut Row,
+    tag: &str,
+    hold: Duration,
+    fault: impl FnOnce() -> std::io::Result<()>,
+    heal: impl FnOnce() -> std::io::Result<()>,
+) -> Option<Ledger> {
     let deadline = Duration::from_secs(1);
     let cfg = BatchConfig::default()
         .ack_timeout(deadline)
         .max_in_flight(2_000);
-    row.window = 2_000;
-    let (run, topics, filter, p) = try_setup!(row, setup(t, "pause", 5, cfg).await);
-    let stall = if size.quick {
-        Duration::from_millis(2_500)
-    } else {
-        Duration::from_secs(5)
+    let (run, topics, filter, p) = match setup(t, row, tag, 5, cfg).await {
+        Ok(v) => v,
+        Err(e) => {
+            row.failures.push(e);
+            return None;
+        }
     };
     let load = Load {
         run,
@@ -265,38 +290,24 @@ pub async fn pause<T: Target>(t: &mut T, size: Size) -> Row {
         producers: 5,
         per: 600,
         payload: 100,
-        pace: Some((10, Duration::from_millis(20 + ms(stall) / 60))),
+        pace: Some((10, Duration::from_millis(20 + ms(hold) / 60))),
         stop_at: None,
     };
-    let (ledger, gauge) = (Ledger::default(), Arc::new(Gauge::default()));
-    let sampler = Sampler::start(&p);
     let script = async {
         tokio::time::sleep(Duration::from_millis(800)).await;
-        let r1 = t.pause();
+        let r1 = fault();
         let at = Instant::now();
-        tokio::time::sleep(stall).await;
-        let r2 = t.resume();
+        tokio::time::sleep(hold).await;
+        let r2 = heal();
         (at, Instant::now(), r1.and(r2))
     };
-    let ((paused, resumed, r), ()) =
-        tokio::join!(script, check::publish(&p, &load, &ledger, &gauge));
+    let ((faulted, healed, r), ledger) = under_load(&p, &load, row, script).await;
     if let Err(e) = r {
-        row.failures.push(format!("pause/resume: {e}"));
+        row.failures.push(format!("fault / heal: {e}"));
     }
-    row.detect_ms = ledger.first_non_ack_after(paused).map(ms);
-    row.recover_ms = ledger.first_ack_admitted_after(resumed).map(ms);
-    sampler.finish(&mut row, &gauge);
-    let unknown_first = ledger
-        .entries()
-        .values()
-        .filter(|e| e.first == Class::Unknown)
-        .count();
-    row.notes
-        .push(format!("{unknown_first} first outcomes unknown"));
-    settle(t, &p, &load, &filter, &ledger, &mut row).await;
-    let _ = p.close(Duration::from_secs(5)).await;
-    row.require_safety();
-    // In-order ack collection adds a little; one second of slack over the deadline.
+    row.detect_ms = ledger.first_non_ack_after(faulted).map(ms);
+    row.recover_ms = ledger.first_ack_admitted_after(healed).map(ms);
+    settle(t, &p, &load, &filter, &ledger, row).await;
     row.require(
         row.max_resolve_ms <= ms(deadline) + 1_000,
         format!(
@@ -305,8 +316,32 @@ pub async fn pause<T: Target>(t: &mut T, size: Size) -> Row {
             ms(deadline)
         ),
     );
-    row.require(unknown_first > 0, "the pause produced no unknown outcome");
     row.require(row.recover_ms.is_some(), "publishing did not recover");
+    Some(ledger)
+}
+
+/// Broker paused (SIGSTOP) longer than the ack deadline (1 s) under a steady load: every ack
+/// resolves by its deadline, the window holds, publishing recovers after SIGCONT.
+pub async fn pause<T: Target>(t: &mut T, size: Size) -> Row {
+    let mut row = Row::new("pause", t.name());
+    let stall = if size.quick {
+        Duration::from_millis(2_500)
+    } else {
+        Duration::from_secs(5)
+    };
+    let t = &*t;
+    let Some(ledger) = steady_fault(t, &mut row, "pause", stall, || t.pause(), || t.resume()).await
+    else {
+        return row;
+    };
+    let unknown_first = ledger
+        .entries()
+        .values()
+        .filter(|e| e.first == Class::Unknown)
+        .count();
+    row.notes
+        .push(format!("{unknown_first} first outcomes unknown"));
+    row.require(unknown_first > 0, "the pause produced no unknown outcome");
     row
 }
 
@@ -334,8 +369,7 @@ pub async fn stall_memory<T: Target>(t: &mut T, size: Size) -> Row {
         .max_in_flight(1_000_000)
         .max_in_flight_bytes(budget)
         .on_full(OnFull::WaitFor(Duration::from_millis(100)));
-    row.window = 1_000_000;
-    let (run, topics, filter, p) = try_setup!(row, setup(t, "stall", 5, cfg).await);
+    let (run, topics, filter, p) = try_setup!(row, setup(t, &mut row, "stall", 5, cfg).await);
     let stall = if size.quick {
         Duration::from_secs(5)
     } else {
@@ -356,9 +390,6 @@ pub async fn stall_memory<T: Target>(t: &mut T, size: Size) -> Row {
         pace: None,
         stop_at: Some(Instant::now() + stall),
     };
-    let (ledger, gauge) = (Ledger::default(), Arc::new(Gauge::default()));
-    let sampler = Sampler::start(&p);
-    let publish = check::publish(&p, &load, &ledger, &gauge);
     let script = async {
         tokio::time::sleep(stall).await;
         let growth = rss_bytes("VmHWM:").saturating_sub(base);
@@ -366,17 +397,14 @@ pub async fn stall_memory<T: Target>(t: &mut T, size: Size) -> Row {
         let _ = t.resume();
         (growth, stats)
     };
-    let ((growth, stats), ()) = tokio::join!(script, publish);
+    let ((growth, stats), ledger) = under_load(&p, &load, &mut row, script).await;
     row.rss_growth_bytes = Some(growth);
-    sampler.finish(&mut row, &gauge);
     let refused = ledger.keys(Class::Refused).len();
     row.notes.push(format!(
         "window bytes at the end of the stall {} of {budget}; {refused} publishes refused (Overloaded)",
         stats.in_flight_bytes
     ));
     settle(t, &p, &load, &filter, &ledger, &mut row).await;
-    let _ = p.close(Duration::from_secs(5)).await;
-    row.require_safety();
     row.require(refused > 0, "the window never filled");
     row.require(
         growth <= budget as u64 + SLACK,
@@ -394,13 +422,8 @@ pub async fn stall_memory<T: Target>(t: &mut T, size: Size) -> Row {
 /// 10 s, then the connections are reset and the proxy passes again: outcomes resolve by the
 /// 1 s deadline, the client reconnects without a storm.
 pub async fn blackhole<T: Target>(t: &mut T, size: Size) -> Row {
+    use crate::proxy::Mode;
     let mut row = Row::new("blackhole", t.name());
-    let deadline = Duration::from_secs(1);
-    let cfg = BatchConfig::default()
-        .ack_timeout(deadline)
-        .max_in_flight(2_000);
-    row.window = 2_000;
-    let (run, topics, filter, p) = try_setup!(row, setup(t, "hole", 5, cfg).await);
     let Some(proxy) = t.proxy() else {
         row.failures.push("no proxy".into());
         return row;
@@ -410,46 +433,25 @@ pub async fn blackhole<T: Target>(t: &mut T, size: Size) -> Row {
     } else {
         Duration::from_secs(10)
     };
-    let load = Load {
-        run,
-        topics,
-        producers: 5,
-        per: 600,
-        payload: 100,
-        pace: Some((10, Duration::from_millis(20 + ms(hold) / 60))),
-        stop_at: None,
-    };
-    let (ledger, gauge) = (Ledger::default(), Arc::new(Gauge::default()));
-    let sampler = Sampler::start(&p);
     let accepted0 = proxy.accepted();
-    let script = async {
-        tokio::time::sleep(Duration::from_millis(800)).await;
-        proxy.set(crate::proxy::Mode::Hold);
-        let at = Instant::now();
-        tokio::time::sleep(hold).await;
-        proxy.reset();
-        proxy.set(crate::proxy::Mode::Pass);
-        (at, Instant::now())
+    let fault = || {
+        proxy.set(Mode::Hold);
+        Ok(())
     };
-    let ((held, healed), ()) = tokio::join!(script, check::publish(&p, &load, &ledger, &gauge));
-    row.detect_ms = ledger.first_non_ack_after(held).map(ms);
-    row.recover_ms = ledger.first_ack_admitted_after(healed).map(ms);
-    sampler.finish(&mut row, &gauge);
+    let heal = || {
+        proxy.reset();
+        proxy.set(Mode::Pass);
+        Ok(())
+    };
+    if steady_fault(&*t, &mut row, "hole", hold, fault, heal)
+        .await
+        .is_none()
+    {
+        return row;
+    }
     let reconnects = proxy.accepted() - accepted0;
     row.notes.push(format!("{reconnects} new connections"));
-    settle(t, &p, &load, &filter, &ledger, &mut row).await;
-    let _ = p.close(Duration::from_secs(5)).await;
-    row.require_safety();
-    row.require(
-        row.max_resolve_ms <= ms(deadline) + 1_000,
-        format!(
-            "an ack took {} ms (deadline {} ms)",
-            row.max_resolve_ms,
-            ms(deadline)
-        ),
-    );
     row.require(row.detect_ms.is_some(), "the blackhole was never noticed");
-    row.require(row.recover_ms.is_some(), "publishing did not recover");
     row.require(reconnects <= 20, format!("reconnect storm: {reconnects}"));
     row
 }
@@ -460,8 +462,7 @@ pub async fn blackhole<T: Target>(t: &mut T, size: Size) -> Row {
 pub async fn wire<T: Target>(t: &mut T, _size: Size) -> Row {
     let mut row = Row::new("wire", t.name());
     let cfg = BatchConfig::default().ack_timeout(Duration::from_secs(5));
-    row.window = cfg.max_in_flight as u64;
-    let (run, topics, filter, p) = try_setup!(row, setup(t, "wire", 5, cfg).await);
+    let (run, topics, filter, p) = try_setup!(row, setup(t, &mut row, "wire", 5, cfg).await);
     let Some(proxy) = t.proxy() else {
         row.failures.push("no proxy".into());
         return row;
@@ -475,8 +476,6 @@ pub async fn wire<T: Target>(t: &mut T, _size: Size) -> Row {
         pace: Some((10, Duration::from_millis(40))),
         stop_at: None,
     };
-    let (ledger, gauge) = (Ledger::default(), Arc::new(Gauge::default()));
-    let sampler = Sampler::start(&p);
     let script = async {
         use crate::proxy::Mode;
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -491,12 +490,9 @@ pub async fn wire<T: Target>(t: &mut T, _size: Size) -> Row {
         proxy.cut_after(777);
         cut
     };
-    let (cut, ()) = tokio::join!(script, check::publish(&p, &load, &ledger, &gauge));
+    let (cut, ledger) = under_load(&p, &load, &mut row, script).await;
     row.recover_ms = ledger.first_ack_admitted_after(cut).map(ms);
-    sampler.finish(&mut row, &gauge);
     settle(t, &p, &load, &filter, &ledger, &mut row).await;
-    let _ = p.close(Duration::from_secs(5)).await;
-    row.require_safety();
     row.require(row.figures.acked > 0, "nothing acked");
     row
 }
@@ -509,7 +505,6 @@ pub async fn shutdown<T: Target>(t: &mut T, _size: Size) -> Row {
     let cfg = BatchConfig::default()
         .max_in_flight(10_000)
         .ack_timeout(Duration::from_secs(30));
-    row.window = 10_000;
     let ledger = Ledger::default();
     let mut loads = Vec::new();
     let mut filters = Vec::new();
@@ -519,7 +514,14 @@ pub async fn shutdown<T: Target>(t: &mut T, _size: Size) -> Row {
     ] {
         let (run, topics, filter, p) = try_setup!(
             row,
-            setup(t, if paused { "shutp" } else { "shut" }, 1, cfg.clone()).await
+            setup(
+                t,
+                &mut row,
+                if paused { "shutp" } else { "shut" },
+                1,
+                cfg.clone()
+            )
+            .await
         );
         if paused && let Err(e) = t.pause() {
             row.failures.push(format!("pause: {e}"));
@@ -620,8 +622,7 @@ pub async fn cancel<T: Target>(t: &mut T, size: Size) -> Row {
     let cfg = BatchConfig::default()
         .max_in_flight(WINDOW)
         .ack_timeout(Duration::from_secs(10));
-    row.window = WINDOW as u64;
-    let (run, topics, _filter, p) = try_setup!(row, setup(t, "cancel", 5, cfg).await);
+    let (run, topics, _filter, p) = try_setup!(row, setup(t, &mut row, "cancel", 5, cfg).await);
     let per = if size.quick { 400 } else { 2_000 };
     let gauge = Arc::new(Gauge::default());
     let sampler = Sampler::start(&p);
