@@ -519,7 +519,8 @@ impl Env {
                 .ensure_stream(
                     &StreamSpec::new(&stream, [format!("{prefix}.>")])
                         .storage(kind)
-                        .allow_atomic(mode == "sdk-atomic"),
+                        .allow_atomic(mode == "sdk-atomic")
+                        .allow_batched(mode != "sdk-async"),
                 )
                 .await
                 .map_err(|e| format!("create stream: {e}"))?;
@@ -546,6 +547,18 @@ impl Env {
                 "sdk-atomic" => Some(
                     n.backend
                         .sink_with(SinkOptions::default().mode(PublishMode::Atomic))
+                        .await
+                        .map_err(|e| e.to_string())?,
+                ),
+                "sdk-fast" => Some(
+                    n.backend
+                        .sink_with(SinkOptions::default().mode(PublishMode::Fast))
+                        .await
+                        .map_err(|e| e.to_string())?,
+                ),
+                "sdk-async" => Some(
+                    n.backend
+                        .sink_with(SinkOptions::default().mode(PublishMode::Async))
                         .await
                         .map_err(|e| e.to_string())?,
                 ),

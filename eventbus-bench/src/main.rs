@@ -279,7 +279,15 @@ async fn run(args: Args) -> Result<bool, String> {
     );
     let modes = pick(
         &args.mode,
-        &["naive", "sdk", "sdk-nodedup", "sdk-atomic", "raw"],
+        &[
+            "naive",
+            "sdk",
+            "sdk-nodedup",
+            "sdk-async",
+            "sdk-fast",
+            "sdk-atomic",
+            "raw",
+        ],
         &["naive", "sdk", "sdk-nodedup", "sdk-atomic", "raw"],
     );
     let storages: Vec<&str> = match (args.quick, args.storage.as_str()) {
@@ -317,7 +325,7 @@ async fn run(args: Args) -> Result<bool, String> {
                     // The in-process backend has no client below the SDK and no variants; atomic
                     // batches are a NATS mode.
                     if (b == "memory" && (m == "raw" || m.starts_with("sdk-")))
-                        || (b == "kafka" && m == "sdk-atomic")
+                        || (b == "kafka" && matches!(m.as_str(), "sdk-atomic" | "sdk-fast" | "sdk-async"))
                     {
                         continue;
                     }

@@ -124,12 +124,17 @@ fn ids(msgs: &[Message]) -> HashSet<String> {
     msgs.iter().map(|m| m.id().to_string()).collect()
 }
 
-fn position_key(p: &Position) -> (i64, i64) {
+fn position_key(p: &Position) -> (i64, i64, i64) {
     match p {
-        Position::Stream { sequence, .. } => (0, *sequence as i64),
-        Position::Partition { partition, offset } => (*partition as i64, *offset),
-        Position::Offset(o) => (0, *o as i64),
-        _ => (0, 0),
+        Position::Stream { sequence, .. } => (0, *sequence as i64, 0),
+        Position::StreamBatch {
+            last_sequence,
+            index,
+            ..
+        } => (0, *last_sequence as i64, *index as i64),
+        Position::Partition { partition, offset } => (*partition as i64, *offset, 0),
+        Position::Offset(o) => (0, *o as i64, 0),
+        _ => (0, 0, 0),
     }
 }
 
@@ -696,7 +701,7 @@ pub async fn batch_outcomes_in_order<H: Harness>(h: &H) {
             .collect(),
     )
     .await;
-    let mut prev: Option<(i64, i64)> = None;
+    let mut prev: Option<(i64, i64, i64)> = None;
     for o in outcomes {
         let ack = o.into_result().expect("acked");
         let k = position_key(&ack.position);

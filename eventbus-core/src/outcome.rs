@@ -21,6 +21,21 @@ pub enum Position {
         /// The broker recognised the message id as a duplicate of one it already stored.
         duplicate: bool,
     },
+    /// In a JetStream stream, written by a fast-ingest batch (ADR-50), whose server ack names
+    /// only the batch's last stream sequence. The message's own sequence is at most
+    /// `last_sequence - (count - index)`, exactly that when nothing else wrote to the stream
+    /// during the batch. Within one sink and stream, `(last_sequence, index)` orders messages
+    /// as the stream stored them.
+    StreamBatch {
+        /// Stream name.
+        stream: String,
+        /// Stream sequence of the batch's last stored message.
+        last_sequence: u64,
+        /// The message's place in its batch, from 1.
+        index: u64,
+        /// Messages the batch stored.
+        count: u64,
+    },
     /// A Kafka partition and offset.
     Partition {
         /// Partition number.

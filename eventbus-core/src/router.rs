@@ -111,6 +111,11 @@ impl OutcomeRouter {
         }
     }
 
+    /// Whether batch `batch` still waits for outcomes (registered, not complete, not dropped).
+    pub fn is_pending(&self, batch: u64) -> bool {
+        self.pending.lock().contains_key(&batch)
+    }
+
     /// Batches still waiting for outcomes.
     pub fn pending_batches(&self) -> usize {
         self.pending.lock().len()

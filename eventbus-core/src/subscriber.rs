@@ -133,6 +133,12 @@ pub mod dead_letter {
             Position::Stream {
                 stream, sequence, ..
             } => format!("{stream}/{sequence}"),
+            Position::StreamBatch {
+                stream,
+                last_sequence,
+                index,
+                count,
+            } => format!("{stream}/<={}", last_sequence.saturating_sub(count.saturating_sub(*index))),
             Position::Offset(o) => o.to_string(),
         };
         let (_, _, key, headers, payload) = original.clone().into_parts();

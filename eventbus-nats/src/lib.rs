@@ -8,6 +8,7 @@ struct WorkspaceReadme;
 mod config;
 mod denied;
 mod error;
+mod fast;
 mod headers;
 mod sink;
 mod stream;
@@ -20,7 +21,9 @@ use eventbus_core::Error;
 
 pub use config::{NatsAuth, NatsConfig};
 pub use headers::{KEY as KEY_HEADER, KEY_HEX as KEY_HEX_HEADER};
-pub use sink::{ATOMIC_MAX_IN_FLIGHT, ATOMIC_MAX_MESSAGES, NatsSink, PublishMode, SinkOptions};
+pub use sink::{
+    ATOMIC_MAX_IN_FLIGHT, ATOMIC_MAX_MESSAGES, FAST_MAX_IN_FLIGHT, NatsSink, PublishMode, SinkOptions,
+};
 pub use stream::{StorageKind, StreamSpec, StreamState};
 pub use subscriber::NatsSubscriber;
 

@@ -13,6 +13,13 @@
 //! `<inbox>.B.a<k>.s`, an empty ack or an early error) and the last (`<inbox>.B.a<k>.c`, the
 //! batch's pub ack) ask for replies: one ack per batch. The batch is stored whole or not at all,
 //! and its messages hold consecutive stream sequences ending at the acked one.
+//!
+//! Mode [`PublishMode::Fast`] (ADR-50 fast ingest, server 2.14+, stream `allow_batched`): the
+//! messages of batch `B` that go to one stream form fast batch `k`, described entirely by the
+//! reply subjects `<inbox>.B.f<k>.<id>.<flow>.fail.<seq>.<op>.$FI` (see [`crate::fast`]), ended
+//! by an empty `eob` commit. The server acks every few hundred messages and once per batch; the
+//! commit's count says exactly which messages are stored. Streams without `allow_batched` are
+//! published in async mode instead (logged once, counted in `eventbus_nats_mode_fallback_total`).
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -20,14 +27,15 @@ use std::sync::Arc;
 
 use async_nats::{Client, StatusCode};
 use eventbus_core::{
-    Ack, BatchSink, Error, ErrorKind, Message, Outcome, OutcomeRouter, Position, SinkLimits,
-    TopicRules,
+    Ack, BatchSink, Bytes, Error, ErrorKind, Message, Outcome, OutcomeRouter, Position,
+    SinkLimits, TopicRules,
 };
 use futures_util::StreamExt;
 use parking_lot::Mutex;
 use tokio::sync::mpsc;
 
 use crate::error::{BACKEND, err};
+use crate::fast::{self, Event, FastState, Op};
 use crate::headers;
 
 /// How a [`NatsSink`] hands batches to JetStream.
@@ -41,6 +49,48 @@ pub enum PublishMode {
     /// (server 2.12+, stream created with `allow_atomic`). At most 1,000 messages per batch and
     /// [`ATOMIC_MAX_IN_FLIGHT`] batches in flight per sink (the server allows 50 per stream).
     Atomic,
+    /// Fast-ingest batches (server 2.14+, stream created with `allow_batched`): one batch per
+    /// stream per engine batch, flow-controlled acks every few hundred messages instead of one
+    /// per message, gaps fail the rest of the batch (`gap=fail`) so nothing is reported stored
+    /// that is not. Not atomic: a batch can be stored in part, and the outcomes say which part.
+    /// At most [`FAST_MAX_IN_FLIGHT`] batches in flight per sink. Falls back to
+    /// [`PublishMode::Async`] on older servers and, per stream, on streams without
+    /// `allow_batched` (a log line and `eventbus_nats_mode_fallback_total`).
+    Fast,
+}
+
+impl PublishMode {
+    /// The oldest server version (major, minor) that supports this mode.
+    pub fn min_server(self) -> (u32, u32) {
+        match self {
+            PublishMode::Async => (2, 9),
+            PublishMode::Atomic => (2, 12),
+            PublishMode::Fast => (2, 14),
+        }
+    }
+
+    fn label(self) -> &'static str {
+        match self {
+            PublishMode::Async => "async",
+            PublishMode::Atomic => "atomic",
+            PublishMode::Fast => "fast",
+        }
+    }
+}
+
+/// `(major, minor)` of a server version string such as `2.15.1`.
+pub(crate) fn server_version(v: &str) -> Option<(u32, u32)> {
+    let mut it = v.trim_start_matches('v').split(['.', '-']);
+    Some((it.next()?.parse().ok()?, it.next()?.parse().ok()?))
+}
+
+fn count_fallback(from: PublishMode, reason: &'static str) {
+    metrics::counter!(
+        "eventbus_nats_mode_fallback_total",
+        "from" => from.label(),
+        "reason" => reason
+    )
+    .increment(1);
 }
 
 /// Atomic batches one sink keeps in flight (the engine is clamped to it). The server allows 50
@@ -48,6 +98,9 @@ pub enum PublishMode {
 pub const ATOMIC_MAX_IN_FLIGHT: usize = 16;
 /// The server's limit on messages per atomic batch.
 pub const ATOMIC_MAX_MESSAGES: usize = 1_000;
+/// Fast batches one sink keeps in flight (the engine is clamped to it). The server allows 50
+/// per stream across all publishers, and spaces its flow acks by `500 / batches in flight`.
+pub const FAST_MAX_IN_FLIGHT: usize = 16;
 
 /// Options for [`NatsBackend::sink_with`](crate::NatsBackend::sink_with).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -86,14 +139,26 @@ struct Job {
     batch: Vec<Message>,
 }
 
-/// One atomic batch in flight: which slots of the engine batch it carries.
-struct AtomicGroup {
+/// One atomic or fast batch in flight: which slots of the engine batch it carries.
+struct Group {
     indices: Vec<usize>,
-    /// An error reply to the first message (e.g. atomic publish not enabled on the stream).
+    /// Atomic: an error reply to the first message (e.g. atomic publish not enabled).
     early: Option<Error>,
+    /// Fast: refusals and per-message acks seen so far.
+    fast: FastState,
 }
 
-type AtomicGroups = Arc<Mutex<HashMap<(u64, u32), AtomicGroup>>>;
+impl Group {
+    fn new(indices: Vec<usize>) -> Self {
+        Group {
+            indices,
+            early: None,
+            fast: FastState::default(),
+        }
+    }
+}
+
+type Groups = Arc<Mutex<HashMap<(u64, u32), Group>>>;
 
 /// Publishes batches to JetStream. Wrap it in `eventbus_batch::Batcher`.
 #[derive(Clone)]
@@ -118,9 +183,22 @@ impl NatsSink {
     pub(crate) async fn new(
         client: Client,
         js: async_nats::jetstream::Context,
-        opts: SinkOptions,
+        mut opts: SinkOptions,
         denied: Arc<crate::denied::Denied>,
     ) -> Result<Self, Error> {
+        let version = client.server_info().version;
+        if opts.mode != PublishMode::Async
+            && server_version(&version).is_some_and(|v| v < opts.mode.min_server())
+        {
+            let (major, minor) = opts.mode.min_server();
+            tracing::warn!(
+                server = %version,
+                mode = opts.mode.label(),
+                "publish mode needs nats-server {major}.{minor}+; using async mode"
+            );
+            count_fallback(opts.mode, "server");
+            opts.mode = PublishMode::Async;
+        }
         let inbox = client.new_inbox();
         let sub = client.subscribe(format!("{inbox}.>")).await.map_err(|e| {
             err(ErrorKind::Connect, "could not subscribe to the ack inbox")
@@ -128,7 +206,7 @@ impl NatsSink {
                 .with_source(e)
         })?;
         let router = Arc::new(OutcomeRouter::new(BACKEND));
-        let groups: AtomicGroups = Arc::default();
+        let groups: Groups = Arc::default();
         tokio::spawn(route(
             sub,
             inbox.len() + 1,
@@ -142,10 +220,14 @@ impl NatsSink {
             .max_payload
             .saturating_sub(headers::OVERHEAD);
         let mut limits = SinkLimits::none().max_message_bytes(max);
-        if opts.mode == PublishMode::Atomic {
-            limits = limits
-                .max_batch_messages(ATOMIC_MAX_MESSAGES)
-                .max_inflight_batches(ATOMIC_MAX_IN_FLIGHT);
+        match opts.mode {
+            PublishMode::Atomic => {
+                limits = limits
+                    .max_batch_messages(ATOMIC_MAX_MESSAGES)
+                    .max_inflight_batches(ATOMIC_MAX_IN_FLIGHT);
+            }
+            PublishMode::Fast => limits = limits.max_inflight_batches(FAST_MAX_IN_FLIGHT),
+            PublishMode::Async => {}
         }
         // The inbox ends in a unique token (a nuid): reuse it for batch ids.
         let batch_prefix = inbox.rsplit('.').next().unwrap_or_default().to_owned();
@@ -157,6 +239,7 @@ impl NatsSink {
             groups,
             opts,
             streams: HashMap::new(),
+            batched: HashMap::new(),
             batch_prefix,
         };
         tokio::spawn(w.run(rx));
@@ -169,10 +252,36 @@ impl NatsSink {
         })
     }
 
-    /// The options this sink was made with.
+    /// The options in effect: as given, except that a publish mode the server does not support
+    /// is replaced by [`PublishMode::Async`].
     pub fn options(&self) -> SinkOptions {
         self.opts
     }
+}
+
+/// What the fast path caches per stream.
+#[derive(Clone, Copy)]
+struct StreamFacts {
+    /// `allow_batched`.
+    fast: bool,
+    /// The stream's own `max_msg_size`, if set: a message over it would be refused by the
+    /// server mid-batch and end the batch there, so it is refused before sending instead.
+    max_msg_size: Option<usize>,
+}
+
+/// Bytes of a message as the server measures it against `max_msg_size`: headers (as encoded
+/// on the wire) plus payload.
+fn wire_len(hdrs: &async_nats::HeaderMap, payload: &Bytes) -> usize {
+    let mut n = payload.len();
+    let mut any = false;
+    for (name, values) in hdrs.iter() {
+        let name: &str = name.as_ref();
+        for v in values {
+            any = true;
+            n += name.len() + v.as_str().len() + 4;
+        }
+    }
+    if any { n + 12 } else { n }
 }
 
 struct Writer {
@@ -180,10 +289,12 @@ struct Writer {
     js: async_nats::jetstream::Context,
     inbox: String,
     router: Arc<OutcomeRouter>,
-    groups: AtomicGroups,
+    groups: Groups,
     opts: SinkOptions,
-    /// Subject -> stream (None: no stream captures it), for atomic batches.
+    /// Subject -> stream (None: no stream captures it), for atomic and fast batches.
     streams: HashMap<String, Option<String>>,
+    /// Stream -> what fast batches need to know of it.
+    batched: HashMap<String, StreamFacts>,
     /// Unique per sink; batch ids are `<prefix><engine batch>_<k>`.
     batch_prefix: String,
 }
@@ -203,6 +314,7 @@ impl Writer {
             match self.opts.mode {
                 PublishMode::Async => self.send_async(job).await,
                 PublishMode::Atomic => self.send_atomic(job).await,
+                PublishMode::Fast => self.send_fast(job).await,
             }
         }
     }
@@ -210,17 +322,22 @@ impl Writer {
     async fn send_async(&mut self, job: Job) {
         let mut reply = String::with_capacity(self.inbox.len() + 24);
         for (i, msg) in job.batch.into_iter().enumerate() {
-            let (subject, payload, hdrs) = headers::encode(msg, self.opts.dedup);
-            reply.clear();
-            use std::fmt::Write;
-            let _ = write!(reply, "{}.{}.{i}", self.inbox, job.id);
-            if let Err(e) = self
-                .client
-                .publish_with_reply_and_headers(subject, reply.clone(), hdrs, payload)
-                .await
-            {
-                self.router.settle(job.id, i, not_queued(e));
-            }
+            self.publish_one(job.id, i, msg, &mut reply).await;
+        }
+    }
+
+    /// Publish message `i` of batch `b` with its own pub ack on `<inbox>.b.i`.
+    async fn publish_one(&self, b: u64, i: usize, msg: Message, reply: &mut String) {
+        use std::fmt::Write;
+        let (subject, payload, hdrs) = headers::encode(msg, self.opts.dedup);
+        reply.clear();
+        let _ = write!(reply, "{}.{b}.{i}", self.inbox);
+        if let Err(e) = self
+            .client
+            .publish_with_reply_and_headers(subject, reply.clone(), hdrs, payload)
+            .await
+        {
+            self.router.settle(b, i, not_queued(e));
         }
     }
 
@@ -237,8 +354,40 @@ impl Writer {
         found
     }
 
-    async fn send_atomic(&mut self, job: Job) {
-        // Group the batch by stream, keeping order within each group.
+    /// Whether `stream` accepts fast batches (`allow_batched`), and its message size limit,
+    /// cached per stream. A failed lookup answers "no fast batches" for this batch and is asked
+    /// again next time.
+    async fn stream_facts(&mut self, stream: &str) -> StreamFacts {
+        if let Some(&f) = self.batched.get(stream) {
+            return f;
+        }
+        let Ok(s) = self.js.get_stream(stream).await else {
+            return StreamFacts {
+                fast: false,
+                max_msg_size: None,
+            };
+        };
+        let config = &s.cached_info().config;
+        let facts = StreamFacts {
+            fast: config.allow_batch_publish,
+            max_msg_size: usize::try_from(config.max_message_size)
+                .ok()
+                .filter(|&n| n > 0),
+        };
+        if !facts.fast {
+            tracing::warn!(
+                stream,
+                "stream does not allow fast batches (allow_batched); publishing to it in async mode"
+            );
+            count_fallback(PublishMode::Fast, "stream");
+        }
+        self.batched.insert(stream.to_owned(), facts);
+        facts
+    }
+
+    /// Split a batch by stream, keeping order within each group. Messages no stream captures
+    /// fail at once (nothing is sent for them).
+    async fn group_by_stream(&mut self, job: &Job) -> Vec<(String, Vec<usize>)> {
         let mut order: Vec<(String, Vec<usize>)> = Vec::new();
         for (i, m) in job.batch.iter().enumerate() {
             match self.stream_of(m.topic().as_str()).await {
@@ -256,18 +405,36 @@ impl Writer {
                 ),
             }
         }
+        order
+    }
+
+    /// Track batch group `(b, k)`; forget groups whose engine batch is gone (timed out or
+    /// dropped), so lost replies cannot grow the map.
+    fn track(&self, b: u64, k: u32, indices: Vec<usize>) {
+        let mut groups = self.groups.lock();
+        if groups.len() >= 4 * FAST_MAX_IN_FLIGHT.max(ATOMIC_MAX_IN_FLIGHT) {
+            groups.retain(|(b, _), _| self.router.is_pending(*b));
+        }
+        groups.insert((b, k), Group::new(indices));
+    }
+
+    /// Settle every message of group `(b, k)` with `o`, if the group is still open.
+    fn settle_group(&self, b: u64, k: u32, o: impl Fn(usize) -> Outcome) {
+        if let Some(g) = self.groups.lock().remove(&(b, k)) {
+            for (j, i) in g.indices.into_iter().enumerate() {
+                self.router.settle(b, i, o(j));
+            }
+        }
+    }
+
+    async fn send_atomic(&mut self, job: Job) {
+        let order = self.group_by_stream(&job).await;
         let mut slots: Vec<Option<Message>> = job.batch.into_iter().map(Some).collect();
         for (k, (_, indices)) in order.into_iter().enumerate() {
             let k = k as u32;
             let batch_id = format!("{}{}_{k}", self.batch_prefix, job.id);
             let n = indices.len();
-            self.groups.lock().insert(
-                (job.id, k),
-                AtomicGroup {
-                    indices: indices.clone(),
-                    early: None,
-                },
-            );
+            self.track(job.id, k, indices.clone());
             for (seq, &i) in indices.iter().enumerate() {
                 let Some(msg) = slots[i].take() else { continue };
                 let (subject, payload, mut hdrs) = headers::encode(msg, self.opts.dedup);
@@ -295,14 +462,103 @@ impl Writer {
                 if let Err(e) = r {
                     // The batch cannot commit without every message: fail it whole. Messages
                     // already written are abandoned by the server (never committed).
-                    if let Some(g) = self.groups.lock().remove(&(job.id, k)) {
-                        let o = not_queued(e);
-                        for i in g.indices {
-                            self.router.settle(job.id, i, o.clone());
-                        }
-                    }
+                    let o = not_queued(e);
+                    self.settle_group(job.id, k, |_| o.clone());
                     break;
                 }
+            }
+        }
+    }
+
+    async fn send_fast(&mut self, job: Job) {
+        let order = self.group_by_stream(&job).await;
+        let mut slots: Vec<Option<Message>> = job.batch.into_iter().map(Some).collect();
+        let mut reply = String::with_capacity(self.inbox.len() + 96);
+        for (k, (stream, mut indices)) in order.into_iter().enumerate() {
+            let facts = self.stream_facts(&stream).await;
+            if !facts.fast {
+                for i in indices {
+                    if let Some(msg) = slots[i].take() {
+                        self.publish_one(job.id, i, msg, &mut reply).await;
+                    }
+                }
+                continue;
+            }
+            let k = k as u32;
+            let prefix = format!("{}.{}.f{k}", self.inbox, job.id);
+            let id = format!("{}{}_{k}", self.batch_prefix, job.id);
+            let mut encoded = Vec::with_capacity(indices.len());
+            indices.retain(|&i| {
+                let Some(msg) = slots[i].take() else {
+                    return false;
+                };
+                let (subject, payload, hdrs) = headers::encode(msg, self.opts.dedup);
+                if let Some(max) = facts.max_msg_size
+                    && wire_len(&hdrs, &payload) > max
+                {
+                    self.router.settle(
+                        job.id,
+                        i,
+                        Outcome::Failed(err(
+                            ErrorKind::TooLarge,
+                            "message exceeds the stream's max_msg_size",
+                        )),
+                    );
+                    return false;
+                }
+                encoded.push((subject, payload, hdrs));
+                true
+            });
+            if indices.is_empty() {
+                continue;
+            }
+            let n = indices.len() as u64;
+            self.track(job.id, k, indices);
+            let mut last_subject = String::new();
+            let mut sent = 0u64;
+            let mut failure = None;
+            for (subject, payload, hdrs) in encoded {
+                let seq = sent + 1;
+                let op = if seq == 1 { Op::Start } else { Op::Append };
+                fast::reply(&mut reply, &prefix, &id, seq, op);
+                if seq == n {
+                    last_subject.clone_from(&subject);
+                }
+                if let Err(e) = self
+                    .client
+                    .publish_with_reply_and_headers(subject, reply.clone(), hdrs, payload)
+                    .await
+                {
+                    failure = Some(e);
+                    break;
+                }
+                sent = seq;
+            }
+            let failure = match failure {
+                Some(e) => Some(e),
+                None => {
+                    // End of batch: an empty commit message, not stored.
+                    fast::reply(&mut reply, &prefix, &id, n + 1, Op::CommitEob);
+                    self.client
+                        .publish_with_reply(last_subject, reply.clone(), Bytes::new())
+                        .await
+                        .err()
+                }
+            };
+            if let Some(e) = failure {
+                // A fast batch is stored as it arrives: what was handed over may be stored.
+                let unsent = not_queued(e);
+                let maybe = Outcome::Unknown(err(
+                    ErrorKind::Connect,
+                    "connection lost during a fast batch; the message may be stored",
+                ));
+                self.settle_group(job.id, k, |j| {
+                    if (j as u64) < sent {
+                        maybe.clone()
+                    } else {
+                        unsent.clone()
+                    }
+                });
             }
         }
     }
@@ -321,13 +577,36 @@ struct ApiAck<'a> {
 }
 
 #[derive(serde::Deserialize)]
-struct ApiError {
+pub(crate) struct ApiError {
     #[serde(default)]
     code: u16,
     #[serde(default)]
     err_code: u16,
     #[serde(default)]
     description: String,
+}
+
+/// The typed error for a JetStream API error reply.
+pub(crate) fn api_error(e: &ApiError) -> Error {
+    let kind = match (e.code, e.err_code) {
+        (_, 10054 | 10003) => ErrorKind::TooLarge, // message / payload size exceeded
+        (401 | 403, _) => ErrorKind::Auth,
+        // 503, and batches in flight over the server's limit: try again later.
+        (503 | 429, _) | (_, 10211) => ErrorKind::Overloaded,
+        _ => ErrorKind::Rejected,
+    };
+    let error = err(
+        kind,
+        format!(
+            "JetStream refused the message: {} (code {}, err_code {})",
+            e.description, e.code, e.err_code
+        ),
+    );
+    if kind == ErrorKind::Overloaded {
+        error.temporary()
+    } else {
+        error
+    }
 }
 
 /// What a JetStream reply says.
@@ -361,25 +640,7 @@ fn parse_reply(m: &async_nats::Message) -> Reply<'_> {
         return Reply::Empty;
     }
     match serde_json::from_slice::<ApiAck<'_>>(&m.payload) {
-        Ok(ApiAck { error: Some(e), .. }) => {
-            let kind = match (e.code, e.err_code) {
-                (_, 10054 | 10003) => ErrorKind::TooLarge, // message / payload size exceeded
-                (401 | 403, _) => ErrorKind::Auth,
-                (503, _) => ErrorKind::Overloaded,
-                _ => ErrorKind::Rejected,
-            };
-            let mut error = err(
-                kind,
-                format!(
-                    "JetStream refused the message: {} (code {}, err_code {})",
-                    e.description, e.code, e.err_code
-                ),
-            );
-            if kind == ErrorKind::Overloaded {
-                error = error.temporary();
-            }
-            Reply::Refused(error)
-        }
+        Ok(ApiAck { error: Some(e), .. }) => Reply::Refused(api_error(&e)),
         Ok(ApiAck {
             stream: Some(stream),
             seq: Some(seq),
@@ -425,7 +686,7 @@ fn parse_ack(m: &async_nats::Message) -> Outcome {
 /// A reply for atomic batch `k` of engine batch `b`: `s` (first message) or `c` (commit).
 fn route_atomic(
     router: &OutcomeRouter,
-    groups: &AtomicGroups,
+    groups: &Groups,
     b: u64,
     k: u32,
     kind: &str,
@@ -486,11 +747,77 @@ fn route_atomic(
     }
 }
 
+/// A reply for message `seq` (operation `op`) of fast batch `k` of engine batch `b`.
+fn route_fast(
+    router: &OutcomeRouter,
+    groups: &Groups,
+    b: u64,
+    k: u32,
+    seq: u64,
+    op: u8,
+    m: &async_nats::Message,
+) {
+    let event = match parse_reply(m) {
+        // No responders carries no JSON: nothing was stored.
+        Reply::Refused(error) if m.payload.is_empty() => Event::Refused { seq, error },
+        _ => fast::parse(seq, &m.payload),
+    };
+    let mut map = groups.lock();
+    let Some(g) = map.get_mut(&(b, k)) else {
+        return;
+    };
+    match event {
+        Event::Progress | Event::Unreadable => {}
+        Event::Refused { seq: s, error } if op == Op::CommitEob as u8 && s == seq => {
+            // The commit itself was refused.
+            let g = map.remove(&(b, k)).expect("present");
+            drop(map);
+            let o = g.fast.commit_refused(&error);
+            for i in g.indices {
+                router.settle(b, i, o.clone());
+            }
+        }
+        Event::Refused { seq, error } => g.fast.refuse(seq, error),
+        Event::Committed {
+            stream,
+            last,
+            count,
+        } => {
+            let g = map.remove(&(b, k)).expect("present");
+            drop(map);
+            for (j, i) in g.indices.iter().enumerate() {
+                router.settle(b, *i, g.fast.committed(j as u64 + 1, &stream, last, count));
+            }
+        }
+        Event::Single { stream, sequence } => {
+            // A server without fast batches stored this one as a plain publish.
+            let Some(&i) = g.indices.get((seq as usize).wrapping_sub(1)) else {
+                return;
+            };
+            if g.fast.single() == g.indices.len() {
+                map.remove(&(b, k));
+            }
+            drop(map);
+            router.settle(
+                b,
+                i,
+                Outcome::Acked(Ack {
+                    position: Position::Stream {
+                        stream,
+                        sequence,
+                        duplicate: false,
+                    },
+                }),
+            );
+        }
+    }
+}
+
 async fn route(
     mut sub: async_nats::Subscriber,
     skip: usize,
     router: Arc<OutcomeRouter>,
-    groups: AtomicGroups,
+    groups: Groups,
 ) {
     while let Some(m) = sub.next().await {
         let Some(rest) = m.subject.as_str().get(skip..) else {
@@ -500,6 +827,15 @@ async fn route(
             continue;
         };
         let Ok(b) = b.parse::<u64>() else { continue };
+        if let Some(fast) = i.strip_prefix('f') {
+            if let Some((k, tail)) = fast.split_once('.')
+                && let Ok(k) = k.parse::<u32>()
+                && let Some((seq, op)) = fast::parse_tail(tail)
+            {
+                route_fast(&router, &groups, b, k, seq, op, &m);
+            }
+            continue;
+        }
         if let Some(atomic) = i.strip_prefix('a') {
             if let Some((k, kind)) = atomic.split_once('.')
                 && let Ok(k) = k.parse::<u32>()

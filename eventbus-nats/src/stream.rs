@@ -42,6 +42,9 @@ pub struct StreamSpec {
     /// Accept atomic batch publishes (`allow_atomic`, server 2.12+), needed by
     /// [`PublishMode::Atomic`](crate::PublishMode::Atomic). Default `false`.
     pub allow_atomic: bool,
+    /// Accept fast-ingest batch publishes (`allow_batched`, server 2.14+), used by
+    /// [`PublishMode::Fast`](crate::PublishMode::Fast). Default `false`.
+    pub allow_batched: bool,
 }
 
 impl StreamSpec {
@@ -60,11 +63,17 @@ impl StreamSpec {
             max_messages: -1,
             duplicate_window: Duration::from_secs(120),
             allow_atomic: false,
+            allow_batched: false,
         }
     }
     /// Accept atomic batch publishes.
     pub fn allow_atomic(mut self, on: bool) -> Self {
         self.allow_atomic = on;
+        self
+    }
+    /// Accept fast-ingest batch publishes.
+    pub fn allow_batched(mut self, on: bool) -> Self {
+        self.allow_batched = on;
         self
     }
     /// Set the storage.
@@ -125,6 +134,7 @@ impl NatsBackend {
             max_messages: spec.max_messages,
             duplicate_window: spec.duplicate_window,
             allow_atomic_publish: spec.allow_atomic,
+            allow_batch_publish: spec.allow_batched,
             ..Default::default()
         };
         self.jetstream()

@@ -1,5 +1,5 @@
 //! The shared conformance suite against a real nats-server (2.15, JetStream, file storage),
-//! one server per test on a random port, once per publish mode (`async`, `atomic`). A missing
+//! one server per test on a random port, once per publish mode (`async`, `atomic`, `fast`). A missing
 //! nats-server binary fails the test.
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -50,7 +50,8 @@ impl Harness for NatsHarness {
         self.backend
             .ensure_stream(
                 &StreamSpec::new(stream, [subject.clone()])
-                    .allow_atomic(self.mode == PublishMode::Atomic),
+                    .allow_atomic(self.mode == PublishMode::Atomic)
+                    .allow_batched(self.mode == PublishMode::Fast),
             )
             .await
             .expect("ensure stream");
@@ -81,4 +82,9 @@ mod async_mode {
 mod atomic_mode {
     use super::*;
     eventbus_conformance::conformance_tests!(NatsHarness::start(PublishMode::Atomic).await);
+}
+
+mod fast_mode {
+    use super::*;
+    eventbus_conformance::conformance_tests!(NatsHarness::start(PublishMode::Fast).await);
 }

@@ -1,6 +1,7 @@
 //! Broker restart mid-publish: 10,000 messages from 5 concurrent publishers while nats-server is
 //! killed (-9) and restarted twice on the same store. Every acked message must be in the stream
-//! afterwards, counted by id with a fresh consumer; no outcome is lost or reported twice.
+//! afterwards, counted by id with a fresh consumer; no outcome is lost or reported twice. Run in
+//! async and fast-ingest mode.
 
 use std::collections::HashSet;
 use std::time::Duration;
@@ -8,18 +9,29 @@ use std::time::Duration;
 use eventbus_batch::{BatchConfig, Batcher};
 use eventbus_brokers::NatsServer;
 use eventbus_core::{Message, Outcome, Publisher, SubscribeSpec, Subscriber};
-use eventbus_nats::{NatsBackend, NatsConfig, StreamSpec};
+use eventbus_nats::{NatsBackend, NatsConfig, PublishMode, SinkOptions, StreamSpec};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_and_restart_twice_loses_no_acked_message() {
+    kill_and_restart_twice(PublishMode::Async).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_and_restart_twice_loses_no_acked_message_fast_mode() {
+    kill_and_restart_twice(PublishMode::Fast).await;
+}
+
+async fn kill_and_restart_twice(mode: PublishMode) {
     let mut server = NatsServer::start().expect("start nats-server");
     let cfg = NatsConfig::new(server.url()).ack_timeout(Duration::from_secs(2));
     let nats = NatsBackend::connect(cfg).await.expect("connect");
-    nats.ensure_stream(&StreamSpec::new("RESTART", ["restart.>"]))
+    nats.ensure_stream(&StreamSpec::new("RESTART", ["restart.>"]).allow_batched(true))
         .await
         .expect("stream");
     let publisher = Batcher::new(
-        nats.sink().await.expect("sink"),
+        nats.sink_with(SinkOptions::default().mode(mode))
+            .await
+            .expect("sink"),
         BatchConfig::default().ack_timeout(Duration::from_secs(5)),
     )
     .unwrap();

@@ -79,6 +79,8 @@ fn install() -> Result {
         brokers::NATS_VERSION,
         nats.display()
     );
+    let tansu = brokers::install_tansu().map_err(|e| e.to_string())?;
+    eprintln!("==> tansu {}: {}", brokers::TANSU_VERSION, tansu.display());
     Ok(())
 }
 

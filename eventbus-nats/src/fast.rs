@@ -1,0 +1,245 @@
+//! Fast-ingest batch publishing (ADR-50, nats-server 2.14+, stream `allow_batched`).
+//!
+//! No headers: the server reads the batch from the **reply subject** of every message,
+//! `<prefix>.<batch id>.<flow>.<gap mode>.<batch seq>.<op>.$FI`, with op `0` (start, seq 1),
+//! `1` (append), `3` (commit at end of batch: an empty message that is not stored). Messages are
+//! stored as they arrive (a fast batch is not atomic); the server replies on the same subjects:
+//!
+//! - `{"type":"ack","seq":N,"msgs":M}`: flow control, messages 1..=N were persisted;
+//! - `{"type":"gap",...}` / `{"type":"err","seq":N,"error":{...}}`: a gap, or message N refused;
+//! - a pub ack with `"batch"` and `"count":C` once the batch is committed: with gap mode
+//!   `fail` (ours) exactly messages 1..=C are stored, and every later one was dropped;
+//! - a plain error pub ack when a message is refused before it reaches the batch (stream does
+//!   not allow batches, too many batches in flight, message too large, ...). When that happens
+//!   to message 1 the batch never starts and nothing of it is stored.
+//!
+//! We end every batch with the `eob` commit rather than committing on the last data message, so
+//! a refusal of the last message still ends in a pub ack whose count says what is stored.
+
+use eventbus_core::{Ack, Error, ErrorKind, Outcome, Position};
+
+use crate::error::err;
+use crate::sink::{ApiError, api_error};
+
+/// The most messages between two flow-control acks we allow the server to choose. It picks
+/// `min(this, 500 / batches in flight on the stream)`, starting at 1 when several are in flight.
+pub(crate) const FLOW: u16 = 500;
+
+/// Batch operation in the reply subject.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Op {
+    Start = 0,
+    Append = 1,
+    CommitEob = 3,
+}
+
+/// Write the reply subject of batch message `seq` (from 1) into `out`.
+pub(crate) fn reply(out: &mut String, prefix: &str, id: &str, seq: u64, op: Op) {
+    use std::fmt::Write;
+    out.clear();
+    let _ = write!(out, "{prefix}.{id}.{FLOW}.fail.{seq}.{}.$FI", op as u8);
+}
+
+/// Batch sequence and operation from the tail of a fast-batch reply subject
+/// (`<id>.<flow>.<gap>.<seq>.<op>.$FI`).
+pub(crate) fn parse_tail(tail: &str) -> Option<(u64, u8)> {
+    let mut it = tail.rsplit('.');
+    if it.next()? != "$FI" {
+        return None;
+    }
+    let op = it.next()?.parse().ok()?;
+    let seq = it.next()?.parse().ok()?;
+    Some((seq, op))
+}
+
+#[derive(serde::Deserialize)]
+struct Reply<'a> {
+    #[serde(rename = "type")]
+    kind: Option<&'a str>,
+    #[serde(borrow)]
+    stream: Option<&'a str>,
+    seq: Option<u64>,
+    batch: Option<&'a str>,
+    count: Option<u64>,
+    error: Option<ApiError>,
+}
+
+/// What one server reply on a fast batch's subjects means.
+#[derive(Debug)]
+pub(crate) enum Event {
+    /// Flow control or a gap notice: informational (the commit's count is authoritative).
+    Progress,
+    /// Message `seq` was refused with this error (not stored).
+    Refused { seq: u64, error: Error },
+    /// The batch is committed: messages 1..=count are stored, the last at stream `last`.
+    Committed {
+        stream: String,
+        last: u64,
+        count: u64,
+    },
+    /// A plain pub ack for one message: a server that does not know fast batches stored it
+    /// as an ordinary publish.
+    Single { stream: String, sequence: u64 },
+    Unreadable,
+}
+
+/// Interpret a reply to message `seq` of a fast batch.
+pub(crate) fn parse(seq: u64, payload: &[u8]) -> Event {
+    let Ok(r) = serde_json::from_slice::<Reply<'_>>(payload) else {
+        return Event::Unreadable;
+    };
+    match (r.kind, r.error) {
+        (Some("err"), Some(e)) => Event::Refused {
+            seq: r.seq.unwrap_or(seq),
+            error: api_error(&e),
+        },
+        (Some(_), _) => Event::Progress,
+        (None, Some(e)) => Event::Refused {
+            seq,
+            error: api_error(&e),
+        },
+        (None, None) => match (r.stream, r.seq, r.batch, r.count) {
+            (Some(stream), Some(last), Some(_), Some(count)) => Event::Committed {
+                stream: stream.to_owned(),
+                last,
+                count,
+            },
+            (Some(stream), Some(sequence), None, _) => Event::Single {
+                stream: stream.to_owned(),
+                sequence,
+            },
+            _ => Event::Unreadable,
+        },
+    }
+}
+
+/// One fast batch in flight.
+#[derive(Debug, Default)]
+pub(crate) struct FastState {
+    /// Refusals by batch sequence (not stored).
+    refused: Vec<(u64, Error)>,
+    /// Messages already settled one by one (a server without fast batches).
+    singles: usize,
+}
+
+impl FastState {
+    pub(crate) fn refuse(&mut self, seq: u64, e: Error) {
+        self.refused.push((seq, e));
+    }
+
+    fn refusal(&self, seq: u64) -> Option<&Error> {
+        self.refused.iter().find(|(s, _)| *s == seq).map(|(_, e)| e)
+    }
+
+    pub(crate) fn single(&mut self) -> usize {
+        self.singles += 1;
+        self.singles
+    }
+
+    /// The outcome of message `seq` (from 1) once the batch committed with `count` stored.
+    pub(crate) fn committed(&self, seq: u64, stream: &str, last: u64, count: u64) -> Outcome {
+        if seq <= count {
+            return Outcome::Acked(Ack {
+                position: Position::StreamBatch {
+                    stream: stream.to_owned(),
+                    last_sequence: last,
+                    index: seq,
+                    count,
+                },
+            });
+        }
+        Outcome::Failed(self.refusal(seq).cloned().unwrap_or_else(|| {
+            err(
+                ErrorKind::Rejected,
+                "the fast batch ended before this message (an earlier message was refused or \
+                 lost); it was not stored",
+            )
+            .temporary()
+        }))
+    }
+
+    /// The outcome of every message when the commit itself was refused with `e`.
+    pub(crate) fn commit_refused(&self, e: &Error) -> Outcome {
+        match self.refusal(1) {
+            // Message 1 refused: the batch never started, nothing of it is stored.
+            Some(first) => Outcome::Failed(first.clone()),
+            None => Outcome::Unknown(
+                err(
+                    e.kind(),
+                    "the server refused to commit the fast batch; its messages may be stored",
+                )
+                .with_source(e.clone()),
+            ),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reply_subject_round_trips() {
+        let mut s = String::new();
+        reply(&mut s, "_INBOX.x.7.f0", "abc7_0", 12, Op::Append);
+        assert_eq!(s, "_INBOX.x.7.f0.abc7_0.500.fail.12.1.$FI");
+        assert_eq!(parse_tail("abc7_0.500.fail.12.1.$FI"), Some((12, 1)));
+        assert_eq!(parse_tail("abc7_0.500.fail.12.1"), None);
+    }
+
+    #[test]
+    fn parses_every_reply_kind() {
+        assert!(matches!(
+            parse(5, br#"{"type":"ack","seq":4,"msgs":2}"#),
+            Event::Progress
+        ));
+        match parse(
+            9,
+            br#"{"type":"err","seq":3,"error":{"code":400,"err_code":10054,"description":"x"}}"#,
+        ) {
+            Event::Refused { seq: 3, error } => assert_eq!(error.kind(), ErrorKind::TooLarge),
+            e => panic!("{e:?}"),
+        }
+        match parse(
+            1,
+            br#"{"stream":"S","error":{"code":400,"err_code":10174,"description":"off"}}"#,
+        ) {
+            Event::Refused { seq: 1, .. } => {}
+            e => panic!("{e:?}"),
+        }
+        match parse(4, br#"{"stream":"S","seq":42,"batch":"b","count":3}"#) {
+            Event::Committed {
+                stream,
+                last: 42,
+                count: 3,
+            } => assert_eq!(stream, "S"),
+            e => panic!("{e:?}"),
+        }
+        assert!(matches!(
+            parse(2, br#"{"stream":"S","seq":8}"#),
+            Event::Single { sequence: 8, .. }
+        ));
+        assert!(matches!(parse(2, b"garbage"), Event::Unreadable));
+    }
+
+    #[test]
+    fn outcomes_follow_the_committed_count() {
+        let mut st = FastState::default();
+        let too_big = err(ErrorKind::TooLarge, "too big");
+        st.refuse(3, too_big);
+        assert!(st.committed(2, "S", 10, 2).is_acked());
+        match st.committed(3, "S", 10, 2) {
+            Outcome::Failed(e) => assert_eq!(e.kind(), ErrorKind::TooLarge),
+            o => panic!("{o:?}"),
+        }
+        match st.committed(4, "S", 10, 2) {
+            Outcome::Failed(e) => assert!(e.is_retryable()),
+            o => panic!("{o:?}"),
+        }
+        // Commit refused: unknown unless message 1 was refused (then nothing started).
+        let e = err(ErrorKind::Rejected, "sealed");
+        assert!(matches!(st.commit_refused(&e), Outcome::Unknown(_)));
+        st.refuse(1, err(ErrorKind::Rejected, "batch publish not enabled"));
+        assert!(matches!(st.commit_refused(&e), Outcome::Failed(_)));
+    }
+}
