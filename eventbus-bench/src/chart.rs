@@ -10,12 +10,13 @@ use crate::report::fmt_rate;
 /// `(storage, scenario, series) -> median msg/s`.
 pub(crate) type Series = BTreeMap<(String, String, String), f64>;
 
-const SERIES: [(&str, &str); 8] = [
+const SERIES: [(&str, &str); 9] = [
     ("kafka sdk", "#1f77b4"),
     ("kafka sdk-nodedup", "#17becf"),
     ("kafka raw", "#aec7e8"),
     ("nats sdk", "#d62728"),
     ("nats sdk-nodedup", "#ff7f0e"),
+    ("nats sdk-async", "#e377c2"),
     ("nats sdk-atomic", "#8c564b"),
     ("nats raw", "#ff9896"),
     ("nats naive", "#7f7f7f"),

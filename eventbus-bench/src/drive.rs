@@ -494,7 +494,7 @@ impl Env {
         topics: &[Topic],
         template: Record,
     ) -> Result<Vec<Record>, String> {
-        use eventbus_nats::{PublishMode, SinkOptions, StorageKind, StreamSpec};
+        use eventbus_nats::{StorageKind, StreamSpec};
         let n = self.nats.as_ref().ok_or("NATS not started")?;
         let windows: Vec<usize> = if mode == "raw" {
             RAW_WINDOWS.to_vec()
@@ -519,8 +519,8 @@ impl Env {
                 .ensure_stream(
                     &StreamSpec::new(&stream, [format!("{prefix}.>")])
                         .storage(kind)
-                        .allow_atomic(mode == "sdk-atomic")
-                        .allow_batched(mode != "sdk-async"),
+                        .allow_atomic(mode.contains("atomic"))
+                        .allow_batched(!mode.contains("async")),
                 )
                 .await
                 .map_err(|e| format!("create stream: {e}"))?;
@@ -536,33 +536,9 @@ impl Env {
                 .map_err(|e| format!("subscribe: {e}"))?;
             let mut rec = template.clone();
             let cfg = Self::sdk_config(args);
-            let sink = match mode {
-                "raw" => None,
-                "sdk-nodedup" => Some(
-                    n.backend
-                        .sink_without_dedup()
-                        .await
-                        .map_err(|e| e.to_string())?,
-                ),
-                "sdk-atomic" => Some(
-                    n.backend
-                        .sink_with(SinkOptions::default().mode(PublishMode::Atomic))
-                        .await
-                        .map_err(|e| e.to_string())?,
-                ),
-                "sdk-fast" => Some(
-                    n.backend
-                        .sink_with(SinkOptions::default().mode(PublishMode::Fast))
-                        .await
-                        .map_err(|e| e.to_string())?,
-                ),
-                "sdk-async" => Some(
-                    n.backend
-                        .sink_with(SinkOptions::default().mode(PublishMode::Async))
-                        .await
-                        .map_err(|e| e.to_string())?,
-                ),
-                _ => Some(n.backend.sink().await.map_err(|e| e.to_string())?),
+            let sink = match nats_sink_options(mode) {
+                None => None,
+                Some(o) => Some(n.backend.sink_with(o).await.map_err(|e| e.to_string())?),
             };
             let sdk = match sink {
                 Some(sink) => Some(Batcher::new(sink, cfg.clone()).map_err(|e| e.to_string())?),
@@ -604,6 +580,28 @@ impl Env {
         }
         Ok(out)
     }
+}
+
+#[cfg(feature = "nats")]
+/// The NATS sink a mode publishes through: `naive` and `sdk` use the defaults, `sdk-<variant>`
+/// combines `async` / `fast` / `atomic` (publish mode) with `nodedup` (no `Nats-Msg-Id`), e.g.
+/// `sdk-fast-nodedup`; `raw` uses no sink.
+pub(crate) fn nats_sink_options(mode: &str) -> Option<eventbus_nats::SinkOptions> {
+    use eventbus_nats::{PublishMode, SinkOptions};
+    if mode == "raw" {
+        return None;
+    }
+    let mut o = SinkOptions::default();
+    for part in mode.split('-').skip(1) {
+        o = match part {
+            "async" => o.mode(PublishMode::Async),
+            "fast" => o.mode(PublishMode::Fast),
+            "atomic" => o.mode(PublishMode::Atomic),
+            "nodedup" => o.dedup(false),
+            _ => o,
+        };
+    }
+    Some(o)
 }
 
 impl Received {

@@ -35,9 +35,10 @@ pub(crate) struct Args {
     /// Backends (comma separated): nats, kafka, memory.
     #[arg(long, value_delimiter = ',')]
     pub backend: Vec<String>,
-    /// Modes (comma separated): naive, sdk, sdk-nodedup (NATS without Nats-Msg-Id, Kafka without
-    /// the eventbus-id header), sdk-atomic
-    /// (NATS atomic batches, one ack per batch), raw.
+    /// Modes (comma separated): naive, sdk (defaults: NATS fast-ingest batches with
+    /// Nats-Msg-Id), sdk-nodedup (NATS without Nats-Msg-Id, Kafka without the eventbus-id
+    /// header), NATS publish modes sdk-async (one ack per message), sdk-fast, sdk-atomic (one
+    /// ack per all-or-nothing batch), each also as sdk-<mode>-nodedup, and raw.
     #[arg(long, value_delimiter = ',')]
     pub mode: Vec<String>,
     /// Storage class: durable (JetStream file), memory (JetStream memory) or both.
@@ -251,10 +252,13 @@ async fn run(args: Args) -> Result<bool, String> {
         } else {
             list.to_vec()
         };
+        for c in &chosen {
+            if !all.contains(&c.as_str()) {
+                eprintln!("unknown value {c:?}: expected one of {}", all.join(", "));
+                std::process::exit(2);
+            }
+        }
         chosen
-            .into_iter()
-            .filter(|c| all.contains(&c.as_str()))
-            .collect()
     };
     let default_scen: &[&str] = if args.quick {
         &["low", "extreme", "sustained"]
@@ -284,11 +288,14 @@ async fn run(args: Args) -> Result<bool, String> {
             "sdk",
             "sdk-nodedup",
             "sdk-async",
+            "sdk-async-nodedup",
             "sdk-fast",
+            "sdk-fast-nodedup",
             "sdk-atomic",
+            "sdk-atomic-nodedup",
             "raw",
         ],
-        &["naive", "sdk", "sdk-nodedup", "sdk-atomic", "raw"],
+        &["naive", "sdk", "sdk-nodedup", "sdk-async", "sdk-atomic", "raw"],
     );
     let storages: Vec<&str> = match (args.quick, args.storage.as_str()) {
         (true, "both") => vec!["durable"],
@@ -325,7 +332,7 @@ async fn run(args: Args) -> Result<bool, String> {
                     // The in-process backend has no client below the SDK and no variants; atomic
                     // batches are a NATS mode.
                     if (b == "memory" && (m == "raw" || m.starts_with("sdk-")))
-                        || (b == "kafka" && matches!(m.as_str(), "sdk-atomic" | "sdk-fast" | "sdk-async"))
+                        || (b == "kafka" && (m.contains("atomic") || m.contains("fast") || m.contains("async")))
                     {
                         continue;
                     }

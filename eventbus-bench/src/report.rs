@@ -236,11 +236,11 @@ pub(crate) fn write(args: &Args, machine: &str, records: &[Record]) -> Result<()
         let _ = writeln!(md, "### {backend} / {storage}: {what}\n");
         let _ = writeln!(
             md,
-            "| scenario | msgs | naive msg/s | sdk msg/s (min-max) | sdk no-dedup msg/s | sdk atomic msg/s | raw msg/s (window) | sdk/raw | no-dedup/raw | sdk/naive | sdk e2e msg/s | sdk ack p99 | sdk peak RSS | seed NATS msg/s | seed Kafka msg/s | verified |"
+            "| scenario | msgs | naive msg/s | sdk msg/s (min-max) | sdk no-dedup msg/s | sdk async msg/s | sdk atomic msg/s | raw msg/s (window) | sdk/raw | no-dedup/raw | sdk/naive | sdk e2e msg/s | sdk ack p99 | sdk peak RSS | seed NATS msg/s | seed Kafka msg/s | verified |"
         );
         let _ = writeln!(
             md,
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
         );
         for name in order {
             let Some(modes) = scen.get(name) else {
@@ -251,6 +251,7 @@ pub(crate) fn write(args: &Args, machine: &str, records: &[Record]) -> Result<()
             let raw = modes.get("raw");
             let nodedup = modes.get("sdk-nodedup");
             let atomic = modes.get("sdk-atomic");
+            let asynch = modes.get("sdk-async");
             let cell = |s: Option<&Stat>| s.map_or("-".to_owned(), |s| fmt_rate(s.median));
             let ratio = |a: Option<&Stat>, b: Option<&Stat>| match (a, b) {
                 (Some(a), Some(b)) if b.median > 0.0 => format!("{:.2}x", a.median / b.median),
@@ -262,7 +263,7 @@ pub(crate) fn write(args: &Args, machine: &str, records: &[Record]) -> Result<()
             });
             let _ = writeln!(
                 md,
-                "| {name} | {} | {}{} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {sn} | {sk} | {} |",
+                "| {name} | {} | {}{} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {sn} | {sk} | {} |",
                 sdk.or(raw).map_or(0, |s| s.messages),
                 cell(naive),
                 naive
@@ -275,6 +276,7 @@ pub(crate) fn write(args: &Args, machine: &str, records: &[Record]) -> Result<()
                     fmt_rate(s.max)
                 )),
                 cell(nodedup),
+                cell(asynch),
                 cell(atomic),
                 raw.map_or("-".into(), |s| format!(
                     "{} (w={})",

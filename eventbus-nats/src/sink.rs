@@ -43,7 +43,6 @@ use crate::headers;
 #[non_exhaustive]
 pub enum PublishMode {
     /// Pipelined publishes, one ack per message, many outstanding. Any JetStream server.
-    #[default]
     Async,
     /// One atomic batch per stream per engine batch, one ack per batch, all-or-nothing
     /// (server 2.12+, stream created with `allow_atomic`). At most 1,000 messages per batch and
@@ -55,7 +54,9 @@ pub enum PublishMode {
     /// that is not. Not atomic: a batch can be stored in part, and the outcomes say which part.
     /// At most [`FAST_MAX_IN_FLIGHT`] batches in flight per sink. Falls back to
     /// [`PublishMode::Async`] on older servers and, per stream, on streams without
-    /// `allow_batched` (a log line and `eventbus_nats_mode_fallback_total`).
+    /// `allow_batched` (a log line and `eventbus_nats_mode_fallback_total`). The default:
+    /// [`StreamSpec`](crate::StreamSpec) sets `allow_batched` on servers that support it.
+    #[default]
     Fast,
 }
 
@@ -106,7 +107,7 @@ pub const FAST_MAX_IN_FLIGHT: usize = 16;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct SinkOptions {
-    /// Publish mode. Default [`PublishMode::Async`].
+    /// Publish mode. Default [`PublishMode::Fast`] (async where the server or stream lacks it).
     pub mode: PublishMode,
     /// Send the message id as `Nats-Msg-Id` (server-side de-duplication). Default `true`.
     pub dedup: bool,
@@ -115,7 +116,7 @@ pub struct SinkOptions {
 impl Default for SinkOptions {
     fn default() -> Self {
         SinkOptions {
-            mode: PublishMode::Async,
+            mode: PublishMode::default(),
             dedup: true,
         }
     }
@@ -375,7 +376,7 @@ impl Writer {
                 .filter(|&n| n > 0),
         };
         if !facts.fast {
-            tracing::warn!(
+            tracing::info!(
                 stream,
                 "stream does not allow fast batches (allow_batched); publishing to it in async mode"
             );

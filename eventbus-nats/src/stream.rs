@@ -43,7 +43,8 @@ pub struct StreamSpec {
     /// [`PublishMode::Atomic`](crate::PublishMode::Atomic). Default `false`.
     pub allow_atomic: bool,
     /// Accept fast-ingest batch publishes (`allow_batched`, server 2.14+), used by
-    /// [`PublishMode::Fast`](crate::PublishMode::Fast). Default `false`.
+    /// [`PublishMode::Fast`](crate::PublishMode::Fast), the default publish mode. Default `true`;
+    /// ignored on older servers.
     pub allow_batched: bool,
 }
 
@@ -63,7 +64,7 @@ impl StreamSpec {
             max_messages: -1,
             duplicate_window: Duration::from_secs(120),
             allow_atomic: false,
-            allow_batched: false,
+            allow_batched: true,
         }
     }
     /// Accept atomic batch publishes.
@@ -134,7 +135,10 @@ impl NatsBackend {
             max_messages: spec.max_messages,
             duplicate_window: spec.duplicate_window,
             allow_atomic_publish: spec.allow_atomic,
-            allow_batch_publish: spec.allow_batched,
+            // Older servers do not know the setting (a strict server would refuse it).
+            allow_batch_publish: spec.allow_batched
+                && crate::sink::server_version(&self.server_version())
+                    .is_some_and(|v| v >= crate::PublishMode::Fast.min_server()),
             ..Default::default()
         };
         self.jetstream()

@@ -82,10 +82,10 @@ async fn fast_batches_store_every_message_once_in_order() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stream_without_allow_batched_falls_back_to_async() {
     let (_server, nats) = connect().await;
-    nats.ensure_stream(&StreamSpec::new("PLAIN", ["plain.>"]))
+    nats.ensure_stream(&StreamSpec::new("PLAIN", ["plain.>"]).allow_batched(false))
         .await
         .expect("stream");
-    nats.ensure_stream(&StreamSpec::new("FAST", ["fast.>"]).allow_batched(true))
+    nats.ensure_stream(&StreamSpec::new("FAST", ["fast.>"]))
         .await
         .expect("stream");
     let p = fast_publisher(&nats, 100).await;
@@ -221,4 +221,27 @@ async fn concurrent_publishers_share_the_stream() {
     assert_eq!(total, 20_000);
     assert_eq!(nats.stream_state("MANY").await.unwrap().messages, 20_000);
     p.close(Duration::from_secs(5)).await.expect("close");
+}
+
+/// Without options, a sink on a 2.15 server publishes fast batches to a stream made by
+/// `StreamSpec::new` (which sets `allow_batched`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fast_is_the_default() {
+    let (_server, nats) = connect().await;
+    nats.ensure_stream(&StreamSpec::new("DEFAULT", ["default.>"]))
+        .await
+        .expect("stream");
+    let sink = nats.sink().await.expect("sink");
+    assert_eq!(sink.options().mode, PublishMode::Fast);
+    let p = Batcher::new(sink, BatchConfig::default()).unwrap();
+    let outcomes = publish_all(&p, messages("default.x", 20)).await;
+    for o in &outcomes {
+        match o {
+            Outcome::Acked(a) => assert!(
+                matches!(a.position, Position::StreamBatch { .. }),
+                "{a:?}"
+            ),
+            o => panic!("{o:?}"),
+        }
+    }
 }
