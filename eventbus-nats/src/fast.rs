@@ -16,7 +16,7 @@
 //! We end every batch with the `eob` commit rather than committing on the last data message, so
 //! a refusal of the last message still ends in a pub ack whose count says what is stored.
 
-use eventbus_core::{Ack, Error, ErrorKind, Outcome, Position};
+use eventbus_core::{Ack, Error, Outcome, Position};
 
 use crate::error::err;
 use crate::sink::{ApiError, api_error};
@@ -70,7 +70,11 @@ pub(crate) enum Event {
     /// Flow control or a gap notice: informational (the commit's count is authoritative).
     Progress,
     /// Message `seq` was refused with this error (not stored).
-    Refused { seq: u64, error: Error },
+    Refused {
+        seq: u64,
+        error: Error,
+        scope: Scope,
+    },
     /// The batch is committed: messages 1..=count are stored, the last at stream `last`.
     Committed {
         stream: String,
@@ -92,10 +96,12 @@ pub(crate) fn parse(seq: u64, payload: &[u8]) -> Event {
         (Some("err"), Some(e)) => Event::Refused {
             seq: r.seq.unwrap_or(seq),
             error: api_error(&e),
+            scope: Scope::Message,
         },
         (Some(_), _) => Event::Progress,
         (None, Some(e)) => Event::Refused {
             seq,
+            scope: Scope::of(e.err_code()),
             error: api_error(&e),
         },
         (None, None) => match (r.stream, r.seq, r.batch, r.count) {
@@ -113,18 +119,57 @@ pub(crate) fn parse(seq: u64, payload: &[u8]) -> Event {
     }
 }
 
+/// What a refusal is about.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Scope {
+    /// The message itself (too large, stream full, ...).
+    Message,
+    /// The batch (not enabled on the stream, too many in flight, no responders).
+    Batch,
+    /// Neither: the batch is unknown because it never started or already ended.
+    Consequence,
+}
+
+impl Scope {
+    fn of(err_code: u16) -> Scope {
+        match err_code {
+            // Batch publish not enabled, too many in flight, invalid batch id.
+            10174 | 10211 | 10179 => Scope::Batch,
+            // Batch id unknown.
+            10208 => Scope::Consequence,
+            _ => Scope::Message,
+        }
+    }
+}
+
+/// What becomes of one message of a fast batch once the server has had its say.
+#[derive(Debug)]
+pub(crate) enum Fate {
+    Settle(Outcome),
+    /// Definitely not stored, through no fault of its own (the batch ended early or never
+    /// started): publish it again on its own, once.
+    Resend,
+}
+
 /// One fast batch in flight.
 #[derive(Debug, Default)]
 pub(crate) struct FastState {
-    /// Refusals by batch sequence (not stored).
+    /// Messages refused for reasons of their own, by batch sequence (not stored).
     refused: Vec<(u64, Error)>,
+    /// Message 1 was refused: the batch never started and nothing of it is stored.
+    never_started: bool,
     /// Messages already settled one by one (a server without fast batches).
     singles: usize,
 }
 
 impl FastState {
-    pub(crate) fn refuse(&mut self, seq: u64, e: Error) {
-        self.refused.push((seq, e));
+    pub(crate) fn refuse(&mut self, seq: u64, e: Error, scope: Scope) {
+        if seq == 1 {
+            self.never_started = true;
+        }
+        if scope == Scope::Message {
+            self.refused.push((seq, e));
+        }
     }
 
     fn refusal(&self, seq: u64) -> Option<&Error> {
@@ -136,40 +181,42 @@ impl FastState {
         self.singles
     }
 
-    /// The outcome of message `seq` (from 1) once the batch committed with `count` stored.
-    pub(crate) fn committed(&self, seq: u64, stream: &str, last: u64, count: u64) -> Outcome {
+    /// What becomes of message `seq` (from 1) once the batch committed with `count` stored.
+    /// With `gap=fail`, messages after `count` were dropped: refused ones fail with the
+    /// server's reason, the others (cut off by a gap) are sent again.
+    pub(crate) fn committed(&self, seq: u64, stream: &str, last: u64, count: u64) -> Fate {
         if seq <= count {
-            return Outcome::Acked(Ack {
+            return Fate::Settle(Outcome::Acked(Ack {
                 position: Position::StreamBatch {
                     stream: stream.to_owned(),
                     last_sequence: last,
                     index: seq,
                     count,
                 },
-            });
+            }));
         }
-        Outcome::Failed(self.refusal(seq).cloned().unwrap_or_else(|| {
-            err(
-                ErrorKind::Rejected,
-                "the fast batch ended before this message (an earlier message was refused or \
-                 lost); it was not stored",
-            )
-            .temporary()
-        }))
+        match self.refusal(seq) {
+            Some(e) => Fate::Settle(Outcome::Failed(e.clone())),
+            None => Fate::Resend,
+        }
     }
 
-    /// The outcome of every message when the commit itself was refused with `e`.
-    pub(crate) fn commit_refused(&self, e: &Error) -> Outcome {
-        match self.refusal(1) {
-            // Message 1 refused: the batch never started, nothing of it is stored.
-            Some(first) => Outcome::Failed(first.clone()),
-            None => Outcome::Unknown(
+    /// What becomes of message `seq` when the commit itself was refused with `e`.
+    pub(crate) fn commit_refused(&self, seq: u64, e: &Error) -> Fate {
+        if !self.never_started {
+            // The batch started: what arrived may be stored.
+            return Fate::Settle(Outcome::Unknown(
                 err(
                     e.kind(),
                     "the server refused to commit the fast batch; its messages may be stored",
                 )
                 .with_source(e.clone()),
-            ),
+            ));
+        }
+        // Message 1 refused: the batch never started, nothing of it is stored.
+        match self.refusal(seq) {
+            Some(own) => Fate::Settle(Outcome::Failed(own.clone())),
+            None => Fate::Resend,
         }
     }
 }
@@ -177,6 +224,7 @@ impl FastState {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use eventbus_core::ErrorKind;
 
     #[test]
     fn reply_subject_round_trips() {
@@ -197,7 +245,7 @@ mod tests {
             9,
             br#"{"type":"err","seq":3,"error":{"code":400,"err_code":10054,"description":"x"}}"#,
         ) {
-            Event::Refused { seq: 3, error } => assert_eq!(error.kind(), ErrorKind::TooLarge),
+            Event::Refused { seq: 3, error, .. } => assert_eq!(error.kind(), ErrorKind::TooLarge),
             e => panic!("{e:?}"),
         }
         match parse(
@@ -225,21 +273,39 @@ mod tests {
     #[test]
     fn outcomes_follow_the_committed_count() {
         let mut st = FastState::default();
-        let too_big = err(ErrorKind::TooLarge, "too big");
-        st.refuse(3, too_big);
-        assert!(st.committed(2, "S", 10, 2).is_acked());
+        st.refuse(3, err(ErrorKind::TooLarge, "too big"), Scope::Message);
+        assert!(matches!(st.committed(2, "S", 10, 2), Fate::Settle(o) if o.is_acked()));
         match st.committed(3, "S", 10, 2) {
-            Outcome::Failed(e) => assert_eq!(e.kind(), ErrorKind::TooLarge),
-            o => panic!("{o:?}"),
+            Fate::Settle(Outcome::Failed(e)) => assert_eq!(e.kind(), ErrorKind::TooLarge),
+            f => panic!("{f:?}"),
         }
-        match st.committed(4, "S", 10, 2) {
-            Outcome::Failed(e) => assert!(e.is_retryable()),
-            o => panic!("{o:?}"),
-        }
+        assert!(matches!(st.committed(4, "S", 10, 2), Fate::Resend));
         // Commit refused: unknown unless message 1 was refused (then nothing started).
         let e = err(ErrorKind::Rejected, "sealed");
-        assert!(matches!(st.commit_refused(&e), Outcome::Unknown(_)));
-        st.refuse(1, err(ErrorKind::Rejected, "batch publish not enabled"));
-        assert!(matches!(st.commit_refused(&e), Outcome::Failed(_)));
+        assert!(matches!(
+            st.commit_refused(2, &e),
+            Fate::Settle(Outcome::Unknown(_))
+        ));
+    }
+
+    #[test]
+    fn a_batch_that_never_started_is_sent_again() {
+        let e = err(ErrorKind::Rejected, "unknown batch");
+        // Refused as a batch (e.g. not enabled on the stream): every message again, also the
+        // ones refused only because the batch was unknown.
+        let mut st = FastState::default();
+        st.refuse(1, err(ErrorKind::Rejected, "not enabled"), Scope::of(10174));
+        st.refuse(2, err(ErrorKind::Rejected, "unknown batch"), Scope::of(10208));
+        assert!(matches!(st.commit_refused(1, &e), Fate::Resend));
+        assert!(matches!(st.commit_refused(2, &e), Fate::Resend));
+        assert!(matches!(st.commit_refused(5, &e), Fate::Resend));
+        // Message 1 refused for itself: it fails, the rest are sent again.
+        let mut st = FastState::default();
+        st.refuse(1, err(ErrorKind::TooLarge, "too big"), Scope::Message);
+        assert!(matches!(
+            st.commit_refused(1, &e),
+            Fate::Settle(Outcome::Failed(_))
+        ));
+        assert!(matches!(st.commit_refused(2, &e), Fate::Resend));
     }
 }

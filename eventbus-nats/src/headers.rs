@@ -18,23 +18,27 @@ pub(crate) const BATCH_COMMIT: &str = "Nats-Batch-Commit";
 pub(crate) const OVERHEAD: usize = 256;
 
 pub(crate) fn encode(msg: Message, with_id: bool) -> (String, Bytes, HeaderMap) {
-    let (id, topic, key, headers, payload) = msg.into_parts();
+    encode_ref(&msg, with_id)
+}
+
+/// Like [`encode`], leaving the message to the caller (the payload is shared, not copied).
+pub(crate) fn encode_ref(msg: &Message, with_id: bool) -> (String, Bytes, HeaderMap) {
     let mut h = HeaderMap::new();
-    for (n, v) in headers.iter() {
+    for (n, v) in msg.headers().iter() {
         h.append(n, v);
     }
     if with_id {
         let mut ids = String::with_capacity(32);
-        id.write_to(&mut ids);
+        msg.id().write_to(&mut ids);
         h.insert(NATS_MESSAGE_ID, ids.as_str());
     }
-    if let Some(k) = key {
-        match std::str::from_utf8(&k) {
+    if let Some(k) = msg.key() {
+        match std::str::from_utf8(k) {
             Ok(s) if !s.contains(['\r', '\n']) => h.insert(KEY, s),
-            _ => h.insert(KEY_HEX, hex(&k)),
+            _ => h.insert(KEY_HEX, hex(k)),
         }
     }
-    (topic.as_str().to_owned(), payload, h)
+    (msg.topic().as_str().to_owned(), msg.payload().clone(), h)
 }
 
 pub(crate) fn decode(subject: &str, headers: Option<&HeaderMap>, payload: Bytes) -> Message {

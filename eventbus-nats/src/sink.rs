@@ -35,7 +35,7 @@ use parking_lot::Mutex;
 use tokio::sync::mpsc;
 
 use crate::error::{BACKEND, err};
-use crate::fast::{self, Event, FastState, Op};
+use crate::fast::{self, Event, FastState, Fate, Op};
 use crate::headers;
 
 /// How a [`NatsSink`] hands batches to JetStream.
@@ -135,9 +135,12 @@ impl SinkOptions {
     }
 }
 
-struct Job {
-    id: u64,
-    batch: Vec<Message>,
+enum Job {
+    /// An engine batch, in the sink's mode.
+    Batch { id: u64, batch: Vec<Message> },
+    /// Messages `(slot, message)` of engine batch `id` that a fast batch definitely did not
+    /// store through no fault of their own: published again one by one, once.
+    Resend { id: u64, items: Vec<(usize, Message)> },
 }
 
 /// One atomic or fast batch in flight: which slots of the engine batch it carries.
@@ -147,14 +150,18 @@ struct Group {
     early: Option<Error>,
     /// Fast: refusals and per-message acks seen so far.
     fast: FastState,
+    /// Fast: the messages, in batch order, kept until the commit so that the ones a gap cut
+    /// off can be sent again (payloads are shared, not copied).
+    msgs: Vec<Message>,
 }
 
 impl Group {
-    fn new(indices: Vec<usize>) -> Self {
+    fn new(indices: Vec<usize>, msgs: Vec<Message>) -> Self {
         Group {
             indices,
             early: None,
             fast: FastState::default(),
+            msgs,
         }
     }
 }
@@ -208,13 +215,15 @@ impl NatsSink {
         })?;
         let router = Arc::new(OutcomeRouter::new(BACKEND));
         let groups: Groups = Arc::default();
+        let (tx, rx) = mpsc::unbounded_channel();
         tokio::spawn(route(
             sub,
             inbox.len() + 1,
             Arc::clone(&router),
             Arc::clone(&groups),
+            // Weak: the writer stops once every sink handle is gone.
+            tx.downgrade(),
         ));
-        let (tx, rx) = mpsc::unbounded_channel();
         // Leave room for the headers we add (Nats-Msg-Id, key, batch) and the NATS/1.0 line.
         let max = client
             .server_info()
@@ -312,25 +321,34 @@ fn not_queued(e: impl std::error::Error + Send + Sync + 'static) -> Outcome {
 impl Writer {
     async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Job>) {
         while let Some(job) = rx.recv().await {
-            match self.opts.mode {
-                PublishMode::Async => self.send_async(job).await,
-                PublishMode::Atomic => self.send_atomic(job).await,
-                PublishMode::Fast => self.send_fast(job).await,
+            match (job, self.opts.mode) {
+                (Job::Batch { id, batch }, PublishMode::Async) => {
+                    self.send_async(id, batch.into_iter().enumerate()).await;
+                }
+                (Job::Batch { id, batch }, PublishMode::Atomic) => {
+                    self.send_atomic(id, batch).await;
+                }
+                (Job::Batch { id, batch }, PublishMode::Fast) => self.send_fast(id, batch).await,
+                (Job::Resend { id, items }, _) => {
+                    metrics::counter!("eventbus_nats_fast_resent_total")
+                        .increment(items.len() as u64);
+                    self.send_async(id, items.into_iter()).await;
+                }
             }
         }
     }
 
-    async fn send_async(&mut self, job: Job) {
+    async fn send_async(&mut self, id: u64, items: impl Iterator<Item = (usize, Message)>) {
         let mut reply = String::with_capacity(self.inbox.len() + 24);
-        for (i, msg) in job.batch.into_iter().enumerate() {
-            self.publish_one(job.id, i, msg, &mut reply).await;
+        for (i, msg) in items {
+            self.publish_one(id, i, &msg, &mut reply).await;
         }
     }
 
     /// Publish message `i` of batch `b` with its own pub ack on `<inbox>.b.i`.
-    async fn publish_one(&self, b: u64, i: usize, msg: Message, reply: &mut String) {
+    async fn publish_one(&self, b: u64, i: usize, msg: &Message, reply: &mut String) {
         use std::fmt::Write;
-        let (subject, payload, hdrs) = headers::encode(msg, self.opts.dedup);
+        let (subject, payload, hdrs) = headers::encode_ref(msg, self.opts.dedup);
         reply.clear();
         let _ = write!(reply, "{}.{b}.{i}", self.inbox);
         if let Err(e) = self
@@ -388,16 +406,16 @@ impl Writer {
 
     /// Split a batch by stream, keeping order within each group. Messages no stream captures
     /// fail at once (nothing is sent for them).
-    async fn group_by_stream(&mut self, job: &Job) -> Vec<(String, Vec<usize>)> {
+    async fn group_by_stream(&mut self, id: u64, batch: &[Message]) -> Vec<(String, Vec<usize>)> {
         let mut order: Vec<(String, Vec<usize>)> = Vec::new();
-        for (i, m) in job.batch.iter().enumerate() {
+        for (i, m) in batch.iter().enumerate() {
             match self.stream_of(m.topic().as_str()).await {
                 Some(stream) => match order.iter_mut().find(|(s, _)| *s == stream) {
                     Some((_, v)) => v.push(i),
                     None => order.push((stream, vec![i])),
                 },
                 None => self.router.settle(
-                    job.id,
+                    id,
                     i,
                     Outcome::Failed(err(
                         ErrorKind::Rejected,
@@ -411,12 +429,12 @@ impl Writer {
 
     /// Track batch group `(b, k)`; forget groups whose engine batch is gone (timed out or
     /// dropped), so lost replies cannot grow the map.
-    fn track(&self, b: u64, k: u32, indices: Vec<usize>) {
+    fn track(&self, b: u64, k: u32, indices: Vec<usize>, msgs: Vec<Message>) {
         let mut groups = self.groups.lock();
         if groups.len() >= 4 * FAST_MAX_IN_FLIGHT.max(ATOMIC_MAX_IN_FLIGHT) {
             groups.retain(|(b, _), _| self.router.is_pending(*b));
         }
-        groups.insert((b, k), Group::new(indices));
+        groups.insert((b, k), Group::new(indices, msgs));
     }
 
     /// Settle every message of group `(b, k)` with `o`, if the group is still open.
@@ -428,14 +446,15 @@ impl Writer {
         }
     }
 
-    async fn send_atomic(&mut self, job: Job) {
-        let order = self.group_by_stream(&job).await;
-        let mut slots: Vec<Option<Message>> = job.batch.into_iter().map(Some).collect();
+    async fn send_atomic(&mut self, id: u64, batch: Vec<Message>) {
+        let job_id = id;
+        let order = self.group_by_stream(id, &batch).await;
+        let mut slots: Vec<Option<Message>> = batch.into_iter().map(Some).collect();
         for (k, (_, indices)) in order.into_iter().enumerate() {
             let k = k as u32;
-            let batch_id = format!("{}{}_{k}", self.batch_prefix, job.id);
+            let batch_id = format!("{}{job_id}_{k}", self.batch_prefix);
             let n = indices.len();
-            self.track(job.id, k, indices.clone());
+            self.track(job_id, k, indices.clone(), Vec::new());
             for (seq, &i) in indices.iter().enumerate() {
                 let Some(msg) = slots[i].take() else { continue };
                 let (subject, payload, mut hdrs) = headers::encode(msg, self.opts.dedup);
@@ -446,12 +465,12 @@ impl Writer {
                     hdrs.insert(headers::BATCH_COMMIT, "1");
                 }
                 let r = if last {
-                    let reply = format!("{}.{}.a{k}.c", self.inbox, job.id);
+                    let reply = format!("{}.{job_id}.a{k}.c", self.inbox);
                     self.client
                         .publish_with_reply_and_headers(subject, reply, hdrs, payload)
                         .await
                 } else if seq == 0 {
-                    let reply = format!("{}.{}.a{k}.s", self.inbox, job.id);
+                    let reply = format!("{}.{job_id}.a{k}.s", self.inbox);
                     self.client
                         .publish_with_reply_and_headers(subject, reply, hdrs, payload)
                         .await
@@ -464,41 +483,42 @@ impl Writer {
                     // The batch cannot commit without every message: fail it whole. Messages
                     // already written are abandoned by the server (never committed).
                     let o = not_queued(e);
-                    self.settle_group(job.id, k, |_| o.clone());
+                    self.settle_group(job_id, k, |_| o.clone());
                     break;
                 }
             }
         }
     }
 
-    async fn send_fast(&mut self, job: Job) {
-        let order = self.group_by_stream(&job).await;
-        let mut slots: Vec<Option<Message>> = job.batch.into_iter().map(Some).collect();
+    async fn send_fast(&mut self, job_id: u64, batch: Vec<Message>) {
+        let order = self.group_by_stream(job_id, &batch).await;
+        let mut slots: Vec<Option<Message>> = batch.into_iter().map(Some).collect();
         let mut reply = String::with_capacity(self.inbox.len() + 96);
         for (k, (stream, mut indices)) in order.into_iter().enumerate() {
             let facts = self.stream_facts(&stream).await;
             if !facts.fast {
                 for i in indices {
                     if let Some(msg) = slots[i].take() {
-                        self.publish_one(job.id, i, msg, &mut reply).await;
+                        self.publish_one(job_id, i, &msg, &mut reply).await;
                     }
                 }
                 continue;
             }
             let k = k as u32;
-            let prefix = format!("{}.{}.f{k}", self.inbox, job.id);
-            let id = format!("{}{}_{k}", self.batch_prefix, job.id);
+            let prefix = format!("{}.{job_id}.f{k}", self.inbox);
+            let id = format!("{}{job_id}_{k}", self.batch_prefix);
             let mut encoded = Vec::with_capacity(indices.len());
+            let mut msgs = Vec::with_capacity(indices.len());
             indices.retain(|&i| {
                 let Some(msg) = slots[i].take() else {
                     return false;
                 };
-                let (subject, payload, hdrs) = headers::encode(msg, self.opts.dedup);
+                let (subject, payload, hdrs) = headers::encode_ref(&msg, self.opts.dedup);
                 if let Some(max) = facts.max_msg_size
                     && wire_len(&hdrs, &payload) > max
                 {
                     self.router.settle(
-                        job.id,
+                        job_id,
                         i,
                         Outcome::Failed(err(
                             ErrorKind::TooLarge,
@@ -508,13 +528,14 @@ impl Writer {
                     return false;
                 }
                 encoded.push((subject, payload, hdrs));
+                msgs.push(msg);
                 true
             });
             if indices.is_empty() {
                 continue;
             }
             let n = indices.len() as u64;
-            self.track(job.id, k, indices);
+            self.track(job_id, k, indices, msgs);
             let mut last_subject = String::new();
             let mut sent = 0u64;
             let mut failure = None;
@@ -553,7 +574,7 @@ impl Writer {
                     ErrorKind::Connect,
                     "connection lost during a fast batch; the message may be stored",
                 ));
-                self.settle_group(job.id, k, |j| {
+                self.settle_group(job_id, k, |j| {
                     if (j as u64) < sent {
                         maybe.clone()
                     } else {
@@ -585,6 +606,12 @@ pub(crate) struct ApiError {
     err_code: u16,
     #[serde(default)]
     description: String,
+}
+
+impl ApiError {
+    pub(crate) fn err_code(&self) -> u16 {
+        self.err_code
+    }
 }
 
 /// The typed error for a JetStream API error reply.
@@ -752,44 +779,40 @@ fn route_atomic(
 fn route_fast(
     router: &OutcomeRouter,
     groups: &Groups,
+    resend: &mpsc::WeakUnboundedSender<Job>,
     b: u64,
     k: u32,
-    seq: u64,
-    op: u8,
+    (seq, op): (u64, u8),
     m: &async_nats::Message,
 ) {
     let event = match parse_reply(m) {
-        // No responders carries no JSON: nothing was stored.
-        Reply::Refused(error) if m.payload.is_empty() => Event::Refused { seq, error },
+        // No responders carries no JSON: nothing was stored, and it concerns the whole batch.
+        Reply::Refused(error) if m.payload.is_empty() => Event::Refused {
+            seq,
+            error,
+            scope: fast::Scope::Batch,
+        },
         _ => fast::parse(seq, &m.payload),
     };
     let mut map = groups.lock();
     let Some(g) = map.get_mut(&(b, k)) else {
         return;
     };
-    match event {
-        Event::Progress | Event::Unreadable => {}
-        Event::Refused { seq: s, error } if op == Op::CommitEob as u8 && s == seq => {
+    let fate: Box<dyn Fn(&FastState, u64) -> Fate> = match event {
+        Event::Progress | Event::Unreadable => return,
+        Event::Refused { seq: s, error, .. } if op == Op::CommitEob as u8 && s == seq => {
             // The commit itself was refused.
-            let g = map.remove(&(b, k)).expect("present");
-            drop(map);
-            let o = g.fast.commit_refused(&error);
-            for i in g.indices {
-                router.settle(b, i, o.clone());
-            }
+            Box::new(move |st: &FastState, j| st.commit_refused(j, &error))
         }
-        Event::Refused { seq, error } => g.fast.refuse(seq, error),
+        Event::Refused { seq, error, scope } => {
+            g.fast.refuse(seq, error, scope);
+            return;
+        }
         Event::Committed {
             stream,
             last,
             count,
-        } => {
-            let g = map.remove(&(b, k)).expect("present");
-            drop(map);
-            for (j, i) in g.indices.iter().enumerate() {
-                router.settle(b, *i, g.fast.committed(j as u64 + 1, &stream, last, count));
-            }
-        }
+        } => Box::new(move |st: &FastState, j| st.committed(j, &stream, last, count)),
         Event::Single { stream, sequence } => {
             // A server without fast batches stored this one as a plain publish.
             let Some(&i) = g.indices.get((seq as usize).wrapping_sub(1)) else {
@@ -810,8 +833,43 @@ fn route_fast(
                     },
                 }),
             );
+            return;
+        }
+    };
+    let g = map.remove(&(b, k)).expect("present");
+    drop(map);
+    let mut again = Vec::new();
+    for (j, (i, msg)) in g.indices.into_iter().zip(g.msgs).enumerate() {
+        match fate(&g.fast, j as u64 + 1) {
+            Fate::Settle(o) => router.settle(b, i, o),
+            Fate::Resend => again.push((i, msg)),
         }
     }
+    if again.is_empty() {
+        return;
+    }
+    tracing::debug!(
+        messages = again.len(),
+        "fast batch ended early; sending the messages it did not store again"
+    );
+    let Some(tx) = resend.upgrade() else {
+        // The sink is gone: these were definitely not stored.
+        for (i, _) in again {
+            router.settle(b, i, stopped());
+        }
+        return;
+    };
+    if let Err(mpsc::error::SendError(Job::Resend { items, .. })) =
+        tx.send(Job::Resend { id: b, items: again })
+    {
+        for (i, _) in items {
+            router.settle(b, i, stopped());
+        }
+    }
+}
+
+fn stopped() -> Outcome {
+    Outcome::Failed(Error::closed("NATS writer stopped").with_backend(BACKEND))
 }
 
 async fn route(
@@ -819,6 +877,7 @@ async fn route(
     skip: usize,
     router: Arc<OutcomeRouter>,
     groups: Groups,
+    resend: mpsc::WeakUnboundedSender<Job>,
 ) {
     while let Some(m) = sub.next().await {
         let Some(rest) = m.subject.as_str().get(skip..) else {
@@ -833,7 +892,7 @@ async fn route(
                 && let Ok(k) = k.parse::<u32>()
                 && let Some((seq, op)) = fast::parse_tail(tail)
             {
-                route_fast(&router, &groups, b, k, seq, op, &m);
+                route_fast(&router, &groups, &resend, b, k, (seq, op), &m);
             }
             continue;
         }
@@ -879,15 +938,10 @@ impl BatchSink for NatsSink {
         let n = batch.len();
         let (id, outcomes) = self.router.register(n);
         // Queued synchronously: the writer publishes batches in call order.
-        let queued = self.tx.send(Job { id, batch }).is_ok();
+        let queued = self.tx.send(Job::Batch { id, batch }).is_ok();
         async move {
             if !queued {
-                return vec![
-                    Outcome::Failed(
-                        Error::closed("NATS writer stopped").with_backend(BACKEND)
-                    );
-                    n
-                ];
+                return vec![stopped(); n];
             }
             outcomes.await
         }

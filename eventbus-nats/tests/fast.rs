@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::stream;
 use eventbus_batch::{BatchConfig, Batcher};
-use eventbus_brokers::NatsServer;
+use eventbus_brokers::{NatsOptions, NatsServer};
 use eventbus_conformance::scenarios::publish_all;
 use eventbus_core::{ErrorKind, Message, Outcome, Position, Publisher};
 use eventbus_nats::{NatsBackend, NatsConfig, NatsSink, PublishMode, SinkOptions, StreamSpec};
@@ -108,8 +108,8 @@ async fn stream_without_allow_batched_falls_back_to_async() {
 }
 
 /// A stream that fills up mid-batch (max 25 messages, discard new): the server stores 25,
-/// refuses the 26th and ends the batch there. Exactly the stored ones are acked; the rest fail,
-/// the 26th with the server's reason.
+/// refuses the 26th and ends the batch there. Exactly the stored ones are acked; the 26th fails
+/// with the server's reason, the rest are sent again one by one and refused for themselves.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_cut_short_by_the_server_reports_exactly_what_is_stored() {
     let (_server, nats) = connect().await;
@@ -131,8 +131,69 @@ async fn a_batch_cut_short_by_the_server_reports_exactly_what_is_stored() {
     assert!(outcomes[..25].iter().all(Outcome::is_acked));
     for (i, o) in outcomes.iter().enumerate().skip(25) {
         assert!(o.is_failed(), "message {i}: {o:?}");
+        let e = o.error().expect("error");
+        assert!(e.to_string().contains("maximum messages"), "message {i}: {e}");
     }
     assert_eq!(nats.stream_state("FULL").await.unwrap().messages, 25);
+}
+
+/// A server that allows one fast batch in flight per stream refuses the others as a whole
+/// ("too many in flight", nothing stored): those are sent again one by one, and every message
+/// ends up acked and stored exactly once. Two connections publish at once, so their batches
+/// overlap at the server (one connection's batches arrive one after another).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_over_the_servers_in_flight_limit_are_sent_again() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let conf = dir.path().join("nats.conf");
+    std::fs::write(
+        &conf,
+        "jetstream { limits { batch { max_inflight_per_stream: 1 } } }\n",
+    )
+    .expect("write config");
+    let server = NatsServer::start_with(NatsOptions {
+        args: vec!["-c".into(), conf.display().to_string()],
+        ..NatsOptions::default()
+    })
+    .expect("start nats-server");
+    let nats = NatsBackend::connect(NatsConfig::new(server.url()))
+        .await
+        .expect("connect");
+    nats.ensure_stream(&StreamSpec::new("LIMIT", ["limit.>"]))
+        .await
+        .expect("stream");
+    let mut tasks = Vec::new();
+    for w in 0..2 {
+        let url = server.url();
+        tasks.push(tokio::spawn(async move {
+            let nats = NatsBackend::connect(NatsConfig::new(url))
+                .await
+                .expect("connect");
+            let sink = nats.sink().await.expect("sink");
+            let p = Batcher::new(sink, BatchConfig::default().max_messages(20)).unwrap();
+            let out = publish_all(&p, messages(&format!("limit.w{w}"), 3_000)).await;
+            p.close(Duration::from_secs(5)).await.expect("close");
+            out
+        }));
+    }
+    let mut outcomes = Vec::new();
+    for t in tasks {
+        outcomes.extend(t.await.expect("publisher"));
+    }
+    let (mut batched, mut single) = (0, 0);
+    for (i, o) in outcomes.iter().enumerate() {
+        match o {
+            Outcome::Acked(a) => match a.position {
+                Position::StreamBatch { .. } => batched += 1,
+                Position::Stream { .. } => single += 1,
+                _ => panic!("{a:?}"),
+            },
+            o => panic!("message {i}: {o:?}"),
+        }
+    }
+    eprintln!("{batched} in fast batches, {single} sent again alone");
+    assert!(single > 0, "the limit was never hit: the test proves nothing");
+    assert!(batched > 0, "no fast batch got through");
+    assert_eq!(nats.stream_state("LIMIT").await.unwrap().messages, 6_000);
 }
 
 /// A message over the stream's own `max_msg_size` (but under the server's `max_payload`) fails
