@@ -285,7 +285,8 @@ pub async fn drain<S: Subscriber>(
         if expect.is_some_and(|n| distinct.len() >= n) {
             break;
         }
-        match tokio::time::timeout(wait, s.next()).await {
+        let left = limit.saturating_sub(start.elapsed());
+        match tokio::time::timeout(wait.min(left), s.next()).await {
             Ok(Some(Ok(d))) => {
                 if let Some(r) = record::read(d.message()) {
                     distinct.insert(r.key);
@@ -296,8 +297,9 @@ pub async fn drain<S: Subscriber>(
             }
             Ok(Some(Err(e))) => return Err(e),
             Ok(None) => break,
-            // Quiet: done, unless the broker said it holds more (then allow a longer gap).
-            Err(_) if expect.is_none_or(|n| distinct.len() >= n) || wait > quiet => break,
+            // Quiet: done, unless the broker said it holds more. Then keep reading until the
+            // limit (a consumer can stall for many seconds after its broker was paused).
+            Err(_) if expect.is_none_or(|n| distinct.len() >= n) => break,
             Err(_) => wait = quiet.max(Duration::from_secs(20)),
         }
     }
