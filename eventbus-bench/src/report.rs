@@ -373,6 +373,8 @@ pub(crate) fn write(args: &Args, machine: &str, records: &[Record]) -> Result<()
     std::fs::write(args.out.join("latest.json"), json).map_err(|e| e.to_string())?;
     std::fs::write(args.out.join("latest.md"), &md).map_err(|e| e.to_string())?;
     std::fs::write(args.out.join("throughput.svg"), &chart).map_err(|e| e.to_string())?;
+    std::fs::write(args.out.join("throughput.png"), crate::chart::png(&chart)?)
+        .map_err(|e| e.to_string())?;
     if let Some(readme) = &args.readme {
         update_readme(readme, &md, &chart)?;
     }
@@ -412,7 +414,7 @@ pub(crate) fn write(args: &Args, machine: &str, records: &[Record]) -> Result<()
     }
     std::fs::write(args.out.join("latest.csv"), csv).map_err(|e| e.to_string())?;
     eprintln!(
-        "wrote {0}/latest.json, {0}/latest.csv, {0}/latest.md",
+        "wrote {0}/latest.json, {0}/latest.csv, {0}/latest.md, {0}/throughput.{{svg,png}}",
         args.out.display()
     );
     Ok(())
@@ -436,6 +438,8 @@ fn update_readme(readme: &std::path::Path, md: &str, chart: &str) -> Result<(), 
         .join("docs")
         .join("bench");
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    std::fs::write(dir.join("throughput.png"), crate::chart::png(&chart)?)
+        .map_err(|e| e.to_string())?;
     std::fs::write(dir.join("throughput.svg"), chart).map_err(|e| e.to_string())?;
     let block =
         format!("{begin}\n\n![publish throughput](docs/bench/throughput.svg)\n\n{md}\n{end}");
@@ -500,9 +504,13 @@ pub(crate) fn write_sweep(args: &Args, machine: &str, records: &[Record]) -> Res
         "sweep.json",
         serde_json::to_string_pretty(&doc).map_err(|e| e.to_string())?,
     )?;
-    put("sweep.svg", crate::chart::latency_svg(records))?;
+    let svg = crate::chart::latency_svg(records);
+    let png = crate::chart::png(&svg)?;
+    put("sweep.svg", svg)?;
+    let path = args.out.join("sweep.png");
+    std::fs::write(&path, png).map_err(|e| format!("write {}: {e}", path.display()))?;
     eprintln!(
-        "wrote {0}/sweep.json, {0}/sweep.md, {0}/sweep.svg",
+        "wrote {0}/sweep.json, {0}/sweep.md, {0}/sweep.svg, {0}/sweep.png",
         args.out.display()
     );
     Ok(())
