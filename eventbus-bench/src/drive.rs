@@ -415,6 +415,7 @@ impl Env {
         mode: &str,
         storage: &str,
         rep: usize,
+        raw_setting: Option<usize>,
     ) -> Result<Vec<Record>, String> {
         let id = self.next_run.fetch_add(1, Ordering::Relaxed);
         let prefix = format!("bench.r{id}");
@@ -467,15 +468,25 @@ impl Env {
             #[cfg(feature = "kafka")]
             "kafka" => match &self.kafka {
                 Some(k) => {
-                    k.run(s, mode, storage, id, Self::sdk_config(args), rec)
+                    k.run(s, mode, storage, id, Self::sdk_config(args), rec, raw_setting)
                         .await
                 }
                 None => Err("Kafka not started".into()),
             },
             #[cfg(feature = "nats")]
             "nats" => {
-                self.run_nats(args, s, mode, storage, id, &prefix, &topics, rec)
-                    .await
+                self.run_nats(
+                    args,
+                    s,
+                    mode,
+                    storage,
+                    id,
+                    &prefix,
+                    &topics,
+                    rec,
+                    raw_setting,
+                )
+                .await
             }
             other => Err(format!("backend {other} is not built into this bench")),
         }
@@ -493,11 +504,12 @@ impl Env {
         prefix: &str,
         topics: &[Topic],
         template: Record,
+        raw_window: Option<usize>,
     ) -> Result<Vec<Record>, String> {
         use eventbus_nats::{StorageKind, StreamSpec};
         let n = self.nats.as_ref().ok_or("NATS not started")?;
         let windows: Vec<usize> = if mode == "raw" {
-            RAW_WINDOWS.to_vec()
+            raw_window.map_or(RAW_WINDOWS.to_vec(), |w| vec![w])
         } else {
             vec![0]
         };

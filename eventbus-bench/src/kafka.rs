@@ -83,13 +83,14 @@ impl KafkaEnv {
         id: u64,
         cfg: eventbus_batch::BatchConfig,
         template: Record,
+        raw_linger: Option<usize>,
     ) -> Result<Vec<Record>, String> {
         let (_, tansu, kafka) = self.broker(storage)?;
         if storage == "durable" {
             s.messages = s.messages.min(DURABLE_CAP);
         }
         let lingers: Vec<u64> = if mode == "raw" {
-            RAW_LINGERS_MS.to_vec()
+            raw_linger.map_or(RAW_LINGERS_MS.to_vec(), |l| vec![l as u64])
         } else {
             vec![0]
         };

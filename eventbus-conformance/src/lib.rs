@@ -63,6 +63,9 @@ pub trait Harness: Send + Sync + 'static {
 
     /// A new subscriber.
     fn subscriber(&self) -> impl Future<Output = Self::Sub> + Send;
+
+    /// The backend's own health check ([`eventbus_core::ops::HealthCheck`]).
+    fn health(&self, timeout: Duration) -> impl Future<Output = eventbus_core::ops::Health> + Send;
 }
 
 /// Expand the suite into one `#[tokio::test]` per scenario. `$harness` is an expression,
@@ -90,6 +93,8 @@ macro_rules! conformance_tests {
             oversize_rejected_before_window,
             window_bounds_in_flight,
             publish_after_close_fails,
+            lag_grows_and_shrinks,
+            health_and_heartbeat,
         );
     };
     (@each $harness:expr; $($name:ident),* $(,)?) => {

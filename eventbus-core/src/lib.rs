@@ -5,6 +5,7 @@ mod envelope;
 mod error;
 pub mod handler;
 mod message;
+pub mod ops;
 mod outcome;
 mod publisher;
 mod router;

@@ -426,4 +426,15 @@ pub trait Subscriber: Send + Sync {
         &self,
         spec: SubscribeSpec,
     ) -> impl Future<Output = Result<Subscription, Error>> + Send;
+
+    /// How far consumer group `group` is behind on `topic`, from the broker's own bookkeeping
+    /// (so any process can read it). A group the broker does not know is a
+    /// [`Rejected`](crate::ErrorKind::Rejected) error where the broker can tell (JetStream,
+    /// memory); Kafka counts a group with nothing committed from the earliest retained offset.
+    /// See [`crate::ops::LagWatch`] for a metric and a threshold callback.
+    fn lag(
+        &self,
+        topic: &Topic,
+        group: &str,
+    ) -> impl Future<Output = Result<crate::ops::Lag, Error>> + Send;
 }

@@ -17,6 +17,39 @@ pub use config::KafkaConfig;
 pub use sink::{ID_HEADER, KafkaSink};
 pub use subscriber::KafkaSubscriber;
 
+impl eventbus_core::ops::HealthCheck for KafkaBackend {
+    /// Up when the cluster answers a metadata request within `timeout`.
+    fn health(
+        &self,
+        timeout: Duration,
+    ) -> impl std::future::Future<Output = eventbus_core::ops::Health> + Send {
+        use eventbus_core::ops::Health;
+        let c = self.config.clone();
+        async move {
+            let start = std::time::Instant::now();
+            let probe = tokio::task::spawn_blocking(move || {
+                let consumer: BaseConsumer = c.client_config().create()?;
+                consumer
+                    .fetch_metadata(None, timeout)
+                    .map(|md| md.brokers().len())
+            });
+            match tokio::time::timeout(timeout + Duration::from_millis(500), probe).await {
+                Ok(Ok(Ok(brokers))) => Health::up(
+                    error::BACKEND,
+                    start.elapsed(),
+                    format!("metadata from {brokers} broker(s)"),
+                ),
+                Ok(Ok(Err(e))) => Health::down(
+                    error::BACKEND,
+                    start.elapsed(),
+                    format!("no metadata: {}", error::other("metadata", e)),
+                ),
+                _ => Health::down(error::BACKEND, start.elapsed(), "metadata timed out"),
+            }
+        }
+    }
+}
+
 /// A Kafka-protocol cluster: makes sinks and manages topics.
 #[derive(Clone, Debug)]
 pub struct KafkaBackend {

@@ -51,6 +51,23 @@ pub struct KafkaSubscriber {
 }
 
 impl Subscriber for KafkaSubscriber {
+    /// Per partition, the high watermark minus the group's committed offset (from the earliest
+    /// retained offset when the group has committed nothing there), summed. Kafka has no
+    /// separate count of delivered-but-unacked messages: they are in `pending` until committed.
+    fn lag(
+        &self,
+        topic: &Topic,
+        group: &str,
+    ) -> impl Future<Output = Result<eventbus_core::ops::Lag, Error>> + Send {
+        let config = self.config.clone();
+        let (topic, group) = (topic.as_str().to_owned(), group.to_owned());
+        async move {
+            tokio::task::spawn_blocking(move || group_lag(&config, &topic, &group))
+                .await
+                .map_err(|_| error::err(ErrorKind::Other, "lag task failed"))?
+        }
+    }
+
     fn subscribe(
         &self,
         spec: SubscribeSpec,
@@ -89,6 +106,51 @@ impl Subscriber for KafkaSubscriber {
             Ok(sub)
         }
     }
+}
+
+/// Committed offsets of `group` against the high watermarks of `topic` (a consumer that never
+/// subscribes, so it does not join the group or disturb its members).
+fn group_lag(
+    config: &KafkaConfig,
+    topic: &str,
+    group: &str,
+) -> Result<eventbus_core::ops::Lag, Error> {
+    let consumer: BaseConsumer = config
+        .consumer_config(group, true)
+        .create()
+        .map_err(|e| error::other("invalid Kafka consumer configuration", e))?;
+    let wait = config.connect_timeout.max(Duration::from_secs(10));
+    let md = consumer
+        .fetch_metadata(Some(topic), wait)
+        .map_err(|e| error::other("metadata", e))?;
+    let partitions: Vec<i32> = md
+        .topics()
+        .iter()
+        .filter(|t| t.name() == topic && t.error().is_none())
+        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+        .collect();
+    if partitions.is_empty() {
+        return Err(error::err(ErrorKind::Rejected, "unknown topic"));
+    }
+    let mut tpl = TopicPartitionList::new();
+    for p in &partitions {
+        tpl.add_partition(topic, *p);
+    }
+    let committed = consumer
+        .committed_offsets(tpl, wait)
+        .map_err(|e| error::other("committed offsets", e))?;
+    let mut pending = 0u64;
+    for e in committed.elements() {
+        let (lo, hi) = consumer
+            .fetch_watermarks(topic, e.partition(), wait)
+            .map_err(|e| error::other("watermarks", e))?;
+        let from = match e.offset() {
+            Offset::Offset(o) => o.max(lo),
+            _ => lo,
+        };
+        pending += (hi - from).max(0) as u64;
+    }
+    Ok(eventbus_core::ops::Lag::new(pending, 0))
 }
 
 /// A started consumer, its shared state, and its dead-letter producer.

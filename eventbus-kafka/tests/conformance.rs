@@ -71,6 +71,11 @@ impl Harness for KafkaHarness {
     async fn subscriber(&self) -> KafkaSubscriber {
         self.backend.subscriber()
     }
+
+    async fn health(&self, timeout: std::time::Duration) -> eventbus_core::ops::Health {
+        use eventbus_core::ops::HealthCheck;
+        self.backend.health(timeout).await
+    }
 }
 
 eventbus_conformance::conformance_tests!(KafkaHarness::start().await);

@@ -66,6 +66,19 @@ struct PendingEntry {
 
 static TOKENS: AtomicU64 = AtomicU64::new(1);
 
+impl eventbus_core::ops::HealthCheck for MemoryBroker {
+    fn health(
+        &self,
+        _timeout: std::time::Duration,
+    ) -> impl Future<Output = eventbus_core::ops::Health> + Send {
+        std::future::ready(eventbus_core::ops::Health::up(
+            BACKEND,
+            std::time::Duration::ZERO,
+            "in-process",
+        ))
+    }
+}
+
 impl MemoryBroker {
     /// A new, empty broker. The default message size limit is 1 MiB.
     pub fn new() -> Self {
@@ -186,6 +199,24 @@ pub struct MemorySubscriber {
 }
 
 impl Subscriber for MemorySubscriber {
+    fn lag(
+        &self,
+        topic: &Topic,
+        group: &str,
+    ) -> impl Future<Output = Result<eventbus_core::ops::Lag, Error>> + Send {
+        let t = self.broker.topic(topic);
+        let log = t.log.lock();
+        let len = log.messages.len() as u64;
+        let lag = log.groups.get(group).map(|g| {
+            eventbus_core::ops::Lag::new(len.saturating_sub(g.next), g.pending.len() as u64)
+        });
+        drop(log);
+        std::future::ready(lag.ok_or_else(|| {
+            Error::new(ErrorKind::Rejected, "no such consumer group on this topic")
+                .with_backend(BACKEND)
+        }))
+    }
+
     fn subscribe(
         &self,
         spec: SubscribeSpec,

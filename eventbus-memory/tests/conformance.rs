@@ -28,6 +28,11 @@ impl Harness for MemoryHarness {
     async fn subscriber(&self) -> MemorySubscriber {
         self.broker.subscriber()
     }
+
+    async fn health(&self, timeout: std::time::Duration) -> eventbus_core::ops::Health {
+        use eventbus_core::ops::HealthCheck;
+        self.broker.health(timeout).await
+    }
 }
 
 eventbus_conformance::conformance_tests!(MemoryHarness {

@@ -149,6 +149,22 @@ impl NatsConfig {
         self.connect_timeout = d;
         self
     }
+    /// Require TLS (a `tls://` URL also requires it; a server that requires TLS gets it either
+    /// way: there is no plaintext fallback).
+    pub fn tls_required(mut self, on: bool) -> Self {
+        self.tls_required = on;
+        self
+    }
+    /// Trust the CA certificates in this PEM file (in addition to the system's roots).
+    pub fn tls_root_certificates(mut self, pem: impl Into<PathBuf>) -> Self {
+        self.tls_root_certificates = Some(pem.into());
+        self
+    }
+    /// Present this client certificate and key (PEM files) for mutual TLS.
+    pub fn tls_client_cert(mut self, cert: impl Into<PathBuf>, key: impl Into<PathBuf>) -> Self {
+        self.tls_client_cert = Some((cert.into(), key.into()));
+        self
+    }
 
     /// Read `EVENTBUS_NATS_URL`, `EVENTBUS_NATS_USER` + `EVENTBUS_NATS_PASSWORD`,
     /// `EVENTBUS_NATS_TOKEN`, `EVENTBUS_NATS_NKEY`, `EVENTBUS_NATS_CREDS`, `EVENTBUS_NATS_TLS`

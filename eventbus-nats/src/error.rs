@@ -20,13 +20,33 @@ pub(crate) fn connect(e: async_nats::ConnectError) -> Error {
             "authorization violation (wrong credentials?)",
         ),
         K::TimedOut => (ErrorKind::Timeout, "connect timed out"),
-        K::Tls => (ErrorKind::Connect, "TLS handshake or configuration failed"),
+        K::Tls => (
+            ErrorKind::Connect,
+            "TLS handshake or configuration failed (untrusted certificate, wrong host name, \
+             missing client certificate?)",
+        ),
         K::Io => (ErrorKind::Connect, "could not connect"),
         K::MaxReconnects => (ErrorKind::Connect, "gave up reconnecting"),
     };
+    // async-nats reports a refused TLS handshake (unknown CA, wrong host name, missing client
+    // certificate) as an I/O error carrying the TLS alert: recognise it by its text.
+    let text = e.to_string().to_ascii_lowercase();
+    let tls = matches!(e.kind(), K::Tls)
+        || (matches!(e.kind(), K::Io)
+            && ["peer certificate", "fatal alert", "certificate"]
+                .iter()
+                .any(|t| text.contains(t)));
+    let msg = if tls {
+        "TLS handshake failed (untrusted certificate, wrong host name, missing client \
+         certificate?)"
+    } else {
+        msg
+    };
     let e2 = err(kind, msg).with_source(e);
+    // Retrying does not fix credentials, configuration or a TLS setup the peer refuses.
     match kind {
         ErrorKind::Auth | ErrorKind::Config => e2.permanent(),
+        _ if tls => e2.permanent(),
         _ => e2.temporary(),
     }
 }

@@ -10,6 +10,7 @@ mod denied;
 mod error;
 mod fast;
 mod headers;
+mod retry;
 mod sink;
 mod stream;
 mod subscriber;
@@ -26,6 +27,38 @@ pub use sink::{
 };
 pub use stream::{StorageKind, StreamSpec, StreamState};
 pub use subscriber::NatsSubscriber;
+
+impl eventbus_core::ops::HealthCheck for NatsBackend {
+    /// Up when the connection is established and JetStream answers an account-info request
+    /// within `timeout`.
+    fn health(
+        &self,
+        timeout: Duration,
+    ) -> impl std::future::Future<Output = eventbus_core::ops::Health> + Send {
+        use eventbus_core::ops::Health;
+        let (client, js) = (self.client.clone(), self.js.clone());
+        async move {
+            let start = std::time::Instant::now();
+            let state = client.connection_state();
+            if state != async_nats::connection::State::Connected {
+                return Health::down(error::BACKEND, start.elapsed(), format!("connection {state}"));
+            }
+            match tokio::time::timeout(timeout, js.query_account()).await {
+                Ok(Ok(_)) => Health::up(
+                    error::BACKEND,
+                    start.elapsed(),
+                    format!("connected, JetStream answered (server {})", client.server_info().version),
+                ),
+                Ok(Err(e)) => Health::down(
+                    error::BACKEND,
+                    start.elapsed(),
+                    format!("JetStream did not answer: {}", error::other("account info", e)),
+                ),
+                Err(_) => Health::down(error::BACKEND, start.elapsed(), "JetStream timed out"),
+            }
+        }
+    }
+}
 
 /// A connection to a NATS server with JetStream: makes sinks, subscribers and streams.
 #[derive(Clone, Debug)]

@@ -37,6 +37,7 @@ use tokio::sync::mpsc;
 use crate::error::{BACKEND, err};
 use crate::fast::{self, Event, FastState, Fate, Op};
 use crate::headers;
+use crate::retry::Kept;
 
 /// How a [`NatsSink`] hands batches to JetStream.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -138,8 +139,9 @@ impl SinkOptions {
 enum Job {
     /// An engine batch, in the sink's mode.
     Batch { id: u64, batch: Vec<Message> },
-    /// Messages `(slot, message)` of engine batch `id` that a fast batch definitely did not
-    /// store through no fault of their own: published again one by one, once.
+    /// Messages `(slot, message)` of engine batch `id` that were definitely not stored through
+    /// no fault of their own (a fast batch cut off by a gap or refused as a whole, or "no
+    /// responders"): published again one by one, with their own pub acks.
     Resend { id: u64, items: Vec<(usize, Message)> },
 }
 
@@ -173,6 +175,7 @@ type Groups = Arc<Mutex<HashMap<(u64, u32), Group>>>;
 pub struct NatsSink {
     tx: mpsc::UnboundedSender<Job>,
     router: Arc<OutcomeRouter>,
+    kept: Arc<Kept>,
     limits: SinkLimits,
     opts: SinkOptions,
     denied: Arc<crate::denied::Denied>,
@@ -216,13 +219,17 @@ impl NatsSink {
         let router = Arc::new(OutcomeRouter::new(BACKEND));
         let groups: Groups = Arc::default();
         let (tx, rx) = mpsc::unbounded_channel();
+        let kept = Arc::new(Kept::default());
         tokio::spawn(route(
             sub,
             inbox.len() + 1,
-            Arc::clone(&router),
-            Arc::clone(&groups),
-            // Weak: the writer stops once every sink handle is gone.
-            tx.downgrade(),
+            Router {
+                router: Arc::clone(&router),
+                groups: Arc::clone(&groups),
+                kept: Arc::clone(&kept),
+                // Weak: the writer stops once every sink handle is gone.
+                resend: tx.downgrade(),
+            },
         ));
         // Leave room for the headers we add (Nats-Msg-Id, key, batch) and the NATS/1.0 line.
         let max = client
@@ -251,11 +258,13 @@ impl NatsSink {
             streams: HashMap::new(),
             batched: HashMap::new(),
             batch_prefix,
+            kept: Arc::clone(&kept),
         };
         tokio::spawn(w.run(rx));
         Ok(NatsSink {
             tx,
             router,
+            kept,
             limits,
             opts,
             denied,
@@ -307,6 +316,8 @@ struct Writer {
     batched: HashMap<String, StreamFacts>,
     /// Unique per sink; batch ids are `<prefix><engine batch>_<k>`.
     batch_prefix: String,
+    /// Messages kept for retries after "no responders".
+    kept: Arc<Kept>,
 }
 
 fn not_queued(e: impl std::error::Error + Send + Sync + 'static) -> Outcome {
@@ -323,25 +334,26 @@ impl Writer {
         while let Some(job) = rx.recv().await {
             match (job, self.opts.mode) {
                 (Job::Batch { id, batch }, PublishMode::Async) => {
-                    self.send_async(id, batch.into_iter().enumerate()).await;
+                    let batch: Arc<[Message]> = batch.into();
+                    self.kept.keep_batch(id, Arc::clone(&batch), &self.router);
+                    let mut reply = String::with_capacity(self.inbox.len() + 24);
+                    for (i, msg) in batch.iter().enumerate() {
+                        self.publish_one(id, i, msg, &mut reply).await;
+                    }
                 }
                 (Job::Batch { id, batch }, PublishMode::Atomic) => {
                     self.send_atomic(id, batch).await;
                 }
                 (Job::Batch { id, batch }, PublishMode::Fast) => self.send_fast(id, batch).await,
                 (Job::Resend { id, items }, _) => {
-                    metrics::counter!("eventbus_nats_fast_resent_total")
-                        .increment(items.len() as u64);
-                    self.send_async(id, items.into_iter()).await;
+                    metrics::counter!("eventbus_nats_resent_total").increment(items.len() as u64);
+                    let mut reply = String::with_capacity(self.inbox.len() + 24);
+                    for (i, msg) in items {
+                        self.publish_one(id, i, &msg, &mut reply).await;
+                        self.kept.keep_one(id, i, msg);
+                    }
                 }
             }
-        }
-    }
-
-    async fn send_async(&mut self, id: u64, items: impl Iterator<Item = (usize, Message)>) {
-        let mut reply = String::with_capacity(self.inbox.len() + 24);
-        for (i, msg) in items {
-            self.publish_one(id, i, &msg, &mut reply).await;
         }
     }
 
@@ -776,15 +788,8 @@ fn route_atomic(
 }
 
 /// A reply for message `seq` (operation `op`) of fast batch `k` of engine batch `b`.
-fn route_fast(
-    router: &OutcomeRouter,
-    groups: &Groups,
-    resend: &mpsc::WeakUnboundedSender<Job>,
-    b: u64,
-    k: u32,
-    (seq, op): (u64, u8),
-    m: &async_nats::Message,
-) {
+fn route_fast(r: &Router, b: u64, k: u32, (seq, op): (u64, u8), m: &async_nats::Message) {
+    let (router, groups) = (&*r.router, &r.groups);
     let event = match parse_reply(m) {
         // No responders carries no JSON: nothing was stored, and it concerns the whole batch.
         Reply::Refused(error) if m.payload.is_empty() => Event::Refused {
@@ -852,19 +857,48 @@ fn route_fast(
         messages = again.len(),
         "fast batch ended early; sending the messages it did not store again"
     );
-    let Some(tx) = resend.upgrade() else {
+    r.send_again(b, again);
+}
+
+/// What the reply task needs.
+struct Router {
+    router: Arc<OutcomeRouter>,
+    groups: Groups,
+    kept: Arc<Kept>,
+    resend: mpsc::WeakUnboundedSender<Job>,
+}
+
+impl Router {
+    /// Hand messages of batch `b` that were definitely not stored back to the writer.
+    fn send_again(&self, b: u64, items: Vec<(usize, Message)>) {
+        let items = match self.resend.upgrade() {
+            Some(tx) => match tx.send(Job::Resend { id: b, items }) {
+                Ok(()) => return,
+                Err(mpsc::error::SendError(Job::Resend { items, .. })) => items,
+                Err(_) => return,
+            },
+            None => items,
+        };
         // The sink is gone: these were definitely not stored.
-        for (i, _) in again {
-            router.settle(b, i, stopped());
-        }
-        return;
-    };
-    if let Err(mpsc::error::SendError(Job::Resend { items, .. })) =
-        tx.send(Job::Resend { id: b, items: again })
-    {
         for (i, _) in items {
-            router.settle(b, i, stopped());
+            self.router.settle(b, i, stopped());
         }
+    }
+
+    /// A pub ack (or refusal) for message `i` of batch `b`. "No responders" is tried again
+    /// with backoff while attempts last.
+    fn single(self: &Arc<Self>, b: u64, i: usize, m: &async_nats::Message) {
+        if m.status == Some(StatusCode::NO_RESPONDERS)
+            && let Some((msg, wait)) = self.kept.retry(b, i)
+        {
+            let me = Arc::clone(self);
+            tokio::spawn(async move {
+                tokio::time::sleep(wait).await;
+                me.send_again(b, vec![(i, msg)]);
+            });
+            return;
+        }
+        self.router.settle(b, i, parse_ack(m));
     }
 }
 
@@ -872,13 +906,8 @@ fn stopped() -> Outcome {
     Outcome::Failed(Error::closed("NATS writer stopped").with_backend(BACKEND))
 }
 
-async fn route(
-    mut sub: async_nats::Subscriber,
-    skip: usize,
-    router: Arc<OutcomeRouter>,
-    groups: Groups,
-    resend: mpsc::WeakUnboundedSender<Job>,
-) {
+async fn route(mut sub: async_nats::Subscriber, skip: usize, r: Router) {
+    let r = Arc::new(r);
     while let Some(m) = sub.next().await {
         let Some(rest) = m.subject.as_str().get(skip..) else {
             continue;
@@ -892,7 +921,7 @@ async fn route(
                 && let Ok(k) = k.parse::<u32>()
                 && let Some((seq, op)) = fast::parse_tail(tail)
             {
-                route_fast(&router, &groups, &resend, b, k, (seq, op), &m);
+                route_fast(&r, b, k, (seq, op), &m);
             }
             continue;
         }
@@ -900,12 +929,12 @@ async fn route(
             if let Some((k, kind)) = atomic.split_once('.')
                 && let Ok(k) = k.parse::<u32>()
             {
-                route_atomic(&router, &groups, b, k, kind, &m);
+                route_atomic(&r.router, &r.groups, b, k, kind, &m);
             }
             continue;
         }
         let Ok(i) = i.parse::<usize>() else { continue };
-        router.settle(b, i, parse_ack(&m));
+        r.single(b, i, &m);
     }
     // The connection is gone for good: pending batches resolve through the engine's deadline.
     tracing::debug!("NATS ack inbox closed");
@@ -939,11 +968,14 @@ impl BatchSink for NatsSink {
         let (id, outcomes) = self.router.register(n);
         // Queued synchronously: the writer publishes batches in call order.
         let queued = self.tx.send(Job::Batch { id, batch }).is_ok();
+        let kept = Arc::clone(&self.kept);
         async move {
             if !queued {
                 return vec![stopped(); n];
             }
-            outcomes.await
+            let out = outcomes.await;
+            kept.forget(id);
+            out
         }
     }
 }

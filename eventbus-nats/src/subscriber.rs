@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, AckKind, consumer::pull};
 use eventbus_core::{
-    AckHandle, Acker, Delivery, DeliveryInfo, Error, Feed, Position, StartFrom, SubscribeSpec,
+    AckHandle, Acker, Delivery, DeliveryInfo, Error, ErrorKind, Feed, Position, StartFrom, SubscribeSpec,
     Subscriber, Subscription, Topic, TopicRules,
 };
 use futures_util::StreamExt;
@@ -36,7 +36,48 @@ fn safe(s: &str) -> String {
         .collect()
 }
 
+/// The durable consumer name of group `group` on `topic`.
+fn durable(group: &str, topic: &str) -> String {
+    format!("{}-{}", safe(group), safe(topic))
+}
+
 impl Subscriber for NatsSubscriber {
+    /// JetStream's own count for the group's durable consumer: `num_pending` (not yet
+    /// delivered) and `num_ack_pending` (delivered, not acked).
+    fn lag(
+        &self,
+        topic: &Topic,
+        group: &str,
+    ) -> impl Future<Output = Result<eventbus_core::ops::Lag, Error>> + Send {
+        let js = self.js.clone();
+        let (subject, name) = (topic.as_str().to_owned(), durable(group, topic.as_str()));
+        async move {
+            let stream_name = js
+                .stream_by_subject(subject.as_str())
+                .await
+                .map_err(|e| error::other("no JetStream stream covers the subject", e))?;
+            let stream = js
+                .get_stream(&stream_name)
+                .await
+                .map_err(|e| error::other("stream lookup failed", e))?;
+            let mut consumer: jetstream::consumer::Consumer<pull::Config> =
+                stream.get_consumer(&name).await.map_err(|e| {
+                    error::err(
+                        ErrorKind::Rejected,
+                        format!("no such consumer group (durable consumer {name}): {e}"),
+                    )
+                })?;
+            let info = consumer
+                .info()
+                .await
+                .map_err(|e| error::other("consumer info failed", e))?;
+            Ok(eventbus_core::ops::Lag::new(
+                info.num_pending,
+                info.num_ack_pending as u64,
+            ))
+        }
+    }
+
     fn subscribe(
         &self,
         spec: SubscribeSpec,
@@ -72,7 +113,7 @@ impl Subscriber for NatsSubscriber {
             };
             let consumer: jetstream::consumer::Consumer<pull::Config> = match &spec.group {
                 Some(g) => {
-                    let name = format!("{}-{}", safe(g), safe(spec.topic.as_str()));
+                    let name = durable(g, spec.topic.as_str());
                     config.durable_name = Some(name.clone());
                     stream
                         .get_or_create_consumer(&name, config)

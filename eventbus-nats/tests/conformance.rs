@@ -72,6 +72,11 @@ impl Harness for NatsHarness {
     async fn subscriber(&self) -> NatsSubscriber {
         self.backend.subscriber()
     }
+
+    async fn health(&self, timeout: std::time::Duration) -> eventbus_core::ops::Health {
+        use eventbus_core::ops::HealthCheck;
+        self.backend.health(timeout).await
+    }
 }
 
 mod async_mode {

@@ -115,3 +115,47 @@ async fn kill_and_restart_twice(mode: PublishMode) {
         .await
         .expect("close");
 }
+
+/// "No responders" (nothing stored: JetStream not ready, or no stream yet) is tried again with
+/// backoff: messages published just before their stream exists are stored once it does, each
+/// exactly once. Past the attempts (about 1.5 s), the outcome is a retryable failure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_responders_are_retried_with_backoff() {
+    let server = NatsServer::start().expect("start nats-server");
+    let nats = NatsBackend::connect(NatsConfig::new(server.url()))
+        .await
+        .expect("connect");
+    let sink = nats
+        .sink_with(SinkOptions::default().mode(PublishMode::Async))
+        .await
+        .expect("sink");
+    let p = Batcher::new(sink, BatchConfig::default()).unwrap();
+    let mut acks = Vec::new();
+    for i in 0..5 {
+        acks.push(
+            p.publish(Message::new("late.x", format!("{i}")))
+                .await
+                .expect("admitted"),
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    nats.ensure_stream(&StreamSpec::new("LATE", ["late.>"]))
+        .await
+        .expect("stream");
+    for a in acks {
+        let o = a.await;
+        assert!(o.is_acked(), "{o:?}");
+    }
+    assert_eq!(nats.stream_state("LATE").await.unwrap().messages, 5);
+    // No stream ever: a retryable failure after the attempts, not a hang.
+    let start = std::time::Instant::now();
+    let o = p
+        .publish(Message::new("never.x", "x"))
+        .await
+        .expect("admitted")
+        .await;
+    assert!(o.is_failed(), "{o:?}");
+    assert!(o.error().expect("error").is_retryable());
+    assert!(start.elapsed() >= Duration::from_millis(1_400), "{:?}", start.elapsed());
+    assert!(start.elapsed() < Duration::from_secs(5), "{:?}", start.elapsed());
+}
