@@ -220,6 +220,44 @@ pub(crate) fn latency_svg(records: &[crate::report::Record]) -> String {
     out
 }
 
+/// Rasterize one of our SVG charts to PNG (2x scale), with the system's fonts for the text.
+pub(crate) fn png(svg: &str) -> Result<Vec<u8>, String> {
+    use resvg::{tiny_skia, usvg};
+    let mut opt = usvg::Options::default();
+    let db = opt.fontdb_mut();
+    db.load_system_fonts();
+    // The charts ask for "sans-serif"; map it to a sans face this machine has.
+    let family = ["DejaVu Sans", "Liberation Sans", "Noto Sans", "Arial"]
+        .into_iter()
+        .find(|f| {
+            db.faces()
+                .any(|face| face.families.iter().any(|(name, _)| name == f))
+        })
+        .map(str::to_owned)
+        .or_else(|| {
+            db.faces()
+                .next()
+                .and_then(|face| face.families.first().map(|(n, _)| n.clone()))
+        });
+    if let Some(f) = family {
+        db.set_sans_serif_family(f);
+    }
+    let tree = usvg::Tree::from_str(svg, &opt).map_err(|e| format!("chart SVG: {e}"))?;
+    let size = tree
+        .size()
+        .to_int_size()
+        .scale_by(2.0)
+        .ok_or("chart too large")?;
+    let mut pixmap =
+        tiny_skia::Pixmap::new(size.width(), size.height()).ok_or("chart has no size")?;
+    resvg::render(
+        &tree,
+        tiny_skia::Transform::from_scale(2.0, 2.0),
+        &mut pixmap.as_mut(),
+    );
+    pixmap.encode_png().map_err(|e| format!("encode PNG: {e}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -265,38 +303,4 @@ mod tests {
         assert_eq!(s.matches(r#"r="5""#).count(), 2);
         assert!(s.contains(">4096/0<"), "points are labelled window/linger");
     }
-}
-
-/// Rasterize one of our SVG charts to PNG (2x scale), with the system's fonts for the text.
-pub(crate) fn png(svg: &str) -> Result<Vec<u8>, String> {
-    use resvg::{tiny_skia, usvg};
-    let mut opt = usvg::Options::default();
-    let db = opt.fontdb_mut();
-    db.load_system_fonts();
-    // The charts ask for "sans-serif"; map it to a sans face this machine has.
-    let family = ["DejaVu Sans", "Liberation Sans", "Noto Sans", "Arial"]
-        .into_iter()
-        .find(|f| {
-            db.faces()
-                .any(|face| face.families.iter().any(|(name, _)| name == f))
-        })
-        .map(str::to_owned)
-        .or_else(|| {
-            db.faces()
-                .next()
-                .and_then(|face| face.families.first().map(|(n, _)| n.clone()))
-        });
-    if let Some(f) = family {
-        db.set_sans_serif_family(f);
-    }
-    let tree = usvg::Tree::from_str(svg, &opt).map_err(|e| format!("chart SVG: {e}"))?;
-    let size = tree.size().to_int_size().scale_by(2.0).ok_or("chart too large")?;
-    let mut pixmap =
-        tiny_skia::Pixmap::new(size.width(), size.height()).ok_or("chart has no size")?;
-    resvg::render(
-        &tree,
-        tiny_skia::Transform::from_scale(2.0, 2.0),
-        &mut pixmap.as_mut(),
-    );
-    pixmap.encode_png().map_err(|e| format!("encode PNG: {e}"))
 }

@@ -122,9 +122,12 @@ pub(crate) async fn drive_sdk<S: BatchSink>(
 }
 
 #[cfg(feature = "nats")]
+/// Raw async-nats: `jetstream::Context` publishes pipelined up to `window`; with `dedup`, each
+/// carries a `Nats-Msg-Id` like the SDK's default (the like-for-like baseline for `sdk`).
 async fn drive_raw_nats(
     client: &async_nats::Client,
     window: usize,
+    dedup: bool,
     s: Scenario,
     topics: &[Topic],
     t0: Instant,
@@ -151,10 +154,19 @@ async fn drive_raw_nats(
             for i in 0..n {
                 let sent = Instant::now();
                 let subject = subjects[i % subjects.len()].clone();
-                match js
-                    .publish(subject, payload(s.payload, w as u32, i as u64, t0))
+                let body = payload(s.payload, w as u32, i as u64, t0);
+                let sent_ack = if dedup {
+                    js.send_publish(
+                        subject,
+                        jetstream::message::PublishMessage::build()
+                            .payload(body)
+                            .message_id(format!("{w}-{i}")),
+                    )
                     .await
-                {
+                } else {
+                    js.publish(subject, body).await
+                };
+                match sent_ack {
                     Ok(ack) => tx
                         .send((sent, async move {
                             raw_outcome(ack.await.map(|_| ()).map_err(|e| e.to_string()))
@@ -407,6 +419,7 @@ impl Env {
         c
     }
 
+    #[allow(clippy::too_many_arguments)]
     pub(crate) async fn run_one(
         &self,
         args: &Args,
@@ -468,8 +481,16 @@ impl Env {
             #[cfg(feature = "kafka")]
             "kafka" => match &self.kafka {
                 Some(k) => {
-                    k.run(s, mode, storage, id, Self::sdk_config(args), rec, raw_setting)
-                        .await
+                    k.run(
+                        s,
+                        mode,
+                        storage,
+                        id,
+                        Self::sdk_config(args),
+                        rec,
+                        raw_setting,
+                    )
+                    .await
                 }
                 None => Err("Kafka not started".into()),
             },
@@ -508,7 +529,7 @@ impl Env {
     ) -> Result<Vec<Record>, String> {
         use eventbus_nats::{StorageKind, StreamSpec};
         let n = self.nats.as_ref().ok_or("NATS not started")?;
-        let windows: Vec<usize> = if mode == "raw" {
+        let windows: Vec<usize> = if mode.starts_with("raw") {
             raw_window.map_or(RAW_WINDOWS.to_vec(), |w| vec![w])
         } else {
             vec![0]
@@ -556,7 +577,7 @@ impl Env {
                 Some(sink) => Some(Batcher::new(sink, cfg.clone()).map_err(|e| e.to_string())?),
                 None => None,
             };
-            rec.window = if mode == "raw" {
+            rec.window = if mode.starts_with("raw") {
                 window
             } else {
                 cfg.max_in_flight
@@ -568,7 +589,10 @@ impl Env {
             let rx = receive(sub, s.messages as u64, t0, done_rx);
             let published = match &sdk {
                 Some(p) => drive_sdk(p, s, &topics, mode == "naive", t0).await,
-                None => drive_raw_nats(n.backend.client(), window, s, &topics, t0).await,
+                None => {
+                    let dedup = mode == "raw-dedup";
+                    drive_raw_nats(n.backend.client(), window, dedup, s, &topics, t0).await
+                }
             };
             let _ = done_tx.send(true);
             let received = rx.await.map_err(|e| e.to_string())?;
@@ -600,7 +624,7 @@ impl Env {
 /// `sdk-fast-nodedup`; `raw` uses no sink.
 pub(crate) fn nats_sink_options(mode: &str) -> Option<eventbus_nats::SinkOptions> {
     use eventbus_nats::{PublishMode, SinkOptions};
-    if mode == "raw" {
+    if mode.starts_with("raw") {
         return None;
     }
     let mut o = SinkOptions::default();

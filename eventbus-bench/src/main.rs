@@ -38,7 +38,8 @@ pub(crate) struct Args {
     /// Modes (comma separated): naive, sdk (defaults: NATS fast-ingest batches with
     /// Nats-Msg-Id), sdk-nodedup (NATS without Nats-Msg-Id, Kafka without the eventbus-id
     /// header), NATS publish modes sdk-async (one ack per message), sdk-fast, sdk-atomic (one
-    /// ack per all-or-nothing batch), each also as sdk-<mode>-nodedup, and raw.
+    /// ack per all-or-nothing batch), each also as sdk-<mode>-nodedup, raw, and raw-dedup
+    /// (NATS: raw with Nats-Msg-Id, like the SDK's default).
     #[arg(long, value_delimiter = ',')]
     pub mode: Vec<String>,
     /// Storage class: durable (JetStream file storage, tansu SQLite), memory (JetStream memory
@@ -295,8 +296,17 @@ async fn run(args: Args) -> Result<bool, String> {
             "sdk-atomic",
             "sdk-atomic-nodedup",
             "raw",
+            "raw-dedup",
         ],
-        &["naive", "sdk", "sdk-nodedup", "sdk-async", "sdk-atomic", "raw"],
+        &[
+            "naive",
+            "sdk",
+            "sdk-nodedup",
+            "sdk-async",
+            "sdk-atomic",
+            "raw",
+            "raw-dedup",
+        ],
     );
     let storages: Vec<&str> = match args.storage.as_str() {
         "both" => vec!["durable", "memory"],
@@ -331,8 +341,10 @@ async fn run(args: Args) -> Result<bool, String> {
                 for m in &modes {
                     // The in-process backend has no client below the SDK and no variants; atomic
                     // batches are a NATS mode.
-                    if (b == "memory" && (m == "raw" || m.starts_with("sdk-")))
-                        || (b == "kafka" && (m.contains("atomic") || m.contains("fast") || m.contains("async")))
+                    if (b == "memory" && (m.starts_with("raw") || m.starts_with("sdk-")))
+                        || (b != "nats" && m == "raw-dedup")
+                        || (b == "kafka"
+                            && (m.contains("atomic") || m.contains("fast") || m.contains("async")))
                     {
                         continue;
                     }
@@ -358,8 +370,11 @@ async fn run(args: Args) -> Result<bool, String> {
         }
         bar.set_message(format!("{} {} {} {} #{}", s.name, b, m, st, rep + 1));
         // One run's error fails that run (loudly), not the whole bench.
-        let key = (s.name.to_owned(), b.clone(), st.clone());
-        let raw_setting = raw_best.get(&key).filter(|_| m == "raw").map(|b| b.0);
+        let key = (s.name.to_owned(), b.clone(), format!("{st}/{m}"));
+        let raw_setting = raw_best
+            .get(&key)
+            .filter(|_| m.starts_with("raw"))
+            .map(|b| b.0);
         let recs = match env.run_one(&args, s, &b, &m, &st, rep, raw_setting).await {
             Ok(recs) => recs,
             Err(e) => {
@@ -369,7 +384,7 @@ async fn run(args: Args) -> Result<bool, String> {
             }
         };
         for rec in recs {
-            if m == "raw" && rec.verified {
+            if m.starts_with("raw") && rec.verified {
                 let best = raw_best.entry(key.clone()).or_insert((rec.window, 0.0));
                 if rep == 0 && rec.publish_msgs_per_sec > best.1 {
                     *best = (rec.window, rec.publish_msgs_per_sec);

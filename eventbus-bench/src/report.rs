@@ -236,11 +236,11 @@ pub(crate) fn write(args: &Args, machine: &str, records: &[Record]) -> Result<()
         let _ = writeln!(md, "### {backend} / {storage}: {what}\n");
         let _ = writeln!(
             md,
-            "| scenario | msgs | naive msg/s | sdk msg/s (min-max) | sdk no-dedup msg/s | sdk async msg/s | sdk atomic msg/s | raw msg/s (window) | sdk/raw | no-dedup/raw | sdk/naive | sdk e2e msg/s | sdk ack p99 | sdk peak RSS | seed NATS msg/s | seed Kafka msg/s | verified |"
+            "| scenario | msgs | naive msg/s | sdk msg/s (min-max) | sdk no-dedup msg/s | sdk async msg/s | sdk atomic msg/s | raw msg/s (window) | raw dedup msg/s | sdk/raw | no-dedup/raw | sdk/raw-dedup | sdk/naive | sdk e2e msg/s | sdk ack p99 | sdk peak RSS | seed NATS msg/s | seed Kafka msg/s | verified |"
         );
         let _ = writeln!(
             md,
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
         );
         for name in order {
             let Some(modes) = scen.get(name) else {
@@ -252,6 +252,7 @@ pub(crate) fn write(args: &Args, machine: &str, records: &[Record]) -> Result<()
             let nodedup = modes.get("sdk-nodedup");
             let atomic = modes.get("sdk-atomic");
             let asynch = modes.get("sdk-async");
+            let raw_dedup = modes.get("raw-dedup");
             let cell = |s: Option<&Stat>| s.map_or("-".to_owned(), |s| fmt_rate(s.median));
             let ratio = |a: Option<&Stat>, b: Option<&Stat>| match (a, b) {
                 (Some(a), Some(b)) if b.median > 0.0 => format!("{:.2}x", a.median / b.median),
@@ -263,7 +264,7 @@ pub(crate) fn write(args: &Args, machine: &str, records: &[Record]) -> Result<()
             });
             let _ = writeln!(
                 md,
-                "| {name} | {} | {}{} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {sn} | {sk} | {} |",
+                "| {name} | {} | {}{} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {sn} | {sk} | {} |",
                 sdk.or(raw).map_or(0, |s| s.messages),
                 cell(naive),
                 naive
@@ -283,8 +284,10 @@ pub(crate) fn write(args: &Args, machine: &str, records: &[Record]) -> Result<()
                     fmt_rate(s.median),
                     s.window
                 )),
+                cell(raw_dedup),
                 ratio(sdk, raw),
                 ratio(nodedup, raw),
+                ratio(sdk, raw_dedup),
                 ratio(sdk, naive),
                 sdk.and_then(|s| s.e2e).map_or("-".into(), fmt_rate),
                 sdk.map_or("-".into(), |s| format!(
@@ -438,7 +441,7 @@ fn update_readme(readme: &std::path::Path, md: &str, chart: &str) -> Result<(), 
         .join("docs")
         .join("bench");
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-    std::fs::write(dir.join("throughput.png"), crate::chart::png(&chart)?)
+    std::fs::write(dir.join("throughput.png"), crate::chart::png(chart)?)
         .map_err(|e| e.to_string())?;
     std::fs::write(dir.join("throughput.svg"), chart).map_err(|e| e.to_string())?;
     let block =

@@ -138,7 +138,10 @@ pub mod dead_letter {
                 last_sequence,
                 index,
                 count,
-            } => format!("{stream}/<={}", last_sequence.saturating_sub(count.saturating_sub(*index))),
+            } => format!(
+                "{stream}/<={}",
+                last_sequence.saturating_sub(count.saturating_sub(*index))
+            ),
             Position::Offset(o) => o.to_string(),
         };
         let (_, _, key, headers, payload) = original.clone().into_parts();

@@ -83,7 +83,10 @@ pub(crate) enum Event {
     },
     /// A plain pub ack for one message: a server that does not know fast batches stored it
     /// as an ordinary publish.
-    Single { stream: String, sequence: u64 },
+    Single {
+        stream: String,
+        sequence: u64,
+    },
     Unreadable,
 }
 
@@ -151,6 +154,19 @@ pub(crate) enum Fate {
     Resend,
 }
 
+/// How a fast batch ended.
+#[derive(Debug)]
+pub(crate) enum End {
+    /// Committed with messages 1..=count stored, the last at stream sequence `last`.
+    Committed {
+        stream: String,
+        last: u64,
+        count: u64,
+    },
+    /// The commit was refused.
+    CommitRefused(Error),
+}
+
 /// One fast batch in flight.
 #[derive(Debug, Default)]
 pub(crate) struct FastState {
@@ -179,6 +195,18 @@ impl FastState {
     pub(crate) fn single(&mut self) -> usize {
         self.singles += 1;
         self.singles
+    }
+
+    /// What becomes of message `seq` (from 1) once the batch ended.
+    pub(crate) fn fate(&self, seq: u64, end: &End) -> Fate {
+        match end {
+            End::Committed {
+                stream,
+                last,
+                count,
+            } => self.committed(seq, stream, *last, *count),
+            End::CommitRefused(e) => self.commit_refused(seq, e),
+        }
     }
 
     /// What becomes of message `seq` (from 1) once the batch committed with `count` stored.
@@ -295,7 +323,11 @@ mod tests {
         // ones refused only because the batch was unknown.
         let mut st = FastState::default();
         st.refuse(1, err(ErrorKind::Rejected, "not enabled"), Scope::of(10174));
-        st.refuse(2, err(ErrorKind::Rejected, "unknown batch"), Scope::of(10208));
+        st.refuse(
+            2,
+            err(ErrorKind::Rejected, "unknown batch"),
+            Scope::of(10208),
+        );
         assert!(matches!(st.commit_refused(1, &e), Fate::Resend));
         assert!(matches!(st.commit_refused(2, &e), Fate::Resend));
         assert!(matches!(st.commit_refused(5, &e), Fate::Resend));

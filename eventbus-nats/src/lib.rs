@@ -23,7 +23,8 @@ use eventbus_core::Error;
 pub use config::{NatsAuth, NatsConfig};
 pub use headers::{KEY as KEY_HEADER, KEY_HEX as KEY_HEX_HEADER};
 pub use sink::{
-    ATOMIC_MAX_IN_FLIGHT, ATOMIC_MAX_MESSAGES, FAST_MAX_IN_FLIGHT, NatsSink, PublishMode, SinkOptions,
+    ATOMIC_MAX_IN_FLIGHT, ATOMIC_MAX_MESSAGES, FAST_MAX_IN_FLIGHT, NatsSink, PublishMode,
+    SinkOptions,
 };
 pub use stream::{StorageKind, StreamSpec, StreamState};
 pub use subscriber::NatsSubscriber;
@@ -41,18 +42,28 @@ impl eventbus_core::ops::HealthCheck for NatsBackend {
             let start = std::time::Instant::now();
             let state = client.connection_state();
             if state != async_nats::connection::State::Connected {
-                return Health::down(error::BACKEND, start.elapsed(), format!("connection {state}"));
+                return Health::down(
+                    error::BACKEND,
+                    start.elapsed(),
+                    format!("connection {state}"),
+                );
             }
             match tokio::time::timeout(timeout, js.query_account()).await {
                 Ok(Ok(_)) => Health::up(
                     error::BACKEND,
                     start.elapsed(),
-                    format!("connected, JetStream answered (server {})", client.server_info().version),
+                    format!(
+                        "connected, JetStream answered (server {})",
+                        client.server_info().version
+                    ),
                 ),
                 Ok(Err(e)) => Health::down(
                     error::BACKEND,
                     start.elapsed(),
-                    format!("JetStream did not answer: {}", error::other("account info", e)),
+                    format!(
+                        "JetStream did not answer: {}",
+                        error::other("account info", e)
+                    ),
                 ),
                 Err(_) => Health::down(error::BACKEND, start.elapsed(), "JetStream timed out"),
             }

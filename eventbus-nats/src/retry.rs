@@ -46,7 +46,12 @@ impl Kept {
 
     /// Keep one message (slot `i` of batch `b`) that is being sent again.
     pub(crate) fn keep_one(&self, b: u64, i: usize, msg: Message) {
-        self.batches.lock().entry(b).or_default().single.insert(i, msg);
+        self.batches
+            .lock()
+            .entry(b)
+            .or_default()
+            .single
+            .insert(i, msg);
     }
 
     /// The batch resolved: nothing more to retry.
@@ -84,7 +89,8 @@ mod tests {
         let kept = Kept::default();
         let msgs: Arc<[Message]> = vec![Message::new("a.b", "0"), Message::new("a.b", "1")].into();
         kept.keep_batch(b, msgs, &router);
-        let waits: Vec<Duration> = std::iter::from_fn(|| kept.retry(b, 1).map(|(_, d)| d)).collect();
+        let waits: Vec<Duration> =
+            std::iter::from_fn(|| kept.retry(b, 1).map(|(_, d)| d)).collect();
         assert_eq!(
             waits,
             [100, 200, 400, 800].map(Duration::from_millis).to_vec()

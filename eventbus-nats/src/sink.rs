@@ -27,8 +27,8 @@ use std::sync::Arc;
 
 use async_nats::{Client, StatusCode};
 use eventbus_core::{
-    Ack, BatchSink, Bytes, Error, ErrorKind, Message, Outcome, OutcomeRouter, Position,
-    SinkLimits, TopicRules,
+    Ack, BatchSink, Bytes, Error, ErrorKind, Message, Outcome, OutcomeRouter, Position, SinkLimits,
+    TopicRules,
 };
 use futures_util::StreamExt;
 use parking_lot::Mutex;
@@ -142,7 +142,10 @@ enum Job {
     /// Messages `(slot, message)` of engine batch `id` that were definitely not stored through
     /// no fault of their own (a fast batch cut off by a gap or refused as a whole, or "no
     /// responders"): published again one by one, with their own pub acks.
-    Resend { id: u64, items: Vec<(usize, Message)> },
+    Resend {
+        id: u64,
+        items: Vec<(usize, Message)>,
+    },
 }
 
 /// One atomic or fast batch in flight: which slots of the engine batch it carries.
@@ -803,11 +806,11 @@ fn route_fast(r: &Router, b: u64, k: u32, (seq, op): (u64, u8), m: &async_nats::
     let Some(g) = map.get_mut(&(b, k)) else {
         return;
     };
-    let fate: Box<dyn Fn(&FastState, u64) -> Fate> = match event {
+    let end = match event {
         Event::Progress | Event::Unreadable => return,
         Event::Refused { seq: s, error, .. } if op == Op::CommitEob as u8 && s == seq => {
             // The commit itself was refused.
-            Box::new(move |st: &FastState, j| st.commit_refused(j, &error))
+            fast::End::CommitRefused(error)
         }
         Event::Refused { seq, error, scope } => {
             g.fast.refuse(seq, error, scope);
@@ -817,7 +820,11 @@ fn route_fast(r: &Router, b: u64, k: u32, (seq, op): (u64, u8), m: &async_nats::
             stream,
             last,
             count,
-        } => Box::new(move |st: &FastState, j| st.committed(j, &stream, last, count)),
+        } => fast::End::Committed {
+            stream,
+            last,
+            count,
+        },
         Event::Single { stream, sequence } => {
             // A server without fast batches stored this one as a plain publish.
             let Some(&i) = g.indices.get((seq as usize).wrapping_sub(1)) else {
@@ -845,7 +852,7 @@ fn route_fast(r: &Router, b: u64, k: u32, (seq, op): (u64, u8), m: &async_nats::
     drop(map);
     let mut again = Vec::new();
     for (j, (i, msg)) in g.indices.into_iter().zip(g.msgs).enumerate() {
-        match fate(&g.fast, j as u64 + 1) {
+        match g.fast.fate(j as u64 + 1, &end) {
             Fate::Settle(o) => router.settle(b, i, o),
             Fate::Resend => again.push((i, msg)),
         }

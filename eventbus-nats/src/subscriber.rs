@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, AckKind, consumer::pull};
 use eventbus_core::{
-    AckHandle, Acker, Delivery, DeliveryInfo, Error, ErrorKind, Feed, Position, StartFrom, SubscribeSpec,
-    Subscriber, Subscription, Topic, TopicRules,
+    AckHandle, Acker, Delivery, DeliveryInfo, Error, ErrorKind, Feed, Position, StartFrom,
+    SubscribeSpec, Subscriber, Subscription, Topic, TopicRules,
 };
 use futures_util::StreamExt;
 

@@ -132,7 +132,10 @@ async fn a_batch_cut_short_by_the_server_reports_exactly_what_is_stored() {
     for (i, o) in outcomes.iter().enumerate().skip(25) {
         assert!(o.is_failed(), "message {i}: {o:?}");
         let e = o.error().expect("error");
-        assert!(e.to_string().contains("maximum messages"), "message {i}: {e}");
+        assert!(
+            e.to_string().contains("maximum messages"),
+            "message {i}: {e}"
+        );
     }
     assert_eq!(nats.stream_state("FULL").await.unwrap().messages, 25);
 }
@@ -191,7 +194,10 @@ async fn batches_over_the_servers_in_flight_limit_are_sent_again() {
         }
     }
     eprintln!("{batched} in fast batches, {single} sent again alone");
-    assert!(single > 0, "the limit was never hit: the test proves nothing");
+    assert!(
+        single > 0,
+        "the limit was never hit: the test proves nothing"
+    );
     assert!(batched > 0, "no fast batch got through");
     assert_eq!(nats.stream_state("LIMIT").await.unwrap().messages, 6_000);
 }
@@ -298,10 +304,9 @@ async fn fast_is_the_default() {
     let outcomes = publish_all(&p, messages("default.x", 20)).await;
     for o in &outcomes {
         match o {
-            Outcome::Acked(a) => assert!(
-                matches!(a.position, Position::StreamBatch { .. }),
-                "{a:?}"
-            ),
+            Outcome::Acked(a) => {
+                assert!(matches!(a.position, Position::StreamBatch { .. }), "{a:?}")
+            }
             o => panic!("{o:?}"),
         }
     }

@@ -156,6 +156,14 @@ async fn no_responders_are_retried_with_backoff() {
         .await;
     assert!(o.is_failed(), "{o:?}");
     assert!(o.error().expect("error").is_retryable());
-    assert!(start.elapsed() >= Duration::from_millis(1_400), "{:?}", start.elapsed());
-    assert!(start.elapsed() < Duration::from_secs(5), "{:?}", start.elapsed());
+    assert!(
+        start.elapsed() >= Duration::from_millis(1_400),
+        "{:?}",
+        start.elapsed()
+    );
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        start.elapsed()
+    );
 }

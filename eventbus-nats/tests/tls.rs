@@ -96,7 +96,10 @@ async fn refused(config: NatsConfig) -> Error {
         start.elapsed()
     );
     assert_eq!(e.kind(), ErrorKind::Connect, "{e}");
-    assert!(!e.is_retryable(), "a TLS failure is not fixed by retrying: {e:?}");
+    assert!(
+        !e.is_retryable(),
+        "a TLS failure is not fixed by retrying: {e:?}"
+    );
     e
 }
 
@@ -104,16 +107,19 @@ async fn refused(config: NatsConfig) -> Error {
 async fn the_right_ca_connects_and_publishes() {
     let pki = Pki::new("ca");
     let server = tls_server(&pki, &["localhost", "127.0.0.1"], false);
-    let nats = NatsBackend::connect(NatsConfig::new(tls_url(&server)).tls_root_certificates(&pki.ca))
-        .await
-        .expect("connect over TLS");
+    let nats =
+        NatsBackend::connect(NatsConfig::new(tls_url(&server)).tls_root_certificates(&pki.ca))
+            .await
+            .expect("connect over TLS");
     nats.ensure_stream(&StreamSpec::new("TLS", ["tls.>"]))
         .await
         .expect("stream");
     let p = Batcher::new(nats.sink().await.expect("sink"), BatchConfig::default()).unwrap();
     let outcomes = publish_all(
         &p,
-        (0..10).map(|i| Message::new("tls.x", format!("{i}"))).collect(),
+        (0..10)
+            .map(|i| Message::new("tls.x", format!("{i}")))
+            .collect(),
     )
     .await;
     assert!(outcomes.iter().all(Outcome::is_acked), "{outcomes:?}");
