@@ -108,6 +108,30 @@ impl Subscriber for KafkaSubscriber {
     }
 }
 
+/// The partitions of `topic`; an unknown topic is a `Rejected` error.
+fn partitions_of<C: ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    topic: &str,
+    wait: Duration,
+) -> Result<Vec<i32>, Error> {
+    let md = consumer
+        .fetch_metadata(Some(topic), wait)
+        .map_err(|e| error::other("could not read topic metadata", e))?;
+    let partitions: Vec<i32> = md
+        .topics()
+        .iter()
+        .filter(|t| t.name() == topic && t.error().is_none())
+        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+        .collect();
+    if partitions.is_empty() {
+        return Err(error::err(
+            ErrorKind::Rejected,
+            format!("unknown topic {topic:?}: create it first"),
+        ));
+    }
+    Ok(partitions)
+}
+
 /// Committed offsets of `group` against the high watermarks of `topic` (a consumer that never
 /// subscribes, so it does not join the group or disturb its members).
 fn group_lag(
@@ -120,18 +144,7 @@ fn group_lag(
         .create()
         .map_err(|e| error::other("invalid Kafka consumer configuration", e))?;
     let wait = config.connect_timeout.max(Duration::from_secs(10));
-    let md = consumer
-        .fetch_metadata(Some(topic), wait)
-        .map_err(|e| error::other("metadata", e))?;
-    let partitions: Vec<i32> = md
-        .topics()
-        .iter()
-        .filter(|t| t.name() == topic && t.error().is_none())
-        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
-        .collect();
-    if partitions.is_empty() {
-        return Err(error::err(ErrorKind::Rejected, "unknown topic"));
-    }
+    let partitions = partitions_of(&consumer, topic, wait)?;
     let mut tpl = TopicPartitionList::new();
     for p in &partitions {
         tpl.add_partition(topic, *p);
@@ -191,21 +204,7 @@ fn start(config: &KafkaConfig, spec: &SubscribeSpec) -> Result<Started, Error> {
             shared: Arc::clone(&shared),
         })
         .map_err(|e| error::other("could not create the Kafka consumer", e))?;
-    let md = consumer
-        .fetch_metadata(Some(topic), config.connect_timeout)
-        .map_err(|e| error::other("could not read topic metadata", e))?;
-    let partitions: Vec<i32> = md
-        .topics()
-        .iter()
-        .filter(|t| t.name() == topic && t.error().is_none())
-        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
-        .collect();
-    if partitions.is_empty() {
-        return Err(error::err(
-            ErrorKind::Rejected,
-            format!("unknown topic {topic:?}: create it first"),
-        ));
-    }
+    let partitions = partitions_of(&consumer, topic, config.connect_timeout)?;
     if spec.group.is_some() {
         consumer
             .subscribe(&[topic])

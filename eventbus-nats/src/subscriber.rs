@@ -36,6 +36,17 @@ fn safe(s: &str) -> String {
         .collect()
 }
 
+/// The stream that captures `subject`.
+async fn stream_of(js: &jetstream::Context, subject: &str) -> Result<jetstream::stream::Stream, Error> {
+    let name = js
+        .stream_by_subject(subject)
+        .await
+        .map_err(|e| error::other("no JetStream stream covers the subject", e))?;
+    js.get_stream(&name)
+        .await
+        .map_err(|e| error::other("stream lookup failed", e))
+}
+
 /// The durable consumer name of group `group` on `topic`.
 fn durable(group: &str, topic: &str) -> String {
     format!("{}-{}", safe(group), safe(topic))
@@ -52,14 +63,7 @@ impl Subscriber for NatsSubscriber {
         let js = self.js.clone();
         let (subject, name) = (topic.as_str().to_owned(), durable(group, topic.as_str()));
         async move {
-            let stream_name = js
-                .stream_by_subject(subject.as_str())
-                .await
-                .map_err(|e| error::other("no JetStream stream covers the subject", e))?;
-            let stream = js
-                .get_stream(&stream_name)
-                .await
-                .map_err(|e| error::other("stream lookup failed", e))?;
+            let stream = stream_of(&js, &subject).await?;
             let mut consumer: jetstream::consumer::Consumer<pull::Config> =
                 stream.get_consumer(&name).await.map_err(|e| {
                     error::err(
@@ -86,14 +90,7 @@ impl Subscriber for NatsSubscriber {
         async move {
             eventbus_core::validate::subscription_filter(spec.topic.as_str())
                 .map_err(|e| e.with_backend(BACKEND))?;
-            let stream_name = js
-                .stream_by_subject(spec.topic.as_str())
-                .await
-                .map_err(|e| error::other("no JetStream stream covers the subject", e))?;
-            let stream = js
-                .get_stream(&stream_name)
-                .await
-                .map_err(|e| error::other("stream lookup failed", e))?;
+            let stream = stream_of(&js, spec.topic.as_str()).await?;
             let mut config = pull::Config {
                 filter_subject: spec.topic.as_str().to_owned(),
                 ack_policy: jetstream::consumer::AckPolicy::Explicit,
