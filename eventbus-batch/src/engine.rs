@@ -403,7 +403,13 @@ impl<S: BatchSink> Inner<S> {
 
 impl<S: BatchSink> Publisher for Batcher<S> {
     fn publish(&self, msg: Message) -> impl Future<Output = Result<PendingAck, Error>> + Send {
-        self.publish_inner(msg)
+        let span = tracing::trace_span!(
+            "eventbus.publish",
+            backend = self.inner.sink.name(),
+            id = %msg.id(),
+            topic = %msg.topic()
+        );
+        tracing::Instrument::instrument(self.publish_inner(msg), span)
     }
 
     fn flush(&self) -> impl Future<Output = Result<(), Error>> + Send {
@@ -555,6 +561,7 @@ impl<S: BatchSink> BatchGuard<S> {
         m.acked.increment(acked);
         m.failed.increment(failed);
         m.unknown.increment(unknown);
+        tracing::debug!(acked, failed, unknown, "eventbus.ack");
     }
 
     fn resolve_all(&mut self, o: Outcome) {
@@ -618,33 +625,43 @@ fn dispatch<S: BatchSink>(
         _slot: slot,
     };
     let backend = inner.sink.name();
-    let task = tokio::spawn(async move {
-        match tokio::time::timeout_at(deadline, fut).await {
-            Ok(outcomes) if outcomes.len() == n => guard.resolve(outcomes),
-            Ok(outcomes) => {
-                tracing::error!(
-                    backend,
-                    expected = n,
-                    got = outcomes.len(),
-                    "sink broke the batch contract"
-                );
-                guard.resolve_all(Outcome::Unknown(
+    let span = tracing::debug_span!(
+        "eventbus.flush",
+        backend,
+        messages = n,
+        bytes,
+        trigger = trigger.label()
+    );
+    let task = tokio::spawn(tracing::Instrument::instrument(
+        async move {
+            match tokio::time::timeout_at(deadline, fut).await {
+                Ok(outcomes) if outcomes.len() == n => guard.resolve(outcomes),
+                Ok(outcomes) => {
+                    tracing::error!(
+                        backend,
+                        expected = n,
+                        got = outcomes.len(),
+                        "sink broke the batch contract"
+                    );
+                    guard.resolve_all(Outcome::Unknown(
+                        Error::new(
+                            ErrorKind::Contract,
+                            format!("sink returned {} outcomes for {n} messages", outcomes.len()),
+                        )
+                        .with_backend(backend),
+                    ));
+                }
+                Err(_) => guard.resolve_all(Outcome::Unknown(
                     Error::new(
-                        ErrorKind::Contract,
-                        format!("sink returned {} outcomes for {n} messages", outcomes.len()),
+                        ErrorKind::Timeout,
+                        "no ack before the deadline; the message may be stored",
                     )
                     .with_backend(backend),
-                ));
+                )),
             }
-            Err(_) => guard.resolve_all(Outcome::Unknown(
-                Error::new(
-                    ErrorKind::Timeout,
-                    "no ack before the deadline; the message may be stored",
-                )
-                .with_backend(backend),
-            )),
-        }
-    });
+        },
+        span,
+    ));
     if let Some(b) = inner.inflight.lock().get_mut(&first_seq) {
         b.abort = Some(task.abort_handle());
     }

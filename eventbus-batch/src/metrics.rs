@@ -39,17 +39,17 @@ pub(crate) struct EngineMetrics {
 
 impl EngineMetrics {
     pub(crate) fn new(backend: &'static str) -> Self {
-        let b = |t: &'static str| counter!("eventbus_batches_total", "backend" => backend, "trigger" => t);
+        let b = |t: Trigger| counter!("eventbus_batches_total", "backend" => backend, "trigger" => t.label());
         let o = |t: &'static str| counter!("eventbus_publish_outcomes_total", "backend" => backend, "outcome" => t);
         let r = |t: &'static str| counter!("eventbus_publish_rejected_total", "backend" => backend, "reason" => t);
         EngineMetrics {
             batches: [
-                b("count"),
-                b("bytes"),
-                b("linger"),
-                b("immediate"),
-                b("flush"),
-                b("window"),
+                b(Trigger::Count),
+                b(Trigger::Bytes),
+                b(Trigger::Linger),
+                b(Trigger::Immediate),
+                b(Trigger::Flush),
+                b(Trigger::Window),
             ],
             batch_messages: histogram!("eventbus_batch_messages", "backend" => backend),
             batch_bytes: histogram!("eventbus_batch_bytes", "backend" => backend),
@@ -65,5 +65,19 @@ impl EngineMetrics {
 
     pub(crate) fn batches(&self, t: Trigger) -> &Counter {
         &self.batches[t as usize]
+    }
+}
+
+impl Trigger {
+    /// The label used in metrics and spans.
+    pub(crate) fn label(self) -> &'static str {
+        match self {
+            Trigger::Count => "count",
+            Trigger::Bytes => "bytes",
+            Trigger::Linger => "linger",
+            Trigger::Immediate => "immediate",
+            Trigger::Flush => "flush",
+            Trigger::Window => "window",
+        }
     }
 }

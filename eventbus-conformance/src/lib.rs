@@ -95,6 +95,7 @@ macro_rules! conformance_tests {
             publish_after_close_fails,
             lag_grows_and_shrinks,
             health_and_heartbeat,
+            traceparent_reaches_the_handler,
         );
     };
     (@each $harness:expr; $($name:ident),* $(,)?) => {

@@ -936,3 +936,61 @@ pub async fn health_and_heartbeat<H: Harness>(h: &H) {
         .await
         .expect("second heartbeat");
 }
+
+/// A W3C `traceparent` set by the publisher reaches the handler unchanged (the handler runtime
+/// also records it on its `eventbus.handle` span).
+pub async fn traceparent_reaches_the_handler<H: Harness>(h: &H) {
+    use eventbus_core::handler::{self, HandlerConfig};
+    use eventbus_core::trace::TraceParent;
+    let topic = h.topic("trace").await;
+    let sub = subscribe(h, SubscribeSpec::new(&topic).group("tracers")).await;
+    let p = publisher(h, BatchConfig::default()).await;
+    let sent = TraceParent::new_root().child();
+    assert_all_acked(
+        &publish_all(
+            &p,
+            vec![
+                sent.inject(Message::new(&topic, "traced")),
+                Message::new(&topic, "untraced"),
+            ],
+        )
+        .await,
+    );
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let got = Arc::clone(&seen);
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let run = tokio::spawn(handler::run(
+        sub,
+        HandlerConfig::default(),
+        move |msg, _info| {
+            let got = Arc::clone(&got);
+            async move {
+                got.lock()
+                    .expect("seen")
+                    .push((msg.payload().clone(), TraceParent::extract(&msg)));
+                Ok(())
+            }
+        },
+        async move {
+            let _ = stop_rx.await;
+        },
+    ));
+    let all = eventually(
+        RECV_TIMEOUT,
+        || {
+            let s = Arc::clone(&seen);
+            async move { s.lock().expect("seen").clone() }
+        },
+        |v| v.len() >= 2,
+    )
+    .await;
+    let _ = stop_tx.send(());
+    let _ = run.await;
+    assert_eq!(all.len(), 2, "{all:?}");
+    for (payload, tp) in all {
+        match &payload[..] {
+            b"traced" => assert_eq!(tp, Some(sent), "traceparent carried intact"),
+            _ => assert_eq!(tp, None, "no traceparent invented"),
+        }
+    }
+}

@@ -40,6 +40,8 @@
 //! - When `shutdown` resolves, no new delivery is started; running handlers finish (with their
 //!   retries), deliveries waiting behind a key are nacked for immediate redelivery, and the
 //!   subscription is closed.
+//! - Each run is inside an `eventbus.handle` span (fields `id`, `topic`, `delivery`,
+//!   `attempt`, and the message's W3C `traceparent` if it carries one, see [`crate::trace`]).
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
@@ -314,10 +316,23 @@ where
     Fut: Future<Output = Result<(), HandlerError>> + Send + 'static,
 {
     let (msg, info, acker) = d.split();
+    let parent = crate::trace::TraceParent::extract(&msg);
     let mut attempt = 1;
     loop {
+        let span = tracing::info_span!(
+            "eventbus.handle",
+            id = %msg.id(),
+            topic = %msg.topic(),
+            delivery = info.delivery_count,
+            attempt,
+            traceparent = parent.map(|p| p.to_string()),
+        );
         // Spawned so a panic is caught as a JoinError instead of tearing down the runtime.
-        let run = tokio::spawn(handler(msg.clone(), info.clone())).await;
+        let run = tokio::spawn(tracing::Instrument::instrument(
+            handler(msg.clone(), info.clone()),
+            span,
+        ))
+        .await;
         let failure = match run {
             Ok(Ok(())) => None,
             Ok(Err(e)) => Some(e.to_string()),

@@ -11,6 +11,7 @@ mod publisher;
 mod router;
 mod sink;
 mod subscriber;
+pub mod trace;
 pub mod validate;
 
 /// `serde(with = "eventbus_core::serde_millis")`: a `Duration` as integer milliseconds in config

@@ -37,7 +37,10 @@ fn safe(s: &str) -> String {
 }
 
 /// The stream that captures `subject`.
-async fn stream_of(js: &jetstream::Context, subject: &str) -> Result<jetstream::stream::Stream, Error> {
+async fn stream_of(
+    js: &jetstream::Context,
+    subject: &str,
+) -> Result<jetstream::stream::Stream, Error> {
     let name = js
         .stream_by_subject(subject)
         .await
