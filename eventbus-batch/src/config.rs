@@ -30,7 +30,7 @@ pub enum OnFull {
 /// The ACK window bounds what is admitted but not yet resolved: at most `max_in_flight`
 /// messages **and** `max_in_flight_bytes` bytes. That bounds memory when a broker stalls.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 #[non_exhaustive]
 pub struct BatchConfig {
     /// Longest a message waits for its batch to fill. Default 0 (natural batching).

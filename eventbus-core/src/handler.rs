@@ -79,14 +79,17 @@ impl fmt::Display for HandlerError {
 impl std::error::Error for HandlerError {}
 
 /// Exponential backoff with jitter for in-place retries.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 #[non_exhaustive]
 pub struct Retry {
     /// Handler runs per delivery, the first included (1 = no in-place retry). Default 3.
     pub max_attempts: u32,
     /// Delay before the first retry. Default 100 ms.
+    #[serde(with = "crate::serde_millis")]
     pub initial: Duration,
     /// Longest delay. Default 5 s.
+    #[serde(with = "crate::serde_millis")]
     pub max: Duration,
     /// Growth per retry. Default 2.
     pub multiplier: f64,
@@ -142,7 +145,8 @@ impl Retry {
 }
 
 /// What keeps messages in order.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 #[non_exhaustive]
 pub enum OrderBy {
     /// The message key, else the envelope aggregate id; unkeyed messages are unordered.
@@ -153,7 +157,8 @@ pub enum OrderBy {
 }
 
 /// Handler runtime settings.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 #[non_exhaustive]
 pub struct HandlerConfig {
     /// Handlers running at once. Default 8.

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 /// Settings for [`KafkaBackend`](crate::KafkaBackend). Secrets passed through `options`
 /// (SASL passwords, key material) are redacted from `Debug`.
 #[derive(Clone, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 #[non_exhaustive]
 pub struct KafkaConfig {
     /// `bootstrap.servers`. Default `127.0.0.1:9092`.

@@ -59,7 +59,7 @@ impl fmt::Debug for NatsAuth {
 
 /// Connection settings for [`NatsBackend`](crate::NatsBackend).
 #[derive(Clone, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 #[non_exhaustive]
 pub struct NatsConfig {
     /// Server URL(s), comma separated. Default `nats://127.0.0.1:4222`.

@@ -135,9 +135,14 @@ async fn credentials_and_permissions() {
     p.close(Duration::from_secs(5)).await.expect("close");
 
     // No secret anywhere in the TRACE logs (async-nats's own included).
+    assert_not_logged(logs, &[PASSWORD, WRONG]);
+}
+
+/// None of `secrets` appears in anything logged so far, at any level, by any target.
+fn assert_not_logged(logs: &Mutex<Vec<u8>>, secrets: &[&str]) {
     let text = String::from_utf8_lossy(&logs.lock().expect("logs")).into_owned();
     assert!(!text.is_empty(), "the log capture saw nothing");
-    for secret in [PASSWORD, WRONG] {
+    for secret in secrets {
         assert!(
             !text.contains(secret),
             "secret in logs: {}",
@@ -146,4 +151,103 @@ async fn credentials_and_permissions() {
                 .unwrap_or_default()
         );
     }
+}
+
+/// Token and NKey authentication on real servers: the right secret connects and publishes, a
+/// wrong one is a fast, non-retryable `Auth` error, and no secret shows in errors, `Debug` or
+/// the TRACE logs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_and_nkey_authentication() {
+    let logs = logs();
+    const TOKEN: &str = "tok-4d2a91-do-not-log";
+    let token_server = NatsServer::start_with(NatsOptions {
+        args: vec!["--auth".into(), TOKEN.into()],
+        ..NatsOptions::default()
+    })
+    .expect("start nats-server with a token");
+    let user = nkeys::KeyPair::new_user();
+    let seed = user.seed().expect("seed");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let conf = dir.path().join("nkey.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "authorization {{ users = [ {{ nkey: \"{}\" }} ] }}\n",
+            user.public_key()
+        ),
+    )
+    .expect("write config");
+    let nkey_server = NatsServer::start_with(NatsOptions {
+        args: vec!["-c".into(), conf.display().to_string()],
+        ..NatsOptions::default()
+    })
+    .expect("start nats-server with an nkey user");
+    let other_seed = nkeys::KeyPair::new_user().seed().expect("seed");
+
+    let cases = [
+        (
+            token_server.url(),
+            NatsAuth::Token {
+                token: TOKEN.into(),
+            },
+            true,
+        ),
+        (
+            token_server.url(),
+            NatsAuth::Token {
+                token: "wrong-token-do-not-log".into(),
+            },
+            false,
+        ),
+        (
+            nkey_server.url(),
+            NatsAuth::NKey { seed: seed.clone() },
+            true,
+        ),
+        (
+            nkey_server.url(),
+            NatsAuth::NKey {
+                seed: other_seed.clone(),
+            },
+            false,
+        ),
+    ];
+    for (url, auth, good) in cases {
+        let cfg = NatsConfig::new(url)
+            .auth(auth)
+            .connect_timeout(Duration::from_secs(2));
+        let debug = format!("{cfg:?}");
+        let t0 = Instant::now();
+        match NatsBackend::connect(cfg).await {
+            Ok(nats) => {
+                assert!(good, "connected with a wrong secret");
+                nats.ensure_stream(&StreamSpec::new("AUTH", ["auth.>"]))
+                    .await
+                    .expect("stream");
+                let p = Batcher::new(nats.sink().await.expect("sink"), BatchConfig::default())
+                    .expect("batcher");
+                let o = p
+                    .publish(Message::new("auth.x", "x"))
+                    .await
+                    .expect("admitted")
+                    .await;
+                assert!(o.is_acked(), "{o:?}");
+            }
+            Err(e) => {
+                assert!(!good, "the right secret was refused: {e:?}");
+                assert_eq!(e.kind(), ErrorKind::Auth, "{e:?}");
+                assert!(!e.is_retryable());
+                assert!(t0.elapsed() < Duration::from_secs(3), "{:?}", t0.elapsed());
+                for text in [e.to_string(), format!("{e:?}")] {
+                    for secret in [TOKEN, "wrong-token-do-not-log", &seed, &other_seed] {
+                        assert!(!text.contains(secret), "secret in error: {text}");
+                    }
+                }
+            }
+        }
+        for secret in [TOKEN, "wrong-token-do-not-log", &seed, &other_seed] {
+            assert!(!debug.contains(secret), "secret in Debug: {debug}");
+        }
+    }
+    assert_not_logged(logs, &[TOKEN, "wrong-token-do-not-log", &seed, &other_seed]);
 }

@@ -96,6 +96,12 @@ fn test(extra: &[String]) -> Result {
     c.args(["test", "--workspace", "--all-targets"]).args(extra);
     broker_env(&mut c);
     run(c)?;
+    // The facade's Kafka variant is behind a non-default feature: test it with every backend.
+    let mut f = cargo();
+    f.args(["test", "-p", "eventbus", "--all-features"])
+        .args(extra);
+    broker_env(&mut f);
+    run(f)?;
     let mut d = cargo();
     d.args(["test", "--workspace", "--doc"]);
     broker_env(&mut d);
@@ -216,27 +222,54 @@ fn ci() -> Result {
         check.args(["check", "--quiet", "-p", krate]);
         run(check)?;
     }
-    // A service that uses one backend never compiles the other: the bench builds with either.
+    // A service that uses one backend never compiles the other: the facade and the bench build
+    // with either alone, and with NATS alone librdkafka is not even in the dependency tree.
     for backend in ["nats", "kafka"] {
-        let mut check = cargo();
-        check.args([
-            "check",
-            "--quiet",
+        check_alone("eventbus", backend)?;
+    }
+    let tree = cargo()
+        .args([
+            "tree",
             "-p",
-            "eventbus-bench",
+            "eventbus",
             "--no-default-features",
             "--features",
-            backend,
-        ]);
-        run(check)?;
+            "nats",
+            "-e",
+            "normal,build",
+        ])
+        .output()
+        .map_err(|e| format!("cargo tree: {e}"))?;
+    let tree = String::from_utf8_lossy(&tree.stdout);
+    if tree.contains("rdkafka") {
+        return Err("eventbus with only the nats feature depends on rdkafka".into());
+    }
+    for backend in ["nats", "kafka"] {
+        check_alone("eventbus-bench", backend)?;
     }
     test(&[])?;
     bench(&["--quick".into()])?;
     reliability(&["--quick".into()])
 }
 
+/// `cargo check` crate `krate` with only feature `backend`.
+fn check_alone(krate: &str, backend: &str) -> Result {
+    let mut check = cargo();
+    check.args([
+        "check",
+        "--quiet",
+        "-p",
+        krate,
+        "--no-default-features",
+        "--features",
+        backend,
+    ]);
+    run(check)
+}
+
 /// The published library crates.
-const LIBRARIES: [&str; 5] = [
+const LIBRARIES: [&str; 6] = [
+    "eventbus",
     "eventbus-core",
     "eventbus-batch",
     "eventbus-memory",

@@ -1,0 +1,132 @@
+//! The bus facade: config from TOML and environment (errors name the field, secrets stay out
+//! of `Debug`), and a bus built from config publishing and subscribing on the in-process
+//! backend and on a real nats-server.
+
+use std::time::Duration;
+
+use eventbus::{BackendKind, Bus, BusConfig};
+use eventbus_core::{ErrorKind, Message, Publisher, SubscribeSpec, Subscriber, Topic};
+
+#[test]
+fn toml_errors_name_the_field() {
+    for (text, field) in [
+        ("[batch]\nmax_inflight = 1", "max_inflight"),
+        ("backend = \"redis\"", "redis"),
+        ("[batch]\nmax_in_flight = \"many\"", "max_in_flight"),
+        ("[handler.retry]\nmax_atempts = 2", "max_atempts"),
+        ("[batch]\nmax_messages = 0", "max_messages"),
+        ("[handler]\nconcurrency = 0", "concurrency"),
+    ] {
+        let e = BusConfig::from_toml(text).expect_err(text);
+        assert_eq!(e.kind(), ErrorKind::Config, "{e}");
+        assert!(e.to_string().contains(field), "{text:?}: {e}");
+    }
+}
+
+#[test]
+fn environment_overrides_the_file_and_names_bad_variables() {
+    let cfg = BusConfig::from_toml("[batch]\nmax_in_flight = 100\nlinger = 5")
+        .expect("config")
+        .with_vars([
+            ("EVENTBUS_BACKEND", "memory"),
+            ("EVENTBUS_BATCH_MAX_IN_FLIGHT", "250"),
+            ("EVENTBUS_HANDLER_RETRY_MAX_ATTEMPTS", "7"),
+            ("EVENTBUS_NATS_URL", "nats://10.0.0.1:4222"),
+            ("EVENTBUS_NATS_USER", "svc"),
+            ("EVENTBUS_NATS_PASSWORD", "pw-do-not-print"),
+            ("UNRELATED", "ignored"),
+        ])
+        .expect("overlay");
+    assert_eq!(cfg.backend, BackendKind::Memory);
+    assert_eq!(cfg.batch.max_in_flight, 250);
+    assert_eq!(
+        cfg.batch.linger,
+        Duration::from_millis(5),
+        "file value kept"
+    );
+    assert_eq!(cfg.handler.retry.max_attempts, 7);
+    assert_eq!(cfg.nats.url, "nats://10.0.0.1:4222");
+    let debug = format!("{cfg:?}");
+    assert!(!debug.contains("pw-do-not-print"), "{debug}");
+    assert!(debug.contains("svc"), "{debug}");
+
+    let e = BusConfig::default()
+        .with_vars([("EVENTBUS_BATCH_MAX_INFLIGHT", "1")])
+        .unwrap_err();
+    assert!(e.to_string().contains("EVENTBUS_BATCH_MAX_INFLIGHT"), "{e}");
+    let e = BusConfig::default()
+        .with_vars([("EVENTBUS_BATCH_MAX_IN_FLIGHT", "secret-looking-value")])
+        .unwrap_err();
+    assert!(e.to_string().contains("integer"), "{e}");
+    assert!(!e.to_string().contains("secret-looking-value"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_memory_bus_from_config_publishes_and_subscribes() {
+    let cfg =
+        BusConfig::from_toml("backend = \"memory\"\n[batch]\nmax_in_flight = 64").expect("config");
+    let bus = Bus::connect(&cfg).await.expect("connect");
+    assert!(bus.health(Duration::from_secs(1)).await.up);
+    let topic = Topic::new("bus.orders");
+    let mut sub = bus
+        .subscriber()
+        .subscribe(SubscribeSpec::new(&topic).group("g"))
+        .await
+        .expect("subscribe");
+    let p = bus.publisher().await.expect("publisher");
+    let o = p
+        .publish(Message::new(&topic, "hello"))
+        .await
+        .expect("admitted")
+        .await;
+    assert!(o.is_acked(), "{o:?}");
+    let d = sub.next().await.expect("open").expect("delivery");
+    assert_eq!(&d.message().payload()[..], b"hello");
+    d.ack().await.expect("ack");
+    p.close(Duration::from_secs(1)).await.expect("close");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nats_bus_from_config_and_environment() {
+    let server = eventbus_brokers::NatsServer::start().expect("start nats-server");
+    let cfg = BusConfig::from_toml("backend = \"nats\"")
+        .expect("config")
+        .with_vars([("EVENTBUS_NATS_URL", server.url())])
+        .expect("overlay");
+    let bus = Bus::connect(&cfg).await.expect("connect");
+    let Bus::Nats(nats, _) = &bus else {
+        panic!("not NATS")
+    };
+    nats.ensure_stream(&eventbus_nats::StreamSpec::new("BUS", ["bus.>"]))
+        .await
+        .expect("stream");
+    let health = bus.health(Duration::from_secs(2)).await;
+    assert!(health.up, "{health:?}");
+    let p = bus.publisher().await.expect("publisher");
+    for i in 0..10 {
+        let o = p
+            .publish(Message::new("bus.x", format!("{i}")))
+            .await
+            .expect("admitted")
+            .await;
+        assert!(o.is_acked(), "{o:?}");
+    }
+    assert_eq!(nats.stream_state("BUS").await.unwrap().messages, 10);
+    let lag = bus.subscriber().lag(&Topic::new("bus.x"), "nobody").await;
+    assert_eq!(lag.unwrap_err().kind(), ErrorKind::Rejected);
+}
+
+/// The configuration example in the workspace README parses as written.
+#[test]
+fn the_readme_example_config_parses() {
+    let readme = include_str!("../../README.md");
+    let start = readme
+        .find("```toml\n")
+        .expect("a toml block in the README")
+        + 8;
+    let len = readme[start..].find("```").expect("closed block");
+    let cfg = BusConfig::from_toml(&readme[start..start + len]).expect("README config");
+    assert_eq!(cfg.backend, BackendKind::Nats);
+    assert_eq!(cfg.handler.retry.max_attempts, 5);
+    assert!(!format!("{cfg:?}").contains("\"...\""), "password redacted");
+}
