@@ -38,7 +38,7 @@ pub(crate) struct Args {
     /// Modes (comma separated): naive, sdk (defaults: NATS fast-ingest batches with
     /// Nats-Msg-Id), sdk-nodedup (NATS without Nats-Msg-Id, Kafka without the eventbus-id
     /// header), NATS publish modes sdk-async (one ack per message), sdk-fast, sdk-atomic (one
-    /// ack per all-or-nothing batch), each also as sdk-<mode>-nodedup, raw, and raw-dedup
+    /// ack per all-or-nothing batch), each also as `sdk-<mode>-nodedup`, raw, and raw-dedup
     /// (NATS: raw with Nats-Msg-Id, like the SDK's default).
     #[arg(long, value_delimiter = ',')]
     pub mode: Vec<String>,
