@@ -260,8 +260,9 @@ pub async fn retry_unknown<P: Publisher>(
     retried.len()
 }
 
-/// Read everything on `filter` with a fresh, group-less subscription: stop once `expect`
-/// distinct test messages arrived (if known), or after `quiet` without a delivery, or `limit`.
+/// Read everything on `filter` with a fresh, group-less subscription: stop once `expect` test
+/// records arrived (the broker's own count, duplicates included, if known), or after `quiet`
+/// without a delivery, or `limit`.
 pub async fn drain<S: Subscriber>(
     sub: &S,
     filter: &str,
@@ -278,18 +279,18 @@ pub async fn drain<S: Subscriber>(
         .await?;
     let start = Instant::now();
     let mut reads = Vec::new();
-    let mut distinct = HashSet::new();
     // The first delivery may take a while (consumer creation, partition assignment).
     let mut wait = quiet.max(Duration::from_secs(15));
     while start.elapsed() < limit {
-        if expect.is_some_and(|n| distinct.len() >= n) {
+        // The broker's count includes stored duplicates (Kafka has no de-duplication), so
+        // compare it with every read, not only distinct ones.
+        if expect.is_some_and(|n| reads.len() >= n) {
             break;
         }
         let left = limit.saturating_sub(start.elapsed());
         match tokio::time::timeout(wait.min(left), s.next()).await {
             Ok(Some(Ok(d))) => {
                 if let Some(r) = record::read(d.message()) {
-                    distinct.insert(r.key);
                     reads.push(r);
                 }
                 d.ack().await?;
@@ -299,7 +300,7 @@ pub async fn drain<S: Subscriber>(
             Ok(None) => break,
             // Quiet: done, unless the broker said it holds more. Then keep reading until the
             // limit (a consumer can stall for many seconds after its broker was paused).
-            Err(_) if expect.is_none_or(|n| distinct.len() >= n) => break,
+            Err(_) if expect.is_none_or(|n| reads.len() >= n) => break,
             Err(_) => wait = quiet.max(Duration::from_secs(20)),
         }
     }
