@@ -28,30 +28,40 @@ struct Entry {
 }
 
 /// Messages of unresolved batches, by engine batch id.
-#[derive(Default)]
 pub(crate) struct Kept {
+    router: Arc<OutcomeRouter>,
     batches: Mutex<HashMap<u64, Entry>>,
 }
 
 impl Kept {
-    /// Keep a whole batch until [`Kept::forget`]. Batches whose outcomes the engine no longer
-    /// waits for are dropped now and then, so a lost reply cannot grow the map.
-    pub(crate) fn keep_batch(&self, b: u64, msgs: Arc<[Message]>, router: &OutcomeRouter) {
-        let mut map = self.batches.lock();
-        if map.len() >= 1_024 {
-            map.retain(|b, _| router.is_pending(*b));
+    /// Kept messages for the batches of `router`.
+    pub(crate) fn new(router: Arc<OutcomeRouter>) -> Self {
+        Kept {
+            router,
+            batches: Mutex::default(),
         }
-        map.entry(b).or_default().batch = Some(msgs);
+    }
+
+    /// The entry of batch `b`. Batches whose outcomes the engine no longer waits for (timed
+    /// out or dropped before [`Kept::forget`]) are dropped now and then, so lost replies cannot
+    /// grow the map.
+    fn entry<'m>(&self, map: &'m mut HashMap<u64, Entry>, b: u64) -> &'m mut Entry {
+        if map.len() >= 1_024 {
+            map.retain(|b, _| self.router.is_pending(*b));
+        }
+        map.entry(b).or_default()
+    }
+
+    /// Keep a whole batch until [`Kept::forget`].
+    pub(crate) fn keep_batch(&self, b: u64, msgs: Arc<[Message]>) {
+        let mut map = self.batches.lock();
+        self.entry(&mut map, b).batch = Some(msgs);
     }
 
     /// Keep one message (slot `i` of batch `b`) that is being sent again.
     pub(crate) fn keep_one(&self, b: u64, i: usize, msg: Message) {
-        self.batches
-            .lock()
-            .entry(b)
-            .or_default()
-            .single
-            .insert(i, msg);
+        let mut map = self.batches.lock();
+        self.entry(&mut map, b).single.insert(i, msg);
     }
 
     /// The batch resolved: nothing more to retry.
@@ -86,9 +96,9 @@ mod tests {
     fn retries_are_bounded_and_back_off() {
         let router = Arc::new(OutcomeRouter::new("t"));
         let (b, _outcomes) = router.register(2);
-        let kept = Kept::default();
+        let kept = Kept::new(Arc::clone(&router));
         let msgs: Arc<[Message]> = vec![Message::new("a.b", "0"), Message::new("a.b", "1")].into();
-        kept.keep_batch(b, msgs, &router);
+        kept.keep_batch(b, msgs);
         let waits: Vec<Duration> =
             std::iter::from_fn(|| kept.retry(b, 1).map(|(_, d)| d)).collect();
         assert_eq!(

@@ -222,7 +222,7 @@ impl NatsSink {
         let router = Arc::new(OutcomeRouter::new(BACKEND));
         let groups: Groups = Arc::default();
         let (tx, rx) = mpsc::unbounded_channel();
-        let kept = Arc::new(Kept::default());
+        let kept = Arc::new(Kept::new(Arc::clone(&router)));
         tokio::spawn(route(
             sub,
             inbox.len() + 1,
@@ -338,7 +338,7 @@ impl Writer {
             match (job, self.opts.mode) {
                 (Job::Batch { id, batch }, PublishMode::Async) => {
                     let batch: Arc<[Message]> = batch.into();
-                    self.kept.keep_batch(id, Arc::clone(&batch), &self.router);
+                    self.kept.keep_batch(id, Arc::clone(&batch));
                     let mut reply = String::with_capacity(self.inbox.len() + 24);
                     for (i, msg) in batch.iter().enumerate() {
                         self.publish_one(id, i, msg, &mut reply).await;
@@ -352,8 +352,9 @@ impl Writer {
                     metrics::counter!("eventbus_nats_resent_total").increment(items.len() as u64);
                     let mut reply = String::with_capacity(self.inbox.len() + 24);
                     for (i, msg) in items {
+                        // Kept before it is sent: its "no responders" may come back at once.
+                        self.kept.keep_one(id, i, msg.clone());
                         self.publish_one(id, i, &msg, &mut reply).await;
-                        self.kept.keep_one(id, i, msg);
                     }
                 }
             }
@@ -461,18 +462,15 @@ impl Writer {
         }
     }
 
-    async fn send_atomic(&mut self, id: u64, batch: Vec<Message>) {
-        let job_id = id;
-        let order = self.group_by_stream(id, &batch).await;
-        let mut slots: Vec<Option<Message>> = batch.into_iter().map(Some).collect();
+    async fn send_atomic(&mut self, job_id: u64, batch: Vec<Message>) {
+        let order = self.group_by_stream(job_id, &batch).await;
         for (k, (_, indices)) in order.into_iter().enumerate() {
             let k = k as u32;
             let batch_id = format!("{}{job_id}_{k}", self.batch_prefix);
             let n = indices.len();
             self.track(job_id, k, indices.clone(), Vec::new());
             for (seq, &i) in indices.iter().enumerate() {
-                let Some(msg) = slots[i].take() else { continue };
-                let (subject, payload, mut hdrs) = headers::encode(msg, self.opts.dedup);
+                let (subject, payload, mut hdrs) = headers::encode_ref(&batch[i], self.opts.dedup);
                 hdrs.insert(headers::BATCH_ID, batch_id.as_str());
                 hdrs.insert(headers::BATCH_SEQUENCE, (seq + 1).to_string().as_str());
                 let last = seq + 1 == n;
