@@ -61,6 +61,28 @@ pub struct WindowStats {
     pub batches_in_flight: usize,
 }
 
+/// What a [`BacklogWatch`] reports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum BacklogEvent {
+    /// The backlog reached the threshold.
+    Above(WindowStats),
+    /// The backlog fell below the threshold again.
+    Below(WindowStats),
+}
+
+/// A running [`Batcher::watch_backlog`]; stops when dropped.
+#[derive(Debug)]
+pub struct BacklogWatch {
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for BacklogWatch {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
 struct HandleGuard<S: BatchSink> {
     inner: Arc<Inner<S>>,
 }
@@ -121,6 +143,17 @@ struct Inner<S: BatchSink> {
     metrics: EngineMetrics,
 }
 
+impl<S: BatchSink> Inner<S> {
+    fn stats(&self) -> WindowStats {
+        WindowStats {
+            in_flight: self.cfg.max_in_flight - self.window_msgs.available_permits(),
+            in_flight_bytes: self.cfg.max_in_flight_bytes - self.window_bytes.available_permits(),
+            queued: self.acc.lock().items.len(),
+            batches_in_flight: self.inflight.lock().len(),
+        }
+    }
+}
+
 impl<S: BatchSink> Batcher<S> {
     /// Start an engine over `sink`. Fails with [`ErrorKind::Config`] on an invalid config.
     pub fn new(sink: S, config: BatchConfig) -> Result<Self, Error> {
@@ -163,13 +196,58 @@ impl<S: BatchSink> Batcher<S> {
 
     /// Current window use.
     pub fn stats(&self) -> WindowStats {
-        let i = &self.inner;
-        WindowStats {
-            in_flight: i.cfg.max_in_flight - i.window_msgs.available_permits(),
-            in_flight_bytes: i.cfg.max_in_flight_bytes - i.window_bytes.available_permits(),
-            queued: i.acc.lock().items.len(),
-            batches_in_flight: i.inflight.lock().len(),
-        }
+        self.inner.stats()
+    }
+
+    /// Watch the publisher's backlog (messages admitted and not yet resolved): every `every`,
+    /// compare [`WindowStats::in_flight`] with `threshold` and call `on_event` when it crosses
+    /// it either way (the first reading at or above it counts as a crossing). Use it to shed
+    /// load or alert before [`OnFull`](crate::OnFull) makes `publish` wait or fail. The watch
+    /// does not keep the engine alive; it stops when dropped or when the engine is gone.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// use std::time::Duration;
+    /// use eventbus_batch::{BacklogEvent, BatchConfig, Batcher};
+    /// let bus = eventbus_memory::MemoryBroker::new();
+    /// let publisher = Batcher::new(bus.sink(), BatchConfig::default()).unwrap();
+    /// let _watch = publisher.watch_backlog(Duration::from_millis(100), 5_000, |e| match e {
+    ///     BacklogEvent::Above(s) => eprintln!("publisher backlog high: {} in flight", s.in_flight),
+    ///     BacklogEvent::Below(s) => eprintln!("publisher backlog back to {}", s.in_flight),
+    ///     _ => {}
+    /// });
+    /// # }
+    /// ```
+    pub fn watch_backlog<F>(
+        &self,
+        every: Duration,
+        threshold: usize,
+        mut on_event: F,
+    ) -> BacklogWatch
+    where
+        F: FnMut(BacklogEvent) + Send + 'static,
+    {
+        let weak = Arc::downgrade(&self.inner);
+        let every = every.max(Duration::from_millis(1));
+        let task = tokio::spawn(async move {
+            let mut above = false;
+            loop {
+                let Some(inner) = weak.upgrade() else { break };
+                let stats = inner.stats();
+                drop(inner);
+                let now = stats.in_flight >= threshold;
+                if now != above {
+                    on_event(if now {
+                        BacklogEvent::Above(stats)
+                    } else {
+                        BacklogEvent::Below(stats)
+                    });
+                    above = now;
+                }
+                tokio::time::sleep(every).await;
+            }
+        });
+        BacklogWatch { task }
     }
 
     async fn admit(&self, bytes: u32) -> Result<(), Error> {

@@ -5,4 +5,4 @@ mod engine;
 pub mod metrics;
 
 pub use config::{BatchConfig, OnFull};
-pub use engine::{Batcher, WindowStats};
+pub use engine::{BacklogEvent, BacklogWatch, Batcher, WindowStats};

@@ -554,3 +554,49 @@ mod props {
         broker.await.unwrap();
     }
 }
+
+/// The backlog watch calls back once when the window use crosses the threshold upwards and once
+/// when the acks bring it back down, and stops when the engine is gone.
+#[tokio::test(start_paused = true)]
+async fn backlog_watch_reports_crossings_both_ways() {
+    use eventbus_batch::BacklogEvent;
+    let (p, mut rx) = scripted(BatchConfig::default().max_in_flight(100));
+    let (etx, mut erx) = mpsc::unbounded_channel();
+    let watch = p.watch_backlog(Duration::from_millis(10), 10, move |e| {
+        let _ = etx.send(e);
+    });
+    let mut acks = Vec::new();
+    for i in 0..9 {
+        acks.push(p.publish(msg(i)).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(erx.try_recv().is_err(), "9 in flight is below 10");
+    for i in 9..12 {
+        acks.push(p.publish(msg(i)).await.unwrap());
+    }
+    match tokio::time::timeout(Duration::from_secs(1), erx.recv()).await {
+        Ok(Some(BacklogEvent::Above(s))) => assert_eq!(s.in_flight, 12),
+        other => panic!("expected Above, got {other:?}"),
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(erx.try_recv().is_err(), "no repeat while it stays above");
+    while let Ok(s) = rx.try_recv() {
+        s.ack_all();
+    }
+    for a in acks {
+        assert!(a.await.is_acked());
+    }
+    match tokio::time::timeout(Duration::from_secs(1), erx.recv()).await {
+        Ok(Some(BacklogEvent::Below(s))) => assert_eq!(s.in_flight, 0),
+        other => panic!("expected Below, got {other:?}"),
+    }
+    // The watch does not keep the engine alive: after close and drop it ends on its own.
+    p.close(Duration::from_secs(1)).await.unwrap();
+    drop(p);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(
+        erx.recv().await.is_none(),
+        "the watch ended: its callback (and sender) was dropped"
+    );
+    drop(watch);
+}

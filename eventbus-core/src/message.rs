@@ -135,36 +135,76 @@ impl MessageId {
     /// Ids are compared by their text form: `custom(generated.to_string()) == generated`.
     pub fn custom(id: impl AsRef<str>) -> Self {
         let s = id.as_ref();
-        // Canonical form of a generated id (32 lowercase hex digits): the compact representation.
-        if s.len() == 32
-            && s.bytes()
-                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-            && let (Ok(a), Ok(b)) = (
-                u64::from_str_radix(&s[..16], 16),
-                u64::from_str_radix(&s[16..], 16),
-            )
-        {
+        // The canonical text form of a generated id maps back to the compact representation.
+        if let Some((a, b)) = decode_generated(s) {
             return MessageId(IdRepr::Generated(a, b));
         }
         MessageId(IdRepr::Custom(Arc::from(s)))
     }
 
-    /// Write the id's text form into `out` (32 hex digits for generated ids).
+    /// Write the id's text form into `out`.
     pub fn write_to(&self, out: &mut String) {
-        use fmt::Write;
         match &self.0 {
-            IdRepr::Generated(a, b) => {
-                let _ = write!(out, "{a:016x}{b:016x}");
-            }
+            IdRepr::Generated(a, b) => encode_generated(*a, *b, out),
             IdRepr::Custom(s) => out.push_str(s),
         }
     }
 }
 
+/// URL-safe alphabet of generated ids (valid in `Nats-Msg-Id`, Kafka headers and file names).
+const ID_DIGITS: &[u8; 64] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz-_";
+
+/// A generated id's text form: the 64-bit process prefix as 11 base-64 digits, then the counter
+/// in as few base-64 digits as it needs (4 for the first 16 million ids of a process). 15-22
+/// characters instead of 32 hex digits: the id travels with every message and a de-duplicating
+/// broker indexes it, so its length is paid per message.
+fn encode_generated(prefix: u64, counter: u64, out: &mut String) {
+    let mut buf = [0u8; 22];
+    for (i, slot) in buf[..11].iter_mut().enumerate() {
+        *slot = ID_DIGITS[((prefix >> (6 * (10 - i))) & 63) as usize];
+    }
+    let mut n = 11;
+    let digits = (64 - counter.leading_zeros()).div_ceil(6).max(1) as usize;
+    for i in 0..digits {
+        buf[n] = ID_DIGITS[((counter >> (6 * (digits - 1 - i))) & 63) as usize];
+        n += 1;
+    }
+    out.push_str(std::str::from_utf8(&buf[..n]).expect("ASCII digits"));
+}
+
+/// The inverse of [`encode_generated`], for canonical text only (so that every text maps to
+/// one id: `decode(s)` is `Some` exactly when `encode(decode(s)) == s`).
+fn decode_generated(s: &str) -> Option<(u64, u64)> {
+    let b = s.as_bytes();
+    if !(12..=22).contains(&b.len()) {
+        return None;
+    }
+    let digit = |c: u8| ID_DIGITS.iter().position(|&d| d == c).map(|v| v as u64);
+    let mut prefix = 0u64;
+    for &c in &b[..11] {
+        prefix = prefix.checked_mul(64)?.checked_add(digit(c)?)?;
+    }
+    // 11 digits hold 66 bits: the first may only use 4.
+    if digit(b[0])? > 15 {
+        return None;
+    }
+    let mut counter = 0u64;
+    for &c in &b[11..] {
+        counter = counter.checked_mul(64)?.checked_add(digit(c)?)?;
+    }
+    let mut back = String::with_capacity(22);
+    encode_generated(prefix, counter, &mut back);
+    (back == s).then_some((prefix, counter))
+}
+
 impl fmt::Display for MessageId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.0 {
-            IdRepr::Generated(a, b) => write!(f, "{a:016x}{b:016x}"),
+            IdRepr::Generated(a, b) => {
+                let mut s = String::with_capacity(22);
+                encode_generated(*a, *b, &mut s);
+                f.write_str(&s)
+            }
             IdRepr::Custom(s) => f.write_str(s),
         }
     }
@@ -444,7 +484,7 @@ mod tests {
         let b = Message::new("t", "x");
         assert_ne!(a.id(), b.id());
         assert_eq!(a.clone().id(), a.id());
-        assert_eq!(a.id().to_string().len(), 32);
+        assert!((12..=22).contains(&a.id().to_string().len()));
         let mut s = String::new();
         a.id().write_to(&mut s);
         assert_eq!(s, a.id().to_string());
@@ -454,6 +494,34 @@ mod tests {
             "parsed text equals the generated id"
         );
         assert_eq!(MessageId::custom("order-1").to_string(), "order-1");
+    }
+
+    #[test]
+    fn generated_text_form_round_trips_at_the_edges() {
+        for (a, b) in [
+            (0, 0),
+            (u64::MAX, u64::MAX),
+            (1 << 63, 63),
+            (12345, 64),
+            (u64::MAX, 1 << 24),
+        ] {
+            let id = MessageId(IdRepr::Generated(a, b));
+            let text = id.to_string();
+            assert!(text.len() <= 22, "{text}");
+            assert_eq!(MessageId::custom(&text), id, "{text}");
+            assert!(matches!(MessageId::custom(&text).0, IdRepr::Generated(..)));
+        }
+        // Non-canonical texts stay custom ids with their own text.
+        for s in [
+            "00000000000",
+            "G0000000000A",
+            "00000000000001",
+            "0000000000:0",
+        ] {
+            let id = MessageId::custom(s);
+            assert!(matches!(id.0, IdRepr::Custom(_)), "{s}");
+            assert_eq!(id.to_string(), s);
+        }
     }
 
     #[test]

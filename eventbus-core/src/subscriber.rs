@@ -118,6 +118,48 @@ pub mod dead_letter {
 
     /// The reason used when `max_deliveries` is exhausted.
     pub const MAX_DELIVERIES: &str = "max deliveries exceeded";
+    /// On a message built by [`replay`]: the id of the original message.
+    pub const REPLAY_OF: &str = "eventbus-replay-of";
+
+    /// Turn a dead letter back into a message for the topic it came from, to publish again once
+    /// the cause is fixed: same key, payload and headers, minus the dead-letter headers, plus
+    /// [`REPLAY_OF`]. Its id is `replay-<dead letter id>`: a new id, so a stream that
+    /// de-duplicates does not drop it as the original, yet replaying the same dead letter twice
+    /// is de-duplicated like any retry. `None` if `dead` has no [`TOPIC`] header (it is not a
+    /// dead letter) or it is empty.
+    ///
+    /// ```
+    /// use eventbus_core::{Message, Position, Topic, dead_letter};
+    /// let original = Message::new("orders", "{}").with_key("o-1");
+    /// let dead = dead_letter::message(&original, &Topic::new("orders.dlq"),
+    ///     &Position::Offset(7), 5, dead_letter::MAX_DELIVERIES);
+    /// let again = dead_letter::replay(&dead).unwrap();
+    /// assert_eq!(again.topic().as_str(), "orders");
+    /// assert_eq!(again.key(), original.key());
+    /// assert_eq!(again.headers().get(dead_letter::REPLAY_OF), Some(original.id().to_string().as_str()));
+    /// assert!(again.headers().get(dead_letter::REASON).is_none());
+    /// ```
+    pub fn replay(dead: &Message) -> Option<Message> {
+        let topic = dead.headers().get(TOPIC)?.to_owned();
+        if topic.is_empty() {
+            return None;
+        }
+        let original_id = dead.headers().get(ID).map(str::to_owned);
+        let (id, _, key, mut headers, payload) = dead.clone().into_parts();
+        for h in [ID, TOPIC, POSITION, DELIVERIES, REASON, REPLAY_OF] {
+            headers.remove(h);
+        }
+        if let Some(orig) = original_id {
+            headers.append(REPLAY_OF, orig);
+        }
+        Some(Message::from_parts(
+            MessageId::custom(format!("replay-{id}")),
+            Topic::new(topic),
+            key,
+            headers,
+            payload,
+        ))
+    }
 
     /// Build the dead letter for `original`, read at `position` and delivered `deliveries` times.
     pub fn message(

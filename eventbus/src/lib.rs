@@ -32,11 +32,12 @@ mod config;
 use std::time::Duration;
 
 use eventbus_batch::Batcher;
+pub use eventbus_batch::{BacklogEvent, BacklogWatch, BatchConfig, OnFull, WindowStats};
 use eventbus_core::ops::{Health, HealthCheck, Lag};
-use eventbus_core::{
-    CloseReport, Error, ErrorKind, Message, PendingAck, Publisher, SubscribeSpec, Subscriber,
-    Subscription, Topic,
-};
+/// Everything from `eventbus-core` (messages, the traits, errors, the handler runtime, lag and
+/// health), so that a service needs only this crate.
+#[doc(no_inline)]
+pub use eventbus_core::*;
 
 pub use config::{BackendKind, BusConfig};
 
@@ -119,6 +120,37 @@ impl Bus {
         }
     }
 
+    /// Make sure `topic` can be published to and subscribed: Kafka creates the topic with
+    /// `partitions` (replication factor 1) unless it exists; NATS creates a file stream named
+    /// after it (`.` becomes `_`, e.g. `orders_created`) capturing `topic` and `topic.>`
+    /// unless one exists; memory needs nothing. Existing topics and streams are left as they
+    /// are. Production setups usually provision through their own tooling instead.
+    pub async fn ensure_topic(&self, topic: &str, partitions: u32) -> Result<(), Error> {
+        match self {
+            #[cfg(feature = "nats")]
+            Bus::Nats(b, _) => {
+                eventbus_core::validate::topic(topic, eventbus_core::TopicRules::Nats)?;
+                let name = topic.replace('.', "_");
+                b.ensure_stream(&eventbus_nats::StreamSpec::new(
+                    name,
+                    [topic.to_owned(), format!("{topic}.>")],
+                ))
+                .await
+            }
+            #[cfg(feature = "kafka")]
+            Bus::Kafka(b, _) => {
+                let partitions = i32::try_from(partitions.max(1))
+                    .map_err(|_| Error::new(ErrorKind::Config, "partitions must fit in an i32"))?;
+                b.ensure_topic(topic, partitions).await
+            }
+            #[cfg(feature = "memory")]
+            Bus::Memory(..) => {
+                let _ = partitions;
+                Ok(())
+            }
+        }
+    }
+
     /// The backend's health check.
     pub async fn health(&self, timeout: Duration) -> Health {
         match self {
@@ -160,6 +192,22 @@ macro_rules! each {
             $ty::Memory($p) => $body,
         }
     };
+}
+
+impl BusPublisher {
+    /// Current ACK window use (see [`Batcher::stats`]).
+    pub fn stats(&self) -> WindowStats {
+        each!(BusPublisher, self, p => p.stats())
+    }
+
+    /// Call `on_event` when the publisher's backlog crosses `threshold` messages in flight,
+    /// checked every `every` (see [`Batcher::watch_backlog`]).
+    pub fn watch_backlog<F>(&self, every: Duration, threshold: usize, on_event: F) -> BacklogWatch
+    where
+        F: FnMut(BacklogEvent) + Send + 'static,
+    {
+        each!(BusPublisher, self, p => p.watch_backlog(every, threshold, on_event))
+    }
 }
 
 impl Publisher for BusPublisher {

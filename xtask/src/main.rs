@@ -8,6 +8,8 @@
 //! - `cargo xtask reliability [ARGS]` runs the fault scenarios (kill -9 / restart, SIGSTOP,
 //!   TCP fault proxy, shutdown, cancellation, absent broker) and prints the figures table;
 //!   `--quick` is the CI subset, `--doc docs/reliability.md` rewrites the committed report.
+//! - `cargo xtask examples` runs every example of the `eventbus` crate against a fresh
+//!   nats-server and a fresh tansu and checks its output (also the last step of `test`).
 //! - `cargo xtask brokers up|down|status` starts / stops / shows local brokers for your own use.
 //! - `cargo xtask ci` is what `.ci/run` runs: fmt, clippy, doc, test, bench --quick,
 //!   reliability --quick.
@@ -19,6 +21,8 @@ use std::process::{Command, ExitCode};
 
 use eventbus_brokers as brokers;
 
+mod examples;
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
@@ -28,9 +32,10 @@ fn main() -> ExitCode {
         Some("brokers") => brokers_cmd(&args[1..]),
         Some("ci") => ci(),
         Some("install") => install(),
+        Some("examples") => install().and_then(|()| examples::examples()),
         _ => {
             eprintln!(
-                "usage: cargo xtask <test [cargo test args] | bench [bench args] | reliability [args] | brokers up|down|status | install | ci>"
+                "usage: cargo xtask <test [cargo test args] | examples | bench [bench args] | reliability [args] | brokers up|down|status | install | ci>"
             );
             return ExitCode::from(2);
         }
@@ -105,7 +110,9 @@ fn test(extra: &[String]) -> Result {
     let mut d = cargo();
     d.args(["test", "--workspace", "--doc"]);
     broker_env(&mut d);
-    run(d)
+    run(d)?;
+    // The examples are part of the tests: each runs against both real brokers.
+    examples::examples()
 }
 
 fn bench(extra: &[String]) -> Result {
