@@ -96,6 +96,7 @@ macro_rules! conformance_tests {
             lag_grows_and_shrinks,
             health_and_heartbeat,
             traceparent_reaches_the_handler,
+            fuzzed_bad_input_is_isolated,
         );
     };
     (@each $harness:expr; $($name:ident),* $(,)?) => {

@@ -54,6 +54,7 @@ impl eventbus_core::ops::HealthCheck for KafkaBackend {
 #[derive(Clone, Debug)]
 pub struct KafkaBackend {
     config: KafkaConfig,
+    lag_readers: subscriber::LagReaders,
 }
 
 impl KafkaBackend {
@@ -72,7 +73,10 @@ impl KafkaBackend {
         })
         .await
         .map_err(|_| error::err(ErrorKind::Other, "connect task failed"))??;
-        Ok(KafkaBackend { config })
+        Ok(KafkaBackend {
+            config,
+            lag_readers: subscriber::LagReaders::default(),
+        })
     }
 
     /// A publishing sink (one librdkafka producer); wrap it in `eventbus_batch::Batcher`.
@@ -92,6 +96,7 @@ impl KafkaBackend {
     pub fn subscriber(&self) -> KafkaSubscriber {
         KafkaSubscriber {
             config: self.config.clone(),
+            lag_readers: self.lag_readers.clone(),
         }
     }
 

@@ -48,6 +48,45 @@ const REVOKE_DRAIN: Duration = Duration::from_secs(10);
 #[derive(Clone, Debug)]
 pub struct KafkaSubscriber {
     pub(crate) config: KafkaConfig,
+    pub(crate) lag_readers: LagReaders,
+}
+
+/// Most groups whose lag reader is kept; lag of further groups uses a one-off consumer.
+const MAX_LAG_READERS: usize = 32;
+
+/// Idle consumers that read committed offsets, one per group (offsets are read *as* the group;
+/// the consumer never joins it). Kept and shared by the backend's subscribers, so a lag watch
+/// polling every few seconds reuses one connection instead of opening one per reading.
+#[derive(Clone, Default)]
+pub(crate) struct LagReaders(Arc<Mutex<HashMap<String, Arc<BaseConsumer>>>>);
+
+impl std::fmt::Debug for LagReaders {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LagReaders")
+            .field("groups", &self.0.lock().len())
+            .finish()
+    }
+}
+
+impl LagReaders {
+    fn get(&self, config: &KafkaConfig, group: &str) -> Result<Arc<BaseConsumer>, Error> {
+        if let Some(c) = self.0.lock().get(group) {
+            return Ok(Arc::clone(c));
+        }
+        let consumer: Arc<BaseConsumer> = Arc::new(
+            config
+                .consumer_config(group, true)
+                .create()
+                .map_err(|e| error::other("invalid Kafka consumer configuration", e))?,
+        );
+        let mut readers = self.0.lock();
+        if readers.len() < MAX_LAG_READERS {
+            return Ok(Arc::clone(
+                readers.entry(group.to_owned()).or_insert(consumer),
+            ));
+        }
+        Ok(consumer)
+    }
 }
 
 impl Subscriber for KafkaSubscriber {
@@ -59,10 +98,10 @@ impl Subscriber for KafkaSubscriber {
         topic: &Topic,
         group: &str,
     ) -> impl Future<Output = Result<eventbus_core::ops::Lag, Error>> + Send {
-        let config = self.config.clone();
+        let (config, readers) = (self.config.clone(), self.lag_readers.clone());
         let (topic, group) = (topic.as_str().to_owned(), group.to_owned());
         async move {
-            tokio::task::spawn_blocking(move || group_lag(&config, &topic, &group))
+            tokio::task::spawn_blocking(move || group_lag(&config, &readers, &topic, &group))
                 .await
                 .map_err(|_| error::err(ErrorKind::Other, "lag task failed"))?
         }
@@ -136,13 +175,11 @@ fn partitions_of<C: ConsumerContext>(
 /// subscribes, so it does not join the group or disturb its members).
 fn group_lag(
     config: &KafkaConfig,
+    readers: &LagReaders,
     topic: &str,
     group: &str,
 ) -> Result<eventbus_core::ops::Lag, Error> {
-    let consumer: BaseConsumer = config
-        .consumer_config(group, true)
-        .create()
-        .map_err(|e| error::other("invalid Kafka consumer configuration", e))?;
+    let consumer = readers.get(config, group)?;
     let wait = config.connect_timeout.max(Duration::from_secs(10));
     let partitions = partitions_of(&consumer, topic, wait)?;
     let mut tpl = TopicPartitionList::new();

@@ -130,3 +130,54 @@ async fn commit_stops_at_the_first_unacked_message() {
     assert_eq!(offsets, (5..20).collect::<Vec<i64>>());
     sub.close().await;
 }
+
+/// Reading a group's lag repeatedly reuses one reader per group, shared by every subscriber of
+/// the backend, and still sees the committed offsets move.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lag_readings_reuse_one_reader_per_group() {
+    let (_broker, kafka) = start().await;
+    kafka.ensure_topic("lagged", 1).await.expect("topic");
+    publish(&kafka, "lagged", 10).await;
+    let topic = eventbus_core::Topic::new("lagged");
+    for _ in 0..5 {
+        let lag = kafka
+            .subscriber()
+            .lag(&topic, "readers")
+            .await
+            .expect("lag");
+        assert_eq!(lag.total(), 10);
+    }
+    assert!(
+        format!("{:?}", kafka.subscriber()).contains("groups: 1"),
+        "{:?}",
+        kafka.subscriber()
+    );
+    let mut sub = kafka
+        .subscriber()
+        .subscribe(SubscribeSpec::new("lagged").group("readers"))
+        .await
+        .expect("subscribe");
+    for _ in 0..10 {
+        let d = tokio::time::timeout(Duration::from_secs(20), sub.next())
+            .await
+            .expect("delivery in time")
+            .expect("open")
+            .expect("delivery");
+        d.ack().await.expect("ack");
+    }
+    let reader = kafka.subscriber();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let lag = reader.lag(&topic, "readers").await.expect("lag");
+        if lag.total() == 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "lag stayed at {lag:?} after every message was acked"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    sub.close().await;
+    assert!(format!("{reader:?}").contains("groups: 1"), "{reader:?}");
+}
