@@ -181,3 +181,200 @@ async fn lag_readings_reuse_one_reader_per_group() {
     sub.close().await;
     assert!(format!("{reader:?}").contains("groups: 1"), "{reader:?}");
 }
+
+/// Rebalances under load: while 5 publishers write 6,000 keyed messages to a 3-partition topic,
+/// a second member joins the group (partitions move to it) and later the first member leaves
+/// (they move on again). Every message is handled; the first handling of each key's messages,
+/// across both members, is in publish order; the revoke path commits what was handled, so
+/// redeliveries stay a small fraction (counted, and bounded here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rebalances_under_load_lose_nothing() {
+    use std::collections::HashMap;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    #[derive(Default)]
+    struct Seen {
+        /// id -> times handled.
+        times: HashMap<String, u32>,
+        /// key -> highest sequence handled for the first time.
+        last_first: HashMap<String, i64>,
+        order_errors: Vec<String>,
+        /// member -> messages handled.
+        by_member: HashMap<&'static str, usize>,
+    }
+
+    let (_broker, kafka) = start().await;
+    kafka.ensure_topic("moving", 3).await.expect("topic");
+    const PUBLISHERS: usize = 5;
+    const PER: usize = 1_200;
+    let spec = SubscribeSpec::new("moving")
+        .group("movers")
+        .ack_wait(Duration::from_secs(30));
+    let seen: Arc<parking_lot::Mutex<Seen>> = Arc::default();
+    let member = |name: &'static str, sub: eventbus_core::Subscription, stop: Arc<AtomicBool>| {
+        let seen = Arc::clone(&seen);
+        tokio::spawn(async move {
+            let mut sub = sub;
+            while !stop.load(Ordering::SeqCst) {
+                let d = match tokio::time::timeout(Duration::from_millis(100), sub.next()).await {
+                    Ok(Some(Ok(d))) => d,
+                    Ok(Some(Err(e))) => panic!("{name}: subscription error {e}"),
+                    Ok(None) => break,
+                    Err(_) => continue,
+                };
+                let m = d.message();
+                let key = String::from_utf8_lossy(m.key().expect("keyed")).into_owned();
+                let seq: i64 = std::str::from_utf8(m.payload()).unwrap().parse().unwrap();
+                {
+                    let mut s = seen.lock();
+                    *s.by_member.entry(name).or_insert(0) += 1;
+                    let n = s.times.entry(m.id().to_string()).or_insert(0);
+                    *n += 1;
+                    if *n == 1 {
+                        let prev = s.last_first.insert(key.clone(), seq).unwrap_or(-1);
+                        if seq <= prev {
+                            s.order_errors
+                                .push(format!("{name} {key}: {seq} after {prev}"));
+                        }
+                    }
+                }
+                d.ack().await.expect("ack");
+            }
+            sub
+        })
+    };
+    let (stop_first, stop_second) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicBool::new(false)),
+    );
+    let first = member(
+        "first",
+        kafka
+            .subscriber()
+            .subscribe(spec.clone())
+            .await
+            .expect("subscribe"),
+        Arc::clone(&stop_first),
+    );
+    // Publish in the background, a little at a time, so the rebalances happen mid-stream.
+    let p = Batcher::new(kafka.sink().expect("sink"), BatchConfig::default()).unwrap();
+    let mut publishers = Vec::new();
+    for w in 0..PUBLISHERS {
+        let p = p.clone();
+        publishers.push(tokio::spawn(async move {
+            let mut acks = Vec::new();
+            let mut ids = Vec::new();
+            for i in 0..PER {
+                let m = Message::new("moving", i.to_string()).with_key(format!("w{w}-k{}", i % 4));
+                ids.push(m.id().to_string());
+                acks.push(p.publish(m).await.expect("admitted"));
+                // ~1,000 msg/s in all, for ~6 s: the rebalances happen mid-stream.
+                if i % 10 == 9 {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+            for (i, a) in acks.into_iter().enumerate() {
+                assert!(a.await.is_acked(), "publish {w}/{i}");
+            }
+            ids
+        }));
+    }
+    let handled = |n: usize| {
+        let seen = Arc::clone(&seen);
+        async move {
+            let deadline = std::time::Instant::now() + Duration::from_secs(90);
+            loop {
+                let have = seen.lock().times.len();
+                if have >= n {
+                    break;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "stuck at {have} of {n}"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    handled(1_000).await;
+    let second = member(
+        "second",
+        kafka
+            .subscriber()
+            .subscribe(spec.clone())
+            .await
+            .expect("subscribe"),
+        Arc::clone(&stop_second),
+    );
+    let joined = std::time::Instant::now();
+    let second_before_leave = loop {
+        let n = seen.lock().by_member.get("second").copied().unwrap_or(0);
+        if n > 0 {
+            break n;
+        }
+        assert!(
+            joined.elapsed() < Duration::from_secs(30),
+            "the joining member got no partitions"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    eprintln!("second member handling after {:?}", joined.elapsed());
+    let so_far = seen.lock().times.len();
+    handled(so_far + 500).await;
+    // The first member leaves the group: its partitions move to the second.
+    stop_first.store(true, Ordering::SeqCst);
+    let first = tokio::time::timeout(Duration::from_secs(10), first)
+        .await
+        .expect("first member stops")
+        .expect("first member");
+    tokio::time::timeout(Duration::from_secs(30), first.close())
+        .await
+        .expect("first member leaves in time");
+    eprintln!("first member left");
+    let mut all = std::collections::HashSet::new();
+    for t in publishers {
+        all.extend(
+            tokio::time::timeout(Duration::from_secs(60), t)
+                .await
+                .expect("publisher finishes")
+                .expect("publisher"),
+        );
+    }
+    assert_eq!(all.len(), PUBLISHERS * PER);
+    eprintln!("published {}", all.len());
+    p.close(Duration::from_secs(10)).await.expect("close");
+    handled(all.len()).await;
+    stop_second.store(true, Ordering::SeqCst);
+    let second = tokio::time::timeout(Duration::from_secs(10), second)
+        .await
+        .expect("second member stops")
+        .expect("second member");
+    tokio::time::timeout(Duration::from_secs(30), second.close())
+        .await
+        .expect("second member leaves in time");
+    let seen = seen.lock();
+    let missing = all
+        .iter()
+        .filter(|id| !seen.times.contains_key(*id))
+        .count();
+    let redelivered: u32 = seen.times.values().map(|n| n - 1).sum();
+    assert_eq!(missing, 0, "messages never handled");
+    assert_eq!(seen.times.len(), all.len(), "unknown ids handled");
+    assert!(seen.order_errors.is_empty(), "{:?}", seen.order_errors);
+    assert!(
+        (redelivered as usize) < all.len() / 10,
+        "{redelivered} redeliveries of {} messages",
+        all.len()
+    );
+    let second_total = seen.by_member.get("second").copied().unwrap_or(0);
+    assert!(
+        second_total > second_before_leave,
+        "after the first member left, the second took over its partitions"
+    );
+    eprintln!(
+        "rebalances under load: {} handled ({:?}), {redelivered} redelivered",
+        all.len(),
+        seen.by_member
+    );
+}

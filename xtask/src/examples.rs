@@ -26,7 +26,7 @@ pub(crate) fn examples() -> Result {
     run(build)?;
     let nats = brokers::NatsServer::start().map_err(|e| format!("nats-server: {e}"))?;
     let tansu =
-        brokers::Tansu::start(brokers::TansuStorage::Memory).map_err(|e| format!("tansu: {e}"))?;
+        brokers::Tansu::start(brokers::TansuStorage::Sqlite).map_err(|e| format!("tansu: {e}"))?;
     let backends = [
         ("nats", "EVENTBUS_NATS_URL", nats.url()),
         ("kafka", "EVENTBUS_KAFKA_BROKERS", tansu.bootstrap()),
