@@ -225,6 +225,12 @@ impl Published {
         }
     }
 
+    /// Set the elapsed time from `t0` to the last ack, `last`.
+    pub(crate) fn finish(mut self, t0: Instant, last: Instant) -> Self {
+        self.elapsed = last.saturating_duration_since(t0);
+        self
+    }
+
     pub(crate) fn record(&mut self, o: Outcome, latency: Duration) {
         match &o {
             Outcome::Acked(_) => self.acked += 1,

@@ -39,7 +39,9 @@ pub(crate) struct Args {
     /// Nats-Msg-Id), sdk-nodedup (NATS without Nats-Msg-Id, Kafka without the eventbus-id
     /// header), NATS publish modes sdk-async (one ack per message), sdk-fast, sdk-atomic (one
     /// ack per all-or-nothing batch), each also as `sdk-<mode>-nodedup`, raw, and raw-dedup
-    /// (NATS: raw with Nats-Msg-Id, like the SDK's default).
+    /// (NATS: raw with Nats-Msg-Id, like the SDK's default), raw-future (Kafka: rdkafka's
+    /// FutureProducer, one future per message, instead of raw's ThreadedProducer with a
+    /// delivery callback; not in the default run).
     #[arg(long, value_delimiter = ',')]
     pub mode: Vec<String>,
     /// Storage class: durable (JetStream file storage, tansu SQLite), memory (JetStream memory
@@ -297,6 +299,7 @@ async fn run(args: Args) -> Result<bool, String> {
             "sdk-atomic-nodedup",
             "raw",
             "raw-dedup",
+            "raw-future",
         ],
         &[
             "naive",
@@ -350,6 +353,7 @@ async fn run(args: Args) -> Result<bool, String> {
                         && (m == "sdk-async" || m == "sdk-atomic"))
                         || (b == "memory" && (m.starts_with("raw") || m.starts_with("sdk-")))
                         || (b != "nats" && m == "raw-dedup")
+                        || (b != "kafka" && m == "raw-future")
                         || (b == "kafka"
                             && (m.contains("atomic") || m.contains("fast") || m.contains("async")))
                     {

@@ -376,17 +376,26 @@ impl Writer {
         }
     }
 
-    /// The stream capturing `subject`, cached (one lookup per new subject).
-    async fn stream_of(&mut self, subject: &str) -> Option<String> {
+    /// The stream capturing `subject`, cached (one lookup per new subject). `Err` when the
+    /// lookup itself failed (timeout, connection): that says nothing about the subject.
+    async fn stream_of(&mut self, subject: &str) -> Result<Option<String>, ()> {
+        use async_nats::jetstream::context::GetStreamByNameErrorKind as K;
         if let Some(s) = self.streams.get(subject) {
-            return s.clone();
+            return Ok(s.clone());
         }
-        let found = self.js.stream_by_subject(subject).await.ok();
-        // Only remember hits: a stream created later is found on the next batch.
-        if found.is_some() {
-            self.streams.insert(subject.to_owned(), found.clone());
+        match self.js.stream_by_subject(subject).await {
+            Ok(stream) => {
+                // Only remember hits: a stream created later is found on the next batch.
+                self.streams
+                    .insert(subject.to_owned(), Some(stream.clone()));
+                Ok(Some(stream))
+            }
+            Err(e) if matches!(e.kind(), K::NotFound | K::InvalidSubject) => Ok(None),
+            Err(e) => {
+                tracing::debug!(error = %e, "stream lookup failed");
+                Err(())
+            }
         }
-        found
     }
 
     /// Whether `stream` accepts fast batches (`allow_batched`), and its message size limit,
@@ -421,16 +430,22 @@ impl Writer {
     }
 
     /// Split a batch by stream, keeping order within each group. Messages no stream captures
-    /// fail at once (nothing is sent for them).
-    async fn group_by_stream(&mut self, id: u64, batch: &[Message]) -> Vec<(String, Vec<usize>)> {
+    /// fail at once (nothing is sent for them); messages whose stream could not be looked up
+    /// (the server did not answer in time) are returned apart, in order.
+    async fn group_by_stream(
+        &mut self,
+        id: u64,
+        batch: &[Message],
+    ) -> (Vec<(String, Vec<usize>)>, Vec<usize>) {
         let mut order: Vec<(String, Vec<usize>)> = Vec::new();
+        let mut unknown = Vec::new();
         for (i, m) in batch.iter().enumerate() {
             match self.stream_of(m.topic().as_str()).await {
-                Some(stream) => match order.iter_mut().find(|(s, _)| *s == stream) {
+                Ok(Some(stream)) => match order.iter_mut().find(|(s, _)| *s == stream) {
                     Some((_, v)) => v.push(i),
                     None => order.push((stream, vec![i])),
                 },
-                None => self.router.settle(
+                Ok(None) => self.router.settle(
                     id,
                     i,
                     Outcome::Failed(err(
@@ -438,9 +453,10 @@ impl Writer {
                         "no JetStream stream covers the subject",
                     )),
                 ),
+                Err(()) => unknown.push(i),
             }
         }
-        order
+        (order, unknown)
     }
 
     /// Track batch group `(b, k)`; forget groups whose engine batch is gone (timed out or
@@ -463,7 +479,21 @@ impl Writer {
     }
 
     async fn send_atomic(&mut self, job_id: u64, batch: Vec<Message>) {
-        let order = self.group_by_stream(job_id, &batch).await;
+        let (order, unknown) = self.group_by_stream(job_id, &batch).await;
+        // An atomic batch needs its stream: without it nothing is sent, and a retry may succeed.
+        for i in unknown {
+            self.router.settle(
+                job_id,
+                i,
+                Outcome::Failed(
+                    err(
+                        ErrorKind::Timeout,
+                        "could not look up the subject's stream; nothing was sent",
+                    )
+                    .temporary(),
+                ),
+            );
+        }
         for (k, (_, indices)) in order.into_iter().enumerate() {
             let k = k as u32;
             let batch_id = format!("{}{job_id}_{k}", self.batch_prefix);
@@ -504,14 +534,23 @@ impl Writer {
     }
 
     async fn send_fast(&mut self, job_id: u64, batch: Vec<Message>) {
-        let order = self.group_by_stream(job_id, &batch).await;
+        let (order, unknown) = self.group_by_stream(job_id, &batch).await;
         let mut slots: Vec<Option<Message>> = batch.into_iter().map(Some).collect();
         let mut reply = String::with_capacity(self.inbox.len() + 96);
+        // Stream unknown for now (lookup timed out): publish those one by one with their own
+        // pub acks, as async mode does; the server's answer (stored, no responders, ...) decides.
+        for i in unknown {
+            if let Some(msg) = slots[i].take() {
+                self.kept.keep_one(job_id, i, msg.clone());
+                self.publish_one(job_id, i, &msg, &mut reply).await;
+            }
+        }
         for (k, (stream, mut indices)) in order.into_iter().enumerate() {
             let facts = self.stream_facts(&stream).await;
             if !facts.fast {
                 for i in indices {
                     if let Some(msg) = slots[i].take() {
+                        self.kept.keep_one(job_id, i, msg.clone());
                         self.publish_one(job_id, i, &msg, &mut reply).await;
                     }
                 }

@@ -82,9 +82,31 @@ pub struct Entry {
 #[derive(Debug, Default, Clone)]
 pub struct Ledger {
     inner: Arc<Mutex<HashMap<Key, Entry>>>,
+    /// The first few distinct reasons given for failed (definitely not stored) outcomes.
+    reasons: Arc<Mutex<Vec<String>>>,
 }
 
+/// Distinct failure reasons kept per ledger.
+const MAX_REASONS: usize = 4;
+
 impl Ledger {
+    /// Record an attempt's outcome (see [`Ledger::record`]), keeping the reason of a failure.
+    pub fn record_outcome(&self, key: Key, admitted: Instant, o: &Outcome) {
+        if let Outcome::Failed(e) = o {
+            let text = e.to_string();
+            let mut r = self.reasons.lock();
+            if r.len() < MAX_REASONS && !r.contains(&text) {
+                r.push(text);
+            }
+        }
+        self.record(key, admitted, Class::of(o), o.error().map(|e| e.kind()));
+    }
+
+    /// The first distinct reasons given for failed outcomes.
+    pub fn failure_reasons(&self) -> Vec<String> {
+        self.reasons.lock().clone()
+    }
+
     /// Record the outcome of one attempt of `key`, admitted at `admitted`.
     pub fn record(&self, key: Key, admitted: Instant, class: Class, kind: Option<ErrorKind>) {
         let now = Instant::now();
@@ -195,7 +217,7 @@ where
                         let ack: eventbus_core::PendingAck = ack;
                         let o = ack.await;
                         gauge.down();
-                        ledger.record(key, at, Class::of(&o), o.error().map(|e| e.kind()));
+                        ledger.record_outcome(key, at, &o);
                     }
                 })
             };
@@ -254,7 +276,7 @@ pub async fn retry_unknown<P: Publisher>(
         }
         for (key, at, ack) in acks {
             let o = ack.await;
-            ledger.record(key, at, Class::of(&o), o.error().map(|e| e.kind()));
+            ledger.record_outcome(key, at, &o);
         }
     }
     retried.len()
