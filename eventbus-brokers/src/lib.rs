@@ -7,6 +7,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+#[cfg(feature = "tls")]
+pub mod tls;
+
 /// Pinned nats-server version.
 pub const NATS_VERSION: &str = "2.15.1";
 /// Pinned tansu version.

@@ -3,81 +3,23 @@
 //! each fail fast at connect with a typed, non-retryable error, and never fall back to
 //! plaintext.
 
-use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use eventbus_batch::{BatchConfig, Batcher};
+use eventbus_brokers::tls::Pki;
 use eventbus_brokers::{NatsOptions, NatsServer};
 use eventbus_conformance::scenarios::publish_all;
 use eventbus_core::{Error, ErrorKind, Message, Outcome};
 use eventbus_nats::{NatsBackend, NatsConfig, StreamSpec};
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
-
-/// A CA, and leaf certificates it signs, written as PEM files into a temporary directory.
-struct Pki {
-    dir: tempfile::TempDir,
-    issuer: Issuer<'static, KeyPair>,
-    ca: PathBuf,
-}
-
-impl Pki {
-    fn new(name: &str) -> Pki {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.distinguished_name.push(DnType::CommonName, name);
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        let key = KeyPair::generate().expect("key");
-        let cert = params.self_signed(&key).expect("self-signed CA");
-        let ca = dir.path().join(format!("{name}.pem"));
-        std::fs::write(&ca, cert.pem()).expect("write CA");
-        Pki {
-            dir,
-            issuer: Issuer::new(params, key),
-            ca,
-        }
-    }
-
-    /// A leaf certificate for `names`; returns (cert, key) paths.
-    fn leaf(&self, file: &str, names: &[&str]) -> (PathBuf, PathBuf) {
-        let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
-        let mut params = CertificateParams::new(names).expect("params");
-        params.distinguished_name.push(DnType::CommonName, file);
-        let key = KeyPair::generate().expect("key");
-        let cert = params.signed_by(&key, &self.issuer).expect("sign");
-        let (c, k) = (
-            self.dir.path().join(format!("{file}.pem")),
-            self.dir.path().join(format!("{file}-key.pem")),
-        );
-        std::fs::write(&c, cert.pem()).expect("write cert");
-        std::fs::write(&k, key.serialize_pem()).expect("write key");
-        (c, k)
-    }
-}
 
 /// nats-server with TLS on, its certificate for `names`; `verify` requires client certificates
 /// signed by the same CA.
 fn tls_server(pki: &Pki, names: &[&str], verify: bool) -> NatsServer {
-    let (cert, key) = pki.leaf("server", names);
-    let mut args = vec![
-        "--tls".to_owned(),
-        "--tlscert".into(),
-        path(&cert),
-        "--tlskey".into(),
-        path(&key),
-    ];
-    if verify {
-        args.extend(["--tlsverify".into(), "--tlscacert".into(), path(&pki.ca)]);
-    }
     NatsServer::start_with(NatsOptions {
-        args,
+        args: pki.nats_args(names, verify),
         ..NatsOptions::default()
     })
     .expect("start nats-server with TLS")
-}
-
-fn path(p: &Path) -> String {
-    p.display().to_string()
 }
 
 fn tls_url(server: &NatsServer) -> String {
@@ -108,7 +50,7 @@ async fn the_right_ca_connects_and_publishes() {
     let pki = Pki::new("ca");
     let server = tls_server(&pki, &["localhost", "127.0.0.1"], false);
     let nats =
-        NatsBackend::connect(NatsConfig::new(tls_url(&server)).tls_root_certificates(&pki.ca))
+        NatsBackend::connect(NatsConfig::new(tls_url(&server)).tls_root_certificates(pki.ca()))
             .await
             .expect("connect over TLS");
     nats.ensure_stream(&StreamSpec::new("TLS", ["tls.>"]))
@@ -132,28 +74,28 @@ async fn a_wrong_ca_fails_fast_without_plaintext_fallback() {
     let other = Pki::new("other-ca");
     let server = tls_server(&pki, &["localhost", "127.0.0.1"], false);
     // tls:// with the wrong CA.
-    refused(NatsConfig::new(tls_url(&server)).tls_root_certificates(&other.ca)).await;
+    refused(NatsConfig::new(tls_url(&server)).tls_root_certificates(other.ca())).await;
     // A plain nats:// URL to a TLS server: the client must upgrade (and then fail on the
     // unknown CA), never talk plaintext.
-    refused(NatsConfig::new(server.url()).tls_root_certificates(&other.ca)).await;
+    refused(NatsConfig::new(server.url()).tls_root_certificates(other.ca())).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hostname_mismatch_fails_fast() {
     let pki = Pki::new("ca");
     let server = tls_server(&pki, &["other.example"], false);
-    refused(NatsConfig::new(tls_url(&server)).tls_root_certificates(&pki.ca)).await;
+    refused(NatsConfig::new(tls_url(&server)).tls_root_certificates(pki.ca())).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mutual_tls_requires_the_client_certificate() {
     let pki = Pki::new("ca");
     let server = tls_server(&pki, &["localhost", "127.0.0.1"], true);
-    refused(NatsConfig::new(tls_url(&server)).tls_root_certificates(&pki.ca)).await;
+    refused(NatsConfig::new(tls_url(&server)).tls_root_certificates(pki.ca())).await;
     let (cert, key) = pki.leaf("client", &["client"]);
     let nats = NatsBackend::connect(
         NatsConfig::new(tls_url(&server))
-            .tls_root_certificates(&pki.ca)
+            .tls_root_certificates(pki.ca())
             .tls_client_cert(cert, key),
     )
     .await

@@ -799,3 +799,268 @@ pub async fn absent(backend: &'static str) -> Row {
     row.require(later == 0, format!("{later} reconnects after giving up"));
     row
 }
+
+/// Security (NATS): TLS with a wrong CA, a `nats://` URL to a TLS server, a host name mismatch,
+/// mutual TLS without a client certificate, a wrong password, and a publish without
+/// permission. Each connect goes through the TCP proxy, which counts connection attempts: every
+/// refusal must be typed, not retryable, within the connect timeout (+1 s), with no secret in
+/// its text and no reconnect attempts in the 2 s after it. NATS only: tansu is started without
+/// TLS or SASL listeners here.
+pub async fn security(backend: &'static str) -> Row {
+    let mut row = Row::new("security", backend);
+    #[cfg(feature = "nats")]
+    if backend == "nats" {
+        security_nats(&mut row).await;
+        return row;
+    }
+    row.failures
+        .push(format!("security is not run on {backend}"));
+    row
+}
+
+/// One refused connect through a fresh proxy to `server`: typed `want`, not retryable, within
+/// `timeout` + 1 s, no secret in its text, no reconnect attempts in the 2 s after it.
+#[cfg(feature = "nats")]
+#[allow(clippy::too_many_arguments)]
+async fn refused_connect(
+    row: &mut Row,
+    worst: &mut Duration,
+    what: &str,
+    server: &eventbus_brokers::NatsServer,
+    scheme: &str,
+    cfg: &dyn Fn(String) -> eventbus_nats::NatsConfig,
+    want: eventbus_core::ErrorKind,
+    secrets: &[&str],
+) {
+    let timeout = Duration::from_secs(3);
+    let upstream = ([127, 0, 0, 1], server.port()).into();
+    let proxy = match crate::proxy::FaultProxy::start(upstream).await {
+        Ok(p) => p,
+        Err(e) => return row.failures.push(format!("{what}: proxy: {e}")),
+    };
+    let url = format!("{scheme}://{}", proxy.addr());
+    let t0 = Instant::now();
+    let result = eventbus_nats::NatsBackend::connect(cfg(url).connect_timeout(timeout)).await;
+    let took = t0.elapsed();
+    *worst = (*worst).max(took);
+    let attempts = proxy.accepted();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let later = proxy.accepted() - attempts;
+    match result {
+        Ok(_) => row.failures.push(format!("{what}: connected")),
+        Err(e) => {
+            let text = format!("{e} {e:?}");
+            row.notes.push(format!(
+                "{what}: {:?} (retry {}) in {} ms, {attempts} connection attempt(s), {later} after the error",
+                e.kind(),
+                e.is_retryable(),
+                ms(took)
+            ));
+            row.require(
+                e.kind() == want,
+                format!("{what}: kind {:?}, want {want:?}", e.kind()),
+            );
+            row.require(!e.is_retryable(), format!("{what}: reported retryable"));
+            for s in secrets {
+                row.require(!text.contains(s), format!("{what}: secret in the error"));
+            }
+        }
+    }
+    row.require(
+        took <= timeout + Duration::from_secs(1),
+        format!("{what}: took {} ms", ms(took)),
+    );
+    row.require(
+        later == 0,
+        format!("{what}: {later} reconnects after the error"),
+    );
+}
+
+#[cfg(feature = "nats")]
+async fn security_nats(row: &mut Row) {
+    use eventbus_brokers::tls::Pki;
+    use eventbus_brokers::{NatsOptions, NatsServer};
+    use eventbus_core::ErrorKind;
+    use eventbus_nats::{NatsAuth, NatsBackend, NatsConfig};
+
+    const PASSWORD: &str = "s3cret-Pa55";
+    const WRONG: &str = "not-the-Pa55";
+    let pki = Pki::new("ca");
+    let other = Pki::new("other-ca");
+    let start = |args: Vec<String>| {
+        NatsServer::start_with(NatsOptions {
+            args,
+            ..NatsOptions::default()
+        })
+        .map_err(|e| format!("nats-server: {e}"))
+    };
+    let mut worst = Duration::ZERO;
+    let names = ["localhost", "127.0.0.1"];
+    let tls = match start(pki.nats_args(&names, false)) {
+        Ok(s) => s,
+        Err(e) => return row.failures.push(e),
+    };
+    let wrong_ca = |u: String| NatsConfig::new(u).tls_root_certificates(other.ca());
+    refused_connect(
+        row,
+        &mut worst,
+        "wrong CA",
+        &tls,
+        "tls",
+        &wrong_ca,
+        ErrorKind::Connect,
+        &[],
+    )
+    .await;
+    refused_connect(
+        row,
+        &mut worst,
+        "nats:// URL to a TLS server",
+        &tls,
+        "nats",
+        &wrong_ca,
+        ErrorKind::Connect,
+        &[],
+    )
+    .await;
+    let mismatch = match start(pki.nats_args(&["other.example"], false)) {
+        Ok(s) => s,
+        Err(e) => return row.failures.push(e),
+    };
+    let right_ca = |u: String| NatsConfig::new(u).tls_root_certificates(pki.ca());
+    refused_connect(
+        row,
+        &mut worst,
+        "host name mismatch",
+        &mismatch,
+        "tls",
+        &right_ca,
+        ErrorKind::Connect,
+        &[],
+    )
+    .await;
+    let mtls = match start(pki.nats_args(&names, true)) {
+        Ok(s) => s,
+        Err(e) => return row.failures.push(e),
+    };
+    refused_connect(
+        row,
+        &mut worst,
+        "mutual TLS without a client certificate",
+        &mtls,
+        "tls",
+        &right_ca,
+        ErrorKind::Connect,
+        &[],
+    )
+    .await;
+
+    // Wrong password, then a publish the account may not make.
+    let dir = match tempfile::tempdir() {
+        Ok(d) => d,
+        Err(e) => return row.failures.push(format!("tempdir: {e}")),
+    };
+    let conf = dir.path().join("auth.conf");
+    let written = std::fs::write(
+        &conf,
+        format!(
+            "authorization {{ users = [ {{ user: alice, password: \"{PASSWORD}\", permissions: {{ publish: {{ allow: [\"ok.>\", \"secret.>\", \"$JS.API.>\"], deny: [\"secret.>\"] }}, subscribe: \">\" }} }} ] }}\n"
+        ),
+    );
+    if let Err(e) = written {
+        return row.failures.push(format!("auth config: {e}"));
+    }
+    let auth = match start(vec!["-c".into(), conf.display().to_string()]) {
+        Ok(s) => s,
+        Err(e) => return row.failures.push(e),
+    };
+    let with = |password: &'static str| {
+        move |u: String| {
+            NatsConfig::new(u)
+                .auth(NatsAuth::UserPassword {
+                    user: "alice".into(),
+                    password: password.into(),
+                })
+                .ack_timeout(Duration::from_secs(2))
+        }
+    };
+    refused_connect(
+        row,
+        &mut worst,
+        "wrong password",
+        &auth,
+        "nats",
+        &with(WRONG),
+        ErrorKind::Auth,
+        &[WRONG, PASSWORD],
+    )
+    .await;
+    let nats = match NatsBackend::connect(with(PASSWORD)(auth.url())).await {
+        Ok(n) => n,
+        Err(e) => return row.failures.push(format!("right password: {e}")),
+    };
+    if let Err(e) = nats
+        .ensure_stream(&eventbus_nats::StreamSpec::new("SEC", ["ok.>", "secret.>"]))
+        .await
+    {
+        return row.failures.push(format!("stream: {e}"));
+    }
+    let p = match nats.sink().await.map_err(|e| e.to_string()).and_then(|s| {
+        Batcher::new(
+            s,
+            BatchConfig::default().ack_timeout(Duration::from_secs(2)),
+        )
+        .map_err(|e| e.to_string())
+    }) {
+        Ok(p) => p,
+        Err(e) => return row.failures.push(format!("publisher: {e}")),
+    };
+    let t0 = Instant::now();
+    let first = match p
+        .publish(eventbus_core::Message::new("secret.x", "no"))
+        .await
+    {
+        Ok(a) => a.await,
+        Err(e) => {
+            return row
+                .failures
+                .push(format!("first denied publish refused early: {e}"));
+        }
+    };
+    let first_ms = ms(t0.elapsed());
+    row.require(!first.is_acked(), "a publish without permission was acked");
+    let t0 = Instant::now();
+    let again = p
+        .publish(eventbus_core::Message::new("secret.x", "no"))
+        .await;
+    let again_ms = ms(t0.elapsed());
+    match &again {
+        Ok(_) => row
+            .failures
+            .push("a known-denied subject was admitted".into()),
+        Err(e) => row.require(e.kind() == ErrorKind::Auth, format!("denied publish: {e}")),
+    }
+    let ok = match p.publish(eventbus_core::Message::new("ok.x", "yes")).await {
+        Ok(a) => a.await.is_acked(),
+        Err(_) => false,
+    };
+    row.require(ok, "a permitted publish after a denied one was not acked");
+    let stored = nats
+        .stream_state("SEC")
+        .await
+        .map(|s| s.messages)
+        .unwrap_or(u64::MAX);
+    row.require(
+        stored == 1,
+        format!("stream holds {stored}, want 1 (only the permitted message)"),
+    );
+    row.notes.push(format!(
+        "publish without permission: first resolves {} in {first_ms} ms (the server \
+         refuses asynchronously, without a reply), then refused at once ({again_ms} ms, {}); permitted \
+         publish acked; stream holds {stored}",
+        if first.is_unknown() { "unknown" } else { "failed" },
+        again.err().map(|e| format!("{:?}", e.kind())).unwrap_or_default()
+    ));
+    let _ = p.close(Duration::from_secs(2)).await;
+    row.detect_ms = Some(ms(worst));
+}
