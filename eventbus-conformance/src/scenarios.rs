@@ -737,15 +737,19 @@ pub async fn bad_message_fails_alone<H: Harness>(h: &H) {
     assert_quiet(&mut sub, Duration::from_millis(500)).await;
 }
 
-/// An oversize message fails with `TooLarge` before it takes a window slot.
-pub async fn oversize_rejected_before_window<H: Harness>(h: &H) {
-    let topic = h.topic("oversize").await;
-    let limit = h
-        .sink()
+/// The backend's message size limit (every backend must declare one).
+async fn message_limit<H: Harness>(h: &H) -> usize {
+    h.sink()
         .await
         .limits()
         .max_message_bytes
-        .expect("backend declares a message size limit");
+        .expect("backend declares a message size limit")
+}
+
+/// An oversize message fails with `TooLarge` before it takes a window slot.
+pub async fn oversize_rejected_before_window<H: Harness>(h: &H) {
+    let topic = h.topic("oversize").await;
+    let limit = message_limit(h).await;
     let p = publisher(
         h,
         BatchConfig::default()
@@ -1056,12 +1060,7 @@ fn fuzzed_batches() -> Vec<Vec<Fuzzed>> {
 /// holds exactly the valid messages. No panic anywhere.
 pub async fn fuzzed_bad_input_is_isolated<H: Harness>(h: &H) {
     let topic = h.topic("fuzzed").await;
-    let limit = h
-        .sink()
-        .await
-        .limits()
-        .max_message_bytes
-        .expect("backend declares a message size limit");
+    let limit = message_limit(h).await;
     let p = publisher(h, BatchConfig::default().linger(Duration::from_millis(5))).await;
     let mut expected = HashSet::new();
     let mut refused = 0usize;

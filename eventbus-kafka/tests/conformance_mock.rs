@@ -1,0 +1,100 @@
+//! The shared conformance suite against librdkafka's in-process mock cluster (3 brokers), the
+//! second Kafka target next to the tansu process: the same scenarios (all but one, see below),
+//! a different broker implementation (librdkafka's own protocol mock, which also serves
+//! consumer groups). Topics are created through the mock's own API: it does not serve the
+//! admin CreateTopics request.
+//!
+//! The mock cluster is not `Send`, so it lives on a thread of its own for the whole test and
+//! is torn down when the harness is dropped.
+
+mod support;
+
+use std::sync::mpsc;
+
+use parking_lot::Mutex;
+
+use support::{Broker, KafkaHarness};
+
+type Create = (String, i32, mpsc::Sender<Result<(), String>>);
+
+/// The mock cluster's thread: serves topic creation, ends when dropped.
+struct MockThread {
+    requests: Mutex<Option<mpsc::Sender<Create>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for MockThread {
+    fn drop(&mut self) {
+        drop(self.requests.lock().take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Broker for MockThread {
+    fn create_topic(&self, name: &str, partitions: i32) -> Option<Result<(), String>> {
+        let (tx, rx) = mpsc::channel();
+        let sent = self
+            .requests
+            .lock()
+            .as_ref()
+            .map(|r| r.send((name.to_owned(), partitions, tx)).is_ok());
+        Some(match sent {
+            Some(true) => rx.recv().unwrap_or_else(|_| Err("mock thread gone".into())),
+            _ => Err("mock thread gone".into()),
+        })
+    }
+}
+
+async fn mock_cluster() -> KafkaHarness<MockThread> {
+    let (boot_tx, boot_rx) = mpsc::channel();
+    let (requests, incoming) = mpsc::channel::<Create>();
+    let thread = std::thread::spawn(move || {
+        let mock = rdkafka::mocking::MockCluster::new(3).expect("mock cluster");
+        boot_tx
+            .send(mock.bootstrap_servers())
+            .expect("harness waits");
+        // Until the harness is dropped.
+        while let Ok((name, partitions, reply)) = incoming.recv() {
+            let _ = reply.send(
+                mock.create_topic(&name, partitions, 1)
+                    .map_err(|e| e.to_string()),
+            );
+        }
+    });
+    let bootstrap = boot_rx.recv().expect("mock cluster started");
+    let guard = MockThread {
+        requests: Mutex::new(Some(requests)),
+        thread: Some(thread),
+    };
+    KafkaHarness::connect(guard, bootstrap).await
+}
+
+// Every scenario but `bad_message_fails_alone`: the mock cluster creates any topic on its first
+// produce, so it has no topic a broker refuses (tried: `topic_error` only affects metadata).
+// That scenario runs on the tansu process, which refuses unknown topics.
+eventbus_conformance::conformance_tests!(@each mock_cluster().await;
+    roundtrip_intact,
+    invalid_input_typed_errors,
+    many_publishers_and_subscribers,
+    topics_isolated,
+    nack_redelivers,
+    dead_letters_after_max_deliveries,
+    handler_orders_per_key_and_retries,
+    unacked_redelivered_after_ack_wait,
+    close_and_reopen_loses_nothing,
+    concurrent_subscribe_and_close,
+    per_key_order,
+    consumer_groups,
+    new_subscriber_reads_old_messages,
+    close_flushes_everything,
+    batch_outcomes_in_order,
+    oversize_rejected_before_window,
+    window_bounds_in_flight,
+    publish_after_close_fails,
+    lag_grows_and_shrinks,
+    health_and_heartbeat,
+    traceparent_reaches_the_handler,
+    fuzzed_bad_input_is_isolated,
+);
