@@ -351,9 +351,24 @@ impl Subscription {
         )
     }
 
-    /// The next delivery; `None` once the backend ended the subscription.
+    /// The next delivery; `None` once the backend ended the subscription. Each delivery is the
+    /// DEBUG event `eventbus.deliver` (fields `id`, `topic`, `delivery`, and the message's W3C
+    /// `traceparent` if it carries one), on every backend.
     pub async fn next(&mut self) -> Option<Result<Delivery, Error>> {
-        self.rx.recv().await
+        let next = self.rx.recv().await;
+        if let Some(Ok(d)) = &next
+            && tracing::enabled!(tracing::Level::DEBUG)
+        {
+            let m = d.message();
+            tracing::debug!(
+                id = %m.id(),
+                topic = %m.topic(),
+                delivery = d.info().delivery_count,
+                traceparent = crate::trace::TraceParent::extract(m).map(|p| p.to_string()),
+                "eventbus.deliver"
+            );
+        }
+        next
     }
 
     /// Stop receiving, hand back buffered deliveries for redelivery, and wait for the backend

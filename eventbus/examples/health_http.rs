@@ -4,7 +4,7 @@
 //! | path | answer |
 //! |---|---|
 //! | `/healthz` | 200 when the broker answers a round trip (`Bus::health`), else 503 |
-//! | `/readyz` | 200 when an end-to-end heartbeat (publish, then receive) completes in 2 s, else 503 |
+//! | `/readyz` | 200 when an end-to-end heartbeat (publish, then receive) completes in 5 s, else 503 |
 //! | `/lag` | the consumer group's lag as JSON (`pending`, `unacked`) |
 //! | `/metrics` | every `eventbus_*` metric in the Prometheus text format |
 //!
@@ -170,7 +170,7 @@ async fn route(app: &App, path: &str) -> (&'static str, &'static str, String) {
         }
         "/readyz" => {
             let sub = app.bus.subscriber();
-            match heartbeat(&app.publisher, &sub, &app.beat, Duration::from_secs(2)).await {
+            match heartbeat(&app.publisher, &sub, &app.beat, Duration::from_secs(5)).await {
                 Ok(rtt) => ("200 OK", TEXT, format!("heartbeat round trip {rtt:?}\n")),
                 Err(e) => (
                     "503 Service Unavailable",

@@ -96,7 +96,17 @@ fn health_http(backend: &str, env: &[(&str, &str)]) -> Result {
     };
     let result = (|| {
         checks.push(check("/healthz", "200", " up ")?);
-        checks.push(check("/readyz", "200", "heartbeat round trip")?);
+        // A readiness probe is retried (as an orchestrator would): the first heartbeat on a
+        // fresh broker can take longer than its timeout while consumer groups settle.
+        let mut ready = check("/readyz", "200", "heartbeat round trip");
+        for _ in 0..4 {
+            if ready.is_ok() {
+                break;
+            }
+            std::thread::sleep(Duration::from_secs(1));
+            ready = check("/readyz", "200", "heartbeat round trip");
+        }
+        checks.push(ready?);
         // Give the traffic a moment so publish outcomes are on record.
         std::thread::sleep(Duration::from_millis(1500));
         checks.push(check("/lag", "200", "\"pending\":")?);
