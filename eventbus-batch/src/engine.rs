@@ -230,19 +230,15 @@ impl<S: BatchSink> Batcher<S> {
         let weak = Arc::downgrade(&self.inner);
         let every = every.max(Duration::from_millis(1));
         let task = tokio::spawn(async move {
-            let mut above = false;
+            let mut crossing = eventbus_core::ops::Crossing::default();
             loop {
                 let Some(inner) = weak.upgrade() else { break };
                 let stats = inner.stats();
                 drop(inner);
-                let now = stats.in_flight >= threshold;
-                if now != above {
-                    on_event(if now {
-                        BacklogEvent::Above(stats)
-                    } else {
-                        BacklogEvent::Below(stats)
-                    });
-                    above = now;
+                match crossing.update(stats.in_flight >= threshold) {
+                    Some(true) => on_event(BacklogEvent::Above(stats)),
+                    Some(false) => on_event(BacklogEvent::Below(stats)),
+                    None => {}
                 }
                 tokio::time::sleep(every).await;
             }

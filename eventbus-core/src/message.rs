@@ -145,7 +145,7 @@ impl MessageId {
     /// Write the id's text form into `out`.
     pub fn write_to(&self, out: &mut String) {
         match &self.0 {
-            IdRepr::Generated(a, b) => encode_generated(*a, *b, out),
+            IdRepr::Generated(a, b) => out.push_str(GeneratedText::new(*a, *b).as_str()),
             IdRepr::Custom(s) => out.push_str(s),
         }
     }
@@ -154,25 +154,37 @@ impl MessageId {
 /// URL-safe alphabet of generated ids (valid in `Nats-Msg-Id`, Kafka headers and file names).
 const ID_DIGITS: &[u8; 64] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz-_";
 
-/// A generated id's text form: the 64-bit process prefix as 11 base-64 digits, then the counter
+/// A generated id's text form, on the stack: the 64-bit process prefix as 11 base-64 digits, then the counter
 /// in as few base-64 digits as it needs (4 for the first 16 million ids of a process). 15-22
 /// characters instead of 32 hex digits: the id travels with every message and a de-duplicating
 /// broker indexes it, so its length is paid per message.
-fn encode_generated(prefix: u64, counter: u64, out: &mut String) {
-    let mut buf = [0u8; 22];
-    for (i, slot) in buf[..11].iter_mut().enumerate() {
-        *slot = ID_DIGITS[((prefix >> (6 * (10 - i))) & 63) as usize];
-    }
-    let mut n = 11;
-    let digits = (64 - counter.leading_zeros()).div_ceil(6).max(1) as usize;
-    for i in 0..digits {
-        buf[n] = ID_DIGITS[((counter >> (6 * (digits - 1 - i))) & 63) as usize];
-        n += 1;
-    }
-    out.push_str(std::str::from_utf8(&buf[..n]).expect("ASCII digits"));
+struct GeneratedText {
+    buf: [u8; 22],
+    len: usize,
 }
 
-/// The inverse of [`encode_generated`], for canonical text only (so that every text maps to
+impl GeneratedText {
+    fn new(prefix: u64, counter: u64) -> Self {
+        let mut buf = [0u8; 22];
+        for (i, slot) in buf[..11].iter_mut().enumerate() {
+            *slot = ID_DIGITS[((prefix >> (6 * (10 - i))) & 63) as usize];
+        }
+        let digits = (64 - counter.leading_zeros()).div_ceil(6).max(1) as usize;
+        for i in 0..digits {
+            buf[11 + i] = ID_DIGITS[((counter >> (6 * (digits - 1 - i))) & 63) as usize];
+        }
+        GeneratedText {
+            buf,
+            len: 11 + digits,
+        }
+    }
+
+    fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.buf[..self.len]).expect("ASCII digits")
+    }
+}
+
+/// The inverse of [`GeneratedText::new`], for canonical text only (so that every text maps to
 /// one id: `decode(s)` is `Some` exactly when `encode(decode(s)) == s`).
 fn decode_generated(s: &str) -> Option<(u64, u64)> {
     let b = s.as_bytes();
@@ -192,19 +204,13 @@ fn decode_generated(s: &str) -> Option<(u64, u64)> {
     for &c in &b[11..] {
         counter = counter.checked_mul(64)?.checked_add(digit(c)?)?;
     }
-    let mut back = String::with_capacity(22);
-    encode_generated(prefix, counter, &mut back);
-    (back == s).then_some((prefix, counter))
+    (GeneratedText::new(prefix, counter).as_str() == s).then_some((prefix, counter))
 }
 
 impl fmt::Display for MessageId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.0 {
-            IdRepr::Generated(a, b) => {
-                let mut s = String::with_capacity(22);
-                encode_generated(*a, *b, &mut s);
-                f.write_str(&s)
-            }
+            IdRepr::Generated(a, b) => f.write_str(GeneratedText::new(*a, *b).as_str()),
             IdRepr::Custom(s) => f.write_str(s),
         }
     }

@@ -44,6 +44,34 @@ impl Lag {
     }
 }
 
+/// Edge detector for threshold callbacks ([`LagWatch`], the batch engine's backlog watch): fed
+/// one reading at a time, it tells when the reading crosses the threshold either way. It starts
+/// below, so a first reading at or above the threshold counts as a crossing and one below does
+/// not.
+///
+/// ```
+/// use eventbus_core::ops::Crossing;
+/// let mut c = Crossing::default();
+/// assert_eq!(c.update(false), None);
+/// assert_eq!(c.update(true), Some(true));
+/// assert_eq!(c.update(true), None);
+/// assert_eq!(c.update(false), Some(false));
+/// ```
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Crossing {
+    above: bool,
+}
+
+impl Crossing {
+    /// Feed whether the reading is at or above the threshold: `Some(true)` when it just went
+    /// up across it, `Some(false)` when it just fell below, `None` otherwise.
+    pub fn update(&mut self, above: bool) -> Option<bool> {
+        let crossed = above != self.above;
+        self.above = above;
+        crossed.then_some(above)
+    }
+}
+
 /// What a [`LagWatch`] reports.
 #[derive(Clone, Debug)]
 #[non_exhaustive]
@@ -85,20 +113,18 @@ impl LagWatch {
                 "topic" => topic.as_str().to_owned(),
                 "group" => group.clone()
             );
-            let mut above: Option<bool> = None;
+            let mut crossing = Crossing::default();
             let mut failing = false;
             loop {
                 match subscriber.lag(&topic, &group).await {
                     Ok(lag) => {
                         failing = false;
                         gauge.set(lag.total() as f64);
-                        let now = lag.total() >= threshold;
-                        match (above, now) {
-                            (None | Some(false), true) => on_event(LagEvent::Above(lag)),
-                            (Some(true), false) => on_event(LagEvent::Below(lag)),
-                            _ => {}
+                        match crossing.update(lag.total() >= threshold) {
+                            Some(true) => on_event(LagEvent::Above(lag)),
+                            Some(false) => on_event(LagEvent::Below(lag)),
+                            None => {}
                         }
-                        above = Some(now);
                     }
                     Err(e) => {
                         if !failing {

@@ -6,6 +6,7 @@ mod headers;
 mod sink;
 mod subscriber;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use eventbus_core::{Error, ErrorKind};
@@ -24,12 +25,11 @@ impl eventbus_core::ops::HealthCheck for KafkaBackend {
         timeout: Duration,
     ) -> impl std::future::Future<Output = eventbus_core::ops::Health> + Send {
         use eventbus_core::ops::Health;
-        let c = self.config.clone();
+        let client = Arc::clone(&self.probe.0);
         async move {
             let start = std::time::Instant::now();
             let probe = tokio::task::spawn_blocking(move || {
-                let consumer: BaseConsumer = c.client_config().create()?;
-                consumer
+                client
                     .fetch_metadata(None, timeout)
                     .map(|md| md.brokers().len())
             });
@@ -55,13 +55,26 @@ impl eventbus_core::ops::HealthCheck for KafkaBackend {
 pub struct KafkaBackend {
     config: KafkaConfig,
     lag_readers: subscriber::LagReaders,
+    /// The client `connect` checked the cluster with, kept for health checks and watermarks
+    /// (one connection, not one per call).
+    probe: Probe,
+}
+
+/// An idle librdkafka client for metadata requests.
+#[derive(Clone)]
+struct Probe(Arc<BaseConsumer>);
+
+impl std::fmt::Debug for Probe {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Probe")
+    }
 }
 
 impl KafkaBackend {
     /// Check that the cluster answers (metadata request within `connect_timeout`).
     pub async fn connect(config: KafkaConfig) -> Result<Self, Error> {
         let c = config.clone();
-        tokio::task::spawn_blocking(move || {
+        let probe = tokio::task::spawn_blocking(move || {
             let consumer: BaseConsumer = c
                 .client_config()
                 .create()
@@ -69,13 +82,14 @@ impl KafkaBackend {
             consumer
                 .fetch_metadata(None, c.connect_timeout)
                 .map_err(|e| error::other("could not reach the Kafka cluster", e))?;
-            Ok::<_, Error>(())
+            Ok::<_, Error>(consumer)
         })
         .await
         .map_err(|_| error::err(ErrorKind::Other, "connect task failed"))??;
         Ok(KafkaBackend {
             config,
             lag_readers: subscriber::LagReaders::default(),
+            probe: Probe(Arc::new(probe)),
         })
     }
 
@@ -136,13 +150,9 @@ impl KafkaBackend {
 
     /// Low and high watermarks of every partition of `topic`.
     pub async fn watermarks(&self, topic: &str) -> Result<Vec<(i32, i64, i64)>, Error> {
-        let c = self.config.clone();
+        let (c, consumer) = (self.config.clone(), Arc::clone(&self.probe.0));
         let topic = topic.to_owned();
         tokio::task::spawn_blocking(move || {
-            let consumer: BaseConsumer = c
-                .client_config()
-                .create()
-                .map_err(|e| error::other("client", e))?;
             // Metadata and offsets can be slow on a loaded broker: allow more than connect.
             let wait = c.connect_timeout.max(Duration::from_secs(30));
             let md = consumer

@@ -352,13 +352,18 @@ impl Writer {
                     metrics::counter!("eventbus_nats_resent_total").increment(items.len() as u64);
                     let mut reply = String::with_capacity(self.inbox.len() + 24);
                     for (i, msg) in items {
-                        // Kept before it is sent: its "no responders" may come back at once.
-                        self.kept.keep_one(id, i, msg.clone());
-                        self.publish_one(id, i, &msg, &mut reply).await;
+                        self.publish_kept(id, i, msg, &mut reply).await;
                     }
                 }
             }
         }
+    }
+
+    /// [`Writer::publish_one`] for a message sent on its own outside an async-mode batch: kept
+    /// first for a "no responders" retry, since that answer may come back at once.
+    async fn publish_kept(&self, b: u64, i: usize, msg: Message, reply: &mut String) {
+        self.kept.keep_one(b, i, msg.clone());
+        self.publish_one(b, i, &msg, reply).await;
     }
 
     /// Publish message `i` of batch `b` with its own pub ack on `<inbox>.b.i`.
@@ -541,8 +546,7 @@ impl Writer {
         // pub acks, as async mode does; the server's answer (stored, no responders, ...) decides.
         for i in unknown {
             if let Some(msg) = slots[i].take() {
-                self.kept.keep_one(job_id, i, msg.clone());
-                self.publish_one(job_id, i, &msg, &mut reply).await;
+                self.publish_kept(job_id, i, msg, &mut reply).await;
             }
         }
         for (k, (stream, mut indices)) in order.into_iter().enumerate() {
@@ -550,8 +554,7 @@ impl Writer {
             if !facts.fast {
                 for i in indices {
                     if let Some(msg) = slots[i].take() {
-                        self.kept.keep_one(job_id, i, msg.clone());
-                        self.publish_one(job_id, i, &msg, &mut reply).await;
+                        self.publish_kept(job_id, i, msg, &mut reply).await;
                     }
                 }
                 continue;

@@ -125,6 +125,14 @@ impl FaultProxy {
     pub fn accepted(&self) -> u64 {
         self.state.accepted.load(Ordering::Relaxed)
     }
+
+    /// After a client gave up: connections accepted so far, and how many more arrive within
+    /// `quiet` (a client that keeps reconnecting after reporting an error shows here).
+    pub async fn attempts_then_reconnects(&self, quiet: std::time::Duration) -> (u64, u64) {
+        let attempts = self.accepted();
+        tokio::time::sleep(quiet).await;
+        (attempts, self.accepted() - attempts)
+    }
 }
 
 impl Drop for FaultProxy {

@@ -781,9 +781,7 @@ pub async fn absent(backend: &'static str) -> Row {
     };
     let took = t0.elapsed();
     row.detect_ms = Some(ms(took));
-    let attempts = proxy.accepted();
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let later = proxy.accepted() - attempts;
+    let (attempts, later) = proxy.attempts_then_reconnects(Duration::from_secs(2)).await;
     match &result {
         Ok(()) => row.failures.push("connect succeeded with no broker".into()),
         Err(e) => row.notes.push(format!(
@@ -843,9 +841,7 @@ async fn refused_connect(
     let result = eventbus_nats::NatsBackend::connect(cfg(url).connect_timeout(timeout)).await;
     let took = t0.elapsed();
     *worst = (*worst).max(took);
-    let attempts = proxy.accepted();
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let later = proxy.accepted() - attempts;
+    let (attempts, later) = proxy.attempts_then_reconnects(Duration::from_secs(2)).await;
     match result {
         Ok(_) => row.failures.push(format!("{what}: connected")),
         Err(e) => {
