@@ -242,6 +242,41 @@ fn log_tail(log: &Path, n: usize) -> String {
     tail.join(" | ")
 }
 
+/// The first panic a broker wrote to its log (Rust `panicked at` with the message line after
+/// it, or Go `panic:`), without terminal colour codes; `None` if it never panicked.
+pub fn panic_in_log(log: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(log).ok()?;
+    let mut lines = text.lines().map(strip_ansi);
+    while let Some(line) = lines.next() {
+        if line.contains("panicked at") {
+            let why = lines.next().unwrap_or_default();
+            return Some(format!("{} {why}", line.trim()));
+        }
+        if line.starts_with("panic:") {
+            return Some(line);
+        }
+    }
+    None
+}
+
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // CSI: ESC [ parameters final-byte (a letter).
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 fn require(bin: &Path, name: &str, env: &str) -> io::Result<()> {
     if bin.exists() {
         Ok(())
@@ -572,5 +607,30 @@ impl Tansu {
     /// SIGCONT.
     pub fn resume(&self) -> io::Result<()> {
         signal(self.pid().ok_or_else(|| other("not running"))?, "CONT")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_a_rust_or_go_panic_in_a_log() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = dir.path().join("b.log");
+        std::fs::write(&log, "\u{1b}[2mready\u{1b}[0m\nok\n").expect("write");
+        assert_eq!(panic_in_log(&log), None);
+        std::fs::write(
+            &log,
+            "ready\nthread 'w' (1) panicked at \u{1b}[2msrc/lite.rs:503:13\u{1b}[0m:\nmore or less than one row\n",
+        )
+        .expect("write");
+        assert_eq!(
+            panic_in_log(&log).as_deref(),
+            Some("thread 'w' (1) panicked at src/lite.rs:503:13: more or less than one row")
+        );
+        std::fs::write(&log, "[1] ok\npanic: runtime error\n").expect("write");
+        assert_eq!(panic_in_log(&log).as_deref(), Some("panic: runtime error"));
+        assert_eq!(panic_in_log(&dir.path().join("none.log")), None);
     }
 }

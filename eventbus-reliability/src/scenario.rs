@@ -173,6 +173,9 @@ async fn settle<T: Target>(
         Ok(reads) => row.figures = check::check(ledger, &reads, retried),
         Err(e) => row.failures.push(format!("drain failed: {e}")),
     }
+    if let Some(panic) = t.broker_panic() {
+        row.failures.push(format!("the broker crashed: {panic}"));
+    }
     if let Some(n) = expect {
         row.notes.push(format!("broker holds {n}"));
     }

@@ -43,6 +43,8 @@ pub trait Target: Broker + Send + Sync {
     fn stored(&self, run: &str) -> impl Future<Output = Option<u64>> + Send;
     /// The proxy in front of the broker, if started with one.
     fn proxy(&self) -> Option<&FaultProxy>;
+    /// The first panic in the broker's log, if it crashed (a broker bug, told apart from ours).
+    fn broker_panic(&self) -> Option<String>;
 }
 
 fn loopback(port: u16) -> SocketAddr {
@@ -156,6 +158,9 @@ pub mod nats {
         fn proxy(&self) -> Option<&FaultProxy> {
             self.proxy.as_ref()
         }
+        fn broker_panic(&self) -> Option<String> {
+            eventbus_brokers::panic_in_log(self.server.log_path())
+        }
     }
 }
 
@@ -200,9 +205,12 @@ pub mod kafka {
                 Some(p) => p.addr().to_string(),
                 None => broker.bootstrap(),
             };
-            let config = KafkaConfig::new(bootstrap)
-                .connect_timeout(Duration::from_secs(10))
-                .message_timeout(Duration::from_secs(10));
+            // The SDK's default message timeout (30 s), longer than every fault here. A timeout
+            // shorter than a blackhole makes librdkafka bump the idempotent producer's epoch
+            // (KIP-360), and tansu 0.6.0 then panics in its idempotence check ("more or less
+            // than one row", storage/src/lite.rs:503) and stops serving: a broker bug, shown by
+            // `broker_panic` if it happens.
+            let config = KafkaConfig::new(bootstrap).connect_timeout(Duration::from_secs(10));
             let backend = KafkaBackend::connect(config)
                 .await
                 .map_err(|e| format!("connect: {e}"))?;
@@ -253,6 +261,9 @@ pub mod kafka {
         }
         fn proxy(&self) -> Option<&FaultProxy> {
             self.proxy.as_ref()
+        }
+        fn broker_panic(&self) -> Option<String> {
+            eventbus_brokers::panic_in_log(self.broker.log_path())
         }
     }
 }
