@@ -37,6 +37,13 @@ pub struct KafkaConfig {
     /// own default, 30 s, made an unknown topic look like a hang).
     #[serde(with = "eventbus_core::serde_millis")]
     pub unknown_topic_timeout: Duration,
+    /// Most bytes a subscriber's librdkafka client fetches ahead of the handler
+    /// (`queued.max.messages.kbytes` and `fetch.max.bytes`; a single message larger than this
+    /// is still fetched). Default 4 MiB. librdkafka's own default, 64 MiB plus up to 50 MiB per
+    /// fetch in flight, let a slow consumer buffer a whole backlog (measured: +55 MiB RSS for a
+    /// 39 MiB backlog with `prefetch` 64); `SubscribeSpec::prefetch` bounds the deliveries
+    /// handed to the handler on top of this.
+    pub consumer_buffer_bytes: usize,
     /// Any librdkafka property, applied last (escape hatch), e.g. `security.protocol`.
     pub options: BTreeMap<String, String>,
 }
@@ -52,6 +59,7 @@ impl Default for KafkaConfig {
             max_message_bytes: 1_000_000,
             connect_timeout: Duration::from_secs(10),
             unknown_topic_timeout: Duration::from_secs(3),
+            consumer_buffer_bytes: 4 << 20,
             options: BTreeMap::new(),
         }
     }
@@ -124,6 +132,12 @@ impl KafkaConfig {
         self.message_timeout = d;
         self
     }
+    /// Set how many bytes a subscriber fetches ahead (see
+    /// [`consumer_buffer_bytes`](Self::consumer_buffer_bytes)).
+    pub fn consumer_buffer_bytes(mut self, n: usize) -> Self {
+        self.consumer_buffer_bytes = n;
+        self
+    }
 
     pub(crate) fn client_config(&self) -> rdkafka::ClientConfig {
         let mut c = rdkafka::ClientConfig::new();
@@ -151,7 +165,19 @@ impl KafkaConfig {
             .set(
                 "auto.offset.reset",
                 if earliest { "earliest" } else { "latest" },
-            );
+            )
+            // Bounded read-ahead: the queue of prefetched messages and each fetch response.
+            .set(
+                "queued.max.messages.kbytes",
+                (self.consumer_buffer_bytes / 1024).max(1).to_string(),
+            )
+            .set(
+                "fetch.max.bytes",
+                self.consumer_buffer_bytes.max(1024).to_string(),
+            )
+            // With a bounded queue, librdkafka's default 1 s back-off after the queue was full
+            // throttled a draining consumer to ~1k msg/s; retry the fetch after 10 ms instead.
+            .set("fetch.queue.backoff.ms", "10");
         for (k, v) in &self.options {
             c.set(k, v);
         }
@@ -201,5 +227,29 @@ mod tests {
         let d = format!("{c:?}");
         assert!(!d.contains("hunter2"), "{d}");
         assert!(d.contains("SASL_SSL"));
+    }
+
+    #[test]
+    fn consumer_read_ahead_is_bounded_and_overridable() {
+        let c = KafkaConfig::new("h:1").consumer_config("g", true);
+        assert_eq!(c.get("queued.max.messages.kbytes"), Some("4096"));
+        assert_eq!(c.get("fetch.max.bytes"), Some("4194304"));
+        assert_eq!(c.get("fetch.queue.backoff.ms"), Some("10"));
+        let c = KafkaConfig::new("h:1")
+            .consumer_buffer_bytes(1 << 20)
+            .consumer_config("g", true);
+        assert_eq!(c.get("queued.max.messages.kbytes"), Some("1024"));
+        // An explicit librdkafka option still wins.
+        let c = KafkaConfig::new("h:1")
+            .option("queued.max.messages.kbytes", "65536")
+            .consumer_config("g", true);
+        assert_eq!(c.get("queued.max.messages.kbytes"), Some("65536"));
+        // The producer is not affected.
+        assert_eq!(
+            KafkaConfig::new("h:1")
+                .producer_config()
+                .get("queued.max.messages.kbytes"),
+            None
+        );
     }
 }

@@ -20,7 +20,7 @@ struct Args {
     /// Backends (comma separated): nats, kafka.
     #[arg(long, value_delimiter = ',')]
     backend: Vec<String>,
-    /// Scenarios (comma separated): kill-restart, pause, stall-memory, blackhole, wire,
+    /// Scenarios (comma separated): kill-restart, pause, stall-memory, slow-consumer, blackhole, wire,
     /// shutdown, cancel, absent, security. Default: all.
     #[arg(long, value_delimiter = ',')]
     scenario: Vec<String>,
@@ -32,10 +32,11 @@ struct Args {
     doc: Option<PathBuf>,
 }
 
-const ALL: [&str; 9] = [
+const ALL: [&str; 10] = [
     "kill-restart",
     "pause",
     "stall-memory",
+    "slow-consumer",
     "blackhole",
     "wire",
     "shutdown",
@@ -48,11 +49,26 @@ fn proxied(s: &str) -> bool {
     matches!(s, "blackhole" | "wire")
 }
 
+/// tansu's SQLite fetch sums the size of every record from the fetch offset to the high
+/// watermark (a window function in `record_fetch.sql`) before it cuts the response, so each
+/// fetch costs O(backlog): a deep backlog drains quadratically (the first fetch of 40,000 x
+/// 1 KiB took 58 s). The slow consumer therefore runs on tansu's memory engine.
+#[cfg(feature = "kafka")]
+fn storage(s: &str) -> eventbus_reliability::target::kafka::TansuStorage {
+    use eventbus_reliability::target::kafka::TansuStorage;
+    if s == "slow-consumer" {
+        TansuStorage::Memory
+    } else {
+        TansuStorage::Sqlite
+    }
+}
+
 async fn run_on<T: Target>(t: &mut T, s: &str, size: Size) -> Row {
     match s {
         "kill-restart" => scenario::kill_restart(t, size).await,
         "pause" => scenario::pause(t, size).await,
         "stall-memory" => scenario::stall_memory(t, size).await,
+        "slow-consumer" => scenario::slow_consumer(t, size).await,
         "blackhole" => scenario::blackhole(t, size).await,
         "wire" => scenario::wire(t, size).await,
         "shutdown" => scenario::shutdown(t, size).await,
@@ -90,10 +106,12 @@ async fn run(backend: &str, s: &str, size: Size) -> Row {
             }
         }
         #[cfg(feature = "kafka")]
-        "kafka" => match eventbus_reliability::target::kafka::Kafka::start(proxied(s)).await {
-            Ok(mut t) => run_on(&mut t, s, size).await,
-            Err(e) => failed(e),
-        },
+        "kafka" => {
+            match eventbus_reliability::target::kafka::Kafka::start(storage(s), proxied(s)).await {
+                Ok(mut t) => run_on(&mut t, s, size).await,
+                Err(e) => failed(e),
+            }
+        }
         _ => failed(format!("backend {backend} not built")),
     }
 }

@@ -6,11 +6,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use eventbus_batch::{BatchConfig, Batcher, OnFull};
-use eventbus_core::{BatchSink, Outcome, Publisher};
+use eventbus_core::{BatchSink, Outcome, Publisher, SubscribeSpec, Subscriber};
 use rand::Rng;
 use serde::Serialize;
 
 use crate::check::{self, Class, Figures, Gauge, Ledger, Load};
+use crate::record;
 use crate::target::Target;
 
 /// One scenario's result on one backend.
@@ -432,6 +433,140 @@ pub async fn stall_memory<T: Target>(t: &mut T, size: Size) -> Row {
             SLACK >> 20
         ),
     );
+    row
+}
+
+/// Slow consumer: 5 producers publish 40,000 x 1 KiB (20,000 quick) and only then a group
+/// member subscribes (prefetch 64) and handles one message per 2 ms for 5 s (3 s quick) while
+/// the rest (tens of MiB) waits in the broker. Asserted: the consuming process's RSS grows by
+/// at most the prefetch's bytes plus a stated constant during the slow phase (a subscriber that
+/// buffered the backlog would grow by the whole backlog), a backlog really was left, and once
+/// the member speeds up it reads every acked message: lost 0.
+pub async fn slow_consumer<T: Target>(t: &mut T, size: Size) -> Row {
+    /// Allowed RSS growth beyond prefetch x payload (client buffers, allocator, the reads).
+    const SLACK: u64 = 16 << 20;
+    const PREFETCH: usize = 64;
+    const PAYLOAD: usize = 1024;
+    let mut row = Row::new("slow-consumer", t.name());
+    let (run, topics, filter, p) = try_setup!(
+        row,
+        setup(t, &mut row, "slow", 5, BatchConfig::default()).await
+    );
+    let (per, slow) = if size.quick {
+        (4_000, Duration::from_secs(3))
+    } else {
+        (8_000, Duration::from_secs(5))
+    };
+    let load = Load {
+        run: run.clone(),
+        topics,
+        producers: 5,
+        per,
+        payload: PAYLOAD,
+        pace: None,
+        stop_at: None,
+    };
+    let ((), ledger) = under_load(&p, &load, &mut row, async {}).await;
+    let _ = p.close(Duration::from_secs(10)).await;
+    let acked = ledger.keys(Class::Acked).len();
+
+    let base = rss_bytes("VmRSS:");
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+    let spec = SubscribeSpec::new(filter.as_str())
+        .group(format!("slow-{run}"))
+        .prefetch(PREFETCH)
+        .ack_wait(Duration::from_secs(60));
+    let mut sub = match t.subscriber().subscribe(spec).await {
+        Ok(s) => s,
+        Err(e) => {
+            row.failures.push(format!("subscribe: {e}"));
+            return row;
+        }
+    };
+    let mut reads = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    let subscribed = Instant::now();
+    // The slow phase starts with the first delivery (joining a group can take seconds).
+    let mut first: Option<Instant> = None;
+    let mut growth = None;
+    let mut left_at_end_of_slow = 0;
+    let limit = Duration::from_secs(120);
+    while seen.len() < acked && subscribed.elapsed() < limit {
+        let slow_phase = first.is_none_or(|f| f.elapsed() < slow);
+        if !slow_phase && growth.is_none() {
+            growth = Some(rss_bytes("VmHWM:").saturating_sub(base));
+            left_at_end_of_slow = acked - seen.len();
+        }
+        let wait = if first.is_none() { 60 } else { 15 };
+        match tokio::time::timeout(Duration::from_secs(wait), sub.next()).await {
+            Ok(Some(Ok(d))) => {
+                first.get_or_insert_with(Instant::now);
+                if let Some(r) = record::read(d.message()) {
+                    seen.insert(r.key);
+                    reads.push(r);
+                }
+                if slow_phase {
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+                if let Err(e) = d.ack().await {
+                    row.failures.push(format!("ack: {e}"));
+                    break;
+                }
+            }
+            Ok(Some(Err(e))) => {
+                row.failures.push(format!("subscription: {e}"));
+                break;
+            }
+            Ok(None) => break,
+            Err(_) => {
+                row.failures.push(format!(
+                    "no delivery for {wait} s with {} of {acked} read",
+                    seen.len()
+                ));
+                break;
+            }
+        }
+    }
+    sub.close().await;
+    let drained = subscribed.elapsed();
+    if let Some(f) = first {
+        row.notes.push(format!(
+            "first delivery {} ms after subscribing",
+            ms(f - subscribed)
+        ));
+    }
+    row.figures = check::check(&ledger, &reads, 0);
+    row.rss_growth_bytes = growth;
+    let backlog_bytes = (acked * PAYLOAD) as u64;
+    row.notes.push(format!(
+        "{acked} acked ({} MiB); {left_at_end_of_slow} still in the broker after the slow phase; \
+         all read in {} ms",
+        backlog_bytes >> 20,
+        ms(drained)
+    ));
+    row.require_safety();
+    row.require(
+        acked as u64 == row.figures.sent,
+        "not every publish was acked",
+    );
+    row.require(
+        left_at_end_of_slow * 2 >= acked,
+        format!("the consumer was not slow: only {left_at_end_of_slow} of {acked} left"),
+    );
+    let bound = (PREFETCH * PAYLOAD) as u64 + SLACK;
+    match growth {
+        Some(g) => row.require(
+            g <= bound,
+            format!(
+                "RSS grew {} MiB while the consumer was slow (bound {} MiB: prefetch {PREFETCH} \
+                 x {PAYLOAD} B + {} MiB)",
+                g >> 20,
+                bound >> 20,
+                SLACK >> 20
+            ),
+        ),
+        None => row.failures.push("the slow phase never ended".into()),
+    }
     row
 }
 

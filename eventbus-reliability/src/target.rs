@@ -164,11 +164,12 @@ pub mod nats {
     }
 }
 
-/// Kafka protocol on a real tansu process (SQLite storage: survives a restart).
+/// Kafka protocol on a real tansu process (SQLite storage, which survives a restart, or memory).
 #[cfg(feature = "kafka")]
 pub mod kafka {
     use super::*;
-    use eventbus_brokers::{Tansu, TansuStorage};
+    use eventbus_brokers::Tansu;
+    pub use eventbus_brokers::TansuStorage;
     use eventbus_kafka::{KafkaBackend, KafkaConfig, KafkaSink, KafkaSubscriber};
 
     /// tansu with an optional proxy. With a proxy, tansu advertises the proxy's port, so every
@@ -184,14 +185,15 @@ pub mod kafka {
     pub const PARTITIONS: i32 = 4;
 
     impl Kafka {
-        /// Start tansu (SQLite), a proxy if `proxied`, and connect.
-        pub async fn start(proxied: bool) -> Result<Kafka, String> {
+        /// Start tansu on `storage` (SQLite survives a restart; memory serves a deep backlog
+        /// faster), a proxy if `proxied`, and connect.
+        pub async fn start(storage: TansuStorage, proxied: bool) -> Result<Kafka, String> {
             let proxy_port = if proxied {
                 Some(eventbus_brokers::free_port().map_err(|e| e.to_string())?)
             } else {
                 None
             };
-            let broker = Tansu::start_advertising(TansuStorage::Sqlite, proxy_port)
+            let broker = Tansu::start_advertising(storage, proxy_port)
                 .map_err(|e| format!("start tansu: {e}"))?;
             let proxy = match proxy_port {
                 Some(p) => Some(
