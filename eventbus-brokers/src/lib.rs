@@ -490,6 +490,8 @@ pub struct Tansu {
     storage: TansuStorage,
     /// Port advertised to clients in metadata (differs from `port` behind a proxy).
     advertised: u16,
+    /// Extra `tansu broker` arguments, e.g. `--authentication`.
+    args: Vec<String>,
     dir: tempfile::TempDir,
     log: PathBuf,
 }
@@ -515,6 +517,7 @@ impl Tansu {
             proc: Proc { child: None },
             port,
             advertised: advertised.unwrap_or(port),
+            args: Vec::new(),
             storage,
             dir,
             log,
@@ -542,6 +545,7 @@ impl Tansu {
                 "--storage-engine",
                 &engine,
             ])
+            .args(&self.args)
             .env("RUST_LOG", "warn");
         self.proc = Proc::spawn(&mut cmd, &self.log)?;
         let (proc, log) = (&mut self.proc, &self.log);
@@ -591,6 +595,33 @@ impl Tansu {
     pub fn restart(&mut self) -> io::Result<()> {
         self.proc.kill();
         self.spawn()
+    }
+
+    /// Restart with these extra `tansu broker` arguments (e.g. `--authentication`, which makes
+    /// every client authenticate with SASL; PLAIN or SCRAM).
+    pub fn restart_with(&mut self, args: Vec<String>) -> io::Result<()> {
+        self.args = args;
+        self.restart()
+    }
+
+    /// Store SCRAM-SHA-512 credentials for `user` in the broker, through `tansu user create`
+    /// (which must connect without authentication: do it before [`Tansu::restart_with`]
+    /// `--authentication`, on SQLite storage so the credentials survive the restart).
+    pub fn create_user(&self, user: &str, password: &str) -> io::Result<()> {
+        let out = Command::new(tansu_path())
+            .args(["user", "create", "--mechanism", "scram512", "--broker"])
+            .arg(format!("tcp://127.0.0.1:{}", self.port))
+            .args([user, password])
+            .output()?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            // The password is not in tansu's output; the status is enough.
+            Err(other(format!(
+                "tansu user create {user} failed: {}",
+                out.status
+            )))
+        }
     }
 
     /// The port tansu listens on (the advertised one may differ, see

@@ -62,7 +62,55 @@ pub struct KafkaBackend {
 
 /// An idle librdkafka client for metadata requests.
 #[derive(Clone)]
-struct Probe(Arc<BaseConsumer>);
+struct Probe(Arc<BaseConsumer<ConnectContext>>);
+
+/// Remembers the first TLS or authentication error librdkafka reports while connecting (it
+/// reports them through the error callback; the metadata request only sees a transport failure
+/// or a timeout), so `connect` can fail at once with a typed error instead of retrying.
+#[derive(Default)]
+struct ConnectContext {
+    refused: parking_lot::Mutex<Option<rdkafka::types::RDKafkaErrorCode>>,
+}
+
+impl rdkafka::ClientContext for ConnectContext {
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        use rdkafka::types::RDKafkaErrorCode as C;
+        let code = match error.rdkafka_error_code() {
+            Some(c @ (C::SSL | C::Authentication | C::SaslAuthenticationFailed)) => Some(c),
+            // A TLS alert from the server (e.g. "certificate required" to a client without
+            // one) arrives as a transport failure whose reason names OpenSSL.
+            Some(C::BrokerTransportFailure) if reason.contains("SSL routines") => Some(C::SSL),
+            _ => None,
+        };
+        match code {
+            Some(c) => {
+                self.refused.lock().get_or_insert(c);
+            }
+            // The reason names brokers and causes, never secrets.
+            None => tracing::debug!(error = %error, reason, "librdkafka error while connecting"),
+        }
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for ConnectContext {}
+
+impl ConnectContext {
+    /// The typed error for a refusal seen so far, if any: not retryable, the same credentials
+    /// or certificates would be refused again.
+    fn refusal(&self) -> Option<Error> {
+        use rdkafka::types::RDKafkaErrorCode as C;
+        let code = (*self.refused.lock())?;
+        Some(match code {
+            C::SSL => error::err(
+                ErrorKind::Connect,
+                "TLS handshake with the Kafka cluster failed (certificate, CA, host name or \
+                 protocol mismatch)",
+            )
+            .permanent(),
+            _ => error::err(ErrorKind::Auth, "the Kafka cluster refused the credentials"),
+        })
+    }
+}
 
 impl std::fmt::Debug for Probe {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -75,13 +123,29 @@ impl KafkaBackend {
     pub async fn connect(config: KafkaConfig) -> Result<Self, Error> {
         let c = config.clone();
         let probe = tokio::task::spawn_blocking(move || {
-            let consumer: BaseConsumer = c
+            let consumer: BaseConsumer<ConnectContext> = c
                 .client_config()
-                .create()
+                .create_with_context(ConnectContext::default())
                 .map_err(|e| error::other("invalid Kafka client configuration", e))?;
-            consumer
-                .fetch_metadata(None, c.connect_timeout)
-                .map_err(|e| error::other("could not reach the Kafka cluster", e))?;
+            // Short metadata requests until `connect_timeout`, so a TLS or authentication
+            // refusal (reported through the error callback) ends the wait at once.
+            let deadline = std::time::Instant::now() + c.connect_timeout;
+            loop {
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                let r = consumer.fetch_metadata(None, left.min(Duration::from_millis(500)));
+                // Serve librdkafka's event queue: error events reach the context only here.
+                let _ = consumer.poll(Duration::ZERO);
+                if let Some(refused) = consumer.context().refusal() {
+                    return Err(refused);
+                }
+                match r {
+                    Ok(_) => break,
+                    Err(e) if left <= Duration::from_millis(500) => {
+                        return Err(error::other("could not reach the Kafka cluster", e));
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(50)),
+                }
+            }
             Ok::<_, Error>(consumer)
         })
         .await

@@ -7,6 +7,7 @@
 //!   **failed-but-stored**, duplicates, reorders within a producer, corrupt payloads;
 //! - [`proxy`]: an in-process TCP fault proxy (delay, bandwidth cap, blackhole without RST,
 //!   reset, cut mid-frame);
+//! - [`tls_proxy`]: a TLS-terminating proxy (tansu has no TLS listener of its own);
 //! - [`target`]: a broker process (nats-server, tansu) with kill -9 / SIGSTOP / SIGCONT /
 //!   restart on the same store, and the backend's sink and subscriber;
 //! - [`scenario`]: the fault scenarios; `cargo xtask reliability` runs them all and prints the
@@ -29,3 +30,4 @@ pub mod proxy;
 pub mod record;
 pub mod scenario;
 pub mod target;
+pub mod tls_proxy;

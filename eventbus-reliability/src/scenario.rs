@@ -949,39 +949,282 @@ pub async fn security(backend: &'static str) -> Row {
         security_nats(&mut row).await;
         return row;
     }
+    #[cfg(feature = "kafka")]
+    if backend == "kafka" {
+        security_kafka(&mut row).await;
+        return row;
+    }
     row.failures
         .push(format!("security is not run on {backend}"));
     row
 }
 
-/// One refused connect through a fresh proxy to `server`: typed `want`, not retryable, within
-/// `timeout` + 1 s, no secret in its text, no reconnect attempts in the 2 s after it.
-#[cfg(feature = "nats")]
+/// Publish one message through a fresh engine on `backend` to `topic` (created with one
+/// partition): acked or the reason it was not.
+#[cfg(feature = "kafka")]
+async fn publish_one_kafka(
+    backend: &eventbus_kafka::KafkaBackend,
+    topic: &str,
+) -> Result<(), String> {
+    backend
+        .ensure_topic(topic, 1)
+        .await
+        .map_err(|e| format!("topic: {e}"))?;
+    let sink = backend.sink().map_err(|e| format!("sink: {e}"))?;
+    let p = Batcher::new(
+        sink,
+        BatchConfig::default().ack_timeout(Duration::from_secs(10)),
+    )
+    .map_err(|e| format!("batcher: {e}"))?;
+    let o = p
+        .publish(eventbus_core::Message::new(topic, "over tls"))
+        .await
+        .map_err(|e| format!("publish: {e}"))?
+        .await;
+    let _ = p.close(Duration::from_secs(2)).await;
+    if o.is_acked() {
+        Ok(())
+    } else {
+        Err(format!("not acked: {o:?}"))
+    }
+}
+
+/// Kafka: TLS through a TLS-terminating proxy in front of tansu (tansu 0.6.0 has no TLS
+/// listener; the proxy sits on the port tansu advertises, so every connection is TLS), and
+/// SASL SCRAM-SHA-512 against tansu's own `--authentication`.
+#[cfg(feature = "kafka")]
+async fn security_kafka(row: &mut Row) {
+    use crate::tls_proxy::TlsProxy;
+    use eventbus_brokers::tls::Pki;
+    use eventbus_brokers::{Tansu, TansuStorage};
+    use eventbus_core::ErrorKind;
+    use eventbus_kafka::{KafkaBackend, KafkaConfig};
+
+    const PASSWORD: &str = "s3cret-Pa55";
+    const WRONG: &str = "not-the-Pa55";
+    let pki = Pki::new("ca");
+    let other = Pki::new("other-ca");
+    let mut worst = Duration::ZERO;
+
+    // One tansu per listener: the advertised port must be the proxy in front of it.
+    let behind_tls = |cert: (std::path::PathBuf, std::path::PathBuf), client_ca: bool| {
+        let pki = &pki;
+        async move {
+            let port = eventbus_brokers::free_port().map_err(|e| e.to_string())?;
+            let tansu = Tansu::start_advertising(TansuStorage::Memory, Some(port))
+                .map_err(|e| format!("tansu: {e}"))?;
+            let upstream = ([127, 0, 0, 1], tansu.port()).into();
+            let ca = client_ca.then(|| pki.ca());
+            let proxy = TlsProxy::start_on(port, upstream, &cert.0, &cert.1, ca)
+                .await
+                .map_err(|e| format!("tls proxy: {e}"))?;
+            Ok::<_, String>((tansu, proxy))
+        }
+    };
+    let ssl = |addr: std::net::SocketAddr, ca: &std::path::Path| {
+        KafkaConfig::new(addr.to_string())
+            .connect_timeout(REFUSAL_TIMEOUT)
+            .option("security.protocol", "ssl")
+            .option("ssl.ca.location", ca.display().to_string())
+    };
+    let names = ["localhost", "127.0.0.1"];
+    let (_tansu, tls) = match behind_tls(pki.leaf("kafka", &names), false).await {
+        Ok(v) => v,
+        Err(e) => return row.failures.push(e),
+    };
+    match KafkaBackend::connect(ssl(tls.addr(), pki.ca())).await {
+        Ok(b) => {
+            if let Err(e) = publish_one_kafka(&b, "sec-tls").await {
+                row.failures.push(format!("TLS with the right CA: {e}"));
+            } else {
+                row.notes
+                    .push("TLS with the right CA: connected, one publish acked".into());
+            }
+        }
+        Err(e) => row.failures.push(format!("TLS with the right CA: {e}")),
+    }
+    let accepted = || tls.accepted();
+    expect_refusal(
+        row,
+        &mut worst,
+        "wrong CA",
+        &accepted,
+        async {
+            KafkaBackend::connect(ssl(tls.addr(), other.ca()))
+                .await
+                .map(|_| ())
+        },
+        ErrorKind::Connect,
+        false,
+        &[],
+    )
+    .await;
+    // A plaintext client gets no answer it can parse from a TLS listener: it cannot tell
+    // that from a broken broker, so a retryable Connect is the honest outcome here.
+    let handshakes = tls.handshakes();
+    expect_refusal(
+        row,
+        &mut worst,
+        "plaintext client to a TLS listener",
+        &accepted,
+        async {
+            KafkaBackend::connect(
+                KafkaConfig::new(tls.addr().to_string()).connect_timeout(REFUSAL_TIMEOUT),
+            )
+            .await
+            .map(|_| ())
+        },
+        ErrorKind::Connect,
+        true,
+        &[],
+    )
+    .await;
+    row.require(
+        tls.handshakes() == handshakes,
+        "a plaintext client completed a TLS handshake",
+    );
+    let (_t2, mismatch) = match behind_tls(pki.leaf("other", &["other.example"]), false).await {
+        Ok(v) => v,
+        Err(e) => return row.failures.push(e),
+    };
+    expect_refusal(
+        row,
+        &mut worst,
+        "host name mismatch",
+        &|| mismatch.accepted(),
+        async {
+            KafkaBackend::connect(ssl(mismatch.addr(), pki.ca()))
+                .await
+                .map(|_| ())
+        },
+        ErrorKind::Connect,
+        false,
+        &[],
+    )
+    .await;
+    let (_t3, mtls) = match behind_tls(pki.leaf("mtls", &names), true).await {
+        Ok(v) => v,
+        Err(e) => return row.failures.push(e),
+    };
+    expect_refusal(
+        row,
+        &mut worst,
+        "mutual TLS without a client certificate",
+        &|| mtls.accepted(),
+        async {
+            KafkaBackend::connect(ssl(mtls.addr(), pki.ca()))
+                .await
+                .map(|_| ())
+        },
+        ErrorKind::Connect,
+        false,
+        &[],
+    )
+    .await;
+    let (client_cert, client_key) = pki.leaf("client", &["client"]);
+    let with_cert = ssl(mtls.addr(), pki.ca())
+        .option(
+            "ssl.certificate.location",
+            client_cert.display().to_string(),
+        )
+        .option("ssl.key.location", client_key.display().to_string());
+    match KafkaBackend::connect(with_cert).await {
+        Ok(b) => match publish_one_kafka(&b, "sec-mtls").await {
+            Ok(()) => row
+                .notes
+                .push("mutual TLS with a client certificate: one publish acked".into()),
+            Err(e) => row
+                .failures
+                .push(format!("mutual TLS with a certificate: {e}")),
+        },
+        Err(e) => row
+            .failures
+            .push(format!("mutual TLS with a certificate: {e}")),
+    }
+
+    // SASL SCRAM-SHA-512: the user is stored first (tansu's CLI cannot authenticate), then
+    // tansu restarts on the same SQLite file requiring authentication. A counting proxy on the
+    // advertised port shows reconnects.
+    let sasl = async {
+        let port = eventbus_brokers::free_port().map_err(|e| e.to_string())?;
+        let mut tansu = Tansu::start_advertising(TansuStorage::Sqlite, Some(port))
+            .map_err(|e| format!("tansu: {e}"))?;
+        tansu
+            .create_user("alice", PASSWORD)
+            .map_err(|e| e.to_string())?;
+        tansu
+            .restart_with(vec!["--authentication".into()])
+            .map_err(|e| format!("tansu restart: {e}"))?;
+        let proxy = crate::proxy::FaultProxy::start_on(port, ([127, 0, 0, 1], tansu.port()).into())
+            .await
+            .map_err(|e| format!("proxy: {e}"))?;
+        Ok::<_, String>((tansu, proxy))
+    };
+    let (_t4, proxy) = match sasl.await {
+        Ok(v) => v,
+        Err(e) => return row.failures.push(format!("SASL setup: {e}")),
+    };
+    let scram = |password: &str| {
+        KafkaConfig::new(proxy.addr().to_string())
+            .connect_timeout(REFUSAL_TIMEOUT)
+            .option("security.protocol", "sasl_plaintext")
+            .option("sasl.mechanism", "SCRAM-SHA-512")
+            .option("sasl.username", "alice")
+            .option("sasl.password", password)
+    };
+    let wrong = scram(WRONG);
+    let debug = format!("{wrong:?}");
+    row.require(
+        !debug.contains(WRONG),
+        "the SASL password shows in the config's Debug",
+    );
+    expect_refusal(
+        row,
+        &mut worst,
+        "wrong password (SCRAM-SHA-512)",
+        &|| proxy.accepted(),
+        async { KafkaBackend::connect(wrong).await.map(|_| ()) },
+        ErrorKind::Auth,
+        false,
+        &[WRONG, PASSWORD],
+    )
+    .await;
+    match KafkaBackend::connect(scram(PASSWORD)).await {
+        Ok(b) => match publish_one_kafka(&b, "sec-sasl").await {
+            Ok(()) => row
+                .notes
+                .push("right password (SCRAM-SHA-512): one publish acked".into()),
+            Err(e) => row.failures.push(format!("right password: {e}")),
+        },
+        Err(e) => row.failures.push(format!("right password: {e}")),
+    }
+    row.detect_ms = Some(ms(worst));
+}
+
+/// What a refused connect must look like: typed `want` (and not retryable unless
+/// `retryable_ok`), within `timeout` + 1 s, no secret in its text, and no new connection to
+/// the listener (`accepted` counts them) in the 2 s after the error.
 #[allow(clippy::too_many_arguments)]
-async fn refused_connect(
+async fn expect_refusal<F: Future<Output = Result<(), eventbus_core::Error>>>(
     row: &mut Row,
     worst: &mut Duration,
     what: &str,
-    server: &eventbus_brokers::NatsServer,
-    scheme: &str,
-    cfg: &dyn Fn(String) -> eventbus_nats::NatsConfig,
+    accepted: &(dyn Fn() -> u64 + Sync),
+    connect: F,
     want: eventbus_core::ErrorKind,
+    retryable_ok: bool,
     secrets: &[&str],
 ) {
-    let timeout = Duration::from_secs(3);
-    let upstream = ([127, 0, 0, 1], server.port()).into();
-    let proxy = match crate::proxy::FaultProxy::start(upstream).await {
-        Ok(p) => p,
-        Err(e) => return row.failures.push(format!("{what}: proxy: {e}")),
-    };
-    let url = format!("{scheme}://{}", proxy.addr());
+    let timeout = REFUSAL_TIMEOUT;
     let t0 = Instant::now();
-    let result = eventbus_nats::NatsBackend::connect(cfg(url).connect_timeout(timeout)).await;
+    let result = connect.await;
     let took = t0.elapsed();
     *worst = (*worst).max(took);
-    let (attempts, later) = proxy.attempts_then_reconnects(Duration::from_secs(2)).await;
+    let attempts = accepted();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let later = accepted() - attempts;
     match result {
-        Ok(_) => row.failures.push(format!("{what}: connected")),
+        Ok(()) => row.failures.push(format!("{what}: connected")),
         Err(e) => {
             let text = format!("{e} {e:?}");
             row.notes.push(format!(
@@ -994,7 +1237,10 @@ async fn refused_connect(
                 e.kind() == want,
                 format!("{what}: kind {:?}, want {want:?}", e.kind()),
             );
-            row.require(!e.is_retryable(), format!("{what}: reported retryable"));
+            row.require(
+                retryable_ok || !e.is_retryable(),
+                format!("{what}: reported retryable"),
+            );
             for s in secrets {
                 row.require(!text.contains(s), format!("{what}: secret in the error"));
             }
@@ -1008,6 +1254,43 @@ async fn refused_connect(
         later == 0,
         format!("{what}: {later} reconnects after the error"),
     );
+}
+
+/// The connect timeout every refusal check uses.
+const REFUSAL_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// One refused NATS connect through a fresh counting proxy to `server` (see
+/// [`expect_refusal`]).
+#[cfg(feature = "nats")]
+#[allow(clippy::too_many_arguments)]
+async fn refused_connect(
+    row: &mut Row,
+    worst: &mut Duration,
+    what: &str,
+    server: &eventbus_brokers::NatsServer,
+    scheme: &str,
+    cfg: &dyn Fn(String) -> eventbus_nats::NatsConfig,
+    want: eventbus_core::ErrorKind,
+    secrets: &[&str],
+) {
+    let upstream = ([127, 0, 0, 1], server.port()).into();
+    let proxy = match crate::proxy::FaultProxy::start(upstream).await {
+        Ok(p) => p,
+        Err(e) => return row.failures.push(format!("{what}: proxy: {e}")),
+    };
+    let url = format!("{scheme}://{}", proxy.addr());
+    let connect = eventbus_nats::NatsBackend::connect(cfg(url).connect_timeout(REFUSAL_TIMEOUT));
+    expect_refusal(
+        row,
+        worst,
+        what,
+        &|| proxy.accepted(),
+        async { connect.await.map(|_| ()) },
+        want,
+        false,
+        secrets,
+    )
+    .await;
 }
 
 #[cfg(feature = "nats")]
