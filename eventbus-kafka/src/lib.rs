@@ -132,7 +132,7 @@ impl KafkaBackend {
             let deadline = std::time::Instant::now() + c.connect_timeout;
             loop {
                 let left = deadline.saturating_duration_since(std::time::Instant::now());
-                let r = consumer.fetch_metadata(None, left.min(Duration::from_millis(500)));
+                let r = consumer.fetch_metadata(None, left.min(Duration::from_millis(100)));
                 // Serve librdkafka's event queue: error events reach the context only here.
                 let _ = consumer.poll(Duration::ZERO);
                 if let Some(refused) = consumer.context().refusal() {
@@ -140,10 +140,11 @@ impl KafkaBackend {
                 }
                 match r {
                     Ok(_) => break,
-                    Err(e) if left <= Duration::from_millis(500) => {
+                    Err(e) if left <= Duration::from_millis(100) => {
                         return Err(error::other("could not reach the Kafka cluster", e));
                     }
-                    Err(_) => std::thread::sleep(Duration::from_millis(50)),
+                    // Some failures return at once: do not spin.
+                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
                 }
             }
             Ok::<_, Error>(consumer)

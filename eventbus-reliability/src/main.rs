@@ -233,8 +233,10 @@ fn main() -> std::process::ExitCode {
         let text = format!(
             "# Reliability figures\n\nWritten by `cargo xtask reliability{}` (eventbus-reliability); \
              see the crate docs for what each scenario does and asserts. **lost** (acked, never read \
-             back) and **failed but stored** must be 0 everywhere. `security` runs on NATS only: \
-             tansu is started without TLS or SASL listeners here.\n\n{md}",
+             back) and **failed but stored** must be 0 everywhere. Kafka runs on tansu 0.6.0 (SQLite; \
+             memory for `slow-consumer`, whose deep backlog tansu's SQLite fetch serves in O(backlog) \
+             per fetch); its `security` row uses a TLS-terminating proxy in front of tansu (tansu has \
+             no TLS listener) and tansu's own SASL SCRAM.\n\n{md}",
             if args.quick { " --quick" } else { "" }
         );
         if let Err(e) = std::fs::write(doc, text) {

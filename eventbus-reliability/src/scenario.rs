@@ -936,12 +936,14 @@ pub async fn absent(backend: &'static str) -> Row {
     row
 }
 
-/// Security (NATS): TLS with a wrong CA, a `nats://` URL to a TLS server, a host name mismatch,
+/// Security. NATS: TLS with a wrong CA, a `nats://` URL to a TLS server, a host name mismatch,
 /// mutual TLS without a client certificate, a wrong password, and a publish without
-/// permission. Each connect goes through the TCP proxy, which counts connection attempts: every
-/// refusal must be typed, not retryable, within the connect timeout (+1 s), with no secret in
-/// its text and no reconnect attempts in the 2 s after it. NATS only: tansu is started without
-/// TLS or SASL listeners here.
+/// permission. Kafka: the same TLS cases (a plaintext client instead of the URL scheme) plus
+/// TLS and mutual TLS that work, and SASL SCRAM-SHA-512 with a wrong and the right password.
+/// Each connect goes through a proxy that counts connection attempts: every refusal must be
+/// typed, not retryable (except a plaintext Kafka client, which cannot tell a TLS listener from
+/// a broken broker), within the connect timeout (+1 s), with no secret in its text and no
+/// reconnect attempts in the 2 s after it.
 pub async fn security(backend: &'static str) -> Row {
     let mut row = Row::new("security", backend);
     #[cfg(feature = "nats")]
@@ -1198,6 +1200,22 @@ async fn security_kafka(row: &mut Row) {
         },
         Err(e) => row.failures.push(format!("right password: {e}")),
     }
+    // Broker behaviour, recorded, not asserted: does tansu check a PLAIN password?
+    let plain = KafkaConfig::new(proxy.addr().to_string())
+        .connect_timeout(REFUSAL_TIMEOUT)
+        .option("security.protocol", "sasl_plaintext")
+        .option("sasl.mechanism", "PLAIN")
+        .option("sasl.username", "alice")
+        .option("sasl.password", WRONG);
+    row.notes.push(match KafkaBackend::connect(plain).await {
+        Ok(_) => "broker: tansu accepted SASL PLAIN with a wrong password (it checks only \
+                  SCRAM credentials)"
+            .into(),
+        Err(e) => format!(
+            "broker: SASL PLAIN with a wrong password refused ({:?})",
+            e.kind()
+        ),
+    });
     row.detect_ms = Some(ms(worst));
 }
 
