@@ -11,6 +11,7 @@ use eventbus_kafka::{KafkaBackend, KafkaConfig};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use std::sync::Arc;
 
+use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{
     BaseRecord, DeliveryResult, FutureProducer, FutureRecord, ProducerContext, ThreadedProducer,
 };
@@ -93,7 +94,7 @@ impl KafkaEnv {
         if storage == "durable" {
             s.messages = s.messages.min(DURABLE_CAP);
         }
-        let lingers: Vec<u64> = if mode == "raw" || mode == "raw-future" {
+        let lingers: Vec<u64> = if mode.starts_with("raw") {
             raw_linger.map_or(RAW_LINGERS_MS.to_vec(), |l| vec![l as u64])
         } else {
             vec![0]
@@ -128,7 +129,7 @@ impl KafkaEnv {
                 Raw(FutureProducer),
                 Threaded(Arc<ThreadedProducer<TallyCtx>>, Arc<Tally>),
             }
-            let producer = if mode == "raw" {
+            let producer = if mode == "raw" || mode == "raw-dedup" {
                 let tally = Arc::new(Tally::new(s.messages as u64));
                 let p: ThreadedProducer<TallyCtx> = raw_config(&bootstrap, linger)
                     .create_with_context(TallyCtx(Arc::clone(&tally)))
@@ -192,7 +193,9 @@ impl KafkaEnv {
             let published = match &producer {
                 P::Sdk(b) => drive_sdk(b, s, &topics, mode == "naive", t0).await,
                 P::Raw(p) => drive_raw(p, s, &names, t0).await,
-                P::Threaded(p, tally) => drive_threaded(p, tally, s, &names, t0).await?,
+                P::Threaded(p, tally) => {
+                    drive_threaded(p, tally, s, &names, t0, mode == "raw-dedup").await?
+                }
             };
             let _ = done_tx.send(true);
             let received = match rx {
@@ -304,12 +307,16 @@ impl ProducerContext for TallyCtx {
 /// `raw`: 5 publisher tasks hand records to one `ThreadedProducer`; the run ends at the last
 /// delivery report. Measured against `raw-future` (a `FutureProducer`, one future per message):
 /// on tansu's memory engine, 1M x 108 B, ~510k vs ~320-365k msg/s, so this is the baseline.
+/// `raw-dedup` (`with_id`) adds one header per record, the same `eventbus-id` header with a
+/// fresh id the SDK's default sink sends, so the two do the same work on the broker (Kafka does
+/// not de-duplicate by it; the name is shared with NATS's raw-with-`Nats-Msg-Id`).
 async fn drive_threaded(
     p: &Arc<ThreadedProducer<TallyCtx>>,
     tally: &Arc<Tally>,
     s: Scenario,
     topics: &[String],
     t0: Instant,
+    with_id: bool,
 ) -> Result<Published, String> {
     let mut tasks = Vec::new();
     for w in 0..s.publishers {
@@ -319,10 +326,18 @@ async fn drive_threaded(
                 let body = payload(s.payload, w as u32, i as u64, t0);
                 let topic = &topics[i % topics.len()];
                 let sent = Instant::now();
+                let id = with_id.then(|| eventbus_core::MessageId::generate().to_string());
                 loop {
-                    let rec =
-                        BaseRecord::<(), [u8], _>::with_opaque_to(topic, Box::new(Some(sent)));
-                    match p.send(rec.payload(&body[..])) {
+                    let mut rec =
+                        BaseRecord::<(), [u8], _>::with_opaque_to(topic, Box::new(Some(sent)))
+                            .payload(&body[..]);
+                    if let Some(id) = &id {
+                        rec = rec.headers(OwnedHeaders::new().insert(Header {
+                            key: eventbus_kafka::ID_HEADER,
+                            value: Some(id.as_bytes()),
+                        }));
+                    }
+                    match p.send(rec) {
                         Ok(()) => break,
                         // librdkafka's queue is full: wait and hand the record over again.
                         Err((

@@ -39,7 +39,8 @@ pub(crate) struct Args {
     /// Nats-Msg-Id), sdk-nodedup (NATS without Nats-Msg-Id, Kafka without the eventbus-id
     /// header), NATS publish modes sdk-async (one ack per message), sdk-fast, sdk-atomic (one
     /// ack per all-or-nothing batch), each also as `sdk-<mode>-nodedup`, raw, and raw-dedup
-    /// (NATS: raw with Nats-Msg-Id, like the SDK's default), raw-future (Kafka: rdkafka's
+    /// (raw with ids like the SDK's default: NATS Nats-Msg-Id, Kafka the eventbus-id header),
+    /// raw-future (Kafka: rdkafka's
     /// FutureProducer, one future per message, instead of raw's ThreadedProducer with a
     /// delivery callback; not in the default run).
     #[arg(long, value_delimiter = ',')]
@@ -352,7 +353,6 @@ async fn run(args: Args) -> Result<bool, String> {
                         && s.messages > 100_000
                         && (m == "sdk-async" || m == "sdk-atomic"))
                         || (b == "memory" && (m.starts_with("raw") || m.starts_with("sdk-")))
-                        || (b != "nats" && m == "raw-dedup")
                         || (b != "kafka" && m == "raw-future")
                         || (b == "kafka"
                             && (m.contains("atomic") || m.contains("fast") || m.contains("async")))

@@ -236,7 +236,7 @@ pub(crate) fn write(args: &Args, machine: &str, records: &[Record]) -> Result<()
         let _ = writeln!(md, "### {backend} / {storage}: {what}\n");
         let _ = writeln!(
             md,
-            "| scenario | msgs | naive msg/s | sdk msg/s (min-max) | sdk no-dedup msg/s | sdk async msg/s | sdk atomic msg/s | raw msg/s (window) | raw dedup msg/s | sdk/raw | no-dedup/raw | sdk/raw-dedup | sdk/naive | sdk e2e msg/s | sdk ack p99 | sdk peak RSS | seed NATS msg/s | seed Kafka msg/s | verified |"
+            "| scenario | msgs | naive msg/s | sdk msg/s (min-max) | sdk no-dedup msg/s | sdk async msg/s | sdk atomic msg/s | raw msg/s (window) | raw with ids msg/s | sdk/raw | no-dedup/raw | sdk/raw-ids | sdk/naive | sdk e2e msg/s | sdk ack p99 | sdk peak RSS | seed NATS msg/s | seed Kafka msg/s | verified |"
         );
         let _ = writeln!(
             md,
