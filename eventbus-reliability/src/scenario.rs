@@ -961,34 +961,75 @@ pub async fn security(backend: &'static str) -> Row {
     row
 }
 
-/// Publish one message through a fresh engine on `backend` to `topic` (created with one
-/// partition): acked or the reason it was not.
+/// Connect with `cfg` and publish one message to `topic` (created with one partition) through
+/// a fresh engine: a note if it is acked, a failure naming `what` otherwise.
 #[cfg(feature = "kafka")]
-async fn publish_one_kafka(
-    backend: &eventbus_kafka::KafkaBackend,
+async fn connects_and_publishes(
+    row: &mut Row,
+    what: &str,
+    cfg: eventbus_kafka::KafkaConfig,
     topic: &str,
-) -> Result<(), String> {
-    backend
-        .ensure_topic(topic, 1)
-        .await
-        .map_err(|e| format!("topic: {e}"))?;
-    let sink = backend.sink().map_err(|e| format!("sink: {e}"))?;
-    let p = Batcher::new(
-        sink,
-        BatchConfig::default().ack_timeout(Duration::from_secs(10)),
-    )
-    .map_err(|e| format!("batcher: {e}"))?;
-    let o = p
-        .publish(eventbus_core::Message::new(topic, "over tls"))
-        .await
-        .map_err(|e| format!("publish: {e}"))?
-        .await;
-    let _ = p.close(Duration::from_secs(2)).await;
-    if o.is_acked() {
-        Ok(())
-    } else {
-        Err(format!("not acked: {o:?}"))
+) {
+    let published = async {
+        let backend = eventbus_kafka::KafkaBackend::connect(cfg)
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+        backend
+            .ensure_topic(topic, 1)
+            .await
+            .map_err(|e| format!("topic: {e}"))?;
+        let sink = backend.sink().map_err(|e| format!("sink: {e}"))?;
+        let p = Batcher::new(
+            sink,
+            BatchConfig::default().ack_timeout(Duration::from_secs(10)),
+        )
+        .map_err(|e| format!("batcher: {e}"))?;
+        let o = p
+            .publish(eventbus_core::Message::new(topic, "secured"))
+            .await
+            .map_err(|e| format!("publish: {e}"))?
+            .await;
+        let _ = p.close(Duration::from_secs(2)).await;
+        if o.is_acked() {
+            Ok(())
+        } else {
+            Err(format!("not acked: {o:?}"))
+        }
+    };
+    match published.await {
+        Ok(()) => row
+            .notes
+            .push(format!("{what}: connected, one publish acked")),
+        Err(e) => row.failures.push(format!("{what}: {e}")),
     }
+}
+
+/// One refused Kafka connect with `cfg` (see [`expect_refusal`]); `accepted` counts the
+/// connections the listener in front of the broker accepted.
+#[cfg(feature = "kafka")]
+#[allow(clippy::too_many_arguments)]
+async fn refused_kafka(
+    row: &mut Row,
+    worst: &mut Duration,
+    what: &str,
+    accepted: &(dyn Fn() -> u64 + Sync),
+    cfg: eventbus_kafka::KafkaConfig,
+    want: eventbus_core::ErrorKind,
+    retryable_ok: bool,
+    secrets: &[&str],
+) {
+    let connect = eventbus_kafka::KafkaBackend::connect(cfg);
+    expect_refusal(
+        row,
+        worst,
+        what,
+        accepted,
+        async { connect.await.map(|_| ()) },
+        want,
+        retryable_ok,
+        secrets,
+    )
+    .await;
 }
 
 /// Kafka: TLS through a TLS-terminating proxy in front of tansu (tansu 0.6.0 has no TLS
@@ -1034,28 +1075,20 @@ async fn security_kafka(row: &mut Row) {
         Ok(v) => v,
         Err(e) => return row.failures.push(e),
     };
-    match KafkaBackend::connect(ssl(tls.addr(), pki.ca())).await {
-        Ok(b) => {
-            if let Err(e) = publish_one_kafka(&b, "sec-tls").await {
-                row.failures.push(format!("TLS with the right CA: {e}"));
-            } else {
-                row.notes
-                    .push("TLS with the right CA: connected, one publish acked".into());
-            }
-        }
-        Err(e) => row.failures.push(format!("TLS with the right CA: {e}")),
-    }
+    connects_and_publishes(
+        row,
+        "TLS with the right CA",
+        ssl(tls.addr(), pki.ca()),
+        "sec-tls",
+    )
+    .await;
     let accepted = || tls.accepted();
-    expect_refusal(
+    refused_kafka(
         row,
         &mut worst,
         "wrong CA",
         &accepted,
-        async {
-            KafkaBackend::connect(ssl(tls.addr(), other.ca()))
-                .await
-                .map(|_| ())
-        },
+        ssl(tls.addr(), other.ca()),
         ErrorKind::Connect,
         false,
         &[],
@@ -1064,18 +1097,12 @@ async fn security_kafka(row: &mut Row) {
     // A plaintext client gets no answer it can parse from a TLS listener: it cannot tell
     // that from a broken broker, so a retryable Connect is the honest outcome here.
     let handshakes = tls.handshakes();
-    expect_refusal(
+    refused_kafka(
         row,
         &mut worst,
         "plaintext client to a TLS listener",
         &accepted,
-        async {
-            KafkaBackend::connect(
-                KafkaConfig::new(tls.addr().to_string()).connect_timeout(REFUSAL_TIMEOUT),
-            )
-            .await
-            .map(|_| ())
-        },
+        KafkaConfig::new(tls.addr().to_string()).connect_timeout(REFUSAL_TIMEOUT),
         ErrorKind::Connect,
         true,
         &[],
@@ -1089,16 +1116,12 @@ async fn security_kafka(row: &mut Row) {
         Ok(v) => v,
         Err(e) => return row.failures.push(e),
     };
-    expect_refusal(
+    refused_kafka(
         row,
         &mut worst,
         "host name mismatch",
         &|| mismatch.accepted(),
-        async {
-            KafkaBackend::connect(ssl(mismatch.addr(), pki.ca()))
-                .await
-                .map(|_| ())
-        },
+        ssl(mismatch.addr(), pki.ca()),
         ErrorKind::Connect,
         false,
         &[],
@@ -1108,16 +1131,12 @@ async fn security_kafka(row: &mut Row) {
         Ok(v) => v,
         Err(e) => return row.failures.push(e),
     };
-    expect_refusal(
+    refused_kafka(
         row,
         &mut worst,
         "mutual TLS without a client certificate",
         &|| mtls.accepted(),
-        async {
-            KafkaBackend::connect(ssl(mtls.addr(), pki.ca()))
-                .await
-                .map(|_| ())
-        },
+        ssl(mtls.addr(), pki.ca()),
         ErrorKind::Connect,
         false,
         &[],
@@ -1130,19 +1149,13 @@ async fn security_kafka(row: &mut Row) {
             client_cert.display().to_string(),
         )
         .option("ssl.key.location", client_key.display().to_string());
-    match KafkaBackend::connect(with_cert).await {
-        Ok(b) => match publish_one_kafka(&b, "sec-mtls").await {
-            Ok(()) => row
-                .notes
-                .push("mutual TLS with a client certificate: one publish acked".into()),
-            Err(e) => row
-                .failures
-                .push(format!("mutual TLS with a certificate: {e}")),
-        },
-        Err(e) => row
-            .failures
-            .push(format!("mutual TLS with a certificate: {e}")),
-    }
+    connects_and_publishes(
+        row,
+        "mutual TLS with a client certificate",
+        with_cert,
+        "sec-mtls",
+    )
+    .await;
 
     // SASL SCRAM-SHA-512: the user is stored first (tansu's CLI cannot authenticate), then
     // tansu restarts on the same SQLite file requiring authentication. A counting proxy on the
@@ -1166,49 +1179,41 @@ async fn security_kafka(row: &mut Row) {
         Ok(v) => v,
         Err(e) => return row.failures.push(format!("SASL setup: {e}")),
     };
-    let scram = |password: &str| {
+    let sasl_as_alice = |mechanism: &str, password: &str| {
         KafkaConfig::new(proxy.addr().to_string())
             .connect_timeout(REFUSAL_TIMEOUT)
             .option("security.protocol", "sasl_plaintext")
-            .option("sasl.mechanism", "SCRAM-SHA-512")
+            .option("sasl.mechanism", mechanism)
             .option("sasl.username", "alice")
             .option("sasl.password", password)
     };
-    let wrong = scram(WRONG);
+    let wrong = sasl_as_alice("SCRAM-SHA-512", WRONG);
     let debug = format!("{wrong:?}");
     row.require(
         !debug.contains(WRONG),
         "the SASL password shows in the config's Debug",
     );
-    expect_refusal(
+    refused_kafka(
         row,
         &mut worst,
         "wrong password (SCRAM-SHA-512)",
         &|| proxy.accepted(),
-        async { KafkaBackend::connect(wrong).await.map(|_| ()) },
+        wrong,
         ErrorKind::Auth,
         false,
         &[WRONG, PASSWORD],
     )
     .await;
-    match KafkaBackend::connect(scram(PASSWORD)).await {
-        Ok(b) => match publish_one_kafka(&b, "sec-sasl").await {
-            Ok(()) => row
-                .notes
-                .push("right password (SCRAM-SHA-512): one publish acked".into()),
-            Err(e) => row.failures.push(format!("right password: {e}")),
-        },
-        Err(e) => row.failures.push(format!("right password: {e}")),
-    }
+    connects_and_publishes(
+        row,
+        "right password (SCRAM-SHA-512)",
+        sasl_as_alice("SCRAM-SHA-512", PASSWORD),
+        "sec-sasl",
+    )
+    .await;
     // Broker behaviour, recorded, not asserted: tansu's SASL PLAIN with each password.
     for (what, password) in [("wrong", WRONG), ("right", PASSWORD)] {
-        let plain = KafkaConfig::new(proxy.addr().to_string())
-            .connect_timeout(REFUSAL_TIMEOUT)
-            .option("security.protocol", "sasl_plaintext")
-            .option("sasl.mechanism", "PLAIN")
-            .option("sasl.username", "alice")
-            .option("sasl.password", password);
-        let r = KafkaBackend::connect(plain).await;
+        let r = KafkaBackend::connect(sasl_as_alice("PLAIN", password)).await;
         row.notes.push(format!(
             "broker: SASL PLAIN with the {what} password: {}",
             match r {
