@@ -444,6 +444,7 @@ impl Env {
         let mut rec = Record::new(s, backend, mode, storage, rep);
         match backend {
             "memory" => {
+                let started = Instant::now();
                 let broker = MemoryBroker::new();
                 let cfg = Self::sdk_config(args);
                 rec.window = cfg.max_in_flight;
@@ -482,6 +483,7 @@ impl Env {
                 rec.topic_or_stream = format!("{prefix}.*");
                 rec.verify(stored, true, "in-memory topic logs");
                 let _ = p.close(Duration::from_secs(10)).await;
+                rec.wall_secs = started.elapsed().as_secs_f64();
                 Ok(vec![rec])
             }
             #[cfg(feature = "kafka")]
@@ -542,6 +544,7 @@ impl Env {
         };
         let mut out = Vec::new();
         for (wi, window) in windows.into_iter().enumerate() {
+            let started = Instant::now();
             let stream = format!("BENCH_R{id}_{wi}");
             let prefix = format!("{prefix}w{wi}");
             let topics: Vec<Topic> = topics
@@ -618,6 +621,7 @@ impl Env {
                 let _ = p.close(Duration::from_secs(10)).await;
             }
             let _ = n.backend.delete_stream(&stream).await;
+            rec.wall_secs = started.elapsed().as_secs_f64();
             out.push(rec);
         }
         Ok(out)

@@ -101,6 +101,7 @@ impl KafkaEnv {
         };
         let mut out = Vec::new();
         for (li, linger) in lingers.into_iter().enumerate() {
+            let started = Instant::now();
             let names: Vec<String> = (0..s.topics)
                 .map(|t| format!("bench.r{id}l{li}.t{t}"))
                 .collect();
@@ -226,6 +227,7 @@ impl KafkaEnv {
                     "distinct ids consumed (memory engine watermarks are unreliable)",
                 ),
             }
+            rec.wall_secs = started.elapsed().as_secs_f64();
             out.push(rec);
         }
         Ok(out)

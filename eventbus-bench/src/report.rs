@@ -75,6 +75,14 @@ pub(crate) struct Record {
     pub verify_method: String,
     pub verify_note: String,
     pub topic_or_stream: String,
+    /// Wall time of the whole run in seconds: setup, publishing, the consumer's drain,
+    /// verification and teardown (what the run cost the bench, not a throughput figure).
+    #[serde(default)]
+    pub wall_secs: f64,
+    /// A raw baseline's window/linger probe at reduced size (`RAW_PROBE_MESSAGES`): it only
+    /// chooses the setting the full-size runs use, and is left out of tables and charts.
+    #[serde(default)]
+    pub probe: bool,
 }
 
 impl Record {
@@ -119,6 +127,8 @@ impl Record {
             verify_method: String::new(),
             verify_note: String::new(),
             topic_or_stream: String::new(),
+            wall_secs: 0.0,
+            probe: false,
         }
     }
 }
@@ -181,7 +191,7 @@ pub(crate) fn write(args: &Args, machine: &str, records: &[Record]) -> Result<()
     // (backend, storage, scenario, mode, window) -> records
     let mut groups: BTreeMap<(String, String, String, String, usize), Vec<&Record>> =
         BTreeMap::new();
-    for r in records {
+    for r in records.iter().filter(|r| !r.probe) {
         groups
             .entry((
                 r.backend.clone(),
