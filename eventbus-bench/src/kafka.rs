@@ -105,17 +105,13 @@ impl KafkaEnv {
             let names: Vec<String> = (0..s.topics)
                 .map(|t| format!("bench.r{id}l{li}.t{t}"))
                 .collect();
-            for n in &names {
-                kafka
-                    .ensure_topic(n, 1)
-                    .await
-                    .map_err(|e| format!("create topic {n}: {e}"))?;
-            }
             let warm = format!("bench.r{id}l{li}.warmup");
+            let mut all = names.clone();
+            all.push(warm.clone());
             kafka
-                .ensure_topic(&warm, 1)
+                .ensure_topics(&all, 1)
                 .await
-                .map_err(|e| format!("create topic: {e}"))?;
+                .map_err(|e| format!("create topics: {e}"))?;
             let topics: Vec<Topic> = names.iter().map(Topic::new).collect();
             let mut rec = template.clone();
             rec.messages = s.messages;

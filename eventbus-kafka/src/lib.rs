@@ -58,6 +58,19 @@ pub struct KafkaBackend {
     /// The client `connect` checked the cluster with, kept for health checks and watermarks
     /// (one connection, not one per call).
     probe: Probe,
+    /// One admin client for topic management, made on first use and shared by clones.
+    admin: Admin,
+}
+
+/// The lazily created admin client (`ensure_topic` used to create one per call: a librdkafka
+/// instance, its thread and a broker connection each time).
+#[derive(Clone, Default)]
+struct Admin(Arc<parking_lot::Mutex<Option<Arc<AdminClient<DefaultClientContext>>>>>);
+
+impl std::fmt::Debug for Admin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Admin")
+    }
 }
 
 /// An idle librdkafka client for metadata requests.
@@ -155,6 +168,7 @@ impl KafkaBackend {
             config,
             lag_readers: subscriber::LagReaders::default(),
             probe: Probe(Arc::new(probe)),
+            admin: Admin::default(),
         })
     }
 
@@ -186,31 +200,75 @@ impl KafkaBackend {
 
     /// Create `topic` with `partitions` (replication factor 1) unless it exists.
     pub async fn ensure_topic(&self, topic: &str, partitions: i32) -> Result<(), Error> {
-        eventbus_core::validate::topic(topic, eventbus_core::TopicRules::Kafka)?;
-        let admin: AdminClient<DefaultClientContext> = self
-            .config
-            .client_config()
-            .create()
-            .map_err(|e| error::other("could not create the admin client", e))?;
-        let t = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
+        self.ensure_topics(&[topic], partitions).await
+    }
+
+    /// Create every topic in `topics` with `partitions` (replication factor 1) unless it
+    /// exists, in one CreateTopics request. Every name is validated before anything is sent;
+    /// an invalid name fails the call with nothing created.
+    ///
+    /// ```no_run
+    /// # async fn demo(kafka: eventbus_kafka::KafkaBackend) -> Result<(), eventbus_core::Error> {
+    /// kafka.ensure_topics(&["orders", "payments", "refunds"], 3).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn ensure_topics<S: AsRef<str>>(
+        &self,
+        topics: &[S],
+        partitions: i32,
+    ) -> Result<(), Error> {
+        for t in topics {
+            eventbus_core::validate::topic(t.as_ref(), eventbus_core::TopicRules::Kafka)?;
+        }
+        if topics.is_empty() {
+            return Ok(());
+        }
+        let admin = self.admin()?;
+        let new: Vec<NewTopic<'_>> = topics
+            .iter()
+            .map(|t| NewTopic::new(t.as_ref(), partitions, TopicReplication::Fixed(1)))
+            .collect();
         let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
         let results = admin
-            .create_topics(&[t], &opts)
+            .create_topics(&new, &opts)
             .await
             .map_err(|e| error::other("create topic failed", e))?;
         for r in results {
             match r {
                 Ok(_) => {}
                 Err((_, rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists)) => {}
-                Err((_, code)) => {
+                Err((topic, code)) => {
+                    use rdkafka::types::RDKafkaErrorCode as C;
+                    let kind = match code {
+                        C::TopicAuthorizationFailed | C::ClusterAuthorizationFailed => {
+                            ErrorKind::Auth
+                        }
+                        _ => ErrorKind::Rejected,
+                    };
                     return Err(error::err(
-                        ErrorKind::Rejected,
-                        format!("create topic failed: {code:?}"),
+                        kind,
+                        format!("create topic {topic} failed: {code:?}"),
                     ));
                 }
             }
         }
         Ok(())
+    }
+
+    /// The shared admin client, created on first use.
+    fn admin(&self) -> Result<Arc<AdminClient<DefaultClientContext>>, Error> {
+        let mut slot = self.admin.0.lock();
+        if let Some(a) = slot.as_ref() {
+            return Ok(Arc::clone(a));
+        }
+        let a: AdminClient<DefaultClientContext> = self
+            .config
+            .client_config()
+            .create()
+            .map_err(|e| error::other("could not create the admin client", e))?;
+        let a = Arc::new(a);
+        *slot = Some(Arc::clone(&a));
+        Ok(a)
     }
 
     /// Low and high watermarks of every partition of `topic`.

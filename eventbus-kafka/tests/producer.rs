@@ -227,3 +227,37 @@ async fn sdk_consumes_what_a_plain_producer_wrote() {
     }
     sub.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ensure_topics_creates_all_in_one_call_and_validates_first() {
+    let (_broker, kafka) = start().await;
+    // One invalid name: the call fails typed and creates none of the valid ones.
+    let e = kafka
+        .ensure_topics(&["batch-a", "bad topic", "batch-b"], 2)
+        .await
+        .expect_err("invalid name");
+    assert_eq!(e.kind(), ErrorKind::InvalidMessage, "{e}");
+    let md = kafka.watermarks("batch-a").await;
+    assert!(
+        md.as_ref().map_or(true, |p| p.is_empty()),
+        "nothing created before validation passed: {md:?}"
+    );
+    kafka
+        .ensure_topics(&["batch-a", "batch-b", "batch-c"], 2)
+        .await
+        .expect("create three");
+    for t in ["batch-a", "batch-b", "batch-c"] {
+        let parts = kafka.watermarks(t).await.expect("metadata");
+        assert_eq!(parts.len(), 2, "{t}: {parts:?}");
+    }
+    // Existing topics are fine, and the shared admin client serves later calls.
+    kafka
+        .ensure_topics(&["batch-a", "batch-d"], 2)
+        .await
+        .expect("again, with one new");
+    assert_eq!(kafka.watermarks("batch-d").await.expect("d").len(), 2);
+    kafka
+        .ensure_topics::<&str>(&[], 1)
+        .await
+        .expect("empty is a no-op");
+}
