@@ -353,24 +353,29 @@ async fn run(args: Args) -> Result<bool, String> {
                 if b == "memory" && *st == "durable" && storages.len() > 1 {
                     continue; // the in-process backend has one storage class: memory
                 }
-                for m in &modes {
-                    // The in-process backend has no client below the SDK and no variants; atomic
-                    // batches are a NATS mode.
-                    // The default run keeps the other NATS publish modes to the seed's
-                    // scenarios: at 1M messages each costs a minute per repetition (the
-                    // consumer reads every message back); `--mode` runs them anywhere.
-                    let default_modes = args.mode.is_empty();
-                    if (default_modes
-                        && s.messages > 100_000
-                        && (m == "sdk-async" || m == "sdk-atomic"))
-                        || (b == "memory" && (m.starts_with("raw") || m.starts_with("sdk-")))
-                        || (b != "kafka" && m == "raw-future")
-                        || (b == "kafka"
-                            && (m.contains("atomic") || m.contains("fast") || m.contains("async")))
-                    {
-                        continue;
-                    }
-                    for rep in 0..reps {
+                // Repetitions outermost, modes inside: one repetition of every mode, then the
+                // next, so a slow phase of a shared machine hits all modes alike rather than
+                // one mode's repetitions together.
+                for rep in 0..reps {
+                    for m in &modes {
+                        // The in-process backend has no client below the SDK and no variants; atomic
+                        // batches are a NATS mode.
+                        // The default run keeps the other NATS publish modes to the seed's
+                        // scenarios: at 1M messages each costs a minute per repetition (the
+                        // consumer reads every message back); `--mode` runs them anywhere.
+                        let default_modes = args.mode.is_empty();
+                        if (default_modes
+                            && s.messages > 100_000
+                            && (m == "sdk-async" || m == "sdk-atomic"))
+                            || (b == "memory" && (m.starts_with("raw") || m.starts_with("sdk-")))
+                            || (b != "kafka" && m == "raw-future")
+                            || (b == "kafka"
+                                && (m.contains("atomic")
+                                    || m.contains("fast")
+                                    || m.contains("async")))
+                        {
+                            continue;
+                        }
                         plan.push((*s, b.clone(), m.clone(), st.to_string(), rep));
                     }
                 }

@@ -207,7 +207,8 @@ pub mod kafka {
                 Some(p) => p.addr().to_string(),
                 None => broker.bootstrap(),
             };
-            // The SDK's default message timeout (30 s), longer than every fault here. A timeout
+            // The SDK's default message timeout (30 s), longer than every fault here (the longest,
+            // stall-memory, holds the broker 20 s). A timeout
             // shorter than a blackhole makes librdkafka bump the idempotent producer's epoch
             // (KIP-360), and tansu 0.6.0 then panics in its idempotence check ("more or less
             // than one row", storage/src/lite.rs:503) and stops serving: a broker bug, shown by
