@@ -425,6 +425,33 @@ impl Env {
         c
     }
 
+    /// [`Env::run_one`], with an error turned into one unverified record saying `what` failed:
+    /// one run's error fails that run (loudly), not the whole bench.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) async fn run_or_fail(
+        &self,
+        args: &Args,
+        s: Scenario,
+        backend: &str,
+        mode: &str,
+        storage: &str,
+        rep: usize,
+        raw_setting: Option<usize>,
+        what: &str,
+    ) -> Vec<Record> {
+        match self
+            .run_one(args, s, backend, mode, storage, rep, raw_setting)
+            .await
+        {
+            Ok(recs) => recs,
+            Err(e) => {
+                let mut r = Record::new(s, backend, mode, storage, rep);
+                r.verify_note = format!("{what} failed: {e}");
+                vec![r]
+            }
+        }
+    }
+
     #[allow(clippy::too_many_arguments)]
     pub(crate) async fn run_one(
         &self,

@@ -222,15 +222,7 @@ async fn sweep(args: &Args, backends: &[String], storages: &[&str]) -> Result<bo
                         s.messages = s.messages.min(2_000); // near one-at-a-time speed
                     }
                     bar.set_message(format!("{b} {st} window {window} linger {linger} ms"));
-                    let recs = match env.run_one(&a, s, b, "sdk", st, 0, None).await {
-                        Ok(r) => r,
-                        Err(e) => {
-                            let mut r = report::Record::new(s, b, "sdk", st, 0);
-                            r.verify_note = format!("run failed: {e}");
-                            vec![r]
-                        }
-                    };
-                    for mut r in recs {
+                    for mut r in env.run_or_fail(&a, s, b, "sdk", st, 0, None, "run").await {
                         r.window = window;
                         r.linger_ms = linger;
                         if !r.verified {
@@ -403,67 +395,47 @@ async fn run(args: Args) -> Result<bool, String> {
             s.messages = s.messages.min(kafka::DURABLE_CAP);
         }
         bar.set_message(format!("{} {} {} {} #{}", s.name, b, m, st, rep + 1));
-        // One run's error fails that run (loudly), not the whole bench.
         let key = (s.name.to_owned(), b.clone(), format!("{st}/{m}"));
-        let mut raw_setting = raw_best
-            .get(&key)
-            .filter(|_| m.starts_with("raw"))
-            .map(|b| b.0);
-        if m.starts_with("raw") && raw_setting.is_none() {
+        let raw = m.starts_with("raw");
+        let mut raw_setting = raw_best.get(&key).filter(|_| raw).map(|b| b.0);
+        // A raw mode's first run probes every candidate setting once; the fastest verified
+        // one is what this and every later repetition run at.
+        let mut phases = Vec::new();
+        if raw && raw_setting.is_none() {
             let mut probe = s;
             probe.messages = s.messages.min(RAW_PROBE_MESSAGES);
-            bar.set_message(format!(
-                "{} {} {} {}: probing settings at {} messages",
-                s.name, b, m, st, probe.messages
-            ));
-            let recs = match env.run_one(&args, probe, &b, &m, &st, rep, None).await {
-                Ok(recs) => recs,
-                Err(e) => {
-                    let mut r = report::Record::new(probe, &b, &m, &st, rep);
-                    r.verify_note = format!("probe failed: {e}");
-                    vec![r]
-                }
-            };
+            phases.push((probe, "probe"));
+        }
+        phases.push((s, "run"));
+        for (scen, what) in phases {
+            if what == "probe" {
+                bar.set_message(format!(
+                    "{} {} {} {}: probing settings at {} messages",
+                    s.name, b, m, st, scen.messages
+                ));
+            }
+            let recs = env
+                .run_or_fail(&args, scen, &b, &m, &st, rep, raw_setting, what)
+                .await;
             for mut rec in recs {
-                rec.probe = true;
+                rec.probe = what == "probe";
+                // Candidates compete only while no setting is chosen (probes, or a run after
+                // every probe failed, which tries every candidate again).
                 let best = raw_best.get(&key).map_or(0.0, |b| b.1);
-                if rec.verified && rec.publish_msgs_per_sec > best {
+                if raw && raw_setting.is_none() && rec.verified && rec.publish_msgs_per_sec > best {
                     raw_best.insert(key.clone(), (rec.window, rec.publish_msgs_per_sec));
                 }
                 if !rec.verified {
                     bar.println(format!(
-                        "VERIFICATION FAILED: {} {} {} {} probe (window {}): {}",
+                        "VERIFICATION FAILED: {} {} {} {} {what} (window {}): {}",
                         s.name, b, m, st, rec.window, rec.verify_note
                     ));
                 }
                 records.push(rec);
             }
-            // No verified probe: the run below tries every candidate again.
-            raw_setting = raw_best.get(&key).map(|b| b.0);
-        }
-        let recs = match env.run_one(&args, s, &b, &m, &st, rep, raw_setting).await {
-            Ok(recs) => recs,
-            Err(e) => {
-                let mut r = report::Record::new(s, &b, &m, &st, rep);
-                r.verify_note = format!("run failed: {e}");
-                vec![r]
+            if what == "probe" {
+                raw_setting = raw_best.get(&key).map(|b| b.0);
             }
-        };
-        for rec in recs {
-            if m.starts_with("raw") && rec.verified {
-                // Only when every probe failed: the best of this run's candidates.
-                let best = raw_best.entry(key.clone()).or_insert((rec.window, 0.0));
-                if raw_setting.is_none() && rec.publish_msgs_per_sec > best.1 {
-                    *best = (rec.window, rec.publish_msgs_per_sec);
-                }
-            }
-            if !rec.verified {
-                bar.println(format!(
-                    "VERIFICATION FAILED: {} {} {} {} (window {}): {}",
-                    s.name, b, m, st, rec.window, rec.verify_note
-                ));
-            }
-            records.push(rec);
         }
         bar.inc(1);
     }
