@@ -174,6 +174,222 @@ pub async fn roundtrip_intact<H: Harness>(h: &H) {
     p.close(Duration::from_secs(5)).await.expect("close");
 }
 
+/// One subscription reads several topics; a group resumes on all of them after a close.
+pub async fn several_topics_in_one_subscription<H: Harness>(h: &H) {
+    let topics = [
+        h.topic("multi-a").await,
+        h.topic("multi-b").await,
+        h.topic("multi-c").await,
+    ];
+    let p = publisher(h, BatchConfig::default()).await;
+    let mut sent = Vec::new();
+    for t in &topics {
+        sent.extend(numbered(t, 4));
+    }
+    assert_all_acked(&publish_all(&p, sent.clone()).await);
+    let spec = SubscribeSpec::topics(topics.iter().cloned()).group("g");
+    let mut sub = subscribe(h, spec.clone()).await;
+    let mut got = HashSet::new();
+    ack_until_all_seen(&mut sub, &mut got, &ids(&sent), "three topics").await;
+    sub.close().await;
+
+    let later: Vec<Message> = topics.iter().map(|t| Message::new(t, "later")).collect();
+    assert_all_acked(&publish_all(&p, later.clone()).await);
+    // The group resumes on every topic. At least once: a message acked just before the close
+    // may come again (a Kafka group rebalances as its per-topic members leave), nothing else.
+    let mut sub = subscribe(h, spec).await;
+    let want = ids(&later);
+    let old = ids(&sent);
+    let mut new_seen = HashSet::new();
+    while new_seen.len() < want.len() {
+        let d = recv(&mut sub, RECV_TIMEOUT).await.unwrap_or_else(|| {
+            panic!(
+                "after reopening: {} of {} new messages",
+                new_seen.len(),
+                want.len()
+            )
+        });
+        let id = d.message().id().to_string();
+        assert!(
+            want.contains(&id) || old.contains(&id),
+            "a message that was never published: {id}"
+        );
+        if want.contains(&id) {
+            new_seen.insert(id);
+        }
+        d.ack().await.expect("ack");
+    }
+    sub.close().await;
+    p.close(Duration::from_secs(5)).await.expect("close");
+}
+
+/// A typed handler gets decoded values; a payload that does not decode is a typed, permanent
+/// failure that reaches the dead-letter topic without panicking or blocking the others.
+pub async fn typed_handler_dead_letters_bad_payloads<H: Harness>(h: &H) {
+    use eventbus_core::handler::{self, HandlerConfig};
+    #[derive(serde::Serialize, serde::Deserialize, Debug, PartialEq)]
+    struct Order {
+        id: u32,
+        total_cents: i64,
+    }
+    let topic = h.topic("typed").await;
+    let dlq = h.topic("typed-dlq").await;
+    let p = publisher(h, BatchConfig::default()).await;
+    let mut msgs: Vec<Message> = (0..5u32)
+        .map(|id| {
+            Message::encode(
+                &topic,
+                &Order {
+                    id,
+                    total_cents: i64::from(id) * 100,
+                },
+            )
+            .expect("encode")
+        })
+        .collect();
+    let bad = Message::new(&topic, r#"{"id":"secret-payload-text"}"#);
+    msgs.insert(2, bad.clone());
+    assert_all_acked(&publish_all(&p, msgs).await);
+    let sub = subscribe(
+        h,
+        SubscribeSpec::new(&topic)
+            .group("g")
+            .max_deliveries(2)
+            .dead_letter(&dlq)
+            .ack_wait(Duration::from_secs(30)),
+    )
+    .await;
+    let seen = Arc::new(parking_lot::Mutex::new(Vec::new()));
+    let done = Arc::new(tokio::sync::Notify::new());
+    let handler = {
+        let (seen, done) = (Arc::clone(&seen), Arc::clone(&done));
+        move |order: Order, msg: Message| {
+            let (seen, done) = (Arc::clone(&seen), Arc::clone(&done));
+            async move {
+                assert_eq!(msg.headers().get("content-type"), Some("application/json"));
+                let mut s = seen.lock();
+                s.push(order);
+                if s.len() == 5 {
+                    done.notify_one();
+                }
+                Ok(())
+            }
+        }
+    };
+    let mut dl = subscribe(h, SubscribeSpec::new(&dlq)).await;
+    let shutdown = {
+        let done = Arc::clone(&done);
+        async move {
+            done.notified().await;
+            // The bad payload is handed back at once; let its redelivery be rejected too.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    };
+    let report = timeout(
+        RECV_TIMEOUT * 2,
+        handler::run_typed(sub, HandlerConfig::default(), handler, shutdown),
+    )
+    .await
+    .expect("typed handler run");
+    let mut ids: Vec<u32> = seen.lock().iter().map(|o| o.id).collect();
+    ids.sort_unstable();
+    assert_eq!(ids, vec![0, 1, 2, 3, 4], "{report:?}");
+    assert!(report.rejected >= 1, "{report:?}");
+    assert_eq!(report.acked, 5, "{report:?}");
+    let got = take_acked(&mut dl, 1).await.remove(0);
+    assert_eq!(
+        got.payload(),
+        bad.payload(),
+        "the bad payload is dead-lettered"
+    );
+    assert_eq!(
+        got.headers().get(eventbus_core::dead_letter::ID),
+        Some(bad.id().to_string().as_str())
+    );
+}
+
+/// With [`Subscription::dedup`], two stored copies of one message id reach the handler once,
+/// while a nacked delivery still comes back.
+pub async fn dedup_hands_each_id_over_once<H: Harness>(h: &H) {
+    use eventbus_core::DedupConfig;
+    let topic = h.topic("dedup").await;
+    let p = publisher(h, BatchConfig::default()).await;
+    let originals = numbered(&topic, 10);
+    assert_all_acked(&publish_all(&p, originals.clone()).await);
+    // A retried publish: the same ids again. Kafka and memory store the copies; NATS
+    // de-duplicates them by id (acked as duplicates, or refused whole in atomic mode), so the
+    // outcomes are not asserted.
+    let _ = publish_all(&p, originals.to_vec()).await;
+    let expected = ids(&originals);
+    let mut sub = subscribe(
+        h,
+        SubscribeSpec::new(&topic)
+            .group("g")
+            .ack_wait(Duration::from_secs(30)),
+    )
+    .await
+    .dedup(DedupConfig::default());
+    let mut handled: HashMap<String, u32> = HashMap::new();
+    let mut nacked: Option<String> = None;
+    let mut came_back = false;
+    while handled.len() < expected.len() || !came_back {
+        let d = recv(&mut sub, RECV_TIMEOUT).await.unwrap_or_else(|| {
+            panic!(
+                "{} of {} ids handled (nacked one back: {came_back})",
+                handled.len(),
+                expected.len()
+            )
+        });
+        let id = d.message().id().to_string();
+        if nacked.is_none() {
+            // At least once survives de-duplication: this delivery must come back.
+            nacked = Some(id);
+            d.nack(Duration::ZERO).await.expect("nack");
+            continue;
+        }
+        came_back |= nacked.as_deref() == Some(id.as_str());
+        *handled.entry(id).or_default() += 1;
+        d.ack().await.expect("ack");
+    }
+    assert_quiet(&mut sub, Duration::from_millis(800)).await;
+    let keys: HashSet<String> = handled.keys().cloned().collect();
+    assert_eq!(keys, expected);
+    assert!(
+        handled.values().all(|n| *n == 1),
+        "an id reached the handler twice: {handled:?}"
+    );
+    sub.close().await;
+}
+
+/// Headers come back in the order they were added, repeated names included.
+pub async fn headers_keep_order_and_repeats<H: Harness>(h: &H) {
+    let topic = h.topic("hdr-order").await;
+    let mut sub = subscribe(h, SubscribeSpec::new(&topic)).await;
+    let p = publisher(h, BatchConfig::default()).await;
+    let orders: [&[(&str, &str)]; 3] = [
+        &[("b", "1"), ("a", "2"), ("b", "3"), ("c", "4"), ("a", "5")],
+        &[("z-last", "x"), ("a-first", "y")],
+        &[("same", "1"), ("same", "2"), ("same", "3")],
+    ];
+    let mut sent = Vec::new();
+    for (i, pairs) in orders.iter().enumerate() {
+        let mut m = Message::new(&topic, format!("{i}"));
+        for (n, v) in *pairs {
+            m.headers_mut().append(*n, *v);
+        }
+        sent.push(m);
+    }
+    assert_all_acked(&publish_all(&p, sent.clone()).await);
+    let got = take_acked(&mut sub, sent.len()).await;
+    for m in got {
+        let i: usize = String::from_utf8_lossy(m.payload()).parse().expect("index");
+        let want: Vec<(&str, &str)> = sent[i].headers().iter().collect();
+        let have: Vec<(&str, &str)> = m.headers().iter().collect();
+        assert_eq!(have, want, "message {i}: header order");
+    }
+    p.close(Duration::from_secs(5)).await.expect("close");
+}
+
 /// Invalid topics, header names and values fail with typed errors before any I/O, and nothing
 /// else is affected.
 pub async fn invalid_input_typed_errors<H: Harness>(h: &H) {
@@ -524,6 +740,51 @@ pub async fn unacked_redelivered_after_ack_wait<H: Harness>(h: &H) {
     drop(acker);
 }
 
+/// When one member of a group closes and the next one starts (a rolling restart), the next one
+/// gets the rest within [`Caps::handover_within`](crate::Caps::handover_within) (2 s) of `close`
+/// returning: `close` returns after the member has left the group, so nothing waits for the
+/// broker to notice that the member is gone.
+pub async fn second_member_takes_over_after_close<H: Harness>(h: &H) {
+    let topic = h.topic("handover").await;
+    let p = publisher(h, BatchConfig::default()).await;
+    let msgs = numbered(&topic, 20);
+    let expected = ids(&msgs);
+    assert_all_acked(&publish_all(&p, msgs).await);
+    let spec = SubscribeSpec::new(&topic)
+        .group("g")
+        .prefetch(4)
+        .ack_wait(Duration::from_secs(30));
+    let mut first = subscribe(h, spec.clone()).await;
+    let mut got = HashSet::new();
+    while got.len() < 5 {
+        let d = recv(&mut first, RECV_TIMEOUT)
+            .await
+            .unwrap_or_else(|| panic!("first member: {} of 5", got.len()));
+        got.insert(d.message().id().to_string());
+        d.ack().await.expect("ack");
+    }
+    first.close().await;
+    // A rolling restart: the next member starts once the previous one is gone.
+    let closed = tokio::time::Instant::now();
+    let mut second = subscribe(h, spec).await;
+    let within = h.caps().handover_within;
+    let deadline = closed + within;
+    while got.len() < expected.len() {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let Some(d) = recv(&mut second, left).await else {
+            panic!(
+                "{within:?} after the first member closed, the second had {} of {} messages",
+                got.len(),
+                expected.len()
+            );
+        };
+        got.insert(d.message().id().to_string());
+        d.ack().await.expect("ack");
+    }
+    assert_eq!(got, expected);
+    second.close().await;
+}
+
 /// Closing a subscription with unhandled deliveries and opening the group again loses nothing.
 pub async fn close_and_reopen_loses_nothing<H: Harness>(h: &H) {
     let topic = h.topic("reopen").await;
@@ -567,10 +828,27 @@ pub async fn concurrent_subscribe_and_close<H: Harness>(h: &H) {
     for t in tasks {
         t.await.expect("churn task");
     }
+    // Nothing was acked, so nothing may have been committed: the whole topic is still owed.
+    let lag = h
+        .subscriber()
+        .await
+        .lag(&topic, "g")
+        .await
+        .expect("lag of the churned group");
+    assert_eq!(
+        lag.pending + lag.unacked,
+        20,
+        "after churn the group still owes every message: {lag:?}"
+    );
+    let group = if h.caps().rejoin_after_churn {
+        "g"
+    } else {
+        "g-after-churn"
+    };
     let mut sub = subscribe(
         h,
         SubscribeSpec::new(&topic)
-            .group("g")
+            .group(group)
             .ack_wait(Duration::from_secs(30)),
     )
     .await;

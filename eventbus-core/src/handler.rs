@@ -59,14 +59,31 @@ use crate::subscriber::{Delivery, DeliveryInfo, Subscription};
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HandlerError {
     message: String,
+    permanent: bool,
 }
 
 impl HandlerError {
-    /// A failure described by `message`.
+    /// A failure described by `message`; the runtime retries it in place.
     pub fn new(message: impl Into<String>) -> Self {
         HandlerError {
             message: message.into(),
+            permanent: false,
         }
+    }
+
+    /// A failure no retry can fix (a payload that does not decode, say): the runtime skips its
+    /// in-place retries and hands the delivery back at once, so the backend's
+    /// `max_deliveries` / `dead_letter` path takes it.
+    pub fn permanent(message: impl Into<String>) -> Self {
+        HandlerError {
+            message: message.into(),
+            permanent: true,
+        }
+    }
+
+    /// Whether this failure skips in-place retries.
+    pub fn is_permanent(&self) -> bool {
+        self.permanent
     }
 }
 
@@ -205,6 +222,9 @@ pub struct RunReport {
     pub acked: u64,
     /// Deliveries handed back (nacked) after their last failed attempt.
     pub gave_up: u64,
+    /// Of those, deliveries handed back at once after a [permanent](HandlerError::permanent)
+    /// failure (a payload that does not decode, in [`run_typed`]).
+    pub rejected: u64,
     /// Failed handler runs (errors and panics), retried or not.
     pub failures: u64,
     /// Of those, panics.
@@ -315,6 +335,69 @@ where
     *shared.report.lock()
 }
 
+/// Like [`run`], for a handler of typed payloads decoded as JSON (see [`crate::codec`]): the
+/// handler gets the decoded value and the message (headers, key, id). A payload that does not
+/// decode never reaches the handler: it is a [permanent](HandlerError::permanent) failure,
+/// handed back at once for the dead-letter path (`SubscribeSpec::max_deliveries` and
+/// `dead_letter`), counted in [`RunReport::rejected`].
+///
+/// ```no_run
+/// use eventbus_core::handler::{self, HandlerConfig};
+/// #[derive(serde::Deserialize)]
+/// struct OrderCreated { id: u64 }
+/// # async fn demo(sub: eventbus_core::Subscription) {
+/// let report = handler::run_typed(sub, HandlerConfig::default(), |order: OrderCreated, _msg| async move {
+///     println!("order {}", order.id);
+///     Ok(())
+/// }, std::future::pending::<()>()).await;
+/// # }
+/// ```
+pub async fn run_typed<T, F, Fut>(
+    sub: Subscription,
+    cfg: HandlerConfig,
+    handler: F,
+    shutdown: impl Future<Output = ()>,
+) -> RunReport
+where
+    T: serde::de::DeserializeOwned + Send + 'static,
+    F: Fn(T, Message) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), HandlerError>> + Send + 'static,
+{
+    run_typed_with(crate::codec::Json, sub, cfg, handler, shutdown).await
+}
+
+/// [`run_typed`] with another [`Codec`](crate::codec::Codec).
+pub async fn run_typed_with<C, T, F, Fut>(
+    codec: C,
+    sub: Subscription,
+    cfg: HandlerConfig,
+    handler: F,
+    shutdown: impl Future<Output = ()>,
+) -> RunReport
+where
+    C: crate::codec::Codec,
+    T: serde::de::DeserializeOwned + Send + 'static,
+    F: Fn(T, Message) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), HandlerError>> + Send + 'static,
+{
+    let codec = Arc::new(codec);
+    let handler = Arc::new(handler);
+    run(
+        sub,
+        cfg,
+        move |msg: Message, _info: DeliveryInfo| {
+            let decoded = codec.decode::<T>(msg.payload());
+            let handler = Arc::clone(&handler);
+            async move {
+                let value = decoded.map_err(|e| HandlerError::permanent(e.to_string()))?;
+                handler(value, msg).await
+            }
+        },
+        shutdown,
+    )
+    .await
+}
+
 async fn handle_one<F, Fut>(handler: &F, retry: &Retry, shared: &Shared, d: Delivery)
 where
     F: Fn(Message, DeliveryInfo) -> Fut + Send + Sync + 'static,
@@ -340,14 +423,14 @@ where
         .await;
         let failure = match run {
             Ok(Ok(())) => None,
-            Ok(Err(e)) => Some(e.to_string()),
+            Ok(Err(e)) => Some((e.to_string(), e.is_permanent())),
             Err(e) if e.is_panic() => {
                 shared.report.lock().panics += 1;
-                Some("handler panicked".to_owned())
+                Some(("handler panicked".to_owned(), false))
             }
-            Err(_) => Some("handler task cancelled".to_owned()),
+            Err(_) => Some(("handler task cancelled".to_owned(), false)),
         };
-        let Some(why) = failure else {
+        let Some((why, permanent)) = failure else {
             shared.report.lock().acked += 1;
             if let Err(e) = acker.ack().await {
                 tracing::warn!(error = %e, "ack failed; the message may be redelivered");
@@ -355,9 +438,17 @@ where
             return;
         };
         shared.report.lock().failures += 1;
-        if attempt >= retry.max_attempts {
-            tracing::warn!(id = %msg.id(), attempts = attempt, error = %why, "handler gave up; handing the message back");
-            shared.report.lock().gave_up += 1;
+        if permanent || attempt >= retry.max_attempts {
+            if permanent {
+                tracing::warn!(id = %msg.id(), error = %why, "handler failed permanently; handing the message back for the dead-letter path");
+            } else {
+                tracing::warn!(id = %msg.id(), attempts = attempt, error = %why, "handler gave up; handing the message back");
+            }
+            {
+                let mut report = shared.report.lock();
+                report.gave_up += 1;
+                report.rejected += u64::from(permanent);
+            }
             let _ = acker.nack(Duration::ZERO).await;
             return;
         }

@@ -1,6 +1,8 @@
 #![doc = include_str!("../README.md")]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+pub mod codec;
+pub mod dedup;
 mod envelope;
 mod error;
 pub mod handler;
@@ -32,6 +34,8 @@ pub mod serde_millis {
     }
 }
 
+pub use codec::{Codec, Json};
+pub use dedup::DedupConfig;
 pub use envelope::{Envelope, names as envelope_headers};
 pub use error::{Error, ErrorKind, Result, Retry};
 pub use message::{Headers, Message, MessageId, Topic};

@@ -405,7 +405,11 @@ impl Message {
         self
     }
 
-    /// The message id.
+    /// The message id: generated at creation or set with [`Message::with_id`], and carried to
+    /// the broker (it is what de-duplicates a retried publish). A received message another
+    /// client wrote without one gets an id derived from where it is stored
+    /// (`nats:<stream>:<sequence>`, `kafka:<topic>:<partition>:<offset>`), the same for every
+    /// consumer and on every redelivery; see also [`Subscription::dedup`](crate::Subscription::dedup).
     pub fn id(&self) -> &MessageId {
         &self.id
     }

@@ -34,8 +34,17 @@ pub enum StartFrom {
 #[derive(Clone, Debug)]
 #[non_exhaustive]
 pub struct SubscribeSpec {
-    /// Topic / subject.
+    /// The topic or pattern. What a backend accepts:
+    /// - NATS: a subject or a subject filter with wildcards (`orders.*`, `orders.>`), within
+    ///   one stream.
+    /// - Kafka: a topic name, or a regular expression starting with `^` (librdkafka's
+    ///   convention, e.g. `^orders\..*`), matched against the cluster's topics when the
+    ///   subscription starts (topics created later are not picked up).
+    /// - memory: a topic name.
     pub topic: Topic,
+    /// More topics or patterns read by the same subscription (see
+    /// [`SubscribeSpec::topics`]). Default none.
+    pub more_topics: Vec<Topic>,
     /// Consumer group: every group sees every message, members of one group share them.
     /// `None` gives an exclusive, non-durable subscription that sees every message.
     pub group: Option<String>,
@@ -58,6 +67,7 @@ impl SubscribeSpec {
     pub fn new(topic: impl Into<Topic>) -> Self {
         SubscribeSpec {
             topic: topic.into(),
+            more_topics: Vec::new(),
             group: None,
             ack_wait: Duration::from_secs(30),
             max_deliveries: None,
@@ -65,6 +75,45 @@ impl SubscribeSpec {
             start: StartFrom::Earliest,
             dead_letter: None,
         }
+    }
+    /// Subscribe to every topic or pattern in `topics` with one subscription: deliveries of
+    /// all of them arrive on the one stream, each acked on its own topic; a group shares each
+    /// topic among its members. Panics if `topics` is empty.
+    ///
+    /// ```
+    /// use eventbus_core::SubscribeSpec;
+    /// let spec = SubscribeSpec::topics(["orders", "payments", "refunds"]).group("audit");
+    /// assert_eq!(spec.all_topics().count(), 3);
+    /// ```
+    pub fn topics<T: Into<Topic>>(topics: impl IntoIterator<Item = T>) -> Self {
+        let mut all = topics.into_iter().map(Into::into);
+        let first = all
+            .next()
+            .expect("SubscribeSpec::topics needs at least one topic");
+        SubscribeSpec {
+            more_topics: all.collect(),
+            ..SubscribeSpec::new(first)
+        }
+    }
+    /// Also read `topic` (or pattern) in this subscription.
+    pub fn also(mut self, topic: impl Into<Topic>) -> Self {
+        self.more_topics.push(topic.into());
+        self
+    }
+    /// Every topic or pattern of this subscription, the first one first.
+    pub fn all_topics(&self) -> impl Iterator<Item = &Topic> {
+        std::iter::once(&self.topic).chain(&self.more_topics)
+    }
+    /// One spec per topic, each with this spec's settings: what a backend that reads one topic
+    /// per consumer subscribes, before [`Subscription::merge`] joins them.
+    pub fn split(&self) -> Vec<SubscribeSpec> {
+        self.all_topics()
+            .map(|t| SubscribeSpec {
+                topic: t.clone(),
+                more_topics: Vec::new(),
+                ..self.clone()
+            })
+            .collect()
     }
     /// Join consumer group `name`.
     pub fn group(mut self, name: impl Into<String>) -> Self {
@@ -384,6 +433,128 @@ impl Subscription {
         if let Some(done) = self.done.take() {
             let _ = done.await;
         }
+    }
+}
+
+impl Subscription {
+    /// For backends that read one topic per consumer: subscribe each topic of `spec` (see
+    /// [`SubscribeSpec::split`]) with `one`, and [`merge`](Subscription::merge) the parts. If
+    /// one fails, the parts made so far are closed and its error is returned.
+    pub async fn per_topic<F, Fut>(spec: SubscribeSpec, mut one: F) -> Result<Subscription, Error>
+    where
+        F: FnMut(SubscribeSpec) -> Fut,
+        Fut: Future<Output = Result<Subscription, Error>>,
+    {
+        let prefetch = spec.prefetch;
+        let mut parts = Vec::new();
+        for s in spec.split() {
+            match one(s).await {
+                Ok(p) => parts.push(p),
+                Err(e) => {
+                    for p in parts {
+                        p.close().await;
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        Ok(Subscription::merge(parts, prefetch))
+    }
+
+    /// A subscription that hands over what `step` returns for each of this one's deliveries; a
+    /// delivery `step` keeps (returns `None` for) has been settled by `step`. Errors pass as
+    /// they are. Closing it closes this one.
+    pub(crate) fn relay<F, Fut>(mut self, mut step: F) -> Subscription
+    where
+        F: FnMut(Delivery) -> Fut + Send + 'static,
+        Fut: Future<Output = Option<Delivery>> + Send,
+    {
+        let (outer, mut feed) = Subscription::channel(self.rx.max_capacity());
+        tokio::spawn(async move {
+            loop {
+                let next = tokio::select! {
+                    _ = feed.stopped() => break,
+                    // Not `next()`: the outer subscription records the delivery event.
+                    next = self.rx.recv() => next,
+                };
+                let item = match next {
+                    None => break,
+                    Some(Err(e)) => Err(e),
+                    Some(Ok(d)) => match step(d).await {
+                        Some(d) => Ok(d),
+                        None => continue,
+                    },
+                };
+                if let Err(Ok(d)) = feed.send(item).await {
+                    let _ = d.nack(Duration::ZERO).await;
+                    break;
+                }
+            }
+            self.close().await;
+            drop(feed);
+        });
+        outer
+    }
+
+    /// One subscription reading from all of `parts` (for example one per topic); `prefetch`
+    /// bounds the deliveries buffered ahead of the handler in between. Closing it closes every
+    /// part (their buffered deliveries are handed back for redelivery) before `close` returns.
+    pub fn merge(parts: Vec<Subscription>, prefetch: usize) -> Subscription {
+        if parts.len() == 1 {
+            return parts.into_iter().next().expect("one part");
+        }
+        let (outer, mut feed) = Subscription::channel(prefetch);
+        let (tx, mut rx) = mpsc::channel::<Result<Delivery, Error>>(prefetch.max(1));
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let mut tasks = tokio::task::JoinSet::new();
+        for mut part in parts {
+            let tx = tx.clone();
+            let mut stop = stop_rx.clone();
+            tasks.spawn(async move {
+                loop {
+                    let next = tokio::select! {
+                        _ = stop.wait_for(|s| *s) => break,
+                        next = part.rx.recv() => next,
+                    };
+                    let Some(d) = next else { break };
+                    if let Err(mpsc::error::SendError(d)) = tx.send(d).await {
+                        if let Ok(d) = d {
+                            let _ = d.nack(Duration::ZERO).await;
+                        }
+                        break;
+                    }
+                }
+                part.close().await;
+            });
+        }
+        drop(tx);
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = feed.stopped() => break,
+                    d = rx.recv() => match d {
+                        Some(d) => {
+                            if let Err(Ok(d)) = feed.send(d).await {
+                                let _ = d.nack(Duration::ZERO).await;
+                                break;
+                            }
+                        }
+                        None => break,
+                    },
+                }
+            }
+            let _ = stop_tx.send(true);
+            // Hand back what the parts forwarded but nobody received; the channel ends when
+            // every part has closed.
+            while let Some(d) = rx.recv().await {
+                if let Ok(d) = d {
+                    let _ = d.nack(Duration::ZERO).await;
+                }
+            }
+            while tasks.join_next().await.is_some() {}
+            drop(feed);
+        });
+        outer
     }
 }
 

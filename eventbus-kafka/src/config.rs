@@ -65,6 +65,19 @@ impl Default for KafkaConfig {
     }
 }
 
+/// The `EVENTBUS_KAFKA_*` variables that set librdkafka properties (see
+/// [`KafkaConfig::from_env`]).
+pub const ENV_OPTIONS: &[(&str, &str)] = &[
+    ("EVENTBUS_KAFKA_SECURITY_PROTOCOL", "security.protocol"),
+    ("EVENTBUS_KAFKA_SASL_MECHANISM", "sasl.mechanism"),
+    ("EVENTBUS_KAFKA_SASL_USERNAME", "sasl.username"),
+    ("EVENTBUS_KAFKA_SASL_PASSWORD", "sasl.password"),
+    ("EVENTBUS_KAFKA_SSL_CA", "ssl.ca.location"),
+    ("EVENTBUS_KAFKA_SSL_CERT", "ssl.certificate.location"),
+    ("EVENTBUS_KAFKA_SSL_KEY", "ssl.key.location"),
+    ("EVENTBUS_KAFKA_SSL_KEY_PASSWORD", "ssl.key.password"),
+];
+
 fn secret_key(k: &str) -> bool {
     let k = k.to_ascii_lowercase();
     ["password", "secret", "key", "token", "jaas"]
@@ -137,6 +150,79 @@ impl KafkaConfig {
     pub fn consumer_buffer_bytes(mut self, n: usize) -> Self {
         self.consumer_buffer_bytes = n;
         self
+    }
+
+    /// Read `EVENTBUS_KAFKA_BROKERS` and the security settings below from the environment,
+    /// on top of the defaults. Secrets belong in the environment, not in a config file.
+    ///
+    /// | variable | librdkafka property |
+    /// |---|---|
+    /// | `EVENTBUS_KAFKA_SECURITY_PROTOCOL` | `security.protocol` (`plaintext`, `ssl`, `sasl_plaintext`, `sasl_ssl`) |
+    /// | `EVENTBUS_KAFKA_SASL_MECHANISM` | `sasl.mechanism` (`PLAIN`, `SCRAM-SHA-256`, `SCRAM-SHA-512`, ...) |
+    /// | `EVENTBUS_KAFKA_SASL_USERNAME` | `sasl.username` |
+    /// | `EVENTBUS_KAFKA_SASL_PASSWORD` | `sasl.password` (secret: redacted from `Debug`) |
+    /// | `EVENTBUS_KAFKA_SSL_CA` | `ssl.ca.location` |
+    /// | `EVENTBUS_KAFKA_SSL_CERT` | `ssl.certificate.location` |
+    /// | `EVENTBUS_KAFKA_SSL_KEY` | `ssl.key.location` |
+    /// | `EVENTBUS_KAFKA_SSL_KEY_PASSWORD` | `ssl.key.password` (secret) |
+    ///
+    /// Errors name the variable, never its value.
+    ///
+    /// ```
+    /// use eventbus_kafka::KafkaConfig;
+    /// let c = KafkaConfig::default().with_vars([
+    ///     ("EVENTBUS_KAFKA_BROKERS", "k1:9092,k2:9092"),
+    ///     ("EVENTBUS_KAFKA_SECURITY_PROTOCOL", "sasl_ssl"),
+    ///     ("EVENTBUS_KAFKA_SASL_MECHANISM", "SCRAM-SHA-512"),
+    ///     ("EVENTBUS_KAFKA_SASL_USERNAME", "svc"),
+    ///     ("EVENTBUS_KAFKA_SASL_PASSWORD", "s3cret"),
+    /// ]).unwrap();
+    /// assert_eq!(c.brokers, "k1:9092,k2:9092");
+    /// assert!(!format!("{c:?}").contains("s3cret"));
+    /// ```
+    pub fn from_env() -> Result<Self, eventbus_core::Error> {
+        KafkaConfig::default().with_vars(std::env::vars())
+    }
+
+    /// Apply the `EVENTBUS_KAFKA_*` variables of [`KafkaConfig::from_env`] from any
+    /// `(key, value)` pairs on top of this config; other keys are ignored.
+    pub fn with_vars<K: AsRef<str>, V: Into<String>>(
+        mut self,
+        vars: impl IntoIterator<Item = (K, V)>,
+    ) -> Result<Self, eventbus_core::Error> {
+        let invalid = |msg: String| {
+            eventbus_core::Error::new(eventbus_core::ErrorKind::Config, msg)
+                .with_backend("kafka")
+                .permanent()
+        };
+        for (k, v) in vars {
+            let (k, v) = (k.as_ref(), v.into());
+            if k == "EVENTBUS_KAFKA_BROKERS" {
+                self.brokers = v;
+                continue;
+            }
+            let Some((_, property)) = ENV_OPTIONS.iter().find(|(var, _)| *var == k) else {
+                continue;
+            };
+            if *property == "security.protocol"
+                && !["plaintext", "ssl", "sasl_plaintext", "sasl_ssl"]
+                    .contains(&v.to_ascii_lowercase().as_str())
+            {
+                return Err(invalid(format!(
+                    "{k}: expected plaintext, ssl, sasl_plaintext or sasl_ssl"
+                )));
+            }
+            self.options.insert((*property).to_owned(), v);
+        }
+        if self.options.contains_key("sasl.username") != self.options.contains_key("sasl.password")
+        {
+            return Err(invalid(
+                "EVENTBUS_KAFKA_SASL_USERNAME and EVENTBUS_KAFKA_SASL_PASSWORD (or the options \
+                 sasl.username and sasl.password) must be set together"
+                    .into(),
+            ));
+        }
+        Ok(self)
     }
 
     pub(crate) fn client_config(&self) -> rdkafka::ClientConfig {
@@ -227,6 +313,48 @@ mod tests {
         let d = format!("{c:?}");
         assert!(!d.contains("hunter2"), "{d}");
         assert!(d.contains("SASL_SSL"));
+    }
+
+    #[test]
+    fn environment_sets_security_options_and_never_shows_secrets() {
+        let c = KafkaConfig::default()
+            .with_vars([
+                ("EVENTBUS_KAFKA_BROKERS", "a:1,b:2,c:3"),
+                ("EVENTBUS_KAFKA_SECURITY_PROTOCOL", "SASL_SSL"),
+                ("EVENTBUS_KAFKA_SASL_MECHANISM", "SCRAM-SHA-512"),
+                ("EVENTBUS_KAFKA_SASL_USERNAME", "svc"),
+                ("EVENTBUS_KAFKA_SASL_PASSWORD", "pw-secret-1"),
+                ("EVENTBUS_KAFKA_SSL_CA", "/etc/ca.pem"),
+                ("EVENTBUS_KAFKA_SSL_KEY_PASSWORD", "key-secret-2"),
+                ("UNRELATED", "x"),
+            ])
+            .expect("vars");
+        assert_eq!(c.brokers, "a:1,b:2,c:3");
+        let p = c.producer_config();
+        assert_eq!(p.get("sasl.password"), Some("pw-secret-1"));
+        assert_eq!(p.get("sasl.mechanism"), Some("SCRAM-SHA-512"));
+        assert_eq!(p.get("ssl.ca.location"), Some("/etc/ca.pem"));
+        assert_eq!(
+            c.consumer_config("g", true).get("security.protocol"),
+            Some("SASL_SSL")
+        );
+        let d = format!("{c:?}");
+        assert!(
+            !d.contains("pw-secret-1") && !d.contains("key-secret-2"),
+            "{d}"
+        );
+        assert!(d.contains("svc"), "{d}");
+
+        for vars in [
+            vec![("EVENTBUS_KAFKA_SECURITY_PROTOCOL", "pw-secret-1")],
+            vec![("EVENTBUS_KAFKA_SASL_PASSWORD", "pw-secret-1")],
+        ] {
+            let e = KafkaConfig::default().with_vars(vars).unwrap_err();
+            let text = format!("{e} {e:?}");
+            assert!(!text.contains("pw-secret-1"), "{text}");
+            assert!(text.contains("EVENTBUS_KAFKA_"), "{text}");
+            assert_eq!(e.kind(), eventbus_core::ErrorKind::Config);
+        }
     }
 
     #[test]

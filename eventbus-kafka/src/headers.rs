@@ -38,7 +38,9 @@ pub(crate) fn encode(
 }
 
 /// Convert a consumed record. Header values that are not UTF-8 are skipped (eventbus headers are
-/// text); the id header becomes the message id.
+/// text); the id header becomes the message id. A record without one (written by another
+/// producer) gets an id derived from where it is stored, `kafka:<topic>:<partition>:<offset>`:
+/// the same for every consumer group and on every redelivery.
 pub fn decode(m: &rdkafka::message::BorrowedMessage<'_>) -> Message {
     let mut headers = Headers::new();
     let mut id = None;
@@ -55,7 +57,14 @@ pub fn decode(m: &rdkafka::message::BorrowedMessage<'_>) -> Message {
         }
     }
     Message::from_parts(
-        id.unwrap_or_else(MessageId::generate),
+        id.unwrap_or_else(|| {
+            MessageId::custom(format!(
+                "kafka:{}:{}:{}",
+                m.topic(),
+                m.partition(),
+                m.offset()
+            ))
+        }),
         Topic::new(m.topic()),
         m.key().map(Bytes::copy_from_slice),
         headers,

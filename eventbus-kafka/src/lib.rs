@@ -14,7 +14,7 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 
-pub use config::KafkaConfig;
+pub use config::{ENV_OPTIONS, KafkaConfig};
 pub use sink::{ID_HEADER, KafkaSink};
 pub use subscriber::KafkaSubscriber;
 
@@ -92,16 +92,55 @@ impl rdkafka::ClientContext for ConnectContext {
             Some(c @ (C::SSL | C::Authentication | C::SaslAuthenticationFailed)) => Some(c),
             // A TLS alert from the server (e.g. "certificate required" to a client without
             // one) arrives as a transport failure whose reason names OpenSSL.
-            Some(C::BrokerTransportFailure) if reason.contains("SSL routines") => Some(C::SSL),
+            Some(C::BrokerTransportFailure) => refusal_in(reason),
             _ => None,
         };
         match code {
-            Some(c) => {
-                self.refused.lock().get_or_insert(c);
-            }
+            Some(c) => self.refused(c),
             // The reason names brokers and causes, never secrets.
             None => tracing::debug!(error = %error, reason, "librdkafka error while connecting"),
         }
+    }
+
+    /// librdkafka logs every broker failure (facility `FAIL`) next to the error event; the
+    /// refusal is typed from whichever is served first, so the type never depends on timing.
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, log_message: &str) {
+        if let Some(c) = refusal_in(log_message) {
+            self.refused(c);
+        }
+        use rdkafka::config::RDKafkaLogLevel as L;
+        match level {
+            L::Emerg | L::Alert | L::Critical | L::Error | L::Warning => {
+                tracing::warn!(fac, log_message, "librdkafka")
+            }
+            _ => tracing::debug!(fac, log_message, "librdkafka"),
+        }
+    }
+}
+
+/// A TLS or authentication refusal named in a librdkafka failure text. Only texts that cannot
+/// come from a transient fault: a disconnect during the TLS handshake ("SSL handshake failed:
+/// Disconnected") is not one.
+fn refusal_in(text: &str) -> Option<rdkafka::types::RDKafkaErrorCode> {
+    use rdkafka::types::RDKafkaErrorCode as C;
+    const TLS: [&str; 4] = [
+        "SSL routines",
+        "certificate verify failed",
+        "Failed to verify broker certificate",
+        "Broker did not provide a certificate",
+    ];
+    if TLS.iter().any(|t| text.contains(t)) {
+        Some(C::SSL)
+    } else if text.contains("SASL authentication error") {
+        Some(C::Authentication)
+    } else {
+        None
+    }
+}
+
+impl ConnectContext {
+    fn refused(&self, code: rdkafka::types::RDKafkaErrorCode) {
+        self.refused.lock().get_or_insert(code);
     }
 }
 
@@ -122,6 +161,16 @@ impl ConnectContext {
             .permanent(),
             _ => error::err(ErrorKind::Auth, "the Kafka cluster refused the credentials"),
         })
+    }
+}
+
+/// Serve librdkafka's event queue until it is empty: error and log events reach the context
+/// only here, and one `poll` returns after at most one error event.
+fn serve_events(consumer: &BaseConsumer<ConnectContext>) {
+    for _ in 0..256 {
+        if consumer.poll(Duration::from_millis(5)).is_none() {
+            break;
+        }
     }
 }
 
@@ -146,14 +195,18 @@ impl KafkaBackend {
             loop {
                 let left = deadline.saturating_duration_since(std::time::Instant::now());
                 let r = consumer.fetch_metadata(None, left.min(Duration::from_millis(100)));
-                // Serve librdkafka's event queue: error events reach the context only here.
-                let _ = consumer.poll(Duration::ZERO);
+                serve_events(&consumer);
                 if let Some(refused) = consumer.context().refusal() {
                     return Err(refused);
                 }
                 match r {
                     Ok(_) => break,
                     Err(e) if left <= Duration::from_millis(100) => {
+                        // A refusal queued behind the last request still types the error.
+                        serve_events(&consumer);
+                        if let Some(refused) = consumer.context().refusal() {
+                            return Err(refused);
+                        }
                         return Err(error::other("could not reach the Kafka cluster", e));
                     }
                     // Some failures return at once: do not spin.

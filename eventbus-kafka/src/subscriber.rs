@@ -113,38 +113,115 @@ impl Subscriber for KafkaSubscriber {
     ) -> impl Future<Output = Result<Subscription, Error>> + Send {
         let config = self.config.clone();
         async move {
-            eventbus_core::validate::topic(spec.topic.as_str(), TopicRules::Kafka)
-                .map_err(|e| e.with_backend(BACKEND))?;
-            let rt = tokio::runtime::Handle::current();
-            let (sub, feed) = Subscription::channel(spec.prefetch);
-            let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
-            std::thread::Builder::new()
-                .name("eventbus-kafka-sub".into())
-                .spawn(move || match start(&config, &spec) {
-                    Ok((consumer, shared, dead_letters)) => {
-                        let _ = ready_tx.send(Ok(()));
-                        let _rt = rt.enter();
-                        pump(&consumer, &shared, &spec, &feed, dead_letters.as_ref(), &rt);
-                        // `Subscription::close` returns here, before the member has left the
-                        // group. (Holding it until after the leave made tansu 0.6.0's group
-                        // coordinator keep a departed leader and livelock the next join.)
-                        drop(feed);
-                        shutdown(consumer, &shared);
-                    }
-                    Err(e) => {
-                        let _ = ready_tx.send(Err(e));
-                    }
-                })
-                .map_err(|e| {
-                    error::err(ErrorKind::Other, "could not start the consumer thread")
-                        .with_source(e)
-                })?;
-            ready_rx
-                .await
-                .map_err(|_| error::err(ErrorKind::Other, "consumer thread ended"))??;
-            Ok(sub)
+            let spec = resolve_patterns(&config, spec).await?;
+            Subscription::per_topic(spec, |one| subscribe_one(&config, one)).await
         }
     }
+}
+
+/// Replace every `^regex` topic of `spec` with the cluster's topics it matches (internal
+/// `__` topics excepted), and validate plain names. A pattern that matches nothing is a
+/// `Rejected` error naming the pattern.
+async fn resolve_patterns(
+    config: &KafkaConfig,
+    spec: SubscribeSpec,
+) -> Result<SubscribeSpec, Error> {
+    let mut names: Vec<Topic> = Vec::new();
+    let mut cluster: Option<Vec<String>> = None;
+    for t in spec.all_topics() {
+        let Some(_) = t.as_str().strip_prefix('^') else {
+            eventbus_core::validate::topic(t.as_str(), TopicRules::Kafka)
+                .map_err(|e| e.with_backend(BACKEND))?;
+            if !names.contains(t) {
+                names.push(t.clone());
+            }
+            continue;
+        };
+        let re = regex::Regex::new(t.as_str()).map_err(|e| {
+            error::err(
+                ErrorKind::InvalidMessage,
+                format!("invalid topic pattern {:?}: {e}", t.as_str()),
+            )
+        })?;
+        if cluster.is_none() {
+            let c = config.clone();
+            let timeout = config.connect_timeout;
+            cluster = Some(
+                tokio::task::spawn_blocking(move || {
+                    let client: BaseConsumer = c
+                        .client_config()
+                        .create()
+                        .map_err(|e| error::other("invalid Kafka client configuration", e))?;
+                    let md = client
+                        .fetch_metadata(None, timeout)
+                        .map_err(|e| error::other("could not list the cluster's topics", e))?;
+                    Ok::<_, Error>(md.topics().iter().map(|t| t.name().to_owned()).collect())
+                })
+                .await
+                .map_err(|_| error::err(ErrorKind::Other, "topic listing task failed"))??,
+            );
+        }
+        let before = names.len();
+        let mut matched: Vec<&String> = cluster
+            .iter()
+            .flatten()
+            .filter(|n| !n.starts_with("__") && re.is_match(n))
+            .collect();
+        matched.sort();
+        for n in matched {
+            let topic = Topic::new(n);
+            if !names.contains(&topic) {
+                names.push(topic);
+            }
+        }
+        if names.len() == before {
+            return Err(error::err(
+                ErrorKind::Rejected,
+                format!(
+                    "no topic of the cluster matches the pattern {:?}",
+                    t.as_str()
+                ),
+            ));
+        }
+    }
+    let mut names = names.into_iter();
+    let mut spec = spec;
+    spec.topic = names.next().expect("at least one topic");
+    spec.more_topics = names.collect();
+    Ok(spec)
+}
+
+/// One topic's subscription: a consumer (and its thread) in the spec's group.
+async fn subscribe_one(config: &KafkaConfig, spec: SubscribeSpec) -> Result<Subscription, Error> {
+    let config = config.clone();
+    let rt = tokio::runtime::Handle::current();
+    let (sub, feed) = Subscription::channel(spec.prefetch);
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("eventbus-kafka-sub".into())
+        .spawn(move || match start(&config, &spec) {
+            Ok((consumer, shared, dead_letters)) => {
+                let _ = ready_tx.send(Ok(()));
+                let _rt = rt.enter();
+                pump(&consumer, &shared, &spec, &feed, dead_letters.as_ref(), &rt);
+                // The feed outlives the leave: `Subscription::close` returns once the
+                // acked prefix is committed and the member has left the group, so the
+                // next member gets the partitions at once, even if this process exits
+                // right after (otherwise the group waits out `session.timeout.ms`).
+                shutdown(consumer, &shared);
+                drop(feed);
+            }
+            Err(e) => {
+                let _ = ready_tx.send(Err(e));
+            }
+        })
+        .map_err(|e| {
+            error::err(ErrorKind::Other, "could not start the consumer thread").with_source(e)
+        })?;
+    ready_rx
+        .await
+        .map_err(|_| error::err(ErrorKind::Other, "consumer thread ended"))??;
+    Ok(sub)
 }
 
 /// The partitions of `topic`; an unknown topic is a `Rejected` error.
@@ -708,7 +785,7 @@ fn admit(shared: &Arc<Shared>, m: &rdkafka::message::BorrowedMessage<'_>) {
     );
 }
 
-/// Commit what was settled, then leave the group (dropping the consumer closes it).
+/// Commit what was settled, then leave the group and close the consumer.
 fn shutdown(consumer: BaseConsumer<Ctx>, shared: &Arc<Shared>) {
     let mut st = shared.state.lock();
     st.closing = true;

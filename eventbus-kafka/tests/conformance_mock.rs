@@ -33,6 +33,14 @@ impl Drop for MockThread {
 }
 
 impl Broker for MockThread {
+    /// After a member leaves, the mock's coordinator waits `session.timeout.ms` minus 1 s (9 s
+    /// here) for the others to rejoin before it rebalances (`rd_kafka_mock_cgrp_classic_rebalance`
+    /// in librdkafka's `rdkafka_mock_cgrp.c`; Apache Kafka rebalances as soon as every remaining
+    /// member has rejoined).
+    fn caps(&self, caps: eventbus_conformance::Caps) -> eventbus_conformance::Caps {
+        caps.handover_within(std::time::Duration::from_secs(12))
+    }
+
     fn create_topic(&self, name: &str, partitions: i32) -> Option<Result<(), String>> {
         let (tx, rx) = mpsc::channel();
         let sent = self
@@ -76,6 +84,10 @@ async fn mock_cluster() -> KafkaHarness<MockThread> {
 // That scenario runs on the tansu process, which refuses unknown topics.
 eventbus_conformance::conformance_tests!(@each mock_cluster().await;
     roundtrip_intact,
+    headers_keep_order_and_repeats,
+    several_topics_in_one_subscription,
+    typed_handler_dead_letters_bad_payloads,
+    dedup_hands_each_id_over_once,
     invalid_input_typed_errors,
     many_publishers_and_subscribers,
     topics_isolated,
@@ -85,6 +97,7 @@ eventbus_conformance::conformance_tests!(@each mock_cluster().await;
     unacked_redelivered_after_ack_wait,
     close_and_reopen_loses_nothing,
     concurrent_subscribe_and_close,
+    second_member_takes_over_after_close,
     per_key_order,
     consumer_groups,
     new_subscriber_reads_old_messages,

@@ -171,7 +171,8 @@ async fn unreachable_cluster_fails_connect_with_a_typed_error() {
 
 /// The other direction: records a plain rdkafka producer wrote (keys, headers, no eventbus id
 /// header) are consumed by the SDK's subscriber with key, headers and payload intact, each with
-/// an id of its own, in per-partition order.
+/// an id of its own, in per-partition order; the id is the same in every group and on
+/// redelivery.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sdk_consumes_what_a_plain_producer_wrote() {
     use eventbus_core::{SubscribeSpec, Subscriber};
@@ -206,6 +207,7 @@ async fn sdk_consumes_what_a_plain_producer_wrote() {
         .await
         .expect("subscribe");
     let mut ids = std::collections::HashSet::new();
+    let mut first = HashMap::new();
     for i in 0..N {
         let d = tokio::time::timeout(Duration::from_secs(20), sub.next())
             .await
@@ -223,6 +225,45 @@ async fn sdk_consumes_what_a_plain_producer_wrote() {
             Some(format!("legacy-{i}").as_str())
         );
         assert!(ids.insert(m.id().to_string()), "ids are distinct");
+        first.insert(m.payload().clone(), m.id().to_string());
+        d.ack().await.expect("ack");
+    }
+    sub.close().await;
+
+    // Ids are derived from where the record is stored: another group sees the same ids, and a
+    // redelivery keeps its id.
+    let mut sub = kafka
+        .subscriber()
+        .subscribe(SubscribeSpec::new("foreign").group("sdk-reader-2"))
+        .await
+        .expect("subscribe");
+    let mut seen = 0;
+    let mut nacked = false;
+    while seen < N {
+        let d = tokio::time::timeout(Duration::from_secs(20), sub.next())
+            .await
+            .unwrap_or_else(|_| panic!("group 2: only {seen} of {N} records arrived"))
+            .expect("open")
+            .expect("delivery");
+        let m = d.message();
+        assert_eq!(
+            first.get(m.payload()),
+            Some(&m.id().to_string()),
+            "group 2 sees the id group 1 saw"
+        );
+        let eventbus_core::Position::Partition { partition, offset } = d.info().position else {
+            panic!("a Kafka position");
+        };
+        assert_eq!(
+            m.id().to_string(),
+            format!("kafka:foreign:{partition}:{offset}")
+        );
+        if !nacked {
+            nacked = true;
+            d.nack(Duration::ZERO).await.expect("nack");
+            continue;
+        }
+        seen += 1;
         d.ack().await.expect("ack");
     }
     sub.close().await;

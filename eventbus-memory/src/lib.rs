@@ -223,43 +223,50 @@ impl Subscriber for MemorySubscriber {
     ) -> impl Future<Output = Result<Subscription, Error>> + Send {
         let broker = self.broker.clone();
         async move {
-            eventbus_core::validate::topic(spec.topic.as_str(), TopicRules::Portable)
-                .map_err(|e| e.with_backend(BACKEND))?;
-            let topic = broker.topic(&spec.topic);
-            let (group, ephemeral) = match &spec.group {
-                Some(g) => (g.clone(), false),
-                None => (
-                    format!(
-                        "_ephemeral_{}",
-                        broker.inner.next_ephemeral.fetch_add(1, Ordering::Relaxed)
-                    ),
-                    true,
-                ),
-            };
-            {
-                let mut log = topic.log.lock();
-                let len = log.messages.len() as u64;
-                let g = log
-                    .groups
-                    .entry(group.clone())
-                    .or_insert_with(|| GroupState {
-                        next: if spec.start == StartFrom::Latest {
-                            len
-                        } else {
-                            0
-                        },
-                        pending: BTreeMap::new(),
-                        due: BTreeSet::new(),
-                        members: 0,
-                        ephemeral,
-                    });
-                g.members += 1;
+            for t in spec.all_topics() {
+                eventbus_core::validate::topic(t.as_str(), TopicRules::Portable)
+                    .map_err(|e| e.with_backend(BACKEND))?;
             }
-            let (sub, feed) = Subscription::channel(spec.prefetch);
-            tokio::spawn(member(broker.clone(), topic, group, spec, feed));
-            Ok(sub)
+            Subscription::per_topic(spec, |one| subscribe_one(&broker, one)).await
         }
     }
+}
+
+/// One topic's subscription.
+async fn subscribe_one(broker: &MemoryBroker, spec: SubscribeSpec) -> Result<Subscription, Error> {
+    let topic = broker.topic(&spec.topic);
+    let (group, ephemeral) = match &spec.group {
+        Some(g) => (g.clone(), false),
+        None => (
+            format!(
+                "_ephemeral_{}",
+                broker.inner.next_ephemeral.fetch_add(1, Ordering::Relaxed)
+            ),
+            true,
+        ),
+    };
+    {
+        let mut log = topic.log.lock();
+        let len = log.messages.len() as u64;
+        let g = log
+            .groups
+            .entry(group.clone())
+            .or_insert_with(|| GroupState {
+                next: if spec.start == StartFrom::Latest {
+                    len
+                } else {
+                    0
+                },
+                pending: BTreeMap::new(),
+                due: BTreeSet::new(),
+                members: 0,
+                ephemeral,
+            });
+        g.members += 1;
+    }
+    let (sub, feed) = Subscription::channel(spec.prefetch);
+    tokio::spawn(member(broker.clone(), topic, group, spec, feed));
+    Ok(sub)
 }
 
 enum Next {

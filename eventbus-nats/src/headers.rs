@@ -9,6 +9,10 @@ pub const KEY: &str = "Eventbus-Key";
 /// Header carrying the message key hex-encoded (keys that are not header-safe text).
 pub const KEY_HEX: &str = "Eventbus-Key-Hex";
 
+/// Header carrying the order of the user's header names when it has several (see
+/// [`decode`]); stripped on receive.
+pub const HEADER_ORDER: &str = "Eventbus-Header-Order";
+
 /// Atomic batch headers (ADR-50).
 pub(crate) const BATCH_ID: &str = "Nats-Batch-Id";
 pub(crate) const BATCH_SEQUENCE: &str = "Nats-Batch-Sequence";
@@ -27,6 +31,9 @@ pub(crate) fn encode_ref(msg: &Message, with_id: bool) -> (String, Bytes, Header
     for (n, v) in msg.headers().iter() {
         h.append(n, v);
     }
+    if let Some(order) = order_of(msg.headers()) {
+        h.insert(HEADER_ORDER, order);
+    }
     if with_id {
         let mut ids = String::with_capacity(32);
         msg.id().write_to(&mut ids);
@@ -41,13 +48,50 @@ pub(crate) fn encode_ref(msg: &Message, with_id: bool) -> (String, Bytes, Header
     (msg.topic().as_str().to_owned(), msg.payload().clone(), h)
 }
 
-pub(crate) fn decode(subject: &str, headers: Option<&HeaderMap>, payload: Bytes) -> Message {
+/// The names of `headers` in order, comma-joined, when the order would otherwise be lost:
+/// async-nats keeps headers in a hash map (values of one name stay in order, names do not).
+/// `None` for fewer than two distinct names, or a name that contains a comma.
+fn order_of(headers: &Headers) -> Option<String> {
+    let mut names = headers.iter().map(|(n, _)| n);
+    let first = names.next()?;
+    if names.all(|n| n == first) {
+        return None;
+    }
+    let mut order = String::with_capacity(headers.encoded_len());
+    for (i, (n, _)) in headers.iter().enumerate() {
+        if n.contains(',') {
+            return None;
+        }
+        if i > 0 {
+            order.push(',');
+        }
+        order.push_str(n);
+    }
+    Some(order)
+}
+
+/// A message read from a stream. `fallback_id` names it when it carries no `Nats-Msg-Id`
+/// (published by another client): derived from where it is stored, so every consumer and
+/// every redelivery sees the same id.
+pub(crate) fn decode(
+    subject: &str,
+    headers: Option<&HeaderMap>,
+    payload: Bytes,
+    fallback_id: impl FnOnce() -> MessageId,
+) -> Message {
     let mut out = Headers::new();
     let mut id = None;
     let mut key = None;
+    let mut order = None;
+    let mut user: Vec<(&str, std::collections::VecDeque<&str>)> = Vec::new();
     if let Some(h) = headers {
         for (name, values) in h.iter() {
             let name: &str = name.as_ref();
+            if name == HEADER_ORDER {
+                order = values.first().map(|v| v.as_str());
+                continue;
+            }
+            let mut kept = std::collections::VecDeque::new();
             for v in values {
                 let v = v.as_str();
                 if name.eq_ignore_ascii_case("Nats-Msg-Id") {
@@ -59,13 +103,29 @@ pub(crate) fn decode(subject: &str, headers: Option<&HeaderMap>, payload: Bytes)
                 } else if name == KEY_HEX {
                     key = unhex(v).map(Bytes::from);
                 } else {
-                    out.append(name, v);
+                    kept.push_back(v);
                 }
+            }
+            if !kept.is_empty() {
+                user.push((name, kept));
             }
         }
     }
+    // Publish order first (from the order header), then whatever it does not list.
+    for name in order.into_iter().flat_map(|o| o.split(',')) {
+        if let Some((n, values)) = user.iter_mut().find(|(n, _)| *n == name)
+            && let Some(v) = values.pop_front()
+        {
+            out.append(*n, v);
+        }
+    }
+    for (n, values) in user {
+        for v in values {
+            out.append(n, v);
+        }
+    }
     Message::from_parts(
-        id.unwrap_or_else(MessageId::generate),
+        id.unwrap_or_else(fallback_id),
         Topic::new(subject),
         key,
         out,
@@ -99,11 +159,28 @@ mod tests {
                 .with_header("x", "1");
             let id = m.id().to_string();
             let (subject, payload, h) = encode(m, true);
-            let back = decode(&subject, Some(&h), payload);
+            let back = decode(&subject, Some(&h), payload, MessageId::generate);
             assert_eq!(back.key().map(|k| &k[..]), Some(key));
             assert_eq!(back.id().to_string(), id);
             assert_eq!(back.headers().get("x"), Some("1"));
             assert_eq!(back.headers().len(), 1, "internal headers are stripped");
         }
+    }
+
+    #[test]
+    fn header_order_and_repeats_survive() {
+        let mut sent = Headers::new();
+        for (n, v) in [("b", "1"), ("a", "2"), ("b", "3"), ("c", "4"), ("a", "5")] {
+            sent.append(n, v);
+        }
+        let m = Message::new("a.b", "p").with_headers(sent.clone());
+        let (subject, payload, h) = encode(m, false);
+        let back = decode(&subject, Some(&h), payload, || {
+            MessageId::custom("fallback")
+        });
+        let got: Vec<_> = back.headers().iter().collect();
+        let want: Vec<_> = sent.iter().collect();
+        assert_eq!(got, want);
+        assert_eq!(back.id().to_string(), "fallback");
     }
 }

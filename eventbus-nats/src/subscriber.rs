@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, AckKind, consumer::pull};
 use eventbus_core::{
-    AckHandle, Acker, Delivery, DeliveryInfo, Error, ErrorKind, Feed, Position, StartFrom,
-    SubscribeSpec, Subscriber, Subscription, Topic, TopicRules,
+    AckHandle, Acker, Delivery, DeliveryInfo, Error, ErrorKind, Feed, MessageId, Position,
+    StartFrom, SubscribeSpec, Subscriber, Subscription, Topic, TopicRules,
 };
 use futures_util::StreamExt;
 
@@ -95,61 +95,73 @@ impl Subscriber for NatsSubscriber {
     ) -> impl Future<Output = Result<Subscription, Error>> + Send {
         let js = self.js.clone();
         async move {
-            eventbus_core::validate::subscription_filter(spec.topic.as_str())
-                .map_err(|e| e.with_backend(BACKEND))?;
-            let stream = stream_of(&js, spec.topic.as_str()).await?;
-            let mut config = pull::Config {
-                filter_subject: spec.topic.as_str().to_owned(),
-                ack_policy: jetstream::consumer::AckPolicy::Explicit,
-                ack_wait: spec.ack_wait,
-                // With a dead-letter topic the server keeps redelivering and the pump moves the
-                // message once it is past `max_deliveries` (the server would only drop it).
-                max_deliver: match (&spec.dead_letter, spec.max_deliveries) {
-                    (None, Some(m)) => i64::from(m),
-                    _ => -1,
-                },
-                deliver_policy: match spec.start {
-                    StartFrom::Latest => jetstream::consumer::DeliverPolicy::New,
-                    _ => jetstream::consumer::DeliverPolicy::All,
-                },
-                max_ack_pending: (spec.prefetch as i64 * 8).max(1_000),
-                ..Default::default()
-            };
-            let consumer: jetstream::consumer::Consumer<pull::Config> = match &spec.group {
-                Some(g) => {
-                    let name = durable(g, spec.topic.as_str());
-                    config.durable_name = Some(name.clone());
-                    stream
-                        .get_or_create_consumer(&name, config)
-                        .await
-                        .map_err(|e| error::other("could not create the durable consumer", e))?
-                }
-                None => {
-                    config.inactive_threshold = Duration::from_secs(30);
-                    stream
-                        .create_consumer(config)
-                        .await
-                        .map_err(|e| error::other("could not create the consumer", e))?
-                }
-            };
-            if let Some(to) = &spec.dead_letter {
-                eventbus_core::validate::topic(to.as_str(), TopicRules::Nats)
+            for t in spec.all_topics() {
+                eventbus_core::validate::subscription_filter(t.as_str())
                     .map_err(|e| e.with_backend(BACKEND))?;
             }
-            let dead_letters =
-                spec.dead_letter
-                    .clone()
-                    .zip(spec.max_deliveries)
-                    .map(|(to, max)| DeadLetters {
-                        js: js.clone(),
-                        to,
-                        max,
-                    });
-            let (sub, feed) = Subscription::channel(spec.prefetch);
-            tokio::spawn(pump(consumer, spec.prefetch, feed, dead_letters));
-            Ok(sub)
+            Subscription::per_topic(spec, |one| subscribe_one(&js, one)).await
         }
     }
+}
+
+/// One subject filter's subscription: a pull consumer on the stream that covers it (durable
+/// per group and filter).
+async fn subscribe_one(
+    js: &jetstream::Context,
+    spec: SubscribeSpec,
+) -> Result<Subscription, Error> {
+    let js = js.clone();
+    let stream = stream_of(&js, spec.topic.as_str()).await?;
+    let mut config = pull::Config {
+        filter_subject: spec.topic.as_str().to_owned(),
+        ack_policy: jetstream::consumer::AckPolicy::Explicit,
+        ack_wait: spec.ack_wait,
+        // With a dead-letter topic the server keeps redelivering and the pump moves the
+        // message once it is past `max_deliveries` (the server would only drop it).
+        max_deliver: match (&spec.dead_letter, spec.max_deliveries) {
+            (None, Some(m)) => i64::from(m),
+            _ => -1,
+        },
+        deliver_policy: match spec.start {
+            StartFrom::Latest => jetstream::consumer::DeliverPolicy::New,
+            _ => jetstream::consumer::DeliverPolicy::All,
+        },
+        max_ack_pending: (spec.prefetch as i64 * 8).max(1_000),
+        ..Default::default()
+    };
+    let consumer: jetstream::consumer::Consumer<pull::Config> = match &spec.group {
+        Some(g) => {
+            let name = durable(g, spec.topic.as_str());
+            config.durable_name = Some(name.clone());
+            stream
+                .get_or_create_consumer(&name, config)
+                .await
+                .map_err(|e| error::other("could not create the durable consumer", e))?
+        }
+        None => {
+            config.inactive_threshold = Duration::from_secs(30);
+            stream
+                .create_consumer(config)
+                .await
+                .map_err(|e| error::other("could not create the consumer", e))?
+        }
+    };
+    if let Some(to) = &spec.dead_letter {
+        eventbus_core::validate::topic(to.as_str(), TopicRules::Nats)
+            .map_err(|e| e.with_backend(BACKEND))?;
+    }
+    let dead_letters = spec
+        .dead_letter
+        .clone()
+        .zip(spec.max_deliveries)
+        .map(|(to, max)| DeadLetters {
+            js: js.clone(),
+            to,
+            max,
+        });
+    let (sub, feed) = Subscription::channel(spec.prefetch);
+    tokio::spawn(pump(consumer, spec.prefetch, feed, dead_letters));
+    Ok(sub)
 }
 
 /// Pull batches and hand each message to the subscriber. On close, every message already pulled
@@ -277,6 +289,12 @@ fn to_delivery(msg: jetstream::Message) -> Delivery {
         msg.subject.as_str(),
         msg.headers.as_ref(),
         msg.payload.clone(),
+        || match &position {
+            Position::Stream {
+                stream, sequence, ..
+            } if !stream.is_empty() => MessageId::custom(format!("nats:{stream}:{sequence}")),
+            _ => MessageId::generate(),
+        },
     );
     Delivery::new(
         m,

@@ -94,11 +94,82 @@ fn config_error(msg: impl Into<String>) -> Error {
     Error::new(ErrorKind::Config, msg.into()).permanent()
 }
 
+/// Describe a serde error at `path` without any value from the input: configs hold secrets,
+/// and serde's own messages quote the offending value (`unknown variant `...``, `invalid type:
+/// string "..."`). What stays: the field path, field and variant *names*, and the expected form.
+fn describe(path: &str, msg: &str) -> String {
+    let at = if path.is_empty() || path == "." {
+        String::new()
+    } else {
+        format!("`{path}`: ")
+    };
+    // serde's `Expected` texts (type names, variant and field lists) come from our own types.
+    let expected = msg
+        .rfind(", expected ")
+        .map(|i| &msg[i + ", expected ".len()..])
+        .filter(|e| !e.is_empty());
+    let with_expected = |what: &str| match expected {
+        Some(e) => format!("{at}{what}, expected {e}"),
+        None => format!("{at}{what}"),
+    };
+    if let Some(rest) = msg.strip_prefix("unknown field ") {
+        // The unknown name is a key the user typed, not a value.
+        let name = rest.split(", expected").next().unwrap_or(rest);
+        return with_expected(&format!("unknown field {name}"));
+    }
+    if msg.starts_with("missing field ") {
+        return format!("{at}{msg}");
+    }
+    if msg.starts_with("unknown variant ") {
+        return with_expected("unknown variant (value not shown)");
+    }
+    if msg.starts_with("invalid type: ") {
+        return with_expected("wrong type (value not shown)");
+    }
+    if msg.starts_with("invalid length ") {
+        return with_expected("wrong number of items");
+    }
+    with_expected("invalid value (not shown)")
+}
+
+/// `line L, column C` of byte offset `at` in `text`.
+fn line_col(text: &str, at: usize) -> String {
+    let before = &text[..at.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let col = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+    format!("line {line}, column {col}")
+}
+
+/// Deserialize a bus config from `de`, tracking the field path for errors.
+fn from_deserializer<'de, D>(de: D) -> Result<BusConfig, (String, D::Error)>
+where
+    D: serde::Deserializer<'de>,
+{
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        (path, e.into_inner())
+    })
+}
+
 impl BusConfig {
-    /// Parse TOML. Errors name the field and position (`unknown field`, wrong type, ...).
+    /// Parse TOML. Errors name the field path, the position and the expected form, never the
+    /// value found there (it may be a secret): `unknown field`, `unknown variant`, wrong type,
+    /// a syntax error's line and column.
     pub fn from_toml(text: &str) -> Result<Self, Error> {
-        let cfg: BusConfig =
-            toml::from_str(text).map_err(|e| config_error(format!("bus config: {e}")))?;
+        let de = toml::Deserializer::parse(text).map_err(|e| {
+            let at = e.span().map(|s| line_col(text, s.start));
+            config_error(format!(
+                "bus config: TOML syntax error{} (text not shown)",
+                at.map(|a| format!(" at {a}")).unwrap_or_default()
+            ))
+        })?;
+        let cfg = from_deserializer(de).map_err(|(path, e)| {
+            let at = e
+                .span()
+                .map(|s| format!(" (at {})", line_col(text, s.start)))
+                .unwrap_or_default();
+            config_error(format!("bus config: {}{at}", describe(&path, e.message())))
+        })?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -127,7 +198,12 @@ impl BusConfig {
     /// milliseconds. NATS credentials use the short forms of
     /// [`NatsConfig::from_env`](https://docs.rs/eventbus-nats): `EVENTBUS_NATS_USER` with
     /// `EVENTBUS_NATS_PASSWORD`, `EVENTBUS_NATS_TOKEN`, `EVENTBUS_NATS_NKEY`,
-    /// `EVENTBUS_NATS_CREDS`, and `EVENTBUS_NATS_TLS`, `EVENTBUS_NATS_CA`. A variable that
+    /// `EVENTBUS_NATS_CREDS`, and `EVENTBUS_NATS_TLS`, `EVENTBUS_NATS_CA`. Kafka security
+    /// settings use the forms of
+    /// [`KafkaConfig::from_env`](https://docs.rs/eventbus-kafka): `EVENTBUS_KAFKA_SECURITY_PROTOCOL`,
+    /// `EVENTBUS_KAFKA_SASL_MECHANISM`, `EVENTBUS_KAFKA_SASL_USERNAME`,
+    /// `EVENTBUS_KAFKA_SASL_PASSWORD`, `EVENTBUS_KAFKA_SSL_CA`, `EVENTBUS_KAFKA_SSL_CERT`,
+    /// `EVENTBUS_KAFKA_SSL_KEY`, `EVENTBUS_KAFKA_SSL_KEY_PASSWORD`. A variable that
     /// names no field, or a value of the wrong type, is an error naming the variable (never
     /// its value). Other variables are ignored.
     pub fn with_vars<K: AsRef<str>, V: Into<String>>(
@@ -138,6 +214,9 @@ impl BusConfig {
             toml::Value::try_from(&self).map_err(|e| config_error(format!("bus config: {e}")))?;
         let root = tree.as_table_mut().expect("a struct serializes to a table");
         let mut nats_creds = Vec::new();
+        let mut kafka_vars = Vec::new();
+        // (field path as `a.b.c`, variable) for every variable applied, to name it in errors.
+        let mut set: Vec<(String, String)> = Vec::new();
         for (k, v) in vars {
             let (k, v) = (k.as_ref(), v.into());
             let Some(rest) = k.strip_prefix("EVENTBUS_") else {
@@ -158,15 +237,36 @@ impl BusConfig {
                 nats_creds.push((k.to_owned(), v));
                 continue;
             }
-            if !set_path(root, &rest, &v).map_err(|why| config_error(format!("{k}: {why}")))? {
-                return Err(config_error(format!(
-                    "{k} names no bus config field (sections: backend, nats, kafka, batch, handler)"
-                )));
+            if kafka_short_form(k) {
+                kafka_vars.push((k.to_owned(), v));
+                continue;
+            }
+            match set_path(root, &rest, &v).map_err(|why| config_error(format!("{k}: {why}")))? {
+                Some(path) => set.push((path, k.to_owned())),
+                None => {
+                    return Err(config_error(format!(
+                        "{k} names no bus config field (sections: backend, nats, kafka, batch, handler)"
+                    )));
+                }
             }
         }
-        let mut cfg: BusConfig = tree
-            .try_into()
-            .map_err(|e| config_error(format!("bus config from environment: {e}")))?;
+        let mut cfg = from_deserializer(tree).map_err(|(path, e)| {
+            // Name the variable that set this field (or a field inside it).
+            let var = set
+                .iter()
+                .filter(|(p, _)| {
+                    path == *p
+                        || path.starts_with(&format!("{p}."))
+                        || p.starts_with(&format!("{path}."))
+                })
+                .map(|(_, v)| v.as_str())
+                .next();
+            let why = describe(&path, e.message());
+            match var {
+                Some(v) => config_error(format!("{v}: {why}")),
+                None => config_error(format!("bus config from environment: {why}")),
+            }
+        })?;
         #[cfg(feature = "nats")]
         if !nats_creds.is_empty() {
             let from_env = eventbus_nats::NatsConfig::from_iter(nats_creds.iter().cloned())?;
@@ -185,6 +285,16 @@ impl BusConfig {
         if let Some((k, _)) = nats_creds.first() {
             return Err(config_error(format!(
                 "{k} is set but this build has no NATS backend (feature `nats`)"
+            )));
+        }
+        #[cfg(feature = "kafka")]
+        if !kafka_vars.is_empty() {
+            cfg.kafka = cfg.kafka.with_vars(kafka_vars)?;
+        }
+        #[cfg(not(feature = "kafka"))]
+        if let Some((k, _)) = kafka_vars.first() {
+            return Err(config_error(format!(
+                "{k} is set but this build has no Kafka backend (feature `kafka`)"
             )));
         }
         cfg.validate()?;
@@ -220,9 +330,27 @@ impl BusConfig {
     }
 }
 
+/// The Kafka security short forms (`EVENTBUS_KAFKA_SASL_PASSWORD`, ...), which set librdkafka
+/// options rather than a field of their own.
+fn kafka_short_form(var: &str) -> bool {
+    const FORMS: &[&str] = &[
+        "EVENTBUS_KAFKA_SECURITY_PROTOCOL",
+        "EVENTBUS_KAFKA_SASL_MECHANISM",
+        "EVENTBUS_KAFKA_SASL_USERNAME",
+        "EVENTBUS_KAFKA_SASL_PASSWORD",
+        "EVENTBUS_KAFKA_SSL_CA",
+        "EVENTBUS_KAFKA_SSL_CERT",
+        "EVENTBUS_KAFKA_SSL_KEY",
+        "EVENTBUS_KAFKA_SSL_KEY_PASSWORD",
+    ];
+    #[cfg(feature = "kafka")]
+    debug_assert_eq!(FORMS.len(), eventbus_kafka::ENV_OPTIONS.len());
+    FORMS.contains(&var)
+}
+
 /// Set `path` (lowercase, `_`-joined) in `table` to `raw`, parsed as the type already there.
-/// Returns `Ok(false)` when no field matches.
-fn set_path(table: &mut toml::Table, path: &str, raw: &str) -> Result<bool, String> {
+/// Returns the field's dotted path, or `None` when no field matches.
+fn set_path(table: &mut toml::Table, path: &str, raw: &str) -> Result<Option<String>, String> {
     // Longest key first: field names contain '_' too (`max_in_flight`).
     let mut keys: Vec<String> = table.keys().cloned().collect();
     keys.sort_by_key(|k| std::cmp::Reverse(k.len()));
@@ -230,16 +358,16 @@ fn set_path(table: &mut toml::Table, path: &str, raw: &str) -> Result<bool, Stri
         if path == key {
             let slot = table.get_mut(&key).expect("key listed");
             *slot = parse_like(slot, raw).map_err(|t| format!("expected {t}"))?;
-            return Ok(true);
+            return Ok(Some(key));
         }
         if let Some(rest) = path.strip_prefix(&format!("{key}_"))
             && let Some(toml::Value::Table(inner)) = table.get_mut(&key)
-            && set_path(inner, rest, raw)?
+            && let Some(inner_path) = set_path(inner, rest, raw)?
         {
-            return Ok(true);
+            return Ok(Some(format!("{key}.{inner_path}")));
         }
     }
-    Ok(false)
+    Ok(None)
 }
 
 fn parse_like(current: &toml::Value, raw: &str) -> Result<toml::Value, &'static str> {

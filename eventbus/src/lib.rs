@@ -7,10 +7,9 @@
 //! `eventbus = { default-features = false, features = ["nats"] }` never compiles librdkafka.
 //!
 //! ```no_run
-//! # async fn demo() -> Result<(), eventbus_core::Error> {
+//! # async fn demo() -> Result<(), eventbus::Error> {
 //! use std::time::Duration;
-//! use eventbus::{Bus, BusConfig};
-//! use eventbus_core::{Message, Publisher, SubscribeSpec, Subscriber};
+//! use eventbus::{Bus, BusConfig, Message, Publisher, SubscribeSpec, Subscriber};
 //!
 //! // eventbus.toml, then EVENTBUS_* on top (EVENTBUS_NATS_URL, EVENTBUS_BATCH_MAX_IN_FLIGHT, ...)
 //! let config = BusConfig::load(Some("eventbus.toml".as_ref()))?;
@@ -31,8 +30,7 @@ mod config;
 
 use std::time::Duration;
 
-use eventbus_batch::Batcher;
-pub use eventbus_batch::{BacklogEvent, BacklogWatch, BatchConfig, OnFull, WindowStats};
+pub use eventbus_batch::{BacklogEvent, BacklogWatch, BatchConfig, Batcher, OnFull, WindowStats};
 use eventbus_core::ops::{Health, HealthCheck, Lag};
 /// Everything from `eventbus-core` (messages, the traits, errors, the handler runtime, lag and
 /// health), so that a service needs only this crate.
@@ -40,6 +38,31 @@ use eventbus_core::ops::{Health, HealthCheck, Lag};
 pub use eventbus_core::*;
 
 pub use config::{BackendKind, BusConfig};
+
+/// The NATS JetStream backend crate (feature `nats`), for what the [`Bus`] does not cover:
+/// stream provisioning, publish modes, the sink's own options.
+#[cfg(feature = "nats")]
+pub use eventbus_nats as nats;
+#[cfg(feature = "nats")]
+pub use eventbus_nats::{NatsAuth, NatsBackend, NatsConfig, NatsSink, StreamSpec};
+
+/// The Kafka backend crate (feature `kafka`).
+#[cfg(feature = "kafka")]
+pub use eventbus_kafka as kafka;
+#[cfg(feature = "kafka")]
+pub use eventbus_kafka::{KafkaBackend, KafkaConfig, KafkaSink};
+
+/// The in-process backend crate (feature `memory`), for a service's own tests.
+#[cfg(feature = "memory")]
+pub use eventbus_memory as memory;
+#[cfg(feature = "memory")]
+pub use eventbus_memory::MemoryBroker;
+
+/// The workspace README's examples, compiled as doctests of this crate: they use `eventbus`
+/// alone (a test checks that they name no other eventbus crate).
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+struct WorkspaceReadme;
 
 /// A connected backend. Few exist per process, so the variants are not boxed.
 #[derive(Clone, Debug)]

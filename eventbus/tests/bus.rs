@@ -11,7 +11,7 @@ use eventbus_core::{ErrorKind, Message, Publisher, SubscribeSpec, Subscriber, To
 fn toml_errors_name_the_field() {
     for (text, field) in [
         ("[batch]\nmax_inflight = 1", "max_inflight"),
-        ("backend = \"redis\"", "redis"),
+        ("backend = \"redis\"", "backend"),
         ("[batch]\nmax_in_flight = \"many\"", "max_in_flight"),
         ("[handler.retry]\nmax_atempts = 2", "max_atempts"),
         ("[batch]\nmax_messages = 0", "max_messages"),
@@ -129,4 +129,68 @@ fn the_readme_example_config_parses() {
     assert_eq!(cfg.backend, BackendKind::Nats);
     assert_eq!(cfg.handler.retry.max_attempts, 5);
     assert!(!format!("{cfg:?}").contains("\"...\""), "password redacted");
+}
+
+/// The README's Rust examples and this crate's own docs need `eventbus` alone: they are
+/// compiled as doctests of this crate, and here no other eventbus crate may be named in them.
+#[test]
+fn examples_need_only_the_facade() {
+    fn rust_blocks(text: &str, doc_prefix: Option<&str>) -> Vec<String> {
+        let lines: Vec<&str> = text
+            .lines()
+            .filter_map(|l| match doc_prefix {
+                Some(p) => l
+                    .trim_start()
+                    .strip_prefix(p)
+                    .map(|l| l.strip_prefix(' ').unwrap_or(l)),
+                None => Some(l),
+            })
+            .collect();
+        let mut blocks = Vec::new();
+        // `Some(Some(text))` inside a Rust block, `Some(None)` inside another language's.
+        let mut current: Option<Option<String>> = None;
+        for l in lines {
+            let fence = l.trim_start().strip_prefix("```");
+            match (&mut current, fence) {
+                (None, Some(lang)) => {
+                    // Rustdoc treats an unlabelled fence and `no_run` / `ignore` / ... as Rust.
+                    let other = ["sh", "toml", "text", "json", "console", "bash"]
+                        .iter()
+                        .any(|o| lang.starts_with(o));
+                    current = Some((!other).then(String::new));
+                }
+                (Some(block), Some(_)) => {
+                    if let Some(b) = block.take() {
+                        blocks.push(b);
+                    }
+                    current = None;
+                }
+                (Some(Some(b)), None) => {
+                    b.push_str(l);
+                    b.push('\n');
+                }
+                _ => {}
+            }
+        }
+        blocks
+    }
+    let readme = rust_blocks(include_str!("../../README.md"), None);
+    let crate_doc = rust_blocks(include_str!("../src/lib.rs"), Some("//!"));
+    let config_doc = rust_blocks(include_str!("../src/config.rs"), Some("///"));
+    assert!(readme.len() >= 2, "README examples found: {}", readme.len());
+    assert!(!crate_doc.is_empty(), "crate doc example found");
+    for block in readme.iter().chain(&crate_doc).chain(&config_doc) {
+        for crate_name in [
+            "eventbus_core",
+            "eventbus_batch",
+            "eventbus_nats",
+            "eventbus_kafka",
+            "eventbus_memory",
+        ] {
+            assert!(
+                !block.contains(crate_name),
+                "an example names {crate_name}; use the `eventbus` re-export:\n{block}"
+            );
+        }
+    }
 }

@@ -1,15 +1,20 @@
 //! `cargo xtask examples`: run every example of the `eventbus` crate against real brokers
 //! (a fresh nats-server and a fresh tansu), once per backend, and check what each one shows.
 
+use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use eventbus_brokers as brokers;
 
-use crate::{Result, cargo, run};
+use crate::{Result, cargo};
+
+/// Example name -> the executable cargo built.
+type Bins = HashMap<String, PathBuf>;
 
 /// Examples that run to completion and exit 0 when their own checks pass.
 const TO_COMPLETION: [&str; 4] = [
@@ -21,9 +26,7 @@ const TO_COMPLETION: [&str; 4] = [
 
 /// Build the examples, start the brokers, run each example on each backend.
 pub(crate) fn examples() -> Result {
-    let mut build = cargo();
-    build.args(["build", "-p", "eventbus", "--examples", "--all-features"]);
-    run(build)?;
+    let bins = build_examples()?;
     let nats = brokers::NatsServer::start().map_err(|e| format!("nats-server: {e}"))?;
     let tansu =
         brokers::Tansu::start(brokers::TansuStorage::Sqlite).map_err(|e| format!("tansu: {e}"))?;
@@ -35,7 +38,7 @@ pub(crate) fn examples() -> Result {
         let env = [("EVENTBUS_BACKEND", *backend), (*var, address.as_str())];
         for name in TO_COMPLETION {
             let started = Instant::now();
-            let mut child = spawn(name, &env)?;
+            let mut child = spawn(&bins, name, &env)?;
             let out = Lines::of(&mut child);
             let status = wait(&mut child, Duration::from_secs(180))?;
             let text = out.rest(Duration::from_secs(5));
@@ -48,15 +51,15 @@ pub(crate) fn examples() -> Result {
                 indent(&text)
             );
         }
-        graceful_shutdown(backend, &env)?;
-        health_http(backend, &env)?;
+        graceful_shutdown(&bins, backend, &env)?;
+        health_http(&bins, backend, &env)?;
     }
     Ok(())
 }
 
 /// Start it, wait until it publishes, SIGINT it: it must exit 0 with every publish acked.
-fn graceful_shutdown(backend: &str, env: &[(&str, &str)]) -> Result {
-    let mut child = spawn("graceful_shutdown", env)?;
+fn graceful_shutdown(bins: &Bins, backend: &str, env: &[(&str, &str)]) -> Result {
+    let mut child = spawn(bins, "graceful_shutdown", env)?;
     let out = Lines::of(&mut child);
     let mut text = out.until("press Ctrl-C", Duration::from_secs(60))?;
     std::thread::sleep(Duration::from_millis(1500));
@@ -76,12 +79,12 @@ fn graceful_shutdown(backend: &str, env: &[(&str, &str)]) -> Result {
 }
 
 /// Start it, query every endpoint and check the answers, SIGINT it: it must exit 0.
-fn health_http(backend: &str, env: &[(&str, &str)]) -> Result {
+fn health_http(bins: &Bins, backend: &str, env: &[(&str, &str)]) -> Result {
     let port = brokers::free_port().map_err(|e| e.to_string())?;
     let addr = format!("127.0.0.1:{port}");
     let mut env = env.to_vec();
     env.push(("EXAMPLE_HTTP_ADDR", &addr));
-    let mut child = spawn("health_http", &env)?;
+    let mut child = spawn(bins, "health_http", &env)?;
     let out = Lines::of(&mut child);
     let mut text = out.until("serving", Duration::from_secs(60))?;
     let mut checks = Vec::new();
@@ -133,9 +136,45 @@ fn health_http(backend: &str, env: &[(&str, &str)]) -> Result {
     Ok(())
 }
 
-fn spawn(name: &str, env: &[(&str, &str)]) -> Result<Child> {
-    let bin = crate::root().join("target/debug/examples").join(name);
-    let mut c = Command::new(&bin);
+/// Build every example and return where cargo put each executable, by name: cargo's own
+/// report, so a `CARGO_TARGET_DIR` or a `build.target-dir` setting is honoured.
+fn build_examples() -> Result<Bins> {
+    let mut build = cargo();
+    build
+        .args(["build", "-p", "eventbus", "--examples", "--all-features"])
+        .args(["--message-format", "json-render-diagnostics"])
+        .stdout(Stdio::piped());
+    eprintln!("==> {build:?}");
+    let out = build
+        .output()
+        .map_err(|e| format!("could not run {build:?}: {e}"))?;
+    if !out.status.success() {
+        return Err(format!("{build:?} failed: {}", out.status));
+    }
+    let mut bins = HashMap::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Ok(msg) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        let is_example = msg["target"]["kind"]
+            .as_array()
+            .is_some_and(|k| k.iter().any(|k| k == "example"));
+        if let (true, Some(name), Some(exe)) = (
+            is_example,
+            msg["target"]["name"].as_str(),
+            msg["executable"].as_str(),
+        ) {
+            bins.insert(name.to_owned(), PathBuf::from(exe));
+        }
+    }
+    Ok(bins)
+}
+
+fn spawn(bins: &Bins, name: &str, env: &[(&str, &str)]) -> Result<Child> {
+    let bin = bins
+        .get(name)
+        .ok_or_else(|| format!("cargo built no example named {name}"))?;
+    let mut c = Command::new(bin);
     // Only the variables the example is meant to see: xtask's own EVENTBUS_* settings (broker
     // paths) are not bus config and the bus config refuses unknown EVENTBUS_* variables.
     for (k, _) in std::env::vars() {

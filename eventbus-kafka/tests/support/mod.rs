@@ -18,9 +18,23 @@ pub(crate) trait Broker: Send + Sync + 'static {
     fn create_topic(&self, _name: &str, _partitions: i32) -> Option<Result<(), String>> {
         None
     }
+    /// How the broker's behaviour differs from the suite's defaults.
+    fn caps(&self, caps: Caps) -> Caps {
+        caps
+    }
 }
 
-impl Broker for eventbus_brokers::Tansu {}
+impl Broker for eventbus_brokers::Tansu {
+    fn caps(&self, caps: Caps) -> Caps {
+        caps.rejoin_after_churn(false)
+    }
+}
+
+impl Broker for eventbus_brokers::TansuCluster {
+    fn caps(&self, caps: Caps) -> Caps {
+        caps.rejoin_after_churn(false)
+    }
+}
 
 /// A Kafka backend on the broker `G` keeps alive.
 pub(crate) struct KafkaHarness<G> {
@@ -49,9 +63,11 @@ impl<G: Broker> Harness for KafkaHarness<G> {
 
     fn caps(&self) -> Caps {
         // Group members share partitions, not messages: one member may get every key.
-        Caps::default()
-            .members_share_evenly(false)
-            .min_ack_wait(Duration::from_secs(1))
+        self.broker.caps(
+            Caps::default()
+                .members_share_evenly(false)
+                .min_ack_wait(Duration::from_secs(1)),
+        )
     }
 
     async fn topic(&self, hint: &str) -> Topic {
