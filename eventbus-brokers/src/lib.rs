@@ -492,6 +492,8 @@ pub struct Tansu {
     advertised: u16,
     /// Extra `tansu broker` arguments, e.g. `--authentication`.
     args: Vec<String>,
+    /// The directory of a SQLite file shared with other brokers (see [`TansuCluster`]).
+    shared_dir: Option<PathBuf>,
     dir: tempfile::TempDir,
     log: PathBuf,
 }
@@ -518,6 +520,7 @@ impl Tansu {
             port,
             advertised: advertised.unwrap_or(port),
             args: Vec::new(),
+            shared_dir: None,
             storage,
             dir,
             log,
@@ -529,13 +532,14 @@ impl Tansu {
     fn spawn(&mut self) -> io::Result<()> {
         let url = format!("tcp://127.0.0.1:{}", self.port);
         let advertised = format!("tcp://127.0.0.1:{}", self.advertised);
-        let engine = match self.storage {
-            TansuStorage::Memory => "memory://tansu/".to_owned(),
-            // tansu resolves the path against its working directory (set below).
-            TansuStorage::Sqlite => "sqlite://tansu.db".to_owned(),
+        // tansu resolves a SQLite path against its working directory (even an absolute one).
+        let (engine, workdir) = match (&self.shared_dir, &self.storage) {
+            (Some(shared), _) => ("sqlite://cluster.db", shared.as_path()),
+            (None, TansuStorage::Memory) => ("memory://tansu/", self.dir.path()),
+            (None, TansuStorage::Sqlite) => ("sqlite://tansu.db", self.dir.path()),
         };
         let mut cmd = Command::new(tansu_path());
-        cmd.current_dir(self.dir.path())
+        cmd.current_dir(workdir)
             .arg("broker")
             .args([
                 "--listener-url",
@@ -543,7 +547,7 @@ impl Tansu {
                 "--advertised-listener-url",
                 &advertised,
                 "--storage-engine",
-                &engine,
+                engine,
             ])
             .args(&self.args)
             .env("RUST_LOG", "warn");
@@ -638,6 +642,232 @@ impl Tansu {
     /// SIGCONT.
     pub fn resume(&self) -> io::Result<()> {
         signal(self.pid().ok_or_else(|| other("not running"))?, "CONT")
+    }
+}
+
+/// Ports that [`NatsCluster::start`] gives one node.
+#[derive(Clone, Copy, Debug)]
+struct NodePorts {
+    client: u16,
+    route: u16,
+    http: u16,
+}
+
+/// A NATS cluster on loopback: `n` nats-server nodes with JetStream on (a store each), routes
+/// to each other, and an HTTP monitoring port each. Every node is a [`NatsServer`], so a test
+/// can kill, pause or restart any of them.
+#[derive(Debug)]
+pub struct NatsCluster {
+    nodes: Vec<NatsServer>,
+    http: Vec<u16>,
+}
+
+impl NatsCluster {
+    /// Start `n` nodes (3 for R3 streams) and wait until JetStream has a meta leader that
+    /// every node knows.
+    pub fn start(n: usize) -> io::Result<NatsCluster> {
+        let ports = (0..n)
+            .map(|_| {
+                Ok(NodePorts {
+                    client: free_port()?,
+                    route: free_port()?,
+                    http: free_port()?,
+                })
+            })
+            .collect::<io::Result<Vec<_>>>()?;
+        let routes = ports
+            .iter()
+            .map(|p| format!("nats-route://127.0.0.1:{}", p.route))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut nodes = Vec::with_capacity(n);
+        for (i, p) in ports.iter().enumerate() {
+            let args = vec![
+                "--server_name".into(),
+                format!("n{i}"),
+                "--cluster_name".into(),
+                "eventbus".into(),
+                "--cluster".into(),
+                format!("nats://127.0.0.1:{}", p.route),
+                "--routes".into(),
+                routes.clone(),
+                "-m".into(),
+                p.http.to_string(),
+            ];
+            nodes.push(NatsServer::start_with(NatsOptions {
+                args,
+                port: Some(p.client),
+            })?);
+        }
+        let cluster = NatsCluster {
+            nodes,
+            http: ports.iter().map(|p| p.http).collect(),
+        };
+        cluster.wait_ready(Duration::from_secs(30))?;
+        Ok(cluster)
+    }
+
+    /// Wait until every running node answers `/healthz` with 200 and reports a JetStream meta
+    /// leader.
+    pub fn wait_ready(&self, within: Duration) -> io::Result<()> {
+        let until = Instant::now() + within;
+        loop {
+            let mut waiting = None;
+            for (i, node) in self.nodes.iter().enumerate() {
+                if node.pid().is_none() {
+                    continue;
+                }
+                let health = http_get(self.http[i], "/healthz");
+                let jsz = http_get(self.http[i], "/jsz");
+                let ready = matches!(&health, Ok((200, _)))
+                    && matches!(&jsz, Ok((200, body)) if body.contains("\"leader\""));
+                if !ready {
+                    waiting = Some(format!("node n{i}: /healthz {health:?}"));
+                    break;
+                }
+            }
+            let Some(why) = waiting else { return Ok(()) };
+            if Instant::now() > until {
+                return Err(other(format!(
+                    "NATS cluster not ready after {within:?}: {why}"
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Every node's client URL, comma separated: the seed list a client is given.
+    pub fn urls(&self) -> String {
+        self.nodes
+            .iter()
+            .map(NatsServer::url)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// The nodes.
+    pub fn nodes(&self) -> &[NatsServer] {
+        &self.nodes
+    }
+
+    /// Node `i`, to kill, pause or restart it.
+    pub fn node_mut(&mut self, i: usize) -> &mut NatsServer {
+        &mut self.nodes[i]
+    }
+
+    /// The monitoring (HTTP) port of node `i`.
+    pub fn http_port(&self, i: usize) -> u16 {
+        self.http[i]
+    }
+
+    /// Leave every node running after this value is dropped; returns their pids.
+    pub fn detach(self) -> Vec<Option<u32>> {
+        self.nodes.into_iter().map(NatsServer::detach).collect()
+    }
+}
+
+/// `GET path` on 127.0.0.1:`port`: the status code and body.
+pub fn http_get(port: u16, path: &str) -> io::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    let mut conn = TcpStream::connect_timeout(&addr, Duration::from_secs(1))?;
+    conn.set_read_timeout(Some(Duration::from_secs(2)))?;
+    write!(
+        conn,
+        "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut text = String::new();
+    conn.read_to_string(&mut text)?;
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| other(format!("no HTTP status from 127.0.0.1:{port}{path}")))?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+/// Several tansu brokers over one SQLite file: tansu's brokers are stateless, so any of them
+/// serves any partition. Each broker is a [`Tansu`], so a test can kill, pause or restart it.
+#[derive(Debug)]
+pub struct TansuCluster {
+    brokers: Vec<Tansu>,
+    dir: tempfile::TempDir,
+}
+
+impl TansuCluster {
+    /// Start `n` brokers sharing one SQLite database.
+    pub fn start(n: usize) -> io::Result<TansuCluster> {
+        let dir = tempfile::Builder::new()
+            .prefix("eventbus-tansu-cluster-")
+            .tempdir()?;
+        let mut brokers = Vec::with_capacity(n);
+        for _ in 0..n {
+            let bin = tansu_path();
+            require(&bin, "tansu", "EVENTBUS_TANSU")?;
+            let own = tempfile::Builder::new()
+                .prefix("eventbus-tansu-")
+                .tempdir()?;
+            let log = own.path().join("tansu.log");
+            let port = free_port()?;
+            let mut t = Tansu {
+                proc: Proc { child: None },
+                port,
+                advertised: port,
+                args: Vec::new(),
+                shared_dir: Some(dir.path().to_path_buf()),
+                storage: TansuStorage::Sqlite,
+                dir: own,
+                log,
+            };
+            t.spawn()?;
+            brokers.push(t);
+        }
+        Ok(TansuCluster { brokers, dir })
+    }
+
+    /// Every broker's address, comma separated, for `bootstrap.servers`.
+    pub fn bootstrap(&self) -> String {
+        self.brokers
+            .iter()
+            .map(Tansu::bootstrap)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// The brokers.
+    pub fn brokers(&self) -> &[Tansu] {
+        &self.brokers
+    }
+
+    /// Broker `i`, to kill, pause or restart it.
+    pub fn broker_mut(&mut self, i: usize) -> &mut Tansu {
+        &mut self.brokers[i]
+    }
+
+    /// The shared SQLite file.
+    pub fn database(&self) -> PathBuf {
+        self.dir.path().join("cluster.db")
+    }
+
+    /// Leave every broker running after this value is dropped (the database is kept);
+    /// returns their pids.
+    pub fn detach(mut self) -> Vec<Option<u32>> {
+        let kept = std::mem::replace(
+            &mut self.dir,
+            match tempfile::tempdir() {
+                Ok(d) => d,
+                Err(_) => return Vec::new(),
+            },
+        );
+        let _ = kept.keep();
+        std::mem::take(&mut self.brokers)
+            .into_iter()
+            .map(Tansu::detach)
+            .collect()
     }
 }
 

@@ -62,7 +62,10 @@ impl fmt::Debug for NatsAuth {
 #[serde(default, deny_unknown_fields)]
 #[non_exhaustive]
 pub struct NatsConfig {
-    /// Server URL(s), comma separated. Default `nats://127.0.0.1:4222`.
+    /// Server URL(s): one, or several seeds of a cluster comma separated
+    /// (`nats://n1:4222,nats://n2:4222`); in TOML also a list. The client connects to one seed
+    /// and learns the rest of the cluster from it. Default `nats://127.0.0.1:4222`.
+    #[serde(deserialize_with = "string_or_list")]
     pub url: String,
     /// Credentials. Default none.
     pub auth: NatsAuth,
@@ -115,6 +118,22 @@ impl fmt::Debug for NatsConfig {
     }
 }
 
+/// A string, or a list of strings joined with `,`.
+fn string_or_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    match OneOrMany::deserialize(d).map_err(|_| {
+        serde::de::Error::custom("invalid type, expected a URL string or a list of URL strings")
+    })? {
+        OneOrMany::One(s) => Ok(s),
+        OneOrMany::Many(v) => Ok(v.join(",")),
+    }
+}
+
 /// Remove `user:password@` from URLs.
 pub(crate) fn redact_url(url: &str) -> String {
     url.split(',')
@@ -164,6 +183,38 @@ impl NatsConfig {
     pub fn tls_client_cert(mut self, cert: impl Into<PathBuf>, key: impl Into<PathBuf>) -> Self {
         self.tls_client_cert = Some((cert.into(), key.into()));
         self
+    }
+
+    /// The server addresses of [`url`](Self::url), each parsed. A bad entry is a `Config`
+    /// error naming the entry (credentials redacted) and its position.
+    pub fn servers(&self) -> Result<Vec<async_nats::ServerAddr>, Error> {
+        let entries: Vec<&str> = self
+            .url
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .collect();
+        if entries.is_empty() {
+            return Err(Error::new(ErrorKind::Config, "nats url: no server given").permanent());
+        }
+        entries
+            .iter()
+            .enumerate()
+            .map(|(i, u)| {
+                u.parse::<async_nats::ServerAddr>().map_err(|e| {
+                    Error::new(
+                        ErrorKind::Config,
+                        format!(
+                            "nats url: server {} of {} ({}) is invalid: {e}",
+                            i + 1,
+                            entries.len(),
+                            redact_url(u)
+                        ),
+                    )
+                    .permanent()
+                })
+            })
+            .collect()
     }
 
     /// Read `EVENTBUS_NATS_URL`, `EVENTBUS_NATS_USER` + `EVENTBUS_NATS_PASSWORD`,
@@ -247,6 +298,22 @@ mod tests {
             }
         );
         assert!(!n.contains("SUAB"));
+    }
+
+    #[test]
+    fn seed_lists_parse_and_bad_entries_are_named() {
+        let c = NatsConfig::new("nats://127.0.0.1:4001, nats://127.0.0.1:4002,tls://h3:4003");
+        let servers = c.servers().expect("three seeds");
+        assert_eq!(servers.len(), 3);
+        assert_eq!(servers[1].port(), 4002);
+        let e = NatsConfig::new("nats://127.0.0.1:4001,nats://bob:pw-secret@h:notaport")
+            .servers()
+            .unwrap_err();
+        let text = format!("{e} {e:?}");
+        assert!(text.contains("server 2 of 2"), "{text}");
+        assert!(!text.contains("pw-secret"), "{text}");
+        assert_eq!(e.kind(), ErrorKind::Config);
+        assert!(NatsConfig::new(" , ").servers().is_err());
     }
 
     #[test]

@@ -1,10 +1,5 @@
 #![doc = include_str!("../README.md")]
 
-/// The workspace README's example, compiled as a doctest so it cannot rot.
-#[cfg(doctest)]
-#[doc = include_str!("../../README.md")]
-struct WorkspaceReadme;
-
 mod config;
 mod denied;
 mod error;
@@ -21,7 +16,7 @@ use async_nats::jetstream;
 use eventbus_core::Error;
 
 pub use config::{NatsAuth, NatsConfig};
-pub use headers::{KEY as KEY_HEADER, KEY_HEX as KEY_HEX_HEADER};
+pub use headers::{HEADER_ORDER, KEY as KEY_HEADER, KEY_HEX as KEY_HEX_HEADER};
 pub use sink::{
     ATOMIC_MAX_IN_FLIGHT, ATOMIC_MAX_MESSAGES, FAST_MAX_IN_FLIGHT, NatsSink, PublishMode,
     SinkOptions,
@@ -122,9 +117,12 @@ impl NatsBackend {
         if let Some((cert, key)) = &config.tls_client_cert {
             opts = opts.add_client_certificate(cert.clone(), key.clone());
         }
+        let servers = config
+            .servers()
+            .map_err(|e| e.with_backend(error::BACKEND))?;
         let client = tokio::time::timeout(
             config.connect_timeout + Duration::from_secs(1),
-            opts.connect(config.url.as_str()),
+            opts.connect(servers),
         )
         .await
         .map_err(|_| {

@@ -24,6 +24,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_nats::{Client, StatusCode};
 use eventbus_core::{
@@ -145,6 +146,8 @@ enum Job {
     Resend {
         id: u64,
         items: Vec<(usize, Message)>,
+        /// Check first that a stream covers each subject (a retry past the first few).
+        verify: bool,
     },
 }
 
@@ -348,10 +351,14 @@ impl Writer {
                     self.send_atomic(id, batch).await;
                 }
                 (Job::Batch { id, batch }, PublishMode::Fast) => self.send_fast(id, batch).await,
-                (Job::Resend { id, items }, _) => {
+                (Job::Resend { id, items, verify }, _) => {
                     metrics::counter!("eventbus_nats_resent_total").increment(items.len() as u64);
                     let mut reply = String::with_capacity(self.inbox.len() + 24);
                     for (i, msg) in items {
+                        if verify && self.no_stream_for(msg.topic().as_str()).await {
+                            self.router.settle(id, i, no_stream());
+                            continue;
+                        }
                         self.publish_kept(id, i, msg, &mut reply).await;
                     }
                 }
@@ -379,6 +386,15 @@ impl Writer {
         {
             self.router.settle(b, i, not_queued(e));
         }
+    }
+
+    /// Whether JetStream says, within 500 ms, that no stream covers `subject`. A lookup that
+    /// does not answer in time (an election, a restart) says nothing: `false`.
+    async fn no_stream_for(&mut self, subject: &str) -> bool {
+        matches!(
+            tokio::time::timeout(Duration::from_millis(500), self.stream_of(subject)).await,
+            Ok(Ok(None))
+        )
     }
 
     /// The stream capturing `subject`, cached (one lookup per new subject). `Err` when the
@@ -450,14 +466,7 @@ impl Writer {
                     Some((_, v)) => v.push(i),
                     None => order.push((stream, vec![i])),
                 },
-                Ok(None) => self.router.settle(
-                    id,
-                    i,
-                    Outcome::Failed(err(
-                        ErrorKind::Rejected,
-                        "no JetStream stream covers the subject",
-                    )),
-                ),
+                Ok(None) => self.router.settle(id, i, no_stream()),
                 Err(()) => unknown.push(i),
             }
         }
@@ -904,7 +913,7 @@ fn route_fast(r: &Router, b: u64, k: u32, (seq, op): (u64, u8), m: &async_nats::
         messages = again.len(),
         "fast batch ended early; sending the messages it did not store again"
     );
-    r.send_again(b, again);
+    r.send_again(b, again, false);
 }
 
 /// What the reply task needs.
@@ -917,9 +926,13 @@ struct Router {
 
 impl Router {
     /// Hand messages of batch `b` that were definitely not stored back to the writer.
-    fn send_again(&self, b: u64, items: Vec<(usize, Message)>) {
+    fn send_again(&self, b: u64, items: Vec<(usize, Message)>, verify: bool) {
         let items = match self.resend.upgrade() {
-            Some(tx) => match tx.send(Job::Resend { id: b, items }) {
+            Some(tx) => match tx.send(Job::Resend {
+                id: b,
+                items,
+                verify,
+            }) {
                 Ok(()) => return,
                 Err(mpsc::error::SendError(Job::Resend { items, .. })) => items,
                 Err(_) => return,
@@ -932,21 +945,45 @@ impl Router {
         }
     }
 
-    /// A pub ack (or refusal) for message `i` of batch `b`. "No responders" is tried again
-    /// with backoff while attempts last.
+    /// A pub ack (or refusal) for message `i` of batch `b`. "No responders" and 503 are tried
+    /// again with backoff while the engine waits for the message (see [`crate::retry`]).
     fn single(self: &Arc<Self>, b: u64, i: usize, m: &async_nats::Message) {
-        if m.status == Some(StatusCode::NO_RESPONDERS)
-            && let Some((msg, wait)) = self.kept.retry(b, i)
+        if try_again_later(m)
+            && let Some(attempt) = self.kept.retry(b, i)
         {
             let me = Arc::clone(self);
             tokio::spawn(async move {
-                tokio::time::sleep(wait).await;
-                me.send_again(b, vec![(i, msg)]);
+                tokio::time::sleep(attempt.wait).await;
+                me.send_again(b, vec![(i, attempt.msg)], attempt.verify);
             });
             return;
         }
         self.router.settle(b, i, parse_ack(m));
     }
+}
+
+fn no_stream() -> Outcome {
+    Outcome::Failed(err(
+        ErrorKind::Rejected,
+        "no JetStream stream covers the subject",
+    ))
+}
+
+/// JetStream's "system temporarily unavailable" (code 503): no meta or stream leader yet.
+const TEMPORARILY_UNAVAILABLE: u16 = 10008;
+
+/// Nothing was stored and a moment later something may be: "no responders" (JetStream not
+/// ready, a clustered stream without a leader) or "temporarily unavailable". Other 503 errors
+/// (a full stream, ...) are answers about the message and are reported as they are.
+fn try_again_later(m: &async_nats::Message) -> bool {
+    if m.status == Some(StatusCode::NO_RESPONDERS) {
+        return true;
+    }
+    !m.payload.is_empty()
+        && matches!(
+            serde_json::from_slice::<ApiAck<'_>>(&m.payload),
+            Ok(ApiAck { error: Some(e), .. }) if e.err_code == TEMPORARILY_UNAVAILABLE
+        )
 }
 
 fn stopped() -> Outcome {

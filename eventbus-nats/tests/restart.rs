@@ -118,7 +118,9 @@ async fn kill_and_restart_twice(mode: PublishMode) {
 
 /// "No responders" (nothing stored: JetStream not ready, or no stream yet) is tried again with
 /// backoff: messages published just before their stream exists are stored once it does, each
-/// exactly once. Past the attempts (about 1.5 s), the outcome is a retryable failure.
+/// exactly once. Past the first attempts (about 1.5 s) the sink asks JetStream whether a stream
+/// covers the subject at all: when none does, the outcome is a `Rejected` failure, not a wait
+/// until the deadline.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_responders_are_retried_with_backoff() {
     let server = NatsServer::start().expect("start nats-server");
@@ -155,7 +157,9 @@ async fn no_responders_are_retried_with_backoff() {
         .expect("admitted")
         .await;
     assert!(o.is_failed(), "{o:?}");
-    assert!(o.error().expect("error").is_retryable());
+    let e = o.error().expect("error");
+    assert_eq!(e.kind(), eventbus_core::ErrorKind::Rejected, "{e}");
+    assert!(e.to_string().contains("no JetStream stream"), "{e}");
     assert!(
         start.elapsed() >= Duration::from_millis(1_400),
         "{:?}",

@@ -345,6 +345,10 @@ pub struct Figures {
     pub refused: u64,
     /// Messages whose first outcome was Unknown and were published again with the same id.
     pub retried: u64,
+    /// What the caller saw first: messages whose first outcome was Failed.
+    pub first_failed: u64,
+    /// What the caller saw first: messages whose first outcome was Unknown.
+    pub first_unknown: u64,
     /// Distinct test messages read back.
     pub stored: u64,
     /// Acked but never read back. Must be 0.
@@ -368,6 +372,11 @@ pub fn check(ledger: &Ledger, reads: &[Read], retried: usize) -> Figures {
         ..Figures::default()
     };
     for e in entries.values() {
+        match e.first {
+            Class::Failed => f.first_failed += 1,
+            Class::Unknown => f.first_unknown += 1,
+            Class::Acked | Class::Refused => {}
+        }
         match e.class {
             Class::Acked => f.acked += 1,
             Class::Failed => f.failed += 1,

@@ -17,11 +17,14 @@ struct Args {
     /// CI-sized (shorter stalls, fewer messages).
     #[arg(long)]
     quick: bool,
-    /// Backends (comma separated): nats, kafka.
+    /// Backends (comma separated): nats, kafka, and the clusters nats-cluster (3 nodes, R3
+    /// streams; faults hit the stream leader) and kafka-cluster (3 tansu brokers over one
+    /// SQLite file). Default: nats, kafka.
     #[arg(long, value_delimiter = ',')]
     backend: Vec<String>,
     /// Scenarios (comma separated): kill-restart, pause, stall-memory, slow-consumer, blackhole, wire,
-    /// shutdown, cancel, absent, security. Default: all.
+    /// shutdown, cancel, absent, security, stepdown (nats-cluster only). Default: all but
+    /// stepdown.
     #[arg(long, value_delimiter = ',')]
     scenario: Vec<String>,
     /// Output directory for reliability.json and reliability.md.
@@ -32,7 +35,7 @@ struct Args {
     doc: Option<PathBuf>,
 }
 
-const ALL: [&str; 10] = [
+const ALL: [&str; 11] = [
     "kill-restart",
     "pause",
     "stall-memory",
@@ -43,6 +46,7 @@ const ALL: [&str; 10] = [
     "cancel",
     "absent",
     "security",
+    "stepdown",
 ];
 
 fn proxied(s: &str) -> bool {
@@ -91,6 +95,9 @@ async fn run(backend: &str, s: &str, size: Size) -> Row {
             _ => failed(format!("security is not run on {backend}")),
         };
     }
+    if s == "stepdown" && backend != "nats-cluster" {
+        return failed("stepdown runs on nats-cluster only".into());
+    }
     if s == "absent" {
         return match backend {
             "nats" => scenario::absent("nats").await,
@@ -113,6 +120,21 @@ async fn run(backend: &str, s: &str, size: Size) -> Row {
                 Err(e) => failed(e),
             }
         }
+        #[cfg(feature = "nats")]
+        "nats-cluster" => {
+            match eventbus_reliability::target::nats_cluster::NatsCluster3::start().await {
+                Ok(mut t) if s == "stepdown" => scenario::stepdown(&mut t, size).await,
+                Ok(mut t) => run_on(&mut t, s, size).await,
+                Err(e) => failed(e),
+            }
+        }
+        #[cfg(feature = "kafka")]
+        "kafka-cluster" => {
+            match eventbus_reliability::target::kafka_cluster::TansuCluster3::start().await {
+                Ok(mut t) => run_on(&mut t, s, size).await,
+                Err(e) => failed(e),
+            }
+        }
         _ => failed(format!("backend {backend} not built")),
     }
 }
@@ -125,20 +147,22 @@ fn markdown(rows: &[Row], quick: bool) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "| scenario | backend | sent | acked | failed | unknown | refused | retried | stored | **lost** | **failed but stored** | dup | reorder | corrupt | detect ms | recover ms | max ack ms | peak in flight / window | RSS growth | verdict |"
+        "| scenario | backend | sent | acked | failed | unknown | first failed / unknown | refused | retried | stored | **lost** | **failed but stored** | dup | reorder | corrupt | detect ms | recover ms | max ack ms | peak in flight / window | RSS growth | verdict |"
     );
-    let _ = writeln!(s, "|{}", "---|".repeat(20));
+    let _ = writeln!(s, "|{}", "---|".repeat(21));
     for r in rows {
         let f = &r.figures;
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | **{}** | **{}** | {} | {} | {} | {} | {} | {} | {} / {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} / {} | {} | {} | {} | **{}** | **{}** | {} | {} | {} | {} | {} | {} | {} / {} | {} | {} |",
             r.scenario,
             r.backend,
             f.sent,
             f.acked,
             f.failed,
             f.unknown,
+            f.first_failed,
+            f.first_unknown,
             f.refused,
             f.retried,
             f.stored,
@@ -186,7 +210,10 @@ fn main() -> std::process::ExitCode {
         args.backend.clone()
     };
     let scenarios: Vec<String> = if args.scenario.is_empty() {
-        ALL.iter().map(|s| (*s).to_owned()).collect()
+        ALL.iter()
+            .filter(|s| **s != "stepdown")
+            .map(|s| (*s).to_owned())
+            .collect()
     } else {
         args.scenario.clone()
     };

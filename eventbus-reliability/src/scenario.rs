@@ -271,6 +271,65 @@ pub async fn kill_restart<T: Target>(t: &mut T, size: Size) -> Row {
     row
 }
 
+/// NATS cluster only: the stream's leader steps down through the JetStream API twice while 5
+/// producers publish (ack deadline 5 s). A planned election must not reach the caller: every
+/// first outcome acked (no failed, no unknown), nothing lost, no duplicate.
+#[cfg(feature = "nats")]
+pub async fn stepdown(t: &mut crate::target::nats_cluster::NatsCluster3, size: Size) -> Row {
+    let mut row = Row::new("stepdown", t.name());
+    let cfg = BatchConfig::default().ack_timeout(Duration::from_secs(5));
+    let (run, topics, filter, p) = try_setup!(row, setup(t, &mut row, "stepdown", 5, cfg).await);
+    let per = if size.quick { 400 } else { 2_000 };
+    let load = Load {
+        run,
+        topics,
+        producers: 5,
+        per,
+        payload: 100,
+        pace: Some((per / 100, Duration::from_millis(25))),
+        stop_at: None,
+    };
+    let script = async {
+        let mut events = Vec::new();
+        for _ in 0..2 {
+            tokio::time::sleep(Duration::from_millis(700)).await;
+            let before = t.wait_for_leader(Duration::from_secs(5)).await;
+            let at = Instant::now();
+            let r = t.step_down().await;
+            let after = t.wait_for_leader(Duration::from_secs(10)).await;
+            events.push((at, before, after, r));
+        }
+        events
+    };
+    let (events, ledger) = under_load(&p, &load, &mut row, script).await;
+    for (at, before, after, r) in &events {
+        if let Err(e) = r {
+            row.failures.push(e.clone());
+        }
+        row.notes.push(format!(
+            "leader n{before:?} stepped down, new leader n{after:?}"
+        ));
+        if let Some(d) = ledger.first_non_ack_after(*at) {
+            row.detect_ms = Some(row.detect_ms.map_or(ms(d), |x| x.max(ms(d))));
+        }
+    }
+    if let Some((at, ..)) = events.last()
+        && let Some(d) = ledger.first_ack_admitted_after(*at)
+    {
+        row.recover_ms = Some(ms(d));
+    }
+    settle(t, &p, &load, &filter, &ledger, &mut row).await;
+    row.require(
+        row.figures.first_failed == 0 && row.figures.first_unknown == 0,
+        format!(
+            "a step-down reached the caller: {} failed, {} unknown first outcomes",
+            row.figures.first_failed, row.figures.first_unknown
+        ),
+    );
+    row.require(row.figures.duplicates == 0, "duplicates stored");
+    row
+}
+
 /// The shared shape of [`pause`] and [`blackhole`]: a steady load (5 producers x 600 messages,
 /// paced to outlast the fault) with a 1 s ack deadline and a 2,000-message window; `fault` runs
 /// 800 ms in and `heal` `hold` later. Records time to detect and to recover and asserts that
@@ -1248,6 +1307,10 @@ async fn expect_refusal<F: Future<Output = Result<(), eventbus_core::Error>>>(
     let result = connect.await;
     let took = t0.elapsed();
     *worst = (*worst).max(took);
+    // The client is gone when `connect` returns (librdkafka's instance is destroyed before the
+    // error is handed back), but a TCP connection it opened just before may still wait in the
+    // listener's backlog: let the listener accept those before counting what comes after.
+    tokio::time::sleep(Duration::from_millis(100)).await;
     let attempts = accepted();
     tokio::time::sleep(Duration::from_secs(2)).await;
     let later = accepted() - attempts;

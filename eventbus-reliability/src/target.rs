@@ -107,8 +107,36 @@ pub mod nats {
         }
     }
 
-    fn stream_name(run: &str) -> String {
+    pub(super) fn stream_name(run: &str) -> String {
         format!("REL_{}", run.replace('-', "_"))
+    }
+
+    /// One stream of `replicas` for run `run` covering `n` subjects.
+    pub(super) async fn provision(
+        direct: &NatsBackend,
+        run: &str,
+        n: usize,
+        replicas: usize,
+    ) -> Result<(Vec<String>, String), Error> {
+        let filter = format!("rel.{run}.>");
+        direct
+            .ensure_stream(&StreamSpec::new(stream_name(run), [filter.clone()]).replicas(replicas))
+            .await?;
+        Ok(((0..n).map(|i| format!("rel.{run}.t{i}")).collect(), filter))
+    }
+
+    /// A sink on a connection of its own.
+    pub(super) async fn sink(config: &NatsConfig) -> Result<NatsSink, Error> {
+        NatsBackend::connect(config.clone()).await?.sink().await
+    }
+
+    /// Messages in run `run`'s stream.
+    pub(super) async fn stored(direct: &NatsBackend, run: &str) -> Option<u64> {
+        direct
+            .stream_state(&stream_name(run))
+            .await
+            .ok()
+            .map(|s| s.messages)
     }
 
     impl Broker for Nats {
@@ -133,27 +161,16 @@ pub mod nats {
             "nats"
         }
         async fn provision(&self, run: &str, n: usize) -> Result<(Vec<String>, String), Error> {
-            let filter = format!("rel.{run}.>");
-            self.direct
-                .ensure_stream(&StreamSpec::new(stream_name(run), [filter.clone()]))
-                .await?;
-            Ok(((0..n).map(|i| format!("rel.{run}.t{i}")).collect(), filter))
+            provision(&self.direct, run, n, 1).await
         }
         async fn sink(&self) -> Result<NatsSink, Error> {
-            NatsBackend::connect(self.config.clone())
-                .await?
-                .sink()
-                .await
+            sink(&self.config).await
         }
         fn subscriber(&self) -> NatsSubscriber {
             self.direct.subscriber()
         }
         async fn stored(&self, run: &str) -> Option<u64> {
-            self.direct
-                .stream_state(&stream_name(run))
-                .await
-                .ok()
-                .map(|s| s.messages)
+            stored(&self.direct, run).await
         }
         fn proxy(&self) -> Option<&FaultProxy> {
             self.proxy.as_ref()
@@ -225,6 +242,22 @@ pub mod kafka {
         }
     }
 
+    /// One topic for run `run`; producers are told apart by key (-> partition) and headers.
+    pub(super) async fn provision(
+        backend: &KafkaBackend,
+        run: &str,
+    ) -> Result<(Vec<String>, String), Error> {
+        let topic = format!("rel-{run}");
+        backend.ensure_topic(&topic, PARTITIONS).await?;
+        Ok((vec![topic.clone()], topic))
+    }
+
+    /// Records in run `run`'s topic, by its watermarks.
+    pub(super) async fn stored(backend: &KafkaBackend, run: &str) -> Option<u64> {
+        let w = backend.watermarks(&format!("rel-{run}")).await.ok()?;
+        Some(w.iter().map(|(_, lo, hi)| (hi - lo).max(0) as u64).sum())
+    }
+
     impl Broker for Kafka {
         fn kill(&mut self) {
             self.broker.kill();
@@ -247,10 +280,7 @@ pub mod kafka {
             "kafka"
         }
         async fn provision(&self, run: &str, _n: usize) -> Result<(Vec<String>, String), Error> {
-            // One topic; producers are told apart by key (-> partition) and headers.
-            let topic = format!("rel-{run}");
-            self.backend.ensure_topic(&topic, PARTITIONS).await?;
-            Ok((vec![topic.clone()], topic))
+            provision(&self.backend, run).await
         }
         async fn sink(&self) -> Result<KafkaSink, Error> {
             self.backend.sink()
@@ -259,14 +289,269 @@ pub mod kafka {
             self.backend.subscriber()
         }
         async fn stored(&self, run: &str) -> Option<u64> {
-            let w = self.backend.watermarks(&format!("rel-{run}")).await.ok()?;
-            Some(w.iter().map(|(_, lo, hi)| (hi - lo).max(0) as u64).sum())
+            stored(&self.backend, run).await
         }
         fn proxy(&self) -> Option<&FaultProxy> {
             self.proxy.as_ref()
         }
         fn broker_panic(&self) -> Option<String> {
             eventbus_brokers::panic_in_log(self.broker.log_path())
+        }
+    }
+}
+
+/// NATS JetStream on a 3-node cluster with R3 file streams, the client given every node as a
+/// seed. The process faults act on the node that leads the stream of the last provisioned run
+/// (read from the nodes' monitoring endpoints when the fault starts); `restart` and `resume`
+/// act on the node the last fault hit.
+#[cfg(feature = "nats")]
+pub mod nats_cluster {
+    use super::*;
+    use eventbus_brokers::NatsCluster;
+    use eventbus_nats::{NatsBackend, NatsConfig, NatsSink, NatsSubscriber};
+    use parking_lot::Mutex;
+
+    /// The cluster, a direct connection for provisioning and counting, and the sink's config.
+    #[derive(Debug)]
+    pub struct NatsCluster3 {
+        cluster: NatsCluster,
+        direct: NatsBackend,
+        config: NatsConfig,
+        stream: Mutex<Option<String>>,
+        victim: Mutex<Option<usize>>,
+    }
+
+    impl NatsCluster3 {
+        /// Start three nodes and connect.
+        pub async fn start() -> Result<NatsCluster3, String> {
+            let cluster = tokio::task::spawn_blocking(|| NatsCluster::start(3))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| format!("start NATS cluster: {e}"))?;
+            let config = NatsConfig::new(cluster.urls()).ack_timeout(Duration::from_secs(2));
+            let direct = NatsBackend::connect(NatsConfig::new(cluster.urls()))
+                .await
+                .map_err(|e| format!("connect: {e}"))?;
+            Ok(NatsCluster3 {
+                cluster,
+                direct,
+                config,
+                stream: Mutex::new(None),
+                victim: Mutex::new(None),
+            })
+        }
+
+        /// The node that leads `stream`, from any node's `/jsz` (`None` while there is none).
+        pub fn leader_of(&self, stream: &str) -> Option<usize> {
+            for i in 0..self.cluster.nodes().len() {
+                let Ok((200, body)) = eventbus_brokers::http_get(
+                    self.cluster.http_port(i),
+                    "/jsz?accounts=true&streams=true",
+                ) else {
+                    continue;
+                };
+                let Ok(json) = serde_json::from_str::<serde_json::Value>(&body) else {
+                    continue;
+                };
+                if let Some(name) = stream_leader(&json, stream) {
+                    return name.strip_prefix('n').and_then(|n| n.parse().ok());
+                }
+            }
+            None
+        }
+
+        /// The node the next fault hits: the leader of the last run's stream (node 0 if none
+        /// is known).
+        fn pick_victim(&self) -> usize {
+            let stream = self.stream.lock().clone();
+            let v = stream.and_then(|s| self.leader_of(&s)).unwrap_or(0);
+            *self.victim.lock() = Some(v);
+            v
+        }
+
+        fn victim(&self) -> usize {
+            self.victim.lock().unwrap_or(0)
+        }
+
+        /// Ask the leader of the last run's stream to step down (JetStream API); the other
+        /// replicas elect a new one.
+        pub async fn step_down(&self) -> Result<(), String> {
+            let stream = self.stream.lock().clone().ok_or("no stream provisioned")?;
+            let reply = self
+                .direct
+                .client()
+                .request(
+                    format!("$JS.API.STREAM.LEADER.STEPDOWN.{stream}"),
+                    "".into(),
+                )
+                .await
+                .map_err(|e| format!("step-down request: {e}"))?;
+            let text = String::from_utf8_lossy(&reply.payload);
+            if text.contains("\"success\":true") {
+                Ok(())
+            } else {
+                Err(format!("step-down refused: {text}"))
+            }
+        }
+
+        /// The stream's leader, once one is elected, within `within`.
+        pub async fn wait_for_leader(&self, within: Duration) -> Option<usize> {
+            let stream = self.stream.lock().clone()?;
+            let until = std::time::Instant::now() + within;
+            loop {
+                if let Some(l) = self.leader_of(&stream) {
+                    return Some(l);
+                }
+                if std::time::Instant::now() > until {
+                    return None;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+
+    /// `cluster.leader` of the stream named `stream` anywhere in a `/jsz` answer.
+    fn stream_leader(v: &serde_json::Value, stream: &str) -> Option<String> {
+        match v {
+            serde_json::Value::Object(map) => {
+                if map.get("name").and_then(|n| n.as_str()) == Some(stream)
+                    && let Some(l) = map
+                        .get("cluster")
+                        .and_then(|c| c.get("leader"))
+                        .and_then(|l| l.as_str())
+                {
+                    return Some(l.to_owned());
+                }
+                map.values().find_map(|v| stream_leader(v, stream))
+            }
+            serde_json::Value::Array(items) => items.iter().find_map(|v| stream_leader(v, stream)),
+            _ => None,
+        }
+    }
+
+    impl Broker for NatsCluster3 {
+        fn kill(&mut self) {
+            let v = self.pick_victim();
+            self.cluster.node_mut(v).kill();
+        }
+        fn restart(&mut self) -> std::io::Result<()> {
+            let v = self.victim();
+            self.cluster.node_mut(v).restart()
+        }
+        fn pause(&self) -> std::io::Result<()> {
+            let v = self.pick_victim();
+            self.cluster.nodes()[v].pause()
+        }
+        fn resume(&self) -> std::io::Result<()> {
+            self.cluster.nodes()[self.victim()].resume()
+        }
+    }
+
+    impl Target for NatsCluster3 {
+        type Sink = NatsSink;
+        type Sub = NatsSubscriber;
+        fn name(&self) -> &'static str {
+            "nats-cluster"
+        }
+        async fn provision(&self, run: &str, n: usize) -> Result<(Vec<String>, String), Error> {
+            let provisioned = super::nats::provision(&self.direct, run, n, 3).await?;
+            *self.stream.lock() = Some(super::nats::stream_name(run));
+            Ok(provisioned)
+        }
+        async fn sink(&self) -> Result<NatsSink, Error> {
+            super::nats::sink(&self.config).await
+        }
+        fn subscriber(&self) -> NatsSubscriber {
+            self.direct.subscriber()
+        }
+        async fn stored(&self, run: &str) -> Option<u64> {
+            super::nats::stored(&self.direct, run).await
+        }
+        fn proxy(&self) -> Option<&FaultProxy> {
+            None
+        }
+        fn broker_panic(&self) -> Option<String> {
+            self.cluster
+                .nodes()
+                .iter()
+                .find_map(|n| eventbus_brokers::panic_in_log(n.log_path()))
+        }
+    }
+}
+
+/// Kafka protocol on three tansu brokers over one SQLite file, the client given all three. The
+/// process faults act on the first broker (the first bootstrap server) for `kill` / `restart`,
+/// and on every broker for `pause` / `resume`.
+#[cfg(feature = "kafka")]
+pub mod kafka_cluster {
+    use super::*;
+    use eventbus_brokers::TansuCluster;
+    use eventbus_kafka::{KafkaBackend, KafkaConfig, KafkaSink, KafkaSubscriber};
+
+    /// The brokers and a connected backend.
+    #[derive(Debug)]
+    pub struct TansuCluster3 {
+        brokers: TansuCluster,
+        backend: KafkaBackend,
+    }
+
+    impl TansuCluster3 {
+        /// Start three brokers and connect.
+        pub async fn start() -> Result<TansuCluster3, String> {
+            let brokers = tokio::task::spawn_blocking(|| TansuCluster::start(3))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| format!("start tansu cluster: {e}"))?;
+            let config =
+                KafkaConfig::new(brokers.bootstrap()).connect_timeout(Duration::from_secs(10));
+            let backend = KafkaBackend::connect(config)
+                .await
+                .map_err(|e| format!("connect: {e}"))?;
+            Ok(TansuCluster3 { brokers, backend })
+        }
+    }
+
+    impl Broker for TansuCluster3 {
+        fn kill(&mut self) {
+            self.brokers.broker_mut(0).kill();
+        }
+        fn restart(&mut self) -> std::io::Result<()> {
+            self.brokers.broker_mut(0).restart()
+        }
+        fn pause(&self) -> std::io::Result<()> {
+            self.brokers.brokers().iter().try_for_each(|b| b.pause())
+        }
+        fn resume(&self) -> std::io::Result<()> {
+            self.brokers.brokers().iter().try_for_each(|b| b.resume())
+        }
+    }
+
+    impl Target for TansuCluster3 {
+        type Sink = KafkaSink;
+        type Sub = KafkaSubscriber;
+        fn name(&self) -> &'static str {
+            "kafka-cluster"
+        }
+        async fn provision(&self, run: &str, _n: usize) -> Result<(Vec<String>, String), Error> {
+            super::kafka::provision(&self.backend, run).await
+        }
+        async fn sink(&self) -> Result<KafkaSink, Error> {
+            self.backend.sink()
+        }
+        fn subscriber(&self) -> KafkaSubscriber {
+            self.backend.subscriber()
+        }
+        async fn stored(&self, run: &str) -> Option<u64> {
+            super::kafka::stored(&self.backend, run).await
+        }
+        fn proxy(&self) -> Option<&FaultProxy> {
+            None
+        }
+        fn broker_panic(&self) -> Option<String> {
+            self.brokers
+                .brokers()
+                .iter()
+                .find_map(|b| eventbus_brokers::panic_in_log(b.log_path()))
         }
     }
 }

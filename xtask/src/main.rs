@@ -10,7 +10,9 @@
 //!   `--quick` is the CI subset, `--doc docs/reliability.md` rewrites the committed report.
 //! - `cargo xtask examples` runs every example of the `eventbus` crate against a fresh
 //!   nats-server and a fresh tansu and checks its output (also the last step of `test`).
-//! - `cargo xtask brokers up|down|status` starts / stops / shows local brokers for your own use.
+//! - `cargo xtask brokers up [--cluster]|down|status` starts / stops / shows local brokers for
+//!   your own use: one nats-server and one tansu, or (`--cluster`) a 3-node NATS cluster and
+//!   three tansu brokers over one SQLite file.
 //! - `cargo xtask ci` is what `.ci/run` runs: fmt, clippy, doc, test, bench --quick,
 //!   reliability --quick.
 #![allow(missing_docs)]
@@ -152,21 +154,8 @@ fn brokers_cmd(args: &[String]) -> Result {
                 brokers_cmd(&["down".into()])?;
             }
             install()?;
-            let nats = brokers::NatsServer::start().map_err(|e| e.to_string())?;
-            let url = nats.url();
-            let log = nats.log_path().to_path_buf();
-            let pid = nats.detach().ok_or("nats-server has no pid")?;
-            let mut state = format!("nats {pid} NATS_URL={url} {}\n", log.display());
-            if brokers::tansu_path().exists() {
-                let t = brokers::Tansu::start(brokers::TansuStorage::Memory)
-                    .map_err(|e| e.to_string())?;
-                let (b, log) = (t.bootstrap(), t.log_path().to_path_buf());
-                let pid = t.detach().ok_or("tansu has no pid")?;
-                state.push_str(&format!(
-                    "tansu {pid} KAFKA_BROKERS={b} {}\n",
-                    log.display()
-                ));
-            }
+            let cluster = args[1..].iter().any(|a| a == "--cluster");
+            let state = if cluster { up_cluster()? } else { up_single()? };
             std::fs::create_dir_all(brokers::cache_dir()).map_err(|e| e.to_string())?;
             std::fs::write(state_file(), &state).map_err(|e| e.to_string())?;
             brokers_cmd(&["status".into()])
@@ -177,7 +166,10 @@ fn brokers_cmd(args: &[String]) -> Result {
                 let parts: Vec<&str> = line.split(' ').collect();
                 if let [name, pid, var, log] = parts[..] {
                     if alive(pid) {
-                        println!("{var}");
+                        // Cluster nodes after the first carry no variable of their own.
+                        if var != "-" {
+                            println!("{var}");
+                        }
                         eprintln!("# {name}: pid {pid}, log {log}");
                     } else {
                         eprintln!("# {name}: pid {pid} is not running (log {log})");
@@ -200,8 +192,65 @@ fn brokers_cmd(args: &[String]) -> Result {
             let _ = std::fs::remove_file(state_file());
             Ok(())
         }
-        _ => Err("usage: cargo xtask brokers up|down|status".into()),
+        _ => Err("usage: cargo xtask brokers up [--cluster]|down|status".into()),
     }
+}
+
+/// One nats-server and one tansu (SQLite: its watermarks are exact, so a bench pointed at it
+/// can verify by them); the state file's lines.
+fn up_single() -> Result<String> {
+    let nats = brokers::NatsServer::start().map_err(|e| e.to_string())?;
+    let url = nats.url();
+    let log = nats.log_path().to_path_buf();
+    let pid = nats.detach().ok_or("nats-server has no pid")?;
+    let mut state = format!("nats {pid} NATS_URL={url} {}\n", log.display());
+    let t = brokers::Tansu::start(brokers::TansuStorage::Sqlite).map_err(|e| e.to_string())?;
+    let (b, log) = (t.bootstrap(), t.log_path().to_path_buf());
+    let pid = t.detach().ok_or("tansu has no pid")?;
+    state.push_str(&format!(
+        "tansu {pid} KAFKA_BROKERS={b} {}\n",
+        log.display()
+    ));
+    Ok(state)
+}
+
+/// A 3-node NATS cluster (JetStream, routes on loopback) and three tansu brokers over one
+/// SQLite file; the state file's lines (the seed lists on each cluster's first line).
+fn up_cluster() -> Result<String> {
+    let nats = brokers::NatsCluster::start(3).map_err(|e| e.to_string())?;
+    let urls = nats.urls();
+    let logs: Vec<PathBuf> = nats
+        .nodes()
+        .iter()
+        .map(|n| n.log_path().to_path_buf())
+        .collect();
+    let mut state = String::new();
+    for (i, (pid, log)) in nats.detach().into_iter().zip(logs).enumerate() {
+        let pid = pid.ok_or("nats-server has no pid")?;
+        let var = if i == 0 {
+            format!("NATS_URL={urls}")
+        } else {
+            "-".into()
+        };
+        state.push_str(&format!("nats-n{i} {pid} {var} {}\n", log.display()));
+    }
+    let tansu = brokers::TansuCluster::start(3).map_err(|e| e.to_string())?;
+    let bootstrap = tansu.bootstrap();
+    let logs: Vec<PathBuf> = tansu
+        .brokers()
+        .iter()
+        .map(|t| t.log_path().to_path_buf())
+        .collect();
+    for (i, (pid, log)) in tansu.detach().into_iter().zip(logs).enumerate() {
+        let pid = pid.ok_or("tansu has no pid")?;
+        let var = if i == 0 {
+            format!("KAFKA_BROKERS={bootstrap}")
+        } else {
+            "-".into()
+        };
+        state.push_str(&format!("tansu-{i} {pid} {var} {}\n", log.display()));
+    }
+    Ok(state)
 }
 
 fn ci() -> Result {
@@ -256,7 +305,18 @@ fn ci() -> Result {
     }
     test(&[])?;
     bench(&["--quick".into()])?;
-    reliability(&["--quick".into()])
+    reliability(&["--quick".into()])?;
+    // The clusters under load: the stream leader (NATS) or the first broker (Kafka) killed and
+    // restarted; the stream leader (NATS) or every broker (Kafka) paused.
+    reliability(&[
+        "--quick".into(),
+        "--backend".into(),
+        "nats-cluster,kafka-cluster".into(),
+        "--scenario".into(),
+        "kill-restart,pause".into(),
+        "--out".into(),
+        "target/reliability-cluster".into(),
+    ])
 }
 
 /// `cargo check` crate `krate` with only feature `backend`.
