@@ -245,18 +245,25 @@ fn log_tail(log: &Path, n: usize) -> String {
 /// The first panic a broker wrote to its log (Rust `panicked at` with the message line after
 /// it, or Go `panic:`), without terminal colour codes; `None` if it never panicked.
 pub fn panic_in_log(log: &Path) -> Option<String> {
-    let text = std::fs::read_to_string(log).ok()?;
+    panics_in_log(log).into_iter().next()
+}
+
+/// Every panic in a broker's log, in order (see [`panic_in_log`]).
+pub fn panics_in_log(log: &Path) -> Vec<String> {
+    let Ok(text) = std::fs::read_to_string(log) else {
+        return Vec::new();
+    };
+    let mut found = Vec::new();
     let mut lines = text.lines().map(strip_ansi);
     while let Some(line) = lines.next() {
         if line.contains("panicked at") {
             let why = lines.next().unwrap_or_default();
-            return Some(format!("{} {why}", line.trim()));
-        }
-        if line.starts_with("panic:") {
-            return Some(line);
+            found.push(format!("{} {why}", line.trim()));
+        } else if line.starts_with("panic:") {
+            found.push(line);
         }
     }
-    None
+    found
 }
 
 fn strip_ansi(line: &str) -> String {

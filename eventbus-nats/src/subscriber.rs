@@ -45,10 +45,19 @@ async fn stream_of(
     js: &jetstream::Context,
     subject: &str,
 ) -> Result<jetstream::stream::Stream, Error> {
+    use async_nats::jetstream::context::GetStreamByNameErrorKind as K;
     let name = js
         .stream_by_subject(subject)
         .await
-        .map_err(|e| error::other("no JetStream stream covers the subject", e))?;
+        .map_err(|e| match e.kind() {
+            K::NotFound | K::InvalidSubject => error::err(
+                ErrorKind::Rejected,
+                "no JetStream stream covers the subject",
+            ),
+            // A timeout or a lost connection says nothing about the subject (an election, a
+            // restart): typed by the error itself, retryable where it can help.
+            _ => error::other("stream lookup failed", e),
+        })?;
     js.get_stream(&name)
         .await
         .map_err(|e| error::other("stream lookup failed", e))

@@ -292,14 +292,25 @@ pub async fn drain<S: Subscriber>(
     quiet: Duration,
     limit: Duration,
 ) -> Result<Vec<Read>, eventbus_core::Error> {
-    let mut s = sub
-        .subscribe(
-            SubscribeSpec::new(filter)
-                .prefetch(1024)
-                .ack_wait(Duration::from_secs(60)),
-        )
-        .await?;
     let start = Instant::now();
+    // A cluster that has just lost and regained nodes may time out a first lookup: a
+    // retryable error is tried again, as a service would.
+    let mut s = loop {
+        match sub
+            .subscribe(
+                SubscribeSpec::new(filter)
+                    .prefetch(1024)
+                    .ack_wait(Duration::from_secs(60)),
+            )
+            .await
+        {
+            Ok(s) => break s,
+            Err(e) if e.is_retryable() && start.elapsed() < Duration::from_secs(20) => {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    };
     let mut reads = Vec::new();
     // The first delivery may take a while (consumer creation, partition assignment).
     let mut wait = quiet.max(Duration::from_secs(15));

@@ -293,22 +293,27 @@ pub async fn stepdown(t: &mut crate::target::nats_cluster::NatsCluster3, size: S
         let mut events = Vec::new();
         for _ in 0..2 {
             tokio::time::sleep(Duration::from_millis(700)).await;
-            let before = t.wait_for_leader(Duration::from_secs(5)).await;
+            let before = t.wait_for_leader(None, Duration::from_secs(5)).await;
             let at = Instant::now();
             let r = t.step_down().await;
-            let after = t.wait_for_leader(Duration::from_secs(10)).await;
-            events.push((at, before, after, r));
+            let after = t.wait_for_leader(before, Duration::from_secs(10)).await;
+            events.push((at, before, after, r, at.elapsed()));
         }
         events
     };
     let (events, ledger) = under_load(&p, &load, &mut row, script).await;
-    for (at, before, after, r) in &events {
+    let node = |n: &Option<usize>| n.map_or("none".to_owned(), |n| format!("n{n}"));
+    for (at, before, after, r, took) in &events {
         if let Err(e) = r {
             row.failures.push(e.clone());
         }
         row.notes.push(format!(
-            "leader n{before:?} stepped down, new leader n{after:?}"
+            "leader {} stepped down, new leader {} seen after {} ms",
+            node(before),
+            node(after),
+            ms(*took)
         ));
+        row.require(after.is_some(), "no new leader within 10 s");
         if let Some(d) = ledger.first_non_ack_after(*at) {
             row.detect_ms = Some(row.detect_ms.map_or(ms(d), |x| x.max(ms(d))));
         }

@@ -394,12 +394,14 @@ pub mod nats_cluster {
             }
         }
 
-        /// The stream's leader, once one is elected, within `within`.
-        pub async fn wait_for_leader(&self, within: Duration) -> Option<usize> {
+        /// The stream's leader, once one other than `not` is elected, within `within`.
+        pub async fn wait_for_leader(&self, not: Option<usize>, within: Duration) -> Option<usize> {
             let stream = self.stream.lock().clone()?;
             let until = std::time::Instant::now() + within;
             loop {
-                if let Some(l) = self.leader_of(&stream) {
+                if let Some(l) = self.leader_of(&stream)
+                    && Some(l) != not
+                {
                     return Some(l);
                 }
                 if std::time::Instant::now() > until {
@@ -511,12 +513,30 @@ pub mod kafka_cluster {
         }
     }
 
+    /// tansu's start-up panic on a shared SQLite file another broker holds locked (retried by
+    /// `restart`).
+    fn is_startup_lock(panic: &str) -> bool {
+        panic.contains("src/broker.rs:") && panic.contains("database is locked")
+    }
+
     impl Broker for TansuCluster3 {
         fn kill(&mut self) {
             self.brokers.broker_mut(0).kill();
         }
+        /// Start the killed broker again. tansu 0.6.0 panics at start-up when the shared
+        /// SQLite file is busy with the other brokers' writes ("database is locked",
+        /// `tansu-broker/src/broker.rs:137`), so a start that exits is tried again, up to 5
+        /// times ([`Target::broker_panic`] leaves exactly that start-up panic out).
         fn restart(&mut self) -> std::io::Result<()> {
-            self.brokers.broker_mut(0).restart()
+            let mut result = self.brokers.broker_mut(0).restart();
+            for _ in 1..5 {
+                if result.is_ok() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(200));
+                result = self.brokers.broker_mut(0).restart();
+            }
+            result
         }
         fn pause(&self) -> std::io::Result<()> {
             self.brokers.brokers().iter().try_for_each(|b| b.pause())
@@ -548,10 +568,11 @@ pub mod kafka_cluster {
             None
         }
         fn broker_panic(&self) -> Option<String> {
-            self.brokers
-                .brokers()
-                .iter()
-                .find_map(|b| eventbus_brokers::panic_in_log(b.log_path()))
+            self.brokers.brokers().iter().find_map(|b| {
+                eventbus_brokers::panics_in_log(b.log_path())
+                    .into_iter()
+                    .find(|p| !is_startup_lock(p))
+            })
         }
     }
 }

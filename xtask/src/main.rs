@@ -306,16 +306,24 @@ fn ci() -> Result {
     test(&[])?;
     bench(&["--quick".into()])?;
     reliability(&["--quick".into()])?;
-    // The clusters under load: the stream leader (NATS) or the first broker (Kafka) killed and
-    // restarted; the stream leader (NATS) or every broker (Kafka) paused.
+    // The NATS cluster under load: the stream leader killed and restarted, paused, and asked to
+    // step down. The Kafka cluster: every broker paused. (Killing a tansu broker of the cluster
+    // is in the full run only: tansu 0.6.0 then panicked in its idempotence check in 1 of 3
+    // full-size runs, `storage/src/lite.rs:503`, a broker bug that would fail CI by chance.)
+    cluster_reliability("nats-cluster", "kill-restart,pause,stepdown")?;
+    cluster_reliability("kafka-cluster", "pause")
+}
+
+/// `reliability --quick` of `scenarios` on the cluster `backend`.
+fn cluster_reliability(backend: &str, scenarios: &str) -> Result {
     reliability(&[
         "--quick".into(),
         "--backend".into(),
-        "nats-cluster,kafka-cluster".into(),
+        backend.into(),
         "--scenario".into(),
-        "kill-restart,pause".into(),
+        scenarios.into(),
         "--out".into(),
-        "target/reliability-cluster".into(),
+        format!("target/reliability-{backend}"),
     ])
 }
 
