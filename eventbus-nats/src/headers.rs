@@ -9,8 +9,9 @@ pub const KEY: &str = "Eventbus-Key";
 /// Header carrying the message key hex-encoded (keys that are not header-safe text).
 pub const KEY_HEX: &str = "Eventbus-Key-Hex";
 
-/// Header carrying the order of the user's header names when it has several (see
-/// [`decode`]); stripped on receive.
+/// Header carrying the order of the user's header names when a message has several distinct
+/// ones (async-nats keeps headers in a hash map); the subscriber restores the order from it and
+/// strips it.
 pub const HEADER_ORDER: &str = "Eventbus-Header-Order";
 
 /// Atomic batch headers (ADR-50).
