@@ -72,8 +72,9 @@ impl HandlerError {
     }
 
     /// A failure no retry can fix (a payload that does not decode, say): the runtime skips its
-    /// in-place retries and hands the delivery back at once, so the backend's
-    /// `max_deliveries` / `dead_letter` path takes it.
+    /// in-place retries and hands the delivery back (after the retry policy's first delay), so
+    /// the backend's `max_deliveries` / `dead_letter` path takes it. Without `max_deliveries`
+    /// it comes back once per that delay.
     pub fn permanent(message: impl Into<String>) -> Self {
         HandlerError {
             message: message.into(),
@@ -449,7 +450,14 @@ where
                 report.gave_up += 1;
                 report.rejected += u64::from(permanent);
             }
-            let _ = acker.nack(Duration::ZERO).await;
+            // A permanent failure comes back at once on every delivery: hand it back after
+            // the first retry delay, so a subscription without `max_deliveries` does not spin.
+            let wait = if permanent {
+                retry.delay(1, rand::random::<f64>())
+            } else {
+                Duration::ZERO
+            };
+            let _ = acker.nack(wait).await;
             return;
         }
         tracing::debug!(id = %msg.id(), attempt, error = %why, "handler failed; retrying");

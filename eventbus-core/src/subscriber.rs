@@ -104,10 +104,14 @@ impl SubscribeSpec {
     pub fn all_topics(&self) -> impl Iterator<Item = &Topic> {
         std::iter::once(&self.topic).chain(&self.more_topics)
     }
-    /// One spec per topic, each with this spec's settings: what a backend that reads one topic
-    /// per consumer subscribes, before [`Subscription::merge`] joins them.
+    /// One spec per distinct topic, each with this spec's settings: what a backend that reads
+    /// one topic per consumer subscribes, before [`Subscription::merge`] joins them. Filters
+    /// that overlap (`a.*` and `a.b`) are separate consumers: a message both match is delivered
+    /// twice.
     pub fn split(&self) -> Vec<SubscribeSpec> {
+        let mut seen = std::collections::HashSet::new();
         self.all_topics()
+            .filter(|t| seen.insert(t.as_str()))
             .map(|t| SubscribeSpec {
                 topic: t.clone(),
                 more_topics: Vec::new(),
@@ -365,6 +369,8 @@ pub struct Subscription {
 pub struct Feed {
     tx: mpsc::Sender<Result<Delivery, Error>>,
     stop: oneshot::Receiver<()>,
+    /// `stop` has resolved (a oneshot receiver must not be polled again after that).
+    stopped: bool,
     _done: oneshot::Sender<()>,
 }
 
@@ -395,6 +401,7 @@ impl Subscription {
             Feed {
                 tx,
                 stop: stop_rx,
+                stopped: false,
                 _done: done_tx,
             },
         )
@@ -485,8 +492,10 @@ impl Subscription {
                         None => continue,
                     },
                 };
-                if let Err(Ok(d)) = feed.send(item).await {
-                    let _ = d.nack(Duration::ZERO).await;
+                if let Err(item) = feed.send(item).await {
+                    if let Ok(d) = item {
+                        let _ = d.nack(Duration::ZERO).await;
+                    }
                     break;
                 }
             }
@@ -516,7 +525,16 @@ impl Subscription {
                         _ = stop.wait_for(|s| *s) => break,
                         next = part.rx.recv() => next,
                     };
-                    let Some(d) = next else { break };
+                    let Some(d) = next else {
+                        // This part ended on its own (its consumer is gone): say so on the
+                        // merged stream, which goes on with the others.
+                        let _ = tx
+                            .send(Err(Error::closed(
+                                "the subscription of one of the topics ended",
+                            )))
+                            .await;
+                        break;
+                    };
                     if let Err(mpsc::error::SendError(d)) = tx.send(d).await {
                         if let Ok(d) = d {
                             let _ = d.nack(Duration::ZERO).await;
@@ -534,8 +552,10 @@ impl Subscription {
                     _ = feed.stopped() => break,
                     d = rx.recv() => match d {
                         Some(d) => {
-                            if let Err(Ok(d)) = feed.send(d).await {
-                                let _ = d.nack(Duration::ZERO).await;
+                            if let Err(d) = feed.send(d).await {
+                                if let Ok(d) = d {
+                                    let _ = d.nack(Duration::ZERO).await;
+                                }
                                 break;
                             }
                         }
@@ -597,9 +617,15 @@ impl Feed {
         &mut self,
         d: Result<Delivery, Error>,
     ) -> Result<(), Result<Delivery, Error>> {
+        if self.stopped {
+            return Err(d);
+        }
         tokio::select! {
             biased;
-            _ = &mut self.stop => Err(d),
+            _ = &mut self.stop => {
+                self.stopped = true;
+                Err(d)
+            }
             permit = self.tx.reserve() => match permit {
                 Ok(p) => { p.send(d); Ok(()) }
                 Err(_) => Err(d),
@@ -626,7 +652,10 @@ impl Feed {
 
     /// Resolves when the subscriber closed or dropped the subscription.
     pub async fn stopped(&mut self) {
-        let _ = (&mut self.stop).await;
+        if !self.stopped {
+            let _ = (&mut self.stop).await;
+            self.stopped = true;
+        }
     }
 
     /// `true` once the subscriber is gone.

@@ -63,6 +63,27 @@ pub(crate) fn delivery(e: &KafkaError) -> Outcome {
 }
 
 pub(crate) fn other(what: &'static str, e: KafkaError) -> Error {
+    // librdkafka's configuration errors quote the option's value (a password, say): name the
+    // property only, and keep the error itself out of the source chain.
+    match &e {
+        KafkaError::ClientConfig(_, _, key, _) => {
+            return err(
+                ErrorKind::Config,
+                format!("{what}: librdkafka refused property `{key}` (value not shown)"),
+            )
+            .permanent();
+        }
+        KafkaError::ClientCreation(_) => {
+            return err(
+                ErrorKind::Config,
+                format!(
+                    "{what}: librdkafka refused the configuration (its text may quote option values, not shown)"
+                ),
+            )
+            .permanent();
+        }
+        _ => {}
+    }
     let kind = match code(&e) {
         Some(C::BrokerTransportFailure | C::AllBrokersDown) => ErrorKind::Connect,
         Some(C::OperationTimedOut | C::RequestTimedOut) => ErrorKind::Timeout,
@@ -88,5 +109,26 @@ fn short(e: &KafkaError) -> String {
     match code(e) {
         Some(c) => format!("{c:?}"),
         None => "client error".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn configuration_errors_never_show_values() {
+        let Err(e) = rdkafka::ClientConfig::new()
+            .set("security.protocol", "pw-secret-value")
+            .create::<rdkafka::consumer::BaseConsumer>()
+        else {
+            panic!("an invalid security.protocol was accepted");
+        };
+        let mapped = other("could not create the Kafka consumer", e);
+        let text = format!("{mapped} {mapped:?}");
+        assert!(!text.contains("pw-secret-value"), "{text}");
+        assert!(text.contains("security.protocol"), "{text}");
+        assert_eq!(mapped.kind(), ErrorKind::Config);
+        assert!(std::error::Error::source(&mapped).is_none());
     }
 }

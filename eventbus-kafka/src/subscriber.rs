@@ -30,6 +30,9 @@ use crate::error::{self, BACKEND};
 
 /// Delay before a dead letter that could not be stored is tried again.
 const DEAD_LETTER_RETRY: Duration = Duration::from_secs(1);
+/// Longest `Subscription::close` waits for the final commit and the group leave.
+const CLOSE_WAIT: Duration = Duration::from_secs(10);
+
 /// How often acked progress is committed while acks keep arriving.
 const COMMIT_EVERY: Duration = Duration::from_millis(100);
 /// Longest single `poll` when idle (also the latency of a nack with zero delay).
@@ -161,20 +164,22 @@ async fn resolve_patterns(
                 .map_err(|_| error::err(ErrorKind::Other, "topic listing task failed"))??,
             );
         }
-        let before = names.len();
+        // Internal topics and this subscription's own dead-letter topic are never read.
+        let dead_letter = spec.dead_letter.as_ref().map(Topic::as_str);
         let mut matched: Vec<&String> = cluster
             .iter()
             .flatten()
-            .filter(|n| !n.starts_with("__") && re.is_match(n))
+            .filter(|n| !n.starts_with("__") && Some(n.as_str()) != dead_letter && re.is_match(n))
             .collect();
         matched.sort();
+        let any = !matched.is_empty();
         for n in matched {
             let topic = Topic::new(n);
             if !names.contains(&topic) {
                 names.push(topic);
             }
         }
-        if names.len() == before {
+        if !any {
             return Err(error::err(
                 ErrorKind::Rejected,
                 format!(
@@ -208,8 +213,18 @@ async fn subscribe_one(config: &KafkaConfig, spec: SubscribeSpec) -> Result<Subs
                 // acked prefix is committed and the member has left the group, so the
                 // next member gets the partitions at once, even if this process exits
                 // right after (otherwise the group waits out `session.timeout.ms`).
+                // Bounded: against a cluster that is down, the commit and the leave can take
+                // librdkafka's own timeouts; `close` then returns after CLOSE_WAIT and the
+                // consumer finishes leaving in the background.
+                let (left, leaving) = std::sync::mpsc::channel::<()>();
+                let _ = std::thread::Builder::new()
+                    .name("eventbus-kafka-close".into())
+                    .spawn(move || {
+                        let _ = leaving.recv_timeout(CLOSE_WAIT);
+                        drop(feed);
+                    });
                 shutdown(consumer, &shared);
-                drop(feed);
+                drop(left);
             }
             Err(e) => {
                 let _ = ready_tx.send(Err(e));

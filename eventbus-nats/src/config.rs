@@ -139,6 +139,8 @@ pub(crate) fn redact_url(url: &str) -> String {
     url.split(',')
         .map(|u| match (u.find("://"), u.rfind('@')) {
             (Some(s), Some(at)) if at > s => format!("{}<redacted>@{}", &u[..s + 3], &u[at + 1..]),
+            // `user:pass@host:port` without a scheme is a URL too (async-nats adds `nats://`).
+            (None, Some(at)) => format!("<redacted>@{}", &u[at + 1..]),
             _ => u.to_owned(),
         })
         .collect::<Vec<_>>()
@@ -314,6 +316,13 @@ mod tests {
         assert!(!text.contains("pw-secret"), "{text}");
         assert_eq!(e.kind(), ErrorKind::Config);
         assert!(NatsConfig::new(" , ").servers().is_err());
+        // Without a scheme too.
+        let e = NatsConfig::new("nats://127.0.0.1:4001,bob:pw-secret@h:notaport")
+            .servers()
+            .unwrap_err();
+        assert!(!format!("{e} {e:?}").contains("pw-secret"), "{e}");
+        let c = NatsConfig::new("bob:pw-secret@h:4222");
+        assert!(!format!("{c:?}").contains("pw-secret"));
     }
 
     #[test]

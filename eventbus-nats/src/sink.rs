@@ -265,6 +265,8 @@ impl NatsSink {
             batched: HashMap::new(),
             batch_prefix,
             kept: Arc::clone(&kept),
+            uncovered: HashMap::new(),
+            lookup_quiet_until: None,
         };
         tokio::spawn(w.run(rx));
         Ok(NatsSink {
@@ -324,6 +326,10 @@ struct Writer {
     batch_prefix: String,
     /// Messages kept for retries after "no responders".
     kept: Arc<Kept>,
+    /// Subjects a retry found no stream for, until when that answer stands.
+    uncovered: HashMap<String, std::time::Instant>,
+    /// A stream lookup for a retry timed out: skip the check until then.
+    lookup_quiet_until: Option<std::time::Instant>,
 }
 
 fn not_queued(e: impl std::error::Error + Send + Sync + 'static) -> Outcome {
@@ -352,6 +358,10 @@ impl Writer {
                 }
                 (Job::Batch { id, batch }, PublishMode::Fast) => self.send_fast(id, batch).await,
                 (Job::Resend { id, items, verify }, _) => {
+                    // The engine stopped waiting (deadline, close): nothing to send.
+                    if !self.router.is_pending(id) {
+                        continue;
+                    }
                     metrics::counter!("eventbus_nats_resent_total").increment(items.len() as u64);
                     let mut reply = String::with_capacity(self.inbox.len() + 24);
                     for (i, msg) in items {
@@ -390,11 +400,37 @@ impl Writer {
 
     /// Whether JetStream says, within 500 ms, that no stream covers `subject`. A lookup that
     /// does not answer in time (an election, a restart) says nothing: `false`.
+    ///
+    /// During an election many retries ask at once: a lookup that did not answer makes the
+    /// next second's retries skip the question (they are sent, as before the check), and a
+    /// subject found uncovered is remembered for a second, so the single writer never waits on
+    /// more than one lookup per second.
     async fn no_stream_for(&mut self, subject: &str) -> bool {
-        matches!(
-            tokio::time::timeout(Duration::from_millis(500), self.stream_of(subject)).await,
-            Ok(Ok(None))
-        )
+        let now = std::time::Instant::now();
+        if self.lookup_quiet_until.is_some_and(|t| now < t) {
+            return false;
+        }
+        if let Some(t) = self.uncovered.get(subject) {
+            if now < *t {
+                return true;
+            }
+            self.uncovered.remove(subject);
+        }
+        match tokio::time::timeout(Duration::from_millis(500), self.stream_of(subject)).await {
+            Ok(Ok(None)) => {
+                if self.uncovered.len() >= 1_024 {
+                    self.uncovered.retain(|_, t| now < *t);
+                }
+                self.uncovered
+                    .insert(subject.to_owned(), now + Duration::from_secs(1));
+                true
+            }
+            Ok(Ok(Some(_))) => false,
+            _ => {
+                self.lookup_quiet_until = Some(now + Duration::from_secs(1));
+                false
+            }
+        }
     }
 
     /// The stream capturing `subject`, cached (one lookup per new subject). `Err` when the
