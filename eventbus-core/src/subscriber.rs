@@ -698,3 +698,66 @@ pub trait Subscriber: Send + Sync {
         group: &str,
     ) -> impl Future<Output = Result<crate::ops::Lag, Error>> + Send;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A stand-in backend: hands `items` over, then holds its end until the subscriber stops.
+    fn part(items: Vec<Result<Delivery, Error>>) -> Subscription {
+        let (sub, mut feed) = Subscription::channel(1);
+        tokio::spawn(async move {
+            for d in items {
+                if feed.send(d).await.is_err() {
+                    break;
+                }
+            }
+            feed.stopped().await;
+        });
+        sub
+    }
+
+    #[tokio::test]
+    async fn a_merged_subscription_passes_errors_and_closes_every_part() {
+        let errors = |n| (0..n).map(|_| Err(Error::closed("part error"))).collect();
+        let mut merged = Subscription::merge(vec![part(errors(3)), part(errors(3))], 1);
+        let first = tokio::time::timeout(Duration::from_secs(5), merged.next())
+            .await
+            .expect("an item")
+            .expect("open");
+        assert!(first.is_err(), "errors pass through");
+        // Parts still hold errors the merged stream has not taken: closing now must neither
+        // hang nor leave a part running.
+        tokio::time::timeout(Duration::from_secs(5), merged.close())
+            .await
+            .expect("close returns once every part has closed");
+    }
+
+    #[tokio::test]
+    async fn a_part_that_ends_is_reported() {
+        let (ended, feed) = Subscription::channel(1);
+        drop(feed);
+        let mut merged = Subscription::merge(vec![ended, part(Vec::new())], 4);
+        let item = tokio::time::timeout(Duration::from_secs(5), merged.next())
+            .await
+            .expect("an item")
+            .expect("open");
+        let e = item.expect_err("the ended part is reported");
+        assert_eq!(e.kind(), crate::ErrorKind::Closed);
+        tokio::time::timeout(Duration::from_secs(5), merged.close())
+            .await
+            .expect("close");
+    }
+
+    #[test]
+    fn split_drops_repeated_topics() {
+        let spec = SubscribeSpec::topics(["a", "b", "a"]).group("g");
+        let parts: Vec<String> = spec
+            .split()
+            .iter()
+            .map(|s| s.topic.as_str().to_owned())
+            .collect();
+        assert_eq!(parts, ["a", "b"]);
+        assert!(spec.split().iter().all(|s| s.group.as_deref() == Some("g")));
+    }
+}
