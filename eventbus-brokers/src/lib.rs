@@ -515,6 +515,16 @@ impl Tansu {
     /// `advertised` instead of its own: put a proxy there and every client connection, not only
     /// the bootstrap one, goes through it.
     pub fn start_advertising(storage: TansuStorage, advertised: Option<u16>) -> io::Result<Tansu> {
+        Self::start_on(storage, advertised, None)
+    }
+
+    /// Start tansu in a directory of its own (its log), on `shared_dir`'s SQLite file when
+    /// given (see [`TansuCluster`]).
+    fn start_on(
+        storage: TansuStorage,
+        advertised: Option<u16>,
+        shared_dir: Option<PathBuf>,
+    ) -> io::Result<Tansu> {
         let bin = tansu_path();
         require(&bin, "tansu", "EVENTBUS_TANSU")?;
         let dir = tempfile::Builder::new()
@@ -527,7 +537,7 @@ impl Tansu {
             port,
             advertised: advertised.unwrap_or(port),
             args: Vec::new(),
-            shared_dir: None,
+            shared_dir,
             storage,
             dir,
             log,
@@ -811,28 +821,9 @@ impl TansuCluster {
         let dir = tempfile::Builder::new()
             .prefix("eventbus-tansu-cluster-")
             .tempdir()?;
-        let mut brokers = Vec::with_capacity(n);
-        for _ in 0..n {
-            let bin = tansu_path();
-            require(&bin, "tansu", "EVENTBUS_TANSU")?;
-            let own = tempfile::Builder::new()
-                .prefix("eventbus-tansu-")
-                .tempdir()?;
-            let log = own.path().join("tansu.log");
-            let port = free_port()?;
-            let mut t = Tansu {
-                proc: Proc { child: None },
-                port,
-                advertised: port,
-                args: Vec::new(),
-                shared_dir: Some(dir.path().to_path_buf()),
-                storage: TansuStorage::Sqlite,
-                dir: own,
-                log,
-            };
-            t.spawn()?;
-            brokers.push(t);
-        }
+        let brokers = (0..n)
+            .map(|_| Tansu::start_on(TansuStorage::Sqlite, None, Some(dir.path().to_path_buf())))
+            .collect::<io::Result<Vec<_>>>()?;
         Ok(TansuCluster { brokers, dir })
     }
 

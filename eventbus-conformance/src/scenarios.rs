@@ -755,14 +755,7 @@ pub async fn second_member_takes_over_after_close<H: Harness>(h: &H) {
         .prefetch(4)
         .ack_wait(Duration::from_secs(30));
     let mut first = subscribe(h, spec.clone()).await;
-    let mut got = HashSet::new();
-    while got.len() < 5 {
-        let d = recv(&mut first, RECV_TIMEOUT)
-            .await
-            .unwrap_or_else(|| panic!("first member: {} of 5", got.len()));
-        got.insert(d.message().id().to_string());
-        d.ack().await.expect("ack");
-    }
+    let mut got = ids(&take_acked(&mut first, 5).await);
     first.close().await;
     // A rolling restart: the next member starts once the previous one is gone.
     let closed = tokio::time::Instant::now();

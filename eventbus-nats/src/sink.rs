@@ -984,7 +984,8 @@ impl Router {
     /// A pub ack (or refusal) for message `i` of batch `b`. "No responders" and 503 are tried
     /// again with backoff while the engine waits for the message (see [`crate::retry`]).
     fn single(self: &Arc<Self>, b: u64, i: usize, m: &async_nats::Message) {
-        if try_again_later(m)
+        let outcome = parse_ack(m);
+        if try_again_later(m, &outcome)
             && let Some(attempt) = self.kept.retry(b, i)
         {
             let me = Arc::clone(self);
@@ -994,7 +995,7 @@ impl Router {
             });
             return;
         }
-        self.router.settle(b, i, parse_ack(m));
+        self.router.settle(b, i, outcome);
     }
 }
 
@@ -1011,11 +1012,14 @@ const TEMPORARILY_UNAVAILABLE: u16 = 10008;
 /// Nothing was stored and a moment later something may be: "no responders" (JetStream not
 /// ready, a clustered stream without a leader) or "temporarily unavailable". Other 503 errors
 /// (a full stream, ...) are answers about the message and are reported as they are.
-fn try_again_later(m: &async_nats::Message) -> bool {
+/// `outcome` is `m` already parsed: a stored ack is not read twice.
+fn try_again_later(m: &async_nats::Message, outcome: &Outcome) -> bool {
     if m.status == Some(StatusCode::NO_RESPONDERS) {
         return true;
     }
-    !m.payload.is_empty()
+    // Only a 503 refusal (typed Overloaded) can be "temporarily unavailable"; its code is read
+    // again here, which costs nothing on the path of stored messages.
+    matches!(outcome, Outcome::Failed(e) if e.kind() == ErrorKind::Overloaded)
         && matches!(
             serde_json::from_slice::<ApiAck<'_>>(&m.payload),
             Ok(ApiAck { error: Some(e), .. }) if e.err_code == TEMPORARILY_UNAVAILABLE

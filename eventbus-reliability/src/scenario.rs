@@ -230,17 +230,7 @@ pub async fn kill_restart<T: Target>(t: &mut T, size: Size) -> Row {
     let mut row = Row::new("kill-restart", t.name());
     let cfg = BatchConfig::default().ack_timeout(Duration::from_secs(5));
     let (run, topics, filter, p) = try_setup!(row, setup(t, &mut row, "kill", 5, cfg).await);
-    let per = if size.quick { 400 } else { 2_000 };
-    let load = Load {
-        run,
-        topics,
-        producers: 5,
-        per,
-        payload: 100,
-        // ~2.5 s of publishing whatever the size.
-        pace: Some((per / 100, Duration::from_millis(25))),
-        stop_at: None,
-    };
+    let load = paced_load(run, topics, size);
     let script = async {
         let mut restarts = Vec::new();
         for _ in 0..2 {
@@ -254,21 +244,46 @@ pub async fn kill_restart<T: Target>(t: &mut T, size: Size) -> Row {
         restarts
     };
     let (restarts, ledger) = under_load(&p, &load, &mut row, script).await;
-    for (down, r) in &restarts {
+    for (_, r) in &restarts {
         if let Err(e) = r {
             row.failures.push(format!("restart failed: {e}"));
         }
-        if let Some(d) = ledger.first_non_ack_after(*down) {
+    }
+    fault_times(&mut row, &ledger, restarts.iter().map(|(down, _)| *down));
+    settle(t, &p, &load, &filter, &ledger, &mut row).await;
+    row
+}
+
+/// 5 producers x 400 (quick) or 2,000 messages of 100 B, paced to about 2.5 s of publishing
+/// whatever the size: the load the kill and step-down faults run under.
+fn paced_load(run: String, topics: Vec<String>, size: Size) -> Load {
+    let per = if size.quick { 400 } else { 2_000 };
+    Load {
+        run,
+        topics,
+        producers: 5,
+        per,
+        payload: 100,
+        pace: Some((per / 100, Duration::from_millis(25))),
+        stop_at: None,
+    }
+}
+
+/// Detect time (fault -> first non-acked outcome, the longest over `faults`) and recovery time
+/// (last fault -> first ack of a message admitted after it).
+fn fault_times(row: &mut Row, ledger: &Ledger, faults: impl Iterator<Item = Instant>) {
+    let mut last = None;
+    for at in faults {
+        if let Some(d) = ledger.first_non_ack_after(at) {
             row.detect_ms = Some(row.detect_ms.map_or(ms(d), |x| x.max(ms(d))));
         }
+        last = Some(at);
     }
-    if let Some((down, _)) = restarts.last()
-        && let Some(d) = ledger.first_ack_admitted_after(*down)
+    if let Some(at) = last
+        && let Some(d) = ledger.first_ack_admitted_after(at)
     {
         row.recover_ms = Some(ms(d));
     }
-    settle(t, &p, &load, &filter, &ledger, &mut row).await;
-    row
 }
 
 /// NATS cluster only: the stream's leader steps down through the JetStream API twice while 5
@@ -279,16 +294,7 @@ pub async fn stepdown(t: &mut crate::target::nats_cluster::NatsCluster3, size: S
     let mut row = Row::new("stepdown", t.name());
     let cfg = BatchConfig::default().ack_timeout(Duration::from_secs(5));
     let (run, topics, filter, p) = try_setup!(row, setup(t, &mut row, "stepdown", 5, cfg).await);
-    let per = if size.quick { 400 } else { 2_000 };
-    let load = Load {
-        run,
-        topics,
-        producers: 5,
-        per,
-        payload: 100,
-        pace: Some((per / 100, Duration::from_millis(25))),
-        stop_at: None,
-    };
+    let load = paced_load(run, topics, size);
     let script = async {
         let mut events = Vec::new();
         for _ in 0..2 {
@@ -303,7 +309,7 @@ pub async fn stepdown(t: &mut crate::target::nats_cluster::NatsCluster3, size: S
     };
     let (events, ledger) = under_load(&p, &load, &mut row, script).await;
     let node = |n: &Option<usize>| n.map_or("none".to_owned(), |n| format!("n{n}"));
-    for (at, before, after, r, took) in &events {
+    for (_, before, after, r, took) in &events {
         if let Err(e) = r {
             row.failures.push(e.clone());
         }
@@ -314,15 +320,8 @@ pub async fn stepdown(t: &mut crate::target::nats_cluster::NatsCluster3, size: S
             ms(*took)
         ));
         row.require(after.is_some(), "no new leader within 10 s");
-        if let Some(d) = ledger.first_non_ack_after(*at) {
-            row.detect_ms = Some(row.detect_ms.map_or(ms(d), |x| x.max(ms(d))));
-        }
     }
-    if let Some((at, ..)) = events.last()
-        && let Some(d) = ledger.first_ack_admitted_after(*at)
-    {
-        row.recover_ms = Some(ms(d));
-    }
+    fault_times(&mut row, &ledger, events.iter().map(|(at, ..)| *at));
     settle(t, &p, &load, &filter, &ledger, &mut row).await;
     row.require(
         row.figures.first_failed == 0 && row.figures.first_unknown == 0,
