@@ -356,6 +356,24 @@ impl Proc {
             let _ = c.wait();
         }
     }
+
+    /// SIGTERM, then wait up to `within` for the exit (SIGKILL after that).
+    fn terminate(&mut self, within: Duration) {
+        let Some(pid) = self.pid() else { return };
+        if signal(pid, "TERM").is_ok()
+            && let Some(c) = self.child.as_mut()
+        {
+            let until = Instant::now() + within;
+            while Instant::now() < until {
+                if matches!(c.try_wait(), Ok(Some(_))) {
+                    self.child = None;
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        self.kill();
+    }
 }
 
 impl Drop for Proc {
@@ -467,6 +485,12 @@ impl NatsServer {
     pub fn restart(&mut self) -> io::Result<()> {
         self.proc.kill();
         self.spawn()
+    }
+
+    /// Shut the server down as an operator would (SIGTERM: it closes its connections and, in a
+    /// cluster, hands over the leadership it holds), waiting up to `within` before `kill -9`.
+    pub fn stop(&mut self, within: Duration) {
+        self.proc.terminate(within);
     }
 
     /// SIGSTOP.
@@ -670,6 +694,44 @@ struct NodePorts {
     http: u16,
 }
 
+/// The ports of a NATS cluster, chosen before it starts so that a caller can put proxies
+/// between its nodes ([`NatsCluster::start_planned`]).
+#[derive(Clone, Debug)]
+pub struct NatsClusterPlan {
+    ports: Vec<NodePorts>,
+}
+
+impl NatsClusterPlan {
+    /// Free ports for `n` nodes.
+    pub fn new(n: usize) -> io::Result<NatsClusterPlan> {
+        let ports = (0..n)
+            .map(|_| {
+                Ok(NodePorts {
+                    client: free_port()?,
+                    route: free_port()?,
+                    http: free_port()?,
+                })
+            })
+            .collect::<io::Result<Vec<_>>>()?;
+        Ok(NatsClusterPlan { ports })
+    }
+
+    /// The port node `i` listens on for routes.
+    pub fn route_port(&self, i: usize) -> u16 {
+        self.ports[i].route
+    }
+
+    /// Nodes planned.
+    pub fn len(&self) -> usize {
+        self.ports.len()
+    }
+
+    /// No nodes planned.
+    pub fn is_empty(&self) -> bool {
+        self.ports.is_empty()
+    }
+}
+
 /// A NATS cluster on loopback: `n` nats-server nodes with JetStream on (a store each), routes
 /// to each other, and an HTTP monitoring port each. Every node is a [`NatsServer`], so a test
 /// can kill, pause or restart any of them.
@@ -683,23 +745,31 @@ impl NatsCluster {
     /// Start `n` nodes (3 for R3 streams) and wait until JetStream has a meta leader that
     /// every node knows.
     pub fn start(n: usize) -> io::Result<NatsCluster> {
-        let ports = (0..n)
-            .map(|_| {
-                Ok(NodePorts {
-                    client: free_port()?,
-                    route: free_port()?,
-                    http: free_port()?,
-                })
-            })
-            .collect::<io::Result<Vec<_>>>()?;
-        let routes = ports
-            .iter()
-            .map(|p| format!("nats-route://127.0.0.1:{}", p.route))
-            .collect::<Vec<_>>()
-            .join(",");
+        Self::start_planned(&NatsClusterPlan::new(n)?, |_, _| None)
+    }
+
+    /// Start the nodes of `plan`, node `i` reaching node `j`'s routes through port
+    /// `via(i, j)` where that is `Some` (a proxy the caller started in front of
+    /// [`NatsClusterPlan::route_port`]), directly otherwise. With any route through a proxy,
+    /// no node advertises its own route address, so gossip cannot route around the proxies.
+    pub fn start_planned(
+        plan: &NatsClusterPlan,
+        via: impl Fn(usize, usize) -> Option<u16>,
+    ) -> io::Result<NatsCluster> {
+        let ports = &plan.ports;
+        let n = ports.len();
+        let proxied = (0..n).any(|i| (0..n).any(|j| i != j && via(i, j).is_some()));
         let mut nodes = Vec::with_capacity(n);
         for (i, p) in ports.iter().enumerate() {
-            let args = vec![
+            let routes = (0..n)
+                .filter(|&j| j != i)
+                .map(|j| {
+                    let port = via(i, j).unwrap_or(ports[j].route);
+                    format!("nats-route://127.0.0.1:{port}")
+                })
+                .collect::<Vec<_>>()
+                .join(",");
+            let mut args = vec![
                 "--server_name".into(),
                 format!("n{i}"),
                 "--cluster_name".into(),
@@ -707,10 +777,15 @@ impl NatsCluster {
                 "--cluster".into(),
                 format!("nats://127.0.0.1:{}", p.route),
                 "--routes".into(),
-                routes.clone(),
+                routes,
                 "-m".into(),
                 p.http.to_string(),
             ];
+            if proxied {
+                // Port 1: nothing listens there, so a route learnt by gossip fails at once and
+                // only the configured (proxied) routes connect.
+                args.extend(["--cluster_advertise".into(), "127.0.0.1:1".into()]);
+            }
             nodes.push(NatsServer::start_with(NatsOptions {
                 args,
                 port: Some(p.client),

@@ -116,6 +116,21 @@ impl OutcomeRouter {
         self.pending.lock().contains_key(&batch)
     }
 
+    /// The messages of batch `batch` that have no outcome yet, in input order; `None` when the
+    /// batch no longer waits (complete, timed out or dropped). A sink that sends a message
+    /// again after a silence uses it to skip the ones already settled.
+    pub fn unsettled(&self, batch: u64) -> Option<Vec<usize>> {
+        let map = self.pending.lock();
+        let p = map.get(&batch)?;
+        Some(
+            p.outcomes
+                .iter()
+                .enumerate()
+                .filter_map(|(i, o)| o.is_none().then_some(i))
+                .collect(),
+        )
+    }
+
     /// Batches still waiting for outcomes.
     pub fn pending_batches(&self) -> usize {
         self.pending.lock().len()
@@ -173,7 +188,11 @@ mod tests {
     async fn settles_in_order_first_wins_and_forgets_dropped() {
         let r = Arc::new(OutcomeRouter::new("t"));
         let (b, fut) = r.register(3);
+        assert_eq!(r.unsettled(b), Some(vec![0, 1, 2]));
         for i in [2usize, 0, 0, 1] {
+            if i == 1 {
+                assert_eq!(r.unsettled(b), Some(vec![1]), "settled slots are skipped");
+            }
             r.settle(
                 b,
                 i,
@@ -182,6 +201,7 @@ mod tests {
                 }),
             );
         }
+        assert_eq!(r.unsettled(b), None, "a complete batch no longer waits");
         let out = fut.await;
         let offs: Vec<_> = out
             .into_iter()

@@ -78,8 +78,11 @@ pub struct NatsConfig {
     /// Initial connect timeout. Default 5 s.
     #[serde(with = "eventbus_core::serde_millis")]
     pub connect_timeout: Duration,
-    /// How long to wait for each JetStream publish ack. Default 10 s. The batching engine's
-    /// `ack_timeout` bounds a message's whole life; this bounds the wait on the wire.
+    /// How long to wait for each JetStream publish ack (and API reply). Default 10 s. The
+    /// batching engine's `ack_timeout` bounds a message's whole life; this bounds the wait on
+    /// the wire: with de-duplication on, a publish that hears nothing for this long is sent
+    /// again with the same id (then after twice as long, and so on) while the engine still
+    /// waits, so a stream leader lost mid-publish costs a resend, not an `Unknown` outcome.
     #[serde(with = "eventbus_core::serde_millis")]
     pub ack_timeout: Duration,
     /// async-nats's own limit of publishes awaiting acks. Default 262,144: set well above the

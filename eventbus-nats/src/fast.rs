@@ -99,7 +99,10 @@ pub(crate) fn parse(seq: u64, payload: &[u8]) -> Event {
         (Some("err"), Some(e)) => Event::Refused {
             seq: r.seq.unwrap_or(seq),
             error: api_error(&e),
-            scope: Scope::Message,
+            scope: match Scope::of(e.err_code()) {
+                Scope::Elsewhere => Scope::Elsewhere,
+                _ => Scope::Message,
+            },
         },
         (Some(_), _) => Event::Progress,
         (None, Some(e)) => Event::Refused {
@@ -131,6 +134,10 @@ pub(crate) enum Scope {
     Batch,
     /// Neither: the batch is unknown because it never started or already ended.
     Consequence,
+    /// Another publish with the same message id is being stored ("duplicate message id is in
+    /// process"): that publish decides, and the message is sent again on its own to learn
+    /// its fate, like one a gap cut off.
+    Elsewhere,
 }
 
 impl Scope {
@@ -140,6 +147,7 @@ impl Scope {
             10174 | 10211 | 10179 => Scope::Batch,
             // Batch id unknown.
             10208 => Scope::Consequence,
+            crate::sink::DUPLICATE_IN_PROCESS => Scope::Elsewhere,
             _ => Scope::Message,
         }
     }
@@ -314,6 +322,21 @@ mod tests {
             st.commit_refused(2, &e),
             Fate::Settle(Outcome::Unknown(_))
         ));
+    }
+
+    #[test]
+    fn an_id_in_process_elsewhere_is_sent_again_not_failed() {
+        // A resend overtook its original: "duplicate message id is in process" (10158) says
+        // nothing was stored by this publish, and the other one may store it.
+        let refusal = br#"{"error":{"code":409,"err_code":10158,"description":"duplicate message id is in process"}}"#;
+        let Event::Refused { seq, error, scope } = parse(3, refusal) else {
+            panic!("a refusal");
+        };
+        assert_eq!((seq, scope), (3, Scope::Elsewhere));
+        assert!(error.is_retryable());
+        let mut st = FastState::default();
+        st.refuse(seq, error, scope);
+        assert!(matches!(st.committed(3, "S", 10, 2), Fate::Resend));
     }
 
     #[test]

@@ -72,6 +72,8 @@ pub struct NatsBackend {
     client: async_nats::Client,
     js: jetstream::Context,
     denied: std::sync::Arc<denied::Denied>,
+    /// [`NatsConfig::ack_timeout`].
+    ack_timeout: Duration,
 }
 
 impl NatsBackend {
@@ -134,7 +136,12 @@ impl NatsBackend {
             .max_ack_inflight(config.max_ack_inflight)
             .backpressure_on_inflight(true)
             .build(client.clone());
-        Ok(NatsBackend { client, js, denied })
+        Ok(NatsBackend {
+            client,
+            js,
+            denied,
+            ack_timeout: config.ack_timeout,
+        })
     }
 
     /// A publishing sink; wrap it in `eventbus_batch::Batcher`. Every message carries its id in
@@ -158,6 +165,7 @@ impl NatsBackend {
             self.js.clone(),
             opts,
             std::sync::Arc::clone(&self.denied),
+            self.ack_timeout,
         )
         .await
     }

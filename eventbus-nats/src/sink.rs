@@ -24,7 +24,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_nats::{Client, StatusCode};
 use eventbus_core::{
@@ -161,6 +161,8 @@ struct Group {
     /// Fast: the messages, in batch order, kept until the commit so that the ones a gap cut
     /// off can be sent again (payloads are shared, not copied).
     msgs: Vec<Message>,
+    /// When the group was sent or last heard of (fast: any flow ack or refusal).
+    heard: Instant,
 }
 
 impl Group {
@@ -170,6 +172,7 @@ impl Group {
             early: None,
             fast: FastState::default(),
             msgs,
+            heard: Instant::now(),
         }
     }
 }
@@ -197,11 +200,14 @@ impl std::fmt::Debug for NatsSink {
 }
 
 impl NatsSink {
+    /// `silence`: how long a publish may go without an ack before it is sent again with its id
+    /// (only with de-duplication on; see [`crate::retry`]).
     pub(crate) async fn new(
         client: Client,
         js: async_nats::jetstream::Context,
         mut opts: SinkOptions,
         denied: Arc<crate::denied::Denied>,
+        silence: Duration,
     ) -> Result<Self, Error> {
         let version = client.server_info().version;
         if opts.mode != PublishMode::Async
@@ -226,17 +232,17 @@ impl NatsSink {
         let groups: Groups = Arc::default();
         let (tx, rx) = mpsc::unbounded_channel();
         let kept = Arc::new(Kept::new(Arc::clone(&router)));
-        tokio::spawn(route(
-            sub,
-            inbox.len() + 1,
-            Router {
-                router: Arc::clone(&router),
-                groups: Arc::clone(&groups),
-                kept: Arc::clone(&kept),
-                // Weak: the writer stops once every sink handle is gone.
-                resend: tx.downgrade(),
-            },
-        ));
+        let replies = Arc::new(Router {
+            router: Arc::clone(&router),
+            groups: Arc::clone(&groups),
+            kept: Arc::clone(&kept),
+            // Weak: the writer stops once every sink handle is gone.
+            resend: tx.downgrade(),
+        });
+        tokio::spawn(route(sub, inbox.len() + 1, Arc::clone(&replies)));
+        if opts.dedup && !silence.is_zero() {
+            tokio::spawn(resend_silent(replies, silence));
+        }
         // Leave room for the headers we add (Nats-Msg-Id, key, batch) and the NATS/1.0 line.
         let max = client
             .server_info()
@@ -730,7 +736,7 @@ pub(crate) fn api_error(e: &ApiError) -> Error {
             e.description, e.code, e.err_code
         ),
     );
-    if kind == ErrorKind::Overloaded {
+    if kind == ErrorKind::Overloaded || e.err_code == DUPLICATE_IN_PROCESS {
         error.temporary()
     } else {
         error
@@ -747,6 +753,9 @@ enum Reply<'a> {
     },
     Refused(Error),
     /// An empty reply (the first message of an atomic batch was accepted).
+    /// Another publish with the same message id is being stored (a resend raced its
+    /// original): this one stored nothing, and the other decides.
+    InProcess(Error),
     Empty,
     Unreadable,
 }
@@ -768,6 +777,9 @@ fn parse_reply(m: &async_nats::Message) -> Reply<'_> {
         return Reply::Empty;
     }
     match serde_json::from_slice::<ApiAck<'_>>(&m.payload) {
+        Ok(ApiAck { error: Some(e), .. }) if e.err_code == DUPLICATE_IN_PROCESS => {
+            Reply::InProcess(api_error(&e))
+        }
         Ok(ApiAck { error: Some(e), .. }) => Reply::Refused(api_error(&e)),
         Ok(ApiAck {
             stream: Some(stream),
@@ -807,6 +819,8 @@ fn parse_ack(m: &async_nats::Message) -> Outcome {
             },
         }),
         Reply::Refused(e) => Outcome::Failed(e),
+        // The message may well be stored, by the other publish.
+        Reply::InProcess(e) => Outcome::Unknown(e),
         Reply::Empty | Reply::Unreadable => unreadable(),
     }
 }
@@ -891,6 +905,7 @@ fn route_fast(r: &Router, b: u64, k: u32, (seq, op): (u64, u8), m: &async_nats::
     let Some(g) = map.get_mut(&(b, k)) else {
         return;
     };
+    g.heard = Instant::now();
     let end = match event {
         Event::Progress | Event::Unreadable => return,
         Event::Refused { seq: s, error, .. } if op == Op::CommitEob as u8 && s == seq => {
@@ -999,6 +1014,59 @@ impl Router {
     }
 }
 
+/// Send again, with their ids, the messages that heard nothing for `silence` (see
+/// [`crate::retry`]): fast batches whose flow went quiet, and messages published on their own.
+/// Runs until every sink handle is gone.
+async fn resend_silent(r: Arc<Router>, silence: Duration) {
+    let tick = (silence / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
+    loop {
+        tokio::time::sleep(tick).await;
+        if r.resend.upgrade().is_none() {
+            return;
+        }
+        let now = Instant::now();
+        let quiet: Vec<((u64, u32), Group)> = {
+            let mut groups = r.groups.lock();
+            let keys: Vec<(u64, u32)> = groups
+                .iter()
+                // Atomic groups keep no messages: their commit decides, and is waited for.
+                .filter(|(_, g)| {
+                    !g.msgs.is_empty() && now.saturating_duration_since(g.heard) >= silence
+                })
+                .map(|(k, _)| *k)
+                .collect();
+            keys.into_iter()
+                .filter_map(|k| groups.remove(&k).map(|g| (k, g)))
+                .collect()
+        };
+        for ((b, _), g) in quiet {
+            let Some(open) = r.router.unsettled(b) else {
+                continue;
+            };
+            let items: Vec<(usize, Message)> = g
+                .indices
+                .into_iter()
+                .zip(g.msgs)
+                .filter(|(i, _)| open.binary_search(i).is_ok())
+                .collect();
+            if !items.is_empty() {
+                tracing::debug!(
+                    messages = items.len(),
+                    "no ack for a fast batch; sending its messages again with their ids"
+                );
+                r.send_again(b, items, false);
+            }
+        }
+        for (b, items) in r.kept.silent(now, silence) {
+            tracing::debug!(
+                messages = items.len(),
+                "no ack; sending the messages again with their ids"
+            );
+            r.send_again(b, items, false);
+        }
+    }
+}
+
 fn no_stream() -> Outcome {
     Outcome::Failed(err(
         ErrorKind::Rejected,
@@ -1009,20 +1077,32 @@ fn no_stream() -> Outcome {
 /// JetStream's "system temporarily unavailable" (code 503): no meta or stream leader yet.
 const TEMPORARILY_UNAVAILABLE: u16 = 10008;
 
-/// Nothing was stored and a moment later something may be: "no responders" (JetStream not
-/// ready, a clustered stream without a leader) or "temporarily unavailable". Other 503 errors
-/// (a full stream, ...) are answers about the message and are reported as they are.
-/// `outcome` is `m` already parsed: a stored ack is not read twice.
+/// JetStream's "duplicate message id is in process" (code 409): a publish with the same
+/// `Nats-Msg-Id` is being stored right now (a resend overtook its original, which the stream
+/// leader is still replicating). Asked again a moment later the stream answers "duplicate".
+pub(crate) const DUPLICATE_IN_PROCESS: u16 = 10158;
+
+/// This publish stored nothing and a moment later one may: "no responders" (JetStream not
+/// ready, a clustered stream without a leader), "temporarily unavailable", or "duplicate
+/// message id is in process" (asked again, the stream says whether the other publish stored
+/// it). Other 503 errors (a full stream, ...) are answers about the message and are reported
+/// as they are. `outcome` is `m` already parsed: a stored ack is not read twice.
 fn try_again_later(m: &async_nats::Message, outcome: &Outcome) -> bool {
     if m.status == Some(StatusCode::NO_RESPONDERS) {
         return true;
     }
-    // Only a 503 refusal (typed Overloaded) can be "temporarily unavailable"; its code is read
-    // again here, which costs nothing on the path of stored messages.
-    matches!(outcome, Outcome::Failed(e) if e.kind() == ErrorKind::Overloaded)
+    // Only a 503 refusal (typed Overloaded) or an unknown outcome can be one of these; the code
+    // is read again here, which costs nothing on the path of stored messages.
+    let maybe = match outcome {
+        Outcome::Failed(e) => e.kind() == ErrorKind::Overloaded,
+        Outcome::Unknown(e) => e.kind() == ErrorKind::Rejected,
+        Outcome::Acked(_) => false,
+    };
+    maybe
         && matches!(
             serde_json::from_slice::<ApiAck<'_>>(&m.payload),
-            Ok(ApiAck { error: Some(e), .. }) if e.err_code == TEMPORARILY_UNAVAILABLE
+            Ok(ApiAck { error: Some(e), .. })
+                if matches!(e.err_code, TEMPORARILY_UNAVAILABLE | DUPLICATE_IN_PROCESS)
         )
 }
 
@@ -1030,8 +1110,7 @@ fn stopped() -> Outcome {
     Outcome::Failed(Error::closed("NATS writer stopped").with_backend(BACKEND))
 }
 
-async fn route(mut sub: async_nats::Subscriber, skip: usize, r: Router) {
-    let r = Arc::new(r);
+async fn route(mut sub: async_nats::Subscriber, skip: usize, r: Arc<Router>) {
     while let Some(m) = sub.next().await {
         let Some(rest) = m.subject.as_str().get(skip..) else {
             continue;
@@ -1101,5 +1180,55 @@ impl BatchSink for NatsSink {
             kept.forget(id);
             out
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reply(payload: &'static str) -> async_nats::Message {
+        async_nats::Message {
+            subject: "_INBOX.x.0.0".into(),
+            reply: None,
+            payload: Bytes::from_static(payload.as_bytes()),
+            headers: None,
+            status: None,
+            description: None,
+            length: payload.len(),
+        }
+    }
+
+    #[test]
+    fn an_id_in_process_is_unknown_and_asked_again() {
+        let m = reply(
+            r#"{"error":{"code":409,"err_code":10158,"description":"duplicate message id is in process"}}"#,
+        );
+        let o = parse_ack(&m);
+        assert!(
+            matches!(&o, Outcome::Unknown(e) if e.is_retryable()),
+            "never Failed: the other publish may store it ({o:?})"
+        );
+        assert!(try_again_later(&m, &o));
+    }
+
+    #[test]
+    fn only_transient_refusals_are_asked_again() {
+        let unavailable = reply(
+            r#"{"error":{"code":503,"err_code":10008,"description":"JetStream system temporarily unavailable"}}"#,
+        );
+        let o = parse_ack(&unavailable);
+        assert!(matches!(&o, Outcome::Failed(_)));
+        assert!(try_again_later(&unavailable, &o));
+        let full = reply(
+            r#"{"error":{"code":503,"err_code":10077,"description":"maximum messages exceeded"}}"#,
+        );
+        assert!(!try_again_later(&full, &parse_ack(&full)));
+        let stored = reply(r#"{"stream":"S","seq":7}"#);
+        let o = parse_ack(&stored);
+        assert!(o.is_acked());
+        assert!(!try_again_later(&stored, &o));
+        let unreadable = reply("garbage");
+        assert!(!try_again_later(&unreadable, &parse_ack(&unreadable)));
     }
 }

@@ -10,6 +10,7 @@
 //! - [`tls_proxy`]: a TLS-terminating proxy (tansu has no TLS listener of its own);
 //! - [`target`]: a broker process (nats-server, tansu) with kill -9 / SIGSTOP / SIGCONT /
 //!   restart on the same store, and the backend's sink and subscriber;
+//! - [`raw`]: the raw clients (no SDK), driven through the same ledger for comparison rows;
 //! - [`scenario`]: the fault scenarios; `cargo xtask reliability` runs them all and prints the
 //!   table (`--quick` is the CI subset).
 //!
@@ -27,6 +28,7 @@
 
 pub mod check;
 pub mod proxy;
+pub mod raw;
 pub mod record;
 pub mod scenario;
 pub mod target;

@@ -19,12 +19,15 @@ struct Args {
     quick: bool,
     /// Backends (comma separated): nats, kafka, and the clusters nats-cluster (3 nodes, R3
     /// streams; faults hit the stream leader) and kafka-cluster (3 tansu brokers over one
-    /// SQLite file). Default: nats, kafka.
+    /// SQLite file), and nats-cluster-raw (the raw async-nats client, no SDK, through the same
+    /// kill-restart and stepdown rows). Default: nats, kafka.
     #[arg(long, value_delimiter = ',')]
     backend: Vec<String>,
     /// Scenarios (comma separated): kill-restart, pause, stall-memory, slow-consumer, blackhole, wire,
-    /// shutdown, cancel, absent, security, stepdown (nats-cluster only). Default: all but
-    /// stepdown.
+    /// shutdown, cancel, absent, security, and on nats-cluster only stepdown, kill-connected
+    /// (kill the node the client is attached to), rolling-restart and partition (the stream
+    /// leader cut off from the other two by route proxies). Default: all but the
+    /// nats-cluster-only ones.
     #[arg(long, value_delimiter = ',')]
     scenario: Vec<String>,
     /// Output directory for reliability.json and reliability.md.
@@ -35,7 +38,13 @@ struct Args {
     doc: Option<PathBuf>,
 }
 
-const ALL: [&str; 11] = [
+/// Scenarios the raw client (`nats-cluster-raw`) runs beside the SDK.
+const RAW: [&str; 2] = ["kill-restart", "stepdown"];
+
+/// Scenarios that only a NATS cluster runs.
+const NATS_CLUSTER_ONLY: [&str; 4] = ["stepdown", "kill-connected", "rolling-restart", "partition"];
+
+const ALL: [&str; 14] = [
     "kill-restart",
     "pause",
     "stall-memory",
@@ -47,6 +56,9 @@ const ALL: [&str; 11] = [
     "absent",
     "security",
     "stepdown",
+    "kill-connected",
+    "rolling-restart",
+    "partition",
 ];
 
 fn proxied(s: &str) -> bool {
@@ -119,9 +131,43 @@ async fn run(backend: &str, s: &str, size: Size) -> Row {
         }
         #[cfg(feature = "nats")]
         "nats-cluster" => {
+            use eventbus_reliability::target::nats_cluster::{Aim, NatsCluster3};
+            let started = if s == "partition" {
+                NatsCluster3::start_with_route_proxies().await
+            } else {
+                NatsCluster3::start().await
+            };
+            let mut t = match started {
+                Ok(t) => t,
+                Err(e) => return failed(e),
+            };
+            let mut row = match s {
+                "stepdown" => return scenario::stepdown(&mut t, size).await,
+                "rolling-restart" => return scenario::rolling_restart(&mut t, size).await,
+                "partition" => return scenario::partition(&mut t, size).await,
+                "kill-connected" => {
+                    t.aim(Aim::ClientNode);
+                    let mut row = scenario::kill_restart(&mut t, size).await;
+                    row.scenario = s.into();
+                    row
+                }
+                _ => run_on(&mut t, s, size).await,
+            };
+            if let Some(v) = t.last_victim() {
+                row.notes.push(format!("the faults hit node n{v}"));
+            }
+            if matches!(s, "kill-restart" | "kill-connected") {
+                scenario::require_no_failed(&mut row, "a node kill");
+            }
+            row
+        }
+        #[cfg(feature = "nats")]
+        "nats-cluster-raw" => {
+            if !RAW.contains(&s) {
+                return failed(format!("{s} is not run with the raw client"));
+            }
             match eventbus_reliability::target::nats_cluster::NatsCluster3::start().await {
-                Ok(mut t) if s == "stepdown" => scenario::stepdown(&mut t, size).await,
-                Ok(mut t) => run_on(&mut t, s, size).await,
+                Ok(mut t) => scenario::raw_nats(&mut t, s, size).await,
                 Err(e) => failed(e),
             }
         }
@@ -208,7 +254,7 @@ fn main() -> std::process::ExitCode {
     };
     let scenarios: Vec<String> = if args.scenario.is_empty() {
         ALL.iter()
-            .filter(|s| **s != "stepdown")
+            .filter(|s| !NATS_CLUSTER_ONLY.contains(s))
             .map(|s| (*s).to_owned())
             .collect()
     } else {
@@ -228,8 +274,12 @@ fn main() -> std::process::ExitCode {
     let mut rows = Vec::new();
     for s in &scenarios {
         for b in &backends {
-            if s == "stepdown" && b != "nats-cluster" {
-                continue; // a JetStream API of its own
+            if b == "nats-cluster-raw" {
+                if !RAW.contains(&s.as_str()) {
+                    continue;
+                }
+            } else if NATS_CLUSTER_ONLY.contains(&s.as_str()) && b != "nats-cluster" {
+                continue;
             }
             eprint!("==> {s} on {b} ... ");
             let t0 = Instant::now();

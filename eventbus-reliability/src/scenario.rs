@@ -6,11 +6,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use eventbus_batch::{BatchConfig, Batcher, OnFull};
-use eventbus_core::{BatchSink, Outcome, Publisher, SubscribeSpec, Subscriber};
+use eventbus_core::{Outcome, Publisher, SubscribeSpec, Subscriber};
 use rand::Rng;
 use serde::Serialize;
 
 use crate::check::{self, Class, Figures, Gauge, Ledger, Load};
+use crate::raw::InFlight;
 use crate::record;
 use crate::target::Target;
 
@@ -112,12 +113,12 @@ struct Sampler {
 }
 
 impl Sampler {
-    fn start<S: eventbus_core::BatchSink>(p: &Batcher<S>) -> Sampler {
+    fn start<P: InFlight + Clone + Send + 'static>(p: &P) -> Sampler {
         let peak = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let (p, pk) = (p.clone(), Arc::clone(&peak));
         let task = tokio::spawn(async move {
             loop {
-                pk.fetch_max(p.stats().in_flight, std::sync::atomic::Ordering::Relaxed);
+                pk.fetch_max(p.in_flight(), std::sync::atomic::Ordering::Relaxed);
                 tokio::time::sleep(Duration::from_millis(1)).await;
             }
         });
@@ -137,12 +138,15 @@ impl Sampler {
 
 /// Publish `load` through `p` while `script` applies the fault. Returns the script's output and
 /// the ledger, and records the peak in flight in `row`.
-async fn under_load<S: BatchSink, R>(
-    p: &Batcher<S>,
+async fn under_load<P, R>(
+    p: &P,
     load: &Load,
     row: &mut Row,
     script: impl Future<Output = R>,
-) -> (R, Ledger) {
+) -> (R, Ledger)
+where
+    P: Publisher + InFlight + Clone + Send + Sync + 'static,
+{
     let (ledger, gauge) = (Ledger::default(), Arc::new(Gauge::default()));
     let sampler = Sampler::start(p);
     let (out, ()) = tokio::join!(script, check::publish(p, load, &ledger, &gauge));
@@ -152,9 +156,9 @@ async fn under_load<S: BatchSink, R>(
 
 /// After the fault: retry unknowns (same ids), drain with a fresh consumer, check, close, and
 /// assert the invariants every scenario keeps.
-async fn settle<T: Target>(
+async fn settle<T: Target, P: Publisher>(
     t: &T,
-    p: &Batcher<T::Sink>,
+    p: &P,
     load: &Load,
     filter: &str,
     ledger: &Ledger,
@@ -225,11 +229,27 @@ macro_rules! try_setup {
 }
 
 /// Broker killed (-9) and restarted twice on the same store while 5 producers publish
-/// (10,000 messages full, 2,000 quick). Unknown outcomes are retried with the same id.
+/// (10,000 messages full, 2,000 quick), ack deadline [`Target::kill_deadline`]. Unknown
+/// outcomes are retried with the same id.
 pub async fn kill_restart<T: Target>(t: &mut T, size: Size) -> Row {
     let mut row = Row::new("kill-restart", t.name());
-    let cfg = BatchConfig::default().ack_timeout(Duration::from_secs(5));
+    let cfg = BatchConfig::default().ack_timeout(t.kill_deadline());
     let (run, topics, filter, p) = try_setup!(row, setup(t, &mut row, "kill", 5, cfg).await);
+    kill_restart_with(t, &p, (run, topics, filter), size, row).await
+}
+
+/// [`kill_restart`] through any publisher `p` (the raw client's rows), on topics already
+/// provisioned: `(run, topics, filter)`.
+pub async fn kill_restart_with<T: Target, P>(
+    t: &mut T,
+    p: &P,
+    (run, topics, filter): (String, Vec<String>, String),
+    size: Size,
+    mut row: Row,
+) -> Row
+where
+    P: Publisher + InFlight + Clone + Send + Sync + 'static,
+{
     let load = paced_load(run, topics, size);
     let script = async {
         let mut restarts = Vec::new();
@@ -243,14 +263,14 @@ pub async fn kill_restart<T: Target>(t: &mut T, size: Size) -> Row {
         }
         restarts
     };
-    let (restarts, ledger) = under_load(&p, &load, &mut row, script).await;
+    let (restarts, ledger) = under_load(p, &load, &mut row, script).await;
     for (_, r) in &restarts {
         if let Err(e) = r {
             row.failures.push(format!("restart failed: {e}"));
         }
     }
     fault_times(&mut row, &ledger, restarts.iter().map(|(down, _)| *down));
-    settle(t, &p, &load, &filter, &ledger, &mut row).await;
+    settle(t, p, &load, &filter, &ledger, &mut row).await;
     row
 }
 
@@ -294,6 +314,30 @@ pub async fn stepdown(t: &mut crate::target::nats_cluster::NatsCluster3, size: S
     let mut row = Row::new("stepdown", t.name());
     let cfg = BatchConfig::default().ack_timeout(Duration::from_secs(5));
     let (run, topics, filter, p) = try_setup!(row, setup(t, &mut row, "stepdown", 5, cfg).await);
+    let mut row = stepdown_with(t, &p, (run, topics, filter), size, row).await;
+    row.require(
+        row.figures.first_failed == 0 && row.figures.first_unknown == 0,
+        format!(
+            "a step-down reached the caller: {} failed, {} unknown first outcomes",
+            row.figures.first_failed, row.figures.first_unknown
+        ),
+    );
+    row.require(row.figures.duplicates == 0, "duplicates stored");
+    row
+}
+
+/// [`stepdown`] through any publisher `p`, without its assertions on what the caller saw.
+#[cfg(feature = "nats")]
+pub async fn stepdown_with<P>(
+    t: &mut crate::target::nats_cluster::NatsCluster3,
+    p: &P,
+    (run, topics, filter): (String, Vec<String>, String),
+    size: Size,
+    mut row: Row,
+) -> Row
+where
+    P: Publisher + InFlight + Clone + Send + Sync + 'static,
+{
     let load = paced_load(run, topics, size);
     let script = async {
         let mut events = Vec::new();
@@ -307,7 +351,7 @@ pub async fn stepdown(t: &mut crate::target::nats_cluster::NatsCluster3, size: S
         }
         events
     };
-    let (events, ledger) = under_load(&p, &load, &mut row, script).await;
+    let (events, ledger) = under_load(p, &load, &mut row, script).await;
     let node = |n: &Option<usize>| n.map_or("none".to_owned(), |n| format!("n{n}"));
     for (_, before, after, r, took) in &events {
         if let Err(e) = r {
@@ -322,16 +366,143 @@ pub async fn stepdown(t: &mut crate::target::nats_cluster::NatsCluster3, size: S
         row.require(after.is_some(), "no new leader within 10 s");
     }
     fault_times(&mut row, &ledger, events.iter().map(|(at, ..)| *at));
+    settle(t, p, &load, &filter, &ledger, &mut row).await;
+    row
+}
+
+/// The raw async-nats client (no SDK) under `scenario` (`kill-restart` or `stepdown`) on the
+/// NATS cluster, with the SDK's window and wire timeout: what a caller sees without the SDK.
+/// Only safety is asserted; the caller-visible figures are the comparison.
+#[cfg(feature = "nats")]
+pub async fn raw_nats(
+    t: &mut crate::target::nats_cluster::NatsCluster3,
+    scenario: &str,
+    size: Size,
+) -> Row {
+    let mut row = Row::new(scenario, "nats-cluster raw");
+    let run = run_id(&format!("raw-{scenario}"));
+    let (topics, filter) = match t.provision(&run, 5).await {
+        Ok(v) => v,
+        Err(e) => {
+            row.failures.push(format!("provision: {e}"));
+            return row;
+        }
+    };
+    let window = BatchConfig::default().max_in_flight;
+    let config = t.sink_config();
+    let p = match crate::raw::RawNats::connect(&config.url, config.ack_timeout, window).await {
+        Ok(p) => p,
+        Err(e) => {
+            row.failures.push(e);
+            return row;
+        }
+    };
+    row.window = window as u64;
+    let provisioned = (run, topics, filter);
+    if scenario == "stepdown" {
+        stepdown_with(t, &p, provisioned, size, row).await
+    } else {
+        kill_restart_with(t, &p, provisioned, size, row).await
+    }
+}
+
+/// NATS cluster only: every node restarted in turn, as an operator rolls an upgrade (SIGTERM,
+/// start on the same store, wait until every node reports healthy, then the next), while 5
+/// producers publish a paced load of about 15 s (ack deadline 10 s). Nothing may reach the
+/// caller as failed; nothing is lost or duplicated.
+#[cfg(feature = "nats")]
+pub async fn rolling_restart(t: &mut crate::target::nats_cluster::NatsCluster3, size: Size) -> Row {
+    let mut row = Row::new("rolling-restart", t.name());
+    let cfg = BatchConfig::default().ack_timeout(Duration::from_secs(10));
+    let (run, topics, filter, p) = try_setup!(row, setup(t, &mut row, "rolling", 5, cfg).await);
+    let per = if size.quick { 1_200 } else { 6_000 };
+    let load = Load {
+        run,
+        topics,
+        producers: 5,
+        per,
+        payload: 100,
+        pace: Some((per / 600, Duration::from_millis(25))),
+        stop_at: None,
+    };
+    let script = async {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let start = Instant::now();
+        let downs = blocking(|| t.rolling_restart()).await;
+        (downs, start.elapsed())
+    };
+    let ((downs, took), ledger) = under_load(&p, &load, &mut row, script).await;
+    match downs {
+        Ok(downs) => {
+            row.notes
+                .push(format!("3 nodes restarted in turn in {} ms", ms(took)));
+            fault_times(&mut row, &ledger, downs.into_iter());
+        }
+        Err(e) => row.failures.push(e),
+    }
     settle(t, &p, &load, &filter, &ledger, &mut row).await;
+    require_no_failed(&mut row, "a rolling restart");
+    row
+}
+
+/// NATS cluster only (started with route proxies): the node that leads the stream is cut off
+/// from the other two for 4 s (its route proxies hold every byte, no RST) while 5 producers
+/// publish a paced load of about 7.5 s (ack deadline 15 s), then the partition heals. The
+/// majority elects a new leader; a client attached to the cut-off node cannot reach it until
+/// the partition heals. Safety is asserted; what the caller saw is reported.
+#[cfg(feature = "nats")]
+pub async fn partition(t: &mut crate::target::nats_cluster::NatsCluster3, size: Size) -> Row {
+    let mut row = Row::new("partition", t.name());
+    let cfg = BatchConfig::default().ack_timeout(Duration::from_secs(15));
+    let (run, topics, filter, p) = try_setup!(row, setup(t, &mut row, "partition", 5, cfg).await);
+    let per = if size.quick { 600 } else { 3_000 };
+    let load = Load {
+        run,
+        topics,
+        producers: 5,
+        per,
+        payload: 100,
+        pace: Some((per / 300, Duration::from_millis(25))),
+        stop_at: None,
+    };
+    let client_node = t.node_of_connection(crate::target::nats_cluster::SINK_CONNECTION);
+    let script = async {
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        let victim = t.choose_victim();
+        let at = Instant::now();
+        let cut = t.partition(victim);
+        let elected = t
+            .wait_for_leader(Some(victim), Duration::from_secs(4))
+            .await;
+        tokio::time::sleep(Duration::from_secs(4).saturating_sub(at.elapsed())).await;
+        t.heal(victim);
+        (victim, at, cut, elected)
+    };
+    let ((victim, at, cut, elected), ledger) = under_load(&p, &load, &mut row, script).await;
+    row.require(cut, "the cluster has no route proxies to cut");
+    let node = |n: Option<usize>| n.map_or("none".to_owned(), |n| format!("n{n}"));
+    row.notes.push(format!(
+        "stream leader n{victim} cut off for 4 s; the client was attached to {}; new leader during the partition: {}",
+        node(client_node),
+        node(elected)
+    ));
+    fault_times(&mut row, &ledger, std::iter::once(at));
+    settle(t, &p, &load, &filter, &ledger, &mut row).await;
+    row.require(row.figures.duplicates == 0, "duplicates stored");
+    row
+}
+
+/// On NATS with ids a fault that is only an election must not reach the caller as failed, and
+/// the stream de-duplicates every resend.
+pub fn require_no_failed(row: &mut Row, fault: &str) {
     row.require(
-        row.figures.first_failed == 0 && row.figures.first_unknown == 0,
+        row.figures.first_failed == 0,
         format!(
-            "a step-down reached the caller: {} failed, {} unknown first outcomes",
-            row.figures.first_failed, row.figures.first_unknown
+            "{fault} reached the caller: {} failed first outcomes",
+            row.figures.first_failed
         ),
     );
     row.require(row.figures.duplicates == 0, "duplicates stored");
-    row
 }
 
 /// The shared shape of [`pause`] and [`blackhole`]: a steady load (5 producers x 600 messages,

@@ -45,6 +45,11 @@ pub trait Target: Broker + Send + Sync {
     fn proxy(&self) -> Option<&FaultProxy>;
     /// The first panic in the broker's log, if it crashed (a broker bug, told apart from ours).
     fn broker_panic(&self) -> Option<String>;
+    /// The ack deadline of the kill-restart row: a restart, or a cluster's election, should
+    /// fit in it. Default 5 s.
+    fn kill_deadline(&self) -> Duration {
+        Duration::from_secs(5)
+    }
 }
 
 fn loopback(port: u16) -> SocketAddr {
@@ -301,13 +306,13 @@ pub mod kafka {
 }
 
 /// NATS JetStream on a 3-node cluster with R3 file streams, the client given every node as a
-/// seed. The process faults act on the node that leads the stream of the last provisioned run
-/// (read from the nodes' monitoring endpoints when the fault starts); `restart` and `resume`
-/// act on the node the last fault hit.
+/// seed. The process faults act on the node chosen by [`nats_cluster::Aim`]: by default the
+/// one that leads the stream of the last provisioned run (read from the nodes' monitoring
+/// endpoints when the fault starts); `restart` and `resume` act on the node the last fault hit.
 #[cfg(feature = "nats")]
 pub mod nats_cluster {
     use super::*;
-    use eventbus_brokers::NatsCluster;
+    use eventbus_brokers::{NatsCluster, NatsClusterPlan};
     use eventbus_nats::{NatsBackend, NatsConfig, NatsSink, NatsSubscriber};
     use parking_lot::Mutex;
 
@@ -319,6 +324,23 @@ pub mod nats_cluster {
         config: NatsConfig,
         stream: Mutex<Option<String>>,
         victim: Mutex<Option<usize>>,
+        aim: Mutex<Aim>,
+        /// With [`NatsCluster3::start_with_route_proxies`]: the proxy node `i` dials to reach
+        /// node `j`'s routes, as `((i, j), proxy)`.
+        routes: Vec<((usize, usize), FaultProxy)>,
+    }
+
+    /// The connection name of every sink the target makes (found again through `/connz`).
+    pub const SINK_CONNECTION: &str = "eventbus-reliability-sink";
+
+    /// Which node the process faults hit.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum Aim {
+        /// The node that leads the last run's stream.
+        StreamLeader,
+        /// The node the sink's connection is attached to (the client fails over to another
+        /// seed).
+        ClientNode,
     }
 
     impl NatsCluster3 {
@@ -328,7 +350,68 @@ pub mod nats_cluster {
                 .await
                 .map_err(|e| e.to_string())?
                 .map_err(|e| format!("start NATS cluster: {e}"))?;
-            let config = NatsConfig::new(cluster.urls()).ack_timeout(Duration::from_secs(2));
+            Self::connect(cluster, Vec::new()).await
+        }
+
+        /// Start three nodes whose routes to each other all pass through fault proxies (one
+        /// per direction of every pair), for [`NatsCluster3::partition`].
+        pub async fn start_with_route_proxies() -> Result<NatsCluster3, String> {
+            let plan = NatsClusterPlan::new(3).map_err(|e| format!("ports: {e}"))?;
+            let mut routes = Vec::new();
+            for i in 0..plan.len() {
+                for j in (0..plan.len()).filter(|&j| j != i) {
+                    let p = FaultProxy::start(loopback(plan.route_port(j)))
+                        .await
+                        .map_err(|e| format!("route proxy: {e}"))?;
+                    routes.push(((i, j), p));
+                }
+            }
+            let via: Vec<((usize, usize), u16)> =
+                routes.iter().map(|(k, p)| (*k, p.addr().port())).collect();
+            let cluster = tokio::task::spawn_blocking(move || {
+                NatsCluster::start_planned(&plan, |i, j| {
+                    via.iter().find(|(k, _)| *k == (i, j)).map(|(_, p)| *p)
+                })
+            })
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("start NATS cluster: {e}"))?;
+            Self::connect(cluster, routes).await
+        }
+
+        /// Cut node `k` off from the other two: every route proxy to or from it holds its
+        /// bytes (no RST; the nodes notice by their own timeouts). Returns `false` when the
+        /// cluster has no route proxies.
+        pub fn partition(&self, k: usize) -> bool {
+            self.set_routes_of(k, crate::proxy::Mode::Hold)
+        }
+
+        /// Undo [`NatsCluster3::partition`] of node `k`.
+        pub fn heal(&self, k: usize) -> bool {
+            self.set_routes_of(k, crate::proxy::Mode::Pass)
+        }
+
+        fn set_routes_of(&self, k: usize, mode: crate::proxy::Mode) -> bool {
+            for ((i, j), p) in &self.routes {
+                if *i == k || *j == k {
+                    p.set(mode);
+                }
+            }
+            !self.routes.is_empty()
+        }
+
+        /// The node the next fault hits, remembered for [`Broker::restart`] and
+        /// [`Broker::resume`].
+        pub fn choose_victim(&self) -> usize {
+            self.pick_victim()
+        }
+
+        async fn connect(
+            cluster: NatsCluster,
+            routes: Vec<((usize, usize), FaultProxy)>,
+        ) -> Result<NatsCluster3, String> {
+            let mut config = NatsConfig::new(cluster.urls()).ack_timeout(Duration::from_secs(2));
+            config.name = SINK_CONNECTION.into();
             let direct = NatsBackend::connect(NatsConfig::new(cluster.urls()))
                 .await
                 .map_err(|e| format!("connect: {e}"))?;
@@ -338,7 +421,57 @@ pub mod nats_cluster {
                 config,
                 stream: Mutex::new(None),
                 victim: Mutex::new(None),
+                aim: Mutex::new(Aim::StreamLeader),
+                routes,
             })
+        }
+
+        /// Aim the process faults at `aim` from now on.
+        pub fn aim(&self, aim: Aim) {
+            *self.aim.lock() = aim;
+        }
+
+        /// The config sinks connect with (every node a seed).
+        pub fn sink_config(&self) -> &NatsConfig {
+            &self.config
+        }
+
+        /// The node a connection named `name` is attached to, from the nodes' `/connz`.
+        pub fn node_of_connection(&self, name: &str) -> Option<usize> {
+            (0..self.cluster.nodes().len()).find(|&i| {
+                let Ok((200, body)) =
+                    eventbus_brokers::http_get(self.cluster.http_port(i), "/connz?limit=1024")
+                else {
+                    return false;
+                };
+                serde_json::from_str::<serde_json::Value>(&body)
+                    .ok()
+                    .and_then(|v| v.get("connections")?.as_array().cloned())
+                    .is_some_and(|conns| {
+                        conns
+                            .iter()
+                            .any(|c| c.get("name").and_then(|n| n.as_str()) == Some(name))
+                    })
+            })
+        }
+
+        /// Restart every node in turn, as an operator rolls an upgrade: SIGTERM (the node hands
+        /// over what it leads), start it again on its store, wait until every node reports
+        /// healthy (JetStream current), then the next. Returns when each node went down.
+        pub fn rolling_restart(&mut self) -> Result<Vec<std::time::Instant>, String> {
+            let mut downs = Vec::new();
+            for i in 0..self.cluster.nodes().len() {
+                downs.push(std::time::Instant::now());
+                self.cluster.node_mut(i).stop(Duration::from_secs(10));
+                self.cluster
+                    .node_mut(i)
+                    .restart()
+                    .map_err(|e| format!("restart n{i}: {e}"))?;
+                self.cluster
+                    .wait_ready(Duration::from_secs(30))
+                    .map_err(|e| format!("after restarting n{i}: {e}"))?;
+            }
+            Ok(downs)
         }
 
         /// The node that leads `stream`, from any node's `/jsz` (`None` while there is none).
@@ -360,17 +493,27 @@ pub mod nats_cluster {
             None
         }
 
-        /// The node the next fault hits: the leader of the last run's stream (node 0 if none
-        /// is known).
+        /// The node the next fault hits, as aimed (node 0 if none is known).
         fn pick_victim(&self) -> usize {
-            let stream = self.stream.lock().clone();
-            let v = stream.and_then(|s| self.leader_of(&s)).unwrap_or(0);
+            let v = match *self.aim.lock() {
+                Aim::StreamLeader => {
+                    let stream = self.stream.lock().clone();
+                    stream.and_then(|s| self.leader_of(&s))
+                }
+                Aim::ClientNode => self.node_of_connection(SINK_CONNECTION),
+            }
+            .unwrap_or(0);
             *self.victim.lock() = Some(v);
             v
         }
 
         fn victim(&self) -> usize {
             self.victim.lock().unwrap_or(0)
+        }
+
+        /// The node the last process fault hit, if any.
+        pub fn last_victim(&self) -> Option<usize> {
+            *self.victim.lock()
         }
 
         /// Ask the leader of the last run's stream to step down (JetStream API); the other
@@ -471,6 +614,11 @@ pub mod nats_cluster {
         }
         fn proxy(&self) -> Option<&FaultProxy> {
             None
+        }
+        /// 10 s: a new stream leader takes 4-5 s to be elected after a SIGKILL here (the
+        /// raft election timeout), and the SDK must be given the time to reach it.
+        fn kill_deadline(&self) -> Duration {
+            Duration::from_secs(10)
         }
         fn broker_panic(&self) -> Option<String> {
             self.cluster

@@ -1,0 +1,144 @@
+//! The raw clients with no SDK in between, driven through the same load, ledger and checker as
+//! the SDK, so a fault row can show what the SDK adds. The raw client is used as its own docs
+//! show: every message carries its id (`Nats-Msg-Id`), each publish's ack future is awaited,
+//! and whatever the client reports is what the caller sees. Nothing is retried inside the
+//! publisher; the scenario's own retry of unknown outcomes (same ids) runs after the fault, as
+//! it does for the SDK.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use eventbus_core::{
+    Ack, CloseReport, Error, ErrorKind, Message, Outcome, PendingAck, Position, Publisher,
+};
+
+/// Anything the scenarios publish through that can say how many messages it holds unresolved.
+pub trait InFlight {
+    /// Admitted messages without an outcome yet.
+    fn in_flight(&self) -> usize;
+}
+
+impl<S: eventbus_core::BatchSink> InFlight for eventbus_batch::Batcher<S> {
+    fn in_flight(&self) -> usize {
+        self.stats().in_flight
+    }
+}
+
+/// async-nats's JetStream context: `publish_with_headers` per message, its ack future awaited
+/// on a task. Its window is the context's `max_ack_inflight` with backpressure on.
+#[cfg(feature = "nats")]
+#[derive(Clone, Debug)]
+pub struct RawNats {
+    js: async_nats::jetstream::Context,
+    in_flight: Arc<AtomicUsize>,
+}
+
+#[cfg(feature = "nats")]
+impl RawNats {
+    /// Connect to `seeds` (comma separated) with an ack timeout of `ack_timeout` and a window
+    /// of `window` publishes awaiting acks.
+    pub async fn connect(
+        seeds: &str,
+        ack_timeout: Duration,
+        window: usize,
+    ) -> Result<Self, String> {
+        let addrs: Vec<async_nats::ServerAddr> = seeds
+            .split(',')
+            .map(|s| s.parse().map_err(|e| format!("seed {s}: {e}")))
+            .collect::<Result<_, _>>()?;
+        let client = async_nats::ConnectOptions::new()
+            .name("eventbus-reliability-raw")
+            .connect(addrs)
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+        let js = async_nats::jetstream::ContextBuilder::new()
+            .timeout(ack_timeout)
+            .max_ack_inflight(window)
+            .backpressure_on_inflight(true)
+            .build(client);
+        Ok(RawNats {
+            js,
+            in_flight: Arc::default(),
+        })
+    }
+
+    async fn wait_idle(&self, deadline: Duration) -> u64 {
+        let until = Instant::now() + deadline;
+        while self.in_flight() > 0 && Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        self.in_flight() as u64
+    }
+}
+
+#[cfg(feature = "nats")]
+impl InFlight for RawNats {
+    fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+}
+
+/// What the caller of the raw client learns from an ack future's error.
+#[cfg(feature = "nats")]
+fn outcome(e: &async_nats::jetstream::context::PublishError) -> Outcome {
+    use async_nats::jetstream::context::PublishErrorKind as K;
+    let text = "raw client";
+    match e.kind() {
+        // "No responders": nothing stored.
+        K::StreamNotFound => Outcome::Failed(Error::new(ErrorKind::Rejected, text).temporary()),
+        K::TimedOut => Outcome::Unknown(Error::new(ErrorKind::Timeout, text)),
+        K::Other | K::WrongLastMessageId | K::WrongLastSequence | K::MaxPayloadExceeded => {
+            Outcome::Failed(Error::new(ErrorKind::Rejected, text))
+        }
+        _ => Outcome::Unknown(Error::new(ErrorKind::Connect, text)),
+    }
+}
+
+#[cfg(feature = "nats")]
+impl Publisher for RawNats {
+    fn publish(&self, msg: Message) -> impl Future<Output = Result<PendingAck, Error>> + Send {
+        let (js, in_flight) = (self.js.clone(), Arc::clone(&self.in_flight));
+        async move {
+            let mut h = async_nats::HeaderMap::new();
+            for (n, v) in msg.headers().iter() {
+                h.append(n, v);
+            }
+            h.insert("Nats-Msg-Id", msg.id().to_string().as_str());
+            let subject = msg.topic().as_str().to_owned();
+            let ack = js
+                .publish_with_headers(subject, h, msg.payload().clone())
+                .await
+                .map_err(|e| {
+                    Error::new(ErrorKind::Connect, format!("raw publish: {}", e.kind()))
+                })?;
+            in_flight.fetch_add(1, Ordering::Relaxed);
+            let (tx, pending) = PendingAck::channel();
+            tokio::spawn(async move {
+                let o = match ack.await {
+                    Ok(a) => Outcome::Acked(Ack {
+                        position: Position::Stream {
+                            stream: a.stream,
+                            sequence: a.sequence,
+                            duplicate: a.duplicate,
+                        },
+                    }),
+                    Err(e) => outcome(&e),
+                };
+                in_flight.fetch_sub(1, Ordering::Relaxed);
+                tx.send(o);
+            });
+            Ok(pending)
+        }
+    }
+
+    async fn flush(&self) -> Result<(), Error> {
+        self.wait_idle(Duration::from_secs(60)).await;
+        Ok(())
+    }
+
+    async fn close(&self, deadline: Duration) -> Result<CloseReport, Error> {
+        Ok(CloseReport::new(self.wait_idle(deadline).await))
+    }
+}
