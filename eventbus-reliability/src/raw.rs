@@ -142,3 +142,114 @@ impl Publisher for RawNats {
         Ok(CloseReport::new(self.wait_idle(deadline).await))
     }
 }
+
+/// rdkafka's `FutureProducer` as its docs show it: idempotent, `acks=all`, one `send_result`
+/// per message with the message's key and headers, its delivery future awaited on a task.
+/// librdkafka retries inside `message.timeout.ms`; what it reports after that is what the
+/// caller sees.
+#[cfg(feature = "kafka")]
+#[derive(Clone)]
+pub struct RawKafka {
+    producer: rdkafka::producer::FutureProducer,
+    in_flight: Arc<AtomicUsize>,
+}
+
+#[cfg(feature = "kafka")]
+impl std::fmt::Debug for RawKafka {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RawKafka").finish_non_exhaustive()
+    }
+}
+
+#[cfg(feature = "kafka")]
+impl RawKafka {
+    /// A producer for `bootstrap` whose messages time out after `timeout`.
+    pub fn connect(bootstrap: &str, timeout: Duration) -> Result<Self, String> {
+        let producer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", bootstrap)
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", "5")
+            .set("message.timeout.ms", timeout.as_millis().to_string())
+            .create()
+            .map_err(|e| format!("producer: {e}"))?;
+        Ok(RawKafka {
+            producer,
+            in_flight: Arc::default(),
+        })
+    }
+
+    async fn wait_idle(&self, deadline: Duration) -> u64 {
+        let until = Instant::now() + deadline;
+        while self.in_flight() > 0 && Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        self.in_flight() as u64
+    }
+}
+
+#[cfg(feature = "kafka")]
+impl InFlight for RawKafka {
+    fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(feature = "kafka")]
+impl Publisher for RawKafka {
+    fn publish(&self, msg: Message) -> impl Future<Output = Result<PendingAck, Error>> + Send {
+        use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+        use rdkafka::message::{Header, OwnedHeaders};
+        use rdkafka::producer::FutureRecord;
+        let (producer, in_flight) = (self.producer.clone(), Arc::clone(&self.in_flight));
+        async move {
+            let mut headers = OwnedHeaders::new();
+            for (n, v) in msg.headers().iter() {
+                headers = headers.insert(Header {
+                    key: n,
+                    value: Some(v),
+                });
+            }
+            let key = msg.key().cloned().unwrap_or_default();
+            let record = FutureRecord::to(msg.topic().as_str())
+                .payload(&msg.payload()[..])
+                .key(&key[..])
+                .headers(headers);
+            let delivery = producer
+                .send_result(record)
+                .map_err(|(e, _)| Error::new(ErrorKind::Overloaded, format!("raw send: {e}")))?;
+            in_flight.fetch_add(1, Ordering::Relaxed);
+            let (tx, pending) = PendingAck::channel();
+            tokio::spawn(async move {
+                let text = "raw client";
+                let o = match delivery.await {
+                    Ok(Ok(d)) => Outcome::Acked(Ack {
+                        position: Position::Partition {
+                            partition: d.partition,
+                            offset: d.offset,
+                        },
+                    }),
+                    Ok(Err((KafkaError::MessageProduction(code), _)))
+                        if code != RDKafkaErrorCode::MessageTimedOut
+                            && code != RDKafkaErrorCode::RequestTimedOut =>
+                    {
+                        Outcome::Failed(Error::new(ErrorKind::Rejected, text))
+                    }
+                    Ok(Err(_)) | Err(_) => Outcome::Unknown(Error::new(ErrorKind::Timeout, text)),
+                };
+                in_flight.fetch_sub(1, Ordering::Relaxed);
+                tx.send(o);
+            });
+            Ok(pending)
+        }
+    }
+
+    async fn flush(&self) -> Result<(), Error> {
+        self.wait_idle(Duration::from_secs(60)).await;
+        Ok(())
+    }
+
+    async fn close(&self, deadline: Duration) -> Result<CloseReport, Error> {
+        Ok(CloseReport::new(self.wait_idle(deadline).await))
+    }
+}

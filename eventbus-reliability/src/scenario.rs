@@ -55,7 +55,8 @@ impl Row {
         }
     }
 
-    fn require(&mut self, ok: bool, what: impl Into<String>) {
+    /// Record `what` as a failed assertion unless `ok`.
+    pub fn require(&mut self, ok: bool, what: impl Into<String>) {
         if !ok {
             self.failures.push(what.into());
         }
@@ -370,6 +371,25 @@ where
     row
 }
 
+/// A row of the raw client (`backend`, no SDK) under `scenario`: topics provisioned on `t`,
+/// the window the SDK's default. `Err` is the row, failed.
+async fn raw_setup<T: Target>(
+    t: &T,
+    scenario: &str,
+    backend: &str,
+) -> Result<(Row, (String, Vec<String>, String)), Row> {
+    let mut row = Row::new(scenario, backend);
+    row.window = BatchConfig::default().max_in_flight as u64;
+    let run = run_id(&format!("raw-{scenario}"));
+    match t.provision(&run, 5).await {
+        Ok((topics, filter)) => Ok((row, (run, topics, filter))),
+        Err(e) => {
+            row.failures.push(format!("provision: {e}"));
+            Err(row)
+        }
+    }
+}
+
 /// The raw async-nats client (no SDK) under `scenario` (`kill-restart` or `stepdown`) on the
 /// NATS cluster, with the SDK's window and wire timeout: what a caller sees without the SDK.
 /// Only safety is asserted; the caller-visible figures are the comparison.
@@ -379,30 +399,45 @@ pub async fn raw_nats(
     scenario: &str,
     size: Size,
 ) -> Row {
-    let mut row = Row::new(scenario, "nats-cluster raw");
-    let run = run_id(&format!("raw-{scenario}"));
-    let (topics, filter) = match t.provision(&run, 5).await {
+    let (mut row, provisioned) = match raw_setup(t, scenario, "nats-cluster raw").await {
         Ok(v) => v,
-        Err(e) => {
-            row.failures.push(format!("provision: {e}"));
-            return row;
-        }
+        Err(row) => return row,
     };
-    let window = BatchConfig::default().max_in_flight;
     let config = t.sink_config();
-    let p = match crate::raw::RawNats::connect(&config.url, config.ack_timeout, window).await {
+    let p = match crate::raw::RawNats::connect(&config.url, config.ack_timeout, row.window as usize)
+        .await
+    {
         Ok(p) => p,
         Err(e) => {
             row.failures.push(e);
             return row;
         }
     };
-    row.window = window as u64;
-    let provisioned = (run, topics, filter);
     if scenario == "stepdown" {
         stepdown_with(t, &p, provisioned, size, row).await
     } else {
         kill_restart_with(t, &p, provisioned, size, row).await
+    }
+}
+
+/// rdkafka's `FutureProducer` (no SDK) through `kill-restart` on the tansu cluster, its
+/// `message.timeout.ms` the SDK row's ack deadline. Only safety is asserted.
+#[cfg(feature = "kafka")]
+pub async fn raw_kafka(t: &mut crate::target::kafka_cluster::TansuCluster3, size: Size) -> Row {
+    let (mut row, provisioned) = match raw_setup(t, "kill-restart", "kafka-cluster raw").await {
+        Ok(v) => v,
+        Err(row) => return row,
+    };
+    match crate::raw::RawKafka::connect(&t.bootstrap(), t.kill_deadline()) {
+        Ok(p) => {
+            let mut row = kill_restart_with(t, &p, provisioned, size, row).await;
+            row.notes.push(t.kill_note());
+            row
+        }
+        Err(e) => {
+            row.failures.push(e);
+            row
+        }
     }
 }
 

@@ -630,8 +630,8 @@ pub mod nats_cluster {
 }
 
 /// Kafka protocol on three tansu brokers over one SQLite file, the client given all three. The
-/// process faults act on the first broker (the first bootstrap server) for `kill` / `restart`,
-/// and on every broker for `pause` / `resume`.
+/// process faults act on the broker the client is using for `kill` / `restart`, and on every
+/// broker for `pause` / `resume`.
 #[cfg(feature = "kafka")]
 pub mod kafka_cluster {
     use super::*;
@@ -643,6 +643,48 @@ pub mod kafka_cluster {
     pub struct TansuCluster3 {
         brokers: TansuCluster,
         backend: KafkaBackend,
+        victim: usize,
+    }
+
+    /// Remote ports of this process's established TCP connections, one entry per connection
+    /// (Linux: the socket inodes of `/proc/self/fd` matched in `/proc/self/net/tcp{,6}`).
+    fn established_remote_ports() -> Vec<u16> {
+        let inodes: std::collections::HashSet<u64> = std::fs::read_dir("/proc/self/fd")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| std::fs::read_link(e.path()).ok())
+            .filter_map(|l| {
+                l.to_str()?
+                    .strip_prefix("socket:[")?
+                    .strip_suffix(']')?
+                    .parse()
+                    .ok()
+            })
+            .collect();
+        let mut ports = Vec::new();
+        for table in ["/proc/self/net/tcp", "/proc/self/net/tcp6"] {
+            let text = std::fs::read_to_string(table).unwrap_or_default();
+            for line in text.lines().skip(1) {
+                let cols: Vec<&str> = line.split_whitespace().collect();
+                // remote address is column 2 (`HEXIP:HEXPORT`), state 3 (01 = established),
+                // inode 9.
+                let (Some(remote), Some(&"01"), Some(inode)) =
+                    (cols.get(2), cols.get(3), cols.get(9))
+                else {
+                    continue;
+                };
+                if inode.parse().is_ok_and(|i: u64| inodes.contains(&i))
+                    && let Some(port) = remote
+                        .rsplit(':')
+                        .next()
+                        .and_then(|h| u16::from_str_radix(h, 16).ok())
+                {
+                    ports.push(port);
+                }
+            }
+        }
+        ports
     }
 
     impl TansuCluster3 {
@@ -657,7 +699,54 @@ pub mod kafka_cluster {
             let backend = KafkaBackend::connect(config)
                 .await
                 .map_err(|e| format!("connect: {e}"))?;
-            Ok(TansuCluster3 { brokers, backend })
+            Ok(TansuCluster3 {
+                brokers,
+                backend,
+                victim: 0,
+            })
+        }
+
+        /// The broker this process holds the most connections to: the one the client is
+        /// using. Every tansu broker of the cluster answers metadata naming itself the leader
+        /// of every partition, so librdkafka produces to whichever broker it last heard from.
+        pub fn broker_in_use(&self) -> usize {
+            let ports = established_remote_ports();
+            (0..self.brokers.brokers().len())
+                .max_by_key(|&i| {
+                    let port = self.brokers.brokers()[i].port();
+                    // Ties go to the lowest index.
+                    (ports.iter().filter(|p| **p == port).count(), usize::MAX - i)
+                })
+                .unwrap_or(0)
+        }
+
+        /// The broker the last kill hit.
+        pub fn last_victim(&self) -> usize {
+            self.victim
+        }
+
+        /// Every broker, comma separated.
+        pub fn bootstrap(&self) -> String {
+            self.brokers.bootstrap()
+        }
+
+        /// Which broker the kill hit, and this process's connections to each broker now.
+        pub fn kill_note(&self) -> String {
+            format!(
+                "killed the broker in use, tansu-{}; connections per broker after the run: {:?}",
+                self.victim,
+                self.connections()
+            )
+        }
+
+        /// This process's connections to each broker, now.
+        pub fn connections(&self) -> Vec<usize> {
+            let ports = established_remote_ports();
+            self.brokers
+                .brokers()
+                .iter()
+                .map(|b| ports.iter().filter(|p| **p == b.port()).count())
+                .collect()
         }
     }
 
@@ -668,21 +757,23 @@ pub mod kafka_cluster {
     }
 
     impl Broker for TansuCluster3 {
+        /// SIGKILL the broker the client is using ([`TansuCluster3::broker_in_use`]).
         fn kill(&mut self) {
-            self.brokers.broker_mut(0).kill();
+            self.victim = self.broker_in_use();
+            self.brokers.broker_mut(self.victim).kill();
         }
         /// Start the killed broker again. tansu 0.6.0 panics at start-up when the shared
         /// SQLite file is busy with the other brokers' writes ("database is locked",
         /// `tansu-broker/src/broker.rs:137`), so a start that exits is tried again, up to 5
         /// times ([`Target::broker_panic`] leaves exactly that start-up panic out).
         fn restart(&mut self) -> std::io::Result<()> {
-            let mut result = self.brokers.broker_mut(0).restart();
+            let mut result = self.brokers.broker_mut(self.victim).restart();
             for _ in 1..5 {
                 if result.is_ok() {
                     break;
                 }
                 std::thread::sleep(Duration::from_millis(200));
-                result = self.brokers.broker_mut(0).restart();
+                result = self.brokers.broker_mut(self.victim).restart();
             }
             result
         }

@@ -306,11 +306,15 @@ fn ci() -> Result {
     test(&[])?;
     bench(&["--quick".into()])?;
     reliability(&["--quick".into()])?;
-    // The NATS cluster under load: the stream leader killed and restarted, paused, and asked to
-    // step down. The Kafka cluster: every broker paused. (Killing a tansu broker of the cluster
+    // The NATS cluster under load: the stream leader killed and restarted, paused, asked to
+    // step down and cut off from the other nodes; the client's own node killed; every node
+    // restarted in turn. The Kafka cluster: every broker paused. (Killing a tansu broker of the cluster
     // is in the full run only: tansu 0.6.0 then panicked in its idempotence check in 1 of 3
     // full-size runs, `storage/src/lite.rs:503`, a broker bug that would fail CI by chance.)
-    cluster_reliability("nats-cluster", "kill-restart,pause,stepdown")?;
+    cluster_reliability(
+        "nats-cluster",
+        "kill-restart,pause,stepdown,kill-connected,rolling-restart,partition",
+    )?;
     cluster_reliability("kafka-cluster", "pause")
 }
 
