@@ -23,7 +23,7 @@ const SERIES: [(&str, &str); 9] = [
 ];
 
 pub(crate) fn svg(data: &Series, scenarios: &[&str], title: &str) -> String {
-    let storages: Vec<&str> = ["durable", "memory"]
+    let storages: Vec<&str> = ["durable", "memory", "replicated"]
         .into_iter()
         .filter(|st| data.keys().any(|(s, _, _)| s == st))
         .collect();

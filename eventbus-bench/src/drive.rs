@@ -22,6 +22,9 @@ const RAW_WINDOWS: [usize; 3] = [1_024, 4_096, 16_384];
 pub(crate) struct Env {
     #[cfg(feature = "nats")]
     nats: Option<NatsEnv>,
+    /// The `replicated` storage class: a 3-node cluster (or the external server).
+    #[cfg(feature = "nats")]
+    nats_cluster: Option<NatsEnv>,
     #[cfg(feature = "kafka")]
     kafka: Option<crate::kafka::KafkaEnv>,
     next_run: AtomicU64,
@@ -30,8 +33,54 @@ pub(crate) struct Env {
 #[cfg(feature = "nats")]
 struct NatsEnv {
     server: Option<eventbus_brokers::NatsServer>,
+    cluster: Option<eventbus_brokers::NatsCluster>,
     url: String,
     backend: eventbus_nats::NatsBackend,
+}
+
+#[cfg(feature = "nats")]
+impl NatsEnv {
+    async fn connect(
+        server: Option<eventbus_brokers::NatsServer>,
+        cluster: Option<eventbus_brokers::NatsCluster>,
+        url: String,
+    ) -> Result<NatsEnv, String> {
+        let backend =
+            eventbus_nats::NatsBackend::connect(eventbus_nats::NatsConfig::new(url.clone()))
+                .await
+                .map_err(|e| format!("cannot connect to NATS at {url}: {e}"))?;
+        Ok(NatsEnv {
+            server,
+            cluster,
+            url,
+            backend,
+        })
+    }
+
+    /// The process whose CPU the bench reports (node 0 of a cluster).
+    fn pid(&self) -> Option<u32> {
+        match (&self.server, &self.cluster) {
+            (Some(s), _) => s.pid(),
+            (None, Some(c)) => c
+                .nodes()
+                .first()
+                .and_then(eventbus_brokers::NatsServer::pid),
+            (None, None) => None,
+        }
+    }
+
+    fn describe(&self) -> String {
+        let how = match (&self.server, &self.cluster) {
+            (Some(_), _) => "started by the bench",
+            (None, Some(_)) => "3-node cluster started by the bench",
+            (None, None) => "external",
+        };
+        format!(
+            "nats-server {} at {} ({how})",
+            self.backend.server_version(),
+            self.url
+        )
+    }
 }
 
 /// What the publishers saw.
@@ -323,24 +372,31 @@ impl Env {
         storages: &[&str],
     ) -> Result<Env, String> {
         #[cfg(feature = "nats")]
-        let nats = if need_nats {
-            let (server, url) = match &args.nats_url {
-                Some(u) => (None, u.clone()),
+        let single = storages.iter().any(|st| *st != "replicated");
+        #[cfg(feature = "nats")]
+        let nats = if need_nats && single {
+            Some(match &args.nats_url {
+                Some(u) => NatsEnv::connect(None, None, u.clone()).await?,
                 None => {
                     let s = eventbus_brokers::NatsServer::start()
                         .map_err(|e| format!("cannot start nats-server: {e}"))?;
                     let u = s.url();
-                    (Some(s), u)
+                    NatsEnv::connect(Some(s), None, u).await?
                 }
-            };
-            let backend =
-                eventbus_nats::NatsBackend::connect(eventbus_nats::NatsConfig::new(url.clone()))
-                    .await
-                    .map_err(|e| format!("cannot connect to NATS at {url}: {e}"))?;
-            Some(NatsEnv {
-                server,
-                url,
-                backend,
+            })
+        } else {
+            None
+        };
+        #[cfg(feature = "nats")]
+        let nats_cluster = if need_nats && storages.contains(&"replicated") {
+            Some(match &args.nats_url {
+                Some(u) => NatsEnv::connect(None, None, u.clone()).await?,
+                None => {
+                    let c = eventbus_brokers::NatsCluster::start(3)
+                        .map_err(|e| format!("cannot start the NATS cluster: {e}"))?;
+                    let u = c.urls();
+                    NatsEnv::connect(None, Some(c), u).await?
+                }
             })
         } else {
             None
@@ -358,6 +414,8 @@ impl Env {
         Ok(Env {
             #[cfg(feature = "nats")]
             nats,
+            #[cfg(feature = "nats")]
+            nats_cluster,
             #[cfg(feature = "kafka")]
             kafka,
             next_run: AtomicU64::new(0),
@@ -386,17 +444,10 @@ impl Env {
         #[allow(unused_mut)]
         let mut s = format!("machine: {cores} cores ({cpu}), {mem_gib} GiB RAM");
         #[cfg(feature = "nats")]
-        if let Some(n) = &self.nats {
-            let how = if n.server.is_some() {
-                "started by the bench"
-            } else {
-                "external"
-            };
-            s.push_str(&format!(
-                "; nats-server {} at {} ({how})",
-                n.backend.server_version(),
-                n.url
-            ));
+        for (n, label) in [(&self.nats, ""), (&self.nats_cluster, " (replicated)")] {
+            if let Some(n) = n {
+                s.push_str(&format!("; {}{label}", n.describe()));
+            }
         }
         #[cfg(feature = "kafka")]
         if let Some(k) = &self.kafka {
@@ -408,7 +459,7 @@ impl Env {
 
     pub(crate) async fn stop(self) {
         #[cfg(feature = "nats")]
-        drop(self.nats);
+        drop((self.nats, self.nats_cluster));
     }
 
     fn sdk_config(args: &Args) -> BatchConfig {
@@ -563,7 +614,12 @@ impl Env {
         raw_window: Option<usize>,
     ) -> Result<Vec<Record>, String> {
         use eventbus_nats::{StorageKind, StreamSpec};
-        let n = self.nats.as_ref().ok_or("NATS not started")?;
+        let n = if storage == "replicated" {
+            self.nats_cluster.as_ref()
+        } else {
+            self.nats.as_ref()
+        }
+        .ok_or("NATS not started")?;
         let windows: Vec<usize> = if mode.starts_with("raw") {
             raw_window.map_or(RAW_WINDOWS.to_vec(), |w| vec![w])
         } else {
@@ -588,6 +644,7 @@ impl Env {
                 .ensure_stream(
                     &StreamSpec::new(&stream, [format!("{prefix}.>")])
                         .storage(kind)
+                        .replicas(if storage == "replicated" { 3 } else { 1 })
                         .allow_atomic(mode.contains("atomic"))
                         .allow_batched(!mode.contains("async")),
                 )
@@ -618,7 +675,7 @@ impl Env {
             } else {
                 cfg.max_in_flight
             };
-            let server_pid = n.server.as_ref().and_then(|s| s.pid());
+            let server_pid = n.pid();
             let (done_tx, done_rx) = tokio::sync::watch::channel(false);
             let meter = sys::Meter::start(server_pid);
             let t0 = meter.t0;

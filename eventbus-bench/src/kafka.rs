@@ -5,7 +5,7 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use eventbus_batch::Batcher;
-use eventbus_brokers::{Tansu, TansuStorage};
+use eventbus_brokers::{Tansu, TansuCluster, TansuStorage};
 use eventbus_core::{Message, Publisher, Topic};
 use eventbus_kafka::{KafkaBackend, KafkaConfig};
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -23,12 +23,38 @@ use crate::{Args, Scenario, sys};
 
 /// librdkafka lingers tried for the raw producer; the best is the baseline.
 const RAW_LINGERS_MS: [u64; 3] = [1, 5, 20];
-/// tansu's SQLite engine takes tens of thousands of msg/s here: cap durable runs so the
+/// tansu's SQLite engine takes tens of thousands of msg/s here: cap its runs so the
 /// default bench stays within minutes. The record's `messages` says what was sent.
 pub(crate) const DURABLE_CAP: usize = 100_000;
 
 pub(crate) struct KafkaEnv {
-    brokers: Vec<(String, Option<Tansu>, KafkaBackend)>,
+    brokers: Vec<(String, Brokers, KafkaBackend)>,
+}
+
+/// The broker processes behind one storage class.
+enum Brokers {
+    /// One tansu broker (SQLite or memory engine).
+    One(Tansu),
+    /// Three stateless tansu brokers over one shared SQLite file (`replicated`).
+    Three(TansuCluster),
+    /// A broker the user runs (`--kafka-brokers`).
+    External,
+}
+
+impl Brokers {
+    /// The process whose CPU the bench reports (the first broker of a cluster).
+    fn pid(&self) -> Option<u32> {
+        match self {
+            Brokers::One(t) => t.pid(),
+            Brokers::Three(c) => c.brokers().first().and_then(Tansu::pid),
+            Brokers::External => None,
+        }
+    }
+}
+
+/// Whether a storage class runs on tansu's SQLite engine (read back by watermarks only).
+pub(crate) fn on_sqlite(storage: &str) -> bool {
+    storage != "memory"
 }
 
 impl KafkaEnv {
@@ -36,7 +62,13 @@ impl KafkaEnv {
         let mut brokers = Vec::new();
         for st in storages {
             let (tansu, bootstrap) = match &args.kafka_brokers {
-                Some(b) => (None, b.clone()),
+                Some(b) => (Brokers::External, b.clone()),
+                None if *st == "replicated" => {
+                    let c = TansuCluster::start(3)
+                        .map_err(|e| format!("cannot start the tansu cluster: {e}"))?;
+                    let b = c.bootstrap();
+                    (Brokers::Three(c), b)
+                }
                 None => {
                     let engine = if *st == "durable" {
                         TansuStorage::Sqlite
@@ -45,7 +77,7 @@ impl KafkaEnv {
                     };
                     let t = Tansu::start(engine).map_err(|e| format!("cannot start tansu: {e}"))?;
                     let b = t.bootstrap();
-                    (Some(t), b)
+                    (Brokers::One(t), b)
                 }
             };
             let backend = KafkaBackend::connect(KafkaConfig::new(bootstrap.clone()))
@@ -60,19 +92,26 @@ impl KafkaEnv {
         self.brokers
             .iter()
             .map(|(st, t, b)| match t {
-                Some(t) => format!(
+                Brokers::One(t) => format!(
                     "tansu {} ({st}: {:?} engine) at {}",
                     eventbus_brokers::TANSU_VERSION,
                     t.storage(),
                     b.config().brokers
                 ),
-                None => format!("external Kafka at {} (labelled {st})", b.config().brokers),
+                Brokers::Three(_) => format!(
+                    "3 tansu {} brokers over one SQLite file ({st}) at {}",
+                    eventbus_brokers::TANSU_VERSION,
+                    b.config().brokers
+                ),
+                Brokers::External => {
+                    format!("external Kafka at {} (labelled {st})", b.config().brokers)
+                }
             })
             .collect::<Vec<_>>()
             .join("; ")
     }
 
-    fn broker(&self, storage: &str) -> Result<&(String, Option<Tansu>, KafkaBackend), String> {
+    fn broker(&self, storage: &str) -> Result<&(String, Brokers, KafkaBackend), String> {
         self.brokers
             .iter()
             .find(|(s, _, _)| s == storage)
@@ -91,7 +130,7 @@ impl KafkaEnv {
         raw_linger: Option<usize>,
     ) -> Result<Vec<Record>, String> {
         let (_, tansu, kafka) = self.broker(storage)?;
-        if storage == "durable" {
+        if on_sqlite(storage) {
             s.messages = s.messages.min(DURABLE_CAP);
         }
         let lingers: Vec<u64> = if mode.starts_with("raw") {
@@ -117,7 +156,7 @@ impl KafkaEnv {
             rec.messages = s.messages;
             rec.topic_or_stream = format!("bench.r{id}l{li}.t*");
             let bootstrap = kafka.config().brokers.clone();
-            let server_pid = tansu.as_ref().and_then(|t| t.pid());
+            let server_pid = tansu.pid();
 
             // Producer up and warm (connection, idempotent producer id) before the clock starts.
             let connect = Instant::now();
@@ -177,7 +216,7 @@ impl KafkaEnv {
             let t0 = meter.t0;
             // tansu's SQLite engine serves reads at ~1.4k msg/s and slows as it grows: durable
             // runs are verified by high watermarks only; memory runs by a consumer.
-            let durable = storage == "durable";
+            let durable = on_sqlite(storage);
             let rx = (!durable).then(|| {
                 consume(
                     bootstrap.clone(),

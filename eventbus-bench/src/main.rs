@@ -46,7 +46,8 @@ pub(crate) struct Args {
     #[arg(long, value_delimiter = ',')]
     pub mode: Vec<String>,
     /// Storage class: durable (JetStream file storage, tansu SQLite), memory (JetStream memory
-    /// storage, tansu memory engine) or both.
+    /// storage, tansu memory engine), replicated (a 3-node NATS cluster with R3 file streams,
+    /// 3 tansu brokers over one SQLite file), both (durable and memory) or all.
     #[arg(long, default_value = "durable")]
     pub storage: String,
     /// Repetitions per (scenario, backend, mode); the median is reported with min and max.
@@ -316,11 +317,13 @@ async fn run(args: Args) -> Result<bool, String> {
     );
     let storages: Vec<&str> = match args.storage.as_str() {
         "both" => vec!["durable", "memory"],
+        "all" => vec!["durable", "memory", "replicated"],
         "durable" => vec!["durable"],
         "memory" => vec!["memory"],
+        "replicated" => vec!["replicated"],
         other => {
             return Err(format!(
-                "--storage must be durable, memory or both, not {other}"
+                "--storage must be durable, memory, replicated, both or all, not {other}"
             ));
         }
     };
@@ -342,7 +345,7 @@ async fn run(args: Args) -> Result<bool, String> {
     for s in &scenarios {
         for b in &backends {
             for st in &storages {
-                if b == "memory" && *st == "durable" && storages.len() > 1 {
+                if b == "memory" && *st != "memory" && storages.len() > 1 {
                     continue; // the in-process backend has one storage class: memory
                 }
                 // Repetitions outermost, modes inside: one repetition of every mode, then the
@@ -391,7 +394,7 @@ async fn run(args: Args) -> Result<bool, String> {
             });
         }
         #[cfg(feature = "kafka")]
-        if b == "kafka" && st == "durable" {
+        if b == "kafka" && kafka::on_sqlite(&st) {
             s.messages = s.messages.min(kafka::DURABLE_CAP);
         }
         bar.set_message(format!("{} {} {} {} #{}", s.name, b, m, st, rep + 1));

@@ -238,6 +238,12 @@ pub(crate) fn write(args: &Args, machine: &str, records: &[Record]) -> Result<()
             ("kafka", "memory") => {
                 "tansu memory engine (not durable), Kafka protocol via librdkafka"
             }
+            ("nats", "replicated") => {
+                "NATS JetStream, 3-node cluster, R3 file streams (replicated, durable)"
+            }
+            ("kafka", "replicated") => {
+                "3 stateless tansu brokers over one SQLite file (shared storage, no replication of its own), Kafka protocol via librdkafka"
+            }
             ("memory", _) => {
                 "in-process memory backend (no broker; engine + subscriber overhead only)"
             }
@@ -311,17 +317,19 @@ pub(crate) fn write(args: &Args, machine: &str, records: &[Record]) -> Result<()
         let _ = writeln!(md);
     }
     // The seed's layout, once per storage class: Kafka vs NATS, SDK and raw side by side.
-    for storage in ["durable", "memory"] {
+    for storage in ["durable", "memory", "replicated"] {
         let (Some(k), Some(n)) = (
             table.get(&("kafka".to_owned(), storage.to_owned())),
             table.get(&("nats".to_owned(), storage.to_owned())),
         ) else {
             continue;
         };
-        let what = if storage == "durable" {
-            "durable: NATS file storage vs tansu SQLite"
-        } else {
-            "memory: NATS memory storage vs tansu memory engine (neither survives a restart)"
+        let what = match storage {
+            "durable" => "durable: NATS file storage vs tansu SQLite",
+            "replicated" => {
+                "replicated: a 3-node NATS cluster (R3) vs 3 tansu brokers over one SQLite file"
+            }
+            _ => "memory: NATS memory storage vs tansu memory engine (neither survives a restart)",
         };
         let _ = writeln!(md, "### Seed layout, {what}\n");
         let _ = writeln!(

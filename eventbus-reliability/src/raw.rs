@@ -84,7 +84,7 @@ impl InFlight for RawNats {
 #[cfg(feature = "nats")]
 fn outcome(e: &async_nats::jetstream::context::PublishError) -> Outcome {
     use async_nats::jetstream::context::PublishErrorKind as K;
-    let text = "raw client";
+    let text = format!("raw async-nats client: {}", e.kind());
     match e.kind() {
         // "No responders": nothing stored.
         K::StreamNotFound => Outcome::Failed(Error::new(ErrorKind::Rejected, text).temporary()),
@@ -221,7 +221,7 @@ impl Publisher for RawKafka {
             in_flight.fetch_add(1, Ordering::Relaxed);
             let (tx, pending) = PendingAck::channel();
             tokio::spawn(async move {
-                let text = "raw client";
+                let text = "raw rdkafka client";
                 let o = match delivery.await {
                     Ok(Ok(d)) => Outcome::Acked(Ack {
                         position: Position::Partition {

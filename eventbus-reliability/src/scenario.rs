@@ -481,23 +481,25 @@ pub async fn rolling_restart(t: &mut crate::target::nats_cluster::NatsCluster3, 
 }
 
 /// NATS cluster only (started with route proxies): the node that leads the stream is cut off
-/// from the other two for 4 s (its route proxies hold every byte, no RST) while 5 producers
-/// publish a paced load of about 7.5 s (ack deadline 15 s), then the partition heals. The
-/// majority elects a new leader; a client attached to the cut-off node cannot reach it until
-/// the partition heals. Safety is asserted; what the caller saw is reported.
+/// from the other two (its route proxies hold every byte, no RST) for 10 s (5 s quick) while
+/// 5 producers publish a paced load of about 12.5 s (ack deadline 20 s), then the partition
+/// heals. The majority elects a new leader once its raft election timeout (4-9 s) passes; a
+/// client attached to the cut-off node cannot reach it until the partition heals. Safety is
+/// asserted; what the caller saw is reported.
 #[cfg(feature = "nats")]
 pub async fn partition(t: &mut crate::target::nats_cluster::NatsCluster3, size: Size) -> Row {
     let mut row = Row::new("partition", t.name());
-    let cfg = BatchConfig::default().ack_timeout(Duration::from_secs(15));
+    let cfg = BatchConfig::default().ack_timeout(Duration::from_secs(20));
     let (run, topics, filter, p) = try_setup!(row, setup(t, &mut row, "partition", 5, cfg).await);
-    let per = if size.quick { 600 } else { 3_000 };
+    let per = if size.quick { 500 } else { 2_500 };
+    let hold = Duration::from_secs(if size.quick { 5 } else { 10 });
     let load = Load {
         run,
         topics,
         producers: 5,
         per,
         payload: 100,
-        pace: Some((per / 300, Duration::from_millis(25))),
+        pace: Some((per / 500, Duration::from_millis(25))),
         stop_at: None,
     };
     let client_node = t.node_of_connection(crate::target::nats_cluster::SINK_CONNECTION);
@@ -506,10 +508,8 @@ pub async fn partition(t: &mut crate::target::nats_cluster::NatsCluster3, size: 
         let victim = t.choose_victim();
         let at = Instant::now();
         let cut = t.partition(victim);
-        let elected = t
-            .wait_for_leader(Some(victim), Duration::from_secs(4))
-            .await;
-        tokio::time::sleep(Duration::from_secs(4).saturating_sub(at.elapsed())).await;
+        let elected = t.wait_for_leader(Some(victim), hold).await;
+        tokio::time::sleep(hold.saturating_sub(at.elapsed())).await;
         t.heal(victim);
         (victim, at, cut, elected)
     };
@@ -517,7 +517,8 @@ pub async fn partition(t: &mut crate::target::nats_cluster::NatsCluster3, size: 
     row.require(cut, "the cluster has no route proxies to cut");
     let node = |n: Option<usize>| n.map_or("none".to_owned(), |n| format!("n{n}"));
     row.notes.push(format!(
-        "stream leader n{victim} cut off for 4 s; the client was attached to {}; new leader during the partition: {}",
+        "stream leader n{victim} cut off for {} s; the client was attached to {}; new leader during the partition: {}",
+        hold.as_secs(),
         node(client_node),
         node(elected)
     ));
