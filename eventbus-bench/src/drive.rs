@@ -341,6 +341,11 @@ fn receive(
                 None => break,
                 Some(Err(_)) => continue,
                 Some(Ok(d)) => {
+                    // Once publishing is done, give up only after `grace` without a delivery: a
+                    // consumer of a replicated stream may still be far behind, but it moves.
+                    if deadline.is_some() {
+                        deadline = Some(tokio::time::Instant::now() + grace);
+                    }
                     let now = t0.elapsed();
                     if let Some((id, sent)) = decode(d.message().payload()) {
                         if seen.insert(id) {

@@ -29,6 +29,31 @@ pub(crate) const DURABLE_CAP: usize = 100_000;
 
 pub(crate) struct KafkaEnv {
     brokers: Vec<(String, Brokers, KafkaBackend)>,
+    /// External brokers only: what their metadata says (broker count, cluster id).
+    reported: Option<String>,
+    /// External brokers only: verify by high watermarks (`--trust-watermarks`).
+    trust_watermarks: bool,
+}
+
+/// What Kafka-protocol brokers at `bootstrap` say of themselves: how many brokers the metadata
+/// lists and the cluster id.
+fn reported_by(bootstrap: &str) -> String {
+    let consumer: Result<BaseConsumer, _> = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create();
+    let Ok(consumer) = consumer else {
+        return "no metadata".into();
+    };
+    let brokers = consumer
+        .fetch_metadata(None, Duration::from_secs(10))
+        .map_or("no metadata".to_owned(), |m| {
+            format!("{} broker(s) in metadata", m.brokers().len())
+        });
+    let id = consumer
+        .client()
+        .fetch_cluster_id(rdkafka::util::Timeout::After(Duration::from_secs(10)))
+        .unwrap_or_else(|| "none".into());
+    format!("{brokers}, cluster id {id}")
 }
 
 /// The broker processes behind one storage class.
@@ -85,7 +110,12 @@ impl KafkaEnv {
                 .map_err(|e| format!("cannot reach Kafka at {bootstrap}: {e}"))?;
             brokers.push((st.to_string(), tansu, backend));
         }
-        Ok(KafkaEnv { brokers })
+        let reported = args.kafka_brokers.as_deref().map(reported_by);
+        Ok(KafkaEnv {
+            brokers,
+            reported,
+            trust_watermarks: args.trust_watermarks,
+        })
     }
 
     pub(crate) fn describe(&self) -> String {
@@ -103,9 +133,17 @@ impl KafkaEnv {
                     eventbus_brokers::TANSU_VERSION,
                     b.config().brokers
                 ),
-                Brokers::External => {
-                    format!("external Kafka at {} (labelled {st})", b.config().brokers)
-                }
+                Brokers::External => format!(
+                    "external Kafka-protocol brokers at {} ({}; run as the {st} class, engine \
+                     unknown to the bench; verified by {})",
+                    b.config().brokers,
+                    self.reported.as_deref().unwrap_or("no metadata"),
+                    if self.trust_watermarks {
+                        "high watermarks (--trust-watermarks)"
+                    } else {
+                        "reading every message back"
+                    }
+                ),
             })
             .collect::<Vec<_>>()
             .join("; ")
@@ -130,7 +168,7 @@ impl KafkaEnv {
         raw_linger: Option<usize>,
     ) -> Result<Vec<Record>, String> {
         let (_, tansu, kafka) = self.broker(storage)?;
-        if on_sqlite(storage) {
+        if on_sqlite(storage) && !matches!(tansu, Brokers::External) {
             s.messages = s.messages.min(DURABLE_CAP);
         }
         let lingers: Vec<u64> = if mode.starts_with("raw") {
@@ -216,7 +254,10 @@ impl KafkaEnv {
             let t0 = meter.t0;
             // tansu's SQLite engine serves reads at ~1.4k msg/s and slows as it grows: durable
             // runs are verified by high watermarks only; memory runs by a consumer.
-            let durable = on_sqlite(storage);
+            let durable = match tansu {
+                Brokers::External => self.trust_watermarks,
+                _ => on_sqlite(storage),
+            };
             let rx = (!durable).then(|| {
                 consume(
                     bootstrap.clone(),
@@ -246,20 +287,30 @@ impl KafkaEnv {
             if let P::Sdk(b) = producer {
                 let _ = b.close(Duration::from_secs(10)).await;
             }
+            let external = matches!(tansu, Brokers::External);
             match received {
                 None => {
                     let stored = watermark_total(kafka, &names).await?;
                     rec.verify(
                         stored,
                         false,
-                        "SQLite high watermarks (no consumer: tansu SQLite reads are too slow)",
+                        if external {
+                            "high watermarks (--trust-watermarks)"
+                        } else {
+                            "SQLite high watermarks (no consumer: tansu SQLite reads are too slow)"
+                        },
                     );
                 }
-                // tansu 0.6.0's memory engine misreports high watermarks: count what a consumer reads.
+                // tansu 0.6.0's memory engine misreports high watermarks, and an external
+                // broker's engine is unknown: count what a consumer reads.
                 Some(r) => rec.verify(
                     r.distinct,
                     true,
-                    "distinct ids consumed (memory engine watermarks are unreliable)",
+                    if external {
+                        "distinct ids consumed (external broker)"
+                    } else {
+                        "distinct ids consumed (memory engine watermarks are unreliable)"
+                    },
                 ),
             }
             rec.wall_secs = started.elapsed().as_secs_f64();

@@ -231,7 +231,15 @@ pub(crate) fn write(args: &Args, machine: &str, records: &[Record]) -> Result<()
     let mut md = String::new();
     let _ = writeln!(md, "{machine}\n");
     for ((backend, storage), scen) in &table {
+        let external = match backend.as_str() {
+            "nats" => args.nats_url.is_some(),
+            "kafka" => args.kafka_brokers.is_some(),
+            _ => false,
+        };
         let what = match (backend.as_str(), storage.as_str()) {
+            // What the bench knows of a broker it did not start is what the broker reported,
+            // on the machine line; the storage class is only the label the run was given.
+            _ if external => "external broker (what it reported is on the machine line)",
             ("nats", "durable") => "NATS JetStream, file storage (durable)",
             ("nats", "memory") => "NATS JetStream, memory storage (not durable)",
             ("kafka", "durable") => "tansu SQLite engine (durable), Kafka protocol via librdkafka",

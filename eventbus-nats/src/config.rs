@@ -81,8 +81,9 @@ pub struct NatsConfig {
     /// How long to wait for each JetStream publish ack (and API reply). Default 10 s. The
     /// batching engine's `ack_timeout` bounds a message's whole life; this bounds the wait on
     /// the wire: with de-duplication on, a publish that hears nothing for this long is sent
-    /// again with the same id (then after twice as long, and so on) while the engine still
-    /// waits, so a stream leader lost mid-publish costs a resend, not an `Unknown` outcome.
+    /// again with the same id (that message then after twice as long, and so on) while the
+    /// engine still waits, so a stream leader lost mid-publish costs a resend, not an
+    /// `Unknown` outcome (the ack of a resent message that had been stored says `duplicate`).
     #[serde(with = "eventbus_core::serde_millis")]
     pub ack_timeout: Duration,
     /// async-nats's own limit of publishes awaiting acks. Default 262,144: set well above the

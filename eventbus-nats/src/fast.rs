@@ -337,6 +337,16 @@ mod tests {
         let mut st = FastState::default();
         st.refuse(seq, error, scope);
         assert!(matches!(st.committed(3, "S", 10, 2), Fate::Resend));
+        // The same refusal as a flow error of the batch.
+        let flow = br#"{"type":"err","seq":4,"error":{"code":409,"err_code":10158,"description":"duplicate message id is in process"}}"#;
+        match parse(9, flow) {
+            Event::Refused {
+                seq: 4,
+                scope: Scope::Elsewhere,
+                ..
+            } => {}
+            e => panic!("{e:?}"),
+        }
     }
 
     #[test]

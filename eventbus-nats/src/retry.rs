@@ -8,15 +8,20 @@
 //! The same messages are also sent again after a silence: a publish whose ack does not come
 //! within the connection's `ack_timeout` (the node that leads the stream died with it, or the
 //! connection dropped it) goes out once more with its id, then after twice that wait, and so
-//! on while the engine waits for it. With `Nats-Msg-Id` on, the stream stores it at most once,
-//! so a leader lost mid-publish reaches the caller as `Acked` instead of `Unknown`. Without
-//! ids a resend could store a duplicate, and the sink does not send again after a silence.
+//! on while the engine waits for it. With `Nats-Msg-Id` on, the stream stores it at most once
+//! (fast batches honour it too), so a leader lost mid-publish reaches the caller as `Acked`
+//! (its position then says `duplicate` when the first attempt had been stored) instead of
+//! `Unknown`. That holds while the stream's duplicate window covers the engine's
+//! `ack_timeout` (JetStream's default window is 2 minutes, the engine's default deadline
+//! 30 s). A message sent again after a silence is never reported `Failed`: its first attempt
+//! may be stored. Without ids a resend could store a duplicate, and the sink does not send
+//! again after a silence.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use eventbus_core::{Message, OutcomeRouter};
+use eventbus_core::{Message, Outcome, OutcomeRouter};
 use parking_lot::Mutex;
 
 /// Attempts after which a retry first checks that a stream covers the subject; the waits up to
@@ -37,25 +42,31 @@ pub(crate) struct Attempt {
     pub(crate) verify: bool,
 }
 
+/// What is known of one slot that was sent on its own (a resend or a retry).
+#[derive(Default)]
+struct Slot {
+    /// Attempts after "no responders" / 503 / 10158 so far.
+    tries: u8,
+    /// When it was last sent (or, for a retry waiting out its backoff, will be).
+    sent: Option<Instant>,
+    /// Resends after a silence so far: the next waits `silence * 2^silences`.
+    silences: u8,
+    /// Sent again after a silence: an earlier attempt may be stored, so it is never reported
+    /// `Failed` (see [`Kept::settle`]).
+    maybe_stored: bool,
+}
+
 #[derive(Default)]
 struct Entry {
     /// A whole engine batch, by slot.
     batch: Option<Arc<[Message]>>,
     /// Single messages sent again (slot -> message).
     single: HashMap<usize, Message>,
-    /// Attempts so far, by slot.
-    tries: HashMap<usize, u8>,
-    /// When the batch (or its last resend after a silence) was sent.
+    /// Slots sent on their own.
+    slots: HashMap<usize, Slot>,
+    /// When the whole batch was handed to the connection (slots without their own send time
+    /// count from here).
     since: Option<Instant>,
-    /// Resends after a silence so far: the next waits `ack_timeout * 2^silences`.
-    silences: u32,
-}
-
-impl Entry {
-    fn touch(&mut self) -> &mut Self {
-        self.since.get_or_insert_with(Instant::now);
-        self
-    }
 }
 
 /// Messages of unresolved batches, by engine batch id.
@@ -83,16 +94,28 @@ impl Kept {
         map.entry(b).or_default()
     }
 
-    /// Keep a whole batch until [`Kept::forget`].
+    /// Keep a whole batch until [`Kept::forget`]; its silence counts from [`Kept::sent`].
     pub(crate) fn keep_batch(&self, b: u64, msgs: Arc<[Message]>) {
         let mut map = self.batches.lock();
-        self.entry(&mut map, b).touch().batch = Some(msgs);
+        self.entry(&mut map, b).batch = Some(msgs);
     }
 
-    /// Keep one message (slot `i` of batch `b`) that is being sent again.
-    pub(crate) fn keep_one(&self, b: u64, i: usize, msg: Message) {
+    /// Batch `b` has been handed to the connection in full.
+    pub(crate) fn sent(&self, b: u64) {
+        if let Some(e) = self.batches.lock().get_mut(&b) {
+            e.since = Some(Instant::now());
+        }
+    }
+
+    /// Keep one message (slot `i` of batch `b`) that is being sent again now; `maybe_stored`
+    /// when an earlier attempt of it may be stored (a resend after a silence).
+    pub(crate) fn keep_one(&self, b: u64, i: usize, msg: Message, maybe_stored: bool) {
         let mut map = self.batches.lock();
-        self.entry(&mut map, b).touch().single.insert(i, msg);
+        let e = self.entry(&mut map, b);
+        e.single.insert(i, msg);
+        let slot = e.slots.entry(i).or_default();
+        slot.sent = Some(Instant::now());
+        slot.maybe_stored |= maybe_stored;
     }
 
     /// The batch resolved: nothing more to retry.
@@ -100,28 +123,63 @@ impl Kept {
         self.batches.lock().remove(&b);
     }
 
-    /// The unsettled messages of every batch that has heard nothing for `wait` (doubled after
-    /// each silence of that batch) at `now`, by batch: to be sent again with their ids.
+    /// Settle slot `i` of batch `b` with `o`, except that a message sent again after a
+    /// silence is never reported `Failed`: an earlier attempt of it may be stored, so a
+    /// refusal of the later one (or a failure to send it) leaves the outcome unknown.
+    pub(crate) fn settle(&self, b: u64, i: usize, o: Outcome) {
+        let o = match o {
+            Outcome::Failed(e) if self.maybe_stored(b, i) => Outcome::Unknown(
+                eventbus_core::Error::new(
+                    e.kind(),
+                    "sent again after no ack came; an earlier attempt may be stored",
+                )
+                .with_backend(crate::error::BACKEND)
+                .with_source(e),
+            ),
+            o => o,
+        };
+        self.router.settle(b, i, o);
+    }
+
+    fn maybe_stored(&self, b: u64, i: usize) -> bool {
+        self.batches
+            .lock()
+            .get(&b)
+            .and_then(|e| e.slots.get(&i))
+            .is_some_and(|s| s.maybe_stored)
+    }
+
+    /// The unsettled messages that have heard nothing for `wait` (doubled after each silence
+    /// of that message) at `now`, by batch: to be sent again with their ids, as messages that
+    /// may be stored. Slots not yet handed to the connection, and slots whose retry is
+    /// waiting out its backoff, are not silent.
     pub(crate) fn silent(&self, now: Instant, wait: Duration) -> Vec<(u64, Vec<(usize, Message)>)> {
         let mut out = Vec::new();
         let mut map = self.batches.lock();
+        map.retain(|b, _| self.router.is_pending(*b));
         for (b, e) in map.iter_mut() {
-            let Some(since) = e.since else { continue };
-            if now.saturating_duration_since(since) < wait * (1 << e.silences.min(4)) {
-                continue;
-            }
             let Some(open) = self.router.unsettled(*b) else {
                 continue;
             };
-            let items: Vec<(usize, Message)> = open
-                .into_iter()
-                .filter_map(|i| {
-                    let m = e.single.get(&i).or_else(|| e.batch.as_ref()?.get(i))?;
-                    Some((i, m.clone()))
-                })
-                .collect();
-            e.since = Some(now);
-            e.silences += 1;
+            let mut items = Vec::new();
+            for i in open {
+                let slot = e.slots.get(&i);
+                let Some(last) = slot.and_then(|s| s.sent).or(e.since) else {
+                    continue;
+                };
+                let silences = slot.map_or(0, |s| s.silences);
+                if now.saturating_duration_since(last) < wait * (1u32 << silences.min(4)) {
+                    continue;
+                }
+                let Some(m) = e.single.get(&i).or_else(|| e.batch.as_ref()?.get(i)) else {
+                    continue;
+                };
+                items.push((i, m.clone()));
+                let slot = e.slots.entry(i).or_default();
+                slot.silences = slot.silences.saturating_add(1);
+                slot.sent = Some(now);
+                slot.maybe_stored = true;
+            }
             if !items.is_empty() {
                 out.push((*b, items));
             }
@@ -142,12 +200,15 @@ impl Kept {
             .get(&i)
             .or_else(|| e.batch.as_ref().and_then(|m| m.get(i)))?
             .clone();
-        let tries = e.tries.entry(i).or_insert(0);
-        *tries = tries.saturating_add(1);
+        let slot = e.slots.entry(i).or_default();
+        slot.tries = slot.tries.saturating_add(1);
+        let wait = backoff(slot.tries);
+        // Not silent while the retry waits out its backoff.
+        slot.sent = Some(Instant::now() + wait);
         Some(Attempt {
             msg,
-            wait: backoff(*tries),
-            verify: *tries > RETRIES,
+            wait,
+            verify: slot.tries > RETRIES,
         })
     }
 }
@@ -189,7 +250,7 @@ mod tests {
         kept.forget(b);
         assert!(kept.retry(b, 0).is_none());
         let (b2, outcomes) = router.register(4);
-        kept.keep_one(b2, 3, Message::new("a.b", "x"));
+        kept.keep_one(b2, 3, Message::new("a.b", "x"), false);
         assert_eq!(&kept.retry(b2, 3).expect("kept").msg.payload()[..], b"x");
         drop(outcomes);
         router.settle(
@@ -211,14 +272,20 @@ mod tests {
     }
 
     #[test]
-    fn silent_batches_are_sent_again_with_doubling_waits() {
+    fn silent_messages_are_sent_again_with_doubling_waits() {
         let router = Arc::new(OutcomeRouter::new("t"));
         let (b, _outcomes) = router.register(3);
         let kept = Kept::new(Arc::clone(&router));
         let msgs: Arc<[Message]> = (0..3).map(|i| Message::new("a.b", i.to_string())).collect();
         kept.keep_batch(b, Arc::clone(&msgs));
-        let t0 = Instant::now();
         let wait = Duration::from_secs(1);
+        let later = Instant::now() + 10 * wait;
+        assert!(
+            kept.silent(later, wait).is_empty(),
+            "not handed to the connection yet: not silent"
+        );
+        kept.sent(b);
+        let t0 = Instant::now();
         assert!(kept.silent(t0, wait).is_empty(), "not silent yet");
         router.settle(
             b,
@@ -237,7 +304,36 @@ mod tests {
             "the second wait is twice as long"
         );
         assert_eq!(kept.silent(t0 + 3 * wait, wait).len(), 1);
+        // A retry waiting out its backoff is not silent.
+        let attempt = kept.retry(b, 0).expect("pending");
+        assert!(
+            kept.silent(t0 + 3 * wait, wait)
+                .iter()
+                .all(|(_, items)| items.iter().all(|(i, _)| *i != 0)),
+            "slot 0 is retrying"
+        );
+        assert!(attempt.wait <= Duration::from_millis(100));
         kept.forget(b);
         assert!(kept.silent(t0 + 100 * wait, wait).is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_message_sent_again_after_a_silence_is_never_failed() {
+        use eventbus_core::{Error, ErrorKind, Outcome};
+        let router = Arc::new(OutcomeRouter::new("t"));
+        let (b, outcomes) = router.register(2);
+        let kept = Kept::new(Arc::clone(&router));
+        kept.keep_one(b, 0, Message::new("a.b", "0"), true);
+        kept.keep_one(b, 1, Message::new("a.b", "1"), false);
+        let refused = || Outcome::Failed(Error::new(ErrorKind::Rejected, "no stream"));
+        kept.settle(b, 0, refused());
+        kept.settle(b, 1, refused());
+        let out = outcomes.await;
+        assert!(
+            matches!(&out[0], Outcome::Unknown(_)),
+            "an earlier attempt may be stored: {:?}",
+            out[0]
+        );
+        assert!(matches!(&out[1], Outcome::Failed(_)), "{:?}", out[1]);
     }
 }

@@ -140,14 +140,17 @@ impl SinkOptions {
 enum Job {
     /// An engine batch, in the sink's mode.
     Batch { id: u64, batch: Vec<Message> },
-    /// Messages `(slot, message)` of engine batch `id` that were definitely not stored through
-    /// no fault of their own (a fast batch cut off by a gap or refused as a whole, or "no
-    /// responders"): published again one by one, with their own pub acks.
+    /// Messages `(slot, message)` of engine batch `id` published again one by one, with their
+    /// own pub acks: ones definitely not stored through no fault of their own (a fast batch cut
+    /// off by a gap or refused as a whole, "no responders"), or ones that heard no ack at all
+    /// (`maybe_stored`).
     Resend {
         id: u64,
         items: Vec<(usize, Message)>,
         /// Check first that a stream covers each subject (a retry past the first few).
         verify: bool,
+        /// An earlier attempt may be stored: never report these `Failed`.
+        maybe_stored: bool,
     },
 }
 
@@ -358,12 +361,21 @@ impl Writer {
                     for (i, msg) in batch.iter().enumerate() {
                         self.publish_one(id, i, msg, &mut reply).await;
                     }
+                    self.kept.sent(id);
                 }
                 (Job::Batch { id, batch }, PublishMode::Atomic) => {
                     self.send_atomic(id, batch).await;
                 }
                 (Job::Batch { id, batch }, PublishMode::Fast) => self.send_fast(id, batch).await,
-                (Job::Resend { id, items, verify }, _) => {
+                (
+                    Job::Resend {
+                        id,
+                        items,
+                        verify,
+                        maybe_stored,
+                    },
+                    _,
+                ) => {
                     // The engine stopped waiting (deadline, close): nothing to send.
                     if !self.router.is_pending(id) {
                         continue;
@@ -372,10 +384,11 @@ impl Writer {
                     let mut reply = String::with_capacity(self.inbox.len() + 24);
                     for (i, msg) in items {
                         if verify && self.no_stream_for(msg.topic().as_str()).await {
-                            self.router.settle(id, i, no_stream());
+                            self.kept.settle(id, i, no_stream());
                             continue;
                         }
-                        self.publish_kept(id, i, msg, &mut reply).await;
+                        self.publish_kept(id, i, msg, maybe_stored, &mut reply)
+                            .await;
                     }
                 }
             }
@@ -384,8 +397,15 @@ impl Writer {
 
     /// [`Writer::publish_one`] for a message sent on its own outside an async-mode batch: kept
     /// first for a "no responders" retry, since that answer may come back at once.
-    async fn publish_kept(&self, b: u64, i: usize, msg: Message, reply: &mut String) {
-        self.kept.keep_one(b, i, msg.clone());
+    async fn publish_kept(
+        &self,
+        b: u64,
+        i: usize,
+        msg: Message,
+        maybe_stored: bool,
+        reply: &mut String,
+    ) {
+        self.kept.keep_one(b, i, msg.clone(), maybe_stored);
         self.publish_one(b, i, &msg, reply).await;
     }
 
@@ -400,7 +420,7 @@ impl Writer {
             .publish_with_reply_and_headers(subject, reply.clone(), hdrs, payload)
             .await
         {
-            self.router.settle(b, i, not_queued(e));
+            self.kept.settle(b, i, not_queued(e));
         }
     }
 
@@ -597,7 +617,7 @@ impl Writer {
         // pub acks, as async mode does; the server's answer (stored, no responders, ...) decides.
         for i in unknown {
             if let Some(msg) = slots[i].take() {
-                self.publish_kept(job_id, i, msg, &mut reply).await;
+                self.publish_kept(job_id, i, msg, false, &mut reply).await;
             }
         }
         for (k, (stream, mut indices)) in order.into_iter().enumerate() {
@@ -605,7 +625,7 @@ impl Writer {
             if !facts.fast {
                 for i in indices {
                     if let Some(msg) = slots[i].take() {
-                        self.publish_kept(job_id, i, msg, &mut reply).await;
+                        self.publish_kept(job_id, i, msg, false, &mut reply).await;
                     }
                 }
                 continue;
@@ -687,6 +707,9 @@ impl Writer {
                         unsent.clone()
                     }
                 });
+            } else if let Some(g) = self.groups.lock().get_mut(&(job_id, k)) {
+                // Handed over in full: its silence counts from now.
+                g.heard = Instant::now();
             }
         }
     }
@@ -756,6 +779,7 @@ enum Reply<'a> {
     /// Another publish with the same message id is being stored (a resend raced its
     /// original): this one stored nothing, and the other decides.
     InProcess(Error),
+    /// An empty reply.
     Empty,
     Unreadable,
 }
@@ -877,6 +901,12 @@ fn route_atomic(
                 router.settle(b, i, Outcome::Failed(e.clone()));
             }
         }
+        Reply::InProcess(e) => {
+            // A batch with one of these ids is being stored: this one may be, too.
+            for i in g.indices {
+                router.settle(b, i, Outcome::Unknown(e.clone()));
+            }
+        }
         _ => {
             let o = Outcome::Unknown(err(
                 ErrorKind::Contract,
@@ -964,7 +994,7 @@ fn route_fast(r: &Router, b: u64, k: u32, (seq, op): (u64, u8), m: &async_nats::
         messages = again.len(),
         "fast batch ended early; sending the messages it did not store again"
     );
-    r.send_again(b, again, false);
+    r.send_again(b, again, false, false);
 }
 
 /// What the reply task needs.
@@ -976,13 +1006,16 @@ struct Router {
 }
 
 impl Router {
-    /// Hand messages of batch `b` that were definitely not stored back to the writer.
-    fn send_again(&self, b: u64, items: Vec<(usize, Message)>, verify: bool) {
+    /// Hand messages of batch `b` back to the writer to publish again with their ids:
+    /// `maybe_stored` when an earlier attempt may be stored (no ack came), otherwise they
+    /// were definitely not stored.
+    fn send_again(&self, b: u64, items: Vec<(usize, Message)>, verify: bool, maybe_stored: bool) {
         let items = match self.resend.upgrade() {
             Some(tx) => match tx.send(Job::Resend {
                 id: b,
                 items,
                 verify,
+                maybe_stored,
             }) {
                 Ok(()) => return,
                 Err(mpsc::error::SendError(Job::Resend { items, .. })) => items,
@@ -990,9 +1023,20 @@ impl Router {
             },
             None => items,
         };
-        // The sink is gone: these were definitely not stored.
+        // The sink is gone: not sent again.
         for (i, _) in items {
-            self.router.settle(b, i, stopped());
+            if maybe_stored {
+                self.router.settle(
+                    b,
+                    i,
+                    Outcome::Unknown(err(
+                        ErrorKind::Closed,
+                        "NATS writer stopped before sending again; an earlier attempt may be stored",
+                    )),
+                );
+            } else {
+                self.kept.settle(b, i, stopped());
+            }
         }
     }
 
@@ -1000,17 +1044,19 @@ impl Router {
     /// again with backoff while the engine waits for the message (see [`crate::retry`]).
     fn single(self: &Arc<Self>, b: u64, i: usize, m: &async_nats::Message) {
         let outcome = parse_ack(m);
-        if try_again_later(m, &outcome)
+        if let Some(why) = try_again_later(m, &outcome)
             && let Some(attempt) = self.kept.retry(b, i)
         {
+            // "In process" says the subject is covered: no stream check for it.
+            let verify = attempt.verify && why == Again::NoLeader;
             let me = Arc::clone(self);
             tokio::spawn(async move {
                 tokio::time::sleep(attempt.wait).await;
-                me.send_again(b, vec![(i, attempt.msg)], attempt.verify);
+                me.send_again(b, vec![(i, attempt.msg)], verify, false);
             });
             return;
         }
-        self.router.settle(b, i, outcome);
+        self.kept.settle(b, i, outcome);
     }
 }
 
@@ -1054,7 +1100,7 @@ async fn resend_silent(r: Arc<Router>, silence: Duration) {
                     messages = items.len(),
                     "no ack for a fast batch; sending its messages again with their ids"
                 );
-                r.send_again(b, items, false);
+                r.send_again(b, items, false, true);
             }
         }
         for (b, items) in r.kept.silent(now, silence) {
@@ -1062,7 +1108,7 @@ async fn resend_silent(r: Arc<Router>, silence: Duration) {
                 messages = items.len(),
                 "no ack; sending the messages again with their ids"
             );
-            r.send_again(b, items, false);
+            r.send_again(b, items, false, true);
         }
     }
 }
@@ -1082,14 +1128,23 @@ const TEMPORARILY_UNAVAILABLE: u16 = 10008;
 /// leader is still replicating). Asked again a moment later the stream answers "duplicate".
 pub(crate) const DUPLICATE_IN_PROCESS: u16 = 10158;
 
+/// Why a publish is asked again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Again {
+    /// "No responders" or "temporarily unavailable": no stream leader (or no stream).
+    NoLeader,
+    /// "Duplicate message id is in process": another publish of it is being stored.
+    InProcess,
+}
+
 /// This publish stored nothing and a moment later one may: "no responders" (JetStream not
 /// ready, a clustered stream without a leader), "temporarily unavailable", or "duplicate
 /// message id is in process" (asked again, the stream says whether the other publish stored
 /// it). Other 503 errors (a full stream, ...) are answers about the message and are reported
 /// as they are. `outcome` is `m` already parsed: a stored ack is not read twice.
-fn try_again_later(m: &async_nats::Message, outcome: &Outcome) -> bool {
+fn try_again_later(m: &async_nats::Message, outcome: &Outcome) -> Option<Again> {
     if m.status == Some(StatusCode::NO_RESPONDERS) {
-        return true;
+        return Some(Again::NoLeader);
     }
     // Only a 503 refusal (typed Overloaded) or an unknown outcome can be one of these; the code
     // is read again here, which costs nothing on the path of stored messages.
@@ -1098,12 +1153,18 @@ fn try_again_later(m: &async_nats::Message, outcome: &Outcome) -> bool {
         Outcome::Unknown(e) => e.kind() == ErrorKind::Rejected,
         Outcome::Acked(_) => false,
     };
-    maybe
-        && matches!(
-            serde_json::from_slice::<ApiAck<'_>>(&m.payload),
-            Ok(ApiAck { error: Some(e), .. })
-                if matches!(e.err_code, TEMPORARILY_UNAVAILABLE | DUPLICATE_IN_PROCESS)
-        )
+    if !maybe {
+        return None;
+    }
+    match serde_json::from_slice::<ApiAck<'_>>(&m.payload) {
+        Ok(ApiAck { error: Some(e), .. }) if e.err_code == TEMPORARILY_UNAVAILABLE => {
+            Some(Again::NoLeader)
+        }
+        Ok(ApiAck { error: Some(e), .. }) if e.err_code == DUPLICATE_IN_PROCESS => {
+            Some(Again::InProcess)
+        }
+        _ => None,
+    }
 }
 
 fn stopped() -> Outcome {
@@ -1209,7 +1270,7 @@ mod tests {
             matches!(&o, Outcome::Unknown(e) if e.is_retryable()),
             "never Failed: the other publish may store it ({o:?})"
         );
-        assert!(try_again_later(&m, &o));
+        assert_eq!(try_again_later(&m, &o), Some(Again::InProcess));
     }
 
     #[test]
@@ -1219,16 +1280,16 @@ mod tests {
         );
         let o = parse_ack(&unavailable);
         assert!(matches!(&o, Outcome::Failed(_)));
-        assert!(try_again_later(&unavailable, &o));
+        assert_eq!(try_again_later(&unavailable, &o), Some(Again::NoLeader));
         let full = reply(
             r#"{"error":{"code":503,"err_code":10077,"description":"maximum messages exceeded"}}"#,
         );
-        assert!(!try_again_later(&full, &parse_ack(&full)));
+        assert_eq!(try_again_later(&full, &parse_ack(&full)), None);
         let stored = reply(r#"{"stream":"S","seq":7}"#);
         let o = parse_ack(&stored);
         assert!(o.is_acked());
-        assert!(!try_again_later(&stored, &o));
+        assert_eq!(try_again_later(&stored, &o), None);
         let unreadable = reply("garbage");
-        assert!(!try_again_later(&unreadable, &parse_ack(&unreadable)));
+        assert_eq!(try_again_later(&unreadable, &parse_ack(&unreadable)), None);
     }
 }

@@ -263,6 +263,63 @@ fn markdown(rows: &[Row], quick: bool) -> String {
     s
 }
 
+/// The heading of `--doc` for the single-broker backends.
+fn single_doc_header(command: &str) -> String {
+    format!(
+        "# Reliability figures\n\nWritten by `{command} --doc ...` (eventbus-reliability); \
+         see the crate docs for what each scenario does and asserts. **lost** (acked, never read \
+         back) and **failed but stored** must be 0 everywhere. Kafka runs on tansu 0.6.0 (SQLite; \
+         memory for `slow-consumer`, whose deep backlog tansu's SQLite fetch serves in O(backlog) \
+         per fetch); its `security` row uses a TLS-terminating proxy in front of tansu (tansu has \
+         no TLS listener) and tansu's own SASL SCRAM."
+    )
+}
+
+/// The heading of `--doc` for the cluster backends: what each row does to the cluster.
+fn cluster_doc_header(command: &str) -> String {
+    format!(
+        "# Reliability figures on clusters
+
+Written by `{command} --doc ...` (eventbus-reliability), same ledger and checker as [the
+single-broker report](reliability.md): **lost** (acked, never read back) and **failed but
+stored** must be 0 everywhere. **first failed / unknown** is what the caller saw on its first
+attempt; unknown outcomes are then published again with the same id. **recover ms** is the time
+from the (last) fault to the first ack of a message admitted after it.
+
+- `nats-cluster`: three nats-server 2.15.1 nodes (JetStream, a store each, routes on
+  loopback), one R3 file stream per run, the client given all three seeds with a 2 s wire
+  `ack_timeout` (after which a silent publish is sent again with its id).
+  - `kill-restart`: SIGKILL the node that leads the stream (read from the nodes' `/jsz`) twice
+    under load, restart it each time; ack deadline 10 s. A NATS node kill must reach the caller
+    as acked: 0 first failed, 0 first unknown, 0 duplicates.
+  - `kill-connected`: the same, on the node the client is attached to (found through `/connz`);
+    the client fails over to another seed. Same assertions.
+  - `stepdown`: the leader steps down through the JetStream API twice under load; 5 s deadline;
+    nothing may reach the caller.
+  - `rolling-restart`: every node in turn gets SIGTERM, is started again on its store, and the
+    next waits until every node reports healthy; 10 s deadline; 0 first failed.
+  - `partition`: the stream leader is cut off from the other two for 10 s (5 s quick) by fault
+    proxies on its routes (one per direction of every node pair; they hold every byte, no RST);
+    20 s deadline. The majority elects a new leader once the raft election timeout (4-9 s)
+    passes.
+  - `pause`: SIGSTOP the stream leader for 5 s with a 1 s ack deadline (unknown outcomes are
+    the point of that row).
+- `kafka-cluster`: three tansu 0.6.0 brokers over one SQLite file, the client given all three.
+  Every tansu broker answers metadata naming itself the leader of every partition, so
+  librdkafka produces to whichever broker it heard from last: `kill-restart` SIGKILLs the broker
+  this process holds the most connections to (the one in use) twice and restarts it; `pause`
+  SIGSTOPs every broker for 5 s with a 1 s ack deadline. tansu 0.6.0 panics at start-up when
+  another broker holds the shared file locked (`broker.rs:137`, \"database is locked\"): the
+  harness starts it again (up to 5 times) and leaves that start-up panic out of the crash
+  check.
+- `nats-cluster raw` and `kafka-cluster raw`: the raw clients with no SDK through the same rows
+  and ledger, as their docs show them: async-nats's JetStream context (`publish_with_headers`
+  with `Nats-Msg-Id`, each ack future awaited, window 16,384, ack timeout 2 s) and rdkafka's
+  `FutureProducer` (idempotent, `acks=all`, `message.timeout.ms` = the SDK row's deadline).
+  Only safety is asserted on them; what their caller saw is the comparison."
+    )
+}
+
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
     let size = Size { quick: args.quick };
@@ -333,14 +390,24 @@ fn main() -> std::process::ExitCode {
     );
     let _ = std::fs::write(args.out.join("reliability.md"), &md);
     if let Some(doc) = &args.doc {
+        let clusters = backends.iter().any(|b| b.contains("cluster"));
+        let command = format!(
+            "cargo xtask reliability{} --backend {}{}",
+            if args.quick { " --quick" } else { "" },
+            backends.join(","),
+            if args.scenario.is_empty() {
+                String::new()
+            } else {
+                format!(" --scenario {}", scenarios.join(","))
+            }
+        );
         let text = format!(
-            "# Reliability figures\n\nWritten by `cargo xtask reliability{}` (eventbus-reliability); \
-             see the crate docs for what each scenario does and asserts. **lost** (acked, never read \
-             back) and **failed but stored** must be 0 everywhere. Kafka runs on tansu 0.6.0 (SQLite; \
-             memory for `slow-consumer`, whose deep backlog tansu's SQLite fetch serves in O(backlog) \
-             per fetch); its `security` row uses a TLS-terminating proxy in front of tansu (tansu has \
-             no TLS listener) and tansu's own SASL SCRAM.\n\n{md}",
-            if args.quick { " --quick" } else { "" }
+            "{}\n\n{md}",
+            if clusters {
+                cluster_doc_header(&command)
+            } else {
+                single_doc_header(&command)
+            }
         );
         if let Err(e) = std::fs::write(doc, text) {
             eprintln!("could not write {}: {e}", doc.display());
