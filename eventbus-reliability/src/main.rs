@@ -301,7 +301,9 @@ from the (last) fault to the first ack of a message admitted after it.
   - `partition`: the stream leader is cut off from the other two for 10 s (5 s quick) by fault
     proxies on its routes (one per direction of every node pair; they hold every byte, no RST);
     20 s deadline. The majority elects a new leader once the raft election timeout (4-9 s)
-    passes.
+    passes; a client attached to the cut-off node keeps its connection, so it does not fail
+    over, and its publishes are stored when the partition heals (one full run: recovery
+    11.0 s, 0 failed, 0 unknown).
   - `pause`: SIGSTOP the stream leader for 5 s with a 1 s ack deadline (unknown outcomes are
     the point of that row).
 - `kafka-cluster`: three tansu 0.6.0 brokers over one SQLite file, the client given all three.

@@ -26,13 +26,40 @@ impl<S: eventbus_core::BatchSink> InFlight for eventbus_batch::Batcher<S> {
     }
 }
 
+/// Publishes of a raw client awaiting their outcome.
+#[derive(Clone, Debug, Default)]
+struct Tally(Arc<AtomicUsize>);
+
+impl Tally {
+    fn up(&self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn down(&self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    fn get(&self) -> usize {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    /// Wait until nothing is awaited or `deadline` passed; returns what is still awaited.
+    async fn wait_idle(&self, deadline: Duration) -> u64 {
+        let until = Instant::now() + deadline;
+        while self.get() > 0 && Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        self.get() as u64
+    }
+}
+
 /// async-nats's JetStream context: `publish_with_headers` per message, its ack future awaited
 /// on a task. Its window is the context's `max_ack_inflight` with backpressure on.
 #[cfg(feature = "nats")]
 #[derive(Clone, Debug)]
 pub struct RawNats {
     js: async_nats::jetstream::Context,
-    in_flight: Arc<AtomicUsize>,
+    in_flight: Tally,
 }
 
 #[cfg(feature = "nats")]
@@ -60,23 +87,15 @@ impl RawNats {
             .build(client);
         Ok(RawNats {
             js,
-            in_flight: Arc::default(),
+            in_flight: Tally::default(),
         })
-    }
-
-    async fn wait_idle(&self, deadline: Duration) -> u64 {
-        let until = Instant::now() + deadline;
-        while self.in_flight() > 0 && Instant::now() < until {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        self.in_flight() as u64
     }
 }
 
 #[cfg(feature = "nats")]
 impl InFlight for RawNats {
     fn in_flight(&self) -> usize {
-        self.in_flight.load(Ordering::Relaxed)
+        self.in_flight.get()
     }
 }
 
@@ -99,7 +118,7 @@ fn outcome(e: &async_nats::jetstream::context::PublishError) -> Outcome {
 #[cfg(feature = "nats")]
 impl Publisher for RawNats {
     fn publish(&self, msg: Message) -> impl Future<Output = Result<PendingAck, Error>> + Send {
-        let (js, in_flight) = (self.js.clone(), Arc::clone(&self.in_flight));
+        let (js, in_flight) = (self.js.clone(), self.in_flight.clone());
         async move {
             let mut h = async_nats::HeaderMap::new();
             for (n, v) in msg.headers().iter() {
@@ -113,7 +132,7 @@ impl Publisher for RawNats {
                 .map_err(|e| {
                     Error::new(ErrorKind::Connect, format!("raw publish: {}", e.kind()))
                 })?;
-            in_flight.fetch_add(1, Ordering::Relaxed);
+            in_flight.up();
             let (tx, pending) = PendingAck::channel();
             tokio::spawn(async move {
                 let o = match ack.await {
@@ -126,7 +145,7 @@ impl Publisher for RawNats {
                     }),
                     Err(e) => outcome(&e),
                 };
-                in_flight.fetch_sub(1, Ordering::Relaxed);
+                in_flight.down();
                 tx.send(o);
             });
             Ok(pending)
@@ -134,12 +153,12 @@ impl Publisher for RawNats {
     }
 
     async fn flush(&self) -> Result<(), Error> {
-        self.wait_idle(Duration::from_secs(60)).await;
+        self.in_flight.wait_idle(Duration::from_secs(60)).await;
         Ok(())
     }
 
     async fn close(&self, deadline: Duration) -> Result<CloseReport, Error> {
-        Ok(CloseReport::new(self.wait_idle(deadline).await))
+        Ok(CloseReport::new(self.in_flight.wait_idle(deadline).await))
     }
 }
 
@@ -151,7 +170,7 @@ impl Publisher for RawNats {
 #[derive(Clone)]
 pub struct RawKafka {
     producer: rdkafka::producer::FutureProducer,
-    in_flight: Arc<AtomicUsize>,
+    in_flight: Tally,
 }
 
 #[cfg(feature = "kafka")]
@@ -175,23 +194,15 @@ impl RawKafka {
             .map_err(|e| format!("producer: {e}"))?;
         Ok(RawKafka {
             producer,
-            in_flight: Arc::default(),
+            in_flight: Tally::default(),
         })
-    }
-
-    async fn wait_idle(&self, deadline: Duration) -> u64 {
-        let until = Instant::now() + deadline;
-        while self.in_flight() > 0 && Instant::now() < until {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        self.in_flight() as u64
     }
 }
 
 #[cfg(feature = "kafka")]
 impl InFlight for RawKafka {
     fn in_flight(&self) -> usize {
-        self.in_flight.load(Ordering::Relaxed)
+        self.in_flight.get()
     }
 }
 
@@ -201,7 +212,7 @@ impl Publisher for RawKafka {
         use rdkafka::error::{KafkaError, RDKafkaErrorCode};
         use rdkafka::message::{Header, OwnedHeaders};
         use rdkafka::producer::FutureRecord;
-        let (producer, in_flight) = (self.producer.clone(), Arc::clone(&self.in_flight));
+        let (producer, in_flight) = (self.producer.clone(), self.in_flight.clone());
         async move {
             let mut headers = OwnedHeaders::new();
             for (n, v) in msg.headers().iter() {
@@ -218,7 +229,7 @@ impl Publisher for RawKafka {
             let delivery = producer
                 .send_result(record)
                 .map_err(|(e, _)| Error::new(ErrorKind::Overloaded, format!("raw send: {e}")))?;
-            in_flight.fetch_add(1, Ordering::Relaxed);
+            in_flight.up();
             let (tx, pending) = PendingAck::channel();
             tokio::spawn(async move {
                 let text = "raw rdkafka client";
@@ -237,7 +248,7 @@ impl Publisher for RawKafka {
                     }
                     Ok(Err(_)) | Err(_) => Outcome::Unknown(Error::new(ErrorKind::Timeout, text)),
                 };
-                in_flight.fetch_sub(1, Ordering::Relaxed);
+                in_flight.down();
                 tx.send(o);
             });
             Ok(pending)
@@ -245,11 +256,11 @@ impl Publisher for RawKafka {
     }
 
     async fn flush(&self) -> Result<(), Error> {
-        self.wait_idle(Duration::from_secs(60)).await;
+        self.in_flight.wait_idle(Duration::from_secs(60)).await;
         Ok(())
     }
 
     async fn close(&self, deadline: Duration) -> Result<CloseReport, Error> {
-        Ok(CloseReport::new(self.wait_idle(deadline).await))
+        Ok(CloseReport::new(self.in_flight.wait_idle(deadline).await))
     }
 }

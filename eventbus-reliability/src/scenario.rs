@@ -278,14 +278,19 @@ where
 /// 5 producers x 400 (quick) or 2,000 messages of 100 B, paced to about 2.5 s of publishing
 /// whatever the size: the load the kill and step-down faults run under.
 fn paced_load(run: String, topics: Vec<String>, size: Size) -> Load {
-    let per = if size.quick { 400 } else { 2_000 };
+    spread_load(run, topics, if size.quick { 400 } else { 2_000 }, 100)
+}
+
+/// 5 producers x `per` messages of 100 B, each pausing 25 ms `steps` times: about
+/// `steps` x 25 ms of publishing.
+fn spread_load(run: String, topics: Vec<String>, per: u64, steps: u64) -> Load {
     Load {
         run,
         topics,
         producers: 5,
         per,
         payload: 100,
-        pace: Some((per / 100, Duration::from_millis(25))),
+        pace: Some(((per / steps).max(1), Duration::from_millis(25))),
         stop_at: None,
     }
 }
@@ -450,16 +455,7 @@ pub async fn rolling_restart(t: &mut crate::target::nats_cluster::NatsCluster3, 
     let mut row = Row::new("rolling-restart", t.name());
     let cfg = BatchConfig::default().ack_timeout(Duration::from_secs(10));
     let (run, topics, filter, p) = try_setup!(row, setup(t, &mut row, "rolling", 5, cfg).await);
-    let per = if size.quick { 1_200 } else { 6_000 };
-    let load = Load {
-        run,
-        topics,
-        producers: 5,
-        per,
-        payload: 100,
-        pace: Some((per / 600, Duration::from_millis(25))),
-        stop_at: None,
-    };
+    let load = spread_load(run, topics, if size.quick { 1_200 } else { 6_000 }, 600);
     let script = async {
         tokio::time::sleep(Duration::from_millis(500)).await;
         let start = Instant::now();
@@ -491,17 +487,8 @@ pub async fn partition(t: &mut crate::target::nats_cluster::NatsCluster3, size: 
     let mut row = Row::new("partition", t.name());
     let cfg = BatchConfig::default().ack_timeout(Duration::from_secs(20));
     let (run, topics, filter, p) = try_setup!(row, setup(t, &mut row, "partition", 5, cfg).await);
-    let per = if size.quick { 500 } else { 2_500 };
     let hold = Duration::from_secs(if size.quick { 5 } else { 10 });
-    let load = Load {
-        run,
-        topics,
-        producers: 5,
-        per,
-        payload: 100,
-        pace: Some((per / 500, Duration::from_millis(25))),
-        stop_at: None,
-    };
+    let load = spread_load(run, topics, if size.quick { 500 } else { 2_500 }, 500);
     let client_node = t.node_of_connection(crate::target::nats_cluster::SINK_CONNECTION);
     let script = async {
         tokio::time::sleep(Duration::from_millis(800)).await;

@@ -476,7 +476,13 @@ pub mod nats_cluster {
 
         /// The node that leads `stream`, from any node's `/jsz` (`None` while there is none).
         pub fn leader_of(&self, stream: &str) -> Option<usize> {
-            for i in 0..self.cluster.nodes().len() {
+            self.leader_seen(stream, None)
+        }
+
+        /// The leader of `stream` as the nodes other than `skip` see it (a node cut off from
+        /// the others may still believe it leads).
+        fn leader_seen(&self, stream: &str, skip: Option<usize>) -> Option<usize> {
+            for i in (0..self.cluster.nodes().len()).filter(|i| Some(*i) != skip) {
                 let Ok((200, body)) = eventbus_brokers::http_get(
                     self.cluster.http_port(i),
                     "/jsz?accounts=true&streams=true",
@@ -537,12 +543,13 @@ pub mod nats_cluster {
             }
         }
 
-        /// The stream's leader, once one other than `not` is elected, within `within`.
+        /// The stream's leader, once one other than `not` is elected (as the other nodes see
+        /// it), within `within`.
         pub async fn wait_for_leader(&self, not: Option<usize>, within: Duration) -> Option<usize> {
             let stream = self.stream.lock().clone()?;
             let until = std::time::Instant::now() + within;
             loop {
-                if let Some(l) = self.leader_of(&stream)
+                if let Some(l) = self.leader_seen(&stream, not)
                     && Some(l) != not
                 {
                     return Some(l);
