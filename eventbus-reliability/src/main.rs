@@ -20,7 +20,8 @@ struct Args {
     /// Backends (comma separated): nats, kafka, and the clusters nats-cluster (3 nodes, R3
     /// streams; faults hit the stream leader) and kafka-cluster (3 tansu brokers over one
     /// SQLite file), and the raw clients with no SDK through the same rows: nats-cluster-raw
-    /// (async-nats; kill-restart, stepdown) and kafka-cluster-raw (rdkafka; kill-restart).
+    /// (async-nats; every nats-cluster row but pause) and kafka-cluster-raw (rdkafka;
+    /// kill-restart).
     /// Default: nats, kafka.
     #[arg(long, value_delimiter = ',')]
     backend: Vec<String>,
@@ -40,7 +41,13 @@ struct Args {
 }
 
 /// Scenarios the raw client (`nats-cluster-raw`) runs beside the SDK.
-const RAW: [&str; 2] = ["kill-restart", "stepdown"];
+const RAW: [&str; 5] = [
+    "kill-restart",
+    "stepdown",
+    "kill-connected",
+    "rolling-restart",
+    "partition",
+];
 
 /// Scenarios that only a NATS cluster runs.
 const NATS_CLUSTER_ONLY: [&str; 4] = ["stepdown", "kill-connected", "rolling-restart", "partition"];
@@ -176,7 +183,13 @@ async fn run(backend: &str, s: &str, size: Size) -> Row {
             if !RAW.contains(&s) {
                 return failed(format!("{s} is not run with the raw client"));
             }
-            match eventbus_reliability::target::nats_cluster::NatsCluster3::start().await {
+            use eventbus_reliability::target::nats_cluster::NatsCluster3;
+            let started = if s == "partition" {
+                NatsCluster3::start_with_route_proxies().await
+            } else {
+                NatsCluster3::start().await
+            };
+            match started {
                 Ok(mut t) => scenario::raw_nats(&mut t, s, size).await,
                 Err(e) => failed(e),
             }

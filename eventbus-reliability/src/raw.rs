@@ -76,7 +76,7 @@ impl RawNats {
             .map(|s| s.parse().map_err(|e| format!("seed {s}: {e}")))
             .collect::<Result<_, _>>()?;
         let client = async_nats::ConnectOptions::new()
-            .name("eventbus-reliability-raw")
+            .name(crate::target::nats_cluster::RAW_CONNECTION)
             .connect(addrs)
             .await
             .map_err(|e| format!("connect: {e}"))?;

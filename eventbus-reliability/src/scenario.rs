@@ -395,8 +395,8 @@ async fn raw_setup<T: Target>(
     }
 }
 
-/// The raw async-nats client (no SDK) under `scenario` (`kill-restart` or `stepdown`) on the
-/// NATS cluster, with the SDK's window and wire timeout: what a caller sees without the SDK.
+/// The raw async-nats client (no SDK) under `scenario` (`kill-restart`, `stepdown`,
+/// `kill-connected`, `rolling-restart` or `partition`) on the NATS cluster, with the SDK's window and wire timeout: what a caller sees without the SDK.
 /// Only safety is asserted; the caller-visible figures are the comparison.
 #[cfg(feature = "nats")]
 pub async fn raw_nats(
@@ -418,11 +418,20 @@ pub async fn raw_nats(
             return row;
         }
     };
-    if scenario == "stepdown" {
-        stepdown_with(t, &p, provisioned, size, row).await
-    } else {
-        kill_restart_with(t, &p, provisioned, size, row).await
+    let mut row = match scenario {
+        "stepdown" => stepdown_with(t, &p, provisioned, size, row).await,
+        "rolling-restart" => rolling_restart_with(t, &p, provisioned, size, row).await,
+        "partition" => partition_with(t, &p, provisioned, size, row).await,
+        "kill-connected" => {
+            t.aim(crate::target::nats_cluster::Aim::ClientNode);
+            kill_restart_with(t, &p, provisioned, size, row).await
+        }
+        _ => kill_restart_with(t, &p, provisioned, size, row).await,
+    };
+    if let Some(v) = t.last_victim() {
+        row.notes.push(format!("the faults hit node n{v}"));
     }
+    row
 }
 
 /// rdkafka's `FutureProducer` (no SDK) through `kill-restart` on the tansu cluster, its
@@ -455,6 +464,24 @@ pub async fn rolling_restart(t: &mut crate::target::nats_cluster::NatsCluster3, 
     let mut row = Row::new("rolling-restart", t.name());
     let cfg = BatchConfig::default().ack_timeout(Duration::from_secs(10));
     let (run, topics, filter, p) = try_setup!(row, setup(t, &mut row, "rolling", 5, cfg).await);
+    let mut row = rolling_restart_with(t, &p, (run, topics, filter), size, row).await;
+    require_no_failed(&mut row, "a rolling restart");
+    row
+}
+
+/// [`rolling_restart`] through any publisher `p`, without its assertions on what the caller
+/// saw.
+#[cfg(feature = "nats")]
+pub async fn rolling_restart_with<P>(
+    t: &mut crate::target::nats_cluster::NatsCluster3,
+    p: &P,
+    (run, topics, filter): (String, Vec<String>, String),
+    size: Size,
+    mut row: Row,
+) -> Row
+where
+    P: Publisher + InFlight + Clone + Send + Sync + 'static,
+{
     let load = spread_load(run, topics, if size.quick { 1_200 } else { 6_000 }, 600);
     let script = async {
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -462,7 +489,7 @@ pub async fn rolling_restart(t: &mut crate::target::nats_cluster::NatsCluster3, 
         let downs = blocking(|| t.rolling_restart()).await;
         (downs, start.elapsed())
     };
-    let ((downs, took), ledger) = under_load(&p, &load, &mut row, script).await;
+    let ((downs, took), ledger) = under_load(p, &load, &mut row, script).await;
     match downs {
         Ok(downs) => {
             row.notes
@@ -471,8 +498,7 @@ pub async fn rolling_restart(t: &mut crate::target::nats_cluster::NatsCluster3, 
         }
         Err(e) => row.failures.push(e),
     }
-    settle(t, &p, &load, &filter, &ledger, &mut row).await;
-    require_no_failed(&mut row, "a rolling restart");
+    settle(t, p, &load, &filter, &ledger, &mut row).await;
     row
 }
 
@@ -487,9 +513,26 @@ pub async fn partition(t: &mut crate::target::nats_cluster::NatsCluster3, size: 
     let mut row = Row::new("partition", t.name());
     let cfg = BatchConfig::default().ack_timeout(Duration::from_secs(20));
     let (run, topics, filter, p) = try_setup!(row, setup(t, &mut row, "partition", 5, cfg).await);
+    let mut row = partition_with(t, &p, (run, topics, filter), size, row).await;
+    row.require(row.figures.duplicates == 0, "duplicates stored");
+    row
+}
+
+/// [`partition`] through any publisher `p`, without its assertion on duplicates.
+#[cfg(feature = "nats")]
+pub async fn partition_with<P>(
+    t: &mut crate::target::nats_cluster::NatsCluster3,
+    p: &P,
+    (run, topics, filter): (String, Vec<String>, String),
+    size: Size,
+    mut row: Row,
+) -> Row
+where
+    P: Publisher + InFlight + Clone + Send + Sync + 'static,
+{
     let hold = Duration::from_secs(if size.quick { 5 } else { 10 });
     let load = spread_load(run, topics, if size.quick { 500 } else { 2_500 }, 500);
-    let client_node = t.node_of_connection(crate::target::nats_cluster::SINK_CONNECTION);
+    let client_node = t.client_node();
     let script = async {
         tokio::time::sleep(Duration::from_millis(800)).await;
         let victim = t.choose_victim();
@@ -500,7 +543,7 @@ pub async fn partition(t: &mut crate::target::nats_cluster::NatsCluster3, size: 
         t.heal(victim);
         (victim, at, cut, elected)
     };
-    let ((victim, at, cut, elected), ledger) = under_load(&p, &load, &mut row, script).await;
+    let ((victim, at, cut, elected), ledger) = under_load(p, &load, &mut row, script).await;
     row.require(cut, "the cluster has no route proxies to cut");
     let node = |n: Option<usize>| n.map_or("none".to_owned(), |n| format!("n{n}"));
     row.notes.push(format!(
@@ -510,8 +553,7 @@ pub async fn partition(t: &mut crate::target::nats_cluster::NatsCluster3, size: 
         node(elected)
     ));
     fault_times(&mut row, &ledger, std::iter::once(at));
-    settle(t, &p, &load, &filter, &ledger, &mut row).await;
-    row.require(row.figures.duplicates == 0, "duplicates stored");
+    settle(t, p, &load, &filter, &ledger, &mut row).await;
     row
 }
 

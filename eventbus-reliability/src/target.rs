@@ -332,6 +332,8 @@ pub mod nats_cluster {
 
     /// The connection name of every sink the target makes (found again through `/connz`).
     pub const SINK_CONNECTION: &str = "eventbus-reliability-sink";
+    /// The connection name of the raw client ([`crate::raw::RawNats`]).
+    pub const RAW_CONNECTION: &str = "eventbus-reliability-raw";
 
     /// Which node the process faults hit.
     #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -436,6 +438,13 @@ pub mod nats_cluster {
             &self.config
         }
 
+        /// The node the publishing client (the SDK's sink, or else the raw client) is
+        /// attached to.
+        pub fn client_node(&self) -> Option<usize> {
+            self.node_of_connection(SINK_CONNECTION)
+                .or_else(|| self.node_of_connection(RAW_CONNECTION))
+        }
+
         /// The node a connection named `name` is attached to, from the nodes' `/connz`.
         pub fn node_of_connection(&self, name: &str) -> Option<usize> {
             (0..self.cluster.nodes().len()).find(|&i| {
@@ -506,7 +515,7 @@ pub mod nats_cluster {
                     let stream = self.stream.lock().clone();
                     stream.and_then(|s| self.leader_of(&s))
                 }
-                Aim::ClientNode => self.node_of_connection(SINK_CONNECTION),
+                Aim::ClientNode => self.client_node(),
             }
             .unwrap_or(0);
             *self.victim.lock() = Some(v);
