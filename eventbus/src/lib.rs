@@ -149,6 +149,9 @@ impl Bus {
     /// unless one exists; memory needs nothing. Existing topics and streams are left as they
     /// are. Production setups usually provision through their own tooling instead.
     pub async fn ensure_topic(&self, topic: &str, partitions: u32) -> Result<(), Error> {
+        // Only Kafka topics have partitions.
+        #[cfg(not(feature = "kafka"))]
+        let _ = partitions;
         match self {
             #[cfg(feature = "nats")]
             Bus::Nats(b, _) => {
@@ -167,10 +170,7 @@ impl Bus {
                 b.ensure_topic(topic, partitions).await
             }
             #[cfg(feature = "memory")]
-            Bus::Memory(..) => {
-                let _ = partitions;
-                Ok(())
-            }
+            Bus::Memory(..) => Ok(()),
         }
     }
 
