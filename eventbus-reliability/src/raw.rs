@@ -43,6 +43,19 @@ impl Tally {
         self.0.load(Ordering::Relaxed)
     }
 
+    /// A `PendingAck` resolved with what `outcome` yields, counted until then.
+    fn track(&self, outcome: impl Future<Output = Outcome> + Send + 'static) -> PendingAck {
+        self.up();
+        let (tx, pending) = PendingAck::channel();
+        let tally = self.clone();
+        tokio::spawn(async move {
+            let o = outcome.await;
+            tally.down();
+            tx.send(o);
+        });
+        pending
+    }
+
     /// Wait until nothing is awaited or `deadline` passed; returns what is still awaited.
     async fn wait_idle(&self, deadline: Duration) -> u64 {
         let until = Instant::now() + deadline;
@@ -132,10 +145,8 @@ impl Publisher for RawNats {
                 .map_err(|e| {
                     Error::new(ErrorKind::Connect, format!("raw publish: {}", e.kind()))
                 })?;
-            in_flight.up();
-            let (tx, pending) = PendingAck::channel();
-            tokio::spawn(async move {
-                let o = match ack.await {
+            Ok(in_flight.track(async move {
+                match ack.await {
                     Ok(a) => Outcome::Acked(Ack {
                         position: Position::Stream {
                             stream: a.stream,
@@ -144,11 +155,8 @@ impl Publisher for RawNats {
                         },
                     }),
                     Err(e) => outcome(&e),
-                };
-                in_flight.down();
-                tx.send(o);
-            });
-            Ok(pending)
+                }
+            }))
         }
     }
 
@@ -229,11 +237,9 @@ impl Publisher for RawKafka {
             let delivery = producer
                 .send_result(record)
                 .map_err(|(e, _)| Error::new(ErrorKind::Overloaded, format!("raw send: {e}")))?;
-            in_flight.up();
-            let (tx, pending) = PendingAck::channel();
-            tokio::spawn(async move {
+            Ok(in_flight.track(async move {
                 let text = "raw rdkafka client";
-                let o = match delivery.await {
+                match delivery.await {
                     Ok(Ok(d)) => Outcome::Acked(Ack {
                         position: Position::Partition {
                             partition: d.partition,
@@ -247,11 +253,8 @@ impl Publisher for RawKafka {
                         Outcome::Failed(Error::new(ErrorKind::Rejected, text))
                     }
                     Ok(Err(_)) | Err(_) => Outcome::Unknown(Error::new(ErrorKind::Timeout, text)),
-                };
-                in_flight.down();
-                tx.send(o);
-            });
-            Ok(pending)
+                }
+            }))
         }
     }
 
