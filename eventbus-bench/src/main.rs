@@ -13,6 +13,8 @@
 #![allow(clippy::print_stdout, clippy::print_stderr)] // a command-line report
 
 mod chart;
+#[cfg(feature = "nats")]
+mod dedup;
 mod drive;
 #[cfg(feature = "kafka")]
 mod kafka;
@@ -61,6 +63,13 @@ pub(crate) struct Args {
     /// being ACK latency p99 against throughput.
     #[arg(long)]
     pub sweep: bool,
+    /// Measure what JetStream's duplicate window costs nats-server (RSS, throughput) at 30 s,
+    /// 2 min and 10 min windows over a sustained publish with ids on: writes dedup-window.md.
+    #[arg(long)]
+    pub dedup_study: bool,
+    /// Seconds of publishing per window in `--dedup-study`.
+    #[arg(long, default_value_t = 150)]
+    pub study_secs: u64,
     /// SDK batches in flight (`max_in_flight_batches`). Default: the engine's default.
     #[arg(long)]
     pub batches: Option<usize>,
@@ -252,6 +261,10 @@ async fn sweep(args: &Args, backends: &[String], storages: &[&str]) -> Result<bo
 }
 
 async fn run(args: Args) -> Result<bool, String> {
+    #[cfg(feature = "nats")]
+    if args.dedup_study {
+        return dedup::study(&args).await;
+    }
     if let Some(path) = &args.from_json {
         let text =
             std::fs::read_to_string(path).map_err(|e| format!("read {}: {e}", path.display()))?;
