@@ -252,13 +252,16 @@ impl KafkaEnv {
             let (done_tx, done_rx) = tokio::sync::watch::channel(false);
             let meter = sys::Meter::start(server_pid);
             let t0 = meter.t0;
-            // tansu's SQLite engine serves reads at ~1.4k msg/s and slows as it grows: durable
-            // runs are verified by high watermarks only; memory runs by a consumer.
-            let durable = match tansu {
-                Brokers::External => self.trust_watermarks,
-                _ => on_sqlite(storage),
+            // tansu's SQLite engine serves reads at ~1.4k msg/s and slows as it grows: its runs
+            // are verified by high watermarks only; memory-engine runs and external brokers by
+            // a consumer (unless the user trusts the brokers' watermarks).
+            let external = matches!(tansu, Brokers::External);
+            let by_watermarks = if external {
+                self.trust_watermarks
+            } else {
+                on_sqlite(storage)
             };
-            let rx = (!durable).then(|| {
+            let rx = (!by_watermarks).then(|| {
                 consume(
                     bootstrap.clone(),
                     names.clone(),
@@ -287,7 +290,6 @@ impl KafkaEnv {
             if let P::Sdk(b) = producer {
                 let _ = b.close(Duration::from_secs(10)).await;
             }
-            let external = matches!(tansu, Brokers::External);
             match received {
                 None => {
                     let stored = watermark_total(kafka, &names).await?;

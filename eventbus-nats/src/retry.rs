@@ -155,11 +155,10 @@ impl Kept {
     /// waiting out its backoff, are not silent.
     pub(crate) fn silent(&self, now: Instant, wait: Duration) -> Vec<(u64, Vec<(usize, Message)>)> {
         let mut out = Vec::new();
-        let mut map = self.batches.lock();
-        map.retain(|b, _| self.router.is_pending(*b));
-        for (b, e) in map.iter_mut() {
+        // Batches the engine no longer waits for leave the map on the way.
+        self.batches.lock().retain(|b, e| {
             let Some(open) = self.router.unsettled(*b) else {
-                continue;
+                return false;
             };
             let mut items = Vec::new();
             for i in open {
@@ -183,7 +182,8 @@ impl Kept {
             if !items.is_empty() {
                 out.push((*b, items));
             }
-        }
+            true
+        });
         out
     }
 

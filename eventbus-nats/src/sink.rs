@@ -774,21 +774,57 @@ enum Reply<'a> {
         duplicate: bool,
         count: Option<u64>,
     },
+    /// Refused for a reason of its own: nothing stored, and asking again would not help.
     Refused(Error),
-    /// An empty reply (the first message of an atomic batch was accepted).
+    /// "No responders" or "temporarily unavailable": nothing stored, and a moment later the
+    /// stream may have a leader again (JetStream starting, a clustered stream electing one).
+    Unavailable(Error),
     /// Another publish with the same message id is being stored (a resend raced its
     /// original): this one stored nothing, and the other decides.
     InProcess(Error),
-    /// An empty reply.
+    /// An empty reply (the first message of an atomic batch was accepted).
     Empty,
     Unreadable,
+}
+
+impl Reply<'_> {
+    /// Why to publish the message again later, if the reply says that may help.
+    fn again(&self) -> Option<Again> {
+        match self {
+            Reply::Unavailable(_) => Some(Again::NoLeader),
+            Reply::InProcess(_) => Some(Again::InProcess),
+            _ => None,
+        }
+    }
+
+    /// The outcome of a message published on its own.
+    fn outcome(self) -> Outcome {
+        match self {
+            Reply::Stored {
+                stream,
+                seq,
+                duplicate,
+                ..
+            } => Outcome::Acked(Ack {
+                position: Position::Stream {
+                    stream: stream.to_owned(),
+                    sequence: seq,
+                    duplicate,
+                },
+            }),
+            Reply::Refused(e) | Reply::Unavailable(e) => Outcome::Failed(e),
+            // The message may well be stored, by the other publish.
+            Reply::InProcess(e) => Outcome::Unknown(e),
+            Reply::Empty | Reply::Unreadable => unreadable(),
+        }
+    }
 }
 
 fn parse_reply(m: &async_nats::Message) -> Reply<'_> {
     if m.status == Some(StatusCode::NO_RESPONDERS) {
         // Nothing stored. Usually no stream covers the subject (retrying will not help), but
         // a restarting server answers the same until JetStream is up again: say both.
-        return Reply::Refused(
+        return Reply::Unavailable(
             err(
                 ErrorKind::Rejected,
                 "no JetStream responder: no stream covers the subject, or JetStream is not ready \
@@ -803,6 +839,10 @@ fn parse_reply(m: &async_nats::Message) -> Reply<'_> {
     match serde_json::from_slice::<ApiAck<'_>>(&m.payload) {
         Ok(ApiAck { error: Some(e), .. }) if e.err_code == DUPLICATE_IN_PROCESS => {
             Reply::InProcess(api_error(&e))
+        }
+        // Other 503 errors (a full stream, ...) are answers about the message.
+        Ok(ApiAck { error: Some(e), .. }) if e.err_code == TEMPORARILY_UNAVAILABLE => {
+            Reply::Unavailable(api_error(&e))
         }
         Ok(ApiAck { error: Some(e), .. }) => Reply::Refused(api_error(&e)),
         Ok(ApiAck {
@@ -828,27 +868,6 @@ fn unreadable() -> Outcome {
     ))
 }
 
-fn parse_ack(m: &async_nats::Message) -> Outcome {
-    match parse_reply(m) {
-        Reply::Stored {
-            stream,
-            seq,
-            duplicate,
-            ..
-        } => Outcome::Acked(Ack {
-            position: Position::Stream {
-                stream: stream.to_owned(),
-                sequence: seq,
-                duplicate,
-            },
-        }),
-        Reply::Refused(e) => Outcome::Failed(e),
-        // The message may well be stored, by the other publish.
-        Reply::InProcess(e) => Outcome::Unknown(e),
-        Reply::Empty | Reply::Unreadable => unreadable(),
-    }
-}
-
 /// A reply for atomic batch `k` of engine batch `b`: `s` (first message) or `c` (commit).
 fn route_atomic(
     router: &OutcomeRouter,
@@ -860,7 +879,7 @@ fn route_atomic(
 ) {
     let reply = parse_reply(m);
     if kind == "s" {
-        if let Reply::Refused(e) = reply
+        if let Reply::Refused(e) | Reply::Unavailable(e) = reply
             && let Some(g) = groups.lock().get_mut(&(b, k))
         {
             g.early = Some(e);
@@ -894,7 +913,7 @@ fn route_atomic(
                 );
             }
         }
-        Reply::Refused(e) => {
+        Reply::Refused(e) | Reply::Unavailable(e) => {
             // All or nothing: the whole batch was not stored.
             let e = g.early.unwrap_or(e);
             for i in g.indices {
@@ -924,11 +943,13 @@ fn route_fast(r: &Router, b: u64, k: u32, (seq, op): (u64, u8), m: &async_nats::
     let (router, groups) = (&*r.router, &r.groups);
     let event = match parse_reply(m) {
         // No responders carries no JSON: nothing was stored, and it concerns the whole batch.
-        Reply::Refused(error) if m.payload.is_empty() => Event::Refused {
-            seq,
-            error,
-            scope: fast::Scope::Batch,
-        },
+        Reply::Refused(error) | Reply::Unavailable(error) if m.payload.is_empty() => {
+            Event::Refused {
+                seq,
+                error,
+                scope: fast::Scope::Batch,
+            }
+        }
         _ => fast::parse(seq, &m.payload),
     };
     let mut map = groups.lock();
@@ -1043,8 +1064,8 @@ impl Router {
     /// A pub ack (or refusal) for message `i` of batch `b`. "No responders" and 503 are tried
     /// again with backoff while the engine waits for the message (see [`crate::retry`]).
     fn single(self: &Arc<Self>, b: u64, i: usize, m: &async_nats::Message) {
-        let outcome = parse_ack(m);
-        if let Some(why) = try_again_later(m, &outcome)
+        let reply = parse_reply(m);
+        if let Some(why) = reply.again()
             && let Some(attempt) = self.kept.retry(b, i)
         {
             // "In process" says the subject is covered: no stream check for it.
@@ -1056,7 +1077,7 @@ impl Router {
             });
             return;
         }
-        self.kept.settle(b, i, outcome);
+        self.kept.settle(b, i, reply.outcome());
     }
 }
 
@@ -1071,20 +1092,14 @@ async fn resend_silent(r: Arc<Router>, silence: Duration) {
             return;
         }
         let now = Instant::now();
-        let quiet: Vec<((u64, u32), Group)> = {
-            let mut groups = r.groups.lock();
-            let keys: Vec<(u64, u32)> = groups
-                .iter()
-                // Atomic groups keep no messages: their commit decides, and is waited for.
-                .filter(|(_, g)| {
-                    !g.msgs.is_empty() && now.saturating_duration_since(g.heard) >= silence
-                })
-                .map(|(k, _)| *k)
-                .collect();
-            keys.into_iter()
-                .filter_map(|k| groups.remove(&k).map(|g| (k, g)))
-                .collect()
-        };
+        let quiet: Vec<((u64, u32), Group)> = r
+            .groups
+            .lock()
+            // Atomic groups keep no messages: their commit decides, and is waited for.
+            .extract_if(|_, g| {
+                !g.msgs.is_empty() && now.saturating_duration_since(g.heard) >= silence
+            })
+            .collect();
         for ((b, _), g) in quiet {
             let Some(open) = r.router.unsettled(b) else {
                 continue;
@@ -1128,43 +1143,13 @@ const TEMPORARILY_UNAVAILABLE: u16 = 10008;
 /// leader is still replicating). Asked again a moment later the stream answers "duplicate".
 pub(crate) const DUPLICATE_IN_PROCESS: u16 = 10158;
 
-/// Why a publish is asked again.
+/// Why a publish is asked again (see [`Reply::again`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Again {
     /// "No responders" or "temporarily unavailable": no stream leader (or no stream).
     NoLeader,
     /// "Duplicate message id is in process": another publish of it is being stored.
     InProcess,
-}
-
-/// This publish stored nothing and a moment later one may: "no responders" (JetStream not
-/// ready, a clustered stream without a leader), "temporarily unavailable", or "duplicate
-/// message id is in process" (asked again, the stream says whether the other publish stored
-/// it). Other 503 errors (a full stream, ...) are answers about the message and are reported
-/// as they are. `outcome` is `m` already parsed: a stored ack is not read twice.
-fn try_again_later(m: &async_nats::Message, outcome: &Outcome) -> Option<Again> {
-    if m.status == Some(StatusCode::NO_RESPONDERS) {
-        return Some(Again::NoLeader);
-    }
-    // Only a 503 refusal (typed Overloaded) or an unknown outcome can be one of these; the code
-    // is read again here, which costs nothing on the path of stored messages.
-    let maybe = match outcome {
-        Outcome::Failed(e) => e.kind() == ErrorKind::Overloaded,
-        Outcome::Unknown(e) => e.kind() == ErrorKind::Rejected,
-        Outcome::Acked(_) => false,
-    };
-    if !maybe {
-        return None;
-    }
-    match serde_json::from_slice::<ApiAck<'_>>(&m.payload) {
-        Ok(ApiAck { error: Some(e), .. }) if e.err_code == TEMPORARILY_UNAVAILABLE => {
-            Some(Again::NoLeader)
-        }
-        Ok(ApiAck { error: Some(e), .. }) if e.err_code == DUPLICATE_IN_PROCESS => {
-            Some(Again::InProcess)
-        }
-        _ => None,
-    }
 }
 
 fn stopped() -> Outcome {
@@ -1265,12 +1250,12 @@ mod tests {
         let m = reply(
             r#"{"error":{"code":409,"err_code":10158,"description":"duplicate message id is in process"}}"#,
         );
-        let o = parse_ack(&m);
+        let o = parse_reply(&m).outcome();
         assert!(
             matches!(&o, Outcome::Unknown(e) if e.is_retryable()),
             "never Failed: the other publish may store it ({o:?})"
         );
-        assert_eq!(try_again_later(&m, &o), Some(Again::InProcess));
+        assert_eq!(parse_reply(&m).again(), Some(Again::InProcess));
     }
 
     #[test]
@@ -1278,18 +1263,27 @@ mod tests {
         let unavailable = reply(
             r#"{"error":{"code":503,"err_code":10008,"description":"JetStream system temporarily unavailable"}}"#,
         );
-        let o = parse_ack(&unavailable);
-        assert!(matches!(&o, Outcome::Failed(_)));
-        assert_eq!(try_again_later(&unavailable, &o), Some(Again::NoLeader));
+        assert!(matches!(
+            parse_reply(&unavailable).outcome(),
+            Outcome::Failed(_)
+        ));
+        assert_eq!(parse_reply(&unavailable).again(), Some(Again::NoLeader));
+        let mut no_responders = reply("");
+        no_responders.status = Some(StatusCode::NO_RESPONDERS);
+        assert!(matches!(
+            parse_reply(&no_responders).outcome(),
+            Outcome::Failed(_)
+        ));
+        assert_eq!(parse_reply(&no_responders).again(), Some(Again::NoLeader));
         let full = reply(
             r#"{"error":{"code":503,"err_code":10077,"description":"maximum messages exceeded"}}"#,
         );
-        assert_eq!(try_again_later(&full, &parse_ack(&full)), None);
+        assert!(matches!(parse_reply(&full).outcome(), Outcome::Failed(_)));
+        assert_eq!(parse_reply(&full).again(), None);
         let stored = reply(r#"{"stream":"S","seq":7}"#);
-        let o = parse_ack(&stored);
-        assert!(o.is_acked());
-        assert_eq!(try_again_later(&stored, &o), None);
+        assert!(parse_reply(&stored).outcome().is_acked());
+        assert_eq!(parse_reply(&stored).again(), None);
         let unreadable = reply("garbage");
-        assert_eq!(try_again_later(&unreadable, &parse_ack(&unreadable)), None);
+        assert_eq!(parse_reply(&unreadable).again(), None);
     }
 }

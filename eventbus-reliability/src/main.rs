@@ -40,7 +40,8 @@ struct Args {
     doc: Option<PathBuf>,
 }
 
-/// Scenarios the raw client (`nats-cluster-raw`) runs beside the SDK.
+/// Scenarios the raw async-nats client (`nats-cluster-raw`) runs beside the SDK; raw rdkafka
+/// (`kafka-cluster-raw`) runs `kill-restart` only.
 const RAW: [&str; 5] = [
     "kill-restart",
     "stepdown",
@@ -68,6 +69,17 @@ const ALL: [&str; 14] = [
     "rolling-restart",
     "partition",
 ];
+
+/// Whether `backend` runs `scenario` (the cluster-only and raw-client rows run on their own
+/// backends only).
+fn runs_on(backend: &str, scenario: &str) -> bool {
+    match backend {
+        "nats-cluster-raw" => RAW.contains(&scenario),
+        "kafka-cluster-raw" => scenario == "kill-restart",
+        "nats-cluster" => true,
+        _ => !NATS_CLUSTER_ONLY.contains(&scenario),
+    }
+}
 
 fn proxied(s: &str) -> bool {
     matches!(s, "blackhole" | "wire")
@@ -140,12 +152,7 @@ async fn run(backend: &str, s: &str, size: Size) -> Row {
         #[cfg(feature = "nats")]
         "nats-cluster" => {
             use eventbus_reliability::target::nats_cluster::{Aim, NatsCluster3};
-            let started = if s == "partition" {
-                NatsCluster3::start_with_route_proxies().await
-            } else {
-                NatsCluster3::start().await
-            };
-            let mut t = match started {
+            let mut t = match NatsCluster3::start_for(s).await {
                 Ok(t) => t,
                 Err(e) => return failed(e),
             };
@@ -180,23 +187,17 @@ async fn run(backend: &str, s: &str, size: Size) -> Row {
         }
         #[cfg(feature = "nats")]
         "nats-cluster-raw" => {
-            if !RAW.contains(&s) {
+            if !runs_on(backend, s) {
                 return failed(format!("{s} is not run with the raw client"));
             }
-            use eventbus_reliability::target::nats_cluster::NatsCluster3;
-            let started = if s == "partition" {
-                NatsCluster3::start_with_route_proxies().await
-            } else {
-                NatsCluster3::start().await
-            };
-            match started {
+            match eventbus_reliability::target::nats_cluster::NatsCluster3::start_for(s).await {
                 Ok(mut t) => scenario::raw_nats(&mut t, s, size).await,
                 Err(e) => failed(e),
             }
         }
         #[cfg(feature = "kafka")]
         "kafka-cluster-raw" => {
-            if s != "kill-restart" {
+            if !runs_on(backend, s) {
                 return failed(format!("{s} is not run with the raw client"));
             }
             match eventbus_reliability::target::kafka_cluster::TansuCluster3::start().await {
@@ -315,8 +316,8 @@ from the (last) fault to the first ack of a message admitted after it.
     proxies on its routes (one per direction of every node pair; they hold every byte, no RST);
     20 s deadline. The majority elects a new leader once the raft election timeout (4-9 s)
     passes; a client attached to the cut-off node keeps its connection, so it does not fail
-    over, and its publishes are stored when the partition heals (one full run: recovery
-    11.0 s, 0 failed, 0 unknown).
+    over, and its publishes are stored when the partition heals (the row notes say where the
+    client was).
   - `pause`: SIGSTOP the stream leader for 5 s with a 1 s ack deadline (unknown outcomes are
     the point of that row).
 - `kafka-cluster`: three tansu 0.6.0 brokers over one SQLite file, the client given all three.
@@ -372,11 +373,7 @@ fn main() -> std::process::ExitCode {
     let mut rows = Vec::new();
     for s in &scenarios {
         for b in &backends {
-            if b == "nats-cluster-raw" || b == "kafka-cluster-raw" {
-                if !RAW.contains(&s.as_str()) || (b == "kafka-cluster-raw" && s != "kill-restart") {
-                    continue;
-                }
-            } else if NATS_CLUSTER_ONLY.contains(&s.as_str()) && b != "nats-cluster" {
+            if !runs_on(b, s) {
                 continue;
             }
             eprint!("==> {s} on {b} ... ");

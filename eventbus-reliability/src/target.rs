@@ -355,6 +355,15 @@ pub mod nats_cluster {
             Self::connect(cluster, Vec::new()).await
         }
 
+        /// Start three nodes as `scenario` needs them: with route proxies for `partition`.
+        pub async fn start_for(scenario: &str) -> Result<NatsCluster3, String> {
+            if scenario == "partition" {
+                Self::start_with_route_proxies().await
+            } else {
+                Self::start().await
+            }
+        }
+
         /// Start three nodes whose routes to each other all pass through fault proxies (one
         /// per direction of every pair), for [`NatsCluster3::partition`].
         pub async fn start_with_route_proxies() -> Result<NatsCluster3, String> {
@@ -400,12 +409,6 @@ pub mod nats_cluster {
                 }
             }
             !self.routes.is_empty()
-        }
-
-        /// The node the next fault hits, remembered for [`Broker::restart`] and
-        /// [`Broker::resume`].
-        pub fn choose_victim(&self) -> usize {
-            self.pick_victim()
         }
 
         async fn connect(
@@ -508,8 +511,9 @@ pub mod nats_cluster {
             None
         }
 
-        /// The node the next fault hits, as aimed (node 0 if none is known).
-        fn pick_victim(&self) -> usize {
+        /// The node the next fault hits, as aimed (node 0 if none is known), remembered for
+        /// [`Broker::restart`] and [`Broker::resume`].
+        pub fn choose_victim(&self) -> usize {
             let v = match *self.aim.lock() {
                 Aim::StreamLeader => {
                     let stream = self.stream.lock().clone();
@@ -592,7 +596,7 @@ pub mod nats_cluster {
 
     impl Broker for NatsCluster3 {
         fn kill(&mut self) {
-            let v = self.pick_victim();
+            let v = self.choose_victim();
             self.cluster.node_mut(v).kill();
         }
         fn restart(&mut self) -> std::io::Result<()> {
@@ -600,7 +604,7 @@ pub mod nats_cluster {
             self.cluster.node_mut(v).restart()
         }
         fn pause(&self) -> std::io::Result<()> {
-            let v = self.pick_victim();
+            let v = self.choose_victim();
             self.cluster.nodes()[v].pause()
         }
         fn resume(&self) -> std::io::Result<()> {
@@ -726,19 +730,11 @@ pub mod kafka_cluster {
         /// using. Every tansu broker of the cluster answers metadata naming itself the leader
         /// of every partition, so librdkafka produces to whichever broker it last heard from.
         pub fn broker_in_use(&self) -> usize {
-            let ports = established_remote_ports();
-            (0..self.brokers.brokers().len())
-                .max_by_key(|&i| {
-                    let port = self.brokers.brokers()[i].port();
-                    // Ties go to the lowest index.
-                    (ports.iter().filter(|p| **p == port).count(), usize::MAX - i)
-                })
+            let per_broker = self.connections();
+            (0..per_broker.len())
+                // Ties go to the lowest index.
+                .max_by_key(|&i| (per_broker[i], usize::MAX - i))
                 .unwrap_or(0)
-        }
-
-        /// The broker the last kill hit.
-        pub fn last_victim(&self) -> usize {
-            self.victim
         }
 
         /// Every broker, comma separated.
