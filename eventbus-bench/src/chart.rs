@@ -286,8 +286,15 @@ mod tests {
     #[test]
     fn latency_chart_has_a_point_per_run_and_a_legend_per_backend() {
         let run = |backend: &str, window: usize, rate: f64, p99_us: u64| {
-            let mut r =
-                crate::report::Record::new(crate::SCENARIOS[0], backend, "sdk", "durable", 0);
+            let mut r = crate::report::Record::new(&crate::drive::Run {
+                s: crate::SCENARIOS[0],
+                backend,
+                mode: crate::mode::Mode::SDK,
+                measure: crate::mode::Measure::Publish,
+                storage: "durable",
+                rep: 0,
+                setting: None,
+            });
             r.window = window;
             r.publish_msgs_per_sec = rate;
             r.ack_p99_us = p99_us;

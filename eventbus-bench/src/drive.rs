@@ -12,6 +12,7 @@ use eventbus_memory::MemoryBroker;
 use hdrhistogram::Histogram;
 use tokio::sync::mpsc;
 
+use crate::mode::{Measure, Mode};
 use crate::report::Record;
 use crate::{Args, Scenario, sys};
 
@@ -36,12 +37,14 @@ struct NatsEnv {
     cluster: Option<eventbus_brokers::NatsCluster>,
     url: String,
     backend: eventbus_nats::NatsBackend,
+    /// (client port, monitoring port) of every server the bench started.
+    monitors: Vec<(u16, u16)>,
 }
 
 #[cfg(feature = "nats")]
 impl NatsEnv {
     async fn connect(
-        server: Option<eventbus_brokers::NatsServer>,
+        server: Option<(eventbus_brokers::NatsServer, u16)>,
         cluster: Option<eventbus_brokers::NatsCluster>,
         url: String,
     ) -> Result<NatsEnv, String> {
@@ -49,12 +52,55 @@ impl NatsEnv {
             eventbus_nats::NatsBackend::connect(eventbus_nats::NatsConfig::new(url.clone()))
                 .await
                 .map_err(|e| format!("cannot connect to NATS at {url}: {e}"))?;
+        let mut monitors = Vec::new();
+        if let Some((s, http)) = &server {
+            monitors.push((s.port(), *http));
+        }
+        if let Some(c) = &cluster {
+            for (i, n) in c.nodes().iter().enumerate() {
+                monitors.push((n.port(), c.http_port(i)));
+            }
+        }
         Ok(NatsEnv {
-            server,
+            server: server.map(|(s, _)| s),
             cluster,
             url,
             backend,
+            monitors,
         })
+    }
+
+    /// A single nats-server with its monitoring endpoint on.
+    fn start_single() -> Result<(eventbus_brokers::NatsServer, u16), String> {
+        let http = eventbus_brokers::free_port().map_err(|e| e.to_string())?;
+        let s = eventbus_brokers::NatsServer::start_with(eventbus_brokers::NatsOptions {
+            args: vec!["-m".into(), http.to_string()],
+            port: None,
+        })
+        .map_err(|e| format!("cannot start nats-server: {e}"))?;
+        Ok((s, http))
+    }
+
+    /// How many messages the server has counted in on `client`'s connection (`/connz`).
+    async fn messages_in(&self, client: &async_nats::Client) -> Result<u64, String> {
+        let info = client.server_info();
+        let http = self
+            .monitors
+            .iter()
+            .find(|(port, _)| *port == info.port)
+            .map(|(_, http)| *http)
+            .ok_or("no monitoring endpoint for this server (external?)")?;
+        let path = format!("/connz?cid={}", info.client_id);
+        let (status, body) =
+            tokio::task::spawn_blocking(move || eventbus_brokers::http_get(http, &path))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| format!("connz: {e}"))?;
+        let v: serde_json::Value =
+            serde_json::from_str(&body).map_err(|e| format!("connz ({status}): {e}"))?;
+        v["connections"][0]["in_msgs"]
+            .as_u64()
+            .ok_or_else(|| format!("connz ({status}) names no connection {}", info.client_id))
     }
 
     /// The process whose CPU the bench reports (node 0 of a cluster).
@@ -323,11 +369,11 @@ fn receive(
     mut publish_done: tokio::sync::watch::Receiver<bool>,
 ) -> tokio::task::JoinHandle<Received> {
     tokio::spawn(async move {
-        let mut seen = HashSet::with_capacity(expected as usize);
-        let mut r = Received::empty();
+        let mut seen = Seen::new(expected, t0);
         let grace = Duration::from_secs(15);
-        let mut deadline: Option<tokio::time::Instant> = None;
-        while r.distinct < expected {
+        // Reading back what is already published: the grace runs from the start.
+        let mut deadline = (*publish_done.borrow()).then(|| tokio::time::Instant::now() + grace);
+        while !seen.complete() {
             let next = async {
                 match deadline {
                     Some(d) => tokio::time::timeout_at(d, sub.next()).await.ok().flatten(),
@@ -346,26 +392,13 @@ fn receive(
                     if deadline.is_some() {
                         deadline = Some(tokio::time::Instant::now() + grace);
                     }
-                    let now = t0.elapsed();
-                    if let Some((id, sent)) = decode(d.message().payload()) {
-                        if seen.insert(id) {
-                            r.distinct += 1;
-                            let _ = r.e2e_latency.record(
-                                ((now.as_nanos() as u64).saturating_sub(sent) / 1_000).max(1),
-                            );
-                            if r.distinct == expected {
-                                r.elapsed = Some(now);
-                            }
-                        } else {
-                            r.duplicates += 1;
-                        }
-                    }
+                    seen.saw(d.message().payload());
                     let _ = d.ack().await;
                 }
             }
         }
         sub.close().await;
-        r
+        seen.into_received()
     })
 }
 
@@ -383,10 +416,9 @@ impl Env {
             Some(match &args.nats_url {
                 Some(u) => NatsEnv::connect(None, None, u.clone()).await?,
                 None => {
-                    let s = eventbus_brokers::NatsServer::start()
-                        .map_err(|e| format!("cannot start nats-server: {e}"))?;
+                    let (s, http) = NatsEnv::start_single()?;
                     let u = s.url();
-                    NatsEnv::connect(Some(s), None, u).await?
+                    NatsEnv::connect(Some((s, http)), None, u).await?
                 }
             })
         } else {
@@ -463,6 +495,10 @@ impl Env {
     }
 
     pub(crate) async fn stop(self) {
+        #[cfg(feature = "kafka")]
+        if let Some(k) = &self.kafka {
+            k.stop().await;
+        }
         #[cfg(feature = "nats")]
         drop((self.nats, self.nats_cluster));
     }
@@ -483,233 +519,70 @@ impl Env {
 
     /// [`Env::run_one`], with an error turned into one unverified record saying `what` failed:
     /// one run's error fails that run (loudly), not the whole bench.
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) async fn run_or_fail(
-        &self,
-        args: &Args,
-        s: Scenario,
-        backend: &str,
-        mode: &str,
-        storage: &str,
-        rep: usize,
-        raw_setting: Option<usize>,
-        what: &str,
-    ) -> Vec<Record> {
-        match self
-            .run_one(args, s, backend, mode, storage, rep, raw_setting)
-            .await
-        {
+    pub(crate) async fn run_or_fail(&self, args: &Args, run: Run<'_>, what: &str) -> Vec<Record> {
+        match self.run_one(args, run).await {
             Ok(recs) => recs,
             Err(e) => {
-                let mut r = Record::new(s, backend, mode, storage, rep);
+                let mut r = Record::new(&run);
                 r.verify_note = format!("{what} failed: {e}");
                 vec![r]
             }
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) async fn run_one(
-        &self,
-        args: &Args,
-        s: Scenario,
-        backend: &str,
-        mode: &str,
-        storage: &str,
-        rep: usize,
-        raw_setting: Option<usize>,
-    ) -> Result<Vec<Record>, String> {
+    pub(crate) async fn run_one(&self, args: &Args, run: Run<'_>) -> Result<Vec<Record>, String> {
         let id = self.next_run.fetch_add(1, Ordering::Relaxed);
-        let prefix = format!("bench.r{id}");
-        let topics: Vec<Topic> = (0..s.topics)
-            .map(|t| Topic::new(format!("{prefix}.t{t}")))
-            .collect();
-        let mut rec = Record::new(s, backend, mode, storage, rep);
-        match backend {
-            "memory" => {
-                let started = Instant::now();
-                let broker = MemoryBroker::new();
-                let cfg = Self::sdk_config(args);
-                rec.window = cfg.max_in_flight;
-                let mut subs = Vec::new();
-                for t in &topics {
-                    subs.push(
-                        broker
-                            .subscriber()
-                            .subscribe(SubscribeSpec::new(t).group("bench").prefetch(1024))
-                            .await
-                            .map_err(|e| e.to_string())?,
-                    );
-                }
-                let p = Batcher::new(broker.sink(), cfg).map_err(|e| e.to_string())?;
-                let (done_tx, done_rx) = tokio::sync::watch::channel(false);
-                let meter = sys::Meter::start(None);
-                let t0 = meter.t0;
-                let per_topic = (s.messages / s.topics) as u64;
-                let rxs: Vec<_> = subs
-                    .into_iter()
-                    .enumerate()
-                    .map(|(i, sub)| {
-                        let extra = u64::from(i < s.messages % s.topics);
-                        receive(sub, per_topic + extra, t0, done_rx.clone())
-                    })
-                    .collect();
-                let published = drive_sdk(&p, s, &topics, mode == "naive", t0).await;
-                let _ = done_tx.send(true);
-                let mut received = Vec::new();
-                for r in rxs {
-                    received.push(r.await.map_err(|e| e.to_string())?);
-                }
-                let received = Received::merge(received);
-                rec.fill(&published, &received, &meter);
-                let stored: u64 = topics.iter().map(|t| broker.topic_len(t) as u64).sum();
-                rec.topic_or_stream = format!("{prefix}.*");
-                rec.verify(stored, true, "in-memory topic logs");
-                let _ = p.close(Duration::from_secs(10)).await;
-                rec.wall_secs = started.elapsed().as_secs_f64();
-                Ok(vec![rec])
-            }
+        let rec = Record::new(&run);
+        match run.backend {
+            "memory" => run_memory(args, run, id, rec).await,
             #[cfg(feature = "kafka")]
             "kafka" => match &self.kafka {
-                Some(k) => {
-                    k.run(
-                        s,
-                        mode,
-                        storage,
-                        id,
-                        Self::sdk_config(args),
-                        rec,
-                        raw_setting,
-                    )
-                    .await
-                }
+                Some(k) => k.run(run, id, Self::sdk_config(args), rec).await,
                 None => Err("Kafka not started".into()),
             },
             #[cfg(feature = "nats")]
-            "nats" => {
-                self.run_nats(
-                    args,
-                    s,
-                    mode,
-                    storage,
-                    id,
-                    &prefix,
-                    &topics,
-                    rec,
-                    raw_setting,
-                )
-                .await
-            }
+            "nats" => self.run_nats(args, run, id, rec).await,
             other => Err(format!("backend {other} is not built into this bench")),
         }
     }
 
     #[cfg(feature = "nats")]
-    #[allow(clippy::too_many_arguments)]
     async fn run_nats(
         &self,
         args: &Args,
-        s: Scenario,
-        mode: &str,
-        storage: &str,
+        run: Run<'_>,
         id: u64,
-        prefix: &str,
-        topics: &[Topic],
         template: Record,
-        raw_window: Option<usize>,
     ) -> Result<Vec<Record>, String> {
-        use eventbus_nats::{StorageKind, StreamSpec};
-        let n = if storage == "replicated" {
+        let n = if run.storage == "replicated" {
             self.nats_cluster.as_ref()
         } else {
             self.nats.as_ref()
         }
         .ok_or("NATS not started")?;
-        let windows: Vec<usize> = if mode.starts_with("raw") {
-            raw_window.map_or(RAW_WINDOWS.to_vec(), |w| vec![w])
+        let windows: Vec<usize> = if run.mode.probes() {
+            run.setting.map_or(RAW_WINDOWS.to_vec(), |w| vec![w])
         } else {
             vec![0]
         };
         let mut out = Vec::new();
         for (wi, window) in windows.into_iter().enumerate() {
             let started = Instant::now();
-            let stream = format!("BENCH_R{id}_{wi}");
-            let prefix = format!("{prefix}w{wi}");
-            let topics: Vec<Topic> = topics
-                .iter()
-                .enumerate()
-                .map(|(i, _)| Topic::new(format!("{prefix}.t{i}")))
-                .collect();
-            let kind = if storage == "memory" {
-                StorageKind::Memory
-            } else {
-                StorageKind::File
-            };
-            n.backend
-                .ensure_stream(
-                    &StreamSpec::new(&stream, [format!("{prefix}.>")])
-                        .storage(kind)
-                        .replicas(if storage == "replicated" { 3 } else { 1 })
-                        .allow_atomic(mode.contains("atomic"))
-                        .allow_batched(!mode.contains("async")),
-                )
-                .await
-                .map_err(|e| format!("create stream: {e}"))?;
-            let sub = n
-                .backend
-                .subscriber()
-                .subscribe(
-                    SubscribeSpec::new(format!("{prefix}.>"))
-                        .group("bench")
-                        .prefetch(1024),
-                )
-                .await
-                .map_err(|e| format!("subscribe: {e}"))?;
             let mut rec = template.clone();
-            let cfg = Self::sdk_config(args);
-            let sink = match nats_sink_options(mode) {
-                None => None,
-                Some(o) => Some(n.backend.sink_with(o).await.map_err(|e| e.to_string())?),
+            let one = NatsRun {
+                env: n,
+                run,
+                stream: format!("BENCH_R{id}_{wi}"),
+                prefix: format!("bench.r{id}w{wi}"),
             };
-            let sdk = match sink {
-                Some(sink) => Some(Batcher::new(sink, cfg.clone()).map_err(|e| e.to_string())?),
-                None => None,
-            };
-            rec.window = if mode.starts_with("raw") {
-                window
+            one.create_stream().await?;
+            let result = if run.mode.drain() {
+                one.drain(&mut rec).await
             } else {
-                cfg.max_in_flight
+                one.publish(args, window, &mut rec).await
             };
-            let server_pid = n.pid();
-            let (done_tx, done_rx) = tokio::sync::watch::channel(false);
-            let meter = sys::Meter::start(server_pid);
-            let t0 = meter.t0;
-            let rx = receive(sub, s.messages as u64, t0, done_rx);
-            let published = match &sdk {
-                Some(p) => drive_sdk(p, s, &topics, mode == "naive", t0).await,
-                None => {
-                    let dedup = mode == "raw-dedup";
-                    drive_raw_nats(n.backend.client(), window, dedup, s, &topics, t0).await
-                }
-            };
-            let _ = done_tx.send(true);
-            let received = rx.await.map_err(|e| e.to_string())?;
-            rec.fill(&published, &received, &meter);
-            let state = n
-                .backend
-                .stream_state(&stream)
-                .await
-                .map_err(|e| format!("stream state: {e}"))?;
-            rec.topic_or_stream = stream.clone();
-            rec.verify(
-                state.messages,
-                true,
-                "JetStream stream state + distinct ids consumed",
-            );
-            if let Some(p) = sdk {
-                let _ = p.close(Duration::from_secs(10)).await;
-            }
-            let _ = n.backend.delete_stream(&stream).await;
+            let _ = n.backend.delete_stream(&one.stream).await;
+            result?;
             rec.wall_secs = started.elapsed().as_secs_f64();
             out.push(rec);
         }
@@ -717,26 +590,505 @@ impl Env {
     }
 }
 
+/// One run's coordinates.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Run<'a> {
+    pub(crate) s: Scenario,
+    pub(crate) backend: &'a str,
+    pub(crate) mode: Mode,
+    pub(crate) measure: Measure,
+    pub(crate) storage: &'a str,
+    pub(crate) rep: usize,
+    /// The raw baseline's chosen window (NATS) or linger (Kafka); `None` probes every candidate.
+    pub(crate) setting: Option<usize>,
+}
+
+/// The in-process backend: the engine and subscriber with no broker below.
+async fn run_memory(
+    args: &Args,
+    run: Run<'_>,
+    id: u64,
+    mut rec: Record,
+) -> Result<Vec<Record>, String> {
+    let s = run.s;
+    let started = Instant::now();
+    let prefix = format!("bench.r{id}");
+    let topics: Vec<Topic> = (0..s.topics)
+        .map(|t| Topic::new(format!("{prefix}.t{t}")))
+        .collect();
+    let broker = MemoryBroker::new();
+    let cfg = Env::sdk_config(args);
+    rec.window = cfg.max_in_flight;
+    let p = Batcher::new(broker.sink(), cfg).map_err(|e| e.to_string())?;
+    let subscribe = || async {
+        let mut subs = Vec::new();
+        for t in &topics {
+            subs.push(
+                broker
+                    .subscriber()
+                    .subscribe(SubscribeSpec::new(t).group("bench").prefetch(1024))
+                    .await
+                    .map_err(|e| e.to_string())?,
+            );
+        }
+        Ok::<_, String>(subs)
+    };
+    let receive_all = |subs: Vec<Subscription>, t0, done: tokio::sync::watch::Receiver<bool>| {
+        let per_topic = (s.messages / s.topics) as u64;
+        subs.into_iter()
+            .enumerate()
+            .map(|(i, sub)| {
+                let extra = u64::from(i < s.messages % s.topics);
+                receive(sub, per_topic + extra, t0, done.clone())
+            })
+            .collect::<Vec<_>>()
+    };
+    let (done_tx, done_rx) = tokio::sync::watch::channel(false);
+    let during = match run.measure {
+        Measure::EndToEnd => Some(subscribe().await?),
+        _ => None,
+    };
+    let meter = sys::Meter::start(None);
+    let t0 = meter.t0;
+    let rxs = during.map(|subs| receive_all(subs, t0, done_rx.clone()));
+    let published = drive_sdk(&p, s, &topics, run.mode == Mode::Naive, t0).await;
+    let _ = done_tx.send(true);
+    let rxs = match rxs {
+        Some(rxs) => rxs,
+        None => receive_all(subscribe().await?, t0, done_rx),
+    };
+    let mut received = Vec::new();
+    for r in rxs {
+        received.push(r.await.map_err(|e| e.to_string())?);
+    }
+    let received = Received::merge(received);
+    rec.fill(&published, &received, &meter, run.measure);
+    let stored: u64 = topics.iter().map(|t| broker.topic_len(t) as u64).sum();
+    rec.topic_or_stream = format!("{prefix}.*");
+    rec.verify(stored, true, "in-memory topic logs");
+    let _ = p.close(Duration::from_secs(10)).await;
+    rec.wall_secs = started.elapsed().as_secs_f64();
+    Ok(vec![rec])
+}
+
+/// One NATS run on its own stream.
 #[cfg(feature = "nats")]
-/// The NATS sink a mode publishes through: `naive` and `sdk` use the defaults, `sdk-<variant>`
-/// combines `async` / `fast` / `atomic` (publish mode) with `nodedup` (no `Nats-Msg-Id`), e.g.
-/// `sdk-fast-nodedup`; `raw` uses no sink.
-pub(crate) fn nats_sink_options(mode: &str) -> Option<eventbus_nats::SinkOptions> {
-    use eventbus_nats::{PublishMode, SinkOptions};
-    if mode.starts_with("raw") {
-        return None;
+struct NatsRun<'a> {
+    env: &'a NatsEnv,
+    run: Run<'a>,
+    stream: String,
+    prefix: String,
+}
+
+#[cfg(feature = "nats")]
+impl NatsRun<'_> {
+    fn topics(&self) -> Vec<Topic> {
+        (0..self.run.s.topics)
+            .map(|i| Topic::new(format!("{}.t{i}", self.prefix)))
+            .collect()
     }
-    let mut o = SinkOptions::default();
-    for part in mode.split('-').skip(1) {
-        o = match part {
-            "async" => o.mode(PublishMode::Async),
-            "fast" => o.mode(PublishMode::Fast),
-            "atomic" => o.mode(PublishMode::Atomic),
-            "nodedup" => o.dedup(false),
-            _ => o,
+
+    fn filter(&self) -> String {
+        format!("{}.>", self.prefix)
+    }
+
+    async fn create_stream(&self) -> Result<(), String> {
+        use crate::mode::Publish;
+        use eventbus_nats::{StorageKind, StreamSpec};
+        let (atomic, asynch) = match self.run.mode {
+            Mode::Sdk { publish, .. } => (publish == Publish::Atomic, publish == Publish::Async),
+            _ => (false, false),
         };
+        let kind = if self.run.storage == "memory" {
+            StorageKind::Memory
+        } else {
+            StorageKind::File
+        };
+        self.env
+            .backend
+            .ensure_stream(
+                &StreamSpec::new(&self.stream, [self.filter()])
+                    .storage(kind)
+                    .replicas(if self.run.storage == "replicated" {
+                        3
+                    } else {
+                        1
+                    })
+                    .allow_atomic(atomic)
+                    .allow_batched(!asynch),
+            )
+            .await
+            .map_err(|e| format!("create stream: {e}"))
     }
-    Some(o)
+
+    async fn subscribe(&self, group: &str) -> Result<Subscription, String> {
+        self.env
+            .backend
+            .subscriber()
+            .subscribe(
+                SubscribeSpec::new(self.filter())
+                    .group(group)
+                    .prefetch(1024),
+            )
+            .await
+            .map_err(|e| format!("subscribe: {e}"))
+    }
+
+    async fn stored(&self) -> Result<u64, String> {
+        Ok(self
+            .env
+            .backend
+            .stream_state(&self.stream)
+            .await
+            .map_err(|e| format!("stream state: {e}"))?
+            .messages)
+    }
+
+    /// Publish the scenario through the run's mode. End-to-end, a consumer reads every message
+    /// meanwhile; publish-only, it reads them back afterwards.
+    async fn publish(&self, args: &Args, window: usize, rec: &mut Record) -> Result<(), String> {
+        let (run, s) = (self.run, self.run.s);
+        let topics = self.topics();
+        let during = match run.measure {
+            Measure::EndToEnd => Some(self.subscribe("bench").await?),
+            _ => None,
+        };
+        let cfg = Env::sdk_config(args);
+        let sdk = match nats_sink_options(run.mode) {
+            None => None,
+            Some(o) => {
+                let sink = self
+                    .env
+                    .backend
+                    .sink_with(o)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                Some(Batcher::new(sink, cfg.clone()).map_err(|e| e.to_string())?)
+            }
+        };
+        // The core ceiling gets a connection of its own, so the server's count of messages in
+        // on that connection is exactly what the run sent.
+        let own = match run.mode {
+            Mode::CeilingCore => Some(
+                async_nats::ConnectOptions::new()
+                    .name("eventbus-bench-ceiling")
+                    .connect(&self.env.url)
+                    .await
+                    .map_err(|e| format!("connect: {e}"))?,
+            ),
+            _ => None,
+        };
+        rec.window = if run.mode.probes() {
+            window
+        } else {
+            cfg.max_in_flight
+        };
+        let (done_tx, done_rx) = tokio::sync::watch::channel(false);
+        let meter = sys::Meter::start(self.env.pid());
+        let t0 = meter.t0;
+        let rx = during.map(|sub| receive(sub, s.messages as u64, t0, done_rx.clone()));
+        let client = self.env.backend.client();
+        let published = match (run.mode, &sdk) {
+            (_, Some(p)) => drive_sdk(p, s, &topics, run.mode == Mode::Naive, t0).await,
+            (Mode::Raw { ids }, None) => drive_raw_nats(client, window, ids, s, &topics, t0).await,
+            (Mode::CeilingJetStream, None) => ceiling_jetstream(client, s, &topics, t0).await,
+            (Mode::CeilingCore, None) => {
+                let core: Vec<Topic> = (0..s.topics)
+                    .map(|i| Topic::new(format!("core.{}.t{i}", self.prefix)))
+                    .collect();
+                ceiling_core(own.as_ref().unwrap_or(client), s, &core, t0).await
+            }
+            (m, None) => return Err(format!("mode {m} does not run on NATS")),
+        };
+        let _ = done_tx.send(true);
+        let received = match rx {
+            Some(rx) => rx.await.map_err(|e| e.to_string())?,
+            None => Received::empty(),
+        };
+        rec.fill(&published, &received, &meter, run.measure);
+        if let Some(p) = sdk {
+            let _ = p.close(Duration::from_secs(10)).await;
+        }
+        if let Some(own) = own {
+            rec.topic_or_stream = format!("core.{}.*", self.prefix);
+            // Less the round trip's own request.
+            let counted = self.env.messages_in(&own).await?.saturating_sub(1);
+            rec.verify(
+                counted,
+                false,
+                "the server's in_msgs count for the run's connection (/connz)",
+            );
+            return Ok(());
+        }
+        let stored = self.stored().await?;
+        rec.topic_or_stream = self.stream.clone();
+        if run.measure == Measure::EndToEnd {
+            rec.verify(
+                stored,
+                true,
+                "JetStream stream state + distinct ids consumed",
+            );
+        } else {
+            // Publish-only: read everything back once the clock has stopped.
+            let (_tx, done) = tokio::sync::watch::channel(true);
+            let back = receive(self.subscribe("verify").await?, stored, t0, done)
+                .await
+                .map_err(|e| e.to_string())?;
+            rec.received_distinct = back.distinct;
+            rec.received_duplicates = back.duplicates;
+            rec.verify(
+                stored,
+                true,
+                "JetStream stream state, then distinct ids read back",
+            );
+        }
+        Ok(())
+    }
+
+    /// Publish a backlog (untimed, the SDK without ids), then time reading all of it in a
+    /// consumer group, acking every message, through the SDK or async-nats's pull consumer.
+    async fn drain(&self, rec: &mut Record) -> Result<(), String> {
+        let s = self.run.s;
+        backlog(
+            self.env
+                .backend
+                .sink_with(eventbus_nats::SinkOptions::default().dedup(false))
+                .await
+                .map_err(|e| e.to_string())?,
+            s,
+            &self.topics(),
+        )
+        .await?;
+        let stored = self.stored().await?;
+        let meter = sys::Meter::start(self.env.pid());
+        let t0 = meter.t0;
+        let received = match self.run.mode {
+            Mode::DrainSdk => {
+                let (_tx, done) = tokio::sync::watch::channel(true);
+                receive(self.subscribe("drain").await?, stored, t0, done)
+                    .await
+                    .map_err(|e| e.to_string())?
+            }
+            _ => self.drain_raw(stored, t0).await?,
+        };
+        rec.fill(&Published::empty(), &received, &meter, Measure::Drain);
+        rec.acked = s.messages as u64;
+        rec.window = 1024;
+        rec.topic_or_stream = self.stream.clone();
+        rec.verify(
+            stored,
+            true,
+            "JetStream stream state + distinct ids drained",
+        );
+        Ok(())
+    }
+
+    /// async-nats's pull consumer (a durable in the same shape as the SDK's group consumer),
+    /// 1,024 messages per pull like the SDK's prefetch, each message acked.
+    async fn drain_raw(&self, expected: u64, t0: Instant) -> Result<Received, String> {
+        use async_nats::jetstream::consumer::{AckPolicy, pull};
+        use futures_util::StreamExt;
+        let stream = self
+            .env
+            .backend
+            .jetstream()
+            .get_stream(&self.stream)
+            .await
+            .map_err(|e| format!("get stream: {e}"))?;
+        let consumer = stream
+            .create_consumer(pull::Config {
+                durable_name: Some("drain".into()),
+                ack_policy: AckPolicy::Explicit,
+                filter_subject: self.filter(),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| format!("create consumer: {e}"))?;
+        let mut msgs = consumer
+            .stream()
+            .max_messages_per_batch(1024)
+            .messages()
+            .await
+            .map_err(|e| format!("consume: {e}"))?;
+        let mut seen = Seen::new(expected, t0);
+        while !seen.complete() {
+            let next = tokio::time::timeout(Duration::from_secs(15), msgs.next()).await;
+            let Ok(Some(m)) = next else { break };
+            let m = m.map_err(|e| format!("pull: {e}"))?;
+            seen.saw(&m.payload);
+            m.ack().await.map_err(|e| format!("ack: {e}"))?;
+        }
+        Ok(seen.into_received())
+    }
+}
+
+/// Publish `s` through `sink` without timing it, every message acked, for a drain to read.
+pub(crate) async fn backlog<S: BatchSink>(
+    sink: S,
+    s: Scenario,
+    topics: &[Topic],
+) -> Result<(), String> {
+    let p = Batcher::new(sink, BatchConfig::default()).map_err(|e| e.to_string())?;
+    let published = drive_sdk(&p, s, topics, false, Instant::now()).await;
+    let _ = p.close(Duration::from_secs(10)).await;
+    if published.acked != s.messages as u64 {
+        return Err(format!(
+            "backlog: {} of {} acked (first error: {:?})",
+            published.acked, s.messages, published.first_error
+        ));
+    }
+    Ok(())
+}
+
+/// Messages per publisher between the JetStream ceiling's acked publishes.
+#[cfg(feature = "nats")]
+const CEILING_CHUNK: usize = 1_000;
+
+/// JetStream's ingest limit: core publishes into the stream's subjects with no reply subject
+/// (nothing acks them), except every [`CEILING_CHUNK`]th message of each publisher and its
+/// last, sent as JetStream publishes and awaited. The server handles one connection's messages
+/// to a stream in order, so such an ack arrives after every earlier message was stored (or
+/// refused): the last one is the exact event the clock stops on, and the chunk keeps the
+/// stream's ingest queue below the size at which the server refuses (error 10167) what
+/// nothing acks. Verified by the stream's count.
+#[cfg(feature = "nats")]
+async fn ceiling_jetstream(
+    client: &async_nats::Client,
+    s: Scenario,
+    topics: &[Topic],
+    t0: Instant,
+) -> Published {
+    let js = async_nats::jetstream::new(client.clone());
+    let mut tasks = Vec::new();
+    for w in 0..s.publishers {
+        let (client, js, topics) = (client.clone(), js.clone(), topics.to_vec());
+        tasks.push(tokio::spawn(async move {
+            let n = share(&s, w);
+            let mut p = Published::empty();
+            let mut last = t0;
+            for i in 0..n {
+                let subject = topics[i % topics.len()].as_str().to_owned();
+                let body = payload(s.payload, w as u32, i as u64, t0);
+                if (i + 1) % CEILING_CHUNK != 0 && i + 1 != n {
+                    let _ = client.publish(subject, body).await;
+                    continue;
+                }
+                let sent = Instant::now();
+                let outcome = match js.publish(subject, body).await {
+                    Ok(ack) => raw_outcome(ack.await.map(|_| ()).map_err(|e| e.to_string())),
+                    Err(e) => raw_outcome(Err(e.to_string())),
+                };
+                last = Instant::now();
+                let acked = outcome.is_acked();
+                p.record(outcome, last - sent);
+                if acked {
+                    // The ack vouches for the unacked messages of its chunk; the stream's count
+                    // is what verifies them.
+                    p.acked += (i % CEILING_CHUNK) as u64;
+                }
+            }
+            (p, last)
+        }));
+    }
+    Published::merge(tasks, t0).await
+}
+
+/// Core NATS's limit: publishes with no stream and no subscriber, then one request on the same
+/// connection (JetStream's account info): the server answers it only after reading every
+/// message before it, the exact event the clock stops on.
+#[cfg(feature = "nats")]
+async fn ceiling_core(
+    client: &async_nats::Client,
+    s: Scenario,
+    topics: &[Topic],
+    t0: Instant,
+) -> Published {
+    let mut tasks = Vec::new();
+    for w in 0..s.publishers {
+        let (client, topics) = (client.clone(), topics.to_vec());
+        tasks.push(tokio::spawn(async move {
+            for i in 0..share(&s, w) {
+                let subject = topics[i % topics.len()].as_str().to_owned();
+                let _ = client
+                    .publish(subject, payload(s.payload, w as u32, i as u64, t0))
+                    .await;
+            }
+        }));
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+    let mut p = Published::empty();
+    match client.request("$JS.API.INFO", Bytes::new()).await {
+        Ok(_) => p.acked = s.messages as u64,
+        Err(e) => p.first_error = Some(format!("round trip: {e}")),
+    }
+    p.finish(t0, Instant::now())
+}
+
+/// Distinct ids seen by a drain, timed to the last new one.
+pub(crate) struct Seen {
+    ids: HashSet<u64>,
+    expected: u64,
+    t0: Instant,
+    r: Received,
+}
+
+impl Seen {
+    pub(crate) fn new(expected: u64, t0: Instant) -> Seen {
+        Seen {
+            ids: HashSet::with_capacity(expected as usize),
+            expected,
+            t0,
+            r: Received::empty(),
+        }
+    }
+
+    pub(crate) fn complete(&self) -> bool {
+        self.r.distinct >= self.expected
+    }
+
+    pub(crate) fn saw(&mut self, payload: &[u8]) {
+        let now = self.t0.elapsed();
+        let Some((id, sent)) = decode(payload) else {
+            return;
+        };
+        if self.ids.insert(id) {
+            self.r.distinct += 1;
+            let _ = self
+                .r
+                .e2e_latency
+                .record(((now.as_nanos() as u64).saturating_sub(sent) / 1_000).max(1));
+            if self.r.distinct == self.expected {
+                self.r.elapsed = Some(now);
+            }
+        } else {
+            self.r.duplicates += 1;
+        }
+    }
+
+    pub(crate) fn into_received(self) -> Received {
+        self.r
+    }
+}
+
+#[cfg(feature = "nats")]
+/// The NATS sink a mode publishes through (`None`: not the SDK).
+pub(crate) fn nats_sink_options(mode: Mode) -> Option<eventbus_nats::SinkOptions> {
+    use crate::mode::Publish;
+    use eventbus_nats::{PublishMode, SinkOptions};
+    let (publish, ids) = match mode {
+        Mode::Naive => (Publish::Default, true),
+        Mode::Sdk { publish, ids } => (publish, ids),
+        _ => return None,
+    };
+    let o = SinkOptions::default().dedup(ids);
+    Some(match publish {
+        Publish::Default => o,
+        Publish::Async => o.mode(PublishMode::Async),
+        Publish::Fast => o.mode(PublishMode::Fast),
+        Publish::Atomic => o.mode(PublishMode::Atomic),
+    })
 }
 
 impl Received {
@@ -771,8 +1123,19 @@ impl Received {
 }
 
 impl Record {
-    pub(crate) fn fill(&mut self, p: &Published, r: &Received, meter: &sys::Meter) {
+    pub(crate) fn fill(&mut self, p: &Published, r: &Received, meter: &sys::Meter, m: Measure) {
         let (peak_rss, cpu, broker_cpu) = meter.stop();
+        if m == Measure::Drain {
+            self.drain_msgs_per_sec = r
+                .elapsed
+                .map(|e| self.messages as f64 / e.as_secs_f64().max(1e-9));
+            self.received_distinct = r.distinct;
+            self.received_duplicates = r.duplicates;
+            self.peak_rss_bytes = peak_rss;
+            self.cpu_secs = cpu;
+            self.broker_cpu_secs = broker_cpu;
+            return;
+        }
         self.broker_cpu_secs = broker_cpu;
         let secs = p.elapsed.as_secs_f64().max(1e-9);
         self.acked = p.acked;

@@ -1,7 +1,7 @@
 //! Kafka side of the bench: tansu brokers (SQLite = durable, memory engine = not durable),
 //! SDK and raw rdkafka producers, a plain consumer that counts distinct ids.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use eventbus_batch::Batcher;
@@ -17,7 +17,8 @@ use rdkafka::producer::{
 };
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
-use crate::drive::{Published, Received, decode, drive_sdk, payload, share};
+use crate::drive::{Published, Received, Run, Seen, drive_sdk, payload, share};
+use crate::mode::{Measure, Mode};
 use crate::report::Record;
 use crate::{Args, Scenario, sys};
 
@@ -29,6 +30,9 @@ pub(crate) const DURABLE_CAP: usize = 100_000;
 
 pub(crate) struct KafkaEnv {
     brokers: Vec<(String, Brokers, KafkaBackend)>,
+    /// Warm producers by (storage, mode, linger): a service keeps its producer, and a new
+    /// idempotent producer costs ~0.5 s before its first send (librdkafka's producer-id timer).
+    producers: tokio::sync::Mutex<HashMap<(String, Mode, u64), Arc<Producer>>>,
     /// External brokers only: what their metadata says (broker count, cluster id).
     reported: Option<String>,
     /// External brokers only: verify by high watermarks (`--trust-watermarks`).
@@ -113,6 +117,7 @@ impl KafkaEnv {
         let reported = args.kafka_brokers.as_deref().map(reported_by);
         Ok(KafkaEnv {
             brokers,
+            producers: Default::default(),
             reported,
             trust_watermarks: args.trust_watermarks,
         })
@@ -149,6 +154,33 @@ impl KafkaEnv {
             .join("; ")
     }
 
+    /// The warm producer for `run`'s storage and mode at `linger`, made on first use.
+    async fn producer(
+        &self,
+        kafka: &KafkaBackend,
+        run: Run<'_>,
+        bootstrap: &str,
+        linger: u64,
+        warm: &str,
+        cfg: &eventbus_batch::BatchConfig,
+    ) -> Result<Arc<Producer>, String> {
+        let key = (run.storage.to_owned(), run.mode, linger);
+        let mut all = self.producers.lock().await;
+        if let Some(p) = all.get(&key) {
+            return Ok(Arc::clone(p));
+        }
+        let p = Arc::new(Producer::warm(kafka, run.mode, bootstrap, linger, warm, cfg).await?);
+        all.insert(key, Arc::clone(&p));
+        Ok(p)
+    }
+
+    /// Close the SDK producers (flushing them).
+    pub(crate) async fn stop(&self) {
+        for p in self.producers.lock().await.values() {
+            p.close().await;
+        }
+    }
+
     fn broker(&self, storage: &str) -> Result<&(String, Brokers, KafkaBackend), String> {
         self.brokers
             .iter()
@@ -156,23 +188,29 @@ impl KafkaEnv {
             .ok_or_else(|| format!("no Kafka broker for storage {storage}"))
     }
 
-    #[allow(clippy::too_many_arguments)]
     pub(crate) async fn run(
         &self,
-        mut s: Scenario,
-        mode: &str,
-        storage: &str,
+        run: Run<'_>,
         id: u64,
         cfg: eventbus_batch::BatchConfig,
         template: Record,
-        raw_linger: Option<usize>,
     ) -> Result<Vec<Record>, String> {
-        let (_, tansu, kafka) = self.broker(storage)?;
-        if on_sqlite(storage) && !matches!(tansu, Brokers::External) {
+        let (_, tansu, kafka) = self.broker(run.storage)?;
+        let mut s = run.s;
+        let external = matches!(tansu, Brokers::External);
+        if on_sqlite(run.storage) && !external {
             s.messages = s.messages.min(DURABLE_CAP);
         }
-        let lingers: Vec<u64> = if mode.starts_with("raw") {
-            raw_linger.map_or(RAW_LINGERS_MS.to_vec(), |l| vec![l as u64])
+        if run.mode.drain() {
+            let mut rec = template;
+            rec.messages = s.messages;
+            self.drain(kafka, tansu, Run { s, ..run }, id, &mut rec)
+                .await?;
+            return Ok(vec![rec]);
+        }
+        let lingers: Vec<u64> = if run.mode.probes() {
+            run.setting
+                .map_or(RAW_LINGERS_MS.to_vec(), |l| vec![l as u64])
         } else {
             vec![0]
         };
@@ -194,89 +232,41 @@ impl KafkaEnv {
             rec.messages = s.messages;
             rec.topic_or_stream = format!("bench.r{id}l{li}.t*");
             let bootstrap = kafka.config().brokers.clone();
-            let server_pid = tansu.pid();
 
             // Producer up and warm (connection, idempotent producer id) before the clock starts.
             let connect = Instant::now();
-            enum P<S: eventbus_core::BatchSink> {
-                Sdk(Batcher<S>),
-                Raw(FutureProducer),
-                Threaded(Arc<ThreadedProducer<TallyCtx>>, Arc<Tally>),
-            }
-            let producer = if mode == "raw" || mode == "raw-dedup" {
-                let tally = Arc::new(Tally::new(s.messages as u64));
-                let p: ThreadedProducer<TallyCtx> = raw_config(&bootstrap, linger)
-                    .create_with_context(TallyCtx(Arc::clone(&tally)))
-                    .map_err(|e| format!("raw producer: {e}"))?;
-                p.send(
-                    BaseRecord::<(), [u8], _>::with_opaque_to(&warm, Box::new(None))
-                        .payload(&b"warmup"[..]),
-                )
-                .map_err(|(e, _)| format!("raw warm-up: {e}"))?;
-                tokio::time::timeout(Duration::from_secs(30), tally.warm.notified())
-                    .await
-                    .map_err(|_| "raw warm-up: no delivery report in 30 s".to_string())?;
-                rec.window = linger as usize;
-                P::Threaded(Arc::new(p), tally)
-            } else if mode == "raw-future" {
-                let p: FutureProducer = raw_config(&bootstrap, linger)
-                    .create()
-                    .map_err(|e| format!("raw producer: {e}"))?;
-                p.send(
-                    FutureRecord::<(), [u8]>::to(&warm).payload(&b"warmup"[..]),
-                    Duration::from_secs(30),
-                )
-                .await
-                .map_err(|(e, _)| format!("raw warm-up: {e}"))?;
-                rec.window = linger as usize;
-                P::Raw(p)
-            } else {
-                let sink = if mode == "sdk-nodedup" {
-                    kafka.sink_without_id()
-                } else {
-                    kafka.sink()
-                };
-                let b = Batcher::new(sink.map_err(|e| e.to_string())?, cfg.clone())
-                    .map_err(|e| e.to_string())?;
-                b.publish(Message::new(warm.as_str(), "warmup"))
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .await
-                    .into_result()
-                    .map_err(|e| format!("sdk warm-up: {e}"))?;
-                rec.window = cfg.max_in_flight;
-                P::Sdk(b)
+            let producer = self
+                .producer(kafka, run, &bootstrap, linger, &warm, &cfg)
+                .await?;
+            rec.window = match run.mode {
+                Mode::Raw { .. } | Mode::RawFuture => linger as usize,
+                _ => cfg.max_in_flight,
             };
             rec.connect_ms = connect.elapsed().as_secs_f64() * 1e3;
 
             let (done_tx, done_rx) = tokio::sync::watch::channel(false);
-            let meter = sys::Meter::start(server_pid);
+            let meter = sys::Meter::start(tansu.pid());
             let t0 = meter.t0;
             // tansu's SQLite engine serves reads at ~1.4k msg/s and slows as it grows: its runs
             // are verified by high watermarks only; memory-engine runs and external brokers by
             // a consumer (unless the user trusts the brokers' watermarks).
-            let external = matches!(tansu, Brokers::External);
             let by_watermarks = if external {
                 self.trust_watermarks
             } else {
-                on_sqlite(storage)
+                on_sqlite(run.storage)
             };
-            let rx = (!by_watermarks).then(|| {
+            let consumer = |done| {
                 consume(
                     bootstrap.clone(),
                     names.clone(),
                     s.messages as u64,
                     t0,
-                    done_rx,
+                    done,
                 )
-            });
-            let published = match &producer {
-                P::Sdk(b) => drive_sdk(b, s, &topics, mode == "naive", t0).await,
-                P::Raw(p) => drive_raw(p, s, &names, t0).await,
-                P::Threaded(p, tally) => {
-                    drive_threaded(p, tally, s, &names, t0, mode == "raw-dedup").await?
-                }
             };
+            let rx = (!by_watermarks && run.measure == Measure::EndToEnd)
+                .then(|| consumer(done_rx.clone()));
+            let published = producer.drive(run.mode, s, &topics, &names, t0).await?;
             let _ = done_tx.send(true);
             let received = match rx {
                 Some(rx) => Some(rx.await.map_err(|e| e.to_string())?),
@@ -286,10 +276,13 @@ impl KafkaEnv {
                 &published,
                 received.as_ref().unwrap_or(&Received::empty()),
                 &meter,
+                run.measure,
             );
-            if let P::Sdk(b) = producer {
-                let _ = b.close(Duration::from_secs(10)).await;
-            }
+            // Publish-only: read back once the clock has stopped.
+            let received = match received {
+                None if !by_watermarks => Some(consumer(done_rx).await.map_err(|e| e.to_string())?),
+                r => r,
+            };
             match received {
                 None => {
                     let stored = watermark_total(kafka, &names).await?;
@@ -305,20 +298,213 @@ impl KafkaEnv {
                 }
                 // tansu 0.6.0's memory engine misreports high watermarks, and an external
                 // broker's engine is unknown: count what a consumer reads.
-                Some(r) => rec.verify(
-                    r.distinct,
-                    true,
-                    if external {
-                        "distinct ids consumed (external broker)"
-                    } else {
-                        "distinct ids consumed (memory engine watermarks are unreliable)"
-                    },
-                ),
+                Some(r) => {
+                    rec.received_distinct = r.distinct;
+                    rec.received_duplicates = r.duplicates;
+                    rec.verify(
+                        r.distinct,
+                        true,
+                        if external {
+                            "distinct ids consumed (external broker)"
+                        } else {
+                            "distinct ids consumed (memory engine watermarks are unreliable)"
+                        },
+                    )
+                }
             }
             rec.wall_secs = started.elapsed().as_secs_f64();
             out.push(rec);
         }
         Ok(out)
+    }
+
+    /// Publish a backlog to one topic of [`DRAIN_PARTITIONS`] partitions (untimed, the SDK
+    /// without ids), then time reading all of it in a consumer group, every message acked:
+    /// through the SDK's subscriber, or rdkafka's `StreamConsumer` storing each offset after
+    /// the message is processed and committing them in the background.
+    async fn drain(
+        &self,
+        kafka: &KafkaBackend,
+        tansu: &Brokers,
+        run: Run<'_>,
+        id: u64,
+        rec: &mut Record,
+    ) -> Result<(), String> {
+        let started = Instant::now();
+        let topic = format!("bench.r{id}.backlog");
+        kafka
+            .ensure_topic(&topic, DRAIN_PARTITIONS)
+            .await
+            .map_err(|e| format!("create topic: {e}"))?;
+        let sink = kafka.sink_without_id().map_err(|e| e.to_string())?;
+        crate::drive::backlog(sink, run.s, &[Topic::new(&topic)]).await?;
+        let expected = run.s.messages as u64;
+        let meter = sys::Meter::start(tansu.pid());
+        let t0 = meter.t0;
+        let received = match run.mode {
+            Mode::DrainSdk => {
+                use eventbus_core::{SubscribeSpec, Subscriber};
+                let mut sub = kafka
+                    .subscriber()
+                    .subscribe(
+                        SubscribeSpec::new(topic.as_str())
+                            .group("drain")
+                            .prefetch(1024),
+                    )
+                    .await
+                    .map_err(|e| format!("subscribe: {e}"))?;
+                let mut seen = Seen::new(expected, t0);
+                while !seen.complete() {
+                    let next = tokio::time::timeout(Duration::from_secs(15), sub.next()).await;
+                    let Ok(Some(d)) = next else { break };
+                    let Ok(d) = d else { continue };
+                    seen.saw(d.message().payload());
+                    let _ = d.ack().await;
+                }
+                sub.close().await;
+                seen.into_received()
+            }
+            _ => {
+                let bootstrap = kafka.config().brokers.clone();
+                tokio::task::spawn_blocking(move || drain_raw(&bootstrap, &topic, expected, t0))
+                    .await
+                    .map_err(|e| e.to_string())??
+            }
+        };
+        rec.fill(&Published::empty(), &received, &meter, Measure::Drain);
+        rec.acked = expected;
+        rec.window = 1024;
+        rec.topic_or_stream = format!("bench.r{id}.backlog");
+        rec.verify(
+            received.distinct,
+            true,
+            "distinct ids drained (the backlog's publish was acked in full)",
+        );
+        rec.wall_secs = started.elapsed().as_secs_f64();
+        Ok(())
+    }
+}
+
+/// Partitions of the drained topic.
+const DRAIN_PARTITIONS: i32 = 4;
+
+/// rdkafka's consumer in a group, committing like the SDK does: each offset stored after its
+/// message is processed, committed in the background.
+fn drain_raw(bootstrap: &str, topic: &str, expected: u64, t0: Instant) -> Result<Received, String> {
+    use rdkafka::Message as _;
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", "drain-raw")
+        .set("enable.auto.commit", "true")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("enable.partition.eof", "false")
+        .create()
+        .map_err(|e| format!("consumer: {e}"))?;
+    consumer
+        .subscribe(&[topic])
+        .map_err(|e| format!("subscribe: {e}"))?;
+    let mut seen = Seen::new(expected, t0);
+    let mut idle = Instant::now();
+    while !seen.complete() && idle.elapsed() < Duration::from_secs(15) {
+        let Some(m) = consumer.poll(Duration::from_millis(100)) else {
+            continue;
+        };
+        let m = m.map_err(|e| format!("poll: {e}"))?;
+        idle = Instant::now();
+        seen.saw(m.payload().unwrap_or_default());
+        consumer
+            .store_offset_from_message(&m)
+            .map_err(|e| format!("store offset: {e}"))?;
+    }
+    let _ = consumer.commit_consumer_state(rdkafka::consumer::CommitMode::Sync);
+    Ok(seen.into_received())
+}
+
+/// The producer a run publishes through, warmed up before the clock starts.
+enum Producer {
+    Sdk(Batcher<eventbus_kafka::KafkaSink>),
+    Future(FutureProducer),
+    Threaded(Arc<ThreadedProducer<TallyCtx>>, Arc<Tally>),
+}
+
+impl Producer {
+    async fn warm(
+        kafka: &KafkaBackend,
+        mode: Mode,
+        bootstrap: &str,
+        linger: u64,
+        warm: &str,
+        cfg: &eventbus_batch::BatchConfig,
+    ) -> Result<Producer, String> {
+        match mode {
+            Mode::Raw { .. } => {
+                let tally = Arc::new(Tally::new());
+                let p: ThreadedProducer<TallyCtx> = raw_config(bootstrap, linger)
+                    .create_with_context(TallyCtx(Arc::clone(&tally)))
+                    .map_err(|e| format!("raw producer: {e}"))?;
+                p.send(
+                    BaseRecord::<(), [u8], _>::with_opaque_to(warm, Box::new(None))
+                        .payload(&b"warmup"[..]),
+                )
+                .map_err(|(e, _)| format!("raw warm-up: {e}"))?;
+                tokio::time::timeout(Duration::from_secs(30), tally.warm.notified())
+                    .await
+                    .map_err(|_| "raw warm-up: no delivery report in 30 s".to_string())?;
+                Ok(Producer::Threaded(Arc::new(p), tally))
+            }
+            Mode::RawFuture => {
+                let p: FutureProducer = raw_config(bootstrap, linger)
+                    .create()
+                    .map_err(|e| format!("raw producer: {e}"))?;
+                p.send(
+                    FutureRecord::<(), [u8]>::to(warm).payload(&b"warmup"[..]),
+                    Duration::from_secs(30),
+                )
+                .await
+                .map_err(|(e, _)| format!("raw warm-up: {e}"))?;
+                Ok(Producer::Future(p))
+            }
+            Mode::Naive | Mode::Sdk { .. } => {
+                let sink = match mode {
+                    Mode::Sdk { ids: false, .. } => kafka.sink_without_id(),
+                    _ => kafka.sink(),
+                };
+                let b = Batcher::new(sink.map_err(|e| e.to_string())?, cfg.clone())
+                    .map_err(|e| e.to_string())?;
+                b.publish(Message::new(warm, "warmup"))
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .await
+                    .into_result()
+                    .map_err(|e| format!("sdk warm-up: {e}"))?;
+                Ok(Producer::Sdk(b))
+            }
+            other => Err(format!("mode {other} does not run on Kafka")),
+        }
+    }
+
+    async fn drive(
+        &self,
+        mode: Mode,
+        s: Scenario,
+        topics: &[Topic],
+        names: &[String],
+        t0: Instant,
+    ) -> Result<Published, String> {
+        Ok(match self {
+            Producer::Sdk(b) => drive_sdk(b, s, topics, mode == Mode::Naive, t0).await,
+            Producer::Future(p) => drive_raw(p, s, names, t0).await,
+            Producer::Threaded(p, tally) => {
+                drive_threaded(p, tally, s, names, t0, mode == Mode::Raw { ids: true }).await?
+            }
+        })
+    }
+
+    async fn close(&self) {
+        if let Producer::Sdk(b) = self {
+            let _ = b.close(Duration::from_secs(10)).await;
+        }
     }
 }
 
@@ -350,16 +536,17 @@ fn raw_config(bootstrap: &str, linger: u64) -> ClientConfig {
 /// each report taken when it arrives (the exact event).
 pub(crate) struct Tally {
     state: parking_lot::Mutex<(Published, Option<Instant>, u64)>,
-    expected: u64,
+    /// Reports that complete the current run.
+    expected: std::sync::atomic::AtomicU64,
     done: tokio::sync::Notify,
     warm: tokio::sync::Notify,
 }
 
 impl Tally {
-    fn new(expected: u64) -> Self {
+    fn new() -> Self {
         Tally {
             state: parking_lot::Mutex::new((Published::empty(), None, 0)),
-            expected,
+            expected: std::sync::atomic::AtomicU64::new(u64::MAX),
             done: tokio::sync::Notify::new(),
             warm: tokio::sync::Notify::new(),
         }
@@ -388,7 +575,7 @@ impl ProducerContext for TallyCtx {
         st.0.record(outcome, now - sent);
         st.1 = Some(now);
         st.2 += 1;
-        if st.2 == self.0.expected {
+        if st.2 == self.0.expected.load(std::sync::atomic::Ordering::Relaxed) {
             self.0.done.notify_one();
         }
     }
@@ -408,6 +595,11 @@ async fn drive_threaded(
     t0: Instant,
     with_id: bool,
 ) -> Result<Published, String> {
+    // A fresh tally for this run (the producer is kept warm across runs).
+    *tally.state.lock() = (Published::empty(), None, 0);
+    tally
+        .expected
+        .store(s.messages as u64, std::sync::atomic::Ordering::Relaxed);
     let mut tasks = Vec::new();
     for w in 0..s.publishers {
         let (p, topics) = (Arc::clone(p), topics.to_vec());
@@ -500,7 +692,7 @@ fn consume(
     done: tokio::sync::watch::Receiver<bool>,
 ) -> tokio::task::JoinHandle<Received> {
     tokio::task::spawn_blocking(move || {
-        let mut r = Received::empty();
+        let r = Received::empty();
         let consumer: BaseConsumer = match ClientConfig::new()
             .set("bootstrap.servers", &bootstrap)
             .set("group.id", "bench-verify")
@@ -518,9 +710,9 @@ fn consume(
         if consumer.assign(&tpl).is_err() {
             return r;
         }
-        let mut seen = HashSet::with_capacity(expected as usize);
+        let mut seen = Seen::new(expected, t0);
         let mut give_up: Option<Instant> = None;
-        while r.distinct < expected {
+        while !seen.complete() {
             if give_up.is_none() && *done.borrow() {
                 give_up = Some(Instant::now() + Duration::from_secs(60));
             }
@@ -531,21 +723,8 @@ fn consume(
                 continue;
             };
             use rdkafka::Message as _;
-            let now = t0.elapsed();
-            if let Some((id, sent)) = m.payload().and_then(decode) {
-                if seen.insert(id) {
-                    r.distinct += 1;
-                    let _ = r
-                        .e2e_latency
-                        .record(((now.as_nanos() as u64).saturating_sub(sent) / 1_000).max(1));
-                    if r.distinct == expected {
-                        r.elapsed = Some(now);
-                    }
-                } else {
-                    r.duplicates += 1;
-                }
-            }
+            seen.saw(m.payload().unwrap_or_default());
         }
-        r
+        seen.into_received()
     })
 }

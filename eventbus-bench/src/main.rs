@@ -1,14 +1,18 @@
 //! `eventbus-bench`: the seed's scenarios (500 / 2,000 / 5,000 / 10,000 messages of 108 bytes,
-//! 5 topics, 5 publishers) plus Sustained (1,000,000), for each backend and mode:
+//! 5 topics, 5 publishers) plus Sustained, for each backend and mode:
 //!
 //! - `naive`: each publisher awaits every ack before the next publish (what the seed's NATS
 //!   backend effectively did);
 //! - `sdk`: through the batching engine with its default config;
 //! - `raw`: the bare client at its best, no SDK (async-nats JetStream context, pipelined, best
-//!   of several ack windows).
+//!   of several ack windows);
+//! - NATS ceilings: JetStream ingest with no acks, core NATS with no stream;
+//! - drains: a backlog read in a consumer group through the SDK and through the bare client.
 //!
-//! Clocks stop on exact events (the last ack, the last distinct delivery), and every run is
-//! verified against the broker (stream state, distinct ids seen by a subscriber).
+//! Each publish path is measured publish-only (no consumer while publishing) and end-to-end (a
+//! consumer reads every message meanwhile). Clocks stop on exact events (the last ack, the last
+//! distinct delivery), and every run is verified against the broker (stream state, distinct ids
+//! read).
 #![allow(missing_docs)]
 #![allow(clippy::print_stdout, clippy::print_stderr)] // a command-line report
 
@@ -18,6 +22,7 @@ mod dedup;
 mod drive;
 #[cfg(feature = "kafka")]
 mod kafka;
+mod mode;
 mod report;
 mod sys;
 
@@ -25,15 +30,27 @@ use std::path::PathBuf;
 
 use clap::Parser;
 
+use crate::mode::{Measure, Mode};
+
 #[derive(Parser, Debug, Clone)]
 #[command(about = "Reproduce the seed's NATS-vs-Kafka table against real brokers, honestly timed")]
 pub(crate) struct Args {
     /// CI-sized: fewer messages, one repetition, durable storage only.
     #[arg(long)]
     pub quick: bool,
-    /// Scenarios (comma separated): low, medium, high, extreme, sustained, sustained-1k.
+    /// The complete run: Sustained and the drained backlog at 1,000,000 messages, and the
+    /// NATS publish modes async and atomic on the seed's scenarios. Without it the run is sized
+    /// to finish in minutes (Sustained and the backlog at 100,000).
+    #[arg(long, conflicts_with = "quick")]
+    pub full: bool,
+    /// Scenarios (comma separated): low, medium, high, extreme, sustained, sustained-1k,
+    /// backlog (the drain modes' backlog).
     #[arg(long, value_delimiter = ',')]
     pub scenario: Vec<String>,
+    /// What the clock covers (comma separated): publish (no consumer while publishing), e2e
+    /// (a consumer reads every message meanwhile). Default both; drains are always `drain`.
+    #[arg(long, value_delimiter = ',')]
+    pub measure: Vec<Measure>,
     /// Backends (comma separated): nats, kafka, memory.
     #[arg(long, value_delimiter = ',')]
     pub backend: Vec<String>,
@@ -42,11 +59,12 @@ pub(crate) struct Args {
     /// header), NATS publish modes sdk-async (one ack per message), sdk-fast, sdk-atomic (one
     /// ack per all-or-nothing batch), each also as `sdk-<mode>-nodedup`, raw, and raw-dedup
     /// (raw with ids like the SDK's default: NATS Nats-Msg-Id, Kafka the eventbus-id header),
-    /// raw-future (Kafka: rdkafka's
-    /// FutureProducer, one future per message, instead of raw's ThreadedProducer with a
-    /// delivery callback; not in the default run).
+    /// raw-future (Kafka: rdkafka's FutureProducer, one future per message, instead of raw's
+    /// ThreadedProducer with a delivery callback; not in the default run), ceiling-js (NATS:
+    /// JetStream ingest with no acks), ceiling-core (NATS: core publishes, no stream),
+    /// drain-sdk and drain-raw (read the backlog scenario in a consumer group).
     #[arg(long, value_delimiter = ',')]
-    pub mode: Vec<String>,
+    pub mode: Vec<Mode>,
     /// Storage class: durable (JetStream file storage, tansu SQLite), memory (JetStream memory
     /// storage, tansu memory engine), replicated (a 3-node NATS cluster with R3 file streams,
     /// 3 tansu brokers over one SQLite file), both (durable and memory) or all.
@@ -109,7 +127,7 @@ pub(crate) struct Scenario {
     pub publishers: usize,
 }
 
-const SCENARIOS: [Scenario; 6] = [
+const SCENARIOS: [Scenario; 7] = [
     Scenario {
         name: "low",
         messages: 500,
@@ -152,7 +170,20 @@ const SCENARIOS: [Scenario; 6] = [
         topics: 5,
         publishers: 5,
     },
+    Scenario {
+        name: "backlog",
+        messages: 1_000_000,
+        payload: 108,
+        topics: 5,
+        publishers: 5,
+    },
 ];
+
+/// The backlog drained by the drain modes (and nothing else runs on it).
+const BACKLOG: &str = "backlog";
+/// Sustained and the backlog without `--full`: sized so that the default run finishes in
+/// minutes on a 2-core machine.
+const DEFAULT_LARGE: usize = 100_000;
 
 /// Naive runs are capped: at ~1k (Kafka, librdkafka linger) to ~30k (NATS) msg/s, a million
 /// one-by-one acks would take minutes and show nothing new (the rate is one round trip per
@@ -238,7 +269,16 @@ async fn sweep(args: &Args, backends: &[String], storages: &[&str]) -> Result<bo
                         s.messages = s.messages.min(2_000); // near one-at-a-time speed
                     }
                     bar.set_message(format!("{b} {st} window {window} linger {linger} ms"));
-                    for mut r in env.run_or_fail(&a, s, b, "sdk", st, 0, None, "run").await {
+                    let run = drive::Run {
+                        s,
+                        backend: b,
+                        mode: Mode::SDK,
+                        measure: Measure::EndToEnd,
+                        storage: st,
+                        rep: 0,
+                        setting: None,
+                    };
+                    for mut r in env.run_or_fail(&a, run, "run").await {
                         r.window = window;
                         r.linger_ms = linger;
                         if !r.verified {
@@ -288,9 +328,9 @@ async fn run(args: Args) -> Result<bool, String> {
         chosen
     };
     let default_scen: &[&str] = if args.quick {
-        &["low", "extreme", "sustained"]
+        &["low", "extreme", "sustained", BACKLOG]
     } else {
-        &["low", "medium", "high", "extreme", "sustained"]
+        &["low", "medium", "high", "extreme", "sustained", BACKLOG]
     };
     let scen_names = pick(&args.scenario, &SCENARIOS.map(|s| s.name), default_scen);
     let mut scenarios: Vec<Scenario> = SCENARIOS
@@ -298,9 +338,11 @@ async fn run(args: Args) -> Result<bool, String> {
         .copied()
         .filter(|s| scen_names.iter().any(|n| n == s.name))
         .collect();
-    if args.quick {
-        for s in &mut scenarios {
+    for s in &mut scenarios {
+        if args.quick {
             s.messages = s.messages.min(20_000);
+        } else if !args.full {
+            s.messages = s.messages.min(DEFAULT_LARGE);
         }
     }
     let backends = pick(
@@ -308,32 +350,33 @@ async fn run(args: Args) -> Result<bool, String> {
         &["nats", "kafka", "memory"],
         &["nats", "kafka", "memory"],
     );
-    let modes = pick(
-        &args.mode,
-        &[
+    let modes: Vec<Mode> = if args.mode.is_empty() {
+        let mut m: Vec<Mode> = [
             "naive",
             "sdk",
             "sdk-nodedup",
-            "sdk-async",
-            "sdk-async-nodedup",
-            "sdk-fast",
-            "sdk-fast-nodedup",
-            "sdk-atomic",
-            "sdk-atomic-nodedup",
             "raw",
             "raw-dedup",
-            "raw-future",
-        ],
-        &[
-            "naive",
-            "sdk",
-            "sdk-nodedup",
-            "sdk-async",
-            "sdk-atomic",
-            "raw",
-            "raw-dedup",
-        ],
-    );
+            "ceiling-js",
+            "ceiling-core",
+            "drain-sdk",
+            "drain-raw",
+        ]
+        .iter()
+        .map(|m| m.parse().expect("a known mode"))
+        .collect();
+        if args.full {
+            m.extend(["sdk-async", "sdk-atomic"].map(|m| m.parse::<Mode>().expect("a known mode")));
+        }
+        m
+    } else {
+        args.mode.clone()
+    };
+    let measures: Vec<Measure> = if args.measure.is_empty() {
+        vec![Measure::Publish, Measure::EndToEnd]
+    } else {
+        args.measure.clone()
+    };
     let storages: Vec<&str> = match args.storage.as_str() {
         "both" => vec!["durable", "memory"],
         "all" => vec!["durable", "memory", "replicated"],
@@ -350,113 +393,107 @@ async fn run(args: Args) -> Result<bool, String> {
     if args.sweep {
         return sweep(&args, &backends, &storages).await;
     }
+    let plan = plan(
+        &args, &scenarios, &backends, &modes, &measures, &storages, reps,
+    );
+    // tansu's SQLite engine reads too slowly to drain: Kafka drains run on its memory engine.
+    let mut env_storages = storages.clone();
+    if plan.iter().any(|p| p.storage == "memory") && !env_storages.contains(&"memory") {
+        env_storages.push("memory");
+    }
     let env = drive::Env::start(
         &args,
         backends.iter().any(|b| b == "nats"),
         backends.iter().any(|b| b == "kafka"),
-        &storages,
+        &env_storages,
     )
     .await?;
     eprintln!("{}", env.describe());
 
     let started = std::time::Instant::now();
-    let mut plan = Vec::new();
-    for s in &scenarios {
-        for b in &backends {
-            for st in &storages {
-                if b == "memory" && *st != "memory" && storages.len() > 1 {
-                    continue; // the in-process backend has one storage class: memory
-                }
-                // Repetitions outermost, modes inside: one repetition of every mode, then the
-                // next, so a slow phase of a shared machine hits all modes alike rather than
-                // one mode's repetitions together.
-                for rep in 0..reps {
-                    for m in &modes {
-                        // The in-process backend has no client below the SDK and no variants; atomic
-                        // batches are a NATS mode.
-                        // The default run keeps the other NATS publish modes to the seed's
-                        // scenarios: at 1M messages each costs a minute per repetition (the
-                        // consumer reads every message back); `--mode` runs them anywhere.
-                        let default_modes = args.mode.is_empty();
-                        if (default_modes
-                            && s.messages > 100_000
-                            && (m == "sdk-async" || m == "sdk-atomic"))
-                            || (b == "memory" && (m.starts_with("raw") || m.starts_with("sdk-")))
-                            || (b != "kafka" && m == "raw-future")
-                            || (b == "kafka"
-                                && (m.contains("atomic")
-                                    || m.contains("fast")
-                                    || m.contains("async")))
-                        {
-                            continue;
-                        }
-                        plan.push((*s, b.clone(), m.clone(), st.to_string(), rep));
-                    }
-                }
-            }
-        }
-    }
     let bar = indicatif::ProgressBar::new(plan.len() as u64).with_style(
-        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} {msg}").expect("template"),
+        indicatif::ProgressStyle::with_template("{elapsed_precise} {bar:40} {pos}/{len} {msg}")
+            .expect("template"),
     );
     let mut records = Vec::new();
     // Raw baselines probe every window (NATS) or linger (Kafka) once, then repeat the best.
-    let mut raw_best: std::collections::HashMap<(String, String, String), (usize, f64)> =
-        Default::default();
-    for (s, b, m, st, rep) in plan {
-        let mut s = s;
-        if m == "naive" {
-            s.messages = s.messages.min(if b == "kafka" {
+    let mut raw_best: std::collections::HashMap<String, (usize, f64)> = Default::default();
+    for p in plan {
+        let mut run = drive::Run {
+            s: p.s,
+            backend: &p.backend,
+            mode: p.mode,
+            measure: p.measure,
+            storage: p.storage,
+            rep: p.rep,
+            setting: None,
+        };
+        if run.mode == Mode::Naive {
+            run.s.messages = run.s.messages.min(if p.backend == "kafka" {
                 NAIVE_CAP_KAFKA
             } else {
                 NAIVE_CAP
             });
         }
         #[cfg(feature = "kafka")]
-        if b == "kafka" && kafka::on_sqlite(&st) && args.kafka_brokers.is_none() {
-            s.messages = s.messages.min(kafka::DURABLE_CAP);
+        if p.backend == "kafka" && kafka::on_sqlite(p.storage) && args.kafka_brokers.is_none() {
+            run.s.messages = run.s.messages.min(kafka::DURABLE_CAP);
         }
-        bar.set_message(format!("{} {} {} {} #{}", s.name, b, m, st, rep + 1));
-        let key = (s.name.to_owned(), b.clone(), format!("{st}/{m}"));
-        let raw = m.starts_with("raw");
-        let mut raw_setting = raw_best.get(&key).filter(|_| raw).map(|b| b.0);
+        let label = format!(
+            "{} {} {} {} {} #{}",
+            p.s.name,
+            p.backend,
+            p.mode,
+            p.measure,
+            p.storage,
+            p.rep + 1
+        );
+        bar.set_message(label.clone());
+        // One probe per path serves both measures.
+        let key = format!("{} {} {} {}", p.s.name, p.backend, p.storage, p.mode);
+        let probes = run.mode.probes();
+        run.setting = raw_best.get(&key).filter(|_| probes).map(|b| b.0);
         // A raw mode's first run probes every candidate setting once; the fastest verified
         // one is what this and every later repetition run at.
         let mut phases = Vec::new();
-        if raw && raw_setting.is_none() {
-            let mut probe = s;
-            probe.messages = s.messages.min(RAW_PROBE_MESSAGES);
+        if probes && run.setting.is_none() {
+            let mut probe = run;
+            probe.s.messages = run.s.messages.min(if args.full {
+                RAW_PROBE_MESSAGES
+            } else {
+                RAW_PROBE_MESSAGES / 5
+            });
             phases.push((probe, "probe"));
         }
-        phases.push((s, "run"));
-        for (scen, what) in phases {
+        phases.push((run, "run"));
+        for (mut one, what) in phases {
             if what == "probe" {
                 bar.set_message(format!(
-                    "{} {} {} {}: probing settings at {} messages",
-                    s.name, b, m, st, scen.messages
+                    "{label}: probing settings at {} messages",
+                    one.s.messages
                 ));
+            } else {
+                one.setting = raw_best.get(&key).filter(|_| probes).map(|b| b.0);
             }
-            let recs = env
-                .run_or_fail(&args, scen, &b, &m, &st, rep, raw_setting, what)
-                .await;
-            for mut rec in recs {
+            for mut rec in env.run_or_fail(&args, one, what).await {
                 rec.probe = what == "probe";
                 // Candidates compete only while no setting is chosen (probes, or a run after
                 // every probe failed, which tries every candidate again).
                 let best = raw_best.get(&key).map_or(0.0, |b| b.1);
-                if raw && raw_setting.is_none() && rec.verified && rec.publish_msgs_per_sec > best {
+                if probes
+                    && one.setting.is_none()
+                    && rec.verified
+                    && rec.publish_msgs_per_sec > best
+                {
                     raw_best.insert(key.clone(), (rec.window, rec.publish_msgs_per_sec));
                 }
                 if !rec.verified {
                     bar.println(format!(
-                        "VERIFICATION FAILED: {} {} {} {} {what} (window {}): {}",
-                        s.name, b, m, st, rec.window, rec.verify_note
+                        "VERIFICATION FAILED: {label} {what} (window {}): {}",
+                        rec.window, rec.verify_note
                     ));
                 }
                 records.push(rec);
-            }
-            if what == "probe" {
-                raw_setting = raw_best.get(&key).map(|b| b.0);
             }
         }
         bar.inc(1);
@@ -467,6 +504,90 @@ async fn run(args: Args) -> Result<bool, String> {
     report::write(&args, &env.describe(), &records)?;
     env.stop().await;
     Ok(all_ok)
+}
+
+/// One planned run.
+struct Planned {
+    s: Scenario,
+    backend: String,
+    mode: Mode,
+    measure: Measure,
+    storage: &'static str,
+    rep: usize,
+}
+
+/// Every run, repetitions interleaved: one repetition of every mode, then the next, so a slow
+/// phase of a shared machine hits all modes alike rather than one mode's repetitions together.
+fn plan(
+    args: &Args,
+    scenarios: &[Scenario],
+    backends: &[String],
+    modes: &[Mode],
+    measures: &[Measure],
+    storages: &[&str],
+    reps: usize,
+) -> Vec<Planned> {
+    let mut plan = Vec::new();
+    for s in scenarios {
+        for b in backends {
+            for (i, st) in storages.iter().enumerate() {
+                let st: &'static str = match *st {
+                    "durable" => "durable",
+                    "memory" => "memory",
+                    _ => "replicated",
+                };
+                if b == "memory" && st != "memory" && storages.len() > 1 {
+                    continue; // the in-process backend has one storage class: memory
+                }
+                // tansu's SQLite engine reads at ~1.4k msg/s: Kafka drains its memory engine,
+                // once per run whatever the storage classes.
+                let drain_st = if b == "kafka" { "memory" } else { st };
+                if s.name == BACKLOG && b == "kafka" && i > 0 {
+                    continue;
+                }
+                for rep in 0..reps {
+                    for &m in modes {
+                        // The other NATS publish modes stay on the seed's scenarios in a
+                        // default run: at 1M messages each costs a minute per repetition;
+                        // `--mode` runs them anywhere.
+                        let big_extra = args.mode.is_empty()
+                            && s.messages > 100_000
+                            && matches!(
+                                m,
+                                Mode::Sdk {
+                                    publish: mode::Publish::Async | mode::Publish::Atomic,
+                                    ..
+                                }
+                            );
+                        if !m.runs_on(b) || big_extra || m.drain() != (s.name == BACKLOG) {
+                            continue;
+                        }
+                        for measure in m.measures(measures) {
+                            // tansu's SQLite engine is verified by watermarks with no consumer
+                            // at all, so its end-to-end run would repeat the publish-only one.
+                            if b == "kafka"
+                                && st != "memory"
+                                && measure == Measure::EndToEnd
+                                && measures.contains(&Measure::Publish)
+                                && args.kafka_brokers.is_none()
+                            {
+                                continue;
+                            }
+                            plan.push(Planned {
+                                s: *s,
+                                backend: b.clone(),
+                                mode: m,
+                                measure,
+                                storage: if m.drain() { drain_st } else { st },
+                                rep,
+                            });
+                        }
+                    }
+                }
+            }
+        }
+    }
+    plan
 }
 
 /// Where the bench's time went: wall seconds per backend and scenario (every run's setup,

@@ -5,7 +5,8 @@ use std::fmt::Write as _;
 
 use serde::{Deserialize, Serialize};
 
-use crate::{Args, Scenario};
+use crate::Args;
+use crate::drive::Run;
 
 /// What `latest.json` holds: the machine and broker description, and one record per run.
 #[derive(Serialize, Deserialize)]
@@ -38,6 +39,10 @@ pub(crate) struct Record {
     pub scenario: String,
     pub backend: String,
     pub mode: String,
+    /// `publish` (no consumer while publishing), `e2e` (a consumer reads meanwhile) or
+    /// `drain` (reading a backlog).
+    #[serde(default = "e2e")]
+    pub measure: String,
     pub storage: String,
     pub rep: usize,
     pub messages: usize,
@@ -56,6 +61,10 @@ pub(crate) struct Record {
     pub publish_mb_per_sec: f64,
     /// `None` when not every message reached the subscriber.
     pub e2e_msgs_per_sec: Option<f64>,
+    /// Drain runs: the backlog's messages over the time from subscribing to the last distinct
+    /// message; `None` when not all of it arrived.
+    #[serde(default)]
+    pub drain_msgs_per_sec: Option<f64>,
     pub ack_p50_us: u64,
     pub ack_p99_us: u64,
     pub ack_p999_us: u64,
@@ -85,18 +94,25 @@ pub(crate) struct Record {
     pub probe: bool,
 }
 
+/// Records saved before publish-only runs existed were all end-to-end.
+fn e2e() -> String {
+    "e2e".into()
+}
+
 impl Record {
-    pub(crate) fn new(s: Scenario, backend: &str, mode: &str, storage: &str, rep: usize) -> Record {
+    pub(crate) fn new(run: &Run<'_>) -> Record {
+        let s = run.s;
         Record {
             scenario: s.name.into(),
-            backend: backend.into(),
-            mode: mode.into(),
-            storage: if backend == "memory" {
+            backend: run.backend.into(),
+            mode: run.mode.to_string(),
+            measure: run.measure.to_string(),
+            storage: if run.backend == "memory" {
                 "memory".into()
             } else {
-                storage.into()
+                run.storage.into()
             },
-            rep,
+            rep: run.rep,
             messages: s.messages,
             payload_bytes: s.payload,
             topics: s.topics,
@@ -108,6 +124,7 @@ impl Record {
             publish_msgs_per_sec: 0.0,
             publish_mb_per_sec: 0.0,
             e2e_msgs_per_sec: None,
+            drain_msgs_per_sec: None,
             ack_p50_us: 0,
             ack_p99_us: 0,
             ack_p999_us: 0,
@@ -158,7 +175,7 @@ struct Stat {
 }
 
 fn stat(rs: &[&Record]) -> Stat {
-    let mut v: Vec<f64> = rs.iter().map(|r| r.publish_msgs_per_sec).collect();
+    let mut v: Vec<f64> = rs.iter().map(|r| r.rate()).collect();
     v.sort_by(f64::total_cmp);
     let mut e: Vec<f64> = rs.iter().filter_map(|r| r.e2e_msgs_per_sec).collect();
     e.sort_by(f64::total_cmp);
@@ -177,6 +194,17 @@ fn stat(rs: &[&Record]) -> Stat {
     }
 }
 
+impl Record {
+    /// The run's figure: messages per second published, or drained for a drain.
+    pub(crate) fn rate(&self) -> f64 {
+        if self.measure == "drain" {
+            self.drain_msgs_per_sec.unwrap_or(0.0)
+        } else {
+            self.publish_msgs_per_sec
+        }
+    }
+}
+
 pub(crate) fn fmt_rate(x: f64) -> String {
     if x >= 1e6 {
         format!("{:.2}M", x / 1e6)
@@ -187,31 +215,50 @@ pub(crate) fn fmt_rate(x: f64) -> String {
     }
 }
 
-pub(crate) fn write(args: &Args, machine: &str, records: &[Record]) -> Result<(), String> {
-    // (backend, storage, scenario, mode, window) -> records
-    let mut groups: BTreeMap<(String, String, String, String, usize), Vec<&Record>> =
-        BTreeMap::new();
+/// Scenario order in tables.
+const ORDER: [&str; 7] = [
+    "low",
+    "medium",
+    "high",
+    "extreme",
+    "sustained",
+    "sustained-1k",
+    "backlog",
+];
+
+/// Measure order in tables.
+const MEASURES: [&str; 3] = ["publish", "e2e", "drain"];
+
+/// Per mode, the best window's statistics.
+type Modes = BTreeMap<String, Stat>;
+/// `(backend, storage) -> (scenario, measure) -> modes`.
+type Table = BTreeMap<(String, String), BTreeMap<(String, String), Modes>>;
+
+fn table(records: &[Record]) -> Table {
+    // (backend, storage, scenario, measure, mode, window) -> records
+    type Key = (String, String, String, String, String, usize);
+    let mut groups: BTreeMap<Key, Vec<&Record>> = BTreeMap::new();
     for r in records.iter().filter(|r| !r.probe) {
         groups
             .entry((
                 r.backend.clone(),
                 r.storage.clone(),
                 r.scenario.clone(),
+                r.measure.clone(),
                 r.mode.clone(),
                 r.window,
             ))
             .or_default()
             .push(r);
     }
-    // Best raw window per (backend, storage, scenario) by median.
-    let mut table: BTreeMap<(String, String), BTreeMap<String, BTreeMap<String, Stat>>> =
-        BTreeMap::new();
-    for ((b, st, sc, m, _w), rs) in &groups {
+    // A raw baseline run at several windows counts at its best median.
+    let mut table = Table::new();
+    for ((b, st, sc, me, m, _w), rs) in &groups {
         let s = stat(rs);
         let slot = table
             .entry((b.clone(), st.clone()))
             .or_default()
-            .entry(sc.clone())
+            .entry((sc.clone(), me.clone()))
             .or_default();
         match slot.get(m) {
             Some(prev) if prev.median >= s.median => {}
@@ -220,111 +267,274 @@ pub(crate) fn write(args: &Args, machine: &str, records: &[Record]) -> Result<()
             }
         }
     }
-    let order = [
-        "low",
-        "medium",
-        "high",
-        "extreme",
-        "sustained",
-        "sustained-1k",
-    ];
+    table
+}
+
+/// One column of a publish table: its header and its cell for a row's modes.
+type Column = (&'static str, Box<dyn Fn(&str, &Modes) -> String>);
+
+fn cell(s: Option<&Stat>) -> String {
+    s.map_or("-".to_owned(), |s| fmt_rate(s.median))
+}
+
+fn ratio(a: Option<&Stat>, b: Option<&Stat>) -> String {
+    match (a, b) {
+        (Some(a), Some(b)) if b.median > 0.0 => format!("{:.2}x", a.median / b.median),
+        _ => "-".into(),
+    }
+}
+
+fn spread(s: Option<&Stat>) -> String {
+    s.map_or("-".into(), |s| {
+        format!(
+            "{} ({}-{})",
+            fmt_rate(s.median),
+            fmt_rate(s.min),
+            fmt_rate(s.max)
+        )
+    })
+}
+
+/// The publish table's columns; a column no row fills is left out.
+fn columns() -> Vec<Column> {
+    let g = |m: &Modes, k: &str| m.get(k).copied();
+    vec![
+        (
+            "msgs",
+            Box::new(|_, m| {
+                m.get("sdk")
+                    .or(m.get("raw"))
+                    .map_or("-".into(), |s| s.messages.to_string())
+            }),
+        ),
+        (
+            "naive msg/s",
+            Box::new(move |_, m| match (g(m, "naive"), g(m, "sdk")) {
+                (Some(n), Some(s)) if n.messages != s.messages => {
+                    format!("{} (of {})", fmt_rate(n.median), n.messages)
+                }
+                (n, _) => cell(n.as_ref()),
+            }),
+        ),
+        (
+            "sdk msg/s (min-max)",
+            Box::new(move |_, m| spread(m.get("sdk"))),
+        ),
+        (
+            "sdk no ids",
+            Box::new(move |_, m| spread(m.get("sdk-nodedup"))),
+        ),
+        ("sdk async", Box::new(move |_, m| cell(m.get("sdk-async")))),
+        (
+            "sdk atomic",
+            Box::new(move |_, m| cell(m.get("sdk-atomic"))),
+        ),
+        (
+            "raw no ids (window)",
+            Box::new(move |_, m| {
+                m.get("raw").map_or("-".into(), |s| {
+                    format!("{} (w={})", fmt_rate(s.median), s.window)
+                })
+            }),
+        ),
+        (
+            "raw with ids",
+            Box::new(move |_, m| spread(m.get("raw-dedup"))),
+        ),
+        (
+            "sdk/raw, with ids",
+            Box::new(move |_, m| ratio(m.get("sdk"), m.get("raw-dedup"))),
+        ),
+        (
+            "sdk/raw, no ids",
+            Box::new(move |_, m| ratio(m.get("sdk-nodedup"), m.get("raw"))),
+        ),
+        (
+            "sdk/naive",
+            Box::new(move |_, m| ratio(m.get("sdk"), m.get("naive"))),
+        ),
+        (
+            "JetStream no-ack ceiling",
+            Box::new(move |_, m| cell(m.get("ceiling-js"))),
+        ),
+        (
+            "core NATS ceiling",
+            Box::new(move |_, m| cell(m.get("ceiling-core"))),
+        ),
+        (
+            "sdk no ids / JetStream ceiling",
+            Box::new(move |_, m| ratio(m.get("sdk-nodedup"), m.get("ceiling-js"))),
+        ),
+        (
+            "sdk e2e msg/s",
+            Box::new(move |me, m| {
+                if me == "e2e" {
+                    m.get("sdk")
+                        .and_then(|s| s.e2e)
+                        .map_or("-".into(), fmt_rate)
+                } else {
+                    "-".into()
+                }
+            }),
+        ),
+        (
+            "sdk ack p99",
+            Box::new(move |_, m| {
+                m.get("sdk").map_or("-".into(), |s| {
+                    format!("{:.1} ms", s.ack_p99 as f64 / 1000.0)
+                })
+            }),
+        ),
+        (
+            "sdk peak RSS",
+            Box::new(move |_, m| {
+                m.get("sdk")
+                    .map_or("-".into(), |s| format!("{} MiB", s.rss / (1 << 20)))
+            }),
+        ),
+    ]
+}
+
+/// What a (backend, storage) section is measured on.
+fn section(args: &Args, backend: &str, storage: &str) -> &'static str {
+    let external = match backend {
+        "nats" => args.nats_url.is_some(),
+        "kafka" => args.kafka_brokers.is_some(),
+        _ => false,
+    };
+    match (backend, storage) {
+        // What the bench knows of a broker it did not start is what the broker reported, on
+        // the machine line; the storage class is only the label the run was given.
+        _ if external => "external broker (what it reported is on the machine line)",
+        ("nats", "durable") => "NATS JetStream, file storage (durable)",
+        ("nats", "memory") => "NATS JetStream, memory storage (not durable)",
+        ("kafka", "durable") => "tansu SQLite engine (durable), Kafka protocol via librdkafka",
+        ("kafka", "memory") => "tansu memory engine (not durable), Kafka protocol via librdkafka",
+        ("nats", "replicated") => {
+            "NATS JetStream, 3-node cluster, R3 file streams (replicated, durable)"
+        }
+        ("kafka", "replicated") => {
+            "3 stateless tansu brokers over one SQLite file (shared storage, no replication of its own), Kafka protocol via librdkafka"
+        }
+        ("memory", _) => "in-process memory backend (no broker; engine + subscriber overhead only)",
+        _ => "",
+    }
+}
+
+/// The Markdown tables of a run: per backend and storage class, publishing (publish-only and
+/// end-to-end rows), then the receive side, then the seed's NATS-vs-Kafka layout.
+fn tables(args: &Args, machine: &str, table: &Table) -> String {
     let mut md = String::new();
     let _ = writeln!(md, "{machine}\n");
-    for ((backend, storage), scen) in &table {
-        let external = match backend.as_str() {
-            "nats" => args.nats_url.is_some(),
-            "kafka" => args.kafka_brokers.is_some(),
-            _ => false,
-        };
-        let what = match (backend.as_str(), storage.as_str()) {
-            // What the bench knows of a broker it did not start is what the broker reported,
-            // on the machine line; the storage class is only the label the run was given.
-            _ if external => "external broker (what it reported is on the machine line)",
-            ("nats", "durable") => "NATS JetStream, file storage (durable)",
-            ("nats", "memory") => "NATS JetStream, memory storage (not durable)",
-            ("kafka", "durable") => "tansu SQLite engine (durable), Kafka protocol via librdkafka",
-            ("kafka", "memory") => {
-                "tansu memory engine (not durable), Kafka protocol via librdkafka"
-            }
-            ("nats", "replicated") => {
-                "NATS JetStream, 3-node cluster, R3 file streams (replicated, durable)"
-            }
-            ("kafka", "replicated") => {
-                "3 stateless tansu brokers over one SQLite file (shared storage, no replication of its own), Kafka protocol via librdkafka"
-            }
-            ("memory", _) => {
-                "in-process memory backend (no broker; engine + subscriber overhead only)"
-            }
-            _ => "",
-        };
-        let _ = writeln!(md, "### {backend} / {storage}: {what}\n");
+    let _ = writeln!(
+        md,
+        "Rows: `publish` = no consumer while publishing (verified afterwards by the broker's \
+         count and by reading every message back); `e2e` = a consumer reads every message \
+         while the publishers run, on the same machine. Medians of the repetitions; ratios are \
+         within this run.\n"
+    );
+    let cols = columns();
+    for ((backend, storage), rows) in table {
+        let ordered: Vec<(&str, &str, &Modes)> = ORDER
+            .iter()
+            .flat_map(|sc| MEASURES.iter().map(move |me| (*sc, *me)))
+            .filter(|(_, me)| *me != "drain")
+            .filter_map(|(sc, me)| {
+                rows.get(&(sc.to_owned(), me.to_owned()))
+                    .map(|m| (sc, me, m))
+            })
+            .collect();
+        if ordered.is_empty() {
+            continue;
+        }
+        let used: Vec<&Column> = cols
+            .iter()
+            .filter(|(_, f)| ordered.iter().any(|(_, me, m)| f(me, m) != "-"))
+            .collect();
         let _ = writeln!(
             md,
-            "| scenario | msgs | naive msg/s | sdk msg/s (min-max) | sdk no-dedup msg/s | sdk async msg/s | sdk atomic msg/s | raw msg/s (window) | raw with ids msg/s | sdk/raw | no-dedup/raw | sdk/raw-ids | sdk/naive | sdk e2e msg/s | sdk ack p99 | sdk peak RSS | seed NATS msg/s | seed Kafka msg/s | verified |"
+            "### {backend} / {storage}: {}\n",
+            section(args, backend, storage)
         );
-        let _ = writeln!(
-            md,
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
-        );
-        for name in order {
-            let Some(modes) = scen.get(name) else {
-                continue;
-            };
-            let naive = modes.get("naive");
-            let sdk = modes.get("sdk");
-            let raw = modes.get("raw");
-            let nodedup = modes.get("sdk-nodedup");
-            let atomic = modes.get("sdk-atomic");
-            let asynch = modes.get("sdk-async");
-            let raw_dedup = modes.get("raw-dedup");
-            let cell = |s: Option<&Stat>| s.map_or("-".to_owned(), |s| fmt_rate(s.median));
-            let ratio = |a: Option<&Stat>, b: Option<&Stat>| match (a, b) {
-                (Some(a), Some(b)) if b.median > 0.0 => format!("{:.2}x", a.median / b.median),
-                _ => "-".into(),
-            };
-            let verified = modes.values().all(|s| s.verified);
-            let (sn, sk) = seed(name).map_or(("-".into(), "-".into()), |(n, k)| {
+        let mut head = String::from("| scenario | measure |");
+        let mut rule = String::from("|---|---|");
+        for (h, _) in &used {
+            let _ = write!(head, " {h} |");
+            rule.push_str("---|");
+        }
+        let _ = writeln!(md, "{head} seed NATS msg/s | seed Kafka msg/s | verified |");
+        let _ = writeln!(md, "{rule}---|---|---|");
+        for (sc, me, m) in ordered {
+            let (sn, sk) = seed(sc).map_or(("-".into(), "-".into()), |(n, k)| {
                 (format!("{n:.0}"), format!("{k:.0}"))
             });
+            let mut line = format!("| {sc} | {me} |");
+            for (_, f) in &used {
+                let _ = write!(line, " {} |", f(me, m));
+            }
+            let ok = m.values().all(|s| s.verified);
             let _ = writeln!(
                 md,
-                "| {name} | {} | {}{} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {sn} | {sk} | {} |",
-                sdk.or(raw).map_or(0, |s| s.messages),
-                cell(naive),
-                naive
-                    .filter(|n| sdk.is_some_and(|s| s.messages != n.messages))
-                    .map_or(String::new(), |n| format!(" (of {})", n.messages)),
-                sdk.map_or("-".into(), |s| format!(
-                    "{} ({}-{})",
-                    fmt_rate(s.median),
-                    fmt_rate(s.min),
-                    fmt_rate(s.max)
-                )),
-                cell(nodedup),
-                cell(asynch),
-                cell(atomic),
-                raw.map_or("-".into(), |s| format!(
-                    "{} (w={})",
-                    fmt_rate(s.median),
-                    s.window
-                )),
-                cell(raw_dedup),
-                ratio(sdk, raw),
-                ratio(nodedup, raw),
-                ratio(sdk, raw_dedup),
-                ratio(sdk, naive),
-                sdk.and_then(|s| s.e2e).map_or("-".into(), fmt_rate),
-                sdk.map_or("-".into(), |s| format!(
-                    "{:.1} ms",
-                    s.ack_p99 as f64 / 1000.0
-                )),
-                sdk.map_or("-".into(), |s| format!("{} MiB", s.rss / (1 << 20))),
-                if verified { "yes" } else { "**NO**" },
+                "{line} {sn} | {sk} | {} |",
+                if ok { "yes" } else { "**NO**" }
             );
         }
         let _ = writeln!(md);
     }
-    // The seed's layout, once per storage class: Kafka vs NATS, SDK and raw side by side.
+    drains(&mut md, table);
+    seed_layout(&mut md, table);
+    md
+}
+
+/// The receive side: a backlog drained in a consumer group, every message acked.
+fn drains(md: &mut String, table: &Table) {
+    let rows: Vec<(&(String, String), &Modes)> = table
+        .iter()
+        .filter_map(|(k, v)| {
+            v.get(&("backlog".to_owned(), "drain".to_owned()))
+                .map(|m| (k, m))
+        })
+        .collect();
+    if rows.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        md,
+        "### Receive side: draining a backlog in a consumer group, every message acked\n"
+    );
+    let _ = writeln!(
+        md,
+        "| backend / storage | backlog msgs | sdk msg/s (min-max) | raw client msg/s (min-max) | sdk/raw | verified |"
+    );
+    let _ = writeln!(md, "|---|---|---|---|---|---|");
+    for ((b, st), m) in rows {
+        let (sdk, raw) = (m.get("drain-sdk"), m.get("drain-raw"));
+        let _ = writeln!(
+            md,
+            "| {b} / {st} | {} | {} | {} | {} | {} |",
+            sdk.or(raw).map_or(0, |s| s.messages),
+            spread(sdk),
+            spread(raw),
+            ratio(sdk, raw),
+            if m.values().all(|s| s.verified) {
+                "yes"
+            } else {
+                "**NO**"
+            }
+        );
+    }
+    let _ = writeln!(
+        md,
+        "\nNATS: the SDK's subscriber vs async-nats's pull consumer (1,024 per pull, each \
+         message acked). Kafka (tansu memory engine, one topic of 4 partitions): the SDK's \
+         subscriber vs rdkafka's consumer storing each offset after processing and committing \
+         in the background.\n"
+    );
+}
+
+/// The seed's layout, once per storage class: Kafka vs NATS, SDK and raw side by side,
+/// publish-only where it was measured.
+fn seed_layout(md: &mut String, table: &Table) {
     for storage in ["durable", "memory", "replicated"] {
         let (Some(k), Some(n)) = (
             table.get(&("kafka".to_owned(), storage.to_owned())),
@@ -342,39 +552,47 @@ pub(crate) fn write(args: &Args, machine: &str, records: &[Record]) -> Result<()
         let _ = writeln!(md, "### Seed layout, {what}\n");
         let _ = writeln!(
             md,
-            "| scenario | Kafka sdk msg/s | Kafka raw msg/s | NATS sdk msg/s | NATS sdk no-dedup | NATS raw msg/s | NATS/Kafka (sdk) | NATS/Kafka (raw) | seed NATS/Kafka |"
+            "| scenario | measure | Kafka sdk msg/s | Kafka raw msg/s | NATS sdk msg/s | NATS sdk no ids | NATS raw msg/s | NATS/Kafka (sdk) | NATS/Kafka (raw) | seed NATS/Kafka |"
         );
-        let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|");
-        for name in order {
-            let (Some(km), Some(nm)) = (k.get(name), n.get(name)) else {
+        let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|---|");
+        for name in ORDER {
+            let row = ["publish", "e2e"].into_iter().find_map(|me| {
+                let key = (name.to_owned(), me.to_owned());
+                Some((me, k.get(&key)?, n.get(&key)?))
+            });
+            let Some((me, km, nm)) = row else {
                 continue;
-            };
-            let r = |m: &BTreeMap<String, Stat>, mode: &str| m.get(mode).map(|s| s.median);
-            let cell = |x: Option<f64>| x.map_or("-".to_owned(), fmt_rate);
-            let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
-                (Some(a), Some(b)) if b > 0.0 => format!("{:.2}", a / b),
-                _ => "-".into(),
             };
             let seed_ratio =
                 seed(name).map_or("-".to_owned(), |(sn, sk)| format!("{:.2}", sn / sk));
+            let ratio = |a: Option<&Stat>, b: Option<&Stat>| ratio(a, b).replace('x', "");
             let _ = writeln!(
                 md,
-                "| {name} | {} | {} | {} | {} | {} | {} | {} | {seed_ratio} |",
-                cell(r(km, "sdk")),
-                cell(r(km, "raw")),
-                cell(r(nm, "sdk")),
-                cell(r(nm, "sdk-nodedup")),
-                cell(r(nm, "raw")),
-                ratio(r(nm, "sdk"), r(km, "sdk")),
-                ratio(r(nm, "raw"), r(km, "raw")),
+                "| {name} | {me} | {} | {} | {} | {} | {} | {} | {} | {seed_ratio} |",
+                cell(km.get("sdk")),
+                cell(km.get("raw")),
+                cell(nm.get("sdk")),
+                cell(nm.get("sdk-nodedup")),
+                cell(nm.get("raw")),
+                ratio(nm.get("sdk"), km.get("sdk")),
+                ratio(nm.get("raw"), km.get("raw")),
             );
         }
         let _ = writeln!(md);
     }
+}
+
+pub(crate) fn write(args: &Args, machine: &str, records: &[Record]) -> Result<(), String> {
+    let table = table(records);
+    let md = tables(args, machine, &table);
     println!("\n{md}");
     let mut series = crate::chart::Series::new();
-    for ((backend, storage), scen) in &table {
-        for (sc, modes) in scen {
+    for ((backend, storage), rows) in &table {
+        for ((sc, me), modes) in rows {
+            let publish = rows.contains_key(&(sc.clone(), "publish".to_owned()));
+            if me == "drain" || (me == "e2e" && publish) {
+                continue;
+            }
             for (mode, st) in modes {
                 series.insert(
                     (storage.clone(), sc.clone(), format!("{backend} {mode}")),
@@ -383,7 +601,7 @@ pub(crate) fn write(args: &Args, machine: &str, records: &[Record]) -> Result<()
             }
         }
     }
-    let present: Vec<&str> = order
+    let present: Vec<&str> = ORDER
         .into_iter()
         .filter(|o| series.keys().any(|(_, s, _)| s == o))
         .collect();

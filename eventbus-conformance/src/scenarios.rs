@@ -590,6 +590,51 @@ pub async fn dead_letters_after_max_deliveries<H: Harness>(h: &H) {
     assert_quiet(&mut dl, Duration::from_millis(300)).await;
 }
 
+/// A dead letter the broker refuses loses nothing: the message stays in the group, and a later
+/// member with a dead-letter topic that works either gets it again or dead-letters it there.
+pub async fn refused_dead_letter_keeps_the_message<H: Harness>(h: &H) {
+    use eventbus_core::dead_letter;
+    let topic = h.topic("dlrefused").await;
+    let refusing = h.unroutable_topic().await;
+    let dlq = h.topic("dlq2").await;
+    let p = publisher(h, BatchConfig::default()).await;
+    let sent = Message::new(&topic, "poison");
+    assert_all_acked(&publish_all(&p, vec![sent.clone()]).await);
+    let spec = |to: &Topic| {
+        SubscribeSpec::new(&topic)
+            .group("g")
+            .max_deliveries(2)
+            .dead_letter(to)
+            .ack_wait(Duration::from_secs(30))
+    };
+    let mut sub = subscribe(h, spec(&refusing)).await;
+    for _ in 1..=2 {
+        let d = recv(&mut sub, RECV_TIMEOUT).await.expect("delivery");
+        assert_eq!(d.message().id(), sent.id());
+        d.nack(Duration::ZERO).await.expect("nack");
+    }
+    // Out of deliveries: the dead letter is tried (and refused) while nothing reaches the handler.
+    assert_quiet(&mut sub, Duration::from_secs(2)).await;
+    sub.close().await;
+
+    let mut sub = subscribe(h, spec(&dlq)).await;
+    let mut dl = subscribe(h, SubscribeSpec::new(&dlq)).await;
+    let within = RECV_TIMEOUT * 3;
+    tokio::select! {
+        d = recv(&mut sub, within) => {
+            let d = d.expect("the message, delivered again or dead-lettered");
+            assert_eq!(d.message().id(), sent.id());
+            d.ack().await.expect("ack");
+        }
+        d = recv(&mut dl, within) => {
+            let d = d.expect("the message, delivered again or dead-lettered");
+            let original = sent.id().to_string();
+            assert_eq!(d.message().headers().get(dead_letter::ID), Some(original.as_str()));
+            d.ack().await.expect("ack");
+        }
+    }
+}
+
 /// The handler runtime (`eventbus_core::handler`): strict order per key while keys run in
 /// parallel, failed and panicking runs retried in place, everything acked exactly once. The
 /// concurrency limit is twice the number of keys, so only per-key serialization keeps at most

@@ -66,6 +66,9 @@ struct PendingEntry {
 
 static TOKENS: AtomicU64 = AtomicU64::new(1);
 
+/// How long a message whose dead letter was refused waits before it is dead-lettered again.
+const DEAD_LETTER_RETRY: Duration = Duration::from_secs(1);
+
 impl eventbus_core::ops::HealthCheck for MemoryBroker {
     fn health(
         &self,
@@ -271,8 +274,10 @@ async fn subscribe_one(broker: &MemoryBroker, spec: SubscribeSpec) -> Result<Sub
 
 enum Next {
     Deliver(Delivery),
-    /// A message out of deliveries: publish this dead letter (already removed from the group).
-    DeadLetter(Message),
+    /// A message out of deliveries: publish this dead letter, then remove the original at
+    /// `offset` from the group. Until then it stays pending, due again after
+    /// [`DEAD_LETTER_RETRY`], so a refused dead letter loses nothing.
+    DeadLetter(Message, u64),
     Wait(Option<Instant>),
 }
 
@@ -295,11 +300,22 @@ async fn member(
                     break;
                 }
             }
-            Next::DeadLetter(m) => {
-                if let Outcome::Failed(e) = broker.append(m) {
-                    tracing::warn!(error = %e, "dead letter refused; message dropped");
+            Next::DeadLetter(m, offset) => match broker.append(m) {
+                Outcome::Acked(_) => {
+                    let mut log = topic.log.lock();
+                    if let Some(g) = log.groups.get_mut(&group)
+                        && let Some(p) = g.pending.remove(&offset)
+                    {
+                        g.due.remove(&(p.due, offset));
+                    }
                 }
-            }
+                other => tracing::warn!(
+                    error = ?other.error().map(ToString::to_string),
+                    offset,
+                    retry_in = ?DEAD_LETTER_RETRY,
+                    "dead letter not published; the message stays pending"
+                ),
+            },
             Next::Wait(due) => {
                 let sleep = async {
                     match due {
@@ -350,18 +366,25 @@ fn next_delivery(topic: &Arc<TopicState>, group: &str, spec: &SubscribeSpec) -> 
                 .expect("due index matches pending");
             if spec.max_deliveries.is_some_and(|m| p.deliveries >= m) {
                 let deliveries = p.deliveries;
-                g.pending.remove(&offset);
                 match &spec.dead_letter {
                     Some(to) => {
-                        return Next::DeadLetter(dead_letter::message(
-                            &messages[offset as usize],
-                            to,
-                            &Position::Offset(offset),
-                            deliveries,
-                            dead_letter::MAX_DELIVERIES,
-                        ));
+                        // Kept until the dead letter is stored; tried again if it is refused.
+                        p.due = now + DEAD_LETTER_RETRY;
+                        p.token = 0;
+                        g.due.insert((p.due, offset));
+                        return Next::DeadLetter(
+                            dead_letter::message(
+                                &messages[offset as usize],
+                                to,
+                                &Position::Offset(offset),
+                                deliveries,
+                                dead_letter::MAX_DELIVERIES,
+                            ),
+                            offset,
+                        );
                     }
                     None => {
+                        g.pending.remove(&offset);
                         tracing::warn!(
                             topic = %spec.topic,
                             offset,

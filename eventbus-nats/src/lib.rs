@@ -5,6 +5,7 @@ mod denied;
 mod error;
 mod fast;
 mod headers;
+mod lookup;
 mod retry;
 mod sink;
 mod stream;

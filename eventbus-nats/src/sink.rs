@@ -22,6 +22,8 @@
 //! published in async mode instead (logged once, counted in `eventbus_nats_mode_fallback_total`).
 
 use std::collections::HashMap;
+
+use crate::lookup::SubjectStreams;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -270,7 +272,7 @@ impl NatsSink {
             router: Arc::clone(&router),
             groups,
             opts,
-            streams: HashMap::new(),
+            streams: SubjectStreams::default(),
             batched: HashMap::new(),
             batch_prefix,
             kept: Arc::clone(&kept),
@@ -327,8 +329,8 @@ struct Writer {
     router: Arc<OutcomeRouter>,
     groups: Groups,
     opts: SinkOptions,
-    /// Subject -> stream (None: no stream captures it), for atomic and fast batches.
-    streams: HashMap<String, Option<String>>,
+    /// Subject -> stream (None: no stream captures it), for atomic and fast batches; bounded.
+    streams: SubjectStreams,
     /// Stream -> what fast batches need to know of it.
     batched: HashMap<String, StreamFacts>,
     /// Unique per sink; batch ids are `<prefix><engine batch>_<k>`.
@@ -432,7 +434,7 @@ impl Writer {
     /// subject found uncovered is remembered for a second, so the single writer never waits on
     /// more than one lookup per second.
     async fn no_stream_for(&mut self, subject: &str) -> bool {
-        let now = std::time::Instant::now();
+        let now = Instant::now();
         if self.lookup_quiet_until.is_some_and(|t| now < t) {
             return false;
         }
@@ -459,21 +461,24 @@ impl Writer {
         }
     }
 
-    /// The stream capturing `subject`, cached (one lookup per new subject). `Err` when the
-    /// lookup itself failed (timeout, connection): that says nothing about the subject.
+    /// The stream capturing `subject`, cached (see [`SubjectStreams`]). `Err` when the lookup
+    /// itself failed (timeout, connection): that says nothing about the subject.
     async fn stream_of(&mut self, subject: &str) -> Result<Option<String>, ()> {
         use async_nats::jetstream::context::GetStreamByNameErrorKind as K;
-        if let Some(s) = self.streams.get(subject) {
-            return Ok(s.clone());
+        if let Some(s) = self.streams.get(subject, Instant::now()) {
+            return Ok(s);
         }
         match self.js.stream_by_subject(subject).await {
             Ok(stream) => {
-                // Only remember hits: a stream created later is found on the next batch.
                 self.streams
-                    .insert(subject.to_owned(), Some(stream.clone()));
+                    .insert(subject, Some(stream.clone()), Instant::now());
                 Ok(Some(stream))
             }
-            Err(e) if matches!(e.kind(), K::NotFound | K::InvalidSubject) => Ok(None),
+            Err(e) if matches!(e.kind(), K::NotFound | K::InvalidSubject) => {
+                // Remembered briefly: a stream created later is still found soon.
+                self.streams.insert(subject, None, Instant::now());
+                Ok(None)
+            }
             Err(e) => {
                 tracing::debug!(error = %e, "stream lookup failed");
                 Err(())
