@@ -199,6 +199,7 @@ impl KafkaEnv {
         let mut s = run.s;
         let external = matches!(tansu, Brokers::External);
         if on_sqlite(run.storage) && !external {
+            // Capped by the caller in a default run; never beyond this.
             s.messages = s.messages.min(DURABLE_CAP);
         }
         if run.mode.drain() {

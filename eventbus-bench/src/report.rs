@@ -354,7 +354,7 @@ fn columns() -> Vec<Column> {
             Box::new(move |_, m| ratio(m.get("sdk"), m.get("naive"))),
         ),
         (
-            "JetStream no-ack ceiling",
+            "JetStream ceiling (ack per 1,000)",
             Box::new(move |_, m| cell(m.get("ceiling-js"))),
         ),
         (

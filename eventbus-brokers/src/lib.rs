@@ -442,10 +442,29 @@ impl NatsServer {
         ])
         .arg(self.store.path().join("js"))
         .args(&self.opts.args);
+        // The log is appended to across restarts: only what this start writes counts.
+        let from = std::fs::metadata(&self.log).map_or(0, |m| m.len());
         self.proc = Proc::spawn(&mut cmd, &self.log)?;
         let (proc, log) = (&mut self.proc, &self.log);
+        let until = Instant::now() + Duration::from_secs(15);
         wait_until_listening(self.port, Duration::from_secs(15), || {
             proc.alive("nats-server", log)
+        })
+        .and_then(|()| {
+            // Something accepted connections on the port, but it may be another process that
+            // holds it: the server itself says when it listens and is ready.
+            loop {
+                proc.alive("nats-server", log)?;
+                let text = std::fs::read(log).unwrap_or_default();
+                let ours = String::from_utf8_lossy(text.get(from as usize..).unwrap_or_default());
+                if ours.contains("Server is ready") {
+                    return Ok(());
+                }
+                if Instant::now() > until {
+                    return Err(other("nats-server did not log \"Server is ready\" in 15 s"));
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
         })
         .map_err(|e| other(format!("{e}; nats-server log: {}", self.log.display())))
     }

@@ -640,7 +640,7 @@ pub async fn refused_dead_letter_keeps_the_message<H: Harness>(h: &H) {
 /// concurrency limit is twice the number of keys, so only per-key serialization keeps at most
 /// one handler per key running; later messages are faster, so without it they would overtake.
 pub async fn handler_orders_per_key_and_retries<H: Harness>(h: &H) {
-    use eventbus_core::handler::{self, HandlerConfig, HandlerError, Retry};
+    use eventbus_core::handler::{self, Backoff, HandlerConfig, HandlerError};
     use std::sync::Mutex;
     const KEYS: usize = 4;
     const PER: usize = 30;
@@ -714,7 +714,7 @@ pub async fn handler_orders_per_key_and_retries<H: Harness>(h: &H) {
     };
     let cfg = HandlerConfig::default()
         .concurrency(KEYS * 2)
-        .retry(Retry::default().initial(Duration::from_millis(5)));
+        .retry(Backoff::default().initial(Duration::from_millis(5)));
     let done = Arc::clone(&probe);
     let report = timeout(
         Duration::from_secs(60),

@@ -100,7 +100,7 @@ impl std::error::Error for HandlerError {}
 #[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(default, deny_unknown_fields)]
 #[non_exhaustive]
-pub struct Retry {
+pub struct Backoff {
     /// Handler runs per delivery, the first included (1 = no in-place retry). Default 3.
     pub max_attempts: u32,
     /// Delay before the first retry. Default 100 ms.
@@ -115,9 +115,9 @@ pub struct Retry {
     pub jitter: f64,
 }
 
-impl Default for Retry {
+impl Default for Backoff {
     fn default() -> Self {
-        Retry {
+        Backoff {
             max_attempts: 3,
             initial: Duration::from_millis(100),
             max: Duration::from_secs(5),
@@ -127,7 +127,7 @@ impl Default for Retry {
     }
 }
 
-impl Retry {
+impl Backoff {
     /// Set the maximum runs per delivery (at least 1).
     pub fn max_attempts(mut self, n: u32) -> Self {
         self.max_attempts = n.max(1);
@@ -184,7 +184,7 @@ pub struct HandlerConfig {
     /// Ordering. Default [`OrderBy::KeyOrAggregate`].
     pub order_by: OrderBy,
     /// In-place retries.
-    pub retry: Retry,
+    pub retry: Backoff,
 }
 
 impl Default for HandlerConfig {
@@ -192,7 +192,7 @@ impl Default for HandlerConfig {
         HandlerConfig {
             concurrency: 8,
             order_by: OrderBy::KeyOrAggregate,
-            retry: Retry::default(),
+            retry: Backoff::default(),
         }
     }
 }
@@ -209,7 +209,7 @@ impl HandlerConfig {
         self
     }
     /// Set the retry policy.
-    pub fn retry(mut self, r: Retry) -> Self {
+    pub fn retry(mut self, r: Backoff) -> Self {
         self.retry = r;
         self
     }
@@ -399,7 +399,7 @@ where
     .await
 }
 
-async fn handle_one<F, Fut>(handler: &F, retry: &Retry, shared: &Shared, d: Delivery)
+async fn handle_one<F, Fut>(handler: &F, retry: &Backoff, shared: &Shared, d: Delivery)
 where
     F: Fn(Message, DeliveryInfo) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Result<(), HandlerError>> + Send + 'static,
@@ -472,7 +472,7 @@ mod tests {
 
     #[test]
     fn backoff_grows_caps_and_jitters_down() {
-        let r = Retry::default()
+        let r = Backoff::default()
             .initial(Duration::from_millis(100))
             .max(Duration::from_millis(350))
             .jitter(0.5);

@@ -357,6 +357,7 @@ fn start(config: &KafkaConfig, spec: &SubscribeSpec) -> Result<Started, Error> {
 }
 
 /// Where exhausted messages go.
+#[derive(Clone)]
 struct DeadLetters {
     to: Topic,
     producer: FutureProducer,
@@ -365,7 +366,7 @@ struct DeadLetters {
 
 impl DeadLetters {
     /// Produce `letter` and wait for its delivery report; `true` once it is stored.
-    fn send(&self, rt: &tokio::runtime::Handle, letter: Message) -> bool {
+    async fn send(&self, letter: Message) -> bool {
         let (id, topic, key, headers, payload) = letter.into_parts();
         let mut scratch = String::new();
         let h = crate::headers::encode(&id, &headers, true, &mut scratch);
@@ -376,7 +377,7 @@ impl DeadLetters {
         if let Some(k) = &key {
             record = record.key(&k[..]);
         }
-        match rt.block_on(self.producer.send(record, self.timeout)) {
+        match self.producer.send(record, self.timeout).await {
             Ok(_) => true,
             Err((e, _)) => {
                 tracing::warn!(error = %e, to = %self.to, "dead letter not stored; will retry");
@@ -671,20 +672,23 @@ fn pump(
                 st.settle(&k);
             }
         }
-        if !exhausted_now.is_empty() {
-            drop(st);
+        // Dead letters are produced off this thread, so a slow or refusing dead-letter topic
+        // never stalls polling, acks or commits. Until its letter is stored a message stays
+        // unsettled (never committed past) with no timer: it is neither redelivered nor lost.
+        if let Some(dl) = dead_letters {
             for (k, letter) in exhausted_now.drain(..) {
-                let stored = dead_letters.is_some_and(|dl| dl.send(rt, letter));
-                let mut st = shared.state.lock();
-                if stored {
-                    st.settle(&k);
-                } else {
-                    // Try again shortly; the message stays unsettled (not committed past).
-                    st.timers
-                        .push(Reverse((Instant::now() + DEAD_LETTER_RETRY, k)));
-                }
+                let (dl, shared) = (dl.clone(), Arc::clone(shared));
+                rt.spawn(async move {
+                    let stored = dl.send(letter).await;
+                    let mut st = shared.state.lock();
+                    if stored {
+                        st.settle(&k);
+                    } else {
+                        st.timers
+                            .push(Reverse((Instant::now() + DEAD_LETTER_RETRY, k)));
+                    }
+                });
             }
-            st = shared.state.lock();
         }
         // Hand over what is waiting.
         while let Some((k, d)) = st.backlog.pop_front() {

@@ -51,25 +51,195 @@ pub(crate) fn connect(e: async_nats::ConnectError) -> Error {
     }
 }
 
-/// Any other async-nats error (stream and consumer management, pulls).
-pub(crate) fn other<E: std::error::Error + Send + Sync + 'static>(
-    what: &'static str,
-    e: E,
-) -> Error {
-    let text = e.to_string();
-    let kind = if text.contains("timed out") {
-        ErrorKind::Timeout
-    } else if text.contains("not found") || text.contains("no responders") {
-        ErrorKind::Rejected
-    } else if text.contains("permission") || text.contains("authorization") {
-        ErrorKind::Auth
-    } else {
-        ErrorKind::Other
+/// What an async-nats error kind says about a failed management call or pull.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Class {
+    /// No answer in time: the outcome is unknown, asking again may help.
+    TimedOut,
+    /// The stream, consumer or subject does not exist (or nothing answers for it).
+    Missing,
+    /// JetStream answered that it cannot serve the call now (no leader, no quorum).
+    Unavailable,
+    /// The request could not be sent or was refused in transit: see its source.
+    Request,
+    /// Anything else.
+    Other,
+}
+
+/// An async-nats error kind, classified by its variant rather than its text.
+pub(crate) trait Classify {
+    /// What this kind says.
+    fn class(&self) -> Class;
+}
+
+/// A JetStream API error by its status: 404 is a missing resource, 503 a cluster that cannot
+/// serve the call yet.
+fn api(e: &async_nats::jetstream::Error) -> Class {
+    match e.code() {
+        404 => Class::Missing,
+        503 => Class::Unavailable,
+        408 => Class::TimedOut,
+        _ => Class::Other,
+    }
+}
+
+macro_rules! classify {
+    ($($kind:ty => |$k:ident| $body:expr;)*) => {
+        $(impl Classify for $kind {
+            fn class(&self) -> Class {
+                let $k = self;
+                $body
+            }
+        })*
+    };
+}
+
+classify! {
+    async_nats::jetstream::context::RequestErrorKind => |k| {
+        use async_nats::jetstream::context::RequestErrorKind as K;
+        match k {
+            K::TimedOut => Class::TimedOut,
+            K::NoResponders | K::InvalidSubject => Class::Missing,
+            K::Other => Class::Other,
+        }
+    };
+    async_nats::jetstream::context::GetStreamErrorKind => |k| {
+        use async_nats::jetstream::context::GetStreamErrorKind as K;
+        match k {
+            K::EmptyName | K::InvalidStreamName => Class::Missing,
+            K::Request => Class::Request,
+            K::JetStream(e) => api(e),
+        }
+    };
+    async_nats::jetstream::context::GetStreamByNameErrorKind => |k| {
+        use async_nats::jetstream::context::GetStreamByNameErrorKind as K;
+        match k {
+            K::NotFound | K::InvalidSubject => Class::Missing,
+            K::Request => Class::Request,
+            K::JetStream(e) => api(e),
+        }
+    };
+    async_nats::jetstream::context::CreateStreamErrorKind => |k| {
+        use async_nats::jetstream::context::CreateStreamErrorKind as K;
+        match k {
+            K::TimedOut => Class::TimedOut,
+            K::NotFound | K::JetStreamUnavailable => Class::Missing,
+            K::JetStream(e) => api(e),
+            K::Response => Class::Request,
+            K::EmptyStreamName
+            | K::InvalidStreamName
+            | K::DomainAndExternalSet
+            | K::ResponseParse => Class::Other,
+        }
+    };
+    async_nats::jetstream::context::AccountErrorKind => |k| {
+        use async_nats::jetstream::context::AccountErrorKind as K;
+        match k {
+            K::TimedOut => Class::TimedOut,
+            K::JetStreamUnavailable => Class::Missing,
+            K::JetStream(e) => api(e),
+            K::Other => Class::Other,
+        }
+    };
+    async_nats::jetstream::context::ConsumerInfoErrorKind => |k| {
+        use async_nats::jetstream::context::ConsumerInfoErrorKind as K;
+        match k {
+            K::TimedOut => Class::TimedOut,
+            K::NotFound | K::StreamNotFound | K::NoResponders | K::InvalidName => Class::Missing,
+            K::Offline => Class::Unavailable,
+            K::Request => Class::Request,
+            K::JetStream(e) => api(e),
+        }
+    };
+    async_nats::jetstream::stream::ConsumerErrorKind => |k| {
+        use async_nats::jetstream::stream::ConsumerErrorKind as K;
+        match k {
+            K::TimedOut => Class::TimedOut,
+            K::Request => Class::Request,
+            K::JetStream(e) => api(e),
+            K::InvalidConsumerType | K::InvalidName | K::Other => Class::Other,
+        }
+    };
+    async_nats::jetstream::consumer::pull::BatchErrorKind => |k| {
+        use async_nats::jetstream::consumer::pull::BatchErrorKind as K;
+        match k {
+            K::Pull | K::Flush | K::Subscribe => Class::Request,
+            _ => Class::Other,
+        }
+    };
+}
+
+/// Any other async-nats error (stream and consumer management, pulls), typed by its kind; a
+/// request that failed in transit is typed by the request error it carries.
+pub(crate) fn other<K>(what: &'static str, e: async_nats::error::Error<K>) -> Error
+where
+    K: Classify + Clone + std::fmt::Debug + std::fmt::Display + PartialEq + Send + Sync + 'static,
+{
+    let mut class = e.kind().class();
+    if class == Class::Request {
+        class = request_source(&e).unwrap_or(Class::Other);
+    }
+    let (kind, temporary) = match class {
+        Class::TimedOut => (ErrorKind::Timeout, true),
+        Class::Missing => (ErrorKind::Rejected, false),
+        Class::Unavailable => (ErrorKind::Connect, true),
+        Class::Request | Class::Other => (ErrorKind::Other, false),
     };
     let out = err(kind, what).with_source(e);
-    if kind == ErrorKind::Timeout {
-        out.temporary()
-    } else {
-        out
+    if temporary { out.temporary() } else { out }
+}
+
+/// The class of the JetStream request error somewhere in `e`'s sources.
+fn request_source(e: &(dyn std::error::Error + 'static)) -> Option<Class> {
+    let mut next = e.source();
+    while let Some(s) = next {
+        if let Some(r) = s.downcast_ref::<async_nats::jetstream::context::RequestError>() {
+            return Some(r.kind().class());
+        }
+        next = s.source();
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use async_nats::jetstream::context::{
+        GetStreamByNameError, GetStreamByNameErrorKind, GetStreamError, GetStreamErrorKind,
+        RequestError, RequestErrorKind,
+    };
+
+    #[test]
+    fn management_errors_are_typed_by_kind_not_text() {
+        let e = other(
+            "lookup",
+            GetStreamByNameError::new(GetStreamByNameErrorKind::NotFound),
+        );
+        assert_eq!(e.kind(), ErrorKind::Rejected);
+        assert!(!e.is_retryable());
+
+        let e = other("x", RequestError::new(RequestErrorKind::TimedOut));
+        assert_eq!(e.kind(), ErrorKind::Timeout);
+        assert!(e.is_retryable());
+
+        // A failed request is typed by the request error it carries.
+        let e = other(
+            "lookup",
+            GetStreamError::with_source(
+                GetStreamErrorKind::Request,
+                RequestError::new(RequestErrorKind::TimedOut),
+            ),
+        );
+        assert_eq!(e.kind(), ErrorKind::Timeout);
+        assert!(e.is_retryable());
+        let e = other(
+            "lookup",
+            GetStreamError::with_source(
+                GetStreamErrorKind::Request,
+                RequestError::new(RequestErrorKind::NoResponders),
+            ),
+        );
+        assert_eq!(e.kind(), ErrorKind::Rejected);
+        assert!(e.to_string().contains("lookup"));
     }
 }

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use eventbus::handler::{self, HandlerConfig, HandlerError, Retry};
+use eventbus::handler::{self, Backoff, HandlerConfig, HandlerError};
 use eventbus::{Bus, BusConfig, Message, Publisher, SubscribeSpec, Subscriber, Topic, dead_letter};
 
 const GOOD: u64 = 20;
@@ -34,7 +34,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
 
     // 2 runs per delivery (1 retry after 20-40 ms), 3 deliveries, then the dead-letter topic.
-    let retry = Retry::default()
+    let retry = Backoff::default()
         .max_attempts(2)
         .initial(Duration::from_millis(20))
         .jitter(0.5);
