@@ -32,7 +32,7 @@ pub(crate) struct KafkaEnv {
     brokers: Vec<(String, Brokers, KafkaBackend)>,
     /// Warm producers by (storage, mode, linger): a service keeps its producer, and a new
     /// idempotent producer costs ~0.5 s before its first send (librdkafka's producer-id timer).
-    producers: tokio::sync::Mutex<HashMap<(String, Mode, u64), Arc<Producer>>>,
+    producers: tokio::sync::Mutex<HashMap<String, Arc<Producer>>>,
     /// External brokers only: what their metadata says (broker count, cluster id).
     reported: Option<String>,
     /// External brokers only: verify by high watermarks (`--trust-watermarks`).
@@ -164,7 +164,7 @@ impl KafkaEnv {
         warm: &str,
         cfg: &eventbus_batch::BatchConfig,
     ) -> Result<Arc<Producer>, String> {
-        let key = (run.storage.to_owned(), run.mode, linger);
+        let key = producer_key(run, linger, cfg);
         let mut all = self.producers.lock().await;
         if let Some(p) = all.get(&key) {
             return Ok(Arc::clone(p));
@@ -172,6 +172,18 @@ impl KafkaEnv {
         let p = Arc::new(Producer::warm(kafka, run.mode, bootstrap, linger, warm, cfg).await?);
         all.insert(key, Arc::clone(&p));
         Ok(p)
+    }
+
+    /// Drop the producer of a run that failed: what it still holds must not reach a later run.
+    async fn forget(&self, run: Run<'_>, linger: u64, cfg: &eventbus_batch::BatchConfig) {
+        if let Some(p) = self
+            .producers
+            .lock()
+            .await
+            .remove(&producer_key(run, linger, cfg))
+        {
+            p.close().await;
+        }
     }
 
     /// Close the SDK producers (flushing them).
@@ -267,7 +279,13 @@ impl KafkaEnv {
             };
             let rx = (!by_watermarks && run.measure == Measure::EndToEnd)
                 .then(|| consumer(done_rx.clone()));
-            let published = producer.drive(run.mode, s, &topics, &names, t0).await?;
+            let published = match producer.drive(run.mode, s, &topics, &names, t0).await {
+                Ok(p) => p,
+                Err(e) => {
+                    self.forget(run, linger, &cfg).await;
+                    return Err(e);
+                }
+            };
             let _ = done_tx.send(true);
             let received = match rx {
                 Some(rx) => Some(rx.await.map_err(|e| e.to_string())?),
@@ -386,6 +404,12 @@ impl KafkaEnv {
     }
 }
 
+/// The warm-producer cache's key: storage, mode, linger and the engine's settings (a sweep
+/// changes them between runs).
+fn producer_key(run: Run<'_>, linger: u64, cfg: &eventbus_batch::BatchConfig) -> String {
+    format!("{} {} {linger} {cfg:?}", run.storage, run.mode)
+}
+
 /// Partitions of the drained topic.
 const DRAIN_PARTITIONS: i32 = 4;
 
@@ -393,6 +417,8 @@ const DRAIN_PARTITIONS: i32 = 4;
 /// message is processed, committed in the background.
 fn drain_raw(bootstrap: &str, topic: &str, expected: u64, t0: Instant) -> Result<Received, String> {
     use rdkafka::Message as _;
+    // The SDK consumer's settings (eventbus-kafka's `consumer_config` with the default 4 MiB
+    // read-ahead), but committing what is stored on librdkafka's own timer.
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .set("group.id", "drain-raw")
@@ -400,6 +426,11 @@ fn drain_raw(bootstrap: &str, topic: &str, expected: u64, t0: Instant) -> Result
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
         .set("enable.partition.eof", "false")
+        .set("session.timeout.ms", "10000")
+        .set("heartbeat.interval.ms", "3000")
+        .set("queued.max.messages.kbytes", "4096")
+        .set("fetch.max.bytes", (4 << 20).to_string())
+        .set("fetch.queue.backoff.ms", "10")
         .create()
         .map_err(|e| format!("consumer: {e}"))?;
     consumer
@@ -539,6 +570,8 @@ pub(crate) struct Tally {
     state: parking_lot::Mutex<(Published, Option<Instant>, u64)>,
     /// Reports that complete the current run.
     expected: std::sync::atomic::AtomicU64,
+    /// The current run: reports of an earlier run (one that failed) are not counted.
+    run: std::sync::atomic::AtomicU64,
     done: tokio::sync::Notify,
     warm: tokio::sync::Notify,
 }
@@ -548,6 +581,7 @@ impl Tally {
         Tally {
             state: parking_lot::Mutex::new((Published::empty(), None, 0)),
             expected: std::sync::atomic::AtomicU64::new(u64::MAX),
+            run: std::sync::atomic::AtomicU64::new(0),
             done: tokio::sync::Notify::new(),
             warm: tokio::sync::Notify::new(),
         }
@@ -561,15 +595,18 @@ pub(crate) struct TallyCtx(Arc<Tally>);
 impl rdkafka::ClientContext for TallyCtx {}
 
 impl ProducerContext for TallyCtx {
-    /// When the message was handed to librdkafka; `None` for the warm-up message.
-    type DeliveryOpaque = Box<Option<Instant>>;
+    /// The run and when the message was handed to librdkafka; `None` for the warm-up message.
+    type DeliveryOpaque = Box<Option<(u64, Instant)>>;
 
     fn delivery(&self, result: &DeliveryResult<'_>, sent: Self::DeliveryOpaque) {
         let now = Instant::now();
-        let Some(sent) = *sent else {
+        let Some((run, sent)) = *sent else {
             self.0.warm.notify_one();
             return;
         };
+        if run != self.0.run.load(std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
         let outcome =
             crate::drive::raw_outcome(result.as_ref().map(|_| ()).map_err(|(e, _)| e.to_string()));
         let mut st = self.0.state.lock();
@@ -597,10 +634,14 @@ async fn drive_threaded(
     with_id: bool,
 ) -> Result<Published, String> {
     // A fresh tally for this run (the producer is kept warm across runs).
-    *tally.state.lock() = (Published::empty(), None, 0);
-    tally
-        .expected
-        .store(s.messages as u64, std::sync::atomic::Ordering::Relaxed);
+    let run = {
+        let mut st = tally.state.lock();
+        *st = (Published::empty(), None, 0);
+        tally
+            .expected
+            .store(s.messages as u64, std::sync::atomic::Ordering::Relaxed);
+        tally.run.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1
+    };
     let mut tasks = Vec::new();
     for w in 0..s.publishers {
         let (p, topics) = (Arc::clone(p), topics.to_vec());
@@ -611,9 +652,11 @@ async fn drive_threaded(
                 let sent = Instant::now();
                 let id = with_id.then(|| eventbus_core::MessageId::generate().to_string());
                 loop {
-                    let mut rec =
-                        BaseRecord::<(), [u8], _>::with_opaque_to(topic, Box::new(Some(sent)))
-                            .payload(&body[..]);
+                    let mut rec = BaseRecord::<(), [u8], _>::with_opaque_to(
+                        topic,
+                        Box::new(Some((run, sent))),
+                    )
+                    .payload(&body[..]);
                     if let Some(id) = &id {
                         rec = rec.headers(OwnedHeaders::new().insert(Header {
                             key: eventbus_kafka::ID_HEADER,
@@ -629,14 +672,15 @@ async fn drive_threaded(
                             ),
                             _,
                         )) => tokio::time::sleep(Duration::from_millis(1)).await,
-                        Err((e, _)) => panic!("raw produce failed: {e}"),
+                        Err((e, _)) => return Err(format!("raw produce failed: {e}")),
                     }
                 }
             }
+            Ok(())
         }));
     }
     for t in tasks {
-        t.await.map_err(|e| format!("publisher task: {e}"))?;
+        t.await.map_err(|e| format!("publisher task: {e}"))??;
     }
     tokio::time::timeout(Duration::from_secs(300), tally.done.notified())
         .await

@@ -29,8 +29,9 @@ pub(crate) enum Mode {
     Raw { ids: bool },
     /// Kafka: rdkafka's `FutureProducer`, one future per message.
     RawFuture,
-    /// NATS: JetStream ingest with no acks (core publishes into the stream, the last one
-    /// acked): the server's limit for a stream, not a way to publish safely.
+    /// NATS: JetStream ingest with almost no acks (core publishes into the stream, every
+    /// 1,000th of each publisher acked): the server's limit for a stream, not a way to publish
+    /// safely.
     CeilingJetStream,
     /// NATS: core publishes with no stream and no subscriber, flushed: the wire's limit.
     CeilingCore,

@@ -428,10 +428,11 @@ fn tables(args: &Args, machine: &str, table: &Table) -> String {
     let _ = writeln!(md, "{machine}\n");
     let _ = writeln!(
         md,
-        "Rows: `publish` = no consumer while publishing (verified afterwards by the broker's \
-         count and by reading every message back); `e2e` = a consumer reads every message \
-         while the publishers run, on the same machine. Medians of the repetitions; ratios are \
-         within this run.\n"
+        "Rows: `publish` = no consumer while publishing, verified afterwards (NATS and tansu's \
+         memory engine: the broker's count and every message read back; tansu SQLite: high \
+         watermarks); `e2e` = a consumer reads every message while the publishers run, on the \
+         same machine (its rate is \"sdk e2e msg/s\"; the other columns are publish rates). \
+         Medians of the repetitions; ratios are within this run.\n"
     );
     let cols = columns();
     for ((backend, storage), rows) in table {
@@ -626,15 +627,16 @@ pub(crate) fn write(args: &Args, machine: &str, records: &[Record]) -> Result<()
         update_readme(readme, &md, &chart)?;
     }
     let mut csv = String::from(
-        "scenario,backend,mode,storage,rep,window,messages,payload_bytes,publish_msgs_per_sec,publish_mb_per_sec,e2e_msgs_per_sec,ack_p50_us,ack_p99_us,ack_p999_us,e2e_p50_us,e2e_p99_us,peak_rss_bytes,cpu_secs,broker_cpu_secs,acked,stored,received_distinct,verified,topic_or_stream\n",
+        "scenario,backend,mode,measure,storage,rep,window,messages,payload_bytes,publish_msgs_per_sec,publish_mb_per_sec,e2e_msgs_per_sec,drain_msgs_per_sec,ack_p50_us,ack_p99_us,ack_p999_us,e2e_p50_us,e2e_p99_us,peak_rss_bytes,cpu_secs,broker_cpu_secs,acked,stored,received_distinct,verified,topic_or_stream\n",
     );
     for r in records {
         let _ = writeln!(
             csv,
-            "{},{},{},{},{},{},{},{},{:.1},{:.3},{},{},{},{},{},{},{},{:.3},{:.3},{},{},{},{},{}",
+            "{},{},{},{},{},{},{},{},{},{:.1},{:.3},{},{},{},{},{},{},{},{},{:.3},{:.3},{},{},{},{},{}",
             r.scenario,
             r.backend,
             r.mode,
+            r.measure,
             r.storage,
             r.rep,
             r.window,
@@ -643,6 +645,8 @@ pub(crate) fn write(args: &Args, machine: &str, records: &[Record]) -> Result<()
             r.publish_msgs_per_sec,
             r.publish_mb_per_sec,
             r.e2e_msgs_per_sec
+                .map_or(String::new(), |x| format!("{x:.1}")),
+            r.drain_msgs_per_sec
                 .map_or(String::new(), |x| format!("{x:.1}")),
             r.ack_p50_us,
             r.ack_p99_us,

@@ -115,6 +115,10 @@ pub struct Backoff {
     pub jitter: f64,
 }
 
+/// The backoff policy's former name.
+#[deprecated(note = "renamed `Backoff`; `eventbus_core::Retry` is the error's retry hint")]
+pub type Retry = Backoff;
+
 impl Default for Backoff {
     fn default() -> Self {
         Backoff {

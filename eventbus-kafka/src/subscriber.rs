@@ -405,6 +405,8 @@ enum Stage {
     Queued,
     /// Handed to the subscription (buffered or with the handler).
     Out,
+    /// Out of deliveries: its dead letter is being produced.
+    Leaving,
     /// Acked or terminated.
     Settled,
 }
@@ -568,7 +570,7 @@ impl ConsumerContext for Ctx {
                 .iter()
                 .filter_map(|p| st.parts.get(p))
                 .flat_map(|p| p.entries.values())
-                .filter(|e| e.stage == Stage::Out)
+                .filter(|e| matches!(e.stage, Stage::Out | Stage::Leaving))
                 .count();
             if out == 0 || st.closing || Instant::now() >= drain_until {
                 break;
@@ -649,8 +651,9 @@ fn pump(
             if !exhausted {
                 st.deliver(shared, k);
             } else if let Some(dl) = dead_letters {
-                // Settled only once the dead letter is stored (below, without the lock).
+                // Settled only once the dead letter is stored (below, off this thread).
                 let e = st.entry(&k).expect("checked above");
+                e.stage = Stage::Leaving;
                 let letter = eventbus_core::dead_letter::message(
                     &e.message,
                     &dl.to,
@@ -756,16 +759,36 @@ fn pump(
         }
         match consumer.poll(wait) {
             None => {}
-            Some(Ok(m)) => admit(shared, &m),
-            Some(Err(e)) => {
-                let err = error::other("consumer error", e);
-                if matches!(err.kind(), ErrorKind::Auth | ErrorKind::Rejected) {
-                    let _ = feed.try_send(Err(err));
-                } else {
-                    tracing::debug!(error = %err, "transient consumer error");
+            Some(Ok(m)) => {
+                admit(shared, &m);
+                // Take what librdkafka already holds before handing over, so the handler's task
+                // is woken once per burst rather than once per message.
+                for _ in 1..BURST {
+                    match consumer.poll(Duration::ZERO) {
+                        Some(Ok(m)) => admit(shared, &m),
+                        Some(Err(e)) => {
+                            consumer_error(feed, e);
+                            break;
+                        }
+                        None => break,
+                    }
                 }
             }
+            Some(Err(e)) => consumer_error(feed, e),
         }
+    }
+}
+
+/// Most messages taken from librdkafka in one go before they are handed over.
+const BURST: usize = 256;
+
+/// Report what the handler must know (credentials, a missing topic); log the rest.
+fn consumer_error(feed: &Feed, e: rdkafka::error::KafkaError) {
+    let err = error::other("consumer error", e);
+    if matches!(err.kind(), ErrorKind::Auth | ErrorKind::Rejected) {
+        let _ = feed.try_send(Err(err));
+    } else {
+        tracing::debug!(error = %err, "transient consumer error");
     }
 }
 
@@ -806,6 +829,20 @@ fn admit(shared: &Arc<Shared>, m: &rdkafka::message::BorrowedMessage<'_>) {
 
 /// Commit what was settled, then leave the group and close the consumer.
 fn shutdown(consumer: BaseConsumer<Ctx>, shared: &Arc<Shared>) {
+    // Dead letters on their way get a bounded chance to be stored, so the next member does not
+    // dead-letter the same messages again.
+    let until = Instant::now() + REVOKE_DRAIN;
+    while Instant::now() < until
+        && shared
+            .state
+            .lock()
+            .parts
+            .values()
+            .flat_map(|p| p.entries.values())
+            .any(|e| e.stage == Stage::Leaving)
+    {
+        std::thread::sleep(Duration::from_millis(5));
+    }
     let mut st = shared.state.lock();
     st.closing = true;
     st.backlog.clear();

@@ -58,7 +58,8 @@ pub(crate) enum Class {
     TimedOut,
     /// The stream, consumer or subject does not exist (or nothing answers for it).
     Missing,
-    /// JetStream answered that it cannot serve the call now (no leader, no quorum).
+    /// JetStream cannot serve the call now (no leader, no quorum), or the connection could not
+    /// carry it: asking again may help.
     Unavailable,
     /// The request could not be sent or was refused in transit: see its source.
     Request,
@@ -72,14 +73,32 @@ pub(crate) trait Classify {
     fn class(&self) -> Class;
 }
 
-/// A JetStream API error by its status: 404 is a missing resource, 503 a cluster that cannot
-/// serve the call yet.
+/// A JetStream API error by its error code: a missing resource, or a cluster that cannot serve
+/// the call yet (no leader, no quorum, an offline stream or consumer); otherwise by its status.
 fn api(e: &async_nats::jetstream::Error) -> Class {
-    match e.code() {
-        404 => Class::Missing,
-        503 => Class::Unavailable,
-        408 => Class::TimedOut,
-        _ => Class::Other,
+    use async_nats::jetstream::ErrorCode as C;
+    match e.error_code() {
+        C::STREAM_NOT_FOUND
+        | C::CONSUMER_NOT_FOUND
+        | C::SEQUENCE_NOT_FOUND
+        | C::JETSTREAM_NOT_ENABLED
+        | C::JETSTREAM_NOT_ENABLED_FOR_ACCOUNT => Class::Missing,
+        C::CLUSTER_NOT_AVAILABLE
+        | C::CLUSTER_INCOMPLETE
+        | C::CLUSTER_NO_PEERS
+        | C::CLUSTER_NOT_ACTIVE
+        | C::CLUSTER_NOT_ASSIGNED
+        | C::CLUSTER_NOT_LEADER
+        | C::STREAM_OFFLINE
+        | C::CONSUMER_OFFLINE
+        | C::STREAM_OFFLINE_REASON
+        | C::CONSUMER_OFFLINE_REASON
+        | C::CLUSTER_SERVER_MEMBER_CHANGE_INFLIGHT => Class::Unavailable,
+        _ => match e.code() {
+            404 => Class::Missing,
+            408 => Class::TimedOut,
+            _ => Class::Other,
+        },
     }
 }
 
@@ -163,7 +182,8 @@ classify! {
     async_nats::jetstream::consumer::pull::BatchErrorKind => |k| {
         use async_nats::jetstream::consumer::pull::BatchErrorKind as K;
         match k {
-            K::Pull | K::Flush | K::Subscribe => Class::Request,
+            // The pull was not sent or not answered: the connection, not the request.
+            K::Pull | K::Flush | K::Subscribe => Class::Unavailable,
             _ => Class::Other,
         }
     };

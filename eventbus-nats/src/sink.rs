@@ -276,7 +276,6 @@ impl NatsSink {
             batched: HashMap::new(),
             batch_prefix,
             kept: Arc::clone(&kept),
-            uncovered: HashMap::new(),
             lookup_quiet_until: None,
         };
         tokio::spawn(w.run(rx));
@@ -337,8 +336,6 @@ struct Writer {
     batch_prefix: String,
     /// Messages kept for retries after "no responders".
     kept: Arc<Kept>,
-    /// Subjects a retry found no stream for, until when that answer stands.
-    uncovered: HashMap<String, std::time::Instant>,
     /// A stream lookup for a retry timed out: skip the check until then.
     lookup_quiet_until: Option<std::time::Instant>,
 }
@@ -431,28 +428,15 @@ impl Writer {
     ///
     /// During an election many retries ask at once: a lookup that did not answer makes the
     /// next second's retries skip the question (they are sent, as before the check), and a
-    /// subject found uncovered is remembered for a second, so the single writer never waits on
-    /// more than one lookup per second.
+    /// subject found uncovered is remembered for a second (by [`SubjectStreams`]), so the single
+    /// writer never waits on more than one lookup per second.
     async fn no_stream_for(&mut self, subject: &str) -> bool {
         let now = Instant::now();
         if self.lookup_quiet_until.is_some_and(|t| now < t) {
             return false;
         }
-        if let Some(t) = self.uncovered.get(subject) {
-            if now < *t {
-                return true;
-            }
-            self.uncovered.remove(subject);
-        }
         match tokio::time::timeout(Duration::from_millis(500), self.stream_of(subject)).await {
-            Ok(Ok(None)) => {
-                if self.uncovered.len() >= 1_024 {
-                    self.uncovered.retain(|_, t| now < *t);
-                }
-                self.uncovered
-                    .insert(subject.to_owned(), now + Duration::from_secs(1));
-                true
-            }
+            Ok(Ok(None)) => true,
             Ok(Ok(Some(_))) => false,
             _ => {
                 self.lookup_quiet_until = Some(now + Duration::from_secs(1));

@@ -173,49 +173,66 @@ async fn subscribe_one(
     Ok(sub)
 }
 
-/// Pull batches and hand each message to the subscriber. On close, every message already pulled
-/// but not handed over is nacked so it is redelivered at once, not after the ack wait.
+/// Pull batches and hand each message to the subscriber. Two pull requests overlap: the next
+/// one is asked for once half of the current batch is handed over, so the handler does not wait
+/// a round trip at every batch boundary. On close, every message already pulled but not handed
+/// over is nacked so it is redelivered at once, not after the ack wait.
 async fn pump(
     consumer: jetstream::consumer::Consumer<pull::Config>,
     prefetch: usize,
     mut feed: Feed,
     dead_letters: Option<DeadLetters>,
 ) {
+    let mut next: Option<pull::Batch> = None;
     'outer: loop {
-        let batch = consumer
-            .batch()
-            .max_messages(prefetch)
-            .expires(PULL_EXPIRES)
-            .messages();
-        let mut batch = tokio::select! {
-            b = batch => match b {
-                Ok(b) => b,
-                Err(e) => {
-                    if feed.send(Err(error::other("pull request failed", e))).await.is_err() {
-                        break;
+        let mut batch = match next.take() {
+            Some(b) => b,
+            None => {
+                let asked = tokio::select! {
+                    b = request(&consumer, prefetch) => b,
+                    _ = feed.stopped() => break,
+                };
+                match asked {
+                    Ok(b) => b,
+                    Err(e) => {
+                        if feed
+                            .send(Err(error::other("pull request failed", e)))
+                            .await
+                            .is_err()
+                        {
+                            break;
+                        }
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        continue;
                     }
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                    continue;
                 }
-            },
-            _ = feed.stopped() => break,
+            }
         };
+        let mut handed = 0;
         loop {
-            let next = tokio::select! {
+            if next.is_none() && handed >= prefetch.div_ceil(2) {
+                // An early request that fails is asked again, and reported, when this batch ends.
+                next = request(&consumer, prefetch).await.ok();
+            }
+            let item = tokio::select! {
                 m = batch.next() => m,
                 _ = feed.stopped() => {
                     release_rest(&mut batch).await;
+                    if let Some(n) = next.as_mut() {
+                        release_rest(n).await;
+                    }
                     break 'outer;
                 }
             };
-            let msg = match next {
-                None => break, // batch done: pull again
+            let msg = match item {
+                None => break, // batch done: on to the next one
                 Some(Ok(m)) => m,
                 Some(Err(e)) => {
                     tracing::debug!(error = %e, "pull batch ended with an error");
                     break;
                 }
             };
+            handed += 1;
             let delivery = to_delivery(msg);
             let delivery = match &dead_letters {
                 Some(dl) if delivery.info().delivery_count > dl.max => {
@@ -227,10 +244,26 @@ async fn pump(
             if let Err(Ok(d)) = feed.send(Ok(delivery)).await {
                 let _ = d.nack(Duration::ZERO).await;
                 release_rest(&mut batch).await;
+                if let Some(n) = next.as_mut() {
+                    release_rest(n).await;
+                }
                 break 'outer;
             }
         }
     }
+}
+
+/// One pull request for up to `prefetch` messages, open for [`PULL_EXPIRES`].
+async fn request(
+    consumer: &jetstream::consumer::Consumer<pull::Config>,
+    prefetch: usize,
+) -> Result<pull::Batch, pull::BatchError> {
+    consumer
+        .batch()
+        .max_messages(prefetch)
+        .expires(PULL_EXPIRES)
+        .messages()
+        .await
 }
 
 /// Where messages past `max` deliveries go.
