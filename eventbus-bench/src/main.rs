@@ -473,11 +473,7 @@ async fn run(args: Args) -> Result<bool, String> {
         let mut phases = Vec::new();
         if probes && run.setting.is_none() {
             let mut probe = run;
-            probe.s.messages = run.s.messages.min(if args.full {
-                RAW_PROBE_MESSAGES
-            } else {
-                RAW_PROBE_MESSAGES / 5
-            });
+            probe.s.messages = run.s.messages.min(RAW_PROBE_MESSAGES);
             phases.push((probe, "probe"));
         }
         phases.push((run, "run"));
