@@ -13,12 +13,10 @@ use hdrhistogram::Histogram;
 use tokio::sync::mpsc;
 
 use crate::mode::{Measure, Mode};
+#[cfg(feature = "nats")]
+use crate::nats::NatsEnv;
 use crate::report::Record;
 use crate::{Args, Scenario, sys};
-
-/// Windows tried for the raw client; the best is the baseline.
-#[cfg(feature = "nats")]
-const RAW_WINDOWS: [usize; 3] = [1_024, 4_096, 16_384];
 
 pub(crate) struct Env {
     #[cfg(feature = "nats")]
@@ -31,110 +29,12 @@ pub(crate) struct Env {
     next_run: AtomicU64,
 }
 
-#[cfg(feature = "nats")]
-struct NatsEnv {
-    server: Option<eventbus_brokers::NatsServer>,
-    cluster: Option<eventbus_brokers::NatsCluster>,
-    url: String,
-    backend: eventbus_nats::NatsBackend,
-    /// (client port, monitoring port) of every server the bench started.
-    monitors: Vec<(u16, u16)>,
-}
-
-#[cfg(feature = "nats")]
-impl NatsEnv {
-    async fn connect(
-        server: Option<(eventbus_brokers::NatsServer, u16)>,
-        cluster: Option<eventbus_brokers::NatsCluster>,
-        url: String,
-    ) -> Result<NatsEnv, String> {
-        let backend =
-            eventbus_nats::NatsBackend::connect(eventbus_nats::NatsConfig::new(url.clone()))
-                .await
-                .map_err(|e| format!("cannot connect to NATS at {url}: {e}"))?;
-        let mut monitors = Vec::new();
-        if let Some((s, http)) = &server {
-            monitors.push((s.port(), *http));
-        }
-        if let Some(c) = &cluster {
-            for (i, n) in c.nodes().iter().enumerate() {
-                monitors.push((n.port(), c.http_port(i)));
-            }
-        }
-        Ok(NatsEnv {
-            server: server.map(|(s, _)| s),
-            cluster,
-            url,
-            backend,
-            monitors,
-        })
-    }
-
-    /// A single nats-server with its monitoring endpoint on.
-    fn start_single() -> Result<(eventbus_brokers::NatsServer, u16), String> {
-        let http = eventbus_brokers::free_port().map_err(|e| e.to_string())?;
-        let s = eventbus_brokers::NatsServer::start_with(eventbus_brokers::NatsOptions {
-            args: vec!["-m".into(), http.to_string()],
-            port: None,
-        })
-        .map_err(|e| format!("cannot start nats-server: {e}"))?;
-        Ok((s, http))
-    }
-
-    /// How many messages the server has counted in on `client`'s connection (`/connz`).
-    async fn messages_in(&self, client: &async_nats::Client) -> Result<u64, String> {
-        let info = client.server_info();
-        let http = self
-            .monitors
-            .iter()
-            .find(|(port, _)| *port == info.port)
-            .map(|(_, http)| *http)
-            .ok_or("no monitoring endpoint for this server (external?)")?;
-        let path = format!("/connz?cid={}", info.client_id);
-        let (status, body) =
-            tokio::task::spawn_blocking(move || eventbus_brokers::http_get(http, &path))
-                .await
-                .map_err(|e| e.to_string())?
-                .map_err(|e| format!("connz: {e}"))?;
-        let v: serde_json::Value =
-            serde_json::from_str(&body).map_err(|e| format!("connz ({status}): {e}"))?;
-        v["connections"][0]["in_msgs"]
-            .as_u64()
-            .ok_or_else(|| format!("connz ({status}) names no connection {}", info.client_id))
-    }
-
-    /// The process whose CPU the bench reports (node 0 of a cluster).
-    fn pid(&self) -> Option<u32> {
-        match (&self.server, &self.cluster) {
-            (Some(s), _) => s.pid(),
-            (None, Some(c)) => c
-                .nodes()
-                .first()
-                .and_then(eventbus_brokers::NatsServer::pid),
-            (None, None) => None,
-        }
-    }
-
-    fn describe(&self) -> String {
-        let how = match (&self.server, &self.cluster) {
-            (Some(_), _) => "started by the bench",
-            (None, Some(_)) => "3-node cluster started by the bench",
-            (None, None) => "external",
-        };
-        format!(
-            "nats-server {} at {} ({how})",
-            self.backend.server_version(),
-            self.url
-        )
-    }
-}
-
 /// What the publishers saw.
 pub(crate) struct Published {
-    acked: u64,
+    pub(crate) acked: u64,
     failed: u64,
     unknown: u64,
-    first_error: Option<String>,
+    pub(crate) first_error: Option<String>,
     ack_latency: Histogram<u64>,
     /// From the first publish to the last ack (the exact event).
     elapsed: Duration,
@@ -219,77 +119,6 @@ pub(crate) async fn drive_sdk<S: BatchSink>(
     Published::merge(tasks, t0).await
 }
 
-#[cfg(feature = "nats")]
-/// Raw async-nats: `jetstream::Context` publishes pipelined up to `window`; with `dedup`, each
-/// carries a `Nats-Msg-Id` like the SDK's default (the like-for-like baseline for `sdk`).
-async fn drive_raw_nats(
-    client: &async_nats::Client,
-    window: usize,
-    dedup: bool,
-    s: Scenario,
-    topics: &[Topic],
-    t0: Instant,
-) -> Published {
-    use async_nats::jetstream;
-    use futures_util::future::Either;
-    let js = jetstream::ContextBuilder::new()
-        .max_ack_inflight(window)
-        .backpressure_on_inflight(true)
-        .timeout(Duration::from_secs(10))
-        .build(client.clone());
-    let mut tasks = Vec::new();
-    for w in 0..s.publishers {
-        let (js, subjects) = (
-            js.clone(),
-            topics
-                .iter()
-                .map(|t| t.as_str().to_owned())
-                .collect::<Vec<_>>(),
-        );
-        tasks.push(tokio::spawn(async move {
-            let n = share(&s, w);
-            let (tx, rx) = mpsc::unbounded_channel();
-            let acker = spawn_acker(rx);
-            for i in 0..n {
-                let sent = Instant::now();
-                let subject = subjects[i % subjects.len()].clone();
-                let body = payload(s.payload, w as u32, i as u64, t0);
-                let sent_ack = if dedup {
-                    js.send_publish(
-                        subject,
-                        jetstream::message::PublishMessage::build()
-                            .payload(body)
-                            .message_id(format!("{w}-{i}")),
-                    )
-                    .await
-                } else {
-                    js.publish(subject, body).await
-                };
-                match sent_ack {
-                    Ok(ack) => tx
-                        .send((
-                            sent,
-                            Either::Left(async move {
-                                raw_outcome(ack.await.map(|_| ()).map_err(|e| e.to_string()))
-                            }),
-                        ))
-                        .expect("acker alive"),
-                    // Not sent: this run fails verification, the bench goes on.
-                    Err(e) => tx
-                        .send((
-                            sent,
-                            Either::Right(std::future::ready(raw_outcome(Err(e.to_string())))),
-                        ))
-                        .expect("acker alive"),
-                }
-            }
-            drop(tx);
-            acker.await.expect("acker task")
-        }));
-    }
-    Published::merge(tasks, t0).await
-}
-
 /// Spawn the task that awaits one publisher's acks in publish order, timing each from its
 /// publish, and returns the tally with the time of the last ack.
 pub(crate) fn spawn_acker<F>(
@@ -311,6 +140,7 @@ where
 }
 
 /// A raw client's result as an outcome (the position is not needed by the bench).
+#[cfg(any(feature = "nats", feature = "kafka"))]
 pub(crate) fn raw_outcome(r: Result<(), String>) -> Outcome {
     use eventbus_core::{Ack, Error, ErrorKind, Position};
     match r {
@@ -334,6 +164,7 @@ impl Published {
     }
 
     /// Set the elapsed time from `t0` to the last ack, `last`.
+    #[cfg(any(feature = "nats", feature = "kafka"))]
     pub(crate) fn finish(mut self, t0: Instant, last: Instant) -> Self {
         self.elapsed = last.saturating_duration_since(t0);
         self
@@ -375,7 +206,7 @@ impl Published {
 
 /// Receive until `expected` distinct messages arrived, acking each; give up `grace` after
 /// `publish_done` fires.
-fn receive(
+pub(crate) fn receive(
     mut sub: Subscription,
     expected: u64,
     t0: Instant,
@@ -516,7 +347,7 @@ impl Env {
         drop((self.nats, self.nats_cluster));
     }
 
-    fn sdk_config(args: &Args) -> BatchConfig {
+    pub(crate) fn sdk_config(args: &Args) -> BatchConfig {
         let mut c = BatchConfig::default();
         if let Some(w) = args.window {
             c = c.max_in_flight(w);
@@ -554,52 +385,16 @@ impl Env {
                 None => Err("Kafka not started".into()),
             },
             #[cfg(feature = "nats")]
-            "nats" => self.run_nats(args, run, id, rec).await,
+            "nats" => {
+                let n = if run.storage == "replicated" {
+                    self.nats_cluster.as_ref()
+                } else {
+                    self.nats.as_ref()
+                };
+                n.ok_or("NATS not started")?.run(args, run, id, rec).await
+            }
             other => Err(format!("backend {other} is not built into this bench")),
         }
-    }
-
-    #[cfg(feature = "nats")]
-    async fn run_nats(
-        &self,
-        args: &Args,
-        run: Run<'_>,
-        id: u64,
-        template: Record,
-    ) -> Result<Vec<Record>, String> {
-        let n = if run.storage == "replicated" {
-            self.nats_cluster.as_ref()
-        } else {
-            self.nats.as_ref()
-        }
-        .ok_or("NATS not started")?;
-        let windows: Vec<usize> = if run.mode.probes() {
-            run.setting.map_or(RAW_WINDOWS.to_vec(), |w| vec![w])
-        } else {
-            vec![0]
-        };
-        let mut out = Vec::new();
-        for (wi, window) in windows.into_iter().enumerate() {
-            let started = Instant::now();
-            let mut rec = template.clone();
-            let one = NatsRun {
-                env: n,
-                run,
-                stream: format!("BENCH_R{id}_{wi}"),
-                prefix: format!("bench.r{id}w{wi}"),
-            };
-            one.create_stream().await?;
-            let result = if run.mode.drain() {
-                one.drain(&mut rec).await
-            } else {
-                one.publish(args, window, &mut rec).await
-            };
-            let _ = n.backend.delete_stream(&one.stream).await;
-            result?;
-            rec.wall_secs = started.elapsed().as_secs_f64();
-            out.push(rec);
-        }
-        Ok(out)
     }
 }
 
@@ -691,261 +486,8 @@ async fn run_memory(
     Ok(vec![rec])
 }
 
-/// One NATS run on its own stream.
-#[cfg(feature = "nats")]
-struct NatsRun<'a> {
-    env: &'a NatsEnv,
-    run: Run<'a>,
-    stream: String,
-    prefix: String,
-}
-
-#[cfg(feature = "nats")]
-impl NatsRun<'_> {
-    fn topics(&self) -> Vec<Topic> {
-        (0..self.run.s.topics)
-            .map(|i| Topic::new(format!("{}.t{i}", self.prefix)))
-            .collect()
-    }
-
-    fn filter(&self) -> String {
-        format!("{}.>", self.prefix)
-    }
-
-    async fn create_stream(&self) -> Result<(), String> {
-        use crate::mode::Publish;
-        use eventbus_nats::{StorageKind, StreamSpec};
-        let (atomic, asynch) = match self.run.mode {
-            Mode::Sdk { publish, .. } => (publish == Publish::Atomic, publish == Publish::Async),
-            _ => (false, false),
-        };
-        let kind = if self.run.storage == "memory" {
-            StorageKind::Memory
-        } else {
-            StorageKind::File
-        };
-        self.env
-            .backend
-            .ensure_stream(
-                &StreamSpec::new(&self.stream, [self.filter()])
-                    .storage(kind)
-                    .replicas(if self.run.storage == "replicated" {
-                        3
-                    } else {
-                        1
-                    })
-                    .allow_atomic(atomic)
-                    .allow_batched(!asynch),
-            )
-            .await
-            .map_err(|e| format!("create stream: {e}"))
-    }
-
-    async fn subscribe(&self, group: &str) -> Result<Subscription, String> {
-        self.env
-            .backend
-            .subscriber()
-            .subscribe(
-                SubscribeSpec::new(self.filter())
-                    .group(group)
-                    .prefetch(1024),
-            )
-            .await
-            .map_err(|e| format!("subscribe: {e}"))
-    }
-
-    async fn stored(&self) -> Result<u64, String> {
-        Ok(self
-            .env
-            .backend
-            .stream_state(&self.stream)
-            .await
-            .map_err(|e| format!("stream state: {e}"))?
-            .messages)
-    }
-
-    /// Publish the scenario through the run's mode. End-to-end, a consumer reads every message
-    /// meanwhile; publish-only, it reads them back afterwards.
-    async fn publish(&self, args: &Args, window: usize, rec: &mut Record) -> Result<(), String> {
-        let (run, s) = (self.run, self.run.s);
-        let topics = self.topics();
-        let during = match run.measure {
-            Measure::EndToEnd => Some(self.subscribe("bench").await?),
-            _ => None,
-        };
-        let cfg = Env::sdk_config(args);
-        let sdk = match nats_sink_options(run.mode) {
-            None => None,
-            Some(o) => {
-                let sink = self
-                    .env
-                    .backend
-                    .sink_with(o)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                Some(Batcher::new(sink, cfg.clone()).map_err(|e| e.to_string())?)
-            }
-        };
-        // The core ceiling gets a connection of its own, so the server's count of messages in
-        // on that connection is exactly what the run sent.
-        let own = match run.mode {
-            Mode::CeilingCore => Some(
-                async_nats::ConnectOptions::new()
-                    .name("eventbus-bench-ceiling")
-                    .connect(&self.env.url)
-                    .await
-                    .map_err(|e| format!("connect: {e}"))?,
-            ),
-            _ => None,
-        };
-        rec.window = if run.mode.probes() {
-            window
-        } else {
-            cfg.max_in_flight
-        };
-        let (done_tx, done_rx) = tokio::sync::watch::channel(false);
-        let meter = sys::Meter::start(self.env.pid());
-        let t0 = meter.t0;
-        let rx = during.map(|sub| receive(sub, s.messages as u64, t0, done_rx.clone()));
-        let client = self.env.backend.client();
-        let published = match (run.mode, &sdk) {
-            (_, Some(p)) => drive_sdk(p, s, &topics, run.mode == Mode::Naive, t0).await,
-            (Mode::Raw { ids }, None) => drive_raw_nats(client, window, ids, s, &topics, t0).await,
-            (Mode::CeilingJetStream, None) => ceiling_jetstream(client, s, &topics, t0).await,
-            (Mode::CeilingCore, None) => {
-                let core: Vec<Topic> = (0..s.topics)
-                    .map(|i| Topic::new(format!("core.{}.t{i}", self.prefix)))
-                    .collect();
-                ceiling_core(own.as_ref().unwrap_or(client), s, &core, t0).await
-            }
-            (m, None) => return Err(format!("mode {m} does not run on NATS")),
-        };
-        let _ = done_tx.send(true);
-        let received = match rx {
-            Some(rx) => rx.await.map_err(|e| e.to_string())?,
-            None => Received::empty(),
-        };
-        rec.fill(&published, &received, &meter, run.measure);
-        if let Some(p) = sdk {
-            let _ = p.close(Duration::from_secs(10)).await;
-        }
-        if let Some(own) = own {
-            rec.topic_or_stream = format!("core.{}.*", self.prefix);
-            // Less the round trip's own request.
-            let counted = self.env.messages_in(&own).await?.saturating_sub(1);
-            rec.verify(
-                counted,
-                false,
-                "the server's in_msgs count for the run's connection (/connz)",
-            );
-            return Ok(());
-        }
-        let stored = self.stored().await?;
-        rec.topic_or_stream = self.stream.clone();
-        if run.measure == Measure::EndToEnd {
-            rec.verify(
-                stored,
-                true,
-                "JetStream stream state + distinct ids consumed",
-            );
-        } else {
-            // Publish-only: read everything back once the clock has stopped.
-            let (_tx, done) = tokio::sync::watch::channel(true);
-            let back = receive(self.subscribe("verify").await?, stored, t0, done)
-                .await
-                .map_err(|e| e.to_string())?;
-            rec.received_distinct = back.distinct;
-            rec.received_duplicates = back.duplicates;
-            rec.verify(
-                stored,
-                true,
-                "JetStream stream state, then distinct ids read back",
-            );
-        }
-        Ok(())
-    }
-
-    /// Publish a backlog (untimed, the SDK without ids), then time reading all of it in a
-    /// consumer group, acking every message, through the SDK or async-nats's pull consumer.
-    async fn drain(&self, rec: &mut Record) -> Result<(), String> {
-        let s = self.run.s;
-        backlog(
-            self.env
-                .backend
-                .sink_with(eventbus_nats::SinkOptions::default().dedup(false))
-                .await
-                .map_err(|e| e.to_string())?,
-            s,
-            &self.topics(),
-        )
-        .await?;
-        let stored = self.stored().await?;
-        let meter = sys::Meter::start(self.env.pid());
-        let t0 = meter.t0;
-        let received = match self.run.mode {
-            Mode::DrainSdk => {
-                let (_tx, done) = tokio::sync::watch::channel(true);
-                receive(self.subscribe("drain").await?, stored, t0, done)
-                    .await
-                    .map_err(|e| e.to_string())?
-            }
-            _ => self.drain_raw(stored, t0).await?,
-        };
-        rec.fill(&Published::empty(), &received, &meter, Measure::Drain);
-        rec.acked = s.messages as u64;
-        rec.window = 1024;
-        rec.topic_or_stream = self.stream.clone();
-        rec.verify(
-            stored,
-            true,
-            "JetStream stream state + distinct ids drained",
-        );
-        Ok(())
-    }
-
-    /// async-nats's pull consumer (a durable in the same shape as the SDK's group consumer),
-    /// 1,024 messages per pull like the SDK's prefetch, each message acked.
-    async fn drain_raw(&self, expected: u64, t0: Instant) -> Result<Received, String> {
-        use async_nats::jetstream::consumer::{AckPolicy, pull};
-        use futures_util::StreamExt;
-        let stream = self
-            .env
-            .backend
-            .jetstream()
-            .get_stream(&self.stream)
-            .await
-            .map_err(|e| format!("get stream: {e}"))?;
-        let consumer = stream
-            .create_consumer(pull::Config {
-                durable_name: Some("drain".into()),
-                ack_policy: AckPolicy::Explicit,
-                filter_subject: self.filter(),
-                // The SDK's group consumer at prefetch 1,024 (eventbus-nats subscriber.rs).
-                ack_wait: Duration::from_secs(30),
-                max_ack_pending: 8 * 1024,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| format!("create consumer: {e}"))?;
-        let mut msgs = consumer
-            .stream()
-            .max_messages_per_batch(1024)
-            .messages()
-            .await
-            .map_err(|e| format!("consume: {e}"))?;
-        let mut seen = Seen::new(expected, t0);
-        while !seen.complete() {
-            let next = tokio::time::timeout(Duration::from_secs(15), msgs.next()).await;
-            let Ok(Some(m)) = next else { break };
-            let m = m.map_err(|e| format!("pull: {e}"))?;
-            seen.saw(&m.payload);
-            m.ack().await.map_err(|e| format!("ack: {e}"))?;
-        }
-        Ok(seen.into_received())
-    }
-}
-
 /// Publish `s` through `sink` without timing it, every message acked, for a drain to read.
+#[cfg(any(feature = "nats", feature = "kafka"))]
 pub(crate) async fn backlog<S: BatchSink>(
     sink: S,
     s: Scenario,
@@ -961,92 +503,6 @@ pub(crate) async fn backlog<S: BatchSink>(
         ));
     }
     Ok(())
-}
-
-/// Messages per publisher between the JetStream ceiling's acked publishes.
-#[cfg(feature = "nats")]
-const CEILING_CHUNK: usize = 1_000;
-
-/// JetStream's ingest limit: core publishes into the stream's subjects with no reply subject
-/// (nothing acks them), except every [`CEILING_CHUNK`]th message of each publisher and its
-/// last, sent as JetStream publishes and awaited. The server handles one connection's messages
-/// to a stream in order, so such an ack arrives after every earlier message was stored (or
-/// refused): the last one is the exact event the clock stops on, and the chunk keeps the
-/// stream's ingest queue below the size at which the server refuses (error 10167) what
-/// nothing acks. Verified by the stream's count.
-#[cfg(feature = "nats")]
-async fn ceiling_jetstream(
-    client: &async_nats::Client,
-    s: Scenario,
-    topics: &[Topic],
-    t0: Instant,
-) -> Published {
-    let js = async_nats::jetstream::new(client.clone());
-    let mut tasks = Vec::new();
-    for w in 0..s.publishers {
-        let (client, js, topics) = (client.clone(), js.clone(), topics.to_vec());
-        tasks.push(tokio::spawn(async move {
-            let n = share(&s, w);
-            let mut p = Published::empty();
-            let mut last = t0;
-            for i in 0..n {
-                let subject = topics[i % topics.len()].as_str().to_owned();
-                let body = payload(s.payload, w as u32, i as u64, t0);
-                if (i + 1) % CEILING_CHUNK != 0 && i + 1 != n {
-                    let _ = client.publish(subject, body).await;
-                    continue;
-                }
-                let sent = Instant::now();
-                let outcome = match js.publish(subject, body).await {
-                    Ok(ack) => raw_outcome(ack.await.map(|_| ()).map_err(|e| e.to_string())),
-                    Err(e) => raw_outcome(Err(e.to_string())),
-                };
-                last = Instant::now();
-                let acked = outcome.is_acked();
-                p.record(outcome, last - sent);
-                if acked {
-                    // The ack vouches for the unacked messages of its chunk; the stream's count
-                    // is what verifies them.
-                    p.acked += (i % CEILING_CHUNK) as u64;
-                }
-            }
-            (p, last)
-        }));
-    }
-    Published::merge(tasks, t0).await
-}
-
-/// Core NATS's limit: publishes with no stream and no subscriber, then one request on the same
-/// connection (JetStream's account info): the server answers it only after reading every
-/// message before it, the exact event the clock stops on.
-#[cfg(feature = "nats")]
-async fn ceiling_core(
-    client: &async_nats::Client,
-    s: Scenario,
-    topics: &[Topic],
-    t0: Instant,
-) -> Published {
-    let mut tasks = Vec::new();
-    for w in 0..s.publishers {
-        let (client, topics) = (client.clone(), topics.to_vec());
-        tasks.push(tokio::spawn(async move {
-            for i in 0..share(&s, w) {
-                let subject = topics[i % topics.len()].as_str().to_owned();
-                let _ = client
-                    .publish(subject, payload(s.payload, w as u32, i as u64, t0))
-                    .await;
-            }
-        }));
-    }
-    for t in tasks {
-        let _ = t.await;
-    }
-    let mut p = Published::empty();
-    match client.request("$JS.API.INFO", Bytes::new()).await {
-        Ok(_) => p.acked = s.messages as u64,
-        Err(e) => p.first_error = Some(format!("round trip: {e}")),
-    }
-    p.finish(t0, Instant::now())
 }
 
 /// Distinct ids seen by a drain, timed to the last new one.
@@ -1094,25 +550,6 @@ impl Seen {
     pub(crate) fn into_received(self) -> Received {
         self.r
     }
-}
-
-#[cfg(feature = "nats")]
-/// The NATS sink a mode publishes through (`None`: not the SDK).
-pub(crate) fn nats_sink_options(mode: Mode) -> Option<eventbus_nats::SinkOptions> {
-    use crate::mode::Publish;
-    use eventbus_nats::{PublishMode, SinkOptions};
-    let (publish, ids) = match mode {
-        Mode::Naive => (Publish::Default, true),
-        Mode::Sdk { publish, ids } => (publish, ids),
-        _ => return None,
-    };
-    let o = SinkOptions::default().dedup(ids);
-    Some(match publish {
-        Publish::Default => o,
-        Publish::Async => o.mode(PublishMode::Async),
-        Publish::Fast => o.mode(PublishMode::Fast),
-        Publish::Atomic => o.mode(PublishMode::Atomic),
-    })
 }
 
 impl Received {

@@ -23,6 +23,8 @@ mod drive;
 #[cfg(feature = "kafka")]
 mod kafka;
 mod mode;
+#[cfg(feature = "nats")]
+mod nats;
 mod report;
 mod sys;
 

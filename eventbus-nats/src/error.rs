@@ -243,22 +243,16 @@ mod tests {
         assert!(e.is_retryable());
 
         // A failed request is typed by the request error it carries.
-        let e = other(
-            "lookup",
-            GetStreamError::with_source(
-                GetStreamErrorKind::Request,
-                RequestError::new(RequestErrorKind::TimedOut),
-            ),
-        );
+        let via = |kind| {
+            other(
+                "lookup",
+                GetStreamError::with_source(GetStreamErrorKind::Request, RequestError::new(kind)),
+            )
+        };
+        let e = via(RequestErrorKind::TimedOut);
         assert_eq!(e.kind(), ErrorKind::Timeout);
         assert!(e.is_retryable());
-        let e = other(
-            "lookup",
-            GetStreamError::with_source(
-                GetStreamErrorKind::Request,
-                RequestError::new(RequestErrorKind::NoResponders),
-            ),
-        );
+        let e = via(RequestErrorKind::NoResponders);
         assert_eq!(e.kind(), ErrorKind::Rejected);
         assert!(e.to_string().contains("lookup"));
     }
