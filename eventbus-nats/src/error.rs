@@ -118,8 +118,21 @@ classify! {
         use async_nats::jetstream::context::RequestErrorKind as K;
         match k {
             K::TimedOut => Class::TimedOut,
-            K::NoResponders | K::InvalidSubject => Class::Missing,
-            K::Other => Class::Other,
+            // Nothing answers the JetStream API: a server still starting, or a node of a cluster
+            // that has not caught up (async-nats calls it "JetStream unavailable").
+            K::NoResponders => Class::Unavailable,
+            K::InvalidSubject => Class::Missing,
+            // Sent and failed in transit, or an answer that did not parse: see its source.
+            K::Other => Class::Request,
+        }
+    };
+    async_nats::client::RequestErrorKind => |k| {
+        use async_nats::client::RequestErrorKind as K;
+        match k {
+            K::TimedOut => Class::TimedOut,
+            // The connection could not carry the request, or nothing answered it yet.
+            K::NoResponders | K::Other => Class::Unavailable,
+            K::InvalidSubject | K::MaxPayloadExceeded => Class::Other,
         }
     };
     async_nats::jetstream::context::GetStreamErrorKind => |k| {
@@ -142,7 +155,8 @@ classify! {
         use async_nats::jetstream::context::CreateStreamErrorKind as K;
         match k {
             K::TimedOut => Class::TimedOut,
-            K::NotFound | K::JetStreamUnavailable => Class::Missing,
+            K::NotFound => Class::Missing,
+            K::JetStreamUnavailable => Class::Unavailable,
             K::JetStream(e) => api(e),
             K::Response => Class::Request,
             K::EmptyStreamName
@@ -155,16 +169,17 @@ classify! {
         use async_nats::jetstream::context::AccountErrorKind as K;
         match k {
             K::TimedOut => Class::TimedOut,
-            K::JetStreamUnavailable => Class::Missing,
+            K::JetStreamUnavailable => Class::Unavailable,
             K::JetStream(e) => api(e),
-            K::Other => Class::Other,
+            K::Other => Class::Request,
         }
     };
     async_nats::jetstream::context::ConsumerInfoErrorKind => |k| {
         use async_nats::jetstream::context::ConsumerInfoErrorKind as K;
         match k {
             K::TimedOut => Class::TimedOut,
-            K::NotFound | K::StreamNotFound | K::NoResponders | K::InvalidName => Class::Missing,
+            K::NotFound | K::StreamNotFound | K::InvalidName => Class::Missing,
+            K::NoResponders => Class::Unavailable,
             K::Offline => Class::Unavailable,
             K::Request => Class::Request,
             K::JetStream(e) => api(e),
@@ -209,12 +224,22 @@ where
     if temporary { out.temporary() } else { out }
 }
 
-/// The class of the JetStream request error somewhere in `e`'s sources.
+/// The class of the request error somewhere in `e`'s sources: JetStream's, or, where that
+/// only says the request failed, the client's own beneath it. A request that failed for a
+/// reason neither names (an answer that did not parse) is `Other`.
 fn request_source(e: &(dyn std::error::Error + 'static)) -> Option<Class> {
+    use async_nats::client::RequestError as Core;
+    use async_nats::jetstream::context::RequestError as Js;
     let mut next = e.source();
     while let Some(s) = next {
-        if let Some(r) = s.downcast_ref::<async_nats::jetstream::context::RequestError>() {
-            return Some(r.kind().class());
+        let class = if let Some(r) = s.downcast_ref::<Js>() {
+            Some(r.kind().class())
+        } else {
+            s.downcast_ref::<Core>().map(|r| r.kind().class())
+        };
+        match class {
+            Some(Class::Request) | None => {}
+            Some(c) => return Some(c),
         }
         next = s.source();
     }
@@ -252,8 +277,25 @@ mod tests {
         let e = via(RequestErrorKind::TimedOut);
         assert_eq!(e.kind(), ErrorKind::Timeout);
         assert!(e.is_retryable());
+        // Nothing answers the JetStream API (a node still starting): asking again may help.
         let e = via(RequestErrorKind::NoResponders);
-        assert_eq!(e.kind(), ErrorKind::Rejected);
+        assert_eq!(e.kind(), ErrorKind::Connect);
+        assert!(e.is_retryable());
+        // A request that failed in transit, by the client's own error beneath.
+        let e = other(
+            "lookup",
+            GetStreamError::with_source(
+                GetStreamErrorKind::Request,
+                RequestError::with_source(
+                    RequestErrorKind::Other,
+                    async_nats::client::RequestError::new(
+                        async_nats::client::RequestErrorKind::Other,
+                    ),
+                ),
+            ),
+        );
+        assert_eq!(e.kind(), ErrorKind::Connect);
+        assert!(e.is_retryable());
         assert!(e.to_string().contains("lookup"));
     }
 }

@@ -177,7 +177,8 @@ async fn settle<T: Target, P: Publisher>(
     .await
     {
         Ok(reads) => row.figures = check::check(ledger, &reads, retried),
-        Err(e) => row.failures.push(format!("drain failed: {e}")),
+        // Debug carries the error's kind, retry hint and source (never payloads or secrets).
+        Err(e) => row.failures.push(format!("drain failed: {e:?}")),
     }
     if let Some(panic) = t.broker_panic() {
         row.failures.push(format!("the broker crashed: {panic}"));
