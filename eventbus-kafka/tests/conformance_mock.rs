@@ -79,9 +79,10 @@ async fn mock_cluster() -> KafkaHarness<MockThread> {
     KafkaHarness::connect(guard, bootstrap).await
 }
 
-// Every scenario but `bad_message_fails_alone`: the mock cluster creates any topic on its first
-// produce, so it has no topic a broker refuses (tried: `topic_error` only affects metadata).
-// That scenario runs on the tansu process, which refuses unknown topics.
+// Every scenario but `bad_message_fails_alone` and `refused_dead_letter_keeps_the_message`: the
+// mock cluster creates any topic on its first produce, so it has no topic a broker refuses
+// (tried: `topic_error` only affects metadata). Those scenarios run on the tansu process, which
+// refuses unknown topics.
 eventbus_conformance::conformance_tests!(@each mock_cluster().await;
     roundtrip_intact,
     headers_keep_order_and_repeats,
