@@ -246,6 +246,28 @@ pub(crate) fn receive(
     })
 }
 
+/// Read back what is already published (the grace runs from the start), acking each message.
+#[cfg(any(feature = "nats", feature = "kafka"))]
+pub(crate) async fn read_back(
+    sub: Subscription,
+    expected: u64,
+    t0: Instant,
+) -> Result<Received, String> {
+    let (_published, done) = tokio::sync::watch::channel(true);
+    receive(sub, expected, t0, done)
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// Wait for several readers and add up what they saw.
+async fn merged(readers: Vec<tokio::task::JoinHandle<Received>>) -> Result<Received, String> {
+    let mut parts = Vec::new();
+    for r in readers {
+        parts.push(r.await.map_err(|e| e.to_string())?);
+    }
+    Ok(Received::merge(parts))
+}
+
 impl Env {
     pub(crate) async fn start(
         args: &Args,
@@ -461,22 +483,12 @@ async fn run_memory(
     let rxs = during.map(|subs| receive_all(subs, t0, done_rx.clone()));
     let published = drive_sdk(&p, s, &topics, run.mode == Mode::Naive, t0).await;
     let _ = done_tx.send(true);
-    let mut received = Vec::new();
-    if let Some(rxs) = rxs {
-        for r in rxs {
-            received.push(r.await.map_err(|e| e.to_string())?);
-        }
-    }
-    rec.fill(&published, &Received::merge(received), &meter, run.measure);
+    let received = merged(rxs.unwrap_or_default()).await?;
+    rec.fill(&published, &received, &meter, run.measure);
     if run.measure == Measure::Publish {
         // Read back once the clock (and the meter) has stopped.
-        let mut back = Vec::new();
-        for r in receive_all(subscribe().await?, t0, done_rx) {
-            back.push(r.await.map_err(|e| e.to_string())?);
-        }
-        let back = Received::merge(back);
-        rec.received_distinct = back.distinct;
-        rec.received_duplicates = back.duplicates;
+        let back = merged(receive_all(subscribe().await?, t0, done_rx)).await?;
+        rec.read_back(&back);
     }
     let stored: u64 = topics.iter().map(|t| broker.topic_len(t) as u64).sum();
     rec.topic_or_stream = format!("{prefix}.*");
@@ -623,6 +635,12 @@ impl Record {
         self.e2e_p99_us = r.e2e_latency.value_at_quantile(0.99);
         self.peak_rss_bytes = peak_rss;
         self.cpu_secs = cpu;
+    }
+
+    /// What a reader saw once the clock had stopped (a publish-only run's read-back).
+    pub(crate) fn read_back(&mut self, r: &Received) {
+        self.received_distinct = r.distinct;
+        self.received_duplicates = r.duplicates;
     }
 
     /// Check the run: everything acked, the broker holds exactly the acked count, and (when a

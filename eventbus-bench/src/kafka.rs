@@ -318,8 +318,7 @@ impl KafkaEnv {
                 // tansu 0.6.0's memory engine misreports high watermarks, and an external
                 // broker's engine is unknown: count what a consumer reads.
                 Some(r) => {
-                    rec.received_distinct = r.distinct;
-                    rec.received_duplicates = r.duplicates;
+                    rec.read_back(&r);
                     rec.verify(
                         r.distinct,
                         true,
@@ -363,7 +362,7 @@ impl KafkaEnv {
         let received = match run.mode {
             Mode::DrainSdk => {
                 use eventbus_core::{SubscribeSpec, Subscriber};
-                let mut sub = kafka
+                let sub = kafka
                     .subscriber()
                     .subscribe(
                         SubscribeSpec::new(topic.as_str())
@@ -372,16 +371,7 @@ impl KafkaEnv {
                     )
                     .await
                     .map_err(|e| format!("subscribe: {e}"))?;
-                let mut seen = Seen::new(expected, t0);
-                while !seen.complete() {
-                    let next = tokio::time::timeout(Duration::from_secs(15), sub.next()).await;
-                    let Ok(Some(d)) = next else { break };
-                    let Ok(d) = d else { continue };
-                    seen.saw(d.message().payload());
-                    let _ = d.ack().await;
-                }
-                sub.close().await;
-                seen.into_received()
+                crate::drive::read_back(sub, expected, t0).await?
             }
             _ => {
                 let bootstrap = kafka.config().brokers.clone();

@@ -8,8 +8,8 @@ use eventbus_core::{Bytes, Publisher, SubscribeSpec, Subscriber, Subscription, T
 use tokio::sync::mpsc;
 
 use crate::drive::{
-    Env, Published, Received, Run, Seen, backlog, drive_sdk, payload, raw_outcome, receive, share,
-    spawn_acker,
+    Env, Published, Received, Run, Seen, backlog, drive_sdk, payload, raw_outcome, read_back,
+    receive, share, spawn_acker,
 };
 use crate::mode::{Measure, Mode};
 use crate::report::Record;
@@ -341,12 +341,7 @@ impl NatsRun<'_> {
             );
         } else {
             // Publish-only: read everything back once the clock has stopped.
-            let (_tx, done) = tokio::sync::watch::channel(true);
-            let back = receive(self.subscribe("verify").await?, stored, t0, done)
-                .await
-                .map_err(|e| e.to_string())?;
-            rec.received_distinct = back.distinct;
-            rec.received_duplicates = back.duplicates;
+            rec.read_back(&read_back(self.subscribe("verify").await?, stored, t0).await?);
             rec.verify(
                 stored,
                 true,
@@ -374,12 +369,7 @@ impl NatsRun<'_> {
         let meter = sys::Meter::start(self.env.pid());
         let t0 = meter.t0;
         let received = match self.run.mode {
-            Mode::DrainSdk => {
-                let (_tx, done) = tokio::sync::watch::channel(true);
-                receive(self.subscribe("drain").await?, stored, t0, done)
-                    .await
-                    .map_err(|e| e.to_string())?
-            }
+            Mode::DrainSdk => read_back(self.subscribe("drain").await?, stored, t0).await?,
             _ => self.drain_raw(stored, t0).await?,
         };
         rec.fill(&Published::empty(), &received, &meter, Measure::Drain);

@@ -22,8 +22,6 @@
 //! published in async mode instead (logged once, counted in `eventbus_nats_mode_fallback_total`).
 
 use std::collections::HashMap;
-
-use crate::lookup::SubjectStreams;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -40,6 +38,7 @@ use tokio::sync::mpsc;
 use crate::error::{BACKEND, err};
 use crate::fast::{self, Event, FastState, Fate, Op};
 use crate::headers;
+use crate::lookup::SubjectStreams;
 use crate::retry::Kept;
 
 /// How a [`NatsSink`] hands batches to JetStream.
