@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+pub mod backend;
 pub mod codec;
 pub mod dedup;
 mod envelope;
@@ -34,6 +35,7 @@ pub mod serde_millis {
     }
 }
 
+pub use backend::Backend;
 pub use codec::{Codec, Json};
 pub use dedup::DedupConfig;
 pub use envelope::{Envelope, names as envelope_headers};

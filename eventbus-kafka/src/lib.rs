@@ -50,6 +50,30 @@ impl eventbus_core::ops::HealthCheck for KafkaBackend {
     }
 }
 
+impl eventbus_core::Backend for KafkaBackend {
+    type Sink = KafkaSink;
+    type Subscriber = KafkaSubscriber;
+    fn name(&self) -> &'static str {
+        error::BACKEND
+    }
+    async fn sink(&self) -> Result<KafkaSink, Error> {
+        KafkaBackend::sink(self)
+    }
+    fn subscriber(&self) -> KafkaSubscriber {
+        KafkaBackend::subscriber(self)
+    }
+    /// [`KafkaBackend::ensure_topic`] with `partitions` (at least 1), replication factor 1.
+    async fn ensure_topic(&self, topic: &str, partitions: u32) -> Result<(), Error> {
+        let partitions = i32::try_from(partitions.max(1)).map_err(|_| {
+            error::err(
+                eventbus_core::ErrorKind::Config,
+                "partitions must fit in an i32",
+            )
+        })?;
+        KafkaBackend::ensure_topic(self, topic, partitions).await
+    }
+}
+
 /// A Kafka-protocol cluster: makes sinks and manages topics.
 #[derive(Clone, Debug)]
 pub struct KafkaBackend {

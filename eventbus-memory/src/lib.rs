@@ -82,6 +82,24 @@ impl eventbus_core::ops::HealthCheck for MemoryBroker {
     }
 }
 
+impl eventbus_core::Backend for MemoryBroker {
+    type Sink = MemorySink;
+    type Subscriber = MemorySubscriber;
+    fn name(&self) -> &'static str {
+        BACKEND
+    }
+    async fn sink(&self) -> Result<MemorySink, Error> {
+        Ok(MemoryBroker::sink(self))
+    }
+    fn subscriber(&self) -> MemorySubscriber {
+        MemoryBroker::subscriber(self)
+    }
+    /// Topics need nothing here; the name is checked as a publish would check it.
+    async fn ensure_topic(&self, topic: &str, _partitions: u32) -> Result<(), Error> {
+        eventbus_core::validate::topic(topic, TopicRules::Portable)
+    }
+}
+
 impl MemoryBroker {
     /// A new, empty broker. The default message size limit is 1 MiB.
     pub fn new() -> Self {

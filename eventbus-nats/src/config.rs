@@ -7,6 +7,8 @@ use std::time::Duration;
 use eventbus_core::{Error, ErrorKind};
 use serde::{Deserialize, Serialize};
 
+use crate::PublishMode;
+
 /// How to authenticate. Secrets are redacted from `Debug`.
 #[derive(Clone, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "type")]
@@ -57,6 +59,19 @@ impl fmt::Debug for NatsAuth {
     }
 }
 
+/// The environment variables [`NatsConfig::with_vars`] reads: short forms for the connection
+/// and its credentials.
+pub const ENV_VARS: &[&str] = &[
+    "EVENTBUS_NATS_URL",
+    "EVENTBUS_NATS_USER",
+    "EVENTBUS_NATS_PASSWORD",
+    "EVENTBUS_NATS_TOKEN",
+    "EVENTBUS_NATS_NKEY",
+    "EVENTBUS_NATS_CREDS",
+    "EVENTBUS_NATS_TLS",
+    "EVENTBUS_NATS_CA",
+];
+
 /// Connection settings for [`NatsBackend`](crate::NatsBackend).
 #[derive(Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -91,6 +106,12 @@ pub struct NatsConfig {
     pub max_ack_inflight: usize,
     /// Connection name shown by the server. Default `eventbus`.
     pub name: String,
+    /// How [`NatsBackend::sink`](crate::NatsBackend::sink) publishes: `fast`, `async` or
+    /// `atomic` (see [`PublishMode`]). Default `fast`.
+    pub publish_mode: PublishMode,
+    /// Send each message's id as `Nats-Msg-Id`, so the stream drops a retry it already stored
+    /// (within its duplicate window). Default `true`.
+    pub dedup: bool,
 }
 
 impl Default for NatsConfig {
@@ -105,6 +126,8 @@ impl Default for NatsConfig {
             ack_timeout: Duration::from_secs(10),
             max_ack_inflight: 262_144,
             name: "eventbus".into(),
+            publish_mode: PublishMode::default(),
+            dedup: true,
         }
     }
 }
@@ -118,6 +141,8 @@ impl fmt::Debug for NatsConfig {
             .field("connect_timeout", &self.connect_timeout)
             .field("ack_timeout", &self.ack_timeout)
             .field("max_ack_inflight", &self.max_ack_inflight)
+            .field("publish_mode", &self.publish_mode)
+            .field("dedup", &self.dedup)
             .finish_non_exhaustive()
     }
 }
@@ -167,6 +192,16 @@ impl NatsConfig {
     /// Set the per-ack wait.
     pub fn ack_timeout(mut self, d: Duration) -> Self {
         self.ack_timeout = d;
+        self
+    }
+    /// Set `publish_mode` (what [`NatsBackend::sink`](crate::NatsBackend::sink) uses).
+    pub fn publish_mode(mut self, mode: PublishMode) -> Self {
+        self.publish_mode = mode;
+        self
+    }
+    /// Set `dedup` (`Nats-Msg-Id` on every message).
+    pub fn dedup(mut self, on: bool) -> Self {
+        self.dedup = on;
         self
     }
     /// Set the connect timeout.
@@ -223,7 +258,7 @@ impl NatsConfig {
             .collect()
     }
 
-    /// Read `EVENTBUS_NATS_URL`, `EVENTBUS_NATS_USER` + `EVENTBUS_NATS_PASSWORD`,
+    /// Read [`ENV_VARS`]: `EVENTBUS_NATS_URL`, `EVENTBUS_NATS_USER` + `EVENTBUS_NATS_PASSWORD`,
     /// `EVENTBUS_NATS_TOKEN`, `EVENTBUS_NATS_NKEY`, `EVENTBUS_NATS_CREDS`, `EVENTBUS_NATS_TLS`
     /// (`1`/`true`), `EVENTBUS_NATS_CA`.
     pub fn from_env() -> Result<Self, Error> {
@@ -235,7 +270,16 @@ impl NatsConfig {
     pub fn from_iter<K: AsRef<str>, V: Into<String>>(
         vars: impl IntoIterator<Item = (K, V)>,
     ) -> Result<Self, Error> {
-        let mut c = NatsConfig::default();
+        NatsConfig::default().with_vars(vars)
+    }
+
+    /// Apply the [`ENV_VARS`] among `vars` on top of this config (others are ignored). A user
+    /// needs its password in the same set; errors name the variable, never its value.
+    pub fn with_vars<K: AsRef<str>, V: Into<String>>(
+        self,
+        vars: impl IntoIterator<Item = (K, V)>,
+    ) -> Result<Self, Error> {
+        let mut c = self;
         let (mut user, mut password) = (None, None);
         for (k, v) in vars {
             let v = v.into();

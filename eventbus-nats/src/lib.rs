@@ -16,7 +16,7 @@ use std::time::Duration;
 use async_nats::jetstream;
 use eventbus_core::Error;
 
-pub use config::{NatsAuth, NatsConfig};
+pub use config::{ENV_VARS, NatsAuth, NatsConfig};
 pub use headers::{HEADER_ORDER, KEY as KEY_HEADER, KEY_HEX as KEY_HEX_HEADER};
 pub use sink::{
     ATOMIC_MAX_IN_FLIGHT, ATOMIC_MAX_MESSAGES, FAST_MAX_IN_FLIGHT, NatsSink, PublishMode,
@@ -67,6 +67,24 @@ impl eventbus_core::ops::HealthCheck for NatsBackend {
     }
 }
 
+impl eventbus_core::Backend for NatsBackend {
+    type Sink = NatsSink;
+    type Subscriber = NatsSubscriber;
+    fn name(&self) -> &'static str {
+        error::BACKEND
+    }
+    async fn sink(&self) -> Result<NatsSink, Error> {
+        NatsBackend::sink(self).await
+    }
+    fn subscriber(&self) -> NatsSubscriber {
+        NatsBackend::subscriber(self)
+    }
+    /// [`NatsBackend::ensure_topic`]; streams have no partitions.
+    async fn ensure_topic(&self, topic: &str, _partitions: u32) -> Result<(), Error> {
+        NatsBackend::ensure_topic(self, topic).await
+    }
+}
+
 /// A connection to a NATS server with JetStream: makes sinks, subscribers and streams.
 #[derive(Clone, Debug)]
 pub struct NatsBackend {
@@ -75,6 +93,8 @@ pub struct NatsBackend {
     denied: std::sync::Arc<denied::Denied>,
     /// [`NatsConfig::ack_timeout`].
     ack_timeout: Duration,
+    /// [`NatsConfig::publish_mode`] and [`NatsConfig::dedup`].
+    publish: SinkOptions,
 }
 
 impl NatsBackend {
@@ -142,13 +162,18 @@ impl NatsBackend {
             js,
             denied,
             ack_timeout: config.ack_timeout,
+            publish: SinkOptions::default()
+                .mode(config.publish_mode)
+                .dedup(config.dedup),
         })
     }
 
-    /// A publishing sink; wrap it in `eventbus_batch::Batcher`. Every message carries its id in
-    /// `Nats-Msg-Id`, so the stream de-duplicates retries within its duplicate window.
+    /// A publishing sink as the config says ([`NatsConfig::publish_mode`], by default fast
+    /// ingest; [`NatsConfig::dedup`], by default on: every message carries its id in
+    /// `Nats-Msg-Id`, so the stream de-duplicates retries within its duplicate window). Wrap it
+    /// in `eventbus_batch::Batcher`.
     pub async fn sink(&self) -> Result<NatsSink, Error> {
-        self.sink_with(SinkOptions::default()).await
+        self.sink_with(self.publish).await
     }
 
     /// A publishing sink with explicit options (publish mode, de-duplication).
@@ -174,7 +199,19 @@ impl NatsBackend {
     /// A sink that does not send `Nats-Msg-Id`: no server-side de-duplication, slightly less
     /// work per message. Retries of unknown outcomes may then store duplicates.
     pub async fn sink_without_dedup(&self) -> Result<NatsSink, Error> {
-        self.sink_with(SinkOptions::default().dedup(false)).await
+        self.sink_with(self.publish.dedup(false)).await
+    }
+
+    /// Make sure `topic` has a stream: a file stream named after it (`.` becomes `_`, e.g.
+    /// `orders_created`) capturing `topic` and `topic.>`, unless a stream already covers it
+    /// (left as it is).
+    pub async fn ensure_topic(&self, topic: &str) -> Result<(), Error> {
+        eventbus_core::validate::topic(topic, eventbus_core::TopicRules::Nats)?;
+        self.ensure_stream(&StreamSpec::new(
+            topic.replace('.', "_"),
+            [topic.to_owned(), format!("{topic}.>")],
+        ))
+        .await
     }
 
     /// A subscriber.

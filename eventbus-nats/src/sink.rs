@@ -42,7 +42,8 @@ use crate::lookup::SubjectStreams;
 use crate::retry::Kept;
 
 /// How a [`NatsSink`] hands batches to JetStream.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 #[non_exhaustive]
 pub enum PublishMode {
     /// Pipelined publishes, one ack per message, many outstanding. Any JetStream server.

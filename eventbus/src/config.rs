@@ -223,17 +223,7 @@ impl BusConfig {
                 continue;
             };
             let rest = rest.to_ascii_lowercase();
-            if matches!(
-                rest.as_str(),
-                "nats_url"
-                    | "nats_user"
-                    | "nats_password"
-                    | "nats_token"
-                    | "nats_nkey"
-                    | "nats_creds"
-                    | "nats_tls"
-                    | "nats_ca"
-            ) {
+            if nats_short_form(k) {
                 nats_creds.push((k.to_owned(), v));
                 continue;
             }
@@ -250,6 +240,8 @@ impl BusConfig {
                 }
             }
         }
+        // Only the backends' own variables change it afterwards.
+        #[cfg_attr(not(any(feature = "nats", feature = "kafka")), allow(unused_mut))]
         let mut cfg = from_deserializer(tree).map_err(|(path, e)| {
             // Name the variable that set this field (or a field inside it).
             let var = set
@@ -269,17 +261,7 @@ impl BusConfig {
         })?;
         #[cfg(feature = "nats")]
         if !nats_creds.is_empty() {
-            let from_env = eventbus_nats::NatsConfig::from_iter(nats_creds.iter().cloned())?;
-            for (k, _) in &nats_creds {
-                match k.as_str() {
-                    "EVENTBUS_NATS_URL" => cfg.nats.url = from_env.url.clone(),
-                    "EVENTBUS_NATS_TLS" => cfg.nats.tls_required = from_env.tls_required,
-                    "EVENTBUS_NATS_CA" => {
-                        cfg.nats.tls_root_certificates = from_env.tls_root_certificates.clone()
-                    }
-                    _ => cfg.nats.auth = from_env.auth.clone(),
-                }
-            }
+            cfg.nats = cfg.nats.with_vars(nats_creds)?;
         }
         #[cfg(not(feature = "nats"))]
         if let Some((k, _)) = nats_creds.first() {
@@ -328,6 +310,16 @@ impl BusConfig {
         }
         Ok(())
     }
+}
+
+/// The NATS short forms (`EVENTBUS_NATS_URL`, `EVENTBUS_NATS_USER`, ...), which the backend
+/// reads itself.
+fn nats_short_form(var: &str) -> bool {
+    #[cfg(feature = "nats")]
+    return eventbus_nats::ENV_VARS.contains(&var);
+    // Without the backend every NATS variable is refused, naming the missing feature.
+    #[cfg(not(feature = "nats"))]
+    return var.starts_with("EVENTBUS_NATS_");
 }
 
 /// The Kafka security short forms (`EVENTBUS_KAFKA_SASL_PASSWORD`, ...), which set librdkafka

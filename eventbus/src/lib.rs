@@ -28,10 +28,12 @@ compile_error!("enable at least one backend feature of `eventbus`: nats, kafka o
 
 mod config;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 pub use eventbus_batch::{BacklogEvent, BacklogWatch, BatchConfig, Batcher, OnFull, WindowStats};
-use eventbus_core::ops::{Health, HealthCheck, Lag};
+use eventbus_core::backend::{ArcSubscriber, BoxSink, DynBackend};
+use eventbus_core::ops::{Health, Lag};
 /// Everything from `eventbus-core` (messages, the traits, errors, the handler runtime, lag and
 /// health), so that a service needs only this crate.
 #[doc(no_inline)]
@@ -64,211 +66,134 @@ pub use eventbus_memory::MemoryBroker;
 #[doc = include_str!("../../README.md")]
 struct WorkspaceReadme;
 
-/// A connected backend. Few exist per process, so the variants are not boxed.
-#[derive(Clone, Debug)]
-#[allow(clippy::large_enum_variant)]
-#[non_exhaustive]
-pub enum Bus {
-    /// NATS JetStream.
-    #[cfg(feature = "nats")]
-    Nats(eventbus_nats::NatsBackend, BusConfig),
-    /// A Kafka-protocol cluster.
-    #[cfg(feature = "kafka")]
-    Kafka(eventbus_kafka::KafkaBackend, BusConfig),
-    /// The in-process backend.
-    #[cfg(feature = "memory")]
-    Memory(eventbus_memory::MemoryBroker, BusConfig),
+/// A connected backend, whichever the config names: one [`Backend`] behind a pointer. It makes
+/// publishers (the batching engine over the backend's sink) and subscribers, provisions topics
+/// and checks health; what only one backend offers is one [`Bus::backend`] call away.
+/// Cloning is cheap.
+#[derive(Clone)]
+pub struct Bus {
+    backend: Arc<dyn DynBackend>,
+    config: BusConfig,
+}
+
+impl std::fmt::Debug for Bus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Bus")
+            .field("backend", &self.backend.name())
+            .field("config", &self.config)
+            .finish()
+    }
 }
 
 impl Bus {
     /// Validate the config and connect the backend it names.
     pub async fn connect(config: &BusConfig) -> Result<Bus, Error> {
         config.validate()?;
-        let config = config.clone();
-        match config.backend {
+        let backend: Arc<dyn DynBackend> = match config.backend {
             #[cfg(feature = "nats")]
-            BackendKind::Nats => Ok(Bus::Nats(
-                eventbus_nats::NatsBackend::connect(config.nats.clone()).await?,
-                config,
-            )),
+            BackendKind::Nats => Arc::new(NatsBackend::connect(config.nats.clone()).await?),
             #[cfg(feature = "kafka")]
-            BackendKind::Kafka => Ok(Bus::Kafka(
-                eventbus_kafka::KafkaBackend::connect(config.kafka.clone()).await?,
-                config,
-            )),
+            BackendKind::Kafka => Arc::new(KafkaBackend::connect(config.kafka.clone()).await?),
             #[cfg(feature = "memory")]
-            BackendKind::Memory => Ok(Bus::Memory(eventbus_memory::MemoryBroker::new(), config)),
+            BackendKind::Memory => Arc::new(MemoryBroker::new()),
             #[allow(unreachable_patterns)]
-            other => Err(Error::new(
-                ErrorKind::Config,
-                format!("backend {other} is not built in"),
-            )),
+            other => {
+                return Err(Error::new(
+                    ErrorKind::Config,
+                    format!("backend {other} is not built in"),
+                ));
+            }
+        };
+        Ok(Bus {
+            backend,
+            config: config.clone(),
+        })
+    }
+
+    /// A bus over a backend connected elsewhere (one you configured by hand, a shared
+    /// [`MemoryBroker`] in a test, or your own [`Backend`]); `config` supplies the `[batch]`
+    /// and `[handler]` settings, its backend section is not used.
+    ///
+    /// ```
+    /// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+    /// use eventbus::{Bus, BusConfig, MemoryBroker, Message, Publisher};
+    /// let broker = MemoryBroker::new();
+    /// let bus = Bus::with_backend(broker.clone(), BusConfig::default());
+    /// let publisher = bus.publisher().await.unwrap();
+    /// publisher.publish(Message::new("orders", "{}")).await.unwrap().await.into_result().unwrap();
+    /// assert_eq!(broker.topic_len("orders"), 1);
+    /// assert!(bus.backend::<MemoryBroker>().is_some());
+    /// # });
+    /// ```
+    pub fn with_backend(backend: impl Backend, config: BusConfig) -> Bus {
+        Bus {
+            backend: Arc::new(backend),
+            config,
         }
     }
 
     /// The config it was connected with.
     pub fn config(&self) -> &BusConfig {
-        match self {
-            #[cfg(feature = "nats")]
-            Bus::Nats(_, c) => c,
-            #[cfg(feature = "kafka")]
-            Bus::Kafka(_, c) => c,
-            #[cfg(feature = "memory")]
-            Bus::Memory(_, c) => c,
-        }
+        &self.config
+    }
+
+    /// The backend's short name (`"nats"`, `"kafka"`, `"memory"`).
+    pub fn backend_name(&self) -> &'static str {
+        self.backend.name()
+    }
+
+    /// The concrete backend, when it is a `B` (`bus.backend::<NatsBackend>()` for streams and
+    /// publish modes the bus does not cover).
+    pub fn backend<B: Backend>(&self) -> Option<&B> {
+        self.backend.as_any().downcast_ref()
     }
 
     /// A publisher: the batching engine with the config's `[batch]` settings over a new sink.
     pub async fn publisher(&self) -> Result<BusPublisher, Error> {
-        let batch = self.config().batch.clone();
-        Ok(match self {
-            #[cfg(feature = "nats")]
-            Bus::Nats(b, _) => BusPublisher::Nats(Batcher::new(b.sink().await?, batch)?),
-            #[cfg(feature = "kafka")]
-            Bus::Kafka(b, _) => BusPublisher::Kafka(Batcher::new(b.sink()?, batch)?),
-            #[cfg(feature = "memory")]
-            Bus::Memory(b, _) => BusPublisher::Memory(Batcher::new(b.sink(), batch)?),
-        })
+        Batcher::new(self.backend.sink_dyn().await?, self.config.batch.clone())
     }
 
     /// A subscriber.
     pub fn subscriber(&self) -> BusSubscriber {
-        match self {
-            #[cfg(feature = "nats")]
-            Bus::Nats(b, _) => BusSubscriber::Nats(b.subscriber()),
-            #[cfg(feature = "kafka")]
-            Bus::Kafka(b, _) => BusSubscriber::Kafka(b.subscriber()),
-            #[cfg(feature = "memory")]
-            Bus::Memory(b, _) => BusSubscriber::Memory(b.subscriber()),
-        }
+        BusSubscriber(self.backend.subscriber_dyn())
     }
 
-    /// Make sure `topic` can be published to and subscribed: Kafka creates the topic with
-    /// `partitions` (replication factor 1) unless it exists; NATS creates a file stream named
-    /// after it (`.` becomes `_`, e.g. `orders_created`) capturing `topic` and `topic.>`
-    /// unless one exists; memory needs nothing. Existing topics and streams are left as they
-    /// are. Production setups usually provision through their own tooling instead.
+    /// Make sure `topic` can be published to and subscribed, as the backend provisions
+    /// topics: Kafka creates the topic with `partitions` (replication factor 1) unless it
+    /// exists; NATS creates a file stream named after it (`.` becomes `_`, e.g.
+    /// `orders_created`) capturing `topic` and `topic.>` unless one exists; memory needs
+    /// nothing. Existing topics and streams are left as they are. Production setups usually
+    /// provision through their own tooling instead.
     pub async fn ensure_topic(&self, topic: &str, partitions: u32) -> Result<(), Error> {
-        // Only Kafka topics have partitions.
-        #[cfg(not(feature = "kafka"))]
-        let _ = partitions;
-        match self {
-            #[cfg(feature = "nats")]
-            Bus::Nats(b, _) => {
-                eventbus_core::validate::topic(topic, eventbus_core::TopicRules::Nats)?;
-                let name = topic.replace('.', "_");
-                b.ensure_stream(&eventbus_nats::StreamSpec::new(
-                    name,
-                    [topic.to_owned(), format!("{topic}.>")],
-                ))
-                .await
-            }
-            #[cfg(feature = "kafka")]
-            Bus::Kafka(b, _) => {
-                let partitions = i32::try_from(partitions.max(1))
-                    .map_err(|_| Error::new(ErrorKind::Config, "partitions must fit in an i32"))?;
-                b.ensure_topic(topic, partitions).await
-            }
-            #[cfg(feature = "memory")]
-            Bus::Memory(..) => Ok(()),
-        }
+        self.backend.ensure_topic_dyn(topic, partitions).await
     }
 
     /// The backend's health check.
     pub async fn health(&self, timeout: Duration) -> Health {
-        match self {
-            #[cfg(feature = "nats")]
-            Bus::Nats(b, _) => b.health(timeout).await,
-            #[cfg(feature = "kafka")]
-            Bus::Kafka(b, _) => b.health(timeout).await,
-            #[cfg(feature = "memory")]
-            Bus::Memory(b, _) => b.health(timeout).await,
-        }
+        self.backend.health_dyn(timeout).await
     }
 }
 
-/// A publisher on whichever backend the bus uses.
-#[derive(Clone, Debug)]
-#[allow(clippy::large_enum_variant)]
-#[non_exhaustive]
-pub enum BusPublisher {
-    /// NATS.
-    #[cfg(feature = "nats")]
-    Nats(Batcher<eventbus_nats::NatsSink>),
-    /// Kafka.
-    #[cfg(feature = "kafka")]
-    Kafka(Batcher<eventbus_kafka::KafkaSink>),
-    /// In-process.
-    #[cfg(feature = "memory")]
-    Memory(Batcher<eventbus_memory::MemorySink>),
-}
+/// A publisher on whichever backend the bus uses: the batching engine over the backend's sink,
+/// boxed once per batch.
+pub type BusPublisher = Batcher<BoxSink>;
 
-/// `match` over every built-in variant of `$e`, binding the inner value to `$p`.
-macro_rules! each {
-    ($ty:ident, $e:expr, $p:ident => $body:expr) => {
-        match $e {
-            #[cfg(feature = "nats")]
-            $ty::Nats($p) => $body,
-            #[cfg(feature = "kafka")]
-            $ty::Kafka($p) => $body,
-            #[cfg(feature = "memory")]
-            $ty::Memory($p) => $body,
-        }
-    };
-}
+/// A subscriber on whichever backend the bus uses. Cloning is cheap.
+#[derive(Clone)]
+pub struct BusSubscriber(ArcSubscriber);
 
-impl BusPublisher {
-    /// Current ACK window use (see [`Batcher::stats`]).
-    pub fn stats(&self) -> WindowStats {
-        each!(BusPublisher, self, p => p.stats())
+impl std::fmt::Debug for BusSubscriber {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BusSubscriber")
     }
-
-    /// Call `on_event` when the publisher's backlog crosses `threshold` messages in flight,
-    /// checked every `every` (see [`Batcher::watch_backlog`]).
-    pub fn watch_backlog<F>(&self, every: Duration, threshold: usize, on_event: F) -> BacklogWatch
-    where
-        F: FnMut(BacklogEvent) + Send + 'static,
-    {
-        each!(BusPublisher, self, p => p.watch_backlog(every, threshold, on_event))
-    }
-}
-
-impl Publisher for BusPublisher {
-    async fn publish(&self, msg: Message) -> Result<PendingAck, Error> {
-        each!(BusPublisher, self, p => p.publish(msg).await)
-    }
-
-    async fn flush(&self) -> Result<(), Error> {
-        each!(BusPublisher, self, p => p.flush().await)
-    }
-
-    async fn close(&self, deadline: Duration) -> Result<CloseReport, Error> {
-        each!(BusPublisher, self, p => p.close(deadline).await)
-    }
-}
-
-/// A subscriber on whichever backend the bus uses.
-#[derive(Clone, Debug)]
-#[allow(clippy::large_enum_variant)]
-#[non_exhaustive]
-pub enum BusSubscriber {
-    /// NATS.
-    #[cfg(feature = "nats")]
-    Nats(eventbus_nats::NatsSubscriber),
-    /// Kafka.
-    #[cfg(feature = "kafka")]
-    Kafka(eventbus_kafka::KafkaSubscriber),
-    /// In-process.
-    #[cfg(feature = "memory")]
-    Memory(eventbus_memory::MemorySubscriber),
 }
 
 impl Subscriber for BusSubscriber {
     async fn subscribe(&self, spec: SubscribeSpec) -> Result<Subscription, Error> {
-        each!(BusSubscriber, self, s => s.subscribe(spec).await)
+        self.0.subscribe(spec).await
     }
 
     async fn lag(&self, topic: &Topic, group: &str) -> Result<Lag, Error> {
-        each!(BusSubscriber, self, s => s.lag(topic, group).await)
+        self.0.lag(topic, group).await
     }
 }

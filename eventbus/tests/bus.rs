@@ -91,12 +91,19 @@ async fn a_nats_bus_from_config_and_environment() {
     let server = eventbus_brokers::NatsServer::start().expect("start nats-server");
     let cfg = BusConfig::from_toml("backend = \"nats\"")
         .expect("config")
-        .with_vars([("EVENTBUS_NATS_URL", server.url())])
+        .with_vars([
+            ("EVENTBUS_NATS_URL", server.url()),
+            ("EVENTBUS_NATS_PUBLISH_MODE", "async".into()),
+            ("EVENTBUS_NATS_DEDUP", "false".into()),
+        ])
         .expect("overlay");
     let bus = Bus::connect(&cfg).await.expect("connect");
-    let Bus::Nats(nats, _) = &bus else {
-        panic!("not NATS")
-    };
+    assert_eq!(bus.backend_name(), "nats");
+    let nats = bus.backend::<eventbus::NatsBackend>().expect("a NATS bus");
+    // The backend's own options reach the bus's sinks: the facade chooses nothing itself.
+    let opts = nats.sink().await.expect("sink").options();
+    assert_eq!(opts.mode, eventbus::nats::PublishMode::Async);
+    assert!(!opts.dedup);
     nats.ensure_stream(&eventbus_nats::StreamSpec::new("BUS", ["bus.>"]))
         .await
         .expect("stream");
