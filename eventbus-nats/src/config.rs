@@ -112,6 +112,9 @@ pub struct NatsConfig {
     /// Send each message's id as `Nats-Msg-Id`, so the stream drops a retry it already stored
     /// (within its duplicate window). Default `true`.
     pub dedup: bool,
+    /// Replicas of the streams [`NatsBackend::ensure_topic`](crate::NatsBackend::ensure_topic)
+    /// creates (3 on a 3-node cluster for R3). Default 1.
+    pub stream_replicas: usize,
 }
 
 impl Default for NatsConfig {
@@ -128,6 +131,7 @@ impl Default for NatsConfig {
             name: "eventbus".into(),
             publish_mode: PublishMode::default(),
             dedup: true,
+            stream_replicas: 1,
         }
     }
 }
@@ -143,6 +147,7 @@ impl fmt::Debug for NatsConfig {
             .field("max_ack_inflight", &self.max_ack_inflight)
             .field("publish_mode", &self.publish_mode)
             .field("dedup", &self.dedup)
+            .field("stream_replicas", &self.stream_replicas)
             .finish_non_exhaustive()
     }
 }
@@ -202,6 +207,11 @@ impl NatsConfig {
     /// Set `dedup` (`Nats-Msg-Id` on every message).
     pub fn dedup(mut self, on: bool) -> Self {
         self.dedup = on;
+        self
+    }
+    /// Set `stream_replicas`.
+    pub fn stream_replicas(mut self, n: usize) -> Self {
+        self.stream_replicas = n;
         self
     }
     /// Set the connect timeout.

@@ -3,7 +3,6 @@
 mod config;
 mod denied;
 mod error;
-mod fast;
 mod headers;
 mod lookup;
 mod retry;
@@ -95,6 +94,8 @@ pub struct NatsBackend {
     ack_timeout: Duration,
     /// [`NatsConfig::publish_mode`] and [`NatsConfig::dedup`].
     publish: SinkOptions,
+    /// [`NatsConfig::stream_replicas`].
+    stream_replicas: usize,
 }
 
 impl NatsBackend {
@@ -165,6 +166,7 @@ impl NatsBackend {
             publish: SinkOptions::default()
                 .mode(config.publish_mode)
                 .dedup(config.dedup),
+            stream_replicas: config.stream_replicas,
         })
     }
 
@@ -203,14 +205,19 @@ impl NatsBackend {
     }
 
     /// Make sure `topic` has a stream: a file stream named after it (`.` becomes `_`, e.g.
-    /// `orders_created`) capturing `topic` and `topic.>`, unless a stream already covers it
-    /// (left as it is).
+    /// `orders_created`) capturing `topic` and `topic.>`, with
+    /// [`NatsConfig::stream_replicas`] and what the configured publish mode needs (`allow_atomic`
+    /// for [`PublishMode::Atomic`]), unless a stream of that name exists (left as it is).
     pub async fn ensure_topic(&self, topic: &str) -> Result<(), Error> {
         eventbus_core::validate::topic(topic, eventbus_core::TopicRules::Nats)?;
-        self.ensure_stream(&StreamSpec::new(
-            topic.replace('.', "_"),
-            [topic.to_owned(), format!("{topic}.>")],
-        ))
+        self.ensure_stream(
+            &StreamSpec::new(
+                topic.replace('.', "_"),
+                [topic.to_owned(), format!("{topic}.>")],
+            )
+            .replicas(self.stream_replicas)
+            .allow_atomic(self.publish.mode == PublishMode::Atomic),
+        )
         .await
     }
 
