@@ -17,6 +17,8 @@ use crate::mode::{Measure, Mode};
 use crate::nats::NatsEnv;
 use crate::report::Record;
 use crate::{Args, Scenario, sys};
+#[cfg(feature = "nats")]
+use eventbus_brokers::BrokerKind;
 
 pub(crate) struct Env {
     #[cfg(feature = "nats")]
@@ -279,28 +281,14 @@ impl Env {
         let single = storages.iter().any(|st| *st != "replicated");
         #[cfg(feature = "nats")]
         let nats = if need_nats && single {
-            Some(match &args.nats_url {
-                Some(u) => NatsEnv::connect(None, None, u.clone()).await?,
-                None => {
-                    let (s, http) = NatsEnv::start_single()?;
-                    let u = s.url();
-                    NatsEnv::connect(Some((s, http)), None, u).await?
-                }
-            })
+            Some(NatsEnv::start(BrokerKind::Nats, args.nats_url.as_deref()).await?)
         } else {
             None
         };
         #[cfg(feature = "nats")]
         let nats_cluster = if need_nats && storages.contains(&"replicated") {
-            Some(match &args.nats_url {
-                Some(u) => NatsEnv::connect(None, None, u.clone()).await?,
-                None => {
-                    let c = eventbus_brokers::NatsCluster::start(3)
-                        .map_err(|e| format!("cannot start the NATS cluster: {e}"))?;
-                    let u = c.urls();
-                    NatsEnv::connect(None, Some(c), u).await?
-                }
-            })
+            let kind = BrokerKind::NatsCluster { nodes: 3 };
+            Some(NatsEnv::start(kind, args.nats_url.as_deref()).await?)
         } else {
             None
         };

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use eventbus_batch::Batcher;
-use eventbus_brokers::{Tansu, TansuCluster, TansuStorage};
+use eventbus_brokers::{BrokerKind, TansuStorage, TestBroker};
 use eventbus_core::{Message, Publisher, Topic};
 use eventbus_kafka::{KafkaBackend, KafkaConfig};
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -28,8 +28,12 @@ const RAW_LINGERS_MS: [u64; 3] = [1, 5, 20];
 /// default bench stays within minutes. The record's `messages` says what was sent.
 pub(crate) const DURABLE_CAP: usize = 100_000;
 
+/// One storage class: its name, the brokers the bench started for it (`None`: external,
+/// `--kafka-brokers`) and a backend on them.
+type StorageClass = (String, Option<Box<dyn TestBroker>>, KafkaBackend);
+
 pub(crate) struct KafkaEnv {
-    brokers: Vec<(String, Brokers, KafkaBackend)>,
+    brokers: Vec<StorageClass>,
     /// Warm producers by (storage, mode, linger): a service keeps its producer, and a new
     /// idempotent producer costs ~0.5 s before its first send (librdkafka's producer-id timer).
     producers: tokio::sync::Mutex<HashMap<String, Arc<Producer>>>,
@@ -60,27 +64,6 @@ fn reported_by(bootstrap: &str) -> String {
     format!("{brokers}, cluster id {id}")
 }
 
-/// The broker processes behind one storage class.
-enum Brokers {
-    /// One tansu broker (SQLite or memory engine).
-    One(Tansu),
-    /// Three stateless tansu brokers over one shared SQLite file (`replicated`).
-    Three(TansuCluster),
-    /// A broker the user runs (`--kafka-brokers`).
-    External,
-}
-
-impl Brokers {
-    /// The process whose CPU the bench reports (the first broker of a cluster).
-    fn pid(&self) -> Option<u32> {
-        match self {
-            Brokers::One(t) => t.pid(),
-            Brokers::Three(c) => c.brokers().first().and_then(Tansu::pid),
-            Brokers::External => None,
-        }
-    }
-}
-
 /// Whether a storage class runs on tansu's SQLite engine (read back by watermarks only).
 pub(crate) fn on_sqlite(storage: &str) -> bool {
     storage != "memory"
@@ -91,22 +74,18 @@ impl KafkaEnv {
         let mut brokers = Vec::new();
         for st in storages {
             let (tansu, bootstrap) = match &args.kafka_brokers {
-                Some(b) => (Brokers::External, b.clone()),
-                None if *st == "replicated" => {
-                    let c = TansuCluster::start(3)
-                        .map_err(|e| format!("cannot start the tansu cluster: {e}"))?;
-                    let b = c.bootstrap();
-                    (Brokers::Three(c), b)
-                }
+                Some(b) => (None, b.clone()),
                 None => {
-                    let engine = if *st == "durable" {
-                        TansuStorage::Sqlite
-                    } else {
-                        TansuStorage::Memory
+                    let kind = match *st {
+                        "replicated" => BrokerKind::TansuCluster { nodes: 3 },
+                        "durable" => BrokerKind::Tansu(TansuStorage::Sqlite),
+                        _ => BrokerKind::Tansu(TansuStorage::Memory),
                     };
-                    let t = Tansu::start(engine).map_err(|e| format!("cannot start tansu: {e}"))?;
-                    let b = t.bootstrap();
-                    (Brokers::One(t), b)
+                    let t = kind
+                        .start()
+                        .map_err(|e| format!("cannot start {kind:?}: {e}"))?;
+                    let b = t.address();
+                    (Some(t), b)
                 }
             };
             let backend = KafkaBackend::connect(KafkaConfig::new(bootstrap.clone()))
@@ -127,18 +106,8 @@ impl KafkaEnv {
         self.brokers
             .iter()
             .map(|(st, t, b)| match t {
-                Brokers::One(t) => format!(
-                    "tansu {} ({st}: {:?} engine) at {}",
-                    eventbus_brokers::TANSU_VERSION,
-                    t.storage(),
-                    b.config().brokers
-                ),
-                Brokers::Three(_) => format!(
-                    "3 tansu {} brokers over one SQLite file ({st}) at {}",
-                    eventbus_brokers::TANSU_VERSION,
-                    b.config().brokers
-                ),
-                Brokers::External => format!(
+                Some(t) => format!("{} ({st}) at {}", t.describe(), b.config().brokers),
+                None => format!(
                     "external Kafka-protocol brokers at {} ({}; run as the {st} class, engine \
                      unknown to the bench; verified by {})",
                     b.config().brokers,
@@ -193,7 +162,7 @@ impl KafkaEnv {
         }
     }
 
-    fn broker(&self, storage: &str) -> Result<&(String, Brokers, KafkaBackend), String> {
+    fn broker(&self, storage: &str) -> Result<&StorageClass, String> {
         self.brokers
             .iter()
             .find(|(s, _, _)| s == storage)
@@ -209,7 +178,7 @@ impl KafkaEnv {
     ) -> Result<Vec<Record>, String> {
         let (_, tansu, kafka) = self.broker(run.storage)?;
         let mut s = run.s;
-        let external = matches!(tansu, Brokers::External);
+        let external = tansu.is_none();
         if on_sqlite(run.storage) && !external {
             // Capped by the caller in a default run; never beyond this.
             s.messages = s.messages.min(DURABLE_CAP);
@@ -258,7 +227,7 @@ impl KafkaEnv {
             rec.connect_ms = connect.elapsed().as_secs_f64() * 1e3;
 
             let (done_tx, done_rx) = tokio::sync::watch::channel(false);
-            let meter = sys::Meter::start(tansu.pid());
+            let meter = sys::Meter::start(tansu.as_ref().and_then(|t| t.pid(0)));
             let t0 = meter.t0;
             // tansu's SQLite engine serves reads at ~1.4k msg/s and slows as it grows: its runs
             // are verified by high watermarks only; memory-engine runs and external brokers by
@@ -343,7 +312,7 @@ impl KafkaEnv {
     async fn drain(
         &self,
         kafka: &KafkaBackend,
-        tansu: &Brokers,
+        tansu: &Option<Box<dyn TestBroker>>,
         run: Run<'_>,
         id: u64,
         rec: &mut Record,
@@ -357,7 +326,7 @@ impl KafkaEnv {
         let sink = kafka.sink_without_id().map_err(|e| e.to_string())?;
         crate::drive::backlog(sink, run.s, &[Topic::new(&topic)]).await?;
         let expected = run.s.messages as u64;
-        let meter = sys::Meter::start(tansu.pid());
+        let meter = sys::Meter::start(tansu.as_ref().and_then(|t| t.pid(0)));
         let t0 = meter.t0;
         let received = match run.mode {
             Mode::DrainSdk => {

@@ -4,6 +4,7 @@
 use std::time::{Duration, Instant};
 
 use eventbus_batch::Batcher;
+use eventbus_brokers::{BrokerKind, TestBroker};
 use eventbus_core::{Bytes, Publisher, SubscribeSpec, Subscriber, Subscription, Topic};
 use tokio::sync::mpsc;
 
@@ -19,61 +20,48 @@ use crate::{Args, Scenario, sys};
 const RAW_WINDOWS: [usize; 3] = [1_024, 4_096, 16_384];
 
 pub(crate) struct NatsEnv {
-    server: Option<eventbus_brokers::NatsServer>,
-    cluster: Option<eventbus_brokers::NatsCluster>,
+    /// The server or cluster the bench started (`None`: external, `--nats-url`).
+    broker: Option<Box<dyn TestBroker>>,
     url: String,
     backend: eventbus_nats::NatsBackend,
-    /// (client port, monitoring port) of every server the bench started.
-    monitors: Vec<(u16, u16)>,
 }
 
 impl NatsEnv {
-    pub(crate) async fn connect(
-        server: Option<(eventbus_brokers::NatsServer, u16)>,
-        cluster: Option<eventbus_brokers::NatsCluster>,
-        url: String,
-    ) -> Result<NatsEnv, String> {
+    /// Start `kind` and connect, or connect to the external `url`.
+    pub(crate) async fn start(kind: BrokerKind, url: Option<&str>) -> Result<NatsEnv, String> {
+        let (broker, url) = match url {
+            Some(u) => (None, u.to_owned()),
+            None => {
+                let b = tokio::task::spawn_blocking(move || kind.start())
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .map_err(|e| format!("cannot start nats-server: {e}"))?;
+                let u = b.address();
+                (Some(b), u)
+            }
+        };
         let backend =
             eventbus_nats::NatsBackend::connect(eventbus_nats::NatsConfig::new(url.clone()))
                 .await
                 .map_err(|e| format!("cannot connect to NATS at {url}: {e}"))?;
-        let mut monitors = Vec::new();
-        if let Some((s, http)) = &server {
-            monitors.push((s.port(), *http));
-        }
-        if let Some(c) = &cluster {
-            for (i, n) in c.nodes().iter().enumerate() {
-                monitors.push((n.port(), c.http_port(i)));
-            }
-        }
         Ok(NatsEnv {
-            server: server.map(|(s, _)| s),
-            cluster,
+            broker,
             url,
             backend,
-            monitors,
         })
-    }
-
-    /// A single nats-server with its monitoring endpoint on.
-    pub(crate) fn start_single() -> Result<(eventbus_brokers::NatsServer, u16), String> {
-        let http = eventbus_brokers::free_port().map_err(|e| e.to_string())?;
-        let s = eventbus_brokers::NatsServer::start_with(eventbus_brokers::NatsOptions {
-            args: vec!["-m".into(), http.to_string()],
-            port: None,
-        })
-        .map_err(|e| format!("cannot start nats-server: {e}"))?;
-        Ok((s, http))
     }
 
     /// How many messages the server has counted in on `client`'s connection (`/connz`).
     async fn messages_in(&self, client: &async_nats::Client) -> Result<u64, String> {
         let info = client.server_info();
         let http = self
-            .monitors
-            .iter()
-            .find(|(port, _)| *port == info.port)
-            .map(|(_, http)| *http)
+            .broker
+            .as_ref()
+            .and_then(|b| {
+                (0..b.nodes())
+                    .find(|&i| b.port(i) == info.port)
+                    .and_then(|i| b.monitor_port(i))
+            })
             .ok_or("no monitoring endpoint for this server (external?)")?;
         let path = format!("/connz?cid={}", info.client_id);
         let (status, body) =
@@ -90,27 +78,19 @@ impl NatsEnv {
 
     /// The process whose CPU the bench reports (node 0 of a cluster).
     pub(crate) fn pid(&self) -> Option<u32> {
-        match (&self.server, &self.cluster) {
-            (Some(s), _) => s.pid(),
-            (None, Some(c)) => c
-                .nodes()
-                .first()
-                .and_then(eventbus_brokers::NatsServer::pid),
-            (None, None) => None,
-        }
+        self.broker.as_ref().and_then(|b| b.pid(0))
     }
 
     pub(crate) fn describe(&self) -> String {
-        let how = match (&self.server, &self.cluster) {
-            (Some(_), _) => "started by the bench",
-            (None, Some(_)) => "3-node cluster started by the bench",
-            (None, None) => "external",
-        };
-        format!(
-            "nats-server {} at {} ({how})",
-            self.backend.server_version(),
-            self.url
-        )
+        let version = self.backend.server_version();
+        match &self.broker {
+            Some(b) => format!(
+                "{} at {}, started by the bench (reports {version})",
+                b.describe(),
+                self.url
+            ),
+            None => format!("nats-server {version} at {} (external)", self.url),
+        }
     }
 }
 

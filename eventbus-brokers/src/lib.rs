@@ -7,8 +7,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+mod broker;
 #[cfg(feature = "tls")]
 pub mod tls;
+
+pub use broker::{BrokerKind, Protocol, TestBroker};
 
 /// Pinned nats-server version.
 pub const NATS_VERSION: &str = "2.15.1";
@@ -389,6 +392,8 @@ pub struct NatsOptions {
     pub args: Vec<String>,
     /// Port to use (default: a free one).
     pub port: Option<u16>,
+    /// Monitoring (HTTP) port (default: a free one).
+    pub http_port: Option<u16>,
 }
 
 /// A nats-server child process with JetStream on, a fresh store dir and a random port.
@@ -396,6 +401,7 @@ pub struct NatsOptions {
 pub struct NatsServer {
     proc: Proc,
     port: u16,
+    http: u16,
     opts: NatsOptions,
     store: tempfile::TempDir,
     log: PathBuf,
@@ -418,10 +424,15 @@ impl NatsServer {
             Some(p) => p,
             None => free_port()?,
         };
+        let http = match opts.http_port {
+            Some(p) => p,
+            None => free_port()?,
+        };
         let log = store.path().join("nats-server.log");
         let mut s = NatsServer {
             proc: Proc { child: None },
             port,
+            http,
             opts,
             store,
             log,
@@ -437,6 +448,8 @@ impl NatsServer {
             "127.0.0.1",
             "-p",
             &self.port.to_string(),
+            "-m",
+            &self.http.to_string(),
             "-js",
             "-sd",
         ])
@@ -477,6 +490,11 @@ impl NatsServer {
     /// The port.
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// The monitoring (HTTP) port: `/healthz`, `/jsz`, `/connz`.
+    pub fn http_port(&self) -> u16 {
+        self.http
     }
 
     /// The process id.
@@ -757,7 +775,6 @@ impl NatsClusterPlan {
 #[derive(Debug)]
 pub struct NatsCluster {
     nodes: Vec<NatsServer>,
-    http: Vec<u16>,
 }
 
 impl NatsCluster {
@@ -797,8 +814,6 @@ impl NatsCluster {
                 format!("nats://127.0.0.1:{}", p.route),
                 "--routes".into(),
                 routes,
-                "-m".into(),
-                p.http.to_string(),
             ];
             if proxied {
                 // Port 1: nothing listens there, so a route learnt by gossip fails at once and
@@ -808,12 +823,10 @@ impl NatsCluster {
             nodes.push(NatsServer::start_with(NatsOptions {
                 args,
                 port: Some(p.client),
+                http_port: Some(p.http),
             })?);
         }
-        let cluster = NatsCluster {
-            nodes,
-            http: ports.iter().map(|p| p.http).collect(),
-        };
+        let cluster = NatsCluster { nodes };
         cluster.wait_ready(Duration::from_secs(30))?;
         Ok(cluster)
     }
@@ -828,8 +841,8 @@ impl NatsCluster {
                 if node.pid().is_none() {
                     continue;
                 }
-                let health = http_get(self.http[i], "/healthz");
-                let jsz = http_get(self.http[i], "/jsz");
+                let health = http_get(node.http_port(), "/healthz");
+                let jsz = http_get(node.http_port(), "/jsz");
                 let ready = matches!(&health, Ok((200, _)))
                     && matches!(&jsz, Ok((200, body)) if body.contains("\"leader\""));
                 if !ready {
@@ -868,7 +881,7 @@ impl NatsCluster {
 
     /// The monitoring (HTTP) port of node `i`.
     pub fn http_port(&self, i: usize) -> u16 {
-        self.http[i]
+        self.nodes[i].http_port()
     }
 
     /// Leave every node running after this value is dropped; returns their pids.

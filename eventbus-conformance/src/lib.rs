@@ -1,9 +1,11 @@
 #![doc = include_str!("../README.md")]
 
+use std::any::Any;
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use eventbus_core::{BatchSink, Subscriber, Topic};
+use eventbus_core::{Backend, BatchSink, Subscriber, Topic};
 
 pub mod scenarios;
 
@@ -89,6 +91,111 @@ pub trait Harness: Send + Sync + 'static {
 
     /// The backend's own health check ([`eventbus_core::ops::HealthCheck`]).
     fn health(&self, timeout: Duration) -> impl Future<Output = eventbus_core::ops::Health> + Send;
+}
+
+/// Creates a topic by a broker's own means, for brokers whose admin API the backend cannot use.
+type Provision = Box<dyn Fn(&str, u32) -> Result<(), String> + Send + Sync>;
+
+/// The [`Harness`] for any [`Backend`]: topics through [`Backend::ensure_topic`], sinks and
+/// subscribers from the backend, and whatever keeps its broker alive held until the test ends.
+/// A backend's conformance test is one line:
+///
+/// ```ignore
+/// eventbus_conformance::conformance_tests!(
+///     BackendHarness::new(MemoryBroker::new()).unroutable(Topic::new("nowhere"))
+/// );
+/// ```
+pub struct BackendHarness<B: Backend> {
+    backend: B,
+    _broker: Box<dyn Any + Send + Sync>,
+    caps: Caps,
+    partitions: u32,
+    unroutable: Topic,
+    provision: Option<Provision>,
+    next: AtomicU64,
+}
+
+impl<B: Backend> BackendHarness<B> {
+    /// A harness over `backend`: default [`Caps`], topics with 3 partitions where the broker
+    /// has them (enough for two group members to share), `no.such.topic` as the unroutable
+    /// topic.
+    pub fn new(backend: B) -> Self {
+        BackendHarness {
+            backend,
+            _broker: Box::new(()),
+            caps: Caps::default(),
+            partitions: 3,
+            unroutable: Topic::new("no.such.topic"),
+            provision: None,
+            next: AtomicU64::new(0),
+        }
+    }
+
+    /// Keep `broker` (a process guard, a cluster) alive as long as the harness.
+    pub fn keep(mut self, broker: impl Send + Sync + 'static) -> Self {
+        self._broker = Box::new(broker);
+        self
+    }
+
+    /// Set the capabilities.
+    pub fn caps(mut self, caps: Caps) -> Self {
+        self.caps = caps;
+        self
+    }
+
+    /// A topic that passes validation but which the broker refuses.
+    pub fn unroutable(mut self, topic: Topic) -> Self {
+        self.unroutable = topic;
+        self
+    }
+
+    /// Create topics with `create(name, partitions)` instead of [`Backend::ensure_topic`].
+    pub fn provision_with(
+        mut self,
+        create: impl Fn(&str, u32) -> Result<(), String> + Send + Sync + 'static,
+    ) -> Self {
+        self.provision = Some(Box::new(create));
+        self
+    }
+}
+
+impl<B: Backend> Harness for BackendHarness<B> {
+    type Sink = B::Sink;
+    type Sub = B::Subscriber;
+
+    fn caps(&self) -> Caps {
+        self.caps
+    }
+
+    async fn topic(&self, hint: &str) -> Topic {
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        let name = format!("t{n}.{hint}");
+        match &self.provision {
+            Some(create) => create(&name, self.partitions).expect("create topic"),
+            None => self
+                .backend
+                .ensure_topic(&name, self.partitions)
+                .await
+                .expect("ensure topic"),
+        }
+        Topic::new(name)
+    }
+
+    async fn unroutable_topic(&self) -> Topic {
+        self.unroutable.clone()
+    }
+
+    async fn sink(&self) -> B::Sink {
+        self.backend.sink().await.expect("sink")
+    }
+
+    async fn subscriber(&self) -> B::Subscriber {
+        self.backend.subscriber()
+    }
+
+    async fn health(&self, timeout: Duration) -> eventbus_core::ops::Health {
+        self.backend.health(timeout).await
+    }
 }
 
 /// Expand the suite into one `#[tokio::test]` per scenario. `$harness` is an expression,

@@ -9,14 +9,8 @@
 
 mod support;
 
-use eventbus_brokers::{Tansu, TansuStorage};
-use support::KafkaHarness;
+use eventbus_brokers::{BrokerKind, TansuStorage};
 
-async fn tansu() -> KafkaHarness<Tansu> {
-    let broker =
-        Tansu::start(TansuStorage::Sqlite).unwrap_or_else(|e| panic!("cannot start tansu: {e}"));
-    let bootstrap = broker.bootstrap();
-    KafkaHarness::connect(broker, bootstrap).await
-}
-
-eventbus_conformance::conformance_tests!(tansu().await);
+eventbus_conformance::conformance_tests!(
+    support::tansu(BrokerKind::Tansu(TansuStorage::Sqlite)).await
+);

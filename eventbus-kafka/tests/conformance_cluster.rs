@@ -4,14 +4,8 @@
 
 mod support;
 
-use eventbus_brokers::TansuCluster;
-use support::KafkaHarness;
+use eventbus_brokers::BrokerKind;
 
-async fn cluster() -> KafkaHarness<TansuCluster> {
-    let brokers =
-        TansuCluster::start(3).unwrap_or_else(|e| panic!("cannot start 3 tansu brokers: {e}"));
-    let bootstrap = brokers.bootstrap();
-    KafkaHarness::connect(brokers, bootstrap).await
-}
-
-eventbus_conformance::conformance_tests!(cluster().await);
+eventbus_conformance::conformance_tests!(
+    support::tansu(BrokerKind::TansuCluster { nodes: 3 }).await
+);

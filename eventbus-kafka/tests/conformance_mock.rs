@@ -13,7 +13,8 @@ use std::sync::mpsc;
 
 use parking_lot::Mutex;
 
-use support::{Broker, KafkaHarness};
+use eventbus_conformance::BackendHarness;
+use eventbus_kafka::KafkaBackend;
 
 type Create = (String, i32, mpsc::Sender<Result<(), String>>);
 
@@ -32,30 +33,22 @@ impl Drop for MockThread {
     }
 }
 
-impl Broker for MockThread {
-    /// After a member leaves, the mock's coordinator waits `session.timeout.ms` minus 1 s (9 s
-    /// here) for the others to rejoin before it rebalances (`rd_kafka_mock_cgrp_classic_rebalance`
-    /// in librdkafka's `rdkafka_mock_cgrp.c`; Apache Kafka rebalances as soon as every remaining
-    /// member has rejoined).
-    fn caps(&self, caps: eventbus_conformance::Caps) -> eventbus_conformance::Caps {
-        caps.handover_within(std::time::Duration::from_secs(12))
-    }
-
-    fn create_topic(&self, name: &str, partitions: i32) -> Option<Result<(), String>> {
+impl MockThread {
+    fn create_topic(&self, name: &str, partitions: u32) -> Result<(), String> {
         let (tx, rx) = mpsc::channel();
         let sent = self
             .requests
             .lock()
             .as_ref()
-            .map(|r| r.send((name.to_owned(), partitions, tx)).is_ok());
-        Some(match sent {
+            .map(|r| r.send((name.to_owned(), partitions as i32, tx)).is_ok());
+        match sent {
             Some(true) => rx.recv().unwrap_or_else(|_| Err("mock thread gone".into())),
             _ => Err("mock thread gone".into()),
-        })
+        }
     }
 }
 
-async fn mock_cluster() -> KafkaHarness<MockThread> {
+async fn mock_cluster() -> BackendHarness<KafkaBackend> {
     let (boot_tx, boot_rx) = mpsc::channel();
     let (requests, incoming) = mpsc::channel::<Create>();
     let thread = std::thread::spawn(move || {
@@ -72,11 +65,21 @@ async fn mock_cluster() -> KafkaHarness<MockThread> {
         }
     });
     let bootstrap = boot_rx.recv().expect("mock cluster started");
-    let guard = MockThread {
+    let guard = std::sync::Arc::new(MockThread {
         requests: Mutex::new(Some(requests)),
         thread: Some(thread),
-    };
-    KafkaHarness::connect(guard, bootstrap).await
+    });
+    let creates = std::sync::Arc::clone(&guard);
+    // After a member leaves, the mock's coordinator waits `session.timeout.ms` minus 1 s (9 s
+    // here) for the others to rejoin before it rebalances (`rd_kafka_mock_cgrp_classic_rebalance`
+    // in librdkafka's `rdkafka_mock_cgrp.c`; Apache Kafka rebalances as soon as every remaining
+    // member has rejoined).
+    let caps = support::caps().handover_within(std::time::Duration::from_secs(12));
+    support::harness(bootstrap)
+        .await
+        .caps(caps)
+        .provision_with(move |name, partitions| creates.create_topic(name, partitions))
+        .keep(guard)
 }
 
 // Every scenario but `bad_message_fails_alone` and `refused_dead_letter_keeps_the_message`: the

@@ -302,3 +302,43 @@ async fn ensure_topics_creates_all_in_one_call_and_validates_first() {
         .await
         .expect("empty is a no-op");
 }
+
+/// What the SDK reports acked, the broker holds, counted by the broker's own watermarks (a
+/// plain client, not the SDK), and still holds after a SIGKILL and a restart on its SQLite file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_broker_holds_every_acked_record_across_a_restart() {
+    use eventbus_brokers::{BrokerKind, TestBroker};
+    let mut broker = BrokerKind::Tansu(TansuStorage::Sqlite)
+        .start()
+        .unwrap_or_else(|e| panic!("cannot start tansu: {e}"));
+    let kafka = KafkaBackend::connect(KafkaConfig::new(broker.address()))
+        .await
+        .expect("connect to tansu");
+    kafka
+        .ensure_topic("counted", 2)
+        .await
+        .expect("create topic");
+    let p = Batcher::new(kafka.sink().expect("sink"), BatchConfig::default()).unwrap();
+    let mut acks = Vec::new();
+    for i in 0..300u32 {
+        let m = Message::new("counted", format!("{i}")).with_key(format!("k{}", i % 7));
+        acks.push(p.publish(m).await.expect("admitted"));
+    }
+    for a in acks {
+        a.await.into_result().expect("acked");
+    }
+    p.close(Duration::from_secs(5)).await.expect("close");
+    let count = |b: Box<dyn TestBroker>| {
+        tokio::task::spawn_blocking(move || {
+            let n = b.stored("counted");
+            (b, n)
+        })
+    };
+    let (b, before) = count(broker).await.expect("join");
+    assert_eq!(before.expect("watermarks"), 300);
+    broker = b;
+    broker.kill(0);
+    broker.restart(0).expect("restart tansu");
+    let (_broker, after) = count(broker).await.expect("join");
+    assert_eq!(after.expect("watermarks after a restart"), 300);
+}

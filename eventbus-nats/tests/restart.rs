@@ -7,7 +7,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use eventbus_batch::{BatchConfig, Batcher};
-use eventbus_brokers::NatsServer;
+use eventbus_brokers::{BrokerKind, NatsServer};
 use eventbus_core::{Message, Outcome, Publisher, SubscribeSpec, Subscriber};
 use eventbus_nats::{NatsBackend, NatsConfig, PublishMode, SinkOptions, StreamSpec};
 
@@ -22,8 +22,8 @@ async fn kill_and_restart_twice_loses_no_acked_message_fast_mode() {
 }
 
 async fn kill_and_restart_twice(mode: PublishMode) {
-    let mut server = NatsServer::start().expect("start nats-server");
-    let cfg = NatsConfig::new(server.url()).ack_timeout(Duration::from_secs(2));
+    let mut server = BrokerKind::Nats.start().expect("start nats-server");
+    let cfg = NatsConfig::new(server.address()).ack_timeout(Duration::from_secs(2));
     let nats = NatsBackend::connect(cfg).await.expect("connect");
     nats.ensure_stream(&StreamSpec::new("RESTART", ["restart.>"]).allow_batched(true))
         .await
@@ -64,9 +64,9 @@ async fn kill_and_restart_twice(mode: PublishMode) {
     }
     for _ in 0..2 {
         tokio::time::sleep(Duration::from_millis(500)).await;
-        server.kill();
+        server.kill(0);
         tokio::time::sleep(Duration::from_millis(300)).await;
-        server.restart().expect("restart nats-server");
+        server.restart(0).expect("restart nats-server");
     }
     let mut acked = HashSet::new();
     let (mut failed, mut unknown) = (0, 0);
@@ -89,6 +89,13 @@ async fn kill_and_restart_twice(mode: PublishMode) {
 
     // A fresh consumer reads the whole stream.
     let state = nats.stream_state("RESTART").await.expect("stream state");
+    // The server's monitoring endpoint, not the client under test, agrees on the count.
+    let monitored = tokio::task::spawn_blocking(move || {
+        let n = server.stored("RESTART");
+        (server, n)
+    });
+    let (_server, monitored) = monitored.await.expect("join");
+    assert_eq!(monitored.expect("/jsz"), state.messages);
     let mut sub = nats
         .subscriber()
         .subscribe(SubscribeSpec::new("restart.>").prefetch(512))

@@ -4,24 +4,17 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use eventbus_brokers::TestBroker;
 use eventbus_core::{BatchSink, Error, Subscriber};
 
 use crate::proxy::FaultProxy;
 
-/// Process-level faults of the broker.
-pub trait Broker {
-    /// `kill -9`; the store survives.
-    fn kill(&mut self);
-    /// Start again on the same port and store.
-    fn restart(&mut self) -> std::io::Result<()>;
-    /// SIGSTOP.
-    fn pause(&self) -> std::io::Result<()>;
-    /// SIGCONT.
-    fn resume(&self) -> std::io::Result<()>;
-}
-
-/// One backend on one real broker.
-pub trait Target: Broker + Send + Sync {
+/// One backend on one real broker (a process or a cluster of them).
+///
+/// The process faults (`kill`, `restart`, `pause`, `resume`) act through the target's
+/// [`TestBroker`] on the node [`Target::aim`] picks; a target with its own policy (every node,
+/// a retried restart) overrides them.
+pub trait Target: Send + Sync {
     /// The publishing sink.
     type Sink: BatchSink;
     /// The subscriber.
@@ -43,8 +36,40 @@ pub trait Target: Broker + Send + Sync {
     fn stored(&self, run: &str) -> impl Future<Output = Option<u64>> + Send;
     /// The proxy in front of the broker, if started with one.
     fn proxy(&self) -> Option<&FaultProxy>;
+    /// The broker processes.
+    fn broker(&self) -> &dyn TestBroker;
+    /// The broker processes, to fault them.
+    fn broker_mut(&mut self) -> &mut dyn TestBroker;
+    /// The node the next process fault hits. Default node 0.
+    fn aim(&self) -> usize {
+        0
+    }
+    /// The node the last process fault hit (`restart` and `resume` act on it). Default node 0.
+    fn last_hit(&self) -> usize {
+        0
+    }
+    /// `kill -9` the aimed node; its store survives.
+    fn kill(&mut self) {
+        let node = self.aim();
+        self.broker_mut().kill(node);
+    }
+    /// Start the node last hit again on the same port and store.
+    fn restart(&mut self) -> std::io::Result<()> {
+        let node = self.last_hit();
+        self.broker_mut().restart(node)
+    }
+    /// SIGSTOP the aimed node.
+    fn pause(&self) -> std::io::Result<()> {
+        self.broker().pause(self.aim())
+    }
+    /// SIGCONT the node last hit.
+    fn resume(&self) -> std::io::Result<()> {
+        self.broker().resume(self.last_hit())
+    }
     /// The first panic in the broker's log, if it crashed (a broker bug, told apart from ours).
-    fn broker_panic(&self) -> Option<String>;
+    fn broker_panic(&self) -> Option<String> {
+        self.broker().panic()
+    }
     /// The ack deadline of the kill-restart row: a restart, or a cluster's election, should
     /// fit in it. Default 5 s.
     fn kill_deadline(&self) -> Duration {
@@ -144,21 +169,6 @@ pub mod nats {
             .map(|s| s.messages)
     }
 
-    impl Broker for Nats {
-        fn kill(&mut self) {
-            self.server.kill();
-        }
-        fn restart(&mut self) -> std::io::Result<()> {
-            self.server.restart()
-        }
-        fn pause(&self) -> std::io::Result<()> {
-            self.server.pause()
-        }
-        fn resume(&self) -> std::io::Result<()> {
-            self.server.resume()
-        }
-    }
-
     impl Target for Nats {
         type Sink = NatsSink;
         type Sub = NatsSubscriber;
@@ -180,8 +190,11 @@ pub mod nats {
         fn proxy(&self) -> Option<&FaultProxy> {
             self.proxy.as_ref()
         }
-        fn broker_panic(&self) -> Option<String> {
-            eventbus_brokers::panic_in_log(self.server.log_path())
+        fn broker(&self) -> &dyn TestBroker {
+            &self.server
+        }
+        fn broker_mut(&mut self) -> &mut dyn TestBroker {
+            &mut self.server
         }
     }
 }
@@ -263,21 +276,6 @@ pub mod kafka {
         Some(w.iter().map(|(_, lo, hi)| (hi - lo).max(0) as u64).sum())
     }
 
-    impl Broker for Kafka {
-        fn kill(&mut self) {
-            self.broker.kill();
-        }
-        fn restart(&mut self) -> std::io::Result<()> {
-            self.broker.restart()
-        }
-        fn pause(&self) -> std::io::Result<()> {
-            self.broker.pause()
-        }
-        fn resume(&self) -> std::io::Result<()> {
-            self.broker.resume()
-        }
-    }
-
     impl Target for Kafka {
         type Sink = KafkaSink;
         type Sub = KafkaSubscriber;
@@ -299,8 +297,11 @@ pub mod kafka {
         fn proxy(&self) -> Option<&FaultProxy> {
             self.proxy.as_ref()
         }
-        fn broker_panic(&self) -> Option<String> {
-            eventbus_brokers::panic_in_log(self.broker.log_path())
+        fn broker(&self) -> &dyn TestBroker {
+            &self.broker
+        }
+        fn broker_mut(&mut self) -> &mut dyn TestBroker {
+            &mut self.broker
         }
     }
 }
@@ -512,7 +513,7 @@ pub mod nats_cluster {
         }
 
         /// The node the next fault hits, as aimed (node 0 if none is known), remembered for
-        /// [`Broker::restart`] and [`Broker::resume`].
+        /// [`Target::restart`] and [`Target::resume`].
         pub fn choose_victim(&self) -> usize {
             let v = match *self.aim.lock() {
                 Aim::StreamLeader => {
@@ -594,24 +595,6 @@ pub mod nats_cluster {
         }
     }
 
-    impl Broker for NatsCluster3 {
-        fn kill(&mut self) {
-            let v = self.choose_victim();
-            self.cluster.node_mut(v).kill();
-        }
-        fn restart(&mut self) -> std::io::Result<()> {
-            let v = self.victim();
-            self.cluster.node_mut(v).restart()
-        }
-        fn pause(&self) -> std::io::Result<()> {
-            let v = self.choose_victim();
-            self.cluster.nodes()[v].pause()
-        }
-        fn resume(&self) -> std::io::Result<()> {
-            self.cluster.nodes()[self.victim()].resume()
-        }
-    }
-
     impl Target for NatsCluster3 {
         type Sink = NatsSink;
         type Sub = NatsSubscriber;
@@ -640,11 +623,17 @@ pub mod nats_cluster {
         fn kill_deadline(&self) -> Duration {
             Duration::from_secs(10)
         }
-        fn broker_panic(&self) -> Option<String> {
-            self.cluster
-                .nodes()
-                .iter()
-                .find_map(|n| eventbus_brokers::panic_in_log(n.log_path()))
+        fn broker(&self) -> &dyn TestBroker {
+            &self.cluster
+        }
+        fn broker_mut(&mut self) -> &mut dyn TestBroker {
+            &mut self.cluster
+        }
+        fn aim(&self) -> usize {
+            self.choose_victim()
+        }
+        fn last_hit(&self) -> usize {
+            self.victim()
         }
     }
 }
@@ -768,35 +757,6 @@ pub mod kafka_cluster {
         panic.contains("src/broker.rs:") && panic.contains("database is locked")
     }
 
-    impl Broker for TansuCluster3 {
-        /// SIGKILL the broker the client is using ([`TansuCluster3::broker_in_use`]).
-        fn kill(&mut self) {
-            self.victim = self.broker_in_use();
-            self.brokers.broker_mut(self.victim).kill();
-        }
-        /// Start the killed broker again. tansu 0.6.0 panics at start-up when the shared
-        /// SQLite file is busy with the other brokers' writes ("database is locked",
-        /// `tansu-broker/src/broker.rs:137`), so a start that exits is tried again, up to 5
-        /// times ([`Target::broker_panic`] leaves exactly that start-up panic out).
-        fn restart(&mut self) -> std::io::Result<()> {
-            let mut result = self.brokers.broker_mut(self.victim).restart();
-            for _ in 1..5 {
-                if result.is_ok() {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(200));
-                result = self.brokers.broker_mut(self.victim).restart();
-            }
-            result
-        }
-        fn pause(&self) -> std::io::Result<()> {
-            self.brokers.brokers().iter().try_for_each(|b| b.pause())
-        }
-        fn resume(&self) -> std::io::Result<()> {
-            self.brokers.brokers().iter().try_for_each(|b| b.resume())
-        }
-    }
-
     impl Target for TansuCluster3 {
         type Sink = KafkaSink;
         type Sub = KafkaSubscriber;
@@ -817,6 +777,39 @@ pub mod kafka_cluster {
         }
         fn proxy(&self) -> Option<&FaultProxy> {
             None
+        }
+        fn broker(&self) -> &dyn TestBroker {
+            &self.brokers
+        }
+        fn broker_mut(&mut self) -> &mut dyn TestBroker {
+            &mut self.brokers
+        }
+        /// The broker the client is using ([`TansuCluster3::broker_in_use`]).
+        fn kill(&mut self) {
+            self.victim = self.broker_in_use();
+            self.brokers.broker_mut(self.victim).kill();
+        }
+        /// Start the killed broker again. tansu 0.6.0 panics at start-up when the shared
+        /// SQLite file is busy with the other brokers' writes ("database is locked",
+        /// `tansu-broker/src/broker.rs:137`), so a start that exits is tried again, up to 5
+        /// times ([`Target::broker_panic`] leaves exactly that start-up panic out).
+        fn restart(&mut self) -> std::io::Result<()> {
+            let mut result = self.brokers.broker_mut(self.victim).restart();
+            for _ in 1..5 {
+                if result.is_ok() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(200));
+                result = self.brokers.broker_mut(self.victim).restart();
+            }
+            result
+        }
+        /// Every broker: any of them serves every partition.
+        fn pause(&self) -> std::io::Result<()> {
+            self.brokers.brokers().iter().try_for_each(|b| b.pause())
+        }
+        fn resume(&self) -> std::io::Result<()> {
+            self.brokers.brokers().iter().try_for_each(|b| b.resume())
         }
         fn broker_panic(&self) -> Option<String> {
             self.brokers.brokers().iter().find_map(|b| {
