@@ -28,9 +28,9 @@ const RAW_LINGERS_MS: [u64; 3] = [1, 5, 20];
 /// default bench stays within minutes. The record's `messages` says what was sent.
 pub(crate) const DURABLE_CAP: usize = 100_000;
 
-/// One storage class: its name, the brokers the bench started for it (`None`: external,
-/// `--kafka-brokers`) and a backend on them.
-type StorageClass = (String, Option<Box<dyn TestBroker>>, KafkaBackend);
+/// One storage class: its name, a backend, and the brokers the bench started for it (`None`:
+/// external, `--kafka-brokers`). A tuple drops in order: the client before the brokers.
+type StorageClass = (String, KafkaBackend, Option<Box<dyn TestBroker>>);
 
 pub(crate) struct KafkaEnv {
     brokers: Vec<StorageClass>,
@@ -91,7 +91,7 @@ impl KafkaEnv {
             let backend = KafkaBackend::connect(KafkaConfig::new(bootstrap.clone()))
                 .await
                 .map_err(|e| format!("cannot reach Kafka at {bootstrap}: {e}"))?;
-            brokers.push((st.to_string(), tansu, backend));
+            brokers.push((st.to_string(), backend, tansu));
         }
         let reported = args.kafka_brokers.as_deref().map(reported_by);
         Ok(KafkaEnv {
@@ -105,7 +105,7 @@ impl KafkaEnv {
     pub(crate) fn describe(&self) -> String {
         self.brokers
             .iter()
-            .map(|(st, t, b)| match t {
+            .map(|(st, b, t)| match t {
                 Some(t) => format!("{} ({st}) at {}", t.describe(), b.config().brokers),
                 None => format!(
                     "external Kafka-protocol brokers at {} ({}; run as the {st} class, engine \
@@ -176,7 +176,7 @@ impl KafkaEnv {
         cfg: eventbus_batch::BatchConfig,
         template: Record,
     ) -> Result<Vec<Record>, String> {
-        let (_, tansu, kafka) = self.broker(run.storage)?;
+        let (_, kafka, tansu) = self.broker(run.storage)?;
         let mut s = run.s;
         let external = tansu.is_none();
         if on_sqlite(run.storage) && !external {

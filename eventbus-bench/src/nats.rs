@@ -20,10 +20,11 @@ use crate::{Args, Scenario, sys};
 const RAW_WINDOWS: [usize; 3] = [1_024, 4_096, 16_384];
 
 pub(crate) struct NatsEnv {
+    // Declared first, dropped first: the client closes before the server it talks to stops.
+    backend: eventbus_nats::NatsBackend,
     /// The server or cluster the bench started (`None`: external, `--nats-url`).
     broker: Option<Box<dyn TestBroker>>,
     url: String,
-    backend: eventbus_nats::NatsBackend,
 }
 
 impl NatsEnv {

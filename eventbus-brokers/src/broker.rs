@@ -53,7 +53,8 @@ impl BrokerKind {
 /// A running broker the project started: its address, its processes to fault, and what it
 /// stores, read from the broker itself rather than through the SDK under test.
 ///
-/// Node indexes run from 0 to [`TestBroker::nodes`] - 1; a single broker is node 0.
+/// Node indexes run from 0 to [`TestBroker::nodes`] - 1; a single broker is node 0. A node
+/// index out of that range panics.
 ///
 /// ```no_run
 /// use eventbus_brokers::{BrokerKind, Protocol};
@@ -94,60 +95,57 @@ pub trait TestBroker: fmt::Debug + Send + Sync {
     /// The first panic in any node's log: the broker crashed (its bug, told apart from ours).
     fn panic(&self) -> Option<String>;
     /// How many messages the broker holds in `name` (a NATS stream; a Kafka topic, all
-    /// partitions), as the broker reports it: NATS through its monitoring endpoint (the most
-    /// any running node reports), Kafka through the topic's watermarks (feature `kafka`;
+    /// partitions), as the broker reports it: NATS through its monitoring endpoint (on a
+    /// cluster, the stream leader's), Kafka through the topic's watermarks (feature `kafka`;
     /// tansu's memory engine reports wrong watermarks, so count those by reading back).
+    /// Blocking (HTTP or librdkafka round trips, seconds at worst): from async code, call it
+    /// in `spawn_blocking`.
     fn stored(&self, name: &str) -> io::Result<u64>;
     /// Leave every process running after this value is dropped (stores kept); their pids.
     fn detach(self: Box<Self>) -> Vec<Option<u32>>;
 }
 
-/// Messages in stream `stream` as node `http`'s `/jsz` reports it.
-fn jsz_messages(http: u16, stream: &str) -> io::Result<Option<u64>> {
+/// Node `http`'s `/jsz` with account and stream details.
+fn jsz(http: u16) -> io::Result<serde_json::Value> {
     let (status, body) = http_get(http, "/jsz?accounts=true&streams=true")?;
     if status != 200 {
         return Err(other(format!("/jsz answered {status}")));
     }
-    let json: serde_json::Value =
-        serde_json::from_str(&body).map_err(|e| other(format!("/jsz: {e}")))?;
-    Ok(stream_messages(&json, stream))
+    serde_json::from_str(&body).map_err(|e| other(format!("/jsz: {e}")))
 }
 
-/// `state.messages` of the stream named `stream` anywhere in a `/jsz` answer.
-fn stream_messages(v: &serde_json::Value, stream: &str) -> Option<u64> {
+/// The stream named `stream` anywhere in a `/jsz` answer.
+fn find_stream<'a>(v: &'a serde_json::Value, stream: &str) -> Option<&'a serde_json::Value> {
     match v {
         serde_json::Value::Object(map) => {
-            if map.get("name").and_then(|n| n.as_str()) == Some(stream)
-                && let Some(n) = map
-                    .get("state")
-                    .and_then(|s| s.get("messages"))
-                    .and_then(|m| m.as_u64())
+            if map.get("name").and_then(|n| n.as_str()) == Some(stream) && map.contains_key("state")
             {
-                return Some(n);
+                return Some(v);
             }
-            map.values().find_map(|v| stream_messages(v, stream))
+            map.values().find_map(|v| find_stream(v, stream))
         }
-        serde_json::Value::Array(items) => items.iter().find_map(|v| stream_messages(v, stream)),
+        serde_json::Value::Array(items) => items.iter().find_map(|v| find_stream(v, stream)),
         _ => None,
     }
 }
 
-/// The most any running node of `nodes` reports for `stream` (followers may trail the leader).
-fn nats_stored(nodes: &[NatsServer], stream: &str) -> io::Result<u64> {
-    let mut most = None;
-    let mut last_err = None;
-    for n in nodes.iter().filter(|n| n.pid().is_some()) {
-        match jsz_messages(n.http_port(), stream) {
-            Ok(Some(m)) => most = Some(most.unwrap_or(0).max(m)),
-            Ok(None) => {}
-            Err(e) => last_err = Some(e),
-        }
-    }
-    match (most, last_err) {
-        (Some(m), _) => Ok(m),
-        (None, Some(e)) => Err(e),
-        (None, None) => Err(other(format!("no node reports a stream named {stream}"))),
-    }
+/// `state.messages` of `stream` in a `/jsz` answer.
+fn stream_messages(v: &serde_json::Value, stream: &str) -> Option<u64> {
+    find_stream(v, stream)?
+        .get("state")?
+        .get("messages")?
+        .as_u64()
+}
+
+/// `cluster.leader` of `stream` in a `/jsz` answer (a server name).
+fn stream_leader(v: &serde_json::Value, stream: &str) -> Option<String> {
+    Some(
+        find_stream(v, stream)?
+            .get("cluster")?
+            .get("leader")?
+            .as_str()?
+            .to_owned(),
+    )
 }
 
 fn only_node(node: usize) {
@@ -199,7 +197,8 @@ impl TestBroker for NatsServer {
         panic_in_log(self.log_path())
     }
     fn stored(&self, name: &str) -> io::Result<u64> {
-        nats_stored(std::slice::from_ref(self), name)
+        stream_messages(&jsz(self.http_port())?, name)
+            .ok_or_else(|| other(format!("nats-server reports no stream named {name}")))
     }
     fn detach(self: Box<Self>) -> Vec<Option<u32>> {
         vec![NatsServer::detach(*self)]
@@ -249,8 +248,27 @@ impl TestBroker for NatsCluster {
             .iter()
             .find_map(|n| panic_in_log(n.log_path()))
     }
+    /// The stream leader's count (a follower may trail it, or not yet have applied a purge):
+    /// the leader as any running node names it, its count from its own `/jsz`.
     fn stored(&self, name: &str) -> io::Result<u64> {
-        nats_stored(NatsCluster::nodes(self), name)
+        let nodes = NatsCluster::nodes(self);
+        let leader = nodes
+            .iter()
+            .filter(|n| n.pid().is_some())
+            .find_map(|n| stream_leader(&jsz(n.http_port()).ok()?, name))
+            .ok_or_else(|| other(format!("no running node names a leader of stream {name}")))?;
+        // `NatsCluster` names node `i` `n{i}`.
+        let node = leader
+            .strip_prefix('n')
+            .and_then(|i| i.parse::<usize>().ok())
+            .and_then(|i| nodes.get(i))
+            .ok_or_else(|| {
+                other(format!(
+                    "stream {name}'s leader {leader} is not a node here"
+                ))
+            })?;
+        stream_messages(&jsz(node.http_port())?, name)
+            .ok_or_else(|| other(format!("leader {leader} reports no stream named {name}")))
     }
     fn detach(self: Box<Self>) -> Vec<Option<u32>> {
         NatsCluster::detach(*self)
@@ -397,7 +415,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn finds_a_streams_message_count_in_jsz() {
+    fn finds_a_streams_count_and_leader_in_jsz() {
         let jsz: serde_json::Value = serde_json::from_str(
             r#"{"account_details":[{"stream_detail":[
                 {"name":"A","state":{"messages":3}},
@@ -406,5 +424,12 @@ mod tests {
         .expect("json");
         assert_eq!(stream_messages(&jsz, "B"), Some(7));
         assert_eq!(stream_messages(&jsz, "C"), None);
+        let clustered: serde_json::Value = serde_json::from_str(
+            r#"{"account_details":[{"stream_detail":[{"name":"R","state":{"messages":9},
+                "cluster":{"leader":"n2","replicas":[{"name":"n0"},{"name":"n1"}]}}]}]}"#,
+        )
+        .expect("json");
+        assert_eq!(stream_leader(&clustered, "R").as_deref(), Some("n2"));
+        assert_eq!(stream_messages(&clustered, "R"), Some(9));
     }
 }

@@ -388,7 +388,9 @@ impl Drop for Proc {
 /// Options for [`NatsServer`].
 #[derive(Clone, Debug, Default)]
 pub struct NatsOptions {
-    /// Extra command-line arguments (e.g. `--user`, `--pass`).
+    /// Extra command-line arguments (e.g. `--user`, `--pass`, `-c FILE`), after the ones always
+    /// passed: `-a 127.0.0.1 -p PORT -m HTTP_PORT -js -sd DIR` (a config file must not set
+    /// `https`: nats-server refuses HTTP and HTTPS monitoring together).
     pub args: Vec<String>,
     /// Port to use (default: a free one).
     pub port: Option<u16>,
@@ -396,7 +398,8 @@ pub struct NatsOptions {
     pub http_port: Option<u16>,
 }
 
-/// A nats-server child process with JetStream on, a fresh store dir and a random port.
+/// A nats-server child process with JetStream on, a fresh store dir, a random client port and
+/// a random monitoring (HTTP) port.
 #[derive(Debug)]
 pub struct NatsServer {
     proc: Proc,

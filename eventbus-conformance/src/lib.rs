@@ -106,6 +106,8 @@ type Provision = Box<dyn Fn(&str, u32) -> Result<(), String> + Send + Sync>;
 /// );
 /// ```
 pub struct BackendHarness<B: Backend> {
+    // Field order matters: fields drop in order, so the backend's clients close before the
+    // broker they talk to goes away.
     backend: B,
     _broker: Box<dyn Any + Send + Sync>,
     caps: Caps,

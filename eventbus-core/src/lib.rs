@@ -47,8 +47,8 @@ pub use router::{BatchOutcomes, OutcomeRouter};
 pub use sink::{BatchSink, SinkLimits};
 pub use subscriber::dead_letter;
 pub use subscriber::{
-    AckHandle, Acker, Delivery, DeliveryInfo, Feed, StartFrom, SubscribeSpec, Subscriber,
-    Subscription, TrySend,
+    AckHandle, Acker, DeadLetters, Delivery, DeliveryInfo, Feed, StartFrom, SubscribeSpec,
+    Subscriber, Subscription, TrySend,
 };
 pub use validate::TopicRules;
 

@@ -255,6 +255,124 @@ pub mod dead_letter {
     }
 }
 
+/// The dead-letter layer every backend puts on a subscription whose spec has both
+/// [`SubscribeSpec::dead_letter`] and [`SubscribeSpec::max_deliveries`]: a delivery past
+/// `max_deliveries` never reaches the handler; its dead letter ([`dead_letter::message`]) is
+/// published, and only once that publish is acked is the message terminated. A refused or
+/// failed publish nacks it instead, so the broker offers it again (and the layer tries again)
+/// after [`DeadLetters::RETRY`]: nothing is dropped. A backend only has to keep redelivering
+/// past `max_deliveries` with an honest delivery count, and say how to publish (any
+/// [`Publisher`](crate::Publisher), or its own producer).
+///
+/// ```
+/// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+/// use eventbus_core::{DeadLetters, Message, SubscribeSpec, Topic};
+/// let spec = SubscribeSpec::new("orders").max_deliveries(5).dead_letter("orders.dlq");
+/// let layer = DeadLetters::for_spec(&spec, |letter: Message| async move {
+///     assert_eq!(letter.topic().as_str(), "orders.dlq");
+///     Ok(()) // publish it somewhere
+/// });
+/// assert!(layer.is_some());
+/// assert!(DeadLetters::for_spec(&SubscribeSpec::new("orders"), |_| async { Ok(()) }).is_none());
+/// # });
+/// ```
+#[derive(Clone)]
+pub struct DeadLetters {
+    to: Topic,
+    max: u32,
+    post: std::sync::Arc<
+        dyn Fn(Message) -> crate::backend::BoxFuture<'static, Result<(), Error>> + Send + Sync,
+    >,
+}
+
+impl fmt::Debug for DeadLetters {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DeadLetters")
+            .field("to", &self.to)
+            .field("max", &self.max)
+            .finish_non_exhaustive()
+    }
+}
+
+impl DeadLetters {
+    /// How long a message whose dead letter was refused waits before it is offered again.
+    pub const RETRY: Duration = Duration::from_secs(1);
+
+    /// Dead-letter to `to` the deliveries past `max`, publishing each letter with `post`
+    /// (`Ok` once the broker stored it).
+    pub fn new<F, Fut>(to: Topic, max: u32, post: F) -> Self
+    where
+        F: Fn(Message) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), Error>> + Send + 'static,
+    {
+        DeadLetters {
+            to,
+            max,
+            post: std::sync::Arc::new(move |m| Box::pin(post(m))),
+        }
+    }
+
+    /// Like [`DeadLetters::new`], publishing through `publisher` and waiting for the ack.
+    pub fn through<P: crate::Publisher + 'static>(to: Topic, max: u32, publisher: P) -> Self {
+        let publisher = std::sync::Arc::new(publisher);
+        Self::new(to, max, move |letter| {
+            let publisher = std::sync::Arc::clone(&publisher);
+            async move {
+                publisher
+                    .publish(letter)
+                    .await?
+                    .await
+                    .into_result()
+                    .map(drop)
+            }
+        })
+    }
+
+    /// The layer `spec` asks for (`dead_letter` and `max_deliveries` both set), if any.
+    pub fn for_spec<F, Fut>(spec: &SubscribeSpec, post: F) -> Option<Self>
+    where
+        F: Fn(Message) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), Error>> + Send + 'static,
+    {
+        let to = spec.dead_letter.clone()?;
+        let max = spec.max_deliveries?;
+        Some(Self::new(to, max, post))
+    }
+
+    /// The topic letters go to.
+    pub fn topic(&self) -> &Topic {
+        &self.to
+    }
+
+    /// Whether `d` is past the limit.
+    fn exhausted(&self, d: &Delivery) -> bool {
+        d.info().delivery_count > self.max
+    }
+
+    /// Publish `d`'s dead letter, then terminate `d`; nack it if the publish fails.
+    async fn move_out(&self, d: Delivery) {
+        let (msg, info, acker) = d.split();
+        let letter = dead_letter::message(
+            &msg,
+            &self.to,
+            &info.position,
+            info.delivery_count - 1,
+            dead_letter::MAX_DELIVERIES,
+        );
+        match (self.post)(letter).await {
+            Ok(()) => {
+                if let Err(e) = acker.term().await {
+                    tracing::warn!(error = %e, to = %self.to, "dead letter stored, but the original was not terminated; it may be dead-lettered again");
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, to = %self.to, "dead letter not stored; the message is kept and offered again");
+                let _ = acker.nack(Self::RETRY).await;
+            }
+        }
+    }
+}
+
 /// Settles one delivery. Backends implement it; users call it through [`Delivery`].
 #[async_trait::async_trait]
 pub trait AckHandle: Send + Sync + 'static {
@@ -466,6 +584,45 @@ impl Subscription {
             }
         }
         Ok(Subscription::merge(parts, prefetch))
+    }
+
+    /// This subscription with `layer` on it: deliveries past its limit are dead-lettered
+    /// instead of handed over (see [`DeadLetters`]). A delivery the layer is moving out when the
+    /// subscription is closed is finished (published, then terminated or nacked) before
+    /// [`Subscription::close`] returns.
+    pub fn dead_letters(mut self, layer: DeadLetters) -> Subscription {
+        let (outer, mut feed) = Subscription::channel(self.rx.max_capacity());
+        tokio::spawn(async move {
+            // Letters are published off the delivery path: a slow or refusing dead-letter
+            // topic holds back only the messages it is moving, never the others.
+            let mut moving = tokio::task::JoinSet::new();
+            loop {
+                let next = tokio::select! {
+                    _ = feed.stopped() => break,
+                    Some(_) = moving.join_next(), if !moving.is_empty() => continue,
+                    next = self.rx.recv() => next,
+                };
+                let item = match next {
+                    None => break,
+                    Some(Ok(d)) if layer.exhausted(&d) => {
+                        let layer = layer.clone();
+                        moving.spawn(async move { layer.move_out(d).await });
+                        continue;
+                    }
+                    Some(item) => item,
+                };
+                if let Err(item) = feed.send(item).await {
+                    if let Ok(d) = item {
+                        let _ = d.nack(Duration::ZERO).await;
+                    }
+                    break;
+                }
+            }
+            while moving.join_next().await.is_some() {}
+            self.close().await;
+            drop(feed);
+        });
+        outer
     }
 
     /// A subscription that hands over what `step` returns for each of this one's deliveries; a

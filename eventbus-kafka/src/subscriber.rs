@@ -16,8 +16,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use eventbus_core::{
-    AckHandle, Acker, Delivery, DeliveryInfo, Error, ErrorKind, Feed, Message, Position, StartFrom,
-    SubscribeSpec, Subscriber, Subscription, Topic, TopicRules, TrySend,
+    AckHandle, Acker, DeadLetters, Delivery, DeliveryInfo, Error, ErrorKind, Feed, Message,
+    Position, StartFrom, SubscribeSpec, Subscriber, Subscription, Topic, TopicRules, TrySend,
 };
 use parking_lot::Mutex;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
@@ -28,8 +28,6 @@ use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use crate::KafkaConfig;
 use crate::error::{self, BACKEND};
 
-/// Delay before a dead letter that could not be stored is tried again.
-const DEAD_LETTER_RETRY: Duration = Duration::from_secs(1);
 /// Longest `Subscription::close` waits for the final commit and the group leave.
 const CLOSE_WAIT: Duration = Duration::from_secs(10);
 
@@ -117,7 +115,20 @@ impl Subscriber for KafkaSubscriber {
         let config = self.config.clone();
         async move {
             let spec = resolve_patterns(&config, spec).await?;
-            Subscription::per_topic(spec, |one| subscribe_one(&config, one)).await
+            let letters = match (&spec.dead_letter, spec.max_deliveries) {
+                (Some(to), Some(_)) => {
+                    eventbus_core::validate::topic(to.as_str(), TopicRules::Kafka)
+                        .map_err(|e| e.with_backend(BACKEND))?;
+                    let producer = LetterProducer::new(&config)?;
+                    DeadLetters::for_spec(&spec, move |letter| producer.clone().send(letter))
+                }
+                _ => None,
+            };
+            let sub = Subscription::per_topic(spec, |one| subscribe_one(&config, one)).await?;
+            Ok(match letters {
+                Some(layer) => sub.dead_letters(layer),
+                None => sub,
+            })
         }
     }
 }
@@ -205,10 +216,10 @@ async fn subscribe_one(config: &KafkaConfig, spec: SubscribeSpec) -> Result<Subs
     std::thread::Builder::new()
         .name("eventbus-kafka-sub".into())
         .spawn(move || match start(&config, &spec) {
-            Ok((consumer, shared, dead_letters)) => {
+            Ok((consumer, shared)) => {
                 let _ = ready_tx.send(Ok(()));
                 let _rt = rt.enter();
-                pump(&consumer, &shared, &spec, &feed, dead_letters.as_ref(), &rt);
+                pump(&consumer, &shared, &spec, &feed);
                 // The feed outlives the leave: `Subscription::close` returns once the
                 // acked prefix is committed and the member has left the group, so the
                 // next member gets the partitions at once, even if this process exits
@@ -295,26 +306,11 @@ fn group_lag(
     Ok(eventbus_core::ops::Lag::new(pending, 0))
 }
 
-/// A started consumer, its shared state, and its dead-letter producer.
-type Started = (BaseConsumer<Ctx>, Arc<Shared>, Option<DeadLetters>);
+/// A started consumer and its shared state.
+type Started = (BaseConsumer<Ctx>, Arc<Shared>);
 
 /// Create the consumer, check the topic exists, and subscribe (group) or assign (exclusive).
 fn start(config: &KafkaConfig, spec: &SubscribeSpec) -> Result<Started, Error> {
-    let dead_letters = match &spec.dead_letter {
-        Some(to) => {
-            eventbus_core::validate::topic(to.as_str(), TopicRules::Kafka)
-                .map_err(|e| e.with_backend(BACKEND))?;
-            Some(DeadLetters {
-                to: to.clone(),
-                producer: config
-                    .producer_config()
-                    .create()
-                    .map_err(|e| error::other("could not create the dead-letter producer", e))?,
-                timeout: config.message_timeout,
-            })
-        }
-        None => None,
-    };
     let topic = spec.topic.as_str();
     let group = spec.group.clone().unwrap_or_else(|| {
         format!(
@@ -353,20 +349,29 @@ fn start(config: &KafkaConfig, spec: &SubscribeSpec) -> Result<Started, Error> {
             .map_err(|e| error::other("could not assign partitions", e))?;
         shared.state.lock().assigned(&partitions);
     }
-    Ok((consumer, shared, dead_letters))
+    Ok((consumer, shared))
 }
 
-/// Where exhausted messages go.
+/// How the dead-letter layer publishes a letter here: one idempotent producer per
+/// subscription, a letter done once its delivery report says it is stored.
 #[derive(Clone)]
-struct DeadLetters {
-    to: Topic,
+struct LetterProducer {
     producer: FutureProducer,
     timeout: Duration,
 }
 
-impl DeadLetters {
-    /// Produce `letter` and wait for its delivery report; `true` once it is stored.
-    async fn send(&self, letter: Message) -> bool {
+impl LetterProducer {
+    fn new(config: &KafkaConfig) -> Result<Self, Error> {
+        Ok(LetterProducer {
+            producer: config
+                .producer_config()
+                .create()
+                .map_err(|e| error::other("could not create the dead-letter producer", e))?,
+            timeout: config.message_timeout,
+        })
+    }
+
+    async fn send(self, letter: Message) -> Result<(), Error> {
         let (id, topic, key, headers, payload) = letter.into_parts();
         let mut scratch = String::new();
         let h = crate::headers::encode(&id, &headers, true, &mut scratch);
@@ -377,13 +382,11 @@ impl DeadLetters {
         if let Some(k) = &key {
             record = record.key(&k[..]);
         }
-        match self.producer.send(record, self.timeout).await {
-            Ok(_) => true,
-            Err((e, _)) => {
-                tracing::warn!(error = %e, to = %self.to, "dead letter not stored; will retry");
-                false
-            }
-        }
+        self.producer
+            .send(record, self.timeout)
+            .await
+            .map(drop)
+            .map_err(|(e, _)| error::other("dead letter not stored", e))
     }
 }
 
@@ -405,8 +408,6 @@ enum Stage {
     Queued,
     /// Handed to the subscription (buffered or with the handler).
     Out,
-    /// Out of deliveries: its dead letter is being produced.
-    Leaving,
     /// Acked or terminated.
     Settled,
 }
@@ -570,7 +571,7 @@ impl ConsumerContext for Ctx {
                 .iter()
                 .filter_map(|p| st.parts.get(p))
                 .flat_map(|p| p.entries.values())
-                .filter(|e| matches!(e.stage, Stage::Out | Stage::Leaving))
+                .filter(|e| e.stage == Stage::Out)
                 .count();
             if out == 0 || st.closing || Instant::now() >= drain_until {
                 break;
@@ -617,16 +618,8 @@ impl ConsumerContext for Ctx {
 }
 
 /// Poll, hand over, redeliver and commit until the subscription is closed.
-fn pump(
-    consumer: &BaseConsumer<Ctx>,
-    shared: &Arc<Shared>,
-    spec: &SubscribeSpec,
-    feed: &Feed,
-    dead_letters: Option<&DeadLetters>,
-    rt: &tokio::runtime::Handle,
-) {
+fn pump(consumer: &BaseConsumer<Ctx>, shared: &Arc<Shared>, spec: &SubscribeSpec, feed: &Feed) {
     let topic = spec.topic.as_str();
-    let mut exhausted_now = Vec::new();
     let mut last_commit = Instant::now();
     let max_unsettled = spec.prefetch.saturating_mul(8).max(1_000);
     let mut behind_since: Option<Instant> = None;
@@ -642,30 +635,15 @@ fn pump(
                 break;
             }
             st.timers.pop();
+            // With a dead-letter topic it is delivered again: the dead-letter layer on the
+            // subscription moves it out once it is past the limit.
             let exhausted = match st.entry(&k) {
                 Some(e) if e.round == k.round && e.stage != Stage::Settled => {
-                    spec.max_deliveries.is_some_and(|m| e.count >= m)
+                    spec.dead_letter.is_none() && spec.max_deliveries.is_some_and(|m| e.count >= m)
                 }
                 _ => continue,
             };
-            if !exhausted {
-                st.deliver(shared, k);
-            } else if let Some(dl) = dead_letters {
-                // Settled only once the dead letter is stored (below, off this thread).
-                let e = st.entry(&k).expect("checked above");
-                e.stage = Stage::Leaving;
-                let letter = eventbus_core::dead_letter::message(
-                    &e.message,
-                    &dl.to,
-                    &Position::Partition {
-                        partition: k.partition,
-                        offset: k.offset,
-                    },
-                    e.count,
-                    eventbus_core::dead_letter::MAX_DELIVERIES,
-                );
-                exhausted_now.push((k, letter));
-            } else {
+            if exhausted {
                 tracing::warn!(
                     topic,
                     partition = k.partition,
@@ -673,24 +651,8 @@ fn pump(
                     "message dropped after max deliveries (no dead-letter topic); committed past it"
                 );
                 st.settle(&k);
-            }
-        }
-        // Dead letters are produced off this thread, so a slow or refusing dead-letter topic
-        // never stalls polling, acks or commits. Until its letter is stored a message stays
-        // unsettled (never committed past) with no timer: it is neither redelivered nor lost.
-        if let Some(dl) = dead_letters {
-            for (k, letter) in exhausted_now.drain(..) {
-                let (dl, shared) = (dl.clone(), Arc::clone(shared));
-                rt.spawn(async move {
-                    let stored = dl.send(letter).await;
-                    let mut st = shared.state.lock();
-                    if stored {
-                        st.settle(&k);
-                    } else {
-                        st.timers
-                            .push(Reverse((Instant::now() + DEAD_LETTER_RETRY, k)));
-                    }
-                });
+            } else {
+                st.deliver(shared, k);
             }
         }
         // Hand over what is waiting.
@@ -829,20 +791,8 @@ fn admit(shared: &Arc<Shared>, m: &rdkafka::message::BorrowedMessage<'_>) {
 
 /// Commit what was settled, then leave the group and close the consumer.
 fn shutdown(consumer: BaseConsumer<Ctx>, shared: &Arc<Shared>) {
-    // Dead letters on their way get a bounded chance to be stored, so the next member does not
-    // dead-letter the same messages again.
-    let until = Instant::now() + REVOKE_DRAIN;
-    while Instant::now() < until
-        && shared
-            .state
-            .lock()
-            .parts
-            .values()
-            .flat_map(|p| p.entries.values())
-            .any(|e| e.stage == Stage::Leaving)
-    {
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    // Dead letters on their way were settled before this: the dead-letter layer finishes them
+    // before it closes the subscription underneath.
     let mut st = shared.state.lock();
     st.closing = true;
     st.backlog.clear();

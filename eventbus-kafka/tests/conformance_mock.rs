@@ -1,5 +1,5 @@
 //! The shared conformance suite against librdkafka's in-process mock cluster (3 brokers), the
-//! second Kafka target next to the tansu process: the same scenarios (all but one, see below),
+//! second Kafka target next to the tansu process: the same scenarios (all but two, see below),
 //! a different broker implementation (librdkafka's own protocol mock, which also serves
 //! consumer groups). Topics are created through the mock's own API: it does not serve the
 //! admin CreateTopics request.

@@ -7,9 +7,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use eventbus_core::{
-    Ack, AckHandle, Acker, BatchSink, Delivery, DeliveryInfo, Error, ErrorKind, Feed, Message,
-    Outcome, Position, SinkLimits, StartFrom, SubscribeSpec, Subscriber, Subscription, Topic,
-    TopicRules, dead_letter,
+    Ack, AckHandle, Acker, BatchSink, DeadLetters, Delivery, DeliveryInfo, Error, ErrorKind, Feed,
+    Message, Outcome, Position, SinkLimits, StartFrom, SubscribeSpec, Subscriber, Subscription,
+    Topic, TopicRules,
 };
 use parking_lot::Mutex;
 use tokio::sync::Notify;
@@ -65,9 +65,6 @@ struct PendingEntry {
 }
 
 static TOKENS: AtomicU64 = AtomicU64::new(1);
-
-/// How long a message whose dead letter was refused waits before it is dead-lettered again.
-const DEAD_LETTER_RETRY: Duration = Duration::from_secs(1);
 
 impl eventbus_core::ops::HealthCheck for MemoryBroker {
     fn health(
@@ -248,7 +245,17 @@ impl Subscriber for MemorySubscriber {
                 eventbus_core::validate::topic(t.as_str(), TopicRules::Portable)
                     .map_err(|e| e.with_backend(BACKEND))?;
             }
-            Subscription::per_topic(spec, |one| subscribe_one(&broker, one)).await
+            let letters = {
+                let broker = broker.clone();
+                DeadLetters::for_spec(&spec, move |letter| {
+                    std::future::ready(broker.append(letter).into_result().map(drop))
+                })
+            };
+            let sub = Subscription::per_topic(spec, |one| subscribe_one(&broker, one)).await?;
+            Ok(match letters {
+                Some(layer) => sub.dead_letters(layer),
+                None => sub,
+            })
         }
     }
 }
@@ -286,26 +293,16 @@ async fn subscribe_one(broker: &MemoryBroker, spec: SubscribeSpec) -> Result<Sub
         g.members += 1;
     }
     let (sub, feed) = Subscription::channel(spec.prefetch);
-    tokio::spawn(member(broker.clone(), topic, group, spec, feed));
+    tokio::spawn(member(topic, group, spec, feed));
     Ok(sub)
 }
 
 enum Next {
     Deliver(Delivery),
-    /// A message out of deliveries: publish this dead letter, then remove the original at
-    /// `offset` from the group. Until then it stays pending, due again after
-    /// [`DEAD_LETTER_RETRY`], so a refused dead letter loses nothing.
-    DeadLetter(Message, u64),
     Wait(Option<Instant>),
 }
 
-async fn member(
-    broker: MemoryBroker,
-    topic: Arc<TopicState>,
-    group: String,
-    spec: SubscribeSpec,
-    mut feed: Feed,
-) {
+async fn member(topic: Arc<TopicState>, group: String, spec: SubscribeSpec, mut feed: Feed) {
     loop {
         let notified = topic.notify.notified();
         tokio::pin!(notified);
@@ -318,22 +315,6 @@ async fn member(
                     break;
                 }
             }
-            Next::DeadLetter(m, offset) => match broker.append(m) {
-                Outcome::Acked(_) => {
-                    let mut log = topic.log.lock();
-                    if let Some(g) = log.groups.get_mut(&group)
-                        && let Some(p) = g.pending.remove(&offset)
-                    {
-                        g.due.remove(&(p.due, offset));
-                    }
-                }
-                other => tracing::warn!(
-                    error = ?other.error().map(ToString::to_string),
-                    offset,
-                    retry_in = ?DEAD_LETTER_RETRY,
-                    "dead letter not published; the message stays pending"
-                ),
-            },
             Next::Wait(due) => {
                 let sleep = async {
                     match due {
@@ -382,36 +363,19 @@ fn next_delivery(topic: &Arc<TopicState>, group: &str, spec: &SubscribeSpec) -> 
                 .pending
                 .get_mut(&offset)
                 .expect("due index matches pending");
-            if spec.max_deliveries.is_some_and(|m| p.deliveries >= m) {
+            // With a dead-letter topic it is delivered again: the dead-letter layer on the
+            // subscription moves it out once it is past the limit.
+            if spec.dead_letter.is_none() && spec.max_deliveries.is_some_and(|m| p.deliveries >= m)
+            {
                 let deliveries = p.deliveries;
-                match &spec.dead_letter {
-                    Some(to) => {
-                        // Kept until the dead letter is stored; tried again if it is refused.
-                        p.due = now + DEAD_LETTER_RETRY;
-                        p.token = 0;
-                        g.due.insert((p.due, offset));
-                        return Next::DeadLetter(
-                            dead_letter::message(
-                                &messages[offset as usize],
-                                to,
-                                &Position::Offset(offset),
-                                deliveries,
-                                dead_letter::MAX_DELIVERIES,
-                            ),
-                            offset,
-                        );
-                    }
-                    None => {
-                        g.pending.remove(&offset);
-                        tracing::warn!(
-                            topic = %spec.topic,
-                            offset,
-                            deliveries,
-                            "message dropped after max deliveries (no dead-letter topic)"
-                        );
-                        continue;
-                    }
-                }
+                g.pending.remove(&offset);
+                tracing::warn!(
+                    topic = %spec.topic,
+                    offset,
+                    deliveries,
+                    "message dropped after max deliveries (no dead-letter topic)"
+                );
+                continue;
             }
             p.deliveries += 1;
             p.due = now + spec.ack_wait;

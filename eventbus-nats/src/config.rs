@@ -59,8 +59,8 @@ impl fmt::Debug for NatsAuth {
     }
 }
 
-/// The environment variables [`NatsConfig::with_vars`] reads: short forms for the connection
-/// and its credentials.
+/// The environment variables [`NatsConfig::with_vars`] reads: the connection, its credentials,
+/// and how sinks publish.
 pub const ENV_VARS: &[&str] = &[
     "EVENTBUS_NATS_URL",
     "EVENTBUS_NATS_USER",
@@ -70,6 +70,9 @@ pub const ENV_VARS: &[&str] = &[
     "EVENTBUS_NATS_CREDS",
     "EVENTBUS_NATS_TLS",
     "EVENTBUS_NATS_CA",
+    "EVENTBUS_NATS_PUBLISH_MODE",
+    "EVENTBUS_NATS_DEDUP",
+    "EVENTBUS_NATS_STREAM_REPLICAS",
 ];
 
 /// Connection settings for [`NatsBackend`](crate::NatsBackend).
@@ -270,7 +273,8 @@ impl NatsConfig {
 
     /// Read [`ENV_VARS`]: `EVENTBUS_NATS_URL`, `EVENTBUS_NATS_USER` + `EVENTBUS_NATS_PASSWORD`,
     /// `EVENTBUS_NATS_TOKEN`, `EVENTBUS_NATS_NKEY`, `EVENTBUS_NATS_CREDS`, `EVENTBUS_NATS_TLS`
-    /// (`1`/`true`), `EVENTBUS_NATS_CA`.
+    /// (`1`/`true`), `EVENTBUS_NATS_CA`, `EVENTBUS_NATS_PUBLISH_MODE` (`fast`, `async`,
+    /// `atomic`), `EVENTBUS_NATS_DEDUP`, `EVENTBUS_NATS_STREAM_REPLICAS`.
     pub fn from_env() -> Result<Self, Error> {
         Self::from_iter(std::env::vars())
     }
@@ -313,6 +317,39 @@ impl NatsConfig {
                     }
                 }
                 "EVENTBUS_NATS_CA" => c.tls_root_certificates = Some(v.into()),
+                "EVENTBUS_NATS_PUBLISH_MODE" => {
+                    c.publish_mode = match v.trim() {
+                        "fast" => PublishMode::Fast,
+                        "async" => PublishMode::Async,
+                        "atomic" => PublishMode::Atomic,
+                        _ => {
+                            return Err(Error::new(
+                                ErrorKind::Config,
+                                "EVENTBUS_NATS_PUBLISH_MODE must be fast, async or atomic",
+                            ));
+                        }
+                    }
+                }
+                "EVENTBUS_NATS_DEDUP" => {
+                    c.dedup = match v.trim() {
+                        "1" | "true" => true,
+                        "0" | "false" => false,
+                        _ => {
+                            return Err(Error::new(
+                                ErrorKind::Config,
+                                "EVENTBUS_NATS_DEDUP must be true or false",
+                            ));
+                        }
+                    }
+                }
+                "EVENTBUS_NATS_STREAM_REPLICAS" => {
+                    c.stream_replicas = v.trim().parse().map_err(|_| {
+                        Error::new(
+                            ErrorKind::Config,
+                            "EVENTBUS_NATS_STREAM_REPLICAS must be a positive integer",
+                        )
+                    })?
+                }
                 _ => {}
             }
         }
@@ -396,5 +433,18 @@ mod tests {
         let e = NatsConfig::from_iter([("EVENTBUS_NATS_USER", "u")]).unwrap_err();
         assert_eq!(e.kind(), ErrorKind::Config);
         assert!(NatsConfig::from_iter([("EVENTBUS_NATS_TLS", "maybe")]).is_err());
+        let c = NatsConfig::from_iter([
+            ("EVENTBUS_NATS_PUBLISH_MODE", "atomic"),
+            ("EVENTBUS_NATS_DEDUP", "false"),
+            ("EVENTBUS_NATS_STREAM_REPLICAS", "3"),
+        ])
+        .unwrap();
+        assert_eq!(
+            (c.publish_mode, c.dedup, c.stream_replicas),
+            (PublishMode::Atomic, false, 3)
+        );
+        let e = NatsConfig::from_iter([("EVENTBUS_NATS_PUBLISH_MODE", "turbo")]).unwrap_err();
+        assert!(e.to_string().contains("EVENTBUS_NATS_PUBLISH_MODE"), "{e}");
+        assert!(!e.to_string().contains("turbo"), "{e}");
     }
 }

@@ -114,6 +114,19 @@ macro_rules! classify {
 }
 
 classify! {
+    async_nats::jetstream::context::PublishErrorKind => |k| {
+        use async_nats::jetstream::context::PublishErrorKind as K;
+        match k {
+            K::TimedOut => Class::TimedOut,
+            K::StreamNotFound => Class::Missing,
+            // The connection could not carry it, or too many publishes await acks.
+            K::BrokenPipe | K::MaxAckPending => Class::Unavailable,
+            K::WrongLastMessageId
+            | K::WrongLastSequence
+            | K::MaxPayloadExceeded
+            | K::Other => Class::Other,
+        }
+    };
     async_nats::jetstream::context::RequestErrorKind => |k| {
         use async_nats::jetstream::context::RequestErrorKind as K;
         match k {

@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, AckKind, consumer::pull};
 use eventbus_core::{
-    AckHandle, Acker, Delivery, DeliveryInfo, Error, ErrorKind, Feed, MessageId, Position,
-    StartFrom, SubscribeSpec, Subscriber, Subscription, Topic, TopicRules,
+    AckHandle, Acker, DeadLetters, Delivery, DeliveryInfo, Error, ErrorKind, Feed, MessageId,
+    Position, StartFrom, SubscribeSpec, Subscriber, Subscription, Topic, TopicRules,
 };
 use futures_util::StreamExt;
 
@@ -108,7 +108,16 @@ impl Subscriber for NatsSubscriber {
                 eventbus_core::validate::subscription_filter(t.as_str())
                     .map_err(|e| e.with_backend(BACKEND))?;
             }
-            Subscription::per_topic(spec, |one| subscribe_one(&js, one)).await
+            if let Some(to) = &spec.dead_letter {
+                eventbus_core::validate::topic(to.as_str(), TopicRules::Nats)
+                    .map_err(|e| e.with_backend(BACKEND))?;
+            }
+            let letters = DeadLetters::for_spec(&spec, publish_letter(js.clone()));
+            let sub = Subscription::per_topic(spec, |one| subscribe_one(&js, one)).await?;
+            Ok(match letters {
+                Some(layer) => sub.dead_letters(layer),
+                None => sub,
+            })
         }
     }
 }
@@ -125,8 +134,8 @@ async fn subscribe_one(
         filter_subject: spec.topic.as_str().to_owned(),
         ack_policy: jetstream::consumer::AckPolicy::Explicit,
         ack_wait: spec.ack_wait,
-        // With a dead-letter topic the server keeps redelivering and the pump moves the
-        // message once it is past `max_deliveries` (the server would only drop it).
+        // With a dead-letter topic the server keeps redelivering and the dead-letter layer
+        // moves the message once it is past `max_deliveries` (the server would only drop it).
         max_deliver: match (&spec.dead_letter, spec.max_deliveries) {
             (None, Some(m)) => i64::from(m),
             _ => -1,
@@ -155,21 +164,8 @@ async fn subscribe_one(
                 .map_err(|e| error::other("could not create the consumer", e))?
         }
     };
-    if let Some(to) = &spec.dead_letter {
-        eventbus_core::validate::topic(to.as_str(), TopicRules::Nats)
-            .map_err(|e| e.with_backend(BACKEND))?;
-    }
-    let dead_letters = spec
-        .dead_letter
-        .clone()
-        .zip(spec.max_deliveries)
-        .map(|(to, max)| DeadLetters {
-            js: js.clone(),
-            to,
-            max,
-        });
     let (sub, feed) = Subscription::channel(spec.prefetch);
-    tokio::spawn(pump(consumer, spec.prefetch, feed, dead_letters));
+    tokio::spawn(pump(consumer, spec.prefetch, feed));
     Ok(sub)
 }
 
@@ -181,7 +177,6 @@ async fn pump(
     consumer: jetstream::consumer::Consumer<pull::Config>,
     prefetch: usize,
     mut feed: Feed,
-    dead_letters: Option<DeadLetters>,
 ) {
     let mut next: Option<pull::Batch> = None;
     'outer: loop {
@@ -233,15 +228,7 @@ async fn pump(
                 }
             };
             handed += 1;
-            let delivery = to_delivery(msg);
-            let delivery = match &dead_letters {
-                Some(dl) if delivery.info().delivery_count > dl.max => {
-                    dl.move_out(delivery).await;
-                    continue;
-                }
-                _ => delivery,
-            };
-            if let Err(Ok(d)) = feed.send(Ok(delivery)).await {
+            if let Err(Ok(d)) = feed.send(Ok(to_delivery(msg))).await {
                 let _ = d.nack(Duration::ZERO).await;
                 release_rest(&mut batch).await;
                 if let Some(n) = next.as_mut() {
@@ -266,39 +253,25 @@ async fn request(
         .await
 }
 
-/// Where messages past `max` deliveries go.
-struct DeadLetters {
+/// How the dead-letter layer publishes a letter here: a JetStream publish, done once its pub
+/// ack says the letter is stored.
+fn publish_letter(
     js: jetstream::Context,
-    to: Topic,
-    max: u32,
-}
-
-impl DeadLetters {
-    /// Publish the dead letter, then terminate the original; if the publish fails, nack it so
-    /// the server offers it again later (nothing is dropped).
-    async fn move_out(&self, d: Delivery) {
-        let (msg, info, acker) = d.split();
-        let letter = eventbus_core::dead_letter::message(
-            &msg,
-            &self.to,
-            &info.position,
-            info.delivery_count - 1,
-            eventbus_core::dead_letter::MAX_DELIVERIES,
-        );
-        let (subject, payload, hdrs) = headers::encode(letter, true);
-        let stored = match self.js.publish_with_headers(subject, hdrs, payload).await {
-            Ok(ack) => ack.await.map_err(|e| e.to_string()),
-            Err(e) => Err(e.to_string()),
-        };
-        match stored {
-            Ok(_) => {
-                let _ = acker.term().await;
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, to = %self.to, "dead letter not stored; will retry");
-                let _ = acker.nack(Duration::from_secs(1)).await;
-            }
-        }
+) -> impl Fn(eventbus_core::Message) -> std::pin::Pin<Box<dyn Future<Output = Result<(), Error>> + Send>>
++ Send
++ Sync
++ 'static {
+    move |letter| {
+        let js = js.clone();
+        Box::pin(async move {
+            let (subject, payload, hdrs) = headers::encode(letter, true);
+            js.publish_with_headers(subject, hdrs, payload)
+                .await
+                .map_err(|e| error::other("dead letter not sent", e))?
+                .await
+                .map_err(|e| error::other("dead letter not stored", e))?;
+            Ok(())
+        })
     }
 }
 

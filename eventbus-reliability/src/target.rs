@@ -12,8 +12,8 @@ use crate::proxy::FaultProxy;
 /// One backend on one real broker (a process or a cluster of them).
 ///
 /// The process faults (`kill`, `restart`, `pause`, `resume`) act through the target's
-/// [`TestBroker`] on the node [`Target::aim`] picks; a target with its own policy (every node,
-/// a retried restart) overrides them.
+/// [`TestBroker`] on the node [`Target::fault_node`] picks; a target with its own policy (every
+/// node, a retried restart) overrides them.
 pub trait Target: Send + Sync {
     /// The publishing sink.
     type Sink: BatchSink;
@@ -40,31 +40,32 @@ pub trait Target: Send + Sync {
     fn broker(&self) -> &dyn TestBroker;
     /// The broker processes, to fault them.
     fn broker_mut(&mut self) -> &mut dyn TestBroker;
-    /// The node the next process fault hits. Default node 0.
-    fn aim(&self) -> usize {
+    /// Pick the node the next process fault hits, and remember it for
+    /// [`Target::last_fault_node`]. Default node 0.
+    fn fault_node(&self) -> usize {
         0
     }
     /// The node the last process fault hit (`restart` and `resume` act on it). Default node 0.
-    fn last_hit(&self) -> usize {
+    fn last_fault_node(&self) -> usize {
         0
     }
-    /// `kill -9` the aimed node; its store survives.
+    /// `kill -9` the node [`Target::fault_node`] picks; its store survives.
     fn kill(&mut self) {
-        let node = self.aim();
+        let node = self.fault_node();
         self.broker_mut().kill(node);
     }
     /// Start the node last hit again on the same port and store.
     fn restart(&mut self) -> std::io::Result<()> {
-        let node = self.last_hit();
+        let node = self.last_fault_node();
         self.broker_mut().restart(node)
     }
-    /// SIGSTOP the aimed node.
+    /// SIGSTOP the node [`Target::fault_node`] picks.
     fn pause(&self) -> std::io::Result<()> {
-        self.broker().pause(self.aim())
+        self.broker().pause(self.fault_node())
     }
     /// SIGCONT the node last hit.
     fn resume(&self) -> std::io::Result<()> {
-        self.broker().resume(self.last_hit())
+        self.broker().resume(self.last_fault_node())
     }
     /// The first panic in the broker's log, if it crashed (a broker bug, told apart from ours).
     fn broker_panic(&self) -> Option<String> {
@@ -629,10 +630,10 @@ pub mod nats_cluster {
         fn broker_mut(&mut self) -> &mut dyn TestBroker {
             &mut self.cluster
         }
-        fn aim(&self) -> usize {
+        fn fault_node(&self) -> usize {
             self.choose_victim()
         }
-        fn last_hit(&self) -> usize {
+        fn last_fault_node(&self) -> usize {
             self.victim()
         }
     }
@@ -788,6 +789,9 @@ pub mod kafka_cluster {
         fn kill(&mut self) {
             self.victim = self.broker_in_use();
             self.brokers.broker_mut(self.victim).kill();
+        }
+        fn last_fault_node(&self) -> usize {
+            self.victim
         }
         /// Start the killed broker again. tansu 0.6.0 panics at start-up when the shared
         /// SQLite file is busy with the other brokers' writes ("database is locked",

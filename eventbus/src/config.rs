@@ -195,10 +195,11 @@ impl BusConfig {
     /// Apply `EVENTBUS_*` variables on top of this config: `EVENTBUS_BACKEND`, and
     /// `EVENTBUS_<SECTION>_<FIELD>` for any field of `nats`, `kafka`, `batch`, `handler`
     /// (nested tables join with `_`: `EVENTBUS_HANDLER_RETRY_MAX_ATTEMPTS`). Durations are
-    /// milliseconds. NATS credentials use the short forms of
-    /// [`NatsConfig::from_env`](https://docs.rs/eventbus-nats): `EVENTBUS_NATS_USER` with
-    /// `EVENTBUS_NATS_PASSWORD`, `EVENTBUS_NATS_TOKEN`, `EVENTBUS_NATS_NKEY`,
-    /// `EVENTBUS_NATS_CREDS`, and `EVENTBUS_NATS_TLS`, `EVENTBUS_NATS_CA`. Kafka security
+    /// milliseconds. The NATS backend reads its own variables (`eventbus_nats::ENV_VARS`):
+    /// `EVENTBUS_NATS_URL`, `EVENTBUS_NATS_USER` with `EVENTBUS_NATS_PASSWORD`,
+    /// `EVENTBUS_NATS_TOKEN`, `EVENTBUS_NATS_NKEY`, `EVENTBUS_NATS_CREDS`, `EVENTBUS_NATS_TLS`,
+    /// `EVENTBUS_NATS_CA`, `EVENTBUS_NATS_PUBLISH_MODE`, `EVENTBUS_NATS_DEDUP`,
+    /// `EVENTBUS_NATS_STREAM_REPLICAS`. Kafka security
     /// settings use the forms of
     /// [`KafkaConfig::from_env`](https://docs.rs/eventbus-kafka): `EVENTBUS_KAFKA_SECURITY_PROTOCOL`,
     /// `EVENTBUS_KAFKA_SASL_MECHANISM`, `EVENTBUS_KAFKA_SASL_USERNAME`,

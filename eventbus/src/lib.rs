@@ -112,7 +112,9 @@ impl Bus {
 
     /// A bus over a backend connected elsewhere (one you configured by hand, a shared
     /// [`MemoryBroker`] in a test, or your own [`Backend`]); `config` supplies the `[batch]`
-    /// and `[handler]` settings, its backend section is not used.
+    /// and `[handler]` settings, its backend sections (and `backend`, which may name another
+    /// one) are not used. Unlike [`Bus::connect`] it does not validate `config`: a bad `[batch]`
+    /// fails at [`Bus::publisher`].
     ///
     /// ```
     /// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
@@ -155,15 +157,13 @@ impl Bus {
 
     /// A subscriber.
     pub fn subscriber(&self) -> BusSubscriber {
-        BusSubscriber(self.backend.subscriber_dyn())
+        BusSubscriber(self.backend.subscriber_dyn(), self.backend.name())
     }
 
-    /// Make sure `topic` can be published to and subscribed, as the backend provisions
-    /// topics: Kafka creates the topic with `partitions` (replication factor 1) unless it
-    /// exists; NATS creates a file stream named after it (`.` becomes `_`, e.g.
-    /// `orders_created`) capturing `topic` and `topic.>` unless one exists; memory needs
-    /// nothing. Existing topics and streams are left as they are. Production setups usually
-    /// provision through their own tooling instead.
+    /// Make sure `topic` can be published to and subscribed, as the backend provisions topics
+    /// (its [`Backend::ensure_topic`]: for NATS a file stream named after the topic, for Kafka a
+    /// topic with `partitions`; see each backend's own `ensure_topic`). What exists is left as
+    /// it is. Production setups usually provision through their own tooling instead.
     pub async fn ensure_topic(&self, topic: &str, partitions: u32) -> Result<(), Error> {
         self.backend.ensure_topic_dyn(topic, partitions).await
     }
@@ -180,11 +180,11 @@ pub type BusPublisher = Batcher<BoxSink>;
 
 /// A subscriber on whichever backend the bus uses. Cloning is cheap.
 #[derive(Clone)]
-pub struct BusSubscriber(ArcSubscriber);
+pub struct BusSubscriber(ArcSubscriber, &'static str);
 
 impl std::fmt::Debug for BusSubscriber {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("BusSubscriber")
+        f.debug_tuple("BusSubscriber").field(&self.1).finish()
     }
 }
 

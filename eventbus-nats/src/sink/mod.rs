@@ -234,6 +234,11 @@ impl NatsSink {
         })?;
         let router = Arc::new(OutcomeRouter::new(BACKEND));
         let groups: writer::Groups<P::State> = Arc::default();
+        // Unbounded by type, bounded in fact: batch jobs are at most the engine's batches in
+        // flight, and resend jobs only carry messages of those batches, so the queue never holds
+        // more than the ACK window. A bounded channel would make the reply task, which must keep
+        // reading acks off the connection, wait on the writer, which may itself be waiting on a
+        // stalled connection or a stream lookup.
         let (tx, rx) = mpsc::unbounded_channel();
         let kept = Arc::new(Kept::new(Arc::clone(&router)));
         let replies = Arc::new(Router {
