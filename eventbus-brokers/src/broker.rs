@@ -205,6 +205,22 @@ impl TestBroker for NatsServer {
     }
 }
 
+impl NatsCluster {
+    /// The node that leads stream `stream`, as the first running node other than `skip` that
+    /// names one reports it (a node cut off from the others may still believe it leads).
+    pub fn stream_leader(&self, stream: &str, skip: Option<usize>) -> Option<usize> {
+        let nodes = NatsCluster::nodes(self);
+        let name = (0..nodes.len())
+            .filter(|&i| Some(i) != skip && nodes[i].pid().is_some())
+            .find_map(|i| stream_leader(&jsz(nodes[i].http_port()).ok()?, stream))?;
+        // `NatsCluster` names node `i` `n{i}`.
+        name.strip_prefix('n')?
+            .parse()
+            .ok()
+            .filter(|&i: &usize| i < nodes.len())
+    }
+}
+
 impl TestBroker for NatsCluster {
     fn describe(&self) -> String {
         format!(
@@ -248,27 +264,13 @@ impl TestBroker for NatsCluster {
             .iter()
             .find_map(|n| panic_in_log(n.log_path()))
     }
-    /// The stream leader's count (a follower may trail it, or not yet have applied a purge):
-    /// the leader as any running node names it, its count from its own `/jsz`.
+    /// The stream leader's count (a follower may trail it, or not yet have applied a purge).
     fn stored(&self, name: &str) -> io::Result<u64> {
-        let nodes = NatsCluster::nodes(self);
-        let leader = nodes
-            .iter()
-            .filter(|n| n.pid().is_some())
-            .find_map(|n| stream_leader(&jsz(n.http_port()).ok()?, name))
+        let leader = self
+            .stream_leader(name, None)
             .ok_or_else(|| other(format!("no running node names a leader of stream {name}")))?;
-        // `NatsCluster` names node `i` `n{i}`.
-        let node = leader
-            .strip_prefix('n')
-            .and_then(|i| i.parse::<usize>().ok())
-            .and_then(|i| nodes.get(i))
-            .ok_or_else(|| {
-                other(format!(
-                    "stream {name}'s leader {leader} is not a node here"
-                ))
-            })?;
-        stream_messages(&jsz(node.http_port())?, name)
-            .ok_or_else(|| other(format!("leader {leader} reports no stream named {name}")))
+        stream_messages(&jsz(NatsCluster::nodes(self)[leader].http_port())?, name)
+            .ok_or_else(|| other(format!("leader n{leader} reports no stream named {name}")))
     }
     fn detach(self: Box<Self>) -> Vec<Option<u32>> {
         NatsCluster::detach(*self)

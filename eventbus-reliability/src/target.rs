@@ -496,21 +496,7 @@ pub mod nats_cluster {
         /// The leader of `stream` as the nodes other than `skip` see it (a node cut off from
         /// the others may still believe it leads).
         fn leader_seen(&self, stream: &str, skip: Option<usize>) -> Option<usize> {
-            for i in (0..self.cluster.nodes().len()).filter(|i| Some(*i) != skip) {
-                let Ok((200, body)) = eventbus_brokers::http_get(
-                    self.cluster.http_port(i),
-                    "/jsz?accounts=true&streams=true",
-                ) else {
-                    continue;
-                };
-                let Ok(json) = serde_json::from_str::<serde_json::Value>(&body) else {
-                    continue;
-                };
-                if let Some(name) = stream_leader(&json, stream) {
-                    return name.strip_prefix('n').and_then(|n| n.parse().ok());
-                }
-            }
-            None
+            self.cluster.stream_leader(stream, skip)
         }
 
         /// The node the next fault hits, as aimed (node 0 if none is known), remembered for
@@ -574,25 +560,6 @@ pub mod nats_cluster {
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
-        }
-    }
-
-    /// `cluster.leader` of the stream named `stream` anywhere in a `/jsz` answer.
-    fn stream_leader(v: &serde_json::Value, stream: &str) -> Option<String> {
-        match v {
-            serde_json::Value::Object(map) => {
-                if map.get("name").and_then(|n| n.as_str()) == Some(stream)
-                    && let Some(l) = map
-                        .get("cluster")
-                        .and_then(|c| c.get("leader"))
-                        .and_then(|l| l.as_str())
-                {
-                    return Some(l.to_owned());
-                }
-                map.values().find_map(|v| stream_leader(v, stream))
-            }
-            serde_json::Value::Array(items) => items.iter().find_map(|v| stream_leader(v, stream)),
-            _ => None,
         }
     }
 
