@@ -30,7 +30,7 @@ use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use crate::outcome::Position;
-use crate::subscriber::Subscription;
+use crate::subscriber::{Relayed, Subscription};
 
 /// How many message ids [`Subscription::dedup`] remembers, and for how long.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -144,14 +144,14 @@ impl Subscription {
             );
             async move {
                 match verdict {
-                    Seen::New => Some(d),
+                    Seen::New => Relayed::Pass(d),
                     Seen::Duplicate => {
                         metrics::counter!("eventbus_dedup_skipped_total").increment(1);
                         tracing::debug!(id = %d.message().id(), "duplicate copy skipped");
                         if let Err(e) = d.ack().await {
                             tracing::warn!(error = %e, "ack of a skipped duplicate failed");
                         }
-                        None
+                        Relayed::Settled
                     }
                 }
             }

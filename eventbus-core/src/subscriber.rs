@@ -561,6 +561,16 @@ impl Subscription {
     }
 }
 
+/// What [`Subscription::relay`]'s step does with a delivery.
+pub(crate) enum Relayed {
+    /// Hand it over.
+    Pass(Delivery),
+    /// The step settled it.
+    Settled,
+    /// This future settles it, beside the relay (finished before the relay closes).
+    Aside(crate::backend::BoxFuture<'static, ()>),
+}
+
 impl Subscription {
     /// For backends that read one topic per consumer: subscribe each topic of `spec` (see
     /// [`SubscribeSpec::split`]) with `one`, and [`merge`](Subscription::merge) the parts. If
@@ -586,58 +596,42 @@ impl Subscription {
         Ok(Subscription::merge(parts, prefetch))
     }
 
-    /// This subscription with `layer` on it: deliveries past its limit are dead-lettered
-    /// instead of handed over (see [`DeadLetters`]). A delivery the layer is moving out when the
-    /// subscription is closed is finished (published, then terminated or nacked) before
-    /// [`Subscription::close`] returns.
-    pub fn dead_letters(mut self, layer: DeadLetters) -> Subscription {
-        let (outer, mut feed) = Subscription::channel(self.rx.max_capacity());
-        tokio::spawn(async move {
-            // Letters are published off the delivery path: a slow or refusing dead-letter
-            // topic holds back only the messages it is moving, never the others.
-            let mut moving = tokio::task::JoinSet::new();
-            loop {
-                let next = tokio::select! {
-                    _ = feed.stopped() => break,
-                    Some(_) = moving.join_next(), if !moving.is_empty() => continue,
-                    next = self.rx.recv() => next,
-                };
-                let item = match next {
-                    None => break,
-                    Some(Ok(d)) if layer.exhausted(&d) => {
-                        let layer = layer.clone();
-                        moving.spawn(async move { layer.move_out(d).await });
-                        continue;
-                    }
-                    Some(item) => item,
-                };
-                if let Err(item) = feed.send(item).await {
-                    if let Ok(d) = item {
-                        let _ = d.nack(Duration::ZERO).await;
-                    }
-                    break;
-                }
-            }
-            while moving.join_next().await.is_some() {}
-            self.close().await;
-            drop(feed);
-        });
-        outer
+    /// This subscription with `layer` on it, if any: deliveries past its limit are
+    /// dead-lettered instead of handed over (see [`DeadLetters`]). A delivery the layer is
+    /// moving out when the subscription is closed is finished (published, then terminated or
+    /// nacked) before [`Subscription::close`] returns. Takes an `Option` too, so a backend can
+    /// pass [`DeadLetters::for_spec`]'s answer as it is.
+    pub fn dead_letters(self, layer: impl Into<Option<DeadLetters>>) -> Subscription {
+        let Some(layer) = layer.into() else {
+            return self;
+        };
+        self.relay(move |d| {
+            std::future::ready(if layer.exhausted(&d) {
+                // Off the delivery path: a slow or refusing dead-letter topic holds back only
+                // the messages it is moving, never the others.
+                let layer = layer.clone();
+                Relayed::Aside(Box::pin(async move { layer.move_out(d).await }))
+            } else {
+                Relayed::Pass(d)
+            })
+        })
     }
 
-    /// A subscription that hands over what `step` returns for each of this one's deliveries; a
-    /// delivery `step` keeps (returns `None` for) has been settled by `step`. Errors pass as
-    /// they are. Closing it closes this one.
+    /// A subscription that hands over, settles or sets aside each of this one's deliveries as
+    /// `step` says ([`Relayed`]). Errors pass as they are. Closing it finishes the work set
+    /// aside, then closes this one.
     pub(crate) fn relay<F, Fut>(mut self, mut step: F) -> Subscription
     where
         F: FnMut(Delivery) -> Fut + Send + 'static,
-        Fut: Future<Output = Option<Delivery>> + Send,
+        Fut: Future<Output = Relayed> + Send,
     {
         let (outer, mut feed) = Subscription::channel(self.rx.max_capacity());
         tokio::spawn(async move {
+            let mut aside = tokio::task::JoinSet::new();
             loop {
                 let next = tokio::select! {
                     _ = feed.stopped() => break,
+                    Some(_) = aside.join_next(), if !aside.is_empty() => continue,
                     // Not `next()`: the outer subscription records the delivery event.
                     next = self.rx.recv() => next,
                 };
@@ -645,8 +639,12 @@ impl Subscription {
                     None => break,
                     Some(Err(e)) => Err(e),
                     Some(Ok(d)) => match step(d).await {
-                        Some(d) => Ok(d),
-                        None => continue,
+                        Relayed::Pass(d) => Ok(d),
+                        Relayed::Settled => continue,
+                        Relayed::Aside(work) => {
+                            aside.spawn(work);
+                            continue;
+                        }
                     },
                 };
                 if let Err(item) = feed.send(item).await {
@@ -656,6 +654,7 @@ impl Subscription {
                     break;
                 }
             }
+            while aside.join_next().await.is_some() {}
             self.close().await;
             drop(feed);
         });

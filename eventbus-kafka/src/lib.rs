@@ -86,8 +86,8 @@ pub struct KafkaBackend {
     admin: Admin,
 }
 
-/// The lazily created admin client (`ensure_topic` used to create one per call: a librdkafka
-/// instance, its thread and a broker connection each time).
+/// The admin client, created on first use and shared: each one is a librdkafka instance with
+/// its own thread and broker connection, too much to make per `ensure_topic` call.
 #[derive(Clone, Default)]
 struct Admin(Arc<parking_lot::Mutex<Option<Arc<AdminClient<DefaultClientContext>>>>>);
 

@@ -125,10 +125,7 @@ impl Subscriber for KafkaSubscriber {
                 _ => None,
             };
             let sub = Subscription::per_topic(spec, |one| subscribe_one(&config, one)).await?;
-            Ok(match letters {
-                Some(layer) => sub.dead_letters(layer),
-                None => sub,
-            })
+            Ok(sub.dead_letters(letters))
         }
     }
 }

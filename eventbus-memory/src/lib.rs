@@ -252,10 +252,7 @@ impl Subscriber for MemorySubscriber {
                 })
             };
             let sub = Subscription::per_topic(spec, |one| subscribe_one(&broker, one)).await?;
-            Ok(match letters {
-                Some(layer) => sub.dead_letters(layer),
-                None => sub,
-            })
+            Ok(sub.dead_letters(letters))
         }
     }
 }

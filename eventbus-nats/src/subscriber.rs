@@ -114,10 +114,7 @@ impl Subscriber for NatsSubscriber {
             }
             let letters = DeadLetters::for_spec(&spec, publish_letter(js.clone()));
             let sub = Subscription::per_topic(spec, |one| subscribe_one(&js, one)).await?;
-            Ok(match letters {
-                Some(layer) => sub.dead_letters(layer),
-                None => sub,
-            })
+            Ok(sub.dead_letters(letters))
         }
     }
 }

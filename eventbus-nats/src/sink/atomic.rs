@@ -29,13 +29,13 @@ impl Atomic {
 /// One atomic batch in flight. Its messages are not kept: the commit's reply decides, and is
 /// waited for.
 #[derive(Default)]
-pub(super) struct InFlight {
+pub(super) struct AtomicBatch {
     /// An error reply to the first message (e.g. atomic publish not enabled).
     early: Option<Error>,
 }
 
 impl Protocol for Atomic {
-    type State = InFlight;
+    type State = AtomicBatch;
 
     fn limits(limits: SinkLimits) -> SinkLimits {
         limits
@@ -43,7 +43,7 @@ impl Protocol for Atomic {
             .max_inflight_batches(ATOMIC_MAX_IN_FLIGHT)
     }
 
-    async fn send(&mut self, w: &mut Writer<InFlight>, job_id: u64, batch: Vec<Message>) {
+    async fn send(&mut self, w: &mut Writer<AtomicBatch>, job_id: u64, batch: Vec<Message>) {
         let (order, unknown) = w.group_by_stream(job_id, &batch).await;
         // An atomic batch needs its stream: without it nothing is sent, and a retry may succeed.
         for i in unknown {
@@ -63,7 +63,7 @@ impl Protocol for Atomic {
             let k = k as u32;
             let batch_id = format!("{}{job_id}_{k}", self.batch_prefix);
             let n = indices.len();
-            w.track(job_id, k, indices.clone(), InFlight::default());
+            w.track(job_id, k, indices.clone(), AtomicBatch::default());
             for (seq, &i) in indices.iter().enumerate() {
                 let (subject, payload, mut hdrs) = headers::encode_ref(&batch[i], w.dedup);
                 hdrs.insert(headers::BATCH_ID, batch_id.as_str());
@@ -97,7 +97,7 @@ impl Protocol for Atomic {
     }
 
     /// `a<k>.s` or `a<k>.c`: a reply for atomic batch `k`.
-    fn route(r: &Router<InFlight>, b: u64, tail: &str, m: &async_nats::Message) {
+    fn route(r: &Router<AtomicBatch>, b: u64, tail: &str, m: &async_nats::Message) {
         if let Some(atomic) = tail.strip_prefix('a')
             && let Some((k, kind)) = atomic.split_once('.')
             && let Ok(k) = k.parse::<u32>()
@@ -110,7 +110,7 @@ impl Protocol for Atomic {
 /// A reply for atomic batch `k` of engine batch `b`: `s` (first message) or `c` (commit).
 fn route_atomic(
     router: &OutcomeRouter,
-    groups: &Groups<InFlight>,
+    groups: &Groups<AtomicBatch>,
     b: u64,
     k: u32,
     kind: &str,

@@ -1,14 +1,15 @@
 //! Mode [`PublishMode::Fast`]: fast-ingest batch publishing (ADR-50, nats-server 2.14+, stream
-//! `allow_batched`). The messages of batch `B` that go to one stream form fast batch `k`,
-//! described entirely by the reply subjects `<inbox>.B.f<k>.<id>.<flow>.fail.<seq>.<op>.$FI`,
-//! ended by an empty `eob` commit. The server acks every few hundred messages and once per batch;
-//! the commit's count says exactly which messages are stored. Streams without `allow_batched` are
-//! published in async mode instead (logged once, counted in `eventbus_nats_mode_fallback_total`).
+//! `allow_batched`). The messages of engine batch `B` that go to one stream form fast batch
+//! `k`, ended by an empty `eob` commit. The server acks every few hundred messages and once per
+//! batch; the commit's count says exactly which messages are stored. Streams without
+//! `allow_batched` are published in async mode instead (logged once, counted in
+//! `eventbus_nats_mode_fallback_total`).
 //!
 //! No headers: the server reads the batch from the **reply subject** of every message,
-//! `<prefix>.<batch id>.<flow>.<gap mode>.<batch seq>.<op>.$FI`, with op `0` (start, seq 1),
-//! `1` (append), `3` (commit at end of batch: an empty message that is not stored). Messages are
-//! stored as they arrive (a fast batch is not atomic); the server replies on the same subjects:
+//! `<prefix>.<batch id>.<flow>.<gap mode>.<batch seq>.<op>.$FI` (prefix `<inbox>.B.f<k>`, gap
+//! mode `fail`), with op `0` (start, seq 1), `1` (append), `3` (commit at end of batch: an
+//! empty message that is not stored). Messages are stored as they arrive (a fast batch is not
+//! atomic); the server replies on the same subjects:
 //!
 //! - `{"type":"ack","seq":N,"msgs":M}`: flow control, messages 1..=N were persisted;
 //! - `{"type":"gap",...}` / `{"type":"err","seq":N,"error":{...}}`: a gap, or message N refused;
@@ -50,7 +51,7 @@ impl Fast {
 }
 
 /// One fast batch in flight.
-pub(super) struct InFlight {
+pub(super) struct FastBatch {
     /// Refusals and per-message acks seen so far.
     fast: FastState,
     /// The messages, in batch order, kept until the commit so that the ones a gap cut
@@ -123,13 +124,13 @@ impl Fast {
 }
 
 impl Protocol for Fast {
-    type State = InFlight;
+    type State = FastBatch;
 
     fn limits(limits: SinkLimits) -> SinkLimits {
         limits.max_inflight_batches(FAST_MAX_IN_FLIGHT)
     }
 
-    async fn send(&mut self, w: &mut Writer<InFlight>, job_id: u64, batch: Vec<Message>) {
+    async fn send(&mut self, w: &mut Writer<FastBatch>, job_id: u64, batch: Vec<Message>) {
         let (order, unknown) = w.group_by_stream(job_id, &batch).await;
         let mut slots: Vec<Option<Message>> = batch.into_iter().map(Some).collect();
         let mut reply = String::with_capacity(w.inbox.len() + 96);
@@ -185,7 +186,7 @@ impl Protocol for Fast {
                 job_id,
                 k,
                 indices,
-                InFlight {
+                FastBatch {
                     fast: FastState::default(),
                     msgs,
                     heard: Instant::now(),
@@ -244,7 +245,7 @@ impl Protocol for Fast {
     }
 
     /// `f<k>.<id>.<flow>.<gap>.<seq>.<op>.$FI`: a reply for message `seq` of fast batch `k`.
-    fn route(r: &Router<InFlight>, b: u64, tail: &str, m: &async_nats::Message) {
+    fn route(r: &Router<FastBatch>, b: u64, tail: &str, m: &async_nats::Message) {
         if let Some(fast) = tail.strip_prefix('f')
             && let Some((k, tail)) = fast.split_once('.')
             && let Ok(k) = k.parse::<u32>()
@@ -256,7 +257,7 @@ impl Protocol for Fast {
 
     /// Fast batches whose flow went quiet: their messages are kept, so they go out again one by
     /// one, as messages that may be stored.
-    fn resend_quiet(r: &Router<InFlight>, now: Instant, silence: Duration) {
+    fn resend_quiet(r: &Router<FastBatch>, now: Instant, silence: Duration) {
         let quiet: Vec<_> = r
             .groups
             .lock()
@@ -284,7 +285,13 @@ impl Protocol for Fast {
 }
 
 /// A reply for message `seq` (operation `op`) of fast batch `k` of engine batch `b`.
-fn route_fast(r: &Router<InFlight>, b: u64, k: u32, (seq, op): (u64, u8), m: &async_nats::Message) {
+fn route_fast(
+    r: &Router<FastBatch>,
+    b: u64,
+    k: u32,
+    (seq, op): (u64, u8),
+    m: &async_nats::Message,
+) {
     let (router, groups) = (&*r.router, &r.groups);
     let event = match parse_reply(m) {
         // No responders carries no JSON: nothing was stored, and it concerns the whole batch.

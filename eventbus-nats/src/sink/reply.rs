@@ -186,7 +186,8 @@ fn unreadable() -> Outcome {
     ))
 }
 
-/// What the reply task needs.
+/// Routes the server's replies to what waits for them: the engine's batches (`router`), the
+/// mode's groups in flight, and messages kept for a resend; owned by the reply task.
 pub(super) struct Router<S> {
     pub(super) router: Arc<OutcomeRouter>,
     pub(super) groups: Groups<S>,

@@ -7,11 +7,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_nats::Client;
-use eventbus_core::{Error, ErrorKind, Message, Outcome, OutcomeRouter};
+use eventbus_core::{Error, ErrorKind, Message, Outcome, OutcomeRouter, SinkLimits};
 use parking_lot::Mutex;
 use tokio::sync::mpsc;
 
-use super::{ATOMIC_MAX_IN_FLIGHT, FAST_MAX_IN_FLIGHT, Protocol};
+use super::Protocol;
 use crate::error::{BACKEND, err};
 use crate::headers;
 use crate::lookup::SubjectStreams;
@@ -62,6 +62,9 @@ pub(super) struct Writer<S> {
     pub(super) kept: Arc<Kept>,
     /// A stream lookup for a retry timed out: skip the check until then.
     lookup_quiet_until: Option<std::time::Instant>,
+    /// Groups tracked before those of finished engine batches are swept out: a few times the
+    /// mode's batches in flight (a batch has a group per stream it writes to).
+    groups_cap: usize,
 }
 
 pub(super) fn not_queued(e: impl std::error::Error + Send + Sync + 'static) -> Outcome {
@@ -104,6 +107,7 @@ impl<S: Send + 'static> Writer<S> {
             streams: SubjectStreams::default(),
             kept,
             lookup_quiet_until: None,
+            groups_cap: 0,
         }
     }
 
@@ -114,6 +118,8 @@ impl<S: Send + 'static> Writer<S> {
         mut mode: P,
         mut rx: mpsc::UnboundedReceiver<Job>,
     ) {
+        let in_flight = P::limits(SinkLimits::none()).max_inflight_batches;
+        self.groups_cap = 4 * in_flight.unwrap_or(16);
         while let Some(job) = rx.recv().await {
             match job {
                 Job::Batch { id, batch } => mode.send(&mut self, id, batch).await,
@@ -245,7 +251,7 @@ impl<S: Send + 'static> Writer<S> {
     /// dropped), so lost replies cannot grow the map.
     pub(super) fn track(&self, b: u64, k: u32, indices: Vec<usize>, state: S) {
         let mut groups = self.groups.lock();
-        if groups.len() >= 4 * FAST_MAX_IN_FLIGHT.max(ATOMIC_MAX_IN_FLIGHT) {
+        if groups.len() >= self.groups_cap {
             groups.retain(|(b, _), _| self.router.is_pending(*b));
         }
         groups.insert((b, k), Group { indices, state });
