@@ -47,6 +47,31 @@ pub enum Position {
     Offset(u64),
 }
 
+/// `stream/sequence`, `partition/offset` or `offset`; a fast-ingest batch's message shows its
+/// sequence's upper bound, `stream/<=sequence`. The dead-letter header
+/// [`dead_letter::POSITION`](crate::dead_letter::POSITION) carries this form.
+impl std::fmt::Display for Position {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Position::Partition { partition, offset } => write!(f, "{partition}/{offset}"),
+            Position::Stream {
+                stream, sequence, ..
+            } => write!(f, "{stream}/{sequence}"),
+            Position::StreamBatch {
+                stream,
+                last_sequence,
+                index,
+                count,
+            } => write!(
+                f,
+                "{stream}/<={}",
+                last_sequence.saturating_sub(count.saturating_sub(*index))
+            ),
+            Position::Offset(o) => write!(f, "{o}"),
+        }
+    }
+}
+
 /// A positive acknowledgement: the broker stored the message.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Ack {
@@ -184,6 +209,30 @@ impl Future for PendingAck {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn positions_display_where_to_find_the_message() {
+        let batch = Position::StreamBatch {
+            stream: "ORDERS".into(),
+            last_sequence: 110,
+            index: 3,
+            count: 10,
+        };
+        // Message 3 of 10, the last stored at 110: at most 103 (exactly, if nothing else wrote).
+        assert_eq!(batch.to_string(), "ORDERS/<=103");
+        let one = Position::Stream {
+            stream: "ORDERS".into(),
+            sequence: 7,
+            duplicate: false,
+        };
+        assert_eq!(one.to_string(), "ORDERS/7");
+        let p = Position::Partition {
+            partition: 2,
+            offset: 41,
+        };
+        assert_eq!(p.to_string(), "2/41");
+        assert_eq!(Position::Offset(5).to_string(), "5");
+    }
 
     #[tokio::test]
     async fn dropped_sender_is_unknown_not_failed() {

@@ -162,7 +162,7 @@ pub mod dead_letter {
     pub const ID: &str = "eventbus-dlq-id";
     /// The topic the message was read from.
     pub const TOPIC: &str = "eventbus-dlq-topic";
-    /// Where it was stored there: `partition/offset`, `stream/sequence` or an offset.
+    /// Where it was stored there, as [`Position`](crate::Position) displays it.
     pub const POSITION: &str = "eventbus-dlq-position";
     /// How many times it was delivered.
     pub const DELIVERIES: &str = "eventbus-dlq-deliveries";
@@ -223,22 +223,6 @@ pub mod dead_letter {
         reason: &str,
     ) -> Message {
         let id = original.id().to_string();
-        let where_ = match position {
-            Position::Partition { partition, offset } => format!("{partition}/{offset}"),
-            Position::Stream {
-                stream, sequence, ..
-            } => format!("{stream}/{sequence}"),
-            Position::StreamBatch {
-                stream,
-                last_sequence,
-                index,
-                count,
-            } => format!(
-                "{stream}/<={}",
-                last_sequence.saturating_sub(count.saturating_sub(*index))
-            ),
-            Position::Offset(o) => o.to_string(),
-        };
         let (_, _, key, headers, payload) = original.clone().into_parts();
         Message::from_parts(
             MessageId::custom(format!("dlq-{id}")),
@@ -249,7 +233,7 @@ pub mod dead_letter {
         )
         .with_header(ID, id)
         .with_header(TOPIC, original.topic().as_str())
-        .with_header(POSITION, where_)
+        .with_header(POSITION, position.to_string())
         .with_header(DELIVERIES, deliveries.to_string())
         .with_header(REASON, reason)
     }
