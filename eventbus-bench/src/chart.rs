@@ -22,14 +22,21 @@ const SERIES: [(&str, &str); 9] = [
     ("nats naive", "#7f7f7f"),
 ];
 
+/// The bar chart's plot area per panel.
+const PANEL_W: f64 = 760.0;
+const PANEL_H: f64 = 300.0;
+/// The bar chart's top and left margins.
+const TOP: f64 = 60.0;
+const LEFT: f64 = 70.0;
+
+/// The bar chart of `data`: a panel per storage class, a group of bars per scenario.
 pub(crate) fn svg(data: &Series, scenarios: &[&str], title: &str) -> String {
     let storages: Vec<&str> = ["durable", "memory", "replicated"]
         .into_iter()
         .filter(|st| data.keys().any(|(s, _, _)| s == st))
         .collect();
-    let (panel_w, panel_h, top, left) = (760.0, 300.0, 60.0, 70.0);
-    let height = top + storages.len() as f64 * (panel_h + 70.0) + 40.0;
-    let width = left + panel_w + 200.0;
+    let height = TOP + storages.len() as f64 * (PANEL_H + 70.0) + 40.0;
+    let width = LEFT + PANEL_W + 200.0;
     let mut out = String::new();
     let _ = writeln!(
         out,
@@ -38,67 +45,16 @@ pub(crate) fn svg(data: &Series, scenarios: &[&str], title: &str) -> String {
     let _ = writeln!(out, r#"<rect width="100%" height="100%" fill="white"/>"#);
     let _ = writeln!(
         out,
-        r#"<text x="{left}" y="24" font-size="16">{}</text>"#,
+        r#"<text x="{LEFT}" y="24" font-size="16">{}</text>"#,
         escape(title)
     );
     for (pi, storage) in storages.iter().enumerate() {
-        let y0 = top + pi as f64 * (panel_h + 70.0);
-        let max = data
-            .iter()
-            .filter(|((s, _, _), _)| s == storage)
-            .map(|(_, v)| *v)
-            .fold(1.0f64, f64::max);
-        let ymax = nice(max);
-        let _ = writeln!(
-            out,
-            r#"<text x="{left}" y="{}" font-size="14">{storage} storage: publish msg/s (median)</text>"#,
-            y0 - 8.0
-        );
-        for t in 0..=4 {
-            let v = ymax * t as f64 / 4.0;
-            let y = y0 + panel_h - panel_h * t as f64 / 4.0;
-            let _ = writeln!(
-                out,
-                r##"<line x1="{left}" x2="{}" y1="{y}" y2="{y}" stroke="#ddd"/>"##,
-                left + panel_w
-            );
-            let _ = writeln!(
-                out,
-                r#"<text x="{}" y="{}" text-anchor="end">{}</text>"#,
-                left - 6.0,
-                y + 4.0,
-                fmt_rate(v)
-            );
-        }
-        let group_w = panel_w / scenarios.len() as f64;
-        let bar_w = (group_w - 20.0) / SERIES.len() as f64;
-        for (si, sc) in scenarios.iter().enumerate() {
-            let gx = left + si as f64 * group_w + 10.0;
-            for (bi, (name, color)) in SERIES.iter().enumerate() {
-                if let Some(v) = data.get(&(storage.to_string(), sc.to_string(), name.to_string()))
-                {
-                    let h = panel_h * v / ymax;
-                    let x = gx + bi as f64 * bar_w;
-                    let _ = writeln!(
-                        out,
-                        r#"<rect x="{x:.1}" y="{:.1}" width="{:.1}" height="{h:.1}" fill="{color}"><title>{name} {sc}: {}</title></rect>"#,
-                        y0 + panel_h - h,
-                        bar_w - 1.0,
-                        fmt_rate(*v)
-                    );
-                }
-            }
-            let _ = writeln!(
-                out,
-                r#"<text x="{:.1}" y="{}" text-anchor="middle">{sc}</text>"#,
-                gx + (group_w - 20.0) / 2.0,
-                y0 + panel_h + 16.0
-            );
-        }
+        let y0 = TOP + pi as f64 * (PANEL_H + 70.0);
+        panel(&mut out, data, storage, scenarios, y0);
     }
     for (i, (name, color)) in SERIES.iter().enumerate() {
-        let y = top + 10.0 + i as f64 * 20.0;
-        let x = left + panel_w + 20.0;
+        let y = TOP + 10.0 + i as f64 * 20.0;
+        let x = LEFT + PANEL_W + 20.0;
         let _ = writeln!(
             out,
             r#"<rect x="{x}" y="{}" width="12" height="12" fill="{color}"/>"#,
@@ -108,6 +64,62 @@ pub(crate) fn svg(data: &Series, scenarios: &[&str], title: &str) -> String {
     }
     out.push_str("</svg>\n");
     out
+}
+
+/// One storage class's panel, its top at `y0`: its title, the grid, and a group of bars per
+/// scenario scaled to the panel's largest.
+fn panel(out: &mut String, data: &Series, storage: &str, scenarios: &[&str], y0: f64) {
+    let max = data
+        .iter()
+        .filter(|((s, _, _), _)| s == storage)
+        .map(|(_, v)| *v)
+        .fold(1.0f64, f64::max);
+    let ymax = nice(max);
+    let _ = writeln!(
+        out,
+        r#"<text x="{LEFT}" y="{}" font-size="14">{storage} storage: publish msg/s (median)</text>"#,
+        y0 - 8.0
+    );
+    for t in 0..=4 {
+        let v = ymax * t as f64 / 4.0;
+        let y = y0 + PANEL_H - PANEL_H * t as f64 / 4.0;
+        let _ = writeln!(
+            out,
+            r##"<line x1="{LEFT}" x2="{}" y1="{y}" y2="{y}" stroke="#ddd"/>"##,
+            LEFT + PANEL_W
+        );
+        let _ = writeln!(
+            out,
+            r#"<text x="{}" y="{}" text-anchor="end">{}</text>"#,
+            LEFT - 6.0,
+            y + 4.0,
+            fmt_rate(v)
+        );
+    }
+    let group_w = PANEL_W / scenarios.len() as f64;
+    let bar_w = (group_w - 20.0) / SERIES.len() as f64;
+    for (si, sc) in scenarios.iter().enumerate() {
+        let gx = LEFT + si as f64 * group_w + 10.0;
+        for (bi, (name, color)) in SERIES.iter().enumerate() {
+            if let Some(v) = data.get(&(storage.to_string(), sc.to_string(), name.to_string())) {
+                let h = PANEL_H * v / ymax;
+                let x = gx + bi as f64 * bar_w;
+                let _ = writeln!(
+                    out,
+                    r#"<rect x="{x:.1}" y="{:.1}" width="{:.1}" height="{h:.1}" fill="{color}"><title>{name} {sc}: {}</title></rect>"#,
+                    y0 + PANEL_H - h,
+                    bar_w - 1.0,
+                    fmt_rate(*v)
+                );
+            }
+        }
+        let _ = writeln!(
+            out,
+            r#"<text x="{:.1}" y="{}" text-anchor="middle">{sc}</text>"#,
+            gx + (group_w - 20.0) / 2.0,
+            y0 + PANEL_H + 16.0
+        );
+    }
 }
 
 fn nice(max: f64) -> f64 {
@@ -126,36 +138,61 @@ fn escape(s: &str) -> String {
         .replace('>', "&gt;")
 }
 
+/// The latency chart's size.
+const LAT_W: f64 = 900.0;
+const LAT_H: f64 = 520.0;
+/// The latency chart's left and top margins.
+const LAT_LEFT: f64 = 80.0;
+const LAT_TOP: f64 = 50.0;
+/// The latency chart's plot area.
+const LAT_PW: f64 = LAT_W - LAT_LEFT - 220.0;
+const LAT_PH: f64 = LAT_H - LAT_TOP - 60.0;
+/// The latency axis, log10 of milliseconds: 0.1 ms .. 10 s.
+const LMIN: f64 = -1.0;
+const LMAX: f64 = 4.0;
+
 /// Latency versus throughput for a `--sweep`: x = publish msg/s (linear), y = ack p99 (log
 /// scale, 0.1 ms .. 10 s), one colour per backend/storage, each point labelled `window/linger`.
 pub(crate) fn latency_svg(records: &[crate::report::Record]) -> String {
-    let (w, h, left, top) = (900.0, 520.0, 80.0, 50.0);
-    let (pw, ph) = (w - left - 220.0, h - top - 60.0);
     let xmax = nice(
         records
             .iter()
             .map(|r| r.publish_msgs_per_sec)
             .fold(1.0f64, f64::max),
     );
-    let (lmin, lmax) = (-1.0f64, 4.0f64); // log10(ms): 0.1 ms .. 10 s
-    let ypos = |us: u64| {
-        let ms = (us.max(1) as f64 / 1000.0).log10().clamp(lmin, lmax);
-        top + ph - ph * (ms - lmin) / (lmax - lmin)
-    };
-    let xpos = |v: f64| left + pw * v / xmax;
     let mut out = String::new();
     let _ = writeln!(
         out,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="11">"#
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{LAT_W}" height="{LAT_H}" font-family="sans-serif" font-size="11">"#
     );
     let _ = writeln!(out, r#"<rect width="100%" height="100%" fill="white"/>"#);
     let _ = writeln!(
         out,
-        r#"<text x="{left}" y="24" font-size="15">ACK latency p99 vs publish throughput (sweep: window / linger ms)</text>"#
+        r#"<text x="{LAT_LEFT}" y="24" font-size="15">ACK latency p99 vs publish throughput (sweep: window / linger ms)</text>"#
     );
+    latency_axes(&mut out, xmax);
+    latency_points(&mut out, records, xmax);
+    out.push_str("</svg>\n");
+    out
+}
+
+/// The latency chart's x position of `v` msg/s, the axis ending at `xmax`.
+fn lat_x(v: f64, xmax: f64) -> f64 {
+    LAT_LEFT + LAT_PW * v / xmax
+}
+
+/// The latency chart's y position of `us` microseconds (clamped to the axis).
+fn lat_y(us: u64) -> f64 {
+    let ms = (us.max(1) as f64 / 1000.0).log10().clamp(LMIN, LMAX);
+    LAT_TOP + LAT_PH - LAT_PH * (ms - LMIN) / (LMAX - LMIN)
+}
+
+/// The latency chart's grid and axis labels.
+fn latency_axes(out: &mut String, xmax: f64) {
+    let (left, top, pw, ph) = (LAT_LEFT, LAT_TOP, LAT_PW, LAT_PH);
     for t in 0..=4 {
         let v = xmax * t as f64 / 4.0;
-        let x = xpos(v);
+        let x = lat_x(v, xmax);
         let _ = writeln!(
             out,
             r##"<line x1="{x}" y1="{top}" x2="{x}" y2="{}" stroke="#ddd"/><text x="{x}" y="{}" text-anchor="middle">{}</text>"##,
@@ -168,7 +205,7 @@ pub(crate) fn latency_svg(records: &[crate::report::Record]) -> String {
         .iter()
         .enumerate()
     {
-        let y = top + ph - ph * i as f64 / (lmax - lmin);
+        let y = top + ph - ph * i as f64 / (LMAX - LMIN);
         let _ = writeln!(
             out,
             r##"<line x1="{left}" y1="{y}" x2="{}" y2="{y}" stroke="#ddd"/><text x="{}" y="{}" text-anchor="end">{label}</text>"##,
@@ -181,8 +218,13 @@ pub(crate) fn latency_svg(records: &[crate::report::Record]) -> String {
         out,
         r#"<text x="{}" y="{}" text-anchor="middle">publish msg/s</text>"#,
         left + pw / 2.0,
-        h - 12.0
+        LAT_H - 12.0
     );
+}
+
+/// A point per run, labelled `window/linger`, one colour (and legend entry) per backend and
+/// storage class.
+fn latency_points(out: &mut String, records: &[crate::report::Record], xmax: f64) {
     const COLOURS: [&str; 6] = [
         "#d62728", "#1f77b4", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b",
     ];
@@ -196,7 +238,7 @@ pub(crate) fn latency_svg(records: &[crate::report::Record]) -> String {
     for (gi, ((backend, storage), rs)) in groups.iter().enumerate() {
         let colour = COLOURS[gi % COLOURS.len()];
         for r in rs {
-            let (x, y) = (xpos(r.publish_msgs_per_sec), ypos(r.ack_p99_us));
+            let (x, y) = (lat_x(r.publish_msgs_per_sec, xmax), lat_y(r.ack_p99_us));
             let _ = writeln!(
                 out,
                 r#"<circle cx="{x:.1}" cy="{y:.1}" r="4" fill="{colour}"/><text x="{:.1}" y="{:.1}" font-size="9" fill="{colour}">{}/{}</text>"#,
@@ -206,18 +248,16 @@ pub(crate) fn latency_svg(records: &[crate::report::Record]) -> String {
                 r.linger_ms
             );
         }
-        let ly = top + 20.0 * gi as f64;
+        let ly = LAT_TOP + 20.0 * gi as f64;
         let _ = writeln!(
             out,
             r#"<circle cx="{}" cy="{ly}" r="5" fill="{colour}"/><text x="{}" y="{}">{}</text>"#,
-            left + pw + 20.0,
-            left + pw + 30.0,
+            LAT_LEFT + LAT_PW + 20.0,
+            LAT_LEFT + LAT_PW + 30.0,
             ly + 4.0,
             escape(&format!("{backend} {storage}"))
         );
     }
-    out.push_str("</svg>\n");
-    out
 }
 
 /// Rasterize one of our SVG charts to PNG (2x scale), with the system's fonts for the text.
@@ -285,13 +325,14 @@ mod tests {
 
     #[test]
     fn latency_chart_has_a_point_per_run_and_a_legend_per_backend() {
-        let run = |backend: &str, window: usize, rate: f64, p99_us: u64| {
+        use crate::mode::{Backend, Measure, Mode, Storage};
+        let run = |backend: Backend, window: usize, rate: f64, p99_us: u64| {
             let mut r = crate::report::Record::new(&crate::drive::Run {
                 s: crate::SCENARIOS[0],
                 backend,
-                mode: crate::mode::Mode::SDK,
-                measure: crate::mode::Measure::Publish,
-                storage: "durable",
+                mode: Mode::SDK,
+                measure: Measure::Publish,
+                storage: Storage::Durable,
                 rep: 0,
                 setting: None,
             });
@@ -301,9 +342,9 @@ mod tests {
             r
         };
         let s = latency_svg(&[
-            run("nats", 1, 10_000.0, 1_000),
-            run("nats", 4096, 150_000.0, 40_000),
-            run("kafka", 4096, 50_000.0, 80_000),
+            run(Backend::Nats, 1, 10_000.0, 1_000),
+            run(Backend::Nats, 4096, 150_000.0, 40_000),
+            run(Backend::Kafka, 4096, 50_000.0, 80_000),
         ]);
         // 3 points (r=4) + 2 legend dots (r=5).
         assert_eq!(s.matches(r#"r="4""#).count(), 3);

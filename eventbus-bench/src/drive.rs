@@ -10,9 +10,10 @@ use eventbus_core::{
 };
 use eventbus_memory::MemoryBroker;
 use hdrhistogram::Histogram;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
 
-use crate::mode::{Measure, Mode};
+use crate::mode::{Backend, Measure, Mode, Storage};
 #[cfg(feature = "nats")]
 use crate::nats::NatsEnv;
 use crate::report::Record;
@@ -271,14 +272,16 @@ async fn merged(readers: Vec<tokio::task::JoinHandle<Received>>) -> Result<Recei
 }
 
 impl Env {
+    /// Start (or connect to) the brokers `backends` need for the `storages` classes.
     pub(crate) async fn start(
         args: &Args,
-        need_nats: bool,
-        need_kafka: bool,
-        storages: &[&str],
+        backends: &[Backend],
+        storages: &[Storage],
     ) -> Result<Env, String> {
         #[cfg(feature = "nats")]
-        let single = storages.iter().any(|st| *st != "replicated");
+        let need_nats = backends.contains(&Backend::Nats);
+        #[cfg(feature = "nats")]
+        let single = storages.iter().any(|st| *st != Storage::Replicated);
         #[cfg(feature = "nats")]
         let nats = if need_nats && single {
             Some(NatsEnv::start(BrokerKind::Nats, args.nats_url.as_deref()).await?)
@@ -286,22 +289,20 @@ impl Env {
             None
         };
         #[cfg(feature = "nats")]
-        let nats_cluster = if need_nats && storages.contains(&"replicated") {
+        let nats_cluster = if need_nats && storages.contains(&Storage::Replicated) {
             let kind = BrokerKind::NatsCluster { nodes: 3 };
             Some(NatsEnv::start(kind, args.nats_url.as_deref()).await?)
         } else {
             None
         };
-        #[cfg(not(feature = "nats"))]
-        let _ = (args, need_nats);
         #[cfg(feature = "kafka")]
-        let kafka = if need_kafka {
+        let kafka = if backends.contains(&Backend::Kafka) {
             Some(crate::kafka::KafkaEnv::start(args, storages).await?)
         } else {
             None
         };
-        #[cfg(not(feature = "kafka"))]
-        let _ = (need_kafka, storages);
+        #[cfg(not(all(feature = "nats", feature = "kafka")))]
+        let _ = (args, backends, storages);
         Ok(Env {
             #[cfg(feature = "nats")]
             nats,
@@ -373,7 +374,7 @@ impl Env {
 
     /// [`Env::run_one`], with an error turned into one unverified record saying `what` failed:
     /// one run's error fails that run (loudly), not the whole bench.
-    pub(crate) async fn run_or_fail(&self, args: &Args, run: Run<'_>, what: &str) -> Vec<Record> {
+    pub(crate) async fn run_or_fail(&self, args: &Args, run: Run, what: &str) -> Vec<Record> {
         match self.run_one(args, run).await {
             Ok(recs) => recs,
             Err(e) => {
@@ -384,25 +385,26 @@ impl Env {
         }
     }
 
-    pub(crate) async fn run_one(&self, args: &Args, run: Run<'_>) -> Result<Vec<Record>, String> {
+    /// Run `run` on its backend: every candidate setting of a probing raw mode, or once.
+    pub(crate) async fn run_one(&self, args: &Args, run: Run) -> Result<Vec<Record>, String> {
         let id = self.next_run.fetch_add(1, Ordering::Relaxed);
-        let rec = Record::new(&run);
         match run.backend {
-            "memory" => run_memory(args, run, id, rec).await,
+            Backend::Memory => each_setting(&InProcess, args, run, id).await,
             #[cfg(feature = "kafka")]
-            "kafka" => match &self.kafka {
-                Some(k) => k.run(run, id, Self::sdk_config(args), rec).await,
-                None => Err("Kafka not started".into()),
-            },
+            Backend::Kafka => {
+                let k = self.kafka.as_ref().ok_or("Kafka not started")?;
+                each_setting(k, args, run, id).await
+            }
             #[cfg(feature = "nats")]
-            "nats" => {
-                let n = if run.storage == "replicated" {
+            Backend::Nats => {
+                let n = if run.storage == Storage::Replicated {
                     self.nats_cluster.as_ref()
                 } else {
                     self.nats.as_ref()
                 };
-                n.ok_or("NATS not started")?.run(args, run, id, rec).await
+                each_setting(n.ok_or("NATS not started")?, args, run, id).await
             }
+            #[allow(unreachable_patterns)] // every backend is built in with the default features
             other => Err(format!("backend {other} is not built into this bench")),
         }
     }
@@ -410,80 +412,219 @@ impl Env {
 
 /// One run's coordinates.
 #[derive(Clone, Copy, Debug)]
-pub(crate) struct Run<'a> {
+pub(crate) struct Run {
     pub(crate) s: Scenario,
-    pub(crate) backend: &'a str,
+    pub(crate) backend: Backend,
     pub(crate) mode: Mode,
     pub(crate) measure: Measure,
-    pub(crate) storage: &'a str,
+    pub(crate) storage: Storage,
     pub(crate) rep: usize,
     /// The raw baseline's chosen window (NATS) or linger (Kafka); `None` probes every candidate.
     pub(crate) setting: Option<usize>,
 }
 
-/// The in-process backend: the engine and subscriber with no broker below.
-async fn run_memory(
-    args: &Args,
-    run: Run<'_>,
-    id: u64,
-    mut rec: Record,
-) -> Result<Vec<Record>, String> {
-    let s = run.s;
-    let started = Instant::now();
-    let prefix = format!("bench.r{id}");
-    let topics: Vec<Topic> = (0..s.topics)
-        .map(|t| Topic::new(format!("{prefix}.t{t}")))
-        .collect();
-    let broker = MemoryBroker::new();
-    let cfg = Env::sdk_config(args);
-    rec.window = cfg.max_in_flight;
-    let p = Batcher::new(broker.sink(), cfg).map_err(|e| e.to_string())?;
-    let subscribe = || async {
-        let mut subs = Vec::new();
-        for t in &topics {
-            subs.push(
-                broker
-                    .subscriber()
-                    .subscribe(SubscribeSpec::new(t).group("bench").prefetch(1024))
-                    .await
-                    .map_err(|e| e.to_string())?,
-            );
-        }
-        Ok::<_, String>(subs)
-    };
-    let receive_all = |subs: Vec<Subscription>, t0, done: tokio::sync::watch::Receiver<bool>| {
-        let per_topic = (s.messages / s.topics) as u64;
-        subs.into_iter()
-            .enumerate()
-            .map(|(i, sub)| {
-                let extra = u64::from(i < s.messages % s.topics);
-                receive(sub, per_topic + extra, t0, done.clone())
-            })
-            .collect::<Vec<_>>()
-    };
-    let (done_tx, done_rx) = tokio::sync::watch::channel(false);
-    let during = match run.measure {
-        Measure::EndToEnd => Some(subscribe().await?),
-        _ => None,
-    };
-    let meter = sys::Meter::start(None);
-    let t0 = meter.t0;
-    let rxs = during.map(|subs| receive_all(subs, t0, done_rx.clone()));
-    let published = drive_sdk(&p, s, &topics, run.mode == Mode::Naive, t0).await;
-    let _ = done_tx.send(true);
-    let received = merged(rxs.unwrap_or_default()).await?;
-    rec.fill(&published, &received, &meter, run.measure);
-    if run.measure == Measure::Publish {
-        // Read back once the clock (and the meter) has stopped.
-        let back = merged(receive_all(subscribe().await?, t0, done_rx)).await?;
-        rec.read_back(&back);
+/// One attempt of a run: at one of its candidate settings.
+#[derive(Clone, Copy, Debug)]
+#[cfg_attr(not(any(feature = "nats", feature = "kafka")), allow(dead_code))]
+pub(crate) struct Attempt {
+    /// The run's number, unique in this bench: it names the run's streams and topics.
+    pub(crate) id: u64,
+    /// Which of the run's candidate settings this is (0 for a run with one).
+    pub(crate) index: usize,
+    /// The raw baseline's window (NATS) or linger in ms (Kafka); 0 for every other mode.
+    pub(crate) setting: usize,
+}
+
+/// A backend's part of the one run lifecycle ([`each_setting`]): set up, time, verify and
+/// tear down one attempt of a run.
+pub(crate) trait Target {
+    /// The settings a raw baseline probes: ACK windows (NATS) or lingers in ms (Kafka).
+    const CANDIDATES: &'static [usize];
+
+    /// Run `run` once at `at.setting`, filling `rec` (all but its wall time).
+    async fn once(
+        &self,
+        args: &Args,
+        run: Run,
+        at: Attempt,
+        rec: &mut Record,
+    ) -> Result<(), String>;
+}
+
+/// The settings `run` is tried at: a raw baseline's chosen one, or every candidate while none
+/// is chosen; 0 for every other mode.
+fn settings(run: Run, candidates: &[usize]) -> Vec<usize> {
+    if run.mode.probes() && !candidates.is_empty() {
+        run.setting.map_or(candidates.to_vec(), |s| vec![s])
+    } else {
+        vec![0]
     }
-    let stored: u64 = topics.iter().map(|t| broker.topic_len(t) as u64).sum();
-    rec.topic_or_stream = format!("{prefix}.*");
-    rec.verify(stored, true, "in-memory topic logs");
-    let _ = p.close(Duration::from_secs(10)).await;
-    rec.wall_secs = started.elapsed().as_secs_f64();
-    Ok(vec![rec])
+}
+
+/// The run lifecycle every backend shares: one record per setting tried, each timed from its
+/// setup to its teardown. An attempt's error fails the whole run.
+async fn each_setting<T: Target>(
+    target: &T,
+    args: &Args,
+    run: Run,
+    id: u64,
+) -> Result<Vec<Record>, String> {
+    let mut out = Vec::new();
+    for (index, setting) in settings(run, T::CANDIDATES).into_iter().enumerate() {
+        let started = Instant::now();
+        let mut rec = Record::new(&run);
+        let at = Attempt { id, index, setting };
+        target.once(args, run, at, &mut rec).await?;
+        rec.wall_secs = started.elapsed().as_secs_f64();
+        out.push(rec);
+    }
+    Ok(out)
+}
+
+/// What the timed phase of a publishing run leaves for its verification.
+pub(crate) struct Timed {
+    /// The clock's start.
+    pub(crate) t0: Instant,
+    /// What the consumer beside the publishers saw; `None` when none ran.
+    // Kafka verifies by it; NATS and memory by the counts it left in the record.
+    #[cfg_attr(not(feature = "kafka"), allow(dead_code))]
+    pub(crate) received: Option<Received>,
+    /// Publishing is done (it has fired): a reader given it counts its grace from its start.
+    pub(crate) done: watch::Receiver<bool>,
+}
+
+/// The timed phase every publishing run shares: start the meter (and the clock), start
+/// `consumer` beside the publishers when given, `publish`; the clock stops at the last ack
+/// (`publish`'s own measure), and the record is filled once the consumer has all it will get.
+pub(crate) async fn timed<C, F>(
+    rec: &mut Record,
+    measure: Measure,
+    broker_pid: Option<u32>,
+    consumer: Option<C>,
+    publish: impl AsyncFnOnce(Instant) -> Result<Published, String>,
+) -> Result<Timed, String>
+where
+    C: FnOnce(Instant, watch::Receiver<bool>) -> F,
+    F: Future<Output = Result<Received, String>>,
+{
+    let (done_tx, done) = watch::channel(false);
+    let meter = sys::Meter::start(broker_pid);
+    let t0 = meter.t0;
+    let during = consumer.map(|c| c(t0, done.clone()));
+    // Done before `?`: a consumer must hear it even when the publish failed, or it reads on.
+    let published = publish(t0).await;
+    let _ = done_tx.send(true);
+    let published = published?;
+    let received = match during {
+        Some(r) => Some(r.await?),
+        None => None,
+    };
+    match &received {
+        Some(r) => rec.fill(&published, r, &meter, measure),
+        None => rec.fill(&published, &Received::empty(), &meter, measure),
+    }
+    Ok(Timed { t0, received, done })
+}
+
+/// The timed phase every drain shares: start the meter (and the clock), `read` the backlog
+/// (`acked` messages, every one acked before the clock started), fill the record.
+#[cfg(any(feature = "nats", feature = "kafka"))]
+pub(crate) async fn timed_drain(
+    rec: &mut Record,
+    broker_pid: Option<u32>,
+    acked: u64,
+    read: impl AsyncFnOnce(Instant) -> Result<Received, String>,
+) -> Result<Received, String> {
+    let meter = sys::Meter::start(broker_pid);
+    let received = read(meter.t0).await?;
+    rec.fill(&Published::empty(), &received, &meter, Measure::Drain);
+    rec.acked = acked;
+    rec.window = 1024; // the consumers' prefetch
+    Ok(received)
+}
+
+/// What a reader task saw, its panic as an error.
+#[cfg(any(feature = "nats", feature = "kafka"))]
+pub(crate) async fn joined(reader: JoinHandle<Received>) -> Result<Received, String> {
+    reader.await.map_err(|e| e.to_string())
+}
+
+/// The in-process backend: the engine and subscriber with no broker below.
+struct InProcess;
+
+impl Target for InProcess {
+    const CANDIDATES: &'static [usize] = &[];
+
+    async fn once(
+        &self,
+        args: &Args,
+        run: Run,
+        at: Attempt,
+        rec: &mut Record,
+    ) -> Result<(), String> {
+        let s = run.s;
+        let prefix = format!("bench.r{}", at.id);
+        let topics: Vec<Topic> = (0..s.topics)
+            .map(|t| Topic::new(format!("{prefix}.t{t}")))
+            .collect();
+        let broker = MemoryBroker::new();
+        let cfg = Env::sdk_config(args);
+        rec.window = cfg.max_in_flight;
+        let p = Batcher::new(broker.sink(), cfg).map_err(|e| e.to_string())?;
+        let during = match run.measure {
+            Measure::EndToEnd => Some(subscribe_each(&broker, &topics).await?),
+            _ => None,
+        };
+        let consumer = during.map(|subs| move |t0, done| merged(receive_each(subs, s, t0, done)));
+        let naive = run.mode == Mode::Naive;
+        let publish = async |t0| Ok(drive_sdk(&p, s, &topics, naive, t0).await);
+        let timed = timed(rec, run.measure, None, consumer, publish).await?;
+        if run.measure == Measure::Publish {
+            // Read back once the clock (and the meter) has stopped.
+            let subs = subscribe_each(&broker, &topics).await?;
+            rec.read_back(&merged(receive_each(subs, s, timed.t0, timed.done)).await?);
+        }
+        let stored: u64 = topics.iter().map(|t| broker.topic_len(t) as u64).sum();
+        rec.topic_or_stream = format!("{prefix}.*");
+        rec.verify(stored, true, "in-memory topic logs");
+        let _ = p.close(Duration::from_secs(10)).await;
+        Ok(())
+    }
+}
+
+/// One subscription per topic of the in-process broker, in group `bench`.
+async fn subscribe_each(
+    broker: &MemoryBroker,
+    topics: &[Topic],
+) -> Result<Vec<Subscription>, String> {
+    let mut subs = Vec::new();
+    for t in topics {
+        subs.push(
+            broker
+                .subscriber()
+                .subscribe(SubscribeSpec::new(t).group("bench").prefetch(1024))
+                .await
+                .map_err(|e| e.to_string())?,
+        );
+    }
+    Ok(subs)
+}
+
+/// A reader per subscription of [`subscribe_each`], each expecting its topic's share of `s`.
+fn receive_each(
+    subs: Vec<Subscription>,
+    s: Scenario,
+    t0: Instant,
+    done: watch::Receiver<bool>,
+) -> Vec<JoinHandle<Received>> {
+    let per_topic = (s.messages / s.topics) as u64;
+    subs.into_iter()
+        .enumerate()
+        .map(|(i, sub)| {
+            let extra = u64::from(i < s.messages % s.topics);
+            receive(sub, per_topic + extra, t0, done.clone())
+        })
+        .collect()
 }
 
 /// Publish `s` through `sink` without timing it, every message acked, for a drain to read.

@@ -17,26 +17,48 @@ use rdkafka::producer::{
 };
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
-use crate::drive::{Published, Received, Run, Seen, drive_sdk, payload, share};
-use crate::mode::{Measure, Mode};
+use crate::drive::{
+    Attempt, Env, Published, Received, Run, Seen, Target, drive_sdk, joined, payload, share, timed,
+    timed_drain,
+};
+use crate::mode::{Measure, Mode, Storage};
 use crate::report::Record;
-use crate::{Args, Scenario, sys};
+use crate::{Args, Scenario};
 
-/// librdkafka lingers tried for the raw producer; the best is the baseline.
-const RAW_LINGERS_MS: [u64; 3] = [1, 5, 20];
+/// librdkafka lingers (ms) tried for the raw producer; the best is the baseline.
+const RAW_LINGERS_MS: [usize; 3] = [1, 5, 20];
 /// tansu's SQLite engine takes tens of thousands of msg/s here: cap its runs so the
 /// default bench stays within minutes. The record's `messages` says what was sent.
 pub(crate) const DURABLE_CAP: usize = 100_000;
 
-/// One storage class: its name, a backend, and the brokers the bench started for it (`None`:
-/// external, `--kafka-brokers`). A tuple drops in order: the client before the brokers.
-type StorageClass = (String, KafkaBackend, Option<Box<dyn TestBroker>>);
+/// One storage class: its name, a backend, and the brokers the bench started for it.
+struct StorageClass {
+    /// The class the brokers serve.
+    storage: Storage,
+    // Declared before `tansu`, dropped before it: the client closes before its brokers stop.
+    backend: KafkaBackend,
+    /// `None`: external brokers (`--kafka-brokers`).
+    tansu: Option<Box<dyn TestBroker>>,
+}
+
+impl StorageClass {
+    /// The broker process whose CPU the bench reports (node 0; `None` when external).
+    fn pid(&self) -> Option<u32> {
+        self.tansu.as_ref().and_then(|t| t.pid(0))
+    }
+
+    /// Whether the brokers are the user's (`--kafka-brokers`), not the bench's.
+    fn external(&self) -> bool {
+        self.tansu.is_none()
+    }
+}
 
 pub(crate) struct KafkaEnv {
-    brokers: Vec<StorageClass>,
+    // Declared before the brokers, so dropped before them: clients close before their brokers.
     /// Warm producers by (storage, mode, linger): a service keeps its producer, and a new
     /// idempotent producer costs ~0.5 s before its first send (librdkafka's producer-id timer).
     producers: tokio::sync::Mutex<HashMap<String, Arc<Producer>>>,
+    brokers: Vec<StorageClass>,
     /// External brokers only: what their metadata says (broker count, cluster id).
     reported: Option<String>,
     /// External brokers only: verify by high watermarks (`--trust-watermarks`).
@@ -65,21 +87,22 @@ fn reported_by(bootstrap: &str) -> String {
 }
 
 /// Whether a storage class runs on tansu's SQLite engine (read back by watermarks only).
-pub(crate) fn on_sqlite(storage: &str) -> bool {
-    storage != "memory"
+pub(crate) fn on_sqlite(storage: Storage) -> bool {
+    storage != Storage::Memory
 }
 
 impl KafkaEnv {
-    pub(crate) async fn start(args: &Args, storages: &[&str]) -> Result<KafkaEnv, String> {
+    /// Start tansu brokers for each storage class (or connect to `--kafka-brokers` for each).
+    pub(crate) async fn start(args: &Args, storages: &[Storage]) -> Result<KafkaEnv, String> {
         let mut brokers = Vec::new();
-        for st in storages {
+        for &storage in storages {
             let (tansu, bootstrap) = match &args.kafka_brokers {
                 Some(b) => (None, b.clone()),
                 None => {
-                    let kind = match *st {
-                        "replicated" => BrokerKind::TansuCluster { nodes: 3 },
-                        "durable" => BrokerKind::Tansu(TansuStorage::Sqlite),
-                        _ => BrokerKind::Tansu(TansuStorage::Memory),
+                    let kind = match storage {
+                        Storage::Replicated => BrokerKind::TansuCluster { nodes: 3 },
+                        Storage::Durable => BrokerKind::Tansu(TansuStorage::Sqlite),
+                        Storage::Memory => BrokerKind::Tansu(TansuStorage::Memory),
                     };
                     let t = kind
                         .start()
@@ -91,7 +114,11 @@ impl KafkaEnv {
             let backend = KafkaBackend::connect(KafkaConfig::new(bootstrap.clone()))
                 .await
                 .map_err(|e| format!("cannot reach Kafka at {bootstrap}: {e}"))?;
-            brokers.push((st.to_string(), backend, tansu));
+            brokers.push(StorageClass {
+                storage,
+                backend,
+                tansu,
+            });
         }
         let reported = args.kafka_brokers.as_deref().map(reported_by);
         Ok(KafkaEnv {
@@ -105,13 +132,19 @@ impl KafkaEnv {
     pub(crate) fn describe(&self) -> String {
         self.brokers
             .iter()
-            .map(|(st, b, t)| match t {
-                Some(t) => format!("{} ({st}) at {}", t.describe(), b.config().brokers),
+            .map(|c| match &c.tansu {
+                Some(t) => format!(
+                    "{} ({}) at {}",
+                    t.describe(),
+                    c.storage,
+                    c.backend.config().brokers
+                ),
                 None => format!(
-                    "external Kafka-protocol brokers at {} ({}; run as the {st} class, engine \
+                    "external Kafka-protocol brokers at {} ({}; run as the {} class, engine \
                      unknown to the bench; verified by {})",
-                    b.config().brokers,
+                    c.backend.config().brokers,
                     self.reported.as_deref().unwrap_or("no metadata"),
+                    c.storage,
                     if self.trust_watermarks {
                         "high watermarks (--trust-watermarks)"
                     } else {
@@ -127,8 +160,7 @@ impl KafkaEnv {
     async fn producer(
         &self,
         kafka: &KafkaBackend,
-        run: Run<'_>,
-        bootstrap: &str,
+        run: Run,
         linger: u64,
         warm: &str,
         cfg: &eventbus_batch::BatchConfig,
@@ -138,13 +170,14 @@ impl KafkaEnv {
         if let Some(p) = all.get(&key) {
             return Ok(Arc::clone(p));
         }
+        let bootstrap = &kafka.config().brokers;
         let p = Arc::new(Producer::warm(kafka, run.mode, bootstrap, linger, warm, cfg).await?);
         all.insert(key, Arc::clone(&p));
         Ok(p)
     }
 
     /// Drop the producer of a run that failed: what it still holds must not reach a later run.
-    async fn forget(&self, run: Run<'_>, linger: u64, cfg: &eventbus_batch::BatchConfig) {
+    async fn forget(&self, run: Run, linger: u64, cfg: &eventbus_batch::BatchConfig) {
         if let Some(p) = self
             .producers
             .lock()
@@ -162,147 +195,77 @@ impl KafkaEnv {
         }
     }
 
-    fn broker(&self, storage: &str) -> Result<&StorageClass, String> {
+    fn broker(&self, storage: Storage) -> Result<&StorageClass, String> {
         self.brokers
             .iter()
-            .find(|(s, _, _)| s == storage)
+            .find(|c| c.storage == storage)
             .ok_or_else(|| format!("no Kafka broker for storage {storage}"))
     }
 
-    pub(crate) async fn run(
-        &self,
-        run: Run<'_>,
-        id: u64,
-        cfg: eventbus_batch::BatchConfig,
-        template: Record,
-    ) -> Result<Vec<Record>, String> {
-        let (_, kafka, tansu) = self.broker(run.storage)?;
-        let mut s = run.s;
-        let external = tansu.is_none();
-        if on_sqlite(run.storage) && !external {
-            // Capped by the caller in a default run; never beyond this.
-            s.messages = s.messages.min(DURABLE_CAP);
-        }
-        if run.mode.drain() {
-            let mut rec = template;
-            rec.messages = s.messages;
-            self.drain(kafka, tansu, Run { s, ..run }, id, &mut rec)
-                .await?;
-            return Ok(vec![rec]);
-        }
-        let lingers: Vec<u64> = if run.mode.probes() {
-            run.setting
-                .map_or(RAW_LINGERS_MS.to_vec(), |l| vec![l as u64])
+    /// Whether runs on `class` are verified by high watermarks rather than a consumer. tansu's
+    /// SQLite engine serves reads at ~1.4k msg/s and slows as it grows: its runs are verified
+    /// by high watermarks only; memory-engine runs and external brokers by a consumer (unless
+    /// the user trusts the brokers' watermarks).
+    fn by_watermarks(&self, class: &StorageClass) -> bool {
+        if class.external() {
+            self.trust_watermarks
         } else {
-            vec![0]
+            on_sqlite(class.storage)
+        }
+    }
+
+    /// Publish the scenario to topics of its own, at one linger: end-to-end, a consumer
+    /// reads every message meanwhile (unless verified by watermarks); publish-only, it reads
+    /// them back afterwards.
+    async fn publish(
+        &self,
+        class: &StorageClass,
+        run: Run,
+        at: Attempt,
+        cfg: &eventbus_batch::BatchConfig,
+        rec: &mut Record,
+    ) -> Result<(), String> {
+        let (kafka, s, linger) = (&class.backend, run.s, at.setting as u64);
+        let topics = RunTopics::create(kafka, at, s.topics).await?;
+        rec.topic_or_stream = format!("bench.r{}l{}.t*", at.id, at.index);
+        // Producer up and warm (connection, idempotent producer id) before the clock starts.
+        let connect = Instant::now();
+        let producer = self.producer(kafka, run, linger, &topics.warm, cfg).await?;
+        rec.window = match run.mode {
+            Mode::Raw { .. } | Mode::RawFuture => at.setting,
+            _ => cfg.max_in_flight,
         };
-        let mut out = Vec::new();
-        for (li, linger) in lingers.into_iter().enumerate() {
-            let started = Instant::now();
-            let names: Vec<String> = (0..s.topics)
-                .map(|t| format!("bench.r{id}l{li}.t{t}"))
-                .collect();
-            let warm = format!("bench.r{id}l{li}.warmup");
-            let mut all = names.clone();
-            all.push(warm.clone());
-            kafka
-                .ensure_topics(&all, 1)
-                .await
-                .map_err(|e| format!("create topics: {e}"))?;
-            let topics: Vec<Topic> = names.iter().map(Topic::new).collect();
-            let mut rec = template.clone();
-            rec.messages = s.messages;
-            rec.topic_or_stream = format!("bench.r{id}l{li}.t*");
-            let bootstrap = kafka.config().brokers.clone();
-
-            // Producer up and warm (connection, idempotent producer id) before the clock starts.
-            let connect = Instant::now();
-            let producer = self
-                .producer(kafka, run, &bootstrap, linger, &warm, &cfg)
-                .await?;
-            rec.window = match run.mode {
-                Mode::Raw { .. } | Mode::RawFuture => linger as usize,
-                _ => cfg.max_in_flight,
-            };
-            rec.connect_ms = connect.elapsed().as_secs_f64() * 1e3;
-
-            let (done_tx, done_rx) = tokio::sync::watch::channel(false);
-            let meter = sys::Meter::start(tansu.as_ref().and_then(|t| t.pid(0)));
-            let t0 = meter.t0;
-            // tansu's SQLite engine serves reads at ~1.4k msg/s and slows as it grows: its runs
-            // are verified by high watermarks only; memory-engine runs and external brokers by
-            // a consumer (unless the user trusts the brokers' watermarks).
-            let by_watermarks = if external {
-                self.trust_watermarks
-            } else {
-                on_sqlite(run.storage)
-            };
-            let consumer = |done| {
-                consume(
-                    bootstrap.clone(),
-                    names.clone(),
-                    s.messages as u64,
-                    t0,
-                    done,
-                )
-            };
-            let rx = (!by_watermarks && run.measure == Measure::EndToEnd)
-                .then(|| consumer(done_rx.clone()));
-            let published = match producer.drive(run.mode, s, &topics, &names, t0).await {
-                Ok(p) => p,
+        rec.connect_ms = connect.elapsed().as_secs_f64() * 1e3;
+        let bootstrap = &kafka.config().brokers;
+        let consumer = |t0, done| {
+            let names = topics.names.clone();
+            joined(consume(
+                bootstrap.clone(),
+                names,
+                s.messages as u64,
+                t0,
+                done,
+            ))
+        };
+        let by_watermarks = self.by_watermarks(class);
+        let during = (!by_watermarks && run.measure == Measure::EndToEnd).then_some(consumer);
+        let publish = async |t0| {
+            let published = producer.drive(run.mode, s, &topics.topics, &topics.names, t0);
+            match published.await {
+                Ok(p) => Ok(p),
                 Err(e) => {
-                    self.forget(run, linger, &cfg).await;
-                    return Err(e);
-                }
-            };
-            let _ = done_tx.send(true);
-            let received = match rx {
-                Some(rx) => Some(rx.await.map_err(|e| e.to_string())?),
-                None => None,
-            };
-            rec.fill(
-                &published,
-                received.as_ref().unwrap_or(&Received::empty()),
-                &meter,
-                run.measure,
-            );
-            // Publish-only: read back once the clock has stopped.
-            let received = match received {
-                None if !by_watermarks => Some(consumer(done_rx).await.map_err(|e| e.to_string())?),
-                r => r,
-            };
-            match received {
-                None => {
-                    let stored = watermark_total(kafka, &names).await?;
-                    rec.verify(
-                        stored,
-                        false,
-                        if external {
-                            "high watermarks (--trust-watermarks)"
-                        } else {
-                            "SQLite high watermarks (no consumer: tansu SQLite reads are too slow)"
-                        },
-                    );
-                }
-                // tansu 0.6.0's memory engine misreports high watermarks, and an external
-                // broker's engine is unknown: count what a consumer reads.
-                Some(r) => {
-                    rec.read_back(&r);
-                    rec.verify(
-                        r.distinct,
-                        true,
-                        if external {
-                            "distinct ids consumed (external broker)"
-                        } else {
-                            "distinct ids consumed (memory engine watermarks are unreliable)"
-                        },
-                    )
+                    self.forget(run, linger, cfg).await;
+                    Err(e)
                 }
             }
-            rec.wall_secs = started.elapsed().as_secs_f64();
-            out.push(rec);
-        }
-        Ok(out)
+        };
+        let timed = timed(rec, run.measure, class.pid(), during, publish).await?;
+        // Publish-only: read back once the clock has stopped.
+        let received = match timed.received {
+            None if !by_watermarks => Some(consumer(timed.t0, timed.done).await?),
+            r => r,
+        };
+        verify(class, &topics.names, received, rec).await
     }
 
     /// Publish a backlog to one topic of [`DRAIN_PARTITIONS`] partitions (untimed, the SDK
@@ -311,13 +274,12 @@ impl KafkaEnv {
     /// the message is processed and committing them in the background.
     async fn drain(
         &self,
-        kafka: &KafkaBackend,
-        tansu: &Option<Box<dyn TestBroker>>,
-        run: Run<'_>,
+        class: &StorageClass,
+        run: Run,
         id: u64,
         rec: &mut Record,
     ) -> Result<(), String> {
-        let started = Instant::now();
+        let kafka = &class.backend;
         let topic = format!("bench.r{id}.backlog");
         kafka
             .ensure_topic(&topic, DRAIN_PARTITIONS)
@@ -326,9 +288,7 @@ impl KafkaEnv {
         let sink = kafka.sink_without_id().map_err(|e| e.to_string())?;
         crate::drive::backlog(sink, run.s, &[Topic::new(&topic)]).await?;
         let expected = run.s.messages as u64;
-        let meter = sys::Meter::start(tansu.as_ref().and_then(|t| t.pid(0)));
-        let t0 = meter.t0;
-        let received = match run.mode {
+        let read = async |t0| match run.mode {
             Mode::DrainSdk => {
                 use eventbus_core::{SubscribeSpec, Subscriber};
                 let sub = kafka
@@ -340,32 +300,127 @@ impl KafkaEnv {
                     )
                     .await
                     .map_err(|e| format!("subscribe: {e}"))?;
-                crate::drive::read_back(sub, expected, t0).await?
+                crate::drive::read_back(sub, expected, t0).await
             }
             _ => {
-                let bootstrap = kafka.config().brokers.clone();
+                let (bootstrap, topic) = (kafka.config().brokers.clone(), topic.clone());
                 tokio::task::spawn_blocking(move || drain_raw(&bootstrap, &topic, expected, t0))
                     .await
-                    .map_err(|e| e.to_string())??
+                    .map_err(|e| e.to_string())?
             }
         };
-        rec.fill(&Published::empty(), &received, &meter, Measure::Drain);
-        rec.acked = expected;
-        rec.window = 1024;
-        rec.topic_or_stream = format!("bench.r{id}.backlog");
+        let received = timed_drain(rec, class.pid(), expected, read).await?;
+        rec.topic_or_stream = topic;
         rec.verify(
             received.distinct,
             true,
             "distinct ids drained (the backlog's publish was acked in full)",
         );
-        rec.wall_secs = started.elapsed().as_secs_f64();
         Ok(())
     }
 }
 
+impl Target for KafkaEnv {
+    const CANDIDATES: &'static [usize] = &RAW_LINGERS_MS;
+
+    /// Run `run` once on the brokers of its storage class: a drain, or a publish at one linger.
+    async fn once(
+        &self,
+        args: &Args,
+        run: Run,
+        at: Attempt,
+        rec: &mut Record,
+    ) -> Result<(), String> {
+        let class = self.broker(run.storage)?;
+        let mut s = run.s;
+        if on_sqlite(run.storage) && !class.external() {
+            // Capped by the caller in a default run; never beyond this.
+            s.messages = s.messages.min(DURABLE_CAP);
+        }
+        rec.messages = s.messages;
+        let run = Run { s, ..run };
+        if run.mode.drain() {
+            return self.drain(class, run, at.id, rec).await;
+        }
+        self.publish(class, run, at, &Env::sdk_config(args), rec)
+            .await
+    }
+}
+
+/// One attempt's topics: the scenario's, and the producer's warm-up topic.
+struct RunTopics {
+    /// The scenario's topics, named.
+    names: Vec<String>,
+    /// The same topics, for the SDK.
+    topics: Vec<Topic>,
+    /// The topic a new producer's warm-up message goes to.
+    warm: String,
+}
+
+impl RunTopics {
+    /// Create `n` topics of one partition (and the warm-up topic) named for `at`.
+    async fn create(kafka: &KafkaBackend, at: Attempt, n: usize) -> Result<RunTopics, String> {
+        let (id, li) = (at.id, at.index);
+        let names: Vec<String> = (0..n).map(|t| format!("bench.r{id}l{li}.t{t}")).collect();
+        let warm = format!("bench.r{id}l{li}.warmup");
+        let mut all = names.clone();
+        all.push(warm.clone());
+        kafka
+            .ensure_topics(&all, 1)
+            .await
+            .map_err(|e| format!("create topics: {e}"))?;
+        let topics = names.iter().map(Topic::new).collect();
+        Ok(RunTopics {
+            names,
+            topics,
+            warm,
+        })
+    }
+}
+
+/// Check a run against the brokers: by their high watermarks when no consumer read it, else by
+/// the distinct ids the consumer read.
+async fn verify(
+    class: &StorageClass,
+    names: &[String],
+    received: Option<Received>,
+    rec: &mut Record,
+) -> Result<(), String> {
+    let external = class.external();
+    match received {
+        None => {
+            let stored = watermark_total(&class.backend, names).await?;
+            rec.verify(
+                stored,
+                false,
+                if external {
+                    "high watermarks (--trust-watermarks)"
+                } else {
+                    "SQLite high watermarks (no consumer: tansu SQLite reads are too slow)"
+                },
+            );
+        }
+        // tansu 0.6.0's memory engine misreports high watermarks, and an external broker's
+        // engine is unknown: count what a consumer reads.
+        Some(r) => {
+            rec.read_back(&r);
+            rec.verify(
+                r.distinct,
+                true,
+                if external {
+                    "distinct ids consumed (external broker)"
+                } else {
+                    "distinct ids consumed (memory engine watermarks are unreliable)"
+                },
+            )
+        }
+    }
+    Ok(())
+}
+
 /// The warm-producer cache's key: storage, mode, linger and the engine's settings (a sweep
 /// changes them between runs).
-fn producer_key(run: Run<'_>, linger: u64, cfg: &eventbus_batch::BatchConfig) -> String {
+fn producer_key(run: Run, linger: u64, cfg: &eventbus_batch::BatchConfig) -> String {
     format!("{} {} {linger} {cfg:?}", run.storage, run.mode)
 }
 
@@ -610,32 +665,9 @@ async fn drive_threaded(
                 let topic = &topics[i % topics.len()];
                 let sent = Instant::now();
                 let id = with_id.then(|| eventbus_core::MessageId::generate().to_string());
-                loop {
-                    let mut rec = BaseRecord::<(), [u8], _>::with_opaque_to(
-                        topic,
-                        Box::new(Some((run, sent))),
-                    )
-                    .payload(&body[..]);
-                    if let Some(id) = &id {
-                        rec = rec.headers(OwnedHeaders::new().insert(Header {
-                            key: eventbus_kafka::ID_HEADER,
-                            value: Some(id.as_bytes()),
-                        }));
-                    }
-                    match p.send(rec) {
-                        Ok(()) => break,
-                        // librdkafka's queue is full: wait and hand the record over again.
-                        Err((
-                            rdkafka::error::KafkaError::MessageProduction(
-                                rdkafka::types::RDKafkaErrorCode::QueueFull,
-                            ),
-                            _,
-                        )) => tokio::time::sleep(Duration::from_millis(1)).await,
-                        Err((e, _)) => return Err(format!("raw produce failed: {e}")),
-                    }
-                }
+                send_threaded(&p, topic, &body, id.as_deref(), (run, sent)).await?;
             }
-            Ok(())
+            Ok::<_, String>(())
         }));
     }
     for t in tasks {
@@ -648,6 +680,38 @@ async fn drive_threaded(
     let last = st.1.unwrap_or(t0);
     let published = std::mem::replace(&mut st.0, Published::empty());
     Ok(published.finish(t0, last))
+}
+
+/// Hand one record to librdkafka (with `id` in the `eventbus-id` header), waiting while its
+/// queue is full; `opaque` (the run, the send time) comes back with its delivery report.
+async fn send_threaded(
+    p: &ThreadedProducer<TallyCtx>,
+    topic: &str,
+    body: &[u8],
+    id: Option<&str>,
+    opaque: (u64, Instant),
+) -> Result<(), String> {
+    loop {
+        let mut rec =
+            BaseRecord::<(), [u8], _>::with_opaque_to(topic, Box::new(Some(opaque))).payload(body);
+        if let Some(id) = id {
+            rec = rec.headers(OwnedHeaders::new().insert(Header {
+                key: eventbus_kafka::ID_HEADER,
+                value: Some(id.as_bytes()),
+            }));
+        }
+        match p.send(rec) {
+            Ok(()) => return Ok(()),
+            // librdkafka's queue is full: wait and hand the record over again.
+            Err((
+                rdkafka::error::KafkaError::MessageProduction(
+                    rdkafka::types::RDKafkaErrorCode::QueueFull,
+                ),
+                _,
+            )) => tokio::time::sleep(Duration::from_millis(1)).await,
+            Err((e, _)) => return Err(format!("raw produce failed: {e}")),
+        }
+    }
 }
 
 async fn drive_raw(p: &FutureProducer, s: Scenario, topics: &[String], t0: Instant) -> Published {

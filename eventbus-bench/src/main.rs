@@ -25,14 +25,20 @@ mod kafka;
 mod mode;
 #[cfg(feature = "nats")]
 mod nats;
+mod plan;
 mod report;
 mod sys;
 
-use std::path::PathBuf;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 use clap::Parser;
 
-use crate::mode::{Measure, Mode};
+use crate::drive::{Env, Run};
+use crate::mode::{Backend, Measure, Mode, Storage};
+use crate::plan::Selection;
+use crate::report::Record;
 
 #[derive(Parser, Debug, Clone)]
 #[command(about = "Reproduce the seed's NATS-vs-Kafka table against real brokers, honestly timed")]
@@ -54,6 +60,8 @@ pub(crate) struct Args {
     #[arg(long, value_delimiter = ',')]
     pub measure: Vec<Measure>,
     /// Backends (comma separated): nats, kafka, memory.
+    // Names, not `Backend`s: `Selection::from_args` rejects an unknown one with its own
+    // message and exit status 2, as it does an unknown scenario.
     #[arg(long, value_delimiter = ',')]
     pub backend: Vec<String>,
     /// Modes (comma separated): naive, sdk (defaults: NATS fast-ingest batches with
@@ -71,6 +79,7 @@ pub(crate) struct Args {
     /// Storage class: durable (JetStream file storage, tansu SQLite), memory (JetStream memory
     /// storage, tansu memory engine), replicated (a 3-node NATS cluster with R3 file streams,
     /// 3 tansu brokers over one SQLite file), both (durable and memory) or all.
+    // Read by `Storage::classes`: both and all name sets of classes.
     #[arg(long, default_value = "durable")]
     pub storage: String,
     /// Repetitions per (scenario, backend, mode); the median is reported with min and max.
@@ -182,23 +191,21 @@ const SCENARIOS: [Scenario; 7] = [
     },
 ];
 
-/// The backlog drained by the drain modes (and nothing else runs on it).
-const BACKLOG: &str = "backlog";
-/// Sustained and the backlog without `--full`: sized so that the default run finishes in
-/// minutes on a 2-core machine.
-const DEFAULT_LARGE: usize = 100_000;
-/// The drained backlog without `--full`: a drain of 100,000 lasts well under a second, short
-/// enough for start-up effects to swing the rate by a third.
-const DEFAULT_BACKLOG: usize = 200_000;
+impl std::fmt::Display for Scenario {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name)
+    }
+}
 
-/// Naive runs are capped: at ~1k (Kafka, librdkafka linger) to ~30k (NATS) msg/s, a million
-/// one-by-one acks would take minutes and show nothing new (the rate is one round trip per
-/// message per publisher from the first message on). The record says how many messages were
-/// actually sent.
-const NAIVE_CAP: usize = 5_000;
-/// Kafka's naive cap: one record per linger + round trip per publisher is ~750 msg/s on tansu,
-/// so 1,000 messages (200 per publisher) take ~1.3 s instead of ~7 s for 5,000.
-const NAIVE_CAP_KAFKA: usize = 1_000;
+impl std::str::FromStr for Scenario {
+    type Err = String;
+
+    /// The scenario named `s`, at its full size.
+    fn from_str(s: &str) -> Result<Scenario, String> {
+        mode::one_of(s, &SCENARIOS)
+    }
+}
+
 /// A raw baseline first probes its candidate windows (NATS) or lingers (Kafka) once each, at
 /// the scenario's size up to this many messages, and then runs every repetition at the best
 /// one, exactly as often as the SDK modes run. (Counting the best of the candidates as the
@@ -228,290 +235,29 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-/// ACK windows and engine lingers (ms) the sweep tries.
-const SWEEP_WINDOWS: [usize; 6] = [1, 16, 256, 4_096, 16_384, 100_000];
-const SWEEP_LINGERS_MS: [u64; 4] = [0, 1, 5, 20];
-
-async fn sweep(args: &Args, backends: &[String], storages: &[&str]) -> Result<bool, String> {
-    let name = args.scenario.first().map_or("extreme", String::as_str);
-    let scenario = SCENARIOS
-        .iter()
-        .copied()
-        .find(|s| s.name == name)
-        .ok_or_else(|| format!("unknown scenario {name}"))?;
-    // One storage class unless asked for explicitly: the sweep is about the SDK's knobs.
-    let storages: Vec<&str> = if storages.len() > 1 {
-        vec!["durable"]
-    } else {
-        storages.to_vec()
-    };
-    let backends: Vec<String> = backends
-        .iter()
-        .filter(|b| *b != "memory")
-        .cloned()
-        .collect();
-    let env = drive::Env::start(
-        args,
-        backends.iter().any(|b| b == "nats"),
-        backends.iter().any(|b| b == "kafka"),
-        &storages,
-    )
-    .await?;
-    eprintln!("{}", env.describe());
-    let total = backends.len() * storages.len() * SWEEP_WINDOWS.len() * SWEEP_LINGERS_MS.len();
-    let bar = indicatif::ProgressBar::new(total as u64).with_style(
-        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} {msg}").expect("template"),
-    );
-    let mut records = Vec::new();
-    for b in &backends {
-        for st in &storages {
-            for window in SWEEP_WINDOWS {
-                for linger in SWEEP_LINGERS_MS {
-                    let mut a = args.clone();
-                    a.window = Some(window);
-                    a.linger = Some(linger);
-                    let mut s = scenario;
-                    if window <= 16 {
-                        s.messages = s.messages.min(2_000); // near one-at-a-time speed
-                    }
-                    bar.set_message(format!("{b} {st} window {window} linger {linger} ms"));
-                    let run = drive::Run {
-                        s,
-                        backend: b,
-                        mode: Mode::SDK,
-                        measure: Measure::EndToEnd,
-                        storage: st,
-                        rep: 0,
-                        setting: None,
-                    };
-                    for mut r in env.run_or_fail(&a, run, "run").await {
-                        r.window = window;
-                        r.linger_ms = linger;
-                        if !r.verified {
-                            bar.println(format!(
-                                "VERIFICATION FAILED: {b} {st} window {window} linger {linger}: {}",
-                                r.verify_note
-                            ));
-                        }
-                        records.push(r);
-                    }
-                    bar.inc(1);
-                }
-            }
-        }
-    }
-    bar.finish_and_clear();
-    report::write_sweep(args, &env.describe(), &records)?;
-    env.stop().await;
-    Ok(records.iter().all(|r| r.verified))
-}
-
+/// The whole bench (or `--dedup-study`, `--from-json`, `--sweep`): whether every run verified.
 async fn run(args: Args) -> Result<bool, String> {
     #[cfg(feature = "nats")]
     if args.dedup_study {
         return dedup::study(&args).await;
     }
     if let Some(path) = &args.from_json {
-        let text =
-            std::fs::read_to_string(path).map_err(|e| format!("read {}: {e}", path.display()))?;
-        let doc = report::Saved::parse(&text, path)
-            .map_err(|e| format!("parse {}: {e}", path.display()))?;
-        report::write(&args, &doc.machine, &doc.records)?;
-        return Ok(doc.records.iter().all(|r| r.verified));
+        return rerender(&args, path);
     }
-    let pick = |list: &[String], all: &[&str], default: &[&str]| -> Vec<String> {
-        let chosen: Vec<String> = if list.is_empty() {
-            default.iter().map(|s| s.to_string()).collect()
-        } else {
-            list.to_vec()
-        };
-        for c in &chosen {
-            if !all.contains(&c.as_str()) {
-                eprintln!("unknown value {c:?}: expected one of {}", all.join(", "));
-                std::process::exit(2);
-            }
-        }
-        chosen
-    };
-    let default_scen: &[&str] = if args.quick {
-        &["low", "extreme", "sustained", BACKLOG]
-    } else {
-        &["low", "medium", "high", "extreme", "sustained", BACKLOG]
-    };
-    let scen_names = pick(&args.scenario, &SCENARIOS.map(|s| s.name), default_scen);
-    let mut scenarios: Vec<Scenario> = SCENARIOS
-        .iter()
-        .copied()
-        .filter(|s| scen_names.iter().any(|n| n == s.name))
-        .collect();
-    for s in &mut scenarios {
-        if args.quick {
-            s.messages = s.messages.min(20_000);
-        } else if !args.full {
-            s.messages = s.messages.min(if s.name == BACKLOG {
-                DEFAULT_BACKLOG
-            } else {
-                DEFAULT_LARGE
-            });
-        }
-    }
-    let backends = pick(
-        &args.backend,
-        &["nats", "kafka", "memory"],
-        &["nats", "kafka", "memory"],
-    );
-    let modes: Vec<Mode> = if args.mode.is_empty() {
-        let mut m: Vec<Mode> = [
-            "naive",
-            "sdk",
-            "sdk-nodedup",
-            "raw",
-            "raw-dedup",
-            "ceiling-js",
-            "ceiling-core",
-            "drain-sdk",
-            "drain-raw",
-        ]
-        .iter()
-        .map(|m| m.parse().expect("a known mode"))
-        .collect();
-        if args.full {
-            m.extend(["sdk-async", "sdk-atomic"].map(|m| m.parse::<Mode>().expect("a known mode")));
-        }
-        m
-    } else {
-        args.mode.clone()
-    };
-    let measures: Vec<Measure> = if args.measure.is_empty() {
-        vec![Measure::Publish, Measure::EndToEnd]
-    } else {
-        args.measure.clone()
-    };
-    let storages: Vec<&str> = match args.storage.as_str() {
-        "both" => vec!["durable", "memory"],
-        "all" => vec!["durable", "memory", "replicated"],
-        "durable" => vec!["durable"],
-        "memory" => vec!["memory"],
-        "replicated" => vec!["replicated"],
-        other => {
-            return Err(format!(
-                "--storage must be durable, memory, replicated, both or all, not {other}"
-            ));
-        }
-    };
-    let reps = args.reps.unwrap_or(if args.quick { 1 } else { 3 }).max(1);
+    let sel = Selection::from_args(&args)?;
     if args.sweep {
-        return sweep(&args, &backends, &storages).await;
+        return sweep(&args, &sel.backends, &sel.storages).await;
     }
-    let plan = plan(
-        &args, &scenarios, &backends, &modes, &measures, &storages, reps,
-    );
-    // tansu's SQLite engine reads too slowly to drain: Kafka drains run on its memory engine.
-    let mut env_storages = storages.clone();
-    if plan.iter().any(|p| p.storage == "memory") && !env_storages.contains(&"memory") {
-        env_storages.push("memory");
-    }
-    let env = drive::Env::start(
+    let plan = plan::plan(&args, &sel);
+    let env = Env::start(
         &args,
-        backends.iter().any(|b| b == "nats"),
-        backends.iter().any(|b| b == "kafka"),
-        &env_storages,
+        &sel.backends,
+        &plan::env_storages(&sel.storages, &plan),
     )
     .await?;
     eprintln!("{}", env.describe());
-
-    let started = std::time::Instant::now();
-    let bar = indicatif::ProgressBar::new(plan.len() as u64).with_style(
-        indicatif::ProgressStyle::with_template("{elapsed_precise} {bar:40} {pos}/{len} {msg}")
-            .expect("template"),
-    );
-    let mut records = Vec::new();
-    // Raw baselines probe every window (NATS) or linger (Kafka) once, then repeat the best.
-    let mut raw_best: std::collections::HashMap<String, (usize, f64)> = Default::default();
-    for p in plan {
-        let mut run = drive::Run {
-            s: p.s,
-            backend: &p.backend,
-            mode: p.mode,
-            measure: p.measure,
-            storage: p.storage,
-            rep: p.rep,
-            setting: None,
-        };
-        if run.mode == Mode::Naive {
-            run.s.messages = run.s.messages.min(if p.backend == "kafka" {
-                NAIVE_CAP_KAFKA
-            } else {
-                NAIVE_CAP
-            });
-        }
-        #[cfg(feature = "kafka")]
-        if p.backend == "kafka" && kafka::on_sqlite(p.storage) && args.kafka_brokers.is_none() {
-            // tansu's SQLite engine takes ~20-40k msg/s here: half the size keeps the default
-            // run within minutes.
-            let cap = if args.full {
-                kafka::DURABLE_CAP
-            } else {
-                kafka::DURABLE_CAP / 2
-            };
-            run.s.messages = run.s.messages.min(cap);
-        }
-        let label = format!(
-            "{} {} {} {} {} #{}",
-            p.s.name,
-            p.backend,
-            p.mode,
-            p.measure,
-            p.storage,
-            p.rep + 1
-        );
-        bar.set_message(label.clone());
-        // One probe per path serves both measures.
-        let key = format!("{} {} {} {}", p.s.name, p.backend, p.storage, p.mode);
-        let probes = run.mode.probes();
-        run.setting = raw_best.get(&key).filter(|_| probes).map(|b| b.0);
-        // A raw mode's first run probes every candidate setting once; the fastest verified
-        // one is what this and every later repetition run at.
-        let mut phases = Vec::new();
-        if probes && run.setting.is_none() {
-            let mut probe = run;
-            probe.s.messages = run.s.messages.min(RAW_PROBE_MESSAGES);
-            phases.push((probe, "probe"));
-        }
-        phases.push((run, "run"));
-        for (mut one, what) in phases {
-            if what == "probe" {
-                bar.set_message(format!(
-                    "{label}: probing settings at {} messages",
-                    one.s.messages
-                ));
-            } else {
-                one.setting = raw_best.get(&key).filter(|_| probes).map(|b| b.0);
-            }
-            for mut rec in env.run_or_fail(&args, one, what).await {
-                rec.probe = what == "probe";
-                // Candidates compete only while no setting is chosen (probes, or a run after
-                // every probe failed, which tries every candidate again).
-                let best = raw_best.get(&key).map_or(0.0, |b| b.1);
-                if probes
-                    && one.setting.is_none()
-                    && rec.verified
-                    && rec.publish_msgs_per_sec > best
-                {
-                    raw_best.insert(key.clone(), (rec.window, rec.publish_msgs_per_sec));
-                }
-                if !rec.verified {
-                    bar.println(format!(
-                        "VERIFICATION FAILED: {label} {what} (window {}): {}",
-                        rec.window, rec.verify_note
-                    ));
-                }
-                records.push(rec);
-            }
-        }
-        bar.inc(1);
-    }
-    bar.finish_and_clear();
+    let started = Instant::now();
+    let records = Bench::new(&args, &env, plan.len()).run_all(plan).await;
     eprintln!("{}", time_spent(&records, started.elapsed()));
     let all_ok = records.iter().all(|r| r.verified);
     report::write(&args, &env.describe(), &records)?;
@@ -519,100 +265,256 @@ async fn run(args: Args) -> Result<bool, String> {
     Ok(all_ok)
 }
 
-/// One planned run.
-struct Planned {
-    s: Scenario,
-    backend: String,
-    mode: Mode,
-    measure: Measure,
-    storage: &'static str,
-    rep: usize,
+/// `--from-json`: the report of an earlier run, written again; whether all its runs verified.
+fn rerender(args: &Args, path: &Path) -> Result<bool, String> {
+    let text =
+        std::fs::read_to_string(path).map_err(|e| format!("read {}: {e}", path.display()))?;
+    let doc =
+        report::Saved::parse(&text, path).map_err(|e| format!("parse {}: {e}", path.display()))?;
+    report::write(args, &doc.machine, &doc.records)?;
+    Ok(doc.records.iter().all(|r| r.verified))
 }
 
-/// Every run, repetitions interleaved: one repetition of every mode, then the next, so a slow
-/// phase of a shared machine hits all modes alike rather than one mode's repetitions together.
-fn plan(
-    args: &Args,
-    scenarios: &[Scenario],
-    backends: &[String],
-    modes: &[Mode],
-    measures: &[Measure],
-    storages: &[&str],
-    reps: usize,
-) -> Vec<Planned> {
-    let mut plan = Vec::new();
-    for s in scenarios {
-        for b in backends {
-            for (i, st) in storages.iter().enumerate() {
-                let st: &'static str = match *st {
-                    "durable" => "durable",
-                    "memory" => "memory",
-                    _ => "replicated",
-                };
-                if b == "memory" && st != "memory" && storages.len() > 1 {
-                    continue; // the in-process backend has one storage class: memory
-                }
-                // tansu's SQLite engine reads at ~1.4k msg/s: Kafka drains its memory engine,
-                // once per run whatever the storage classes.
-                let drain_st = if b == "kafka" { "memory" } else { st };
-                if s.name == BACKLOG && b == "kafka" && i > 0 {
-                    continue;
-                }
-                for rep in 0..reps {
-                    for &m in modes {
-                        // The other NATS publish modes stay on the seed's scenarios in a
-                        // default run: at 1M messages each costs a minute per repetition;
-                        // `--mode` runs them anywhere.
-                        let big_extra = args.mode.is_empty()
-                            && s.messages > 100_000
-                            && matches!(
-                                m,
-                                Mode::Sdk {
-                                    publish: mode::Publish::Async | mode::Publish::Atomic,
-                                    ..
-                                }
-                            );
-                        // The core ceiling is verified by the server's monitoring endpoint,
-                        // which a server the bench did not start may not have.
-                        let unverifiable = m == Mode::CeilingCore && args.nats_url.is_some();
-                        if !m.runs_on(b)
-                            || big_extra
-                            || unverifiable
-                            || m.drain() != (s.name == BACKLOG)
-                        {
-                            continue;
-                        }
-                        for measure in m.measures(measures) {
-                            // tansu's SQLite engine is verified by watermarks with no consumer
-                            // at all, so its end-to-end run would repeat the publish-only one.
-                            if b == "kafka"
-                                && st != "memory"
-                                && measure == Measure::EndToEnd
-                                && measures.contains(&Measure::Publish)
-                                && args.kafka_brokers.is_none()
-                            {
-                                continue;
-                            }
-                            plan.push(Planned {
-                                s: *s,
-                                backend: b.clone(),
-                                mode: m,
-                                measure,
-                                storage: if m.drain() { drain_st } else { st },
-                                rep,
-                            });
-                        }
-                    }
+/// A progress bar of `len` steps drawn with `template`.
+fn progress(len: usize, template: &str) -> indicatif::ProgressBar {
+    indicatif::ProgressBar::new(len as u64)
+        .with_style(indicatif::ProgressStyle::with_template(template).expect("template"))
+}
+
+/// The planned runs in order, each raw baseline at its probed setting.
+struct Bench<'a> {
+    args: &'a Args,
+    env: &'a Env,
+    /// The raw baselines' settings, chosen as the runs go.
+    probes: RawProbes,
+    bar: indicatif::ProgressBar,
+    /// Every run's and probe's records, in the order they ran.
+    records: Vec<Record>,
+}
+
+impl<'a> Bench<'a> {
+    /// A bench of `len` planned runs on `env`.
+    fn new(args: &'a Args, env: &'a Env, len: usize) -> Bench<'a> {
+        Bench {
+            args,
+            env,
+            probes: RawProbes::default(),
+            bar: progress(len, "{elapsed_precise} {bar:40} {pos}/{len} {msg}"),
+            records: Vec::new(),
+        }
+    }
+
+    /// Run `plan` in order: the records of every run and probe.
+    async fn run_all(mut self, plan: Vec<Run>) -> Vec<Record> {
+        for run in plan {
+            self.run_planned(run).await;
+        }
+        self.bar.finish_and_clear();
+        self.records
+    }
+
+    /// One planned run: the probe of its raw setting when none is chosen yet, then the run.
+    async fn run_planned(&mut self, run: Run) {
+        let label = format!(
+            "{} {} {} {} {} #{}",
+            run.s.name,
+            run.backend,
+            run.mode,
+            run.measure,
+            run.storage,
+            run.rep + 1
+        );
+        self.bar.set_message(label.clone());
+        if let Some(probe) = self.probes.probe(run) {
+            let at = probe.s.messages;
+            self.bar
+                .set_message(format!("{label}: probing settings at {at} messages"));
+            self.phase(probe, "probe", &label).await;
+        }
+        let setting = self.probes.setting(&run);
+        self.phase(Run { setting, ..run }, "run", &label).await;
+        self.bar.inc(1);
+    }
+
+    /// Run `run` (`what`: a probe or the run itself), keeping its records and offering each
+    /// to the raw baselines' probes.
+    async fn phase(&mut self, run: Run, what: &str, label: &str) {
+        for mut rec in self.env.run_or_fail(self.args, run, what).await {
+            rec.probe = what == "probe";
+            self.probes.offer(&run, &rec);
+            if !rec.verified {
+                self.bar.println(format!(
+                    "VERIFICATION FAILED: {label} {what} (window {}): {}",
+                    rec.window, rec.verify_note
+                ));
+            }
+            self.records.push(rec);
+        }
+    }
+}
+
+/// A raw baseline's path: its scenario, backend, storage class and mode (one probe per path
+/// serves both measures).
+type RawPath = (&'static str, Backend, Storage, Mode);
+
+/// The raw baselines' settings: a raw mode's first run on a path probes every candidate setting
+/// once, at up to [`RAW_PROBE_MESSAGES`]; it and every later run of the path use the fastest
+/// verified one.
+#[derive(Default)]
+struct RawProbes {
+    /// Per path, the fastest verified setting and its publish rate.
+    best: HashMap<RawPath, (usize, f64)>,
+}
+
+impl RawProbes {
+    /// `run`'s path.
+    fn path(run: &Run) -> RawPath {
+        (run.s.name, run.backend, run.storage, run.mode)
+    }
+
+    /// The setting `run` uses: its path's fastest verified one (raw modes only).
+    fn setting(&self, run: &Run) -> Option<usize> {
+        let best = self.best.get(&Self::path(run));
+        best.filter(|_| run.mode.probes()).map(|b| b.0)
+    }
+
+    /// The probe to run before `run` when its path has no setting yet: every candidate, at up
+    /// to [`RAW_PROBE_MESSAGES`].
+    fn probe(&self, run: Run) -> Option<Run> {
+        if !run.mode.probes() || self.setting(&run).is_some() {
+            return None;
+        }
+        let mut probe = Run {
+            setting: None,
+            ..run
+        };
+        probe.s.messages = run.s.messages.min(RAW_PROBE_MESSAGES);
+        Some(probe)
+    }
+
+    /// Keep `rec`'s setting (its window) if it is its path's fastest verified one yet.
+    /// Candidates compete only while no setting is chosen (probes, or a run after every probe
+    /// failed, which tries every candidate again).
+    fn offer(&mut self, run: &Run, rec: &Record) {
+        let best = self.best.get(&Self::path(run)).map_or(0.0, |b| b.1);
+        let rate = rec.publish_msgs_per_sec;
+        if run.mode.probes() && run.setting.is_none() && rec.verified && rate > best {
+            self.best.insert(Self::path(run), (rec.window, rate));
+        }
+    }
+}
+
+/// ACK windows and engine lingers (ms) the sweep tries.
+const SWEEP_WINDOWS: [usize; 6] = [1, 16, 256, 4_096, 16_384, 100_000];
+const SWEEP_LINGERS_MS: [u64; 4] = [0, 1, 5, 20];
+
+/// `--sweep`: the SDK's default mode end-to-end at every window and linger, on one scenario
+/// (default extreme, at full size) and one storage class unless asked for explicitly; whether
+/// every run verified.
+async fn sweep(args: &Args, backends: &[Backend], storages: &[Storage]) -> Result<bool, String> {
+    let name = args.scenario.first().map_or("extreme", String::as_str);
+    let scenario: Scenario = name
+        .parse()
+        .map_err(|_| format!("unknown scenario {name}"))?;
+    // One storage class unless asked for explicitly: the sweep is about the SDK's knobs.
+    let storages: Vec<Storage> = if storages.len() > 1 {
+        vec![Storage::Durable]
+    } else {
+        storages.to_vec()
+    };
+    let backends: Vec<Backend> = backends
+        .iter()
+        .copied()
+        .filter(|b| *b != Backend::Memory)
+        .collect();
+    let env = Env::start(args, &backends, &storages).await?;
+    eprintln!("{}", env.describe());
+    let points = sweep_points(&backends, &storages);
+    let bar = progress(points.len(), "{bar:40} {pos}/{len} {msg}");
+    let mut records = Vec::new();
+    for point in points {
+        records.extend(sweep_point(&env, args, scenario, point, &bar).await);
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    report::write_sweep(args, &env.describe(), &records)?;
+    env.stop().await;
+    Ok(records.iter().all(|r| r.verified))
+}
+
+/// One point of the sweep.
+#[derive(Clone, Copy)]
+struct SweepPoint {
+    backend: Backend,
+    storage: Storage,
+    /// The SDK's ACK window.
+    window: usize,
+    /// The SDK's linger.
+    linger_ms: u64,
+}
+
+/// Every point of the sweep, in the order it runs them.
+fn sweep_points(backends: &[Backend], storages: &[Storage]) -> Vec<SweepPoint> {
+    let mut points = Vec::new();
+    for &backend in backends {
+        for &storage in storages {
+            for window in SWEEP_WINDOWS {
+                for linger_ms in SWEEP_LINGERS_MS {
+                    points.push(SweepPoint {
+                        backend,
+                        storage,
+                        window,
+                        linger_ms,
+                    });
                 }
             }
         }
     }
-    plan
+    points
+}
+
+/// One sweep point's records: `s` end-to-end through the SDK at the point's window and linger.
+async fn sweep_point(
+    env: &Env,
+    args: &Args,
+    mut s: Scenario,
+    p: SweepPoint,
+    bar: &indicatif::ProgressBar,
+) -> Vec<Record> {
+    let (b, st, window, linger) = (p.backend, p.storage, p.window, p.linger_ms);
+    let mut a = args.clone();
+    a.window = Some(window);
+    a.linger = Some(linger);
+    if window <= 16 {
+        s.messages = s.messages.min(2_000); // near one-at-a-time speed
+    }
+    bar.set_message(format!("{b} {st} window {window} linger {linger} ms"));
+    let run = Run {
+        s,
+        backend: b,
+        mode: Mode::SDK,
+        measure: Measure::EndToEnd,
+        storage: st,
+        rep: 0,
+        setting: None,
+    };
+    let mut records = env.run_or_fail(&a, run, "run").await;
+    for r in &mut records {
+        r.window = window;
+        r.linger_ms = linger;
+        if !r.verified {
+            bar.println(format!(
+                "VERIFICATION FAILED: {b} {st} window {window} linger {linger}: {}",
+                r.verify_note
+            ));
+        }
+    }
+    records
 }
 
 /// Where the bench's time went: wall seconds per backend and scenario (every run's setup,
 /// publishing, consumer drain, verification and teardown), and the total.
-fn time_spent(records: &[report::Record], total: std::time::Duration) -> String {
+fn time_spent(records: &[Record], total: std::time::Duration) -> String {
     let mut by: std::collections::BTreeMap<(&str, &str), f64> = Default::default();
     for r in records {
         *by.entry((r.backend.as_str(), r.scenario.as_str()))
@@ -627,4 +529,64 @@ fn time_spent(records: &[report::Record], total: std::time::Duration) -> String 
         total.as_secs_f64(),
         parts.join(", ")
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn raw(rate: f64, window: usize, verified: bool) -> (Run, Record) {
+        let run = Run {
+            s: SCENARIOS[4],
+            backend: Backend::Nats,
+            mode: Mode::Raw { ids: false },
+            measure: Measure::Publish,
+            storage: Storage::Durable,
+            rep: 0,
+            setting: None,
+        };
+        let mut rec = Record::new(&run);
+        (rec.publish_msgs_per_sec, rec.window, rec.verified) = (rate, window, verified);
+        (run, rec)
+    }
+
+    #[test]
+    fn a_raw_path_probes_once_then_runs_at_its_fastest_verified_setting() {
+        let mut probes = RawProbes::default();
+        let (run, _) = raw(0.0, 0, false);
+        let probe = probes.probe(run).expect("no setting yet: probe");
+        assert_eq!(probe.s.messages, RAW_PROBE_MESSAGES);
+        for (rate, window, verified) in [
+            (10.0, 1_024, true),
+            (30.0, 4_096, false),
+            (20.0, 16_384, true),
+        ] {
+            probes.offer(&probe, &raw(rate, window, verified).1);
+        }
+        assert_eq!(probes.setting(&run), Some(16_384), "fastest verified");
+        assert!(probes.probe(run).is_none());
+        // A run at the chosen setting does not compete.
+        let chosen = Run {
+            setting: Some(16_384),
+            ..run
+        };
+        probes.offer(&chosen, &raw(99.0, 1_024, true).1);
+        assert_eq!(probes.setting(&run), Some(16_384));
+        // Other measures share the path's probe; other modes never probe.
+        assert_eq!(
+            probes.setting(&Run {
+                measure: Measure::EndToEnd,
+                ..run
+            }),
+            Some(16_384)
+        );
+        assert!(
+            probes
+                .probe(Run {
+                    mode: Mode::SDK,
+                    ..run
+                })
+                .is_none()
+        );
+    }
 }

@@ -1,4 +1,5 @@
-//! What one run measures: the client path ([`Mode`]) and what the clock covers ([`Measure`]).
+//! What one run measures: the client path ([`Mode`]) and what the clock covers ([`Measure`]),
+//! and where it runs: the [`Backend`] and its [`Storage`] class.
 
 use std::fmt;
 use std::str::FromStr;
@@ -53,6 +54,96 @@ pub(crate) enum Measure {
     Drain,
 }
 
+/// The backend a run publishes through.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub(crate) enum Backend {
+    /// NATS JetStream (a nats-server or cluster the bench starts, or `--nats-url`).
+    Nats,
+    /// The Kafka protocol through librdkafka (tansu brokers, or `--kafka-brokers`).
+    Kafka,
+    /// The in-process memory backend: the engine and subscriber with no broker below.
+    Memory,
+}
+
+/// A storage class: how the broker keeps what it acked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub(crate) enum Storage {
+    /// JetStream file storage, tansu's SQLite engine.
+    Durable,
+    /// JetStream memory storage, tansu's memory engine (neither survives a restart).
+    Memory,
+    /// A 3-node NATS cluster with R3 file streams, 3 tansu brokers over one SQLite file.
+    Replicated,
+}
+
+impl Backend {
+    /// Every backend, in the default run's order.
+    pub(crate) const ALL: [Backend; 3] = [Backend::Nats, Backend::Kafka, Backend::Memory];
+}
+
+impl Storage {
+    /// Every storage class, in the order `--storage all` runs them.
+    pub(crate) const ALL: [Storage; 3] = [Storage::Durable, Storage::Memory, Storage::Replicated];
+
+    /// The classes `--storage` names: one class, `both` (durable and memory) or `all`.
+    pub(crate) fn classes(arg: &str) -> Result<Vec<Storage>, String> {
+        match arg {
+            "both" => Ok(vec![Storage::Durable, Storage::Memory]),
+            "all" => Ok(Storage::ALL.to_vec()),
+            one => one.parse().map(|st| vec![st]).map_err(|_| {
+                format!("--storage must be durable, memory, replicated, both or all, not {one}")
+            }),
+        }
+    }
+}
+
+impl fmt::Display for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Backend::Nats => "nats",
+            Backend::Kafka => "kafka",
+            Backend::Memory => "memory",
+        })
+    }
+}
+
+impl FromStr for Backend {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Backend, String> {
+        one_of(s, &Backend::ALL)
+    }
+}
+
+impl fmt::Display for Storage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Storage::Durable => "durable",
+            Storage::Memory => "memory",
+            Storage::Replicated => "replicated",
+        })
+    }
+}
+
+impl FromStr for Storage {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Storage, String> {
+        one_of(s, &Storage::ALL)
+    }
+}
+
+/// The value of `all` named `s`, or an error naming every value.
+pub(crate) fn one_of<T: Copy + fmt::Display>(s: &str, all: &[T]) -> Result<T, String> {
+    all.iter()
+        .copied()
+        .find(|v| v.to_string() == s)
+        .ok_or_else(|| {
+            let names: Vec<String> = all.iter().map(T::to_string).collect();
+            format!("unknown value {s:?}: expected one of {}", names.join(", "))
+        })
+}
+
 impl Mode {
     /// Every mode the bench knows, in table order.
     pub(crate) const ALL: [Mode; 16] = [
@@ -105,12 +196,12 @@ impl Mode {
     };
 
     /// Whether `backend` has this path.
-    pub(crate) fn runs_on(self, backend: &str) -> bool {
+    pub(crate) fn runs_on(self, backend: Backend) -> bool {
         match (backend, self) {
-            ("memory", m) => matches!(m, Mode::Naive | Mode::SDK),
-            ("kafka", Mode::Sdk { publish, .. }) => publish == Publish::Default,
-            ("kafka", Mode::CeilingJetStream | Mode::CeilingCore) => false,
-            ("nats", Mode::RawFuture) => false,
+            (Backend::Memory, m) => matches!(m, Mode::Naive | Mode::SDK),
+            (Backend::Kafka, Mode::Sdk { publish, .. }) => publish == Publish::Default,
+            (Backend::Kafka, Mode::CeilingJetStream | Mode::CeilingCore) => false,
+            (Backend::Nats, Mode::RawFuture) => false,
             _ => true,
         }
     }
@@ -233,7 +324,33 @@ mod tests {
             vec![Measure::Publish]
         );
         assert_eq!(Mode::SDK.measures(&both), both.to_vec());
-        assert!(!Mode::CeilingCore.runs_on("kafka"));
-        assert!(!Mode::Raw { ids: true }.runs_on("memory"));
+        assert!(!Mode::CeilingCore.runs_on(Backend::Kafka));
+        assert!(!Mode::Raw { ids: true }.runs_on(Backend::Memory));
+    }
+
+    #[test]
+    fn backends_and_storage_classes_round_trip_and_name_every_value_when_unknown() {
+        for b in Backend::ALL {
+            assert_eq!(b.to_string().parse::<Backend>(), Ok(b));
+        }
+        for st in Storage::ALL {
+            assert_eq!(st.to_string().parse::<Storage>(), Ok(st));
+        }
+        assert_eq!(
+            "foo".parse::<Backend>(),
+            Err(r#"unknown value "foo": expected one of nats, kafka, memory"#.into())
+        );
+        assert_eq!(
+            Storage::classes("both"),
+            Ok(vec![Storage::Durable, Storage::Memory])
+        );
+        assert_eq!(
+            Storage::classes("replicated"),
+            Ok(vec![Storage::Replicated])
+        );
+        assert_eq!(
+            Storage::classes("quux"),
+            Err("--storage must be durable, memory, replicated, both or all, not quux".into())
+        );
     }
 }

@@ -9,12 +9,12 @@ use eventbus_core::{Bytes, Publisher, SubscribeSpec, Subscriber, Subscription, T
 use tokio::sync::mpsc;
 
 use crate::drive::{
-    Env, Published, Received, Run, Seen, backlog, drive_sdk, payload, raw_outcome, read_back,
-    receive, share, spawn_acker,
+    Attempt, Env, Published, Received, Run, Seen, Target, backlog, drive_sdk, joined, payload,
+    raw_outcome, read_back, receive, share, spawn_acker, timed, timed_drain,
 };
-use crate::mode::{Measure, Mode};
+use crate::mode::{Measure, Mode, Storage};
 use crate::report::Record;
-use crate::{Args, Scenario, sys};
+use crate::{Args, Scenario};
 
 /// Windows tried for the raw client; the best is the baseline.
 const RAW_WINDOWS: [usize; 3] = [1_024, 4_096, 16_384];
@@ -105,9 +105,7 @@ async fn drive_raw_nats(
     topics: &[Topic],
     t0: Instant,
 ) -> Published {
-    use async_nats::jetstream;
-    use futures_util::future::Either;
-    let js = jetstream::ContextBuilder::new()
+    let js = async_nats::jetstream::ContextBuilder::new()
         .max_ack_inflight(window)
         .backpressure_on_inflight(true)
         .timeout(Duration::from_secs(10))
@@ -129,34 +127,9 @@ async fn drive_raw_nats(
                 let sent = Instant::now();
                 let subject = subjects[i % subjects.len()].clone();
                 let body = payload(s.payload, w as u32, i as u64, t0);
-                let sent_ack = if dedup {
-                    js.send_publish(
-                        subject,
-                        jetstream::message::PublishMessage::build()
-                            .payload(body)
-                            .message_id(format!("{w}-{i}")),
-                    )
-                    .await
-                } else {
-                    js.publish(subject, body).await
-                };
-                match sent_ack {
-                    Ok(ack) => tx
-                        .send((
-                            sent,
-                            Either::Left(async move {
-                                raw_outcome(ack.await.map(|_| ()).map_err(|e| e.to_string()))
-                            }),
-                        ))
-                        .expect("acker alive"),
-                    // Not sent: this run fails verification, the bench goes on.
-                    Err(e) => tx
-                        .send((
-                            sent,
-                            Either::Right(std::future::ready(raw_outcome(Err(e.to_string())))),
-                        ))
-                        .expect("acker alive"),
-                }
+                let id = dedup.then(|| format!("{w}-{i}"));
+                let ack = send_raw_nats(&js, subject, body, id).await;
+                tx.send((sent, ack)).expect("acker alive");
             }
             drop(tx);
             acker.await.expect("acker task")
@@ -165,12 +138,55 @@ async fn drive_raw_nats(
     Published::merge(tasks, t0).await
 }
 
+/// Publish one message through `js`, with `id` as its `Nats-Msg-Id`: its ack, as an outcome
+/// to await. A message not sent fails the run's verification; the bench goes on.
+async fn send_raw_nats(
+    js: &async_nats::jetstream::Context,
+    subject: String,
+    body: Bytes,
+    id: Option<String>,
+) -> impl Future<Output = eventbus_core::Outcome> + Send + 'static {
+    use async_nats::jetstream::message::PublishMessage;
+    use futures_util::future::Either;
+    let sent = match id {
+        Some(id) => {
+            let message = PublishMessage::build().payload(body).message_id(id);
+            js.send_publish(subject, message).await
+        }
+        None => js.publish(subject, body).await,
+    };
+    match sent {
+        Ok(ack) => {
+            Either::Left(
+                async move { raw_outcome(ack.await.map(|_| ()).map_err(|e| e.to_string())) },
+            )
+        }
+        Err(e) => Either::Right(std::future::ready(raw_outcome(Err(e.to_string())))),
+    }
+}
+
 /// One NATS run on its own stream.
 struct NatsRun<'a> {
     env: &'a NatsEnv,
-    run: Run<'a>,
+    run: Run,
     stream: String,
     prefix: String,
+}
+
+/// How a NATS run publishes, set up before the clock starts.
+enum NatsPublisher {
+    /// Through the SDK; `naive` awaits each ack before the next publish.
+    Sdk {
+        batcher: Batcher<eventbus_nats::NatsSink>,
+        naive: bool,
+    },
+    /// async-nats's JetStream context, `window` publishes in flight, `ids` as in [`Mode::Raw`].
+    Raw { window: usize, ids: bool },
+    /// [`ceiling_jetstream`].
+    CeilingJetStream,
+    /// [`ceiling_core`], on a connection of its own: the server's count of messages in on
+    /// that connection is exactly what the run sent.
+    CeilingCore(async_nats::Client),
 }
 
 impl NatsRun<'_> {
@@ -191,7 +207,7 @@ impl NatsRun<'_> {
             Mode::Sdk { publish, .. } => (publish == Publish::Atomic, publish == Publish::Async),
             _ => (false, false),
         };
-        let kind = if self.run.storage == "memory" {
+        let kind = if self.run.storage == Storage::Memory {
             StorageKind::Memory
         } else {
             StorageKind::File
@@ -201,7 +217,7 @@ impl NatsRun<'_> {
             .ensure_stream(
                 &StreamSpec::new(&self.stream, [self.filter()])
                     .storage(kind)
-                    .replicas(if self.run.storage == "replicated" {
+                    .replicas(if self.run.storage == Storage::Replicated {
                         3
                     } else {
                         1
@@ -246,83 +262,108 @@ impl NatsRun<'_> {
             _ => None,
         };
         let cfg = Env::sdk_config(args);
-        let sdk = match nats_sink_options(run.mode) {
-            None => None,
-            Some(o) => {
-                let sink = self
-                    .env
-                    .backend
-                    .sink_with(o)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                Some(Batcher::new(sink, cfg.clone()).map_err(|e| e.to_string())?)
-            }
-        };
-        // The core ceiling gets a connection of its own, so the server's count of messages in
-        // on that connection is exactly what the run sent.
-        let own = match run.mode {
-            Mode::CeilingCore => Some(
-                async_nats::ConnectOptions::new()
-                    .name("eventbus-bench-ceiling")
-                    .connect(&self.env.url)
-                    .await
-                    .map_err(|e| format!("connect: {e}"))?,
-            ),
-            _ => None,
-        };
+        let publisher = self.publisher(&cfg, window).await?;
         rec.window = if run.mode.probes() {
             window
         } else {
             cfg.max_in_flight
         };
-        let (done_tx, done_rx) = tokio::sync::watch::channel(false);
-        let meter = sys::Meter::start(self.env.pid());
-        let t0 = meter.t0;
-        let rx = during.map(|sub| receive(sub, s.messages as u64, t0, done_rx.clone()));
-        let client = self.env.backend.client();
-        let published = match (run.mode, &sdk) {
-            (_, Some(p)) => drive_sdk(p, s, &topics, run.mode == Mode::Naive, t0).await,
-            (Mode::Raw { ids }, None) => drive_raw_nats(client, window, ids, s, &topics, t0).await,
-            (Mode::CeilingJetStream, None) => ceiling_jetstream(client, s, &topics, t0).await,
-            (Mode::CeilingCore, None) => {
+        let expected = s.messages as u64;
+        let consumer = during.map(|sub| move |t0, done| joined(receive(sub, expected, t0, done)));
+        let publish = async |t0| Ok(self.drive(&publisher, &topics, t0).await);
+        let timed = timed(rec, run.measure, self.env.pid(), consumer, publish).await?;
+        match publisher {
+            NatsPublisher::Sdk { batcher, .. } => {
+                let _ = batcher.close(Duration::from_secs(10)).await;
+            }
+            NatsPublisher::CeilingCore(own) => return self.verify_core(&own, rec).await,
+            _ => {}
+        }
+        self.verify_stream(timed, rec).await
+    }
+
+    /// The run's publisher, connected (and the SDK's sink ready) before the clock starts.
+    async fn publisher(
+        &self,
+        cfg: &eventbus_batch::BatchConfig,
+        window: usize,
+    ) -> Result<NatsPublisher, String> {
+        let mode = self.run.mode;
+        if let Some(o) = nats_sink_options(mode) {
+            let sink = self
+                .env
+                .backend
+                .sink_with(o)
+                .await
+                .map_err(|e| e.to_string())?;
+            let batcher = Batcher::new(sink, cfg.clone()).map_err(|e| e.to_string())?;
+            let naive = mode == Mode::Naive;
+            return Ok(NatsPublisher::Sdk { batcher, naive });
+        }
+        match mode {
+            Mode::Raw { ids } => Ok(NatsPublisher::Raw { window, ids }),
+            Mode::CeilingJetStream => Ok(NatsPublisher::CeilingJetStream),
+            Mode::CeilingCore => async_nats::ConnectOptions::new()
+                .name("eventbus-bench-ceiling")
+                .connect(&self.env.url)
+                .await
+                .map(NatsPublisher::CeilingCore)
+                .map_err(|e| format!("connect: {e}")),
+            m => Err(format!("mode {m} does not run on NATS")),
+        }
+    }
+
+    /// Publish the scenario through `publisher`, the clock started at `t0`.
+    async fn drive(&self, publisher: &NatsPublisher, topics: &[Topic], t0: Instant) -> Published {
+        let (s, client) = (self.run.s, self.env.backend.client());
+        match publisher {
+            NatsPublisher::Sdk { batcher, naive } => {
+                drive_sdk(batcher, s, topics, *naive, t0).await
+            }
+            NatsPublisher::Raw { window, ids } => {
+                drive_raw_nats(client, *window, *ids, s, topics, t0).await
+            }
+            NatsPublisher::CeilingJetStream => ceiling_jetstream(client, s, topics, t0).await,
+            NatsPublisher::CeilingCore(own) => {
                 let core: Vec<Topic> = (0..s.topics)
                     .map(|i| Topic::new(format!("core.{}.t{i}", self.prefix)))
                     .collect();
-                ceiling_core(own.as_ref().unwrap_or(client), s, &core, t0).await
+                ceiling_core(own, s, &core, t0).await
             }
-            (m, None) => return Err(format!("mode {m} does not run on NATS")),
-        };
-        let _ = done_tx.send(true);
-        let received = match rx {
-            Some(rx) => rx.await.map_err(|e| e.to_string())?,
-            None => Received::empty(),
-        };
-        rec.fill(&published, &received, &meter, run.measure);
-        if let Some(p) = sdk {
-            let _ = p.close(Duration::from_secs(10)).await;
         }
-        if let Some(own) = own {
-            rec.topic_or_stream = format!("core.{}.*", self.prefix);
-            // Less the round trip's own request.
-            let counted = self.env.messages_in(&own).await?.saturating_sub(1);
-            rec.verify(
-                counted,
-                false,
-                "the server's in_msgs count for the run's connection (/connz)",
-            );
-            return Ok(());
-        }
+    }
+
+    /// Verify a core ceiling run by the server's count of messages in on its connection.
+    async fn verify_core(&self, own: &async_nats::Client, rec: &mut Record) -> Result<(), String> {
+        rec.topic_or_stream = format!("core.{}.*", self.prefix);
+        // Less the round trip's own request.
+        let counted = self.env.messages_in(own).await?.saturating_sub(1);
+        rec.verify(
+            counted,
+            false,
+            "the server's in_msgs count for the run's connection (/connz)",
+        );
+        Ok(())
+    }
+
+    /// Verify a run by its stream's state and the distinct ids a consumer read: the one beside
+    /// the publishers (end-to-end), or one reading everything back once the clock has stopped.
+    async fn verify_stream(
+        &self,
+        timed: crate::drive::Timed,
+        rec: &mut Record,
+    ) -> Result<(), String> {
         let stored = self.stored().await?;
         rec.topic_or_stream = self.stream.clone();
-        if run.measure == Measure::EndToEnd {
+        if self.run.measure == Measure::EndToEnd {
             rec.verify(
                 stored,
                 true,
                 "JetStream stream state + distinct ids consumed",
             );
         } else {
-            // Publish-only: read everything back once the clock has stopped.
-            rec.read_back(&read_back(self.subscribe("verify").await?, stored, t0).await?);
+            let sub = self.subscribe("verify").await?;
+            rec.read_back(&read_back(sub, stored, timed.t0).await?);
             rec.verify(
                 stored,
                 true,
@@ -347,15 +388,11 @@ impl NatsRun<'_> {
         )
         .await?;
         let stored = self.stored().await?;
-        let meter = sys::Meter::start(self.env.pid());
-        let t0 = meter.t0;
-        let received = match self.run.mode {
-            Mode::DrainSdk => read_back(self.subscribe("drain").await?, stored, t0).await?,
-            _ => self.drain_raw(stored, t0).await?,
+        let read = async |t0| match self.run.mode {
+            Mode::DrainSdk => read_back(self.subscribe("drain").await?, stored, t0).await,
+            _ => self.drain_raw(stored, t0).await,
         };
-        rec.fill(&Published::empty(), &received, &meter, Measure::Drain);
-        rec.acked = s.messages as u64;
-        rec.window = 1024;
+        timed_drain(rec, self.env.pid(), s.messages as u64, read).await?;
         rec.topic_or_stream = self.stream.clone();
         rec.verify(
             stored,
@@ -508,42 +545,30 @@ pub(crate) fn nats_sink_options(mode: Mode) -> Option<eventbus_nats::SinkOptions
     })
 }
 
-impl NatsEnv {
+impl Target for NatsEnv {
+    const CANDIDATES: &'static [usize] = &RAW_WINDOWS;
+
     /// Run `run` on its own stream (one per raw window probed), verified against the server.
-    pub(crate) async fn run(
+    async fn once(
         &self,
         args: &Args,
-        run: Run<'_>,
-        id: u64,
-        template: Record,
-    ) -> Result<Vec<Record>, String> {
-        let n = self;
-        let windows: Vec<usize> = if run.mode.probes() {
-            run.setting.map_or(RAW_WINDOWS.to_vec(), |w| vec![w])
-        } else {
-            vec![0]
+        run: Run,
+        at: Attempt,
+        rec: &mut Record,
+    ) -> Result<(), String> {
+        let one = NatsRun {
+            env: self,
+            run,
+            stream: format!("BENCH_R{}_{}", at.id, at.index),
+            prefix: format!("bench.r{}w{}", at.id, at.index),
         };
-        let mut out = Vec::new();
-        for (wi, window) in windows.into_iter().enumerate() {
-            let started = Instant::now();
-            let mut rec = template.clone();
-            let one = NatsRun {
-                env: n,
-                run,
-                stream: format!("BENCH_R{id}_{wi}"),
-                prefix: format!("bench.r{id}w{wi}"),
-            };
-            one.create_stream().await?;
-            let result = if run.mode.drain() {
-                one.drain(&mut rec).await
-            } else {
-                one.publish(args, window, &mut rec).await
-            };
-            let _ = n.backend.delete_stream(&one.stream).await;
-            result?;
-            rec.wall_secs = started.elapsed().as_secs_f64();
-            out.push(rec);
-        }
-        Ok(out)
+        one.create_stream().await?;
+        let result = if run.mode.drain() {
+            one.drain(rec).await
+        } else {
+            one.publish(args, at.setting, rec).await
+        };
+        let _ = self.backend.delete_stream(&one.stream).await;
+        result
     }
 }

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::Args;
 use crate::drive::Run;
+use crate::mode::{Backend, Storage};
 
 /// What `latest.json` holds: the machine and broker description, and one record per run.
 #[derive(Serialize, Deserialize)]
@@ -100,17 +101,17 @@ fn e2e() -> String {
 }
 
 impl Record {
-    pub(crate) fn new(run: &Run<'_>) -> Record {
+    pub(crate) fn new(run: &Run) -> Record {
         let s = run.s;
         Record {
             scenario: s.name.into(),
-            backend: run.backend.into(),
+            backend: run.backend.to_string(),
             mode: run.mode.to_string(),
             measure: run.measure.to_string(),
-            storage: if run.backend == "memory" {
-                "memory".into()
+            storage: if run.backend == Backend::Memory {
+                Storage::Memory.to_string()
             } else {
-                run.storage.into()
+                run.storage.to_string()
             },
             rep: run.rep,
             messages: s.messages,
@@ -297,102 +298,92 @@ fn spread(s: Option<&Stat>) -> String {
 
 /// The publish table's columns; a column no row fills is left out.
 fn columns() -> Vec<Column> {
-    let g = |m: &Modes, k: &str| m.get(k).copied();
     vec![
-        (
-            "msgs",
-            Box::new(|_, m| {
-                m.get("sdk")
-                    .or(m.get("raw"))
-                    .map_or("-".into(), |s| s.messages.to_string())
-            }),
-        ),
-        (
-            "naive msg/s",
-            Box::new(move |_, m| match (g(m, "naive"), g(m, "sdk")) {
-                (Some(n), Some(s)) if n.messages != s.messages => {
-                    format!("{} (of {})", fmt_rate(n.median), n.messages)
-                }
-                (n, _) => cell(n.as_ref()),
-            }),
-        ),
-        (
-            "sdk msg/s (min-max)",
-            Box::new(move |_, m| spread(m.get("sdk"))),
-        ),
-        (
-            "sdk no ids",
-            Box::new(move |_, m| spread(m.get("sdk-nodedup"))),
-        ),
-        ("sdk async", Box::new(move |_, m| cell(m.get("sdk-async")))),
-        (
-            "sdk atomic",
-            Box::new(move |_, m| cell(m.get("sdk-atomic"))),
-        ),
-        (
-            "raw no ids (window)",
-            Box::new(move |_, m| {
-                m.get("raw").map_or("-".into(), |s| {
-                    format!("{} (w={})", fmt_rate(s.median), s.window)
-                })
-            }),
-        ),
-        (
-            "raw with ids",
-            Box::new(move |_, m| spread(m.get("raw-dedup"))),
-        ),
-        (
-            "sdk/raw, with ids",
-            Box::new(move |_, m| ratio(m.get("sdk"), m.get("raw-dedup"))),
-        ),
-        (
-            "sdk/raw, no ids",
-            Box::new(move |_, m| ratio(m.get("sdk-nodedup"), m.get("raw"))),
-        ),
-        (
-            "sdk/naive",
-            Box::new(move |_, m| ratio(m.get("sdk"), m.get("naive"))),
-        ),
-        (
-            "JetStream ceiling (ack per 1,000)",
-            Box::new(move |_, m| cell(m.get("ceiling-js"))),
-        ),
-        (
-            "core NATS ceiling",
-            Box::new(move |_, m| cell(m.get("ceiling-core"))),
-        ),
-        (
+        ("msgs", Box::new(|_, m| messages(m))),
+        ("naive msg/s", Box::new(|_, m| naive(m))),
+        spread_of("sdk msg/s (min-max)", "sdk"),
+        spread_of("sdk no ids", "sdk-nodedup"),
+        cell_of("sdk async", "sdk-async"),
+        cell_of("sdk atomic", "sdk-atomic"),
+        ("raw no ids (window)", Box::new(|_, m| raw_window(m))),
+        spread_of("raw with ids", "raw-dedup"),
+        ratio_of("sdk/raw, with ids", "sdk", "raw-dedup"),
+        ratio_of("sdk/raw, no ids", "sdk-nodedup", "raw"),
+        ratio_of("sdk/naive", "sdk", "naive"),
+        cell_of("JetStream ceiling (ack per 1,000)", "ceiling-js"),
+        cell_of("core NATS ceiling", "ceiling-core"),
+        ratio_of(
             "sdk no ids / JetStream ceiling",
-            Box::new(move |_, m| ratio(m.get("sdk-nodedup"), m.get("ceiling-js"))),
+            "sdk-nodedup",
+            "ceiling-js",
         ),
-        (
-            "sdk e2e msg/s",
-            Box::new(move |me, m| {
-                if me == "e2e" {
-                    m.get("sdk")
-                        .and_then(|s| s.e2e)
-                        .map_or("-".into(), fmt_rate)
-                } else {
-                    "-".into()
-                }
-            }),
-        ),
-        (
-            "sdk ack p99",
-            Box::new(move |_, m| {
-                m.get("sdk").map_or("-".into(), |s| {
-                    format!("{:.1} ms", s.ack_p99 as f64 / 1000.0)
-                })
-            }),
-        ),
-        (
-            "sdk peak RSS",
-            Box::new(move |_, m| {
-                m.get("sdk")
-                    .map_or("-".into(), |s| format!("{} MiB", s.rss / (1 << 20)))
-            }),
-        ),
+        ("sdk e2e msg/s", Box::new(sdk_e2e)),
+        ("sdk ack p99", Box::new(|_, m| sdk_ack_p99(m))),
+        ("sdk peak RSS", Box::new(|_, m| sdk_rss(m))),
     ]
+}
+
+/// A column of `mode`'s median rate.
+fn cell_of(head: &'static str, mode: &'static str) -> Column {
+    (head, Box::new(move |_, m| cell(m.get(mode))))
+}
+
+/// A column of `mode`'s median rate with its min and max.
+fn spread_of(head: &'static str, mode: &'static str) -> Column {
+    (head, Box::new(move |_, m| spread(m.get(mode))))
+}
+
+/// A column of mode `a`'s median rate over mode `b`'s.
+fn ratio_of(head: &'static str, a: &'static str, b: &'static str) -> Column {
+    (head, Box::new(move |_, m| ratio(m.get(a), m.get(b))))
+}
+
+/// Messages per run of the row (the SDK's, else raw's).
+fn messages(m: &Modes) -> String {
+    m.get("sdk")
+        .or(m.get("raw"))
+        .map_or("-".into(), |s| s.messages.to_string())
+}
+
+/// Naive's median rate, and its message count when capped below the SDK's.
+fn naive(m: &Modes) -> String {
+    match (m.get("naive"), m.get("sdk")) {
+        (Some(n), Some(s)) if n.messages != s.messages => {
+            format!("{} (of {})", fmt_rate(n.median), n.messages)
+        }
+        (n, _) => cell(n),
+    }
+}
+
+/// Raw's median rate and the window (NATS) or linger (Kafka) it ran at.
+fn raw_window(m: &Modes) -> String {
+    m.get("raw").map_or("-".into(), |s| {
+        format!("{} (w={})", fmt_rate(s.median), s.window)
+    })
+}
+
+/// The SDK's end-to-end rate, on `e2e` rows only.
+fn sdk_e2e(measure: &str, m: &Modes) -> String {
+    if measure == "e2e" {
+        m.get("sdk")
+            .and_then(|s| s.e2e)
+            .map_or("-".into(), fmt_rate)
+    } else {
+        "-".into()
+    }
+}
+
+/// The SDK's median ACK latency p99.
+fn sdk_ack_p99(m: &Modes) -> String {
+    m.get("sdk").map_or("-".into(), |s| {
+        format!("{:.1} ms", s.ack_p99 as f64 / 1000.0)
+    })
+}
+
+/// The SDK's peak RSS over the repetitions.
+fn sdk_rss(m: &Modes) -> String {
+    m.get("sdk")
+        .map_or("-".into(), |s| format!("{} MiB", s.rss / (1 << 20)))
 }
 
 /// What a (backend, storage) section is measured on.
@@ -436,55 +427,67 @@ fn tables(args: &Args, machine: &str, table: &Table) -> String {
     );
     let cols = columns();
     for ((backend, storage), rows) in table {
-        let ordered: Vec<(&str, &str, &Modes)> = ORDER
-            .iter()
-            .flat_map(|sc| MEASURES.iter().map(move |me| (*sc, *me)))
-            .filter(|(_, me)| *me != "drain")
-            .filter_map(|(sc, me)| {
-                rows.get(&(sc.to_owned(), me.to_owned()))
-                    .map(|m| (sc, me, m))
-            })
-            .collect();
-        if ordered.is_empty() {
-            continue;
-        }
-        let used: Vec<&Column> = cols
-            .iter()
-            .filter(|(_, f)| ordered.iter().any(|(_, me, m)| f(me, m) != "-"))
-            .collect();
-        let _ = writeln!(
-            md,
-            "### {backend} / {storage}: {}\n",
-            section(args, backend, storage)
-        );
-        let mut head = String::from("| scenario | measure |");
-        let mut rule = String::from("|---|---|");
-        for (h, _) in &used {
-            let _ = write!(head, " {h} |");
-            rule.push_str("---|");
-        }
-        let _ = writeln!(md, "{head} seed NATS msg/s | seed Kafka msg/s | verified |");
-        let _ = writeln!(md, "{rule}---|---|---|");
-        for (sc, me, m) in ordered {
-            let (sn, sk) = seed(sc).map_or(("-".into(), "-".into()), |(n, k)| {
-                (format!("{n:.0}"), format!("{k:.0}"))
-            });
-            let mut line = format!("| {sc} | {me} |");
-            for (_, f) in &used {
-                let _ = write!(line, " {} |", f(me, m));
-            }
-            let ok = m.values().all(|s| s.verified);
-            let _ = writeln!(
-                md,
-                "{line} {sn} | {sk} | {} |",
-                if ok { "yes" } else { "**NO**" }
-            );
-        }
-        let _ = writeln!(md);
+        publish_table(&mut md, args, (backend, storage), rows, &cols);
     }
     drains(&mut md, table);
     seed_layout(&mut md, table);
     md
+}
+
+/// One (backend, storage) section's publish table: a row per (scenario, measure) published,
+/// a column per [`columns`] entry some row fills. Nothing for a section of drains only.
+fn publish_table(
+    md: &mut String,
+    args: &Args,
+    (backend, storage): (&str, &str),
+    rows: &BTreeMap<(String, String), Modes>,
+    cols: &[Column],
+) {
+    let ordered: Vec<(&str, &str, &Modes)> = ORDER
+        .iter()
+        .flat_map(|sc| MEASURES.iter().map(move |me| (*sc, *me)))
+        .filter(|(_, me)| *me != "drain")
+        .filter_map(|(sc, me)| {
+            rows.get(&(sc.to_owned(), me.to_owned()))
+                .map(|m| (sc, me, m))
+        })
+        .collect();
+    if ordered.is_empty() {
+        return;
+    }
+    let used: Vec<&Column> = cols
+        .iter()
+        .filter(|(_, f)| ordered.iter().any(|(_, me, m)| f(me, m) != "-"))
+        .collect();
+    let _ = writeln!(
+        md,
+        "### {backend} / {storage}: {}\n",
+        section(args, backend, storage)
+    );
+    let mut head = String::from("| scenario | measure |");
+    let mut rule = String::from("|---|---|");
+    for (h, _) in &used {
+        let _ = write!(head, " {h} |");
+        rule.push_str("---|");
+    }
+    let _ = writeln!(md, "{head} seed NATS msg/s | seed Kafka msg/s | verified |");
+    let _ = writeln!(md, "{rule}---|---|---|");
+    for (sc, me, m) in ordered {
+        let (sn, sk) = seed(sc).map_or(("-".into(), "-".into()), |(n, k)| {
+            (format!("{n:.0}"), format!("{k:.0}"))
+        });
+        let mut line = format!("| {sc} | {me} |");
+        for (_, f) in &used {
+            let _ = write!(line, " {} |", f(me, m));
+        }
+        let ok = m.values().all(|s| s.verified);
+        let _ = writeln!(
+            md,
+            "{line} {sn} | {sk} | {} |",
+            if ok { "yes" } else { "**NO**" }
+        );
+    }
+    let _ = writeln!(md);
 }
 
 /// The receive side: a backlog drained in a consumer group, every message acked.
@@ -583,25 +586,13 @@ fn seed_layout(md: &mut String, table: &Table) {
     }
 }
 
+/// Print the tables of `records`, and write them with the chart, the JSON and the CSV to
+/// `--out` (and the README's block with `--readme`).
 pub(crate) fn write(args: &Args, machine: &str, records: &[Record]) -> Result<(), String> {
     let table = table(records);
     let md = tables(args, machine, &table);
     println!("\n{md}");
-    let mut series = crate::chart::Series::new();
-    for ((backend, storage), rows) in &table {
-        for ((sc, me), modes) in rows {
-            let publish = rows.contains_key(&(sc.clone(), "publish".to_owned()));
-            if me == "drain" || (me == "e2e" && publish) {
-                continue;
-            }
-            for (mode, st) in modes {
-                series.insert(
-                    (storage.clone(), sc.clone(), format!("{backend} {mode}")),
-                    st.median,
-                );
-            }
-        }
-    }
+    let series = chart_series(&table);
     let present: Vec<&str> = ORDER
         .into_iter()
         .filter(|o| series.keys().any(|(_, s, _)| s == o))
@@ -626,6 +617,37 @@ pub(crate) fn write(args: &Args, machine: &str, records: &[Record]) -> Result<()
     if let Some(readme) = &args.readme {
         update_readme(readme, &md, &chart)?;
     }
+    std::fs::write(args.out.join("latest.csv"), csv(records)).map_err(|e| e.to_string())?;
+    eprintln!(
+        "wrote {0}/latest.json, {0}/latest.csv, {0}/latest.md, {0}/throughput.{{svg,png}}",
+        args.out.display()
+    );
+    Ok(())
+}
+
+/// The chart's bars: per storage class, scenario and `backend mode`, the median publish rate
+/// (publish-only where measured, else end-to-end; drains are not publish rates).
+fn chart_series(table: &Table) -> crate::chart::Series {
+    let mut series = crate::chart::Series::new();
+    for ((backend, storage), rows) in table {
+        for ((sc, me), modes) in rows {
+            let publish = rows.contains_key(&(sc.clone(), "publish".to_owned()));
+            if me == "drain" || (me == "e2e" && publish) {
+                continue;
+            }
+            for (mode, st) in modes {
+                series.insert(
+                    (storage.clone(), sc.clone(), format!("{backend} {mode}")),
+                    st.median,
+                );
+            }
+        }
+    }
+    series
+}
+
+/// `latest.csv`: one line per record.
+fn csv(records: &[Record]) -> String {
     let mut csv = String::from(
         "scenario,backend,mode,measure,storage,rep,window,messages,payload_bytes,publish_msgs_per_sec,publish_mb_per_sec,e2e_msgs_per_sec,drain_msgs_per_sec,ack_p50_us,ack_p99_us,ack_p999_us,e2e_p50_us,e2e_p99_us,peak_rss_bytes,cpu_secs,broker_cpu_secs,acked,stored,received_distinct,verified,topic_or_stream\n",
     );
@@ -663,12 +685,7 @@ pub(crate) fn write(args: &Args, machine: &str, records: &[Record]) -> Result<()
             r.topic_or_stream
         );
     }
-    std::fs::write(args.out.join("latest.csv"), csv).map_err(|e| e.to_string())?;
-    eprintln!(
-        "wrote {0}/latest.json, {0}/latest.csv, {0}/latest.md, {0}/throughput.{{svg,png}}",
-        args.out.display()
-    );
-    Ok(())
+    csv
 }
 
 /// Replace the block between `<!-- bench:begin -->` and `<!-- bench:end -->` in `readme` with
