@@ -8,7 +8,6 @@ use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use eventbus_batch::{BatchConfig, Batcher};
 use eventbus_core::{
     Ack, BatchSink, Bytes, Error, Message, Outcome, Position, Publisher, SinkLimits, Topic,
-    TopicRules,
 };
 
 struct NoopSink;
@@ -21,7 +20,7 @@ impl BatchSink for NoopSink {
         SinkLimits::none().max_message_bytes(1 << 20)
     }
     fn validate(&self, msg: &Message) -> Result<(), Error> {
-        eventbus_core::validate::message(msg, TopicRules::Portable, Some(1 << 20))
+        eventbus_core::validate::message(msg, &eventbus_core::validate::PORTABLE, Some(1 << 20))
     }
     fn send_batch(
         &self,

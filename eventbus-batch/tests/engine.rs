@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use eventbus_batch::{BatchConfig, Batcher, OnFull};
 use eventbus_core::{
-    Ack, BatchSink, Error, ErrorKind, Message, Outcome, Position, Publisher, SinkLimits, TopicRules,
+    Ack, BatchSink, Error, ErrorKind, Message, Outcome, Position, Publisher, SinkLimits,
 };
 use tokio::sync::{mpsc, oneshot};
 
@@ -41,7 +41,11 @@ impl BatchSink for ScriptedSink {
         self.limits
     }
     fn validate(&self, msg: &Message) -> Result<(), Error> {
-        eventbus_core::validate::message(msg, TopicRules::Portable, self.limits.max_message_bytes)
+        eventbus_core::validate::message(
+            msg,
+            &eventbus_core::validate::PORTABLE,
+            self.limits.max_message_bytes,
+        )
     }
     fn send_batch(
         &self,

@@ -3,20 +3,20 @@
 use std::fmt;
 use std::sync::Arc;
 use std::sync::OnceLock;
-use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
 
 use bytes::Bytes;
 
 use crate::error::{Error, ErrorKind};
 
 /// A topic (Kafka) or subject (NATS) name. Cheap to clone: build it once and reuse it (a reused
-/// `Topic` is also validated only once per set of naming rules).
+/// `Topic` is also validated once for the naming rules it is used with).
 #[derive(Clone)]
 pub struct Topic(Arc<TopicInner>);
 
 struct TopicInner {
-    /// One bit per [`TopicRules`](crate::TopicRules) the name is known to satisfy.
-    valid: AtomicU8,
+    /// The last [`TopicRules`](crate::TopicRules) (a `static`) the name passed; null for none.
+    valid: AtomicPtr<crate::TopicRules>,
     name: Box<str>,
 }
 
@@ -46,7 +46,7 @@ impl Topic {
     /// A new topic name. It is validated when published or subscribed, not here.
     pub fn new(name: impl AsRef<str>) -> Self {
         Topic(Arc::new(TopicInner {
-            valid: AtomicU8::new(0),
+            valid: AtomicPtr::new(std::ptr::null_mut()),
             name: name.as_ref().into(),
         }))
     }
@@ -56,12 +56,14 @@ impl Topic {
         &self.0.name
     }
 
-    pub(crate) fn known_valid(&self, bit: u8) -> bool {
-        self.0.valid.load(Ordering::Relaxed) & bit != 0
+    pub(crate) fn known_valid(&self, rules: &'static crate::TopicRules) -> bool {
+        std::ptr::eq(self.0.valid.load(Ordering::Relaxed), rules)
     }
 
-    pub(crate) fn mark_valid(&self, bit: u8) {
-        self.0.valid.fetch_or(bit, Ordering::Relaxed);
+    pub(crate) fn mark_valid(&self, rules: &'static crate::TopicRules) {
+        // Only compared by address, never written through.
+        let p = rules as *const crate::TopicRules as *mut crate::TopicRules;
+        self.0.valid.store(p, Ordering::Relaxed);
     }
 }
 

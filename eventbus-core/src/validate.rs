@@ -4,67 +4,84 @@
 use crate::error::{Error, ErrorKind};
 use crate::message::{Message, Topic, truncate};
 
-/// Which naming rules a backend applies to topics.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum TopicRules {
-    /// NATS subjects: dot-separated non-empty tokens, no wildcards (`*`, `>`), no whitespace or
-    /// control characters.
-    Nats,
-    /// Kafka topics: `[A-Za-z0-9._-]`, 1..=249 characters, not `.` or `..`.
-    Kafka,
-    /// Valid under both sets of rules, so code tested against one backend runs on the other.
-    Portable,
+/// Naming rules for topics, checked before any I/O. Each backend declares its own as a
+/// `static` (`eventbus_nats::SUBJECT_RULES`, `eventbus_kafka::TOPIC_RULES`); [`PORTABLE`] is
+/// what every backend accepts.
+///
+/// ```
+/// use eventbus_core::{TopicRules, validate};
+///
+/// /// Lower-case names only (a backend of your own, say).
+/// static LOWER: TopicRules = TopicRules::new("lower-case topic", |name| {
+///     if name.bytes().all(|b| b.is_ascii_lowercase() || b == b'.') {
+///         Ok(())
+///     } else {
+///         Err("only a-z and '.' allowed")
+///     }
+/// });
+/// assert!(validate::topic("orders.created", &LOWER).is_ok());
+/// assert!(validate::topic("Orders", &LOWER).is_err());
+/// ```
+#[derive(Debug)]
+pub struct TopicRules {
+    name: &'static str,
+    check: fn(&str) -> Result<(), &'static str>,
 }
+
+impl TopicRules {
+    /// Rules called `name` (in error messages), where `check` says why a non-empty name is
+    /// refused. Declare them as a `static`: [`topic_cached`] remembers a pass per rules by
+    /// their address.
+    pub const fn new(name: &'static str, check: fn(&str) -> Result<(), &'static str>) -> Self {
+        TopicRules { name, check }
+    }
+
+    /// What the rules are called.
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+}
+
+/// Valid on every backend: 1..=249 characters of `[A-Za-z0-9._-]` in dot-separated non-empty
+/// tokens, so code tested against one backend runs on another.
+pub static PORTABLE: TopicRules = TopicRules::new("portable topic", |name| {
+    if name.len() > 249 {
+        return Err("longer than 249 characters");
+    }
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+    {
+        return Err("only [A-Za-z0-9._-] allowed");
+    }
+    if name.split('.').any(str::is_empty) {
+        return Err("empty token (leading, trailing or double '.')");
+    }
+    Ok(())
+});
 
 /// Check a topic name against `rules`.
-pub fn topic(name: &str, rules: TopicRules) -> Result<(), Error> {
-    let bad = |why: &str| {
-        Err(Error::new(
-            ErrorKind::InvalidMessage,
-            format!("invalid topic {:?}: {why}", truncate(name, 80)),
-        ))
+pub fn topic(name: &str, rules: &TopicRules) -> Result<(), Error> {
+    let why = if name.is_empty() {
+        "empty"
+    } else {
+        match (rules.check)(name) {
+            Ok(()) => return Ok(()),
+            Err(why) => why,
+        }
     };
-    if name.is_empty() {
-        return bad("empty");
-    }
-    match rules {
-        TopicRules::Nats => {
-            if name.chars().any(|c| c.is_whitespace() || c.is_control()) {
-                return bad("contains whitespace or a control character");
-            }
-            if name.split('.').any(|t| t.is_empty()) {
-                return bad("empty token (leading, trailing or double '.')");
-            }
-            if name.split('.').any(|t| t == "*" || t == ">") || name.contains(['*', '>']) {
-                return bad("wildcards cannot be published to");
-            }
-            Ok(())
-        }
-        TopicRules::Kafka => {
-            if name.len() > 249 {
-                return bad("longer than 249 characters");
-            }
-            if name == "." || name == ".." {
-                return bad("'.' and '..' are reserved");
-            }
-            if !name
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
-            {
-                return bad("only [A-Za-z0-9._-] allowed");
-            }
-            Ok(())
-        }
-        TopicRules::Portable => {
-            topic(name, TopicRules::Kafka)?;
-            topic(name, TopicRules::Nats)
-        }
-    }
+    Err(Error::new(
+        ErrorKind::InvalidMessage,
+        format!(
+            "invalid topic {:?}: {why} ({})",
+            truncate(name, 80),
+            rules.name
+        ),
+    ))
 }
 
-/// Check a subscription filter: like [`topic`] with [`TopicRules::Nats`], except that a whole
-/// token may be `*` and the last token may be `>`.
+/// Check a subscription filter (the SDK's pattern syntax on every backend): dot-separated
+/// non-empty tokens without whitespace, where a whole token may be `*` and the last token `>`.
 pub fn subscription_filter(name: &str) -> Result<(), Error> {
     let bad = |why: &str| {
         Err(Error::new(
@@ -94,25 +111,20 @@ pub fn subscription_filter(name: &str) -> Result<(), Error> {
 }
 
 /// Like [`topic`], but remembers a success inside the shared [`Topic`], so a reused `Topic` is
-/// checked once per set of rules.
-pub fn topic_cached(t: &Topic, rules: TopicRules) -> Result<(), Error> {
-    let bit = match rules {
-        TopicRules::Nats => 1,
-        TopicRules::Kafka => 2,
-        TopicRules::Portable => 4,
-    };
-    if t.known_valid(bit) {
+/// checked once for the rules it is used with.
+pub fn topic_cached(t: &Topic, rules: &'static TopicRules) -> Result<(), Error> {
+    if t.known_valid(rules) {
         return Ok(());
     }
     topic(t.as_str(), rules)?;
-    t.mark_valid(bit);
+    t.mark_valid(rules);
     Ok(())
 }
 
 /// Check a whole message: topic, headers, and encoded size against `max_message_bytes`.
 pub fn message(
     msg: &Message,
-    rules: TopicRules,
+    rules: &'static TopicRules,
     max_message_bytes: Option<usize>,
 ) -> Result<(), Error> {
     topic_cached(msg.topic(), rules)?;
@@ -134,31 +146,27 @@ mod tests {
     use super::*;
 
     #[test]
-    fn nats_rules() {
-        for ok in ["a", "a.b", "orders.created.v1", "a-b_c"] {
-            topic(ok, TopicRules::Nats).unwrap();
-        }
+    fn portable_rules() {
+        topic("a.b-c_D9", &PORTABLE).unwrap();
+        topic(&"x".repeat(249), &PORTABLE).unwrap();
         for bad in [
-            "", "a..b", ".a", "a.", "a.*", "a.>", "a b", "a\r\nb", "a\tb", "x*",
+            "",
+            ".",
+            "..",
+            "a..b",
+            ".a",
+            "a.",
+            "a.*",
+            "a.>",
+            "a/b",
+            "a b",
+            "a\r\nb",
+            "ü",
+            &"x".repeat(250),
         ] {
-            assert_eq!(
-                topic(bad, TopicRules::Nats).unwrap_err().kind(),
-                ErrorKind::InvalidMessage,
-                "{bad:?}"
-            );
+            let e = topic(bad, &PORTABLE).unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::InvalidMessage, "{bad:?}");
         }
-    }
-
-    #[test]
-    fn kafka_rules() {
-        topic("a.b-c_D9", TopicRules::Kafka).unwrap();
-        topic(&"x".repeat(249), TopicRules::Kafka).unwrap();
-        for bad in ["", ".", "..", "a/b", "a b", "ü", &"x".repeat(250)] {
-            assert!(topic(bad, TopicRules::Kafka).is_err(), "{bad:?}");
-        }
-        // Portable excludes what either side rejects.
-        assert!(topic("a..b", TopicRules::Portable).is_err());
-        assert!(topic("a/b", TopicRules::Portable).is_err());
     }
 
     #[test]
@@ -171,27 +179,43 @@ mod tests {
         }
     }
 
+    static SLASHES: TopicRules = TopicRules::new("slashes allowed", |name| {
+        if name.contains(' ') {
+            Err("no spaces")
+        } else {
+            Ok(())
+        }
+    });
+
     #[test]
     fn cached_validation_agrees() {
         let good = Topic::new("a.b");
         let bad = Topic::new("a..b");
         for _ in 0..2 {
-            assert!(topic_cached(&good, TopicRules::Nats).is_ok());
-            assert!(topic_cached(&bad, TopicRules::Nats).is_err());
+            assert!(topic_cached(&good, &PORTABLE).is_ok());
+            assert!(topic_cached(&bad, &PORTABLE).is_err());
         }
         let slash = Topic::new("a/b");
-        assert!(topic_cached(&slash, TopicRules::Nats).is_ok());
-        assert!(
-            topic_cached(&slash, TopicRules::Kafka).is_err(),
-            "cache is per rule set"
-        );
+        for _ in 0..2 {
+            assert!(topic_cached(&slash, &SLASHES).is_ok());
+            assert!(
+                topic_cached(&slash, &PORTABLE).is_err(),
+                "a pass under one set of rules is no pass under another"
+            );
+        }
+    }
+
+    #[test]
+    fn errors_name_the_rules() {
+        let e = topic("a b", &SLASHES).unwrap_err();
+        assert!(e.to_string().contains("no spaces (slashes allowed)"), "{e}");
     }
 
     #[test]
     fn size_limit() {
         let m = Message::new("t", vec![0u8; 100]);
-        assert!(message(&m, TopicRules::Portable, Some(1000)).is_ok());
-        let e = message(&m, TopicRules::Portable, Some(50)).unwrap_err();
+        assert!(message(&m, &PORTABLE, Some(1000)).is_ok());
+        let e = message(&m, &PORTABLE, Some(50)).unwrap_err();
         assert_eq!(e.kind(), ErrorKind::TooLarge);
     }
 }

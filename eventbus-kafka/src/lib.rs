@@ -3,6 +3,7 @@
 mod config;
 mod error;
 mod headers;
+mod rules;
 mod sink;
 mod subscriber;
 
@@ -15,6 +16,7 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 
 pub use config::{ENV_OPTIONS, KafkaConfig};
+pub use rules::TOPIC_RULES;
 pub use sink::{ID_HEADER, KafkaSink};
 pub use subscriber::KafkaSubscriber;
 
@@ -295,7 +297,7 @@ impl KafkaBackend {
         partitions: i32,
     ) -> Result<(), Error> {
         for t in topics {
-            eventbus_core::validate::topic(t.as_ref(), eventbus_core::TopicRules::Kafka)?;
+            eventbus_core::validate::topic(t.as_ref(), &TOPIC_RULES)?;
         }
         if topics.is_empty() {
             return Ok(());

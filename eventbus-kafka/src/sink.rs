@@ -5,9 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use eventbus_core::{
-    Ack, BatchSink, Error, Message, Outcome, OutcomeRouter, Position, SinkLimits, TopicRules,
-};
+use eventbus_core::{Ack, BatchSink, Error, Message, Outcome, OutcomeRouter, Position, SinkLimits};
 use rdkafka::ClientContext;
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 
@@ -152,7 +150,7 @@ impl BatchSink for KafkaSink {
                 return Err(self.fatal.get_or_init(|| e).clone());
             }
         }
-        eventbus_core::validate::message(msg, TopicRules::Kafka, self.limits.max_message_bytes)
+        eventbus_core::validate::message(msg, &crate::TOPIC_RULES, self.limits.max_message_bytes)
     }
 
     fn send_batch(

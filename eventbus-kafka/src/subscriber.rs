@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use eventbus_core::{
     AckHandle, Acker, DeadLetters, Delivery, DeliveryInfo, Error, ErrorKind, Feed, Message,
-    Position, StartFrom, SubscribeSpec, Subscriber, Subscription, Topic, TopicRules, TrySend,
+    Position, StartFrom, SubscribeSpec, Subscriber, Subscription, Topic, TrySend,
 };
 use parking_lot::Mutex;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
@@ -117,7 +117,7 @@ impl Subscriber for KafkaSubscriber {
             let spec = resolve_patterns(&config, spec).await?;
             let letters = match (&spec.dead_letter, spec.max_deliveries) {
                 (Some(to), Some(_)) => {
-                    eventbus_core::validate::topic(to.as_str(), TopicRules::Kafka)
+                    eventbus_core::validate::topic(to.as_str(), &crate::TOPIC_RULES)
                         .map_err(|e| e.with_backend(BACKEND))?;
                     let producer = LetterProducer::new(&config)?;
                     DeadLetters::for_spec(&spec, move |letter| producer.clone().send(letter))
@@ -141,7 +141,7 @@ async fn resolve_patterns(
     let mut cluster: Option<Vec<String>> = None;
     for t in spec.all_topics() {
         let Some(_) = t.as_str().strip_prefix('^') else {
-            eventbus_core::validate::topic(t.as_str(), TopicRules::Kafka)
+            eventbus_core::validate::topic(t.as_str(), &crate::TOPIC_RULES)
                 .map_err(|e| e.with_backend(BACKEND))?;
             if !names.contains(t) {
                 names.push(t.clone());

@@ -9,7 +9,7 @@ use std::time::Duration;
 use eventbus_core::{
     Ack, AckHandle, Acker, BatchSink, DeadLetters, Delivery, DeliveryInfo, Error, ErrorKind, Feed,
     Message, Outcome, Position, SinkLimits, StartFrom, SubscribeSpec, Subscriber, Subscription,
-    Topic, TopicRules,
+    Topic,
 };
 use parking_lot::Mutex;
 use tokio::sync::Notify;
@@ -93,7 +93,7 @@ impl eventbus_core::Backend for MemoryBroker {
     }
     /// Topics need nothing here; the name is checked as a publish would check it.
     async fn ensure_topic(&self, topic: &str, _partitions: u32) -> Result<(), Error> {
-        eventbus_core::validate::topic(topic, TopicRules::Portable)
+        eventbus_core::validate::topic(topic, &eventbus_core::validate::PORTABLE)
     }
 }
 
@@ -197,7 +197,11 @@ impl BatchSink for MemorySink {
     }
 
     fn validate(&self, msg: &Message) -> Result<(), Error> {
-        eventbus_core::validate::message(msg, TopicRules::Portable, self.limits().max_message_bytes)
+        eventbus_core::validate::message(
+            msg,
+            &eventbus_core::validate::PORTABLE,
+            self.limits().max_message_bytes,
+        )
     }
 
     fn send_batch(
@@ -242,7 +246,7 @@ impl Subscriber for MemorySubscriber {
         let broker = self.broker.clone();
         async move {
             for t in spec.all_topics() {
-                eventbus_core::validate::topic(t.as_str(), TopicRules::Portable)
+                eventbus_core::validate::topic(t.as_str(), &eventbus_core::validate::PORTABLE)
                     .map_err(|e| e.with_backend(BACKEND))?;
             }
             let letters = {

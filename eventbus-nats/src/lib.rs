@@ -6,6 +6,7 @@ mod error;
 mod headers;
 mod lookup;
 mod retry;
+mod rules;
 mod sink;
 mod stream;
 mod subscriber;
@@ -17,6 +18,7 @@ use eventbus_core::Error;
 
 pub use config::{ENV_VARS, NatsAuth, NatsConfig};
 pub use headers::{HEADER_ORDER, KEY as KEY_HEADER, KEY_HEX as KEY_HEX_HEADER};
+pub use rules::SUBJECT_RULES;
 pub use sink::{
     ATOMIC_MAX_IN_FLIGHT, ATOMIC_MAX_MESSAGES, FAST_MAX_IN_FLIGHT, NatsSink, PublishMode,
     SinkOptions,
@@ -209,7 +211,7 @@ impl NatsBackend {
     /// [`NatsConfig::stream_replicas`] and what the configured publish mode needs (`allow_atomic`
     /// for [`PublishMode::Atomic`]), unless a stream of that name exists (left as it is).
     pub async fn ensure_topic(&self, topic: &str) -> Result<(), Error> {
-        eventbus_core::validate::topic(topic, eventbus_core::TopicRules::Nats)?;
+        eventbus_core::validate::topic(topic, &SUBJECT_RULES)?;
         self.ensure_stream(
             &StreamSpec::new(
                 topic.replace('.', "_"),

@@ -6,7 +6,7 @@ use std::time::Duration;
 use async_nats::jetstream::{self, AckKind, consumer::pull};
 use eventbus_core::{
     AckHandle, Acker, DeadLetters, Delivery, DeliveryInfo, Error, ErrorKind, Feed, MessageId,
-    Position, StartFrom, SubscribeSpec, Subscriber, Subscription, Topic, TopicRules,
+    Position, StartFrom, SubscribeSpec, Subscriber, Subscription, Topic,
 };
 use futures_util::StreamExt;
 
@@ -109,7 +109,7 @@ impl Subscriber for NatsSubscriber {
                     .map_err(|e| e.with_backend(BACKEND))?;
             }
             if let Some(to) = &spec.dead_letter {
-                eventbus_core::validate::topic(to.as_str(), TopicRules::Nats)
+                eventbus_core::validate::topic(to.as_str(), &crate::SUBJECT_RULES)
                     .map_err(|e| e.with_backend(BACKEND))?;
             }
             let letters = DeadLetters::for_spec(&spec, publish_letter(js.clone()));

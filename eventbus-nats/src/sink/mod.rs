@@ -20,9 +20,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_nats::Client;
-use eventbus_core::{
-    BatchSink, Error, ErrorKind, Message, Outcome, OutcomeRouter, SinkLimits, TopicRules,
-};
+use eventbus_core::{BatchSink, Error, ErrorKind, Message, Outcome, OutcomeRouter, SinkLimits};
 use tokio::sync::mpsc;
 
 use crate::error::{BACKEND, err};
@@ -301,7 +299,11 @@ impl BatchSink for NatsSink {
     }
 
     fn validate(&self, msg: &Message) -> Result<(), Error> {
-        eventbus_core::validate::message(msg, TopicRules::Nats, self.limits.max_message_bytes)?;
+        eventbus_core::validate::message(
+            msg,
+            &crate::SUBJECT_RULES,
+            self.limits.max_message_bytes,
+        )?;
         if self.denied.contains(msg.topic().as_str()) {
             return Err(err(
                 ErrorKind::Auth,
