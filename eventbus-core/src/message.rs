@@ -10,7 +10,7 @@ use bytes::Bytes;
 use crate::error::{Error, ErrorKind};
 
 /// A topic (Kafka) or subject (NATS) name. Cheap to clone: build it once and reuse it (a reused
-/// `Topic` is also validated once for the naming rules it is used with).
+/// `Topic` is also validated once while it is used with one backend's naming rules).
 #[derive(Clone)]
 pub struct Topic(Arc<TopicInner>);
 
@@ -62,8 +62,9 @@ impl Topic {
 
     pub(crate) fn mark_valid(&self, rules: &'static crate::TopicRules) {
         // Only compared by address, never written through.
-        let p = rules as *const crate::TopicRules as *mut crate::TopicRules;
-        self.0.valid.store(p, Ordering::Relaxed);
+        self.0
+            .valid
+            .store(std::ptr::from_ref(rules).cast_mut(), Ordering::Relaxed);
     }
 }
 

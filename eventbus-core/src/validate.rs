@@ -30,8 +30,9 @@ pub struct TopicRules {
 
 impl TopicRules {
     /// Rules called `name` (in error messages), where `check` says why a non-empty name is
-    /// refused. Declare them as a `static`: [`topic_cached`] remembers a pass per rules by
-    /// their address.
+    /// refused. Declare them as a `static`, not a `const`: [`topic_cached`] remembers a pass by
+    /// the rules' address, which only a `static` keeps the same at every use (a `const` still
+    /// validates correctly, but is checked every time).
     pub const fn new(name: &'static str, check: fn(&str) -> Result<(), &'static str>) -> Self {
         TopicRules { name, check }
     }
@@ -80,8 +81,8 @@ pub fn topic(name: &str, rules: &TopicRules) -> Result<(), Error> {
     ))
 }
 
-/// Check a subscription filter (the SDK's pattern syntax on every backend): dot-separated
-/// non-empty tokens without whitespace, where a whole token may be `*` and the last token `>`.
+/// Check a NATS subject filter: dot-separated non-empty tokens without whitespace, where a
+/// whole token may be `*` and the last token `>`.
 pub fn subscription_filter(name: &str) -> Result<(), Error> {
     let bad = |why: &str| {
         Err(Error::new(
@@ -111,7 +112,7 @@ pub fn subscription_filter(name: &str) -> Result<(), Error> {
 }
 
 /// Like [`topic`], but remembers a success inside the shared [`Topic`], so a reused `Topic` is
-/// checked once for the rules it is used with.
+/// checked once while it is used with one set of rules (it remembers the last set it passed).
 pub fn topic_cached(t: &Topic, rules: &'static TopicRules) -> Result<(), Error> {
     if t.known_valid(rules) {
         return Ok(());
