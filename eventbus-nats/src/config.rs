@@ -305,43 +305,22 @@ impl NatsConfig {
                 "EVENTBUS_NATS_NKEY" => c.auth = NatsAuth::NKey { seed: v },
                 "EVENTBUS_NATS_CREDS" => c.auth = NatsAuth::CredsFile { path: v.into() },
                 "EVENTBUS_NATS_TLS" => {
-                    c.tls_required = match v.as_str() {
-                        "1" | "true" => true,
-                        "0" | "false" | "" => false,
-                        _ => {
-                            return Err(Error::new(
-                                ErrorKind::Config,
-                                "EVENTBUS_NATS_TLS must be true or false",
-                            ));
-                        }
-                    }
+                    c.tls_required = !v.is_empty() && flag("EVENTBUS_NATS_TLS", &v)?
                 }
                 "EVENTBUS_NATS_CA" => c.tls_root_certificates = Some(v.into()),
                 "EVENTBUS_NATS_PUBLISH_MODE" => {
-                    c.publish_mode = match v.trim() {
-                        "fast" => PublishMode::Fast,
-                        "async" => PublishMode::Async,
-                        "atomic" => PublishMode::Atomic,
-                        _ => {
-                            return Err(Error::new(
+                    // The names the `[nats]` TOML section takes.
+                    use serde::Deserialize;
+                    use serde::de::{IntoDeserializer, value::Error as Unnamed};
+                    c.publish_mode = PublishMode::deserialize(v.trim().into_deserializer())
+                        .map_err(|_: Unnamed| {
+                            Error::new(
                                 ErrorKind::Config,
                                 "EVENTBUS_NATS_PUBLISH_MODE must be fast, async or atomic",
-                            ));
-                        }
-                    }
+                            )
+                        })?
                 }
-                "EVENTBUS_NATS_DEDUP" => {
-                    c.dedup = match v.trim() {
-                        "1" | "true" => true,
-                        "0" | "false" => false,
-                        _ => {
-                            return Err(Error::new(
-                                ErrorKind::Config,
-                                "EVENTBUS_NATS_DEDUP must be true or false",
-                            ));
-                        }
-                    }
-                }
+                "EVENTBUS_NATS_DEDUP" => c.dedup = flag("EVENTBUS_NATS_DEDUP", v.trim())?,
                 "EVENTBUS_NATS_STREAM_REPLICAS" => {
                     c.stream_replicas = v.trim().parse().map_err(|_| {
                         Error::new(
@@ -364,6 +343,19 @@ impl NatsConfig {
             }
         }
         Ok(c)
+    }
+}
+
+/// `1`/`true` or `0`/`false`, the value of variable `var`; the error names the variable, never
+/// the value.
+fn flag(var: &str, v: &str) -> Result<bool, Error> {
+    match v {
+        "1" | "true" => Ok(true),
+        "0" | "false" => Ok(false),
+        _ => Err(Error::new(
+            ErrorKind::Config,
+            format!("{var} must be true or false"),
+        )),
     }
 }
 

@@ -112,7 +112,10 @@ impl Subscriber for NatsSubscriber {
                 eventbus_core::validate::topic(to.as_str(), &crate::SUBJECT_RULES)
                     .map_err(|e| e.with_backend(BACKEND))?;
             }
-            let letters = DeadLetters::for_spec(&spec, publish_letter(js.clone()));
+            let letters = {
+                let js = js.clone();
+                DeadLetters::for_spec(&spec, move |letter| publish_letter(js.clone(), letter))
+            };
             let sub = Subscription::per_topic(spec, |one| subscribe_one(&js, one)).await?;
             Ok(sub.dead_letters(letters))
         }
@@ -252,24 +255,17 @@ async fn request(
 
 /// How the dead-letter layer publishes a letter here: a JetStream publish, done once its pub
 /// ack says the letter is stored.
-fn publish_letter(
+async fn publish_letter(
     js: jetstream::Context,
-) -> impl Fn(eventbus_core::Message) -> std::pin::Pin<Box<dyn Future<Output = Result<(), Error>> + Send>>
-+ Send
-+ Sync
-+ 'static {
-    move |letter| {
-        let js = js.clone();
-        Box::pin(async move {
-            let (subject, payload, hdrs) = headers::encode(letter, true);
-            js.publish_with_headers(subject, hdrs, payload)
-                .await
-                .map_err(|e| error::other("dead letter not sent", e))?
-                .await
-                .map_err(|e| error::other("dead letter not stored", e))?;
-            Ok(())
-        })
-    }
+    letter: eventbus_core::Message,
+) -> Result<(), Error> {
+    let (subject, payload, hdrs) = headers::encode(letter, true);
+    js.publish_with_headers(subject, hdrs, payload)
+        .await
+        .map_err(|e| error::other("dead letter not sent", e))?
+        .await
+        .map_err(|e| error::other("dead letter not stored", e))?;
+    Ok(())
 }
 
 async fn release_rest(batch: &mut pull::Batch) {
