@@ -329,18 +329,19 @@ impl<'a> Bench<'a> {
             let at = probe.s.messages;
             self.bar
                 .set_message(format!("{label}: probing settings at {at} messages"));
-            self.phase(probe, "probe", &label).await;
+            self.phase(probe, true, &label).await;
         }
         let setting = self.probes.setting(&run);
-        self.phase(Run { setting, ..run }, "run", &label).await;
+        self.phase(Run { setting, ..run }, false, &label).await;
         self.bar.inc(1);
     }
 
-    /// Run `run` (`what`: a probe or the run itself), keeping its records and offering each
-    /// to the raw baselines' probes.
-    async fn phase(&mut self, run: Run, what: &str, label: &str) {
+    /// Run `run` (a `probe` of the raw settings, or the run itself), keeping its records and
+    /// offering each to the raw baselines' probes.
+    async fn phase(&mut self, run: Run, probe: bool, label: &str) {
+        let what = if probe { "probe" } else { "run" };
         for mut rec in self.env.run_or_fail(self.args, run, what).await {
-            rec.probe = what == "probe";
+            rec.probe = probe;
             self.probes.offer(&run, &rec);
             if !rec.verified {
                 self.bar.println(format!(

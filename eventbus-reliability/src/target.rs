@@ -490,13 +490,7 @@ pub mod nats_cluster {
 
         /// The node that leads `stream`, from any node's `/jsz` (`None` while there is none).
         pub fn leader_of(&self, stream: &str) -> Option<usize> {
-            self.leader_seen(stream, None)
-        }
-
-        /// The leader of `stream` as the nodes other than `skip` see it (a node cut off from
-        /// the others may still believe it leads).
-        fn leader_seen(&self, stream: &str, skip: Option<usize>) -> Option<usize> {
-            self.cluster.stream_leader(stream, skip)
+            self.cluster.stream_leader(stream, None)
         }
 
         /// The node the next fault hits, as aimed (node 0 if none is known), remembered for
@@ -550,7 +544,7 @@ pub mod nats_cluster {
             let stream = self.stream.lock().clone()?;
             let until = std::time::Instant::now() + within;
             loop {
-                if let Some(l) = self.leader_seen(&stream, not)
+                if let Some(l) = self.cluster.stream_leader(&stream, not)
                     && Some(l) != not
                 {
                     return Some(l);
