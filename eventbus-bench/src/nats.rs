@@ -279,7 +279,7 @@ impl NatsRun<'_> {
             NatsPublisher::CeilingCore(own) => return self.verify_core(&own, rec).await,
             _ => {}
         }
-        self.verify_stream(timed, rec).await
+        self.verify_stream(timed.t0, rec).await
     }
 
     /// The run's publisher, connected (and the SDK's sink ready) before the clock starts.
@@ -348,11 +348,7 @@ impl NatsRun<'_> {
 
     /// Verify a run by its stream's state and the distinct ids a consumer read: the one beside
     /// the publishers (end-to-end), or one reading everything back once the clock has stopped.
-    async fn verify_stream(
-        &self,
-        timed: crate::drive::Timed,
-        rec: &mut Record,
-    ) -> Result<(), String> {
+    async fn verify_stream(&self, t0: Instant, rec: &mut Record) -> Result<(), String> {
         let stored = self.stored().await?;
         rec.topic_or_stream = self.stream.clone();
         if self.run.measure == Measure::EndToEnd {
@@ -363,7 +359,7 @@ impl NatsRun<'_> {
             );
         } else {
             let sub = self.subscribe("verify").await?;
-            rec.read_back(&read_back(sub, stored, timed.t0).await?);
+            rec.read_back(&read_back(sub, stored, t0).await?);
             rec.verify(
                 stored,
                 true,
