@@ -689,24 +689,26 @@ impl Tansu {
         self.restart()
     }
 
-    /// Store SCRAM-SHA-512 credentials for `user` in the broker, through `tansu user create`
+    /// Store SCRAM-SHA-256 and SCRAM-SHA-512 credentials for `user` in the broker, through `tansu user create`
     /// (which must connect without authentication: do it before [`Tansu::restart_with`]
     /// `--authentication`, on SQLite storage so the credentials survive the restart).
     pub fn create_user(&self, user: &str, password: &str) -> io::Result<()> {
-        let out = Command::new(tansu_path())
-            .args(["user", "create", "--mechanism", "scram512", "--broker"])
-            .arg(format!("tcp://127.0.0.1:{}", self.port))
-            .args([user, password])
-            .output()?;
-        if out.status.success() {
-            Ok(())
-        } else {
-            // The password is not in tansu's output; the status is enough.
-            Err(other(format!(
-                "tansu user create {user} failed: {}",
-                out.status
-            )))
+        // Credentials for both SCRAM mechanisms, so clients may use either.
+        for mechanism in ["scram256", "scram512"] {
+            let out = Command::new(tansu_path())
+                .args(["user", "create", "--mechanism", mechanism, "--broker"])
+                .arg(format!("tcp://127.0.0.1:{}", self.port))
+                .args([user, password])
+                .output()?;
+            if !out.status.success() {
+                // The password is not in tansu's output; the status is enough.
+                return Err(other(format!(
+                    "tansu user create --mechanism {mechanism} {user} failed: {}",
+                    out.status
+                )));
+            }
         }
+        Ok(())
     }
 
     /// The port tansu listens on (the advertised one may differ, see

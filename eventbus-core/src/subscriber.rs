@@ -164,7 +164,10 @@ pub mod dead_letter {
     pub const TOPIC: &str = "eventbus-dlq-topic";
     /// Where it was stored there, as [`Position`](crate::Position) displays it.
     pub const POSITION: &str = "eventbus-dlq-position";
-    /// How many times it was delivered.
+    /// How many times the broker delivered it, counting the delivery that moved it here:
+    /// normally `max_deliveries + 1`, of which the handler saw `max_deliveries` (more when a
+    /// refused dead letter was offered again). Kafka counts only since the partition's current
+    /// owner read it.
     pub const DELIVERIES: &str = "eventbus-dlq-deliveries";
     /// Why it was dead-lettered.
     pub const REASON: &str = "eventbus-dlq-reason";
@@ -340,7 +343,7 @@ impl DeadLetters {
             &msg,
             &self.to,
             &info.position,
-            info.delivery_count - 1,
+            info.delivery_count,
             dead_letter::MAX_DELIVERIES,
         );
         match (self.post)(letter).await {

@@ -78,6 +78,29 @@ pub const ENV_OPTIONS: &[(&str, &str)] = &[
     ("EVENTBUS_KAFKA_SSL_KEY_PASSWORD", "ssl.key.password"),
 ];
 
+/// The `security.protocol` values librdkafka knows (lower case).
+const PROTOCOLS: [&str; 4] = ["plaintext", "ssl", "sasl_plaintext", "sasl_ssl"];
+
+/// The `sasl.mechanism` values librdkafka knows. GSSAPI needs librdkafka built with Cyrus SASL
+/// (rdkafka's `gssapi` feature, which this crate does not switch on).
+const MECHANISMS: [&str; 5] = [
+    "PLAIN",
+    "SCRAM-SHA-256",
+    "SCRAM-SHA-512",
+    "GSSAPI",
+    "OAUTHBEARER",
+];
+
+/// A librdkafka property as the user set it: the property (a key of `options`, `[kafka.options]`
+/// in a config file) and the `EVENTBUS_KAFKA_*` variable that sets it, if one does. Never the
+/// value.
+pub(crate) fn named(property: &str) -> String {
+    match ENV_OPTIONS.iter().find(|(_, p)| *p == property) {
+        Some((var, _)) => format!("{var} (librdkafka `{property}`)"),
+        None => format!("librdkafka `{property}`"),
+    }
+}
+
 fn secret_key(k: &str) -> bool {
     let k = k.to_ascii_lowercase();
     ["password", "secret", "key", "token", "jaas"]
@@ -190,39 +213,84 @@ impl KafkaConfig {
         mut self,
         vars: impl IntoIterator<Item = (K, V)>,
     ) -> Result<Self, eventbus_core::Error> {
-        let invalid = |msg: String| {
-            eventbus_core::Error::new(eventbus_core::ErrorKind::Config, msg)
-                .with_backend("kafka")
-                .permanent()
-        };
         for (k, v) in vars {
             let (k, v) = (k.as_ref(), v.into());
             if k == "EVENTBUS_KAFKA_BROKERS" {
                 self.brokers = v;
                 continue;
             }
-            let Some((_, property)) = ENV_OPTIONS.iter().find(|(var, _)| *var == k) else {
-                continue;
-            };
-            if *property == "security.protocol"
-                && !["plaintext", "ssl", "sasl_plaintext", "sasl_ssl"]
-                    .contains(&v.to_ascii_lowercase().as_str())
-            {
-                return Err(invalid(format!(
-                    "{k}: expected plaintext, ssl, sasl_plaintext or sasl_ssl"
-                )));
+            if let Some((_, property)) = ENV_OPTIONS.iter().find(|(var, _)| *var == k) {
+                self.options.insert((*property).to_owned(), v);
             }
-            self.options.insert((*property).to_owned(), v);
+        }
+        self.validate()?;
+        Ok(self)
+    }
+
+    /// Check the security settings before librdkafka sees them: `security.protocol` and
+    /// `sasl.mechanism` are ones librdkafka knows, SASL user and password come together, and a
+    /// protocol or mechanism that needs OpenSSL is only asked of a build that has it (feature
+    /// `ssl`, on by default). Errors name the variable and the property, never the value.
+    /// [`KafkaBackend::connect`](crate::KafkaBackend::connect) checks this too.
+    pub fn validate(&self) -> Result<(), eventbus_core::Error> {
+        let invalid = |property: &str, why: &str| {
+            eventbus_core::Error::new(
+                eventbus_core::ErrorKind::Config,
+                format!("{}: {why}", named(property)),
+            )
+            .with_backend("kafka")
+            .permanent()
+        };
+        let get = |p: &str| self.options.get(p).map(|v| v.to_ascii_lowercase());
+        let protocol = get("security.protocol");
+        if let Some(p) = &protocol
+            && !PROTOCOLS.contains(&p.as_str())
+        {
+            return Err(invalid(
+                "security.protocol",
+                "expected plaintext, ssl, sasl_plaintext or sasl_ssl",
+            ));
+        }
+        let mechanism = get("sasl.mechanism");
+        if let Some(m) = &mechanism
+            && !MECHANISMS.iter().any(|known| known.eq_ignore_ascii_case(m))
+        {
+            return Err(invalid(
+                "sasl.mechanism",
+                "expected PLAIN, SCRAM-SHA-256, SCRAM-SHA-512, GSSAPI or OAUTHBEARER",
+            ));
         }
         if self.options.contains_key("sasl.username") != self.options.contains_key("sasl.password")
         {
             return Err(invalid(
-                "EVENTBUS_KAFKA_SASL_USERNAME and EVENTBUS_KAFKA_SASL_PASSWORD (or the options \
-                 sasl.username and sasl.password) must be set together"
-                    .into(),
+                "sasl.username",
+                "must be set together with `sasl.password` (EVENTBUS_KAFKA_SASL_PASSWORD)",
             ));
         }
-        Ok(self)
+        if !cfg!(feature = "ssl") {
+            if let Some(p) = protocol.filter(|p| p.ends_with("ssl")) {
+                return Err(invalid(
+                    "security.protocol",
+                    &format!(
+                        "{p} needs librdkafka built with OpenSSL: enable the `ssl` feature of \
+                         eventbus-kafka (on by default; the `eventbus` facade's `kafka` feature \
+                         includes it)"
+                    ),
+                ));
+            }
+            if let Some(m) = mechanism.filter(|m| m.starts_with("scram")) {
+                return Err(invalid(
+                    "sasl.mechanism",
+                    &format!(
+                        "{} needs librdkafka built with OpenSSL: enable the `ssl` feature of \
+                         eventbus-kafka (on by default; the `eventbus` facade's `kafka` feature \
+                         includes it)",
+                        m.to_ascii_uppercase()
+                    ),
+                ));
+            }
+        }
+        Ok(())
     }
 
     pub(crate) fn client_config(&self) -> rdkafka::ClientConfig {
@@ -355,6 +423,69 @@ mod tests {
             assert!(text.contains("EVENTBUS_KAFKA_"), "{text}");
             assert_eq!(e.kind(), eventbus_core::ErrorKind::Config);
         }
+    }
+
+    /// Without OpenSSL, asking for TLS or SCRAM is a config error naming the feature, not
+    /// librdkafka's refusal at connect.
+    #[cfg(not(feature = "ssl"))]
+    #[test]
+    fn build_without_ssl_refuses_tls_and_scram_by_name() {
+        for (var, value) in [
+            ("EVENTBUS_KAFKA_SECURITY_PROTOCOL", "ssl"),
+            ("EVENTBUS_KAFKA_SASL_MECHANISM", "SCRAM-SHA-512"),
+        ] {
+            let e = KafkaConfig::default()
+                .with_vars([(var, value)])
+                .expect_err("needs OpenSSL");
+            assert!(e.to_string().contains(var), "{e}");
+            assert!(e.to_string().contains("`ssl` feature"), "{e}");
+        }
+    }
+
+    #[test]
+    fn security_settings_are_checked_by_the_variable_that_set_them() {
+        for (var, value) in [
+            ("EVENTBUS_KAFKA_SASL_MECHANISM", "SCRAM-SHA-1024-pw-secret"),
+            ("EVENTBUS_KAFKA_SECURITY_PROTOCOL", "tls-pw-secret"),
+        ] {
+            let e = KafkaConfig::default()
+                .with_vars([(var, value)])
+                .expect_err("an unknown value");
+            let text = format!("{e} {e:?}");
+            assert!(text.contains(var), "{text}");
+            assert!(!text.contains("pw-secret"), "{text}");
+            assert_eq!(e.kind(), eventbus_core::ErrorKind::Config);
+        }
+        // Every mechanism librdkafka knows, in any case.
+        for m in ["PLAIN", "scram-sha-256", "SCRAM-SHA-512", "OAUTHBEARER"] {
+            KafkaConfig::default()
+                .with_vars([("EVENTBUS_KAFKA_SASL_MECHANISM", m)])
+                .unwrap_or_else(|e| panic!("{m}: {e}"));
+        }
+        // The same checks hold for options set in code or a config file.
+        let e = KafkaConfig::default()
+            .option("sasl.mechanism", "NOPE")
+            .validate()
+            .expect_err("unknown mechanism");
+        assert!(e.to_string().contains("sasl.mechanism"), "{e}");
+    }
+
+    /// TLS and SCRAM need librdkafka with OpenSSL (feature `ssl`, on by default): with it, the
+    /// settings the docs show are accepted as they are.
+    #[cfg(feature = "ssl")]
+    #[test]
+    fn ssl_build_accepts_tls_and_scram() {
+        let c = KafkaConfig::default()
+            .with_vars([
+                ("EVENTBUS_KAFKA_SECURITY_PROTOCOL", "sasl_ssl"),
+                ("EVENTBUS_KAFKA_SASL_MECHANISM", "SCRAM-SHA-256"),
+                ("EVENTBUS_KAFKA_SASL_USERNAME", "svc"),
+                ("EVENTBUS_KAFKA_SASL_PASSWORD", "pw"),
+            ])
+            .expect("valid");
+        c.client_config()
+            .create::<rdkafka::consumer::BaseConsumer>()
+            .expect("librdkafka with OpenSSL takes sasl_ssl and SCRAM");
     }
 
     #[test]

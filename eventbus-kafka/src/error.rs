@@ -64,20 +64,30 @@ pub(crate) fn delivery(e: &KafkaError) -> Outcome {
 
 pub(crate) fn other(what: &'static str, e: KafkaError) -> Error {
     // librdkafka's configuration errors quote the option's value (a password, say): name the
-    // property only, and keep the error itself out of the source chain.
+    // property and the variable that sets it only, and keep the error itself out of the source
+    // chain.
     match &e {
         KafkaError::ClientConfig(_, _, key, _) => {
             return err(
                 ErrorKind::Config,
-                format!("{what}: librdkafka refused property `{key}` (value not shown)"),
+                format!(
+                    "{what}: librdkafka refused {} (value not shown)",
+                    crate::config::named(key)
+                ),
             )
             .permanent();
         }
-        KafkaError::ClientCreation(_) => {
+        KafkaError::ClientCreation(text) => {
+            let named: Vec<String> = properties_in(text).map(crate::config::named).collect();
+            let which = if named.is_empty() {
+                "the configuration".to_owned()
+            } else {
+                named.join(", ")
+            };
             return err(
                 ErrorKind::Config,
                 format!(
-                    "{what}: librdkafka refused the configuration (its text may quote option values, not shown)"
+                    "{what}: librdkafka refused {which} (its text may quote values, not shown)"
                 ),
             )
             .permanent();
@@ -105,6 +115,17 @@ pub(crate) fn other(what: &'static str, e: KafkaError) -> Error {
     }
 }
 
+/// The librdkafka properties a client-creation error text names, among those a user sets
+/// through [`crate::config::ENV_OPTIONS`] (its security settings). librdkafka names the property
+/// at the start of the reason (`ssl.ca.location failed: ...`, `ssl.key.location failed: ...`)
+/// or inside it (`... sasl.mechanism ...`).
+fn properties_in(text: &str) -> impl Iterator<Item = &'static str> + '_ {
+    crate::config::ENV_OPTIONS
+        .iter()
+        .map(|(_, p)| *p)
+        .filter(move |p| text.contains(p))
+}
+
 fn short(e: &KafkaError) -> String {
     match code(e) {
         Some(c) => format!("{c:?}"),
@@ -130,5 +151,65 @@ mod tests {
         assert!(text.contains("security.protocol"), "{text}");
         assert_eq!(mapped.kind(), ErrorKind::Config);
         assert!(std::error::Error::source(&mapped).is_none());
+    }
+
+    /// What librdkafka refuses when it creates the client (a file it cannot read, say) is
+    /// reported by the variable that set it, without the value.
+    #[test]
+    fn creation_errors_name_the_variable_not_the_value() {
+        let dir = tempfile_dir();
+        let missing = dir.join("no-such-ca-3f9c.pem");
+        let garbage = dir.join("not-a-key-3f9c.pem");
+        std::fs::write(&garbage, "not a key").expect("write");
+        let pki = eventbus_brokers::tls::Pki::new("error-test");
+        let (cert, _key) = pki.leaf("client", &["client"]);
+        let path = |p: &std::path::Path| p.display().to_string();
+        for (var, vars) in [
+            (
+                "EVENTBUS_KAFKA_SSL_CA",
+                vec![
+                    ("EVENTBUS_KAFKA_SECURITY_PROTOCOL", "ssl".to_owned()),
+                    ("EVENTBUS_KAFKA_SSL_CA", path(&missing)),
+                ],
+            ),
+            (
+                "EVENTBUS_KAFKA_SSL_CERT",
+                vec![
+                    ("EVENTBUS_KAFKA_SECURITY_PROTOCOL", "ssl".to_owned()),
+                    ("EVENTBUS_KAFKA_SSL_CERT", path(&garbage)),
+                    ("EVENTBUS_KAFKA_SSL_KEY", path(&missing)),
+                ],
+            ),
+            (
+                "EVENTBUS_KAFKA_SSL_KEY",
+                vec![
+                    ("EVENTBUS_KAFKA_SECURITY_PROTOCOL", "ssl".to_owned()),
+                    ("EVENTBUS_KAFKA_SSL_CERT", path(&cert)),
+                    ("EVENTBUS_KAFKA_SSL_KEY", path(&missing)),
+                ],
+            ),
+        ] {
+            let config = crate::KafkaConfig::new("127.0.0.1:1")
+                .with_vars(vars)
+                .expect("valid shapes");
+            let Err(e) = config
+                .client_config()
+                .create::<rdkafka::consumer::BaseConsumer>()
+            else {
+                panic!("{var}: librdkafka accepted a file that does not exist");
+            };
+            let mapped = other("invalid Kafka client configuration", e);
+            let text = format!("{mapped} {mapped:?}");
+            assert!(text.contains(var), "{var} not named: {text}");
+            assert!(!text.contains("3f9c"), "a value in the error: {text}");
+            assert_eq!(mapped.kind(), ErrorKind::Config);
+            assert!(!mapped.is_retryable());
+        }
+    }
+
+    fn tempfile_dir() -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("eventbus-kafka-error-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        dir
     }
 }

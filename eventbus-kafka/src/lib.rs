@@ -182,10 +182,17 @@ impl ConnectContext {
             C::SSL => error::err(
                 ErrorKind::Connect,
                 "TLS handshake with the Kafka cluster failed (certificate, CA, host name or \
-                 protocol mismatch)",
+                 protocol mismatch: check EVENTBUS_KAFKA_SECURITY_PROTOCOL, EVENTBUS_KAFKA_SSL_CA, \
+                 EVENTBUS_KAFKA_SSL_CERT and EVENTBUS_KAFKA_SSL_KEY, or the same librdkafka \
+                 `ssl.*` options)",
             )
             .permanent(),
-            _ => error::err(ErrorKind::Auth, "the Kafka cluster refused the credentials"),
+            _ => error::err(
+                ErrorKind::Auth,
+                "the Kafka cluster refused the credentials (EVENTBUS_KAFKA_SASL_USERNAME, \
+                 EVENTBUS_KAFKA_SASL_PASSWORD and EVENTBUS_KAFKA_SASL_MECHANISM, or the same \
+                 librdkafka `sasl.*` options)",
+            ),
         })
     }
 }
@@ -209,6 +216,7 @@ impl std::fmt::Debug for Probe {
 impl KafkaBackend {
     /// Check that the cluster answers (metadata request within `connect_timeout`).
     pub async fn connect(config: KafkaConfig) -> Result<Self, Error> {
+        config.validate()?;
         let c = config.clone();
         let probe = tokio::task::spawn_blocking(move || {
             let consumer: BaseConsumer<ConnectContext> = c

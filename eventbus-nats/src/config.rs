@@ -93,9 +93,16 @@ pub struct NatsConfig {
     pub tls_root_certificates: Option<PathBuf>,
     /// Client certificate and key (PEM) for mutual TLS. Default none.
     pub tls_client_cert: Option<(PathBuf, PathBuf)>,
-    /// Initial connect timeout. Default 5 s.
+    /// Time allowed for each seed at the initial connect (each address its host name resolves
+    /// to): TCP, TLS and the server's handshake. Connect tries every seed once (in random order
+    /// unless [`retain_seed_order`](Self::retain_seed_order)) and gives up after at most
+    /// `connect_timeout` x seeds + 1 s. Default 5 s.
     #[serde(with = "eventbus_core::serde_millis")]
     pub connect_timeout: Duration,
+    /// Try the seeds in the order given (nearest first, say) instead of a random order, at the
+    /// initial connect and on reconnects. Default `false`: random, which spreads clients over a
+    /// cluster.
+    pub retain_seed_order: bool,
     /// How long to wait for each JetStream publish ack (and API reply). Default 10 s. The
     /// batching engine's `ack_timeout` bounds a message's whole life; this bounds the wait on
     /// the wire: with de-duplication on, a publish that hears nothing for this long is sent
@@ -129,6 +136,7 @@ impl Default for NatsConfig {
             tls_root_certificates: None,
             tls_client_cert: None,
             connect_timeout: Duration::from_secs(5),
+            retain_seed_order: false,
             ack_timeout: Duration::from_secs(10),
             max_ack_inflight: 262_144,
             name: "eventbus".into(),
@@ -146,6 +154,7 @@ impl fmt::Debug for NatsConfig {
             .field("auth", &self.auth)
             .field("tls_required", &self.tls_required)
             .field("connect_timeout", &self.connect_timeout)
+            .field("retain_seed_order", &self.retain_seed_order)
             .field("ack_timeout", &self.ack_timeout)
             .field("max_ack_inflight", &self.max_ack_inflight)
             .field("publish_mode", &self.publish_mode)
@@ -217,9 +226,15 @@ impl NatsConfig {
         self.stream_replicas = n;
         self
     }
-    /// Set the connect timeout.
+    /// Set the time allowed for each seed at the initial connect (see
+    /// [`connect_timeout`](Self::connect_timeout)).
     pub fn connect_timeout(mut self, d: Duration) -> Self {
         self.connect_timeout = d;
+        self
+    }
+    /// Try the seeds in the order given (see [`retain_seed_order`](Self::retain_seed_order)).
+    pub fn retain_seed_order(mut self, on: bool) -> Self {
+        self.retain_seed_order = on;
         self
     }
     /// Require TLS (a `tls://` URL also requires it; a server that requires TLS gets it either

@@ -100,8 +100,18 @@ pub struct NatsBackend {
     stream_replicas: usize,
 }
 
+/// How long the initial connect may take in all: async-nats tries every seed once, each within
+/// `per_seed` (a seed whose host name resolves to several addresses may take that per address;
+/// give IP addresses or one-address names to keep the bound), so a live seed behind silent ones
+/// is still reached.
+fn connect_limit(per_seed: Duration, seeds: usize) -> Duration {
+    per_seed.saturating_mul(u32::try_from(seeds.max(1)).unwrap_or(u32::MAX))
+        + Duration::from_secs(1)
+}
+
 impl NatsBackend {
-    /// Connect. Fails within `connect_timeout` with a typed error (`Connect`, `Timeout`, `Auth`,
+    /// Connect. Tries every seed once, each within `connect_timeout`, and fails within
+    /// `connect_timeout` x seeds + 1 s with a typed error (`Connect`, `Timeout`, `Auth`,
     /// `Config`): no silent retry loop at start.
     pub async fn connect(config: NatsConfig) -> Result<Self, Error> {
         let mut opts = match &config.auth {
@@ -129,6 +139,9 @@ impl NatsBackend {
             // Acks arrive on one inbox subscription: give it room for a full window of acks.
             .subscription_capacity(1 << 20)
             .require_tls(config.tls_required);
+        if config.retain_seed_order {
+            opts = opts.retain_servers_order();
+        }
         let denied = std::sync::Arc::new(denied::Denied::default());
         let d = std::sync::Arc::clone(&denied);
         opts = opts.event_callback(move |event| {
@@ -147,7 +160,7 @@ impl NatsBackend {
             .servers()
             .map_err(|e| e.with_backend(error::BACKEND))?;
         let client = tokio::time::timeout(
-            config.connect_timeout + Duration::from_secs(1),
+            connect_limit(config.connect_timeout, servers.len()),
             opts.connect(servers),
         )
         .await

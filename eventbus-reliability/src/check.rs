@@ -369,7 +369,13 @@ pub struct Figures {
     /// Reads beyond the first of a message.
     pub duplicates: u64,
     /// Reads of a message with a lower sequence than one already read from the same producer.
+    /// Only NATS (one stream) orders a producer's keys among each other; on Kafka they spread
+    /// over partitions, so this counts interleaving there, not damage.
     pub reorders: u64,
+    /// Reads of a message with a lower sequence than one already read with the same key
+    /// ([`crate::record::key_of`]): what a per-key handler would see out of
+    /// order, on every backend.
+    pub key_reorders: u64,
     /// Reads whose payload did not match its hash. Must be 0.
     pub corrupt: u64,
 }
@@ -397,6 +403,7 @@ pub fn check(ledger: &Ledger, reads: &[Read], retried: usize) -> Figures {
     }
     let mut seen = HashSet::new();
     let mut high: HashMap<u32, u64> = HashMap::new();
+    let mut key_high: HashMap<(u32, u64), u64> = HashMap::new();
     for r in reads {
         if !r.intact {
             f.corrupt += 1;
@@ -408,6 +415,11 @@ pub fn check(ledger: &Ledger, reads: &[Read], retried: usize) -> Figures {
         let h = high.entry(r.key.0).or_insert(0);
         if r.key.1 < *h {
             f.reorders += 1;
+        }
+        *h = (*h).max(r.key.1);
+        let h = key_high.entry(crate::record::key_of(r.key)).or_insert(0);
+        if r.key.1 < *h {
+            f.key_reorders += 1;
         }
         *h = (*h).max(r.key.1);
     }
@@ -460,14 +472,18 @@ mod tests {
             r(0, 2, true),  // after 3: a reorder
             r(0, 0, true),  // duplicate
             r(1, 0, false), // corrupt
+            r(1, 64 + 1, true),
+            r(1, 1, true), // after 65, the same key: a reorder of both kinds
         ];
         let f = check(&ledger, &reads, 1);
         assert_eq!((f.sent, f.acked, f.failed, f.unknown), (5, 3, 1, 1));
         assert_eq!(f.lost, 1);
         assert_eq!(f.failed_but_stored, 1);
         assert_eq!(f.duplicates, 1);
-        assert_eq!(f.reorders, 1);
+        // (0, 2) after (0, 3): another key of the same producer; (1, 1) after (1, 65): the same key.
+        assert_eq!(f.reorders, 2);
+        assert_eq!(f.key_reorders, 1);
         assert_eq!(f.corrupt, 1);
-        assert_eq!(f.stored, 4);
+        assert_eq!(f.stored, 6);
     }
 }

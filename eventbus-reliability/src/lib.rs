@@ -27,6 +27,7 @@
 //! ```
 
 pub mod check;
+pub mod facade_probe;
 pub mod proxy;
 pub mod raw;
 pub mod record;

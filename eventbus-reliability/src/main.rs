@@ -230,14 +230,14 @@ fn markdown(rows: &[Row], quick: bool) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "| scenario | backend | sent | acked | failed | unknown | first failed / unknown | refused | retried | stored | **lost** | **failed but stored** | dup | reorder | corrupt | detect ms | recover ms | max ack ms | peak in flight / window | RSS growth | verdict |"
+        "| scenario | backend | sent | acked | failed | unknown | first failed / unknown | refused | retried | stored | **lost** | **failed but stored** | dup | reorder (producer) | reorder (key) | corrupt | detect ms | recover ms | max ack ms | peak in flight / window | RSS growth | verdict |"
     );
-    let _ = writeln!(s, "|{}", "---|".repeat(21));
+    let _ = writeln!(s, "|{}", "---|".repeat(22));
     for r in rows {
         let f = &r.figures;
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {} | {} | {} | {} / {} | {} | {} | {} | **{}** | **{}** | {} | {} | {} | {} | {} | {} | {} / {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} / {} | {} | {} | {} | **{}** | **{}** | {} | {} | {} | {} | {} | {} | {} | {} / {} | {} | {} |",
             r.scenario,
             r.backend,
             f.sent,
@@ -253,6 +253,7 @@ fn markdown(rows: &[Row], quick: bool) -> String {
             f.failed_but_stored,
             f.duplicates,
             f.reorders,
+            f.key_reorders,
             f.corrupt,
             opt(r.detect_ms),
             opt(r.recover_ms),

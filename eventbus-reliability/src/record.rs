@@ -14,6 +14,16 @@ pub const HASH: &str = "rel-hash";
 /// Identifies one test message: (producer, sequence).
 pub type Key = (u32, u64);
 
+/// Keys per producer: message `(producer, seq)` carries key `p<producer>-k<seq % KEYS>`, so a
+/// producer's sequence interleaves this many keys, each in publish order (the keyed load of
+/// an event-sourced service: many aggregates per producer).
+pub const KEYS: u64 = 64;
+
+/// The message key of `(producer, seq)`, as (producer, key number).
+pub fn key_of((producer, seq): Key) -> (u32, u64) {
+    (producer, seq % KEYS)
+}
+
 /// FNV-1a, 64 bit: a fixed, dependency-free payload fingerprint (not cryptographic; it only has
 /// to catch truncation and corruption on the wire).
 pub fn fnv1a(data: &[u8]) -> u64 {
@@ -39,13 +49,13 @@ pub fn payload(producer: u32, seq: u64, len: usize) -> Vec<u8> {
         .collect()
 }
 
-/// Build test message `(producer, seq)` on `topic` for run `run`, keyed by producer.
+/// Build test message `(producer, seq)` on `topic` for run `run`, keyed by [`key_of`].
 pub fn message(run: &str, topic: &str, producer: u32, seq: u64, len: usize) -> Message {
     let body = payload(producer, seq, len);
     let hash = fnv1a(&body);
     Message::new(topic, body)
         .with_id(format!("{run}-p{producer}-s{seq}"))
-        .with_key(format!("p{producer}"))
+        .with_key(format!("p{producer}-k{}", seq % KEYS))
         .with_header(PRODUCER, producer.to_string())
         .with_header(SEQ, seq.to_string())
         .with_header(HASH, format!("{hash:016x}"))

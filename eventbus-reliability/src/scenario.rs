@@ -1265,17 +1265,33 @@ pub async fn security(backend: &'static str) -> Row {
     row
 }
 
-/// Connect with `cfg` and publish one message to `topic` (created with one partition) through
-/// a fresh engine: a note if it is acked, a failure naming `what` otherwise.
+/// A Kafka client configured by `EVENTBUS_KAFKA_*` variables (the way a service configures
+/// it), in front of the broker at `addr`.
+#[cfg(feature = "kafka")]
+fn kafka_from_vars(
+    addr: &str,
+    vars: &[(&str, String)],
+) -> Result<eventbus_kafka::KafkaConfig, String> {
+    eventbus_kafka::KafkaConfig::new(addr)
+        .connect_timeout(REFUSAL_TIMEOUT)
+        .with_vars(vars.iter().map(|(k, v)| (*k, v.clone())))
+        .map_err(|e| format!("config: {e}"))
+}
+
+/// Connect to `addr` with the `EVENTBUS_KAFKA_*` settings `vars` and publish one message to
+/// `topic` (created with one partition) through a fresh engine; then the same through a program
+/// that depends on the `eventbus` facade alone ([`crate::facade_probe`]). A note if both are
+/// acked, a failure naming `what` otherwise.
 #[cfg(feature = "kafka")]
 async fn connects_and_publishes(
     row: &mut Row,
     what: &str,
-    cfg: eventbus_kafka::KafkaConfig,
+    addr: &str,
+    vars: &[(&str, String)],
     topic: &str,
 ) {
     let published = async {
-        let backend = eventbus_kafka::KafkaBackend::connect(cfg)
+        let backend = eventbus_kafka::KafkaBackend::connect(kafka_from_vars(addr, vars)?)
             .await
             .map_err(|e| format!("connect: {e}"))?;
         backend
@@ -1305,6 +1321,15 @@ async fn connects_and_publishes(
             .notes
             .push(format!("{what}: connected, one publish acked")),
         Err(e) => row.failures.push(format!("{what}: {e}")),
+    }
+    let topic = format!("{topic}-facade");
+    match crate::facade_probe::run(addr, vars, &topic).await {
+        Ok(line) => row
+            .notes
+            .push(format!("{what}, through the facade alone: {line}")),
+        Err(e) => row
+            .failures
+            .push(format!("{what}, through the facade alone: {e}")),
     }
 }
 
@@ -1354,45 +1379,80 @@ async fn security_kafka(row: &mut Row) {
     let mut worst = Duration::ZERO;
 
     // One tansu per listener: the advertised port must be the proxy in front of it.
-    let behind_tls = |cert: (std::path::PathBuf, std::path::PathBuf), client_ca: bool| {
-        let pki = &pki;
-        async move {
-            let port = eventbus_brokers::free_port().map_err(|e| e.to_string())?;
-            let tansu = Tansu::start_advertising(TansuStorage::Memory, Some(port))
-                .map_err(|e| format!("tansu: {e}"))?;
-            let upstream = ([127, 0, 0, 1], tansu.port()).into();
-            let ca = client_ca.then(|| pki.ca());
-            let proxy = TlsProxy::start_on(port, upstream, &cert.0, &cert.1, ca)
-                .await
-                .map_err(|e| format!("tls proxy: {e}"))?;
-            Ok::<_, String>((tansu, proxy))
-        }
+    // With `auth`, user alice is stored first (tansu's CLI cannot authenticate), then tansu
+    // restarts on the same SQLite file requiring authentication.
+    let behind_tls =
+        |cert: (std::path::PathBuf, std::path::PathBuf), client_ca: bool, auth: bool| {
+            let pki = &pki;
+            async move {
+                let port = eventbus_brokers::free_port().map_err(|e| e.to_string())?;
+                let storage = if auth {
+                    TansuStorage::Sqlite
+                } else {
+                    TansuStorage::Memory
+                };
+                let mut tansu = Tansu::start_advertising(storage, Some(port))
+                    .map_err(|e| format!("tansu: {e}"))?;
+                if auth {
+                    tansu
+                        .create_user("alice", PASSWORD)
+                        .map_err(|e| e.to_string())?;
+                    tansu
+                        .restart_with(vec!["--authentication".into()])
+                        .map_err(|e| format!("tansu restart: {e}"))?;
+                }
+                let upstream = ([127, 0, 0, 1], tansu.port()).into();
+                let ca = client_ca.then(|| pki.ca());
+                let proxy = TlsProxy::start_on(port, upstream, &cert.0, &cert.1, ca)
+                    .await
+                    .map_err(|e| format!("tls proxy: {e}"))?;
+                Ok::<_, String>((tansu, proxy))
+            }
+        };
+    let ssl = |ca: &std::path::Path| {
+        vec![
+            ("EVENTBUS_KAFKA_SECURITY_PROTOCOL", "ssl".to_owned()),
+            ("EVENTBUS_KAFKA_SSL_CA", ca.display().to_string()),
+        ]
     };
-    let ssl = |addr: std::net::SocketAddr, ca: &std::path::Path| {
-        KafkaConfig::new(addr.to_string())
-            .connect_timeout(REFUSAL_TIMEOUT)
-            .option("security.protocol", "ssl")
-            .option("ssl.ca.location", ca.display().to_string())
+    let ssl_config = |addr: std::net::SocketAddr, ca: &std::path::Path| {
+        kafka_from_vars(&addr.to_string(), &ssl(ca)).expect("TLS settings")
     };
     let names = ["localhost", "127.0.0.1"];
-    let (_tansu, tls) = match behind_tls(pki.leaf("kafka", &names), false).await {
+    let (_tansu, tls) = match behind_tls(pki.leaf("kafka", &names), false, false).await {
         Ok(v) => v,
         Err(e) => return row.failures.push(e),
     };
     connects_and_publishes(
         row,
         "TLS with the right CA",
-        ssl(tls.addr(), pki.ca()),
+        &tls.addr().to_string(),
+        &ssl(pki.ca()),
         "sec-tls",
     )
     .await;
+    // Through the facade alone, a CA file that does not exist is reported by the variable that
+    // named it, never by its path.
+    let missing = std::env::temp_dir().join("eventbus-missing-ca-5d1e.pem");
+    match crate::facade_probe::probe(&tls.addr().to_string(), &ssl(&missing), "sec-no-ca").await {
+        Ok(run) => {
+            row.require(!run.ok, "facade: a CA file that does not exist connected");
+            row.require(
+                run.output.contains("EVENTBUS_KAFKA_SSL_CA") && !run.output.contains("5d1e"),
+                format!("facade: a missing CA file reported as: {}", run.output),
+            );
+            row.notes
+                .push(format!("facade, a missing CA file: {}", run.output));
+        }
+        Err(e) => row.failures.push(e),
+    }
     let accepted = || tls.accepted();
     refused_kafka(
         row,
         &mut worst,
         "wrong CA",
         &accepted,
-        ssl(tls.addr(), other.ca()),
+        ssl_config(tls.addr(), other.ca()),
         ErrorKind::Connect,
         false,
         &[],
@@ -1416,22 +1476,23 @@ async fn security_kafka(row: &mut Row) {
         tls.handshakes() == handshakes,
         "a plaintext client completed a TLS handshake",
     );
-    let (_t2, mismatch) = match behind_tls(pki.leaf("other", &["other.example"]), false).await {
-        Ok(v) => v,
-        Err(e) => return row.failures.push(e),
-    };
+    let (_t2, mismatch) =
+        match behind_tls(pki.leaf("other", &["other.example"]), false, false).await {
+            Ok(v) => v,
+            Err(e) => return row.failures.push(e),
+        };
     refused_kafka(
         row,
         &mut worst,
         "host name mismatch",
         &|| mismatch.accepted(),
-        ssl(mismatch.addr(), pki.ca()),
+        ssl_config(mismatch.addr(), pki.ca()),
         ErrorKind::Connect,
         false,
         &[],
     )
     .await;
-    let (_t3, mtls) = match behind_tls(pki.leaf("mtls", &names), true).await {
+    let (_t3, mtls) = match behind_tls(pki.leaf("mtls", &names), true, false).await {
         Ok(v) => v,
         Err(e) => return row.failures.push(e),
     };
@@ -1440,23 +1501,21 @@ async fn security_kafka(row: &mut Row) {
         &mut worst,
         "mutual TLS without a client certificate",
         &|| mtls.accepted(),
-        ssl(mtls.addr(), pki.ca()),
+        ssl_config(mtls.addr(), pki.ca()),
         ErrorKind::Connect,
         false,
         &[],
     )
     .await;
     let (client_cert, client_key) = pki.leaf("client", &["client"]);
-    let with_cert = ssl(mtls.addr(), pki.ca())
-        .option(
-            "ssl.certificate.location",
-            client_cert.display().to_string(),
-        )
-        .option("ssl.key.location", client_key.display().to_string());
+    let mut with_cert = ssl(pki.ca());
+    with_cert.push(("EVENTBUS_KAFKA_SSL_CERT", client_cert.display().to_string()));
+    with_cert.push(("EVENTBUS_KAFKA_SSL_KEY", client_key.display().to_string()));
     connects_and_publishes(
         row,
         "mutual TLS with a client certificate",
-        with_cert,
+        &mtls.addr().to_string(),
+        &with_cert,
         "sec-mtls",
     )
     .await;
@@ -1483,13 +1542,20 @@ async fn security_kafka(row: &mut Row) {
         Ok(v) => v,
         Err(e) => return row.failures.push(format!("SASL setup: {e}")),
     };
+    let alice = |protocol: &str, mechanism: &str, password: &str| {
+        vec![
+            ("EVENTBUS_KAFKA_SECURITY_PROTOCOL", protocol.to_owned()),
+            ("EVENTBUS_KAFKA_SASL_MECHANISM", mechanism.to_owned()),
+            ("EVENTBUS_KAFKA_SASL_USERNAME", "alice".to_owned()),
+            ("EVENTBUS_KAFKA_SASL_PASSWORD", password.to_owned()),
+        ]
+    };
     let sasl_as_alice = |mechanism: &str, password: &str| {
-        KafkaConfig::new(proxy.addr().to_string())
-            .connect_timeout(REFUSAL_TIMEOUT)
-            .option("security.protocol", "sasl_plaintext")
-            .option("sasl.mechanism", mechanism)
-            .option("sasl.username", "alice")
-            .option("sasl.password", password)
+        kafka_from_vars(
+            &proxy.addr().to_string(),
+            &alice("sasl_plaintext", mechanism, password),
+        )
+        .expect("SASL settings")
     };
     let wrong = sasl_as_alice("SCRAM-SHA-512", WRONG);
     let debug = format!("{wrong:?}");
@@ -1511,8 +1577,32 @@ async fn security_kafka(row: &mut Row) {
     connects_and_publishes(
         row,
         "right password (SCRAM-SHA-512)",
-        sasl_as_alice("SCRAM-SHA-512", PASSWORD),
+        &proxy.addr().to_string(),
+        &alice("sasl_plaintext", "SCRAM-SHA-512", PASSWORD),
         "sec-sasl",
+    )
+    .await;
+    connects_and_publishes(
+        row,
+        "right password (SCRAM-SHA-256)",
+        &proxy.addr().to_string(),
+        &alice("sasl_plaintext", "SCRAM-SHA-256", PASSWORD),
+        "sec-sasl256",
+    )
+    .await;
+    // SCRAM inside TLS (`sasl_ssl`): an authenticating tansu behind the TLS proxy.
+    let (_t5, sasl_tls) = match behind_tls(pki.leaf("sasl-tls", &names), false, true).await {
+        Ok(v) => v,
+        Err(e) => return row.failures.push(e),
+    };
+    let mut sasl_ssl = alice("sasl_ssl", "SCRAM-SHA-512", PASSWORD);
+    sasl_ssl.push(("EVENTBUS_KAFKA_SSL_CA", pki.ca().display().to_string()));
+    connects_and_publishes(
+        row,
+        "SCRAM-SHA-512 inside TLS",
+        &sasl_tls.addr().to_string(),
+        &sasl_ssl,
+        "sec-sasl-tls",
     )
     .await;
     // Broker behaviour, recorded, not asserted: tansu's SASL PLAIN with each password.

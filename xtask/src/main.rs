@@ -130,13 +130,35 @@ fn bench(extra: &[String]) -> Result {
 }
 
 /// Run the fault scenarios (`eventbus-reliability`, release build); each starts its own brokers.
+/// The Kafka security row also runs `facade-probe`, built here.
 fn reliability(extra: &[String]) -> Result {
     install()?;
+    let probe = build_facade_probe()?;
     let mut c = cargo();
     c.args(["run", "--release", "-p", "eventbus-reliability", "--"])
-        .args(extra);
+        .args(extra)
+        .env("EVENTBUS_FACADE_PROBE", probe);
     broker_env(&mut c);
     run(c)
+}
+
+/// Build `facade-probe/`: a program that depends on the `eventbus` facade alone (feature `kafka`),
+/// outside the workspace, so that no other member's features are unified into its build. It
+/// starts from the workspace's lock file (the same versions) and shares `target/`, so only
+/// what its features change is compiled again.
+fn build_facade_probe() -> Result<PathBuf> {
+    let dir = root().join("facade-probe");
+    std::fs::copy(root().join("Cargo.lock"), dir.join("Cargo.lock"))
+        .map_err(|e| format!("copy Cargo.lock to facade-probe: {e}"))?;
+    let target = root().join("target");
+    let mut c = cargo();
+    c.arg("build")
+        .arg("--manifest-path")
+        .arg(dir.join("Cargo.toml"))
+        .arg("--target-dir")
+        .arg(&target);
+    run(c)?;
+    Ok(target.join("debug").join("facade-probe"))
 }
 
 fn state_file() -> PathBuf {
@@ -256,6 +278,15 @@ fn up_cluster() -> Result<String> {
 fn ci() -> Result {
     let mut fmt = cargo();
     fmt.args(["fmt", "--all", "--", "--check"]);
+    run(fmt)?;
+    let mut fmt = cargo();
+    fmt.args([
+        "fmt",
+        "--manifest-path",
+        "facade-probe/Cargo.toml",
+        "--",
+        "--check",
+    ]);
     run(fmt)?;
     let mut clippy = cargo();
     clippy.args([
