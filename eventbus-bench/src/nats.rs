@@ -275,6 +275,7 @@ impl NatsRun<'_> {
         match publisher {
             NatsPublisher::Sdk { batcher, .. } => {
                 let _ = batcher.close(Duration::from_secs(10)).await;
+                rec.resent = batcher.sink().resent();
             }
             NatsPublisher::CeilingCore(own) => return self.verify_core(&own, rec).await,
             _ => {}

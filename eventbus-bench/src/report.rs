@@ -93,6 +93,10 @@ pub(crate) struct Record {
     /// chooses the setting the full-size runs use, and is left out of tables and charts.
     #[serde(default)]
     pub probe: bool,
+    /// NATS SDK runs: messages the sink sent again (after ack silence, "no responders" or a
+    /// 503, or cut off from a fast batch); each copy is dropped by its id. 0 elsewhere.
+    #[serde(default)]
+    pub resent: u64,
 }
 
 /// Records saved before publish-only runs existed were all end-to-end.
@@ -147,6 +151,7 @@ impl Record {
             topic_or_stream: String::new(),
             wall_secs: 0.0,
             probe: false,
+            resent: 0,
         }
     }
 }
@@ -508,18 +513,29 @@ fn drains(md: &mut String, table: &Table) {
     );
     let _ = writeln!(
         md,
-        "| backend / storage | backlog msgs | sdk msg/s (min-max) | raw client msg/s (min-max) | sdk/raw | verified |"
+        "| backend / storage | backlog msgs | sdk msg/s (min-max) | raw client msg/s (min-max) | sdk/raw | raw at client defaults msg/s (min-max) | sdk/defaults | peak RSS MiB sdk / raw / defaults | verified |"
     );
-    let _ = writeln!(md, "|---|---|---|---|---|---|");
+    let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|");
     for ((b, st), m) in rows {
         let (sdk, raw) = (m.get("drain-sdk"), m.get("drain-raw"));
+        let defaults = m.get("drain-raw-defaults");
+        let rss = |s: Option<&Stat>| {
+            s.map_or("-".into(), |s| {
+                format!("{:.0}", s.rss as f64 / f64::from(1 << 20))
+            })
+        };
         let _ = writeln!(
             md,
-            "| {b} / {st} | {} | {} | {} | {} | {} |",
+            "| {b} / {st} | {} | {} | {} | {} | {} | {} | {} / {} / {} | {} |",
             sdk.or(raw).map_or(0, |s| s.messages),
             spread(sdk),
             spread(raw),
             ratio(sdk, raw),
+            spread(defaults),
+            ratio(sdk, defaults),
+            rss(sdk),
+            rss(raw),
+            rss(defaults),
             if m.values().all(|s| s.verified) {
                 "yes"
             } else {
@@ -532,7 +548,9 @@ fn drains(md: &mut String, table: &Table) {
         "\nNATS: the SDK's subscriber vs async-nats's pull consumer (1,024 per pull, each \
          message acked). Kafka (tansu memory engine, one topic of 4 partitions): the SDK's \
          subscriber vs rdkafka's consumer storing each offset after processing and committing \
-         in the background.\n"
+         in the background, with the SDK's bounded read-ahead (4 MiB) and, as `defaults`, with \
+         librdkafka's own (64 MiB queued, 50 MiB per fetch). Peak RSS is the whole bench \
+         process's during the drain.\n"
     );
 }
 

@@ -103,14 +103,22 @@ pub struct NatsConfig {
     /// initial connect and on reconnects. Default `false`: random, which spreads clients over a
     /// cluster.
     pub retain_seed_order: bool,
-    /// How long to wait for each JetStream publish ack (and API reply). Default 10 s. The
+    /// How long a publish may hear nothing before the sink sends it again. Default 2 s. The
     /// batching engine's `ack_timeout` bounds a message's whole life; this bounds the wait on
     /// the wire: with de-duplication on, a publish that hears nothing for this long is sent
     /// again with the same id (that message then after twice as long, and so on) while the
     /// engine still waits, so a stream leader lost mid-publish costs a resend, not an
     /// `Unknown` outcome (the ack of a resent message that had been stored says `duplicate`).
+    /// With the default, a SIGKILLed stream leader costs the election plus at most 2 s; a
+    /// shorter value resends sooner, but sends again what a saturated server is only slow to
+    /// ack (each copy dropped by its id, at the cost of the server's work).
     #[serde(with = "eventbus_core::serde_millis")]
     pub ack_timeout: Duration,
+    /// How long to wait for a JetStream API reply (stream and consumer management, lookups)
+    /// and for an ack awaited through the JetStream context (a dead letter's publish). Default
+    /// 10 s: a request during an election may take a few seconds.
+    #[serde(with = "eventbus_core::serde_millis")]
+    pub request_timeout: Duration,
     /// async-nats's own limit of publishes awaiting acks. Default 262,144: set well above the
     /// engine's ACK window so that **our** window is the one that binds.
     pub max_ack_inflight: usize,
@@ -137,7 +145,8 @@ impl Default for NatsConfig {
             tls_client_cert: None,
             connect_timeout: Duration::from_secs(5),
             retain_seed_order: false,
-            ack_timeout: Duration::from_secs(10),
+            ack_timeout: Duration::from_secs(2),
+            request_timeout: Duration::from_secs(10),
             max_ack_inflight: 262_144,
             name: "eventbus".into(),
             publish_mode: PublishMode::default(),
@@ -156,6 +165,7 @@ impl fmt::Debug for NatsConfig {
             .field("connect_timeout", &self.connect_timeout)
             .field("retain_seed_order", &self.retain_seed_order)
             .field("ack_timeout", &self.ack_timeout)
+            .field("request_timeout", &self.request_timeout)
             .field("max_ack_inflight", &self.max_ack_inflight)
             .field("publish_mode", &self.publish_mode)
             .field("dedup", &self.dedup)
@@ -206,9 +216,15 @@ impl NatsConfig {
         self.auth = auth;
         self
     }
-    /// Set the per-ack wait.
+    /// Set how long a publish may hear nothing before it is sent again (see
+    /// [`ack_timeout`](Self::ack_timeout)).
     pub fn ack_timeout(mut self, d: Duration) -> Self {
         self.ack_timeout = d;
+        self
+    }
+    /// Set the JetStream API timeout (see [`request_timeout`](Self::request_timeout)).
+    pub fn request_timeout(mut self, d: Duration) -> Self {
+        self.request_timeout = d;
         self
     }
     /// Set `publish_mode` (what [`NatsBackend::sink`](crate::NatsBackend::sink) uses).

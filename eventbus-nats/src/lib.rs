@@ -169,7 +169,7 @@ impl NatsBackend {
         })?
         .map_err(error::connect)?;
         let js = jetstream::ContextBuilder::new()
-            .timeout(config.ack_timeout)
+            .timeout(config.request_timeout)
             .max_ack_inflight(config.max_ack_inflight)
             .backpressure_on_inflight(true)
             .build(client.clone());

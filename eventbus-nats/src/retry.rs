@@ -73,6 +73,8 @@ struct Entry {
 pub(crate) struct Kept {
     router: Arc<OutcomeRouter>,
     batches: Mutex<HashMap<u64, Entry>>,
+    /// Messages sent again so far, for any reason (see [`NatsSink::resent`](crate::NatsSink::resent)).
+    resent: std::sync::atomic::AtomicU64,
 }
 
 impl Kept {
@@ -81,6 +83,7 @@ impl Kept {
         Kept {
             router,
             batches: Mutex::default(),
+            resent: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -116,6 +119,18 @@ impl Kept {
         let slot = e.slots.entry(i).or_default();
         slot.sent = Some(Instant::now());
         slot.maybe_stored |= maybe_stored;
+    }
+
+    /// `n` more messages are being sent again.
+    pub(crate) fn count_resent(&self, n: usize) {
+        self.resent
+            .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+        metrics::counter!("eventbus_nats_resent_total").increment(n as u64);
+    }
+
+    /// Messages sent again so far.
+    pub(crate) fn resent(&self) -> u64 {
+        self.resent.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The batch resolved: nothing more to retry.

@@ -120,7 +120,8 @@ pub mod nats {
                 Some(p) => format!("nats://{}", p.addr()),
                 None => server.url(),
             };
-            let config = NatsConfig::new(url).ack_timeout(Duration::from_secs(2));
+            // The defaults a user gets (the wire's ack_timeout is 2 s).
+            let config = NatsConfig::new(url);
             let direct = NatsBackend::connect(NatsConfig::new(server.url()))
                 .await
                 .map_err(|e| format!("connect: {e}"))?;
@@ -417,7 +418,8 @@ pub mod nats_cluster {
             cluster: NatsCluster,
             routes: Vec<((usize, usize), FaultProxy)>,
         ) -> Result<NatsCluster3, String> {
-            let mut config = NatsConfig::new(cluster.urls()).ack_timeout(Duration::from_secs(2));
+            // The defaults a user gets (the wire's ack_timeout is 2 s).
+            let mut config = NatsConfig::new(cluster.urls());
             config.name = SINK_CONNECTION.into();
             let direct = NatsBackend::connect(NatsConfig::new(cluster.urls()))
                 .await

@@ -287,6 +287,13 @@ impl NatsSink {
     pub fn options(&self) -> SinkOptions {
         self.opts
     }
+
+    /// Messages this sink has sent again so far: after a silence of the connection's
+    /// `ack_timeout`, after "no responders" or a 503, or cut off from a fast batch (also counted
+    /// in the metric `eventbus_nats_resent_total`). 0 on a healthy, keeping-up server.
+    pub fn resent(&self) -> u64 {
+        self.kept.resent()
+    }
 }
 
 impl BatchSink for NatsSink {

@@ -133,7 +133,7 @@ impl<S: Send + 'static> Writer<S> {
                     if !self.router.is_pending(id) {
                         continue;
                     }
-                    metrics::counter!("eventbus_nats_resent_total").increment(items.len() as u64);
+                    self.kept.count_resent(items.len());
                     let mut reply = String::with_capacity(self.inbox.len() + 24);
                     for (i, msg) in items {
                         if verify && self.no_stream_for(msg.topic().as_str()).await {
