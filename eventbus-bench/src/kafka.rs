@@ -304,9 +304,12 @@ impl KafkaEnv {
             }
             _ => {
                 let (bootstrap, topic) = (kafka.config().brokers.clone(), topic.clone());
-                tokio::task::spawn_blocking(move || drain_raw(&bootstrap, &topic, expected, t0))
-                    .await
-                    .map_err(|e| e.to_string())?
+                let defaults = run.mode == Mode::DrainRawDefaults;
+                tokio::task::spawn_blocking(move || {
+                    drain_raw(&bootstrap, &topic, expected, t0, defaults)
+                })
+                .await
+                .map_err(|e| e.to_string())?
             }
         };
         let received = timed_drain(rec, class.pid(), expected, read).await?;
@@ -428,25 +431,35 @@ fn producer_key(run: Run, linger: u64, cfg: &eventbus_batch::BatchConfig) -> Str
 const DRAIN_PARTITIONS: i32 = 4;
 
 /// rdkafka's consumer in a group, committing like the SDK does: each offset stored after its
-/// message is processed, committed in the background.
-fn drain_raw(bootstrap: &str, topic: &str, expected: u64, t0: Instant) -> Result<Received, String> {
+/// message is processed, committed in the background. With `defaults`, librdkafka's own
+/// read-ahead (what a user of rdkafka gets without tuning) instead of the SDK's bounded one.
+fn drain_raw(
+    bootstrap: &str,
+    topic: &str,
+    expected: u64,
+    t0: Instant,
+    defaults: bool,
+) -> Result<Received, String> {
     use rdkafka::Message as _;
-    // The SDK consumer's settings (eventbus-kafka's `consumer_config` with the default 4 MiB
-    // read-ahead), but committing what is stored on librdkafka's own timer.
-    let consumer: BaseConsumer = ClientConfig::new()
+    let mut config = ClientConfig::new();
+    config
         .set("bootstrap.servers", bootstrap)
         .set("group.id", "drain-raw")
         .set("enable.auto.commit", "true")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
-        .set("enable.partition.eof", "false")
-        .set("session.timeout.ms", "10000")
-        .set("heartbeat.interval.ms", "3000")
-        .set("queued.max.messages.kbytes", "4096")
-        .set("fetch.max.bytes", (4 << 20).to_string())
-        .set("fetch.queue.backoff.ms", "10")
-        .create()
-        .map_err(|e| format!("consumer: {e}"))?;
+        .set("enable.partition.eof", "false");
+    if !defaults {
+        // The SDK consumer's settings (eventbus-kafka's `consumer_config` with the default
+        // 4 MiB read-ahead), but committing what is stored on librdkafka's own timer.
+        config
+            .set("session.timeout.ms", "10000")
+            .set("heartbeat.interval.ms", "3000")
+            .set("queued.max.messages.kbytes", "4096")
+            .set("fetch.max.bytes", (4 << 20).to_string())
+            .set("fetch.queue.backoff.ms", "10");
+    }
+    let consumer: BaseConsumer = config.create().map_err(|e| format!("consumer: {e}"))?;
     consumer
         .subscribe(&[topic])
         .map_err(|e| format!("subscribe: {e}"))?;

@@ -73,7 +73,8 @@ pub(crate) struct Args {
     /// ThreadedProducer with a delivery callback; not in the default run), ceiling-js (NATS:
     /// JetStream ingest acked only every 1,000 messages per publisher), ceiling-core (NATS:
     /// core publishes, no stream; not with --nats-url),
-    /// drain-sdk and drain-raw (read the backlog scenario in a consumer group).
+    /// drain-sdk and drain-raw (read the backlog scenario in a consumer group), drain-raw-defaults
+    /// (Kafka: rdkafka's consumer at librdkafka's own read-ahead, 64 MiB queued).
     #[arg(long, value_delimiter = ',')]
     pub mode: Vec<Mode>,
     /// Storage class: durable (JetStream file storage, tansu SQLite), memory (JetStream memory

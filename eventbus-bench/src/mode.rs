@@ -40,6 +40,9 @@ pub(crate) enum Mode {
     DrainSdk,
     /// Drain the same backlog with the bare client's consumer, acking each message.
     DrainRaw,
+    /// Kafka: drain it with rdkafka's consumer at librdkafka's own read-ahead defaults (64 MiB
+    /// queued, 50 MiB fetches) instead of the SDK's bounded 4 MiB, storing each offset.
+    DrainRawDefaults,
 }
 
 /// What the clock of a run covers.
@@ -146,7 +149,7 @@ pub(crate) fn one_of<T: Copy + fmt::Display>(s: &str, all: &[T]) -> Result<T, St
 
 impl Mode {
     /// Every mode the bench knows, in table order.
-    pub(crate) const ALL: [Mode; 16] = [
+    pub(crate) const ALL: [Mode; 17] = [
         Mode::Naive,
         Mode::Sdk {
             publish: Publish::Default,
@@ -187,6 +190,7 @@ impl Mode {
         Mode::CeilingCore,
         Mode::DrainSdk,
         Mode::DrainRaw,
+        Mode::DrainRawDefaults,
     ];
 
     /// The SDK's default publish path.
@@ -201,7 +205,7 @@ impl Mode {
             (Backend::Memory, m) => matches!(m, Mode::Naive | Mode::SDK),
             (Backend::Kafka, Mode::Sdk { publish, .. }) => publish == Publish::Default,
             (Backend::Kafka, Mode::CeilingJetStream | Mode::CeilingCore) => false,
-            (Backend::Nats, Mode::RawFuture) => false,
+            (Backend::Nats, Mode::RawFuture | Mode::DrainRawDefaults) => false,
             _ => true,
         }
     }
@@ -214,7 +218,7 @@ impl Mode {
     /// The measures this mode is run under.
     pub(crate) fn measures(self, asked: &[Measure]) -> Vec<Measure> {
         match self {
-            Mode::DrainSdk | Mode::DrainRaw => vec![Measure::Drain],
+            Mode::DrainSdk | Mode::DrainRaw | Mode::DrainRawDefaults => vec![Measure::Drain],
             // One ack per message is slow enough that a consumer beside it changes nothing, and
             // a ceiling has no consumer worth timing beside it.
             Mode::Naive | Mode::CeilingJetStream | Mode::CeilingCore => asked
@@ -232,7 +236,10 @@ impl Mode {
 
     /// Whether this mode drains a backlog rather than publishing.
     pub(crate) fn drain(self) -> bool {
-        matches!(self, Mode::DrainSdk | Mode::DrainRaw)
+        matches!(
+            self,
+            Mode::DrainSdk | Mode::DrainRaw | Mode::DrainRawDefaults
+        )
     }
 }
 
@@ -260,6 +267,7 @@ impl fmt::Display for Mode {
             Mode::CeilingCore => f.write_str("ceiling-core"),
             Mode::DrainSdk => f.write_str("drain-sdk"),
             Mode::DrainRaw => f.write_str("drain-raw"),
+            Mode::DrainRawDefaults => f.write_str("drain-raw-defaults"),
         }
     }
 }

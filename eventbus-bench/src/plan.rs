@@ -134,6 +134,7 @@ fn default_modes(full: bool) -> Vec<Mode> {
         Mode::CeilingCore,
         Mode::DrainSdk,
         Mode::DrainRaw,
+        Mode::DrainRawDefaults,
     ];
     if full {
         modes.extend(
@@ -312,6 +313,7 @@ mod tests {
             "ceiling-core",
             "drain-sdk",
             "drain-raw",
+            "drain-raw-defaults",
         ];
         assert_eq!(names(false), default);
         assert_eq!(names(true)[default.len()..], ["sdk-async", "sdk-atomic"]);
@@ -333,8 +335,8 @@ mod tests {
         let drains: Vec<&Run> = plan.iter().filter(|r| r.mode.drain()).collect();
         assert_eq!(
             drains.len(),
-            3 * 2,
-            "drain-sdk and drain-raw, once per repetition"
+            3 * 3,
+            "drain-sdk, drain-raw and drain-raw-defaults, once per repetition"
         );
         assert!(drains.iter().all(|r| r.storage == Storage::Memory));
         assert!(
