@@ -11,6 +11,9 @@ mod broker;
 #[cfg(feature = "tls")]
 pub mod tls;
 
+mod postgres;
+pub use postgres::{POSTGRES_USER, Postgres, postgres_bin_dir};
+
 pub use broker::{BrokerKind, Protocol, TestBroker};
 
 /// Pinned nats-server version.

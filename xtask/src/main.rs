@@ -12,7 +12,8 @@
 //!   nats-server and a fresh tansu and checks its output (also the last step of `test`).
 //! - `cargo xtask brokers up [--cluster]|down|status` starts / stops / shows local brokers for
 //!   your own use: one nats-server and one tansu, or (`--cluster`) a 3-node NATS cluster and
-//!   three tansu brokers over one SQLite file.
+//!   three tansu brokers over one SQLite file; and a PostgreSQL server either way
+//!   (`DATABASE_URL=...`).
 //! - `cargo xtask ci` is what `.ci/run` runs: fmt, clippy, doc, test, bench --quick,
 //!   reliability --quick.
 #![allow(missing_docs)]
@@ -177,7 +178,8 @@ fn brokers_cmd(args: &[String]) -> Result {
             }
             install()?;
             let cluster = args[1..].iter().any(|a| a == "--cluster");
-            let state = if cluster { up_cluster()? } else { up_single()? };
+            let mut state = if cluster { up_cluster()? } else { up_single()? };
+            state.push_str(&up_postgres()?);
             std::fs::create_dir_all(brokers::cache_dir()).map_err(|e| e.to_string())?;
             std::fs::write(state_file(), &state).map_err(|e| e.to_string())?;
             brokers_cmd(&["status".into()])
@@ -216,6 +218,17 @@ fn brokers_cmd(args: &[String]) -> Result {
         }
         _ => Err("usage: cargo xtask brokers up [--cluster]|down|status".into()),
     }
+}
+
+/// A PostgreSQL server (for the outbox and the inbox); its state file line.
+fn up_postgres() -> Result<String> {
+    let pg = brokers::Postgres::start().map_err(|e| format!("postgres: {e}"))?;
+    let (url, log) = (pg.url(), pg.log_path().to_path_buf());
+    let pid = pg.detach().ok_or("postgres has no pid")?;
+    Ok(format!(
+        "postgres {pid} DATABASE_URL={url} {}\n",
+        log.display()
+    ))
 }
 
 /// One nats-server and one tansu (SQLite: its watermarks are exact, so a bench pointed at it
