@@ -28,6 +28,8 @@ pub enum ErrorKind {
     Closed,
     /// A backend broke the engine's contract (for example returned the wrong number of outcomes).
     Contract,
+    /// The database of an outbox or inbox failed (connection, query, constraint).
+    Storage,
     /// Anything else.
     Other,
 }
@@ -45,6 +47,7 @@ impl fmt::Display for ErrorKind {
             ErrorKind::Overloaded => "overloaded",
             ErrorKind::Closed => "closed",
             ErrorKind::Contract => "backend contract violation",
+            ErrorKind::Storage => "storage error",
             ErrorKind::Other => "error",
         })
     }

@@ -60,9 +60,15 @@ pub use eventbus_memory as memory;
 #[cfg(feature = "memory")]
 pub use eventbus_memory::MemoryBroker;
 
+/// The transactional outbox (feature `outbox`): enqueue messages in your own PostgreSQL or
+/// SQLite transaction, and a relay publishes them through a [`Bus::publisher`] once it commits.
+#[cfg(feature = "outbox")]
+pub use eventbus_outbox as outbox;
+
 /// The workspace README's examples, compiled as doctests of this crate: they use `eventbus`
-/// alone (a test checks that they name no other eventbus crate).
-#[cfg(doctest)]
+/// alone (a test checks that they name no other eventbus crate). The outbox example needs the
+/// `outbox` feature: `cargo xtask test` runs them with every feature.
+#[cfg(all(doctest, feature = "outbox"))]
 #[doc = include_str!("../../README.md")]
 struct WorkspaceReadme;
 

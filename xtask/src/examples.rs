@@ -17,11 +17,12 @@ use crate::{Result, cargo};
 type Bins = HashMap<String, PathBuf>;
 
 /// Examples that run to completion and exit 0 when their own checks pass.
-const TO_COMPLETION: [&str; 4] = [
+const TO_COMPLETION: [&str; 5] = [
     "publish_backpressure",
     "ordered_consumer",
     "envelopes",
     "retry_dead_letter",
+    "outbox",
 ];
 
 /// Build the examples, start the brokers, run each example on each backend.

@@ -391,8 +391,9 @@ fn check_alone(krate: &str, backend: &str) -> Result {
 }
 
 /// The published library crates.
-const LIBRARIES: [&str; 6] = [
+const LIBRARIES: [&str; 7] = [
     "eventbus",
+    "eventbus-outbox",
     "eventbus-core",
     "eventbus-batch",
     "eventbus-memory",

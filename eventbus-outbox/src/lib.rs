@@ -1,0 +1,384 @@
+//! # eventbus-outbox
+//!
+//! A transactional outbox: an event is published if and only if the service's database
+//! transaction commits. You enqueue messages **inside your own sqlx transaction**, next to
+//! your business rows; a [`Relay`] publishes what committed through any eventbus
+//! [`Publisher`] (the batching engine over NATS, Kafka or the memory backend) and marks a row
+//! published only once its ack came. A rolled-back transaction leaves nothing to publish; a
+//! relay that crashes between the publish and the mark publishes the row again **with the same
+//! message id**, which NATS drops by `Nats-Msg-Id` and a consumer's de-duplication drops on
+//! Kafka.
+//!
+//! Two stores, both real: [`PgOutbox`] (PostgreSQL, feature `postgres`: the relay wakes on
+//! `LISTEN/NOTIFY` within milliseconds of a commit) and [`SqliteOutbox`] (SQLite, feature
+//! `sqlite`: the embedded default for tests and single-node services; it polls).
+//!
+//! ```no_run
+//! # async fn demo(publisher: impl eventbus_core::Publisher + 'static) -> Result<(), eventbus_core::Error> {
+//! use std::time::Duration;
+//! use eventbus_core::Message;
+//! use eventbus_outbox::{PgOutbox, Relay, RelayConfig};
+//!
+//! let pool = sqlx::PgPool::connect("postgres://app@db/app").await.unwrap();
+//! let outbox = PgOutbox::new(pool.clone());
+//! outbox.migrate().await?;                       // or apply `PgOutbox::schema()` yourself
+//!
+//! let mut tx = pool.begin().await.unwrap();
+//! sqlx::query("insert into orders (id, total) values ($1, $2)")
+//!     .bind(42_i64).bind(12_i64).execute(&mut *tx).await.unwrap();
+//! outbox.enqueue(&mut tx, &Message::new("orders.created", r#"{"id":42}"#).with_key("order-42")).await?;
+//! tx.commit().await.unwrap();                    // the event commits with the order, or not at all
+//!
+//! let relay = Relay::start(outbox, publisher, RelayConfig::default());
+//! // ... later, on shutdown: publish what is due, then stop.
+//! relay.close(Duration::from_secs(5)).await;
+//! # Ok(()) }
+//! ```
+//!
+//! ## Order and retries
+//!
+//! The relay takes due rows in commit order (the table's sequence) and publishes them as one
+//! batch; rows with the same key are therefore handed to the publisher in commit order. A row
+//! whose outcome is `Unknown` or a retryable failure is published again after a backoff, with
+//! the same id, and **holds back every later row of its key** until it is published, so a
+//! retry never lets a later event of the same key overtake it. A permanent failure (the broker
+//! refused the message: too large, no such topic, ...) moves the row to the failed state with
+//! the error's kind and text (never its payload) and does not hold its key. One relay per
+//! table keeps this order; several relays on one table may publish a row twice (each copy with
+//! its id) and do not yet keep per-key order between them.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use eventbus_core::{Error, ErrorKind, Message, Outcome, Publisher};
+use tokio::sync::watch;
+
+mod codec;
+#[cfg(feature = "postgres")]
+mod postgres;
+#[cfg(feature = "sqlite")]
+mod sqlite;
+
+#[cfg(feature = "postgres")]
+pub use postgres::PgOutbox;
+#[cfg(feature = "sqlite")]
+pub use sqlite::SqliteOutbox;
+/// The sqlx this crate is built with: open pools and transactions through it, so that the
+/// types match.
+pub use sqlx;
+
+/// The default table name.
+pub const DEFAULT_TABLE: &str = "eventbus_outbox";
+
+/// One committed row, due for publishing.
+#[derive(Clone, Debug)]
+pub struct Due {
+    /// The row's place in commit order.
+    pub seq: i64,
+    /// The message, as it was enqueued (same id, key, headers and payload).
+    pub message: Message,
+    /// Publishes tried so far.
+    pub attempts: u32,
+}
+
+/// What the outbox holds, for metrics and health.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct OutboxStats {
+    /// Rows not yet published (due or waiting for a retry).
+    pub pending: u64,
+    /// Rows in the failed state.
+    pub failed: u64,
+    /// Age of the oldest pending row: the outbox's lag.
+    pub oldest_pending: Option<Duration>,
+}
+
+/// A table the [`Relay`] works on: [`PgOutbox`] or [`SqliteOutbox`] (or your own).
+#[async_trait::async_trait]
+pub trait OutboxStore: Send + Sync + 'static {
+    /// Up to `max` pending rows due now, in commit order, leaving out every row whose key has
+    /// an earlier pending row that is not due yet (waiting for its retry).
+    async fn due(&self, max: usize) -> Result<Vec<Due>, Error>;
+    /// Rows `seqs` were acked: mark them published.
+    async fn published(&self, seqs: &[i64]) -> Result<(), Error>;
+    /// Row `seq` gets another attempt after `after`; `why` is the error's kind and text.
+    async fn retry_later(&self, seq: i64, after: Duration, why: &str) -> Result<(), Error>;
+    /// Row `seq` was refused for good; `why` is the error's kind and text.
+    async fn failed(&self, seq: i64, why: &str) -> Result<(), Error>;
+    /// Delete up to `max` rows published more than `older_than` ago; how many went.
+    async fn purge(&self, older_than: Duration, max: usize) -> Result<u64, Error>;
+    /// What the table holds.
+    async fn stats(&self) -> Result<OutboxStats, Error>;
+    /// Return when rows may have become due: a commit notification where the store has one, or
+    /// after `poll`.
+    async fn wait(&self, poll: Duration);
+}
+
+/// How a [`Relay`] works.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct RelayConfig {
+    /// Most rows taken and published per round. Default 500.
+    pub batch: usize,
+    /// How often the table is read when nothing wakes the relay (SQLite always; PostgreSQL
+    /// between notifications, as the fallback). Default 500 ms.
+    pub poll: Duration,
+    /// The first retry's delay; each further one doubles, up to `retry_max`. Default 100 ms.
+    pub retry_initial: Duration,
+    /// The longest delay between retries. Default 30 s.
+    pub retry_max: Duration,
+    /// How long published rows are kept before they are deleted (in batches). Default
+    /// `Duration::ZERO`: deleted at the next purge (every 20 rounds of the relay).
+    pub retention: Duration,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        RelayConfig {
+            batch: 500,
+            poll: Duration::from_millis(500),
+            retry_initial: Duration::from_millis(100),
+            retry_max: Duration::from_secs(30),
+            retention: Duration::ZERO,
+        }
+    }
+}
+
+impl RelayConfig {
+    /// Set [`RelayConfig::batch`] (at least 1).
+    pub fn batch(mut self, n: usize) -> Self {
+        self.batch = n.max(1);
+        self
+    }
+    /// Set [`RelayConfig::poll`].
+    pub fn poll(mut self, d: Duration) -> Self {
+        self.poll = d;
+        self
+    }
+    /// Set the retry delays.
+    pub fn retry(mut self, initial: Duration, max: Duration) -> Self {
+        self.retry_initial = initial;
+        self.retry_max = max.max(initial);
+        self
+    }
+    /// Set [`RelayConfig::retention`].
+    pub fn retention(mut self, d: Duration) -> Self {
+        self.retention = d;
+        self
+    }
+
+    fn backoff(&self, attempts: u32) -> Duration {
+        let factor = 1u32 << attempts.saturating_sub(1).min(16);
+        self.retry_initial
+            .saturating_mul(factor)
+            .min(self.retry_max)
+    }
+}
+
+/// The background task that publishes committed rows; started by [`Relay::start`], stopped by
+/// [`Relay::close`].
+#[derive(Debug)]
+pub struct Relay {
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Relay {
+    /// Start publishing `store`'s rows through `publisher` (which the relay owns and closes).
+    pub fn start<S, P>(store: S, publisher: P, config: RelayConfig) -> Relay
+    where
+        S: OutboxStore,
+        P: Publisher + 'static,
+    {
+        let (stop, stopped) = watch::channel(false);
+        let task = tokio::spawn(run(Arc::new(store), publisher, config, stopped));
+        Relay { stop, task }
+    }
+
+    /// Publish what is due now (waiting up to `deadline` for its acks), then stop. Rows not
+    /// published by then stay in the table for the next relay.
+    pub async fn close(self, deadline: Duration) {
+        let _ = self.stop.send(true);
+        let abort = self.task.abort_handle();
+        if tokio::time::timeout(deadline, self.task).await.is_err() {
+            abort.abort();
+        }
+    }
+}
+
+/// The error's kind and text, for the table: never a payload (errors carry none).
+fn describe(e: &Error) -> String {
+    let mut s = format!("{:?}: {e}", e.kind());
+    s.truncate(1000);
+    s
+}
+
+async fn run<S: OutboxStore, P: Publisher>(
+    store: Arc<S>,
+    publisher: P,
+    config: RelayConfig,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut rounds: u64 = 0;
+    loop {
+        let closing = *stop.borrow();
+        rounds += 1;
+        if rounds.is_multiple_of(20) {
+            purge(&*store, config.retention).await;
+        }
+        let due = match store.due(config.batch).await {
+            Ok(due) => due,
+            Err(e) => {
+                tracing::warn!(error = %e, "outbox: reading due rows failed");
+                metrics::counter!("eventbus_outbox_errors_total").increment(1);
+                if closing {
+                    break;
+                }
+                wait_or_stop(&*store, config.poll, &mut stop).await;
+                continue;
+            }
+        };
+        if due.is_empty() {
+            if closing {
+                break;
+            }
+            report(&*store).await;
+            wait_or_stop(&*store, config.poll, &mut stop).await;
+            continue;
+        }
+        let full = due.len() >= config.batch;
+        publish_round(&*store, &publisher, &config, due).await;
+        if closing && !full {
+            break;
+        }
+    }
+    let _ = publisher.close(Duration::from_secs(5)).await;
+}
+
+async fn wait_or_stop<S: OutboxStore>(store: &S, poll: Duration, stop: &mut watch::Receiver<bool>) {
+    tokio::select! {
+        () = store.wait(poll) => {}
+        _ = stop.changed() => {}
+    }
+}
+
+/// Publish `due` as one batch, then record each outcome.
+async fn publish_round<S: OutboxStore, P: Publisher>(
+    store: &S,
+    publisher: &P,
+    config: &RelayConfig,
+    due: Vec<Due>,
+) {
+    let mut pending = Vec::with_capacity(due.len());
+    for row in &due {
+        pending.push(publisher.publish(row.message.clone()).await);
+    }
+    let mut acked = Vec::with_capacity(due.len());
+    for (row, admitted) in due.iter().zip(pending) {
+        let outcome = match admitted {
+            Ok(ack) => ack.await,
+            Err(e) => Outcome::Failed(e),
+        };
+        let recorded = match outcome {
+            Outcome::Acked(_) => {
+                acked.push(row.seq);
+                Ok(())
+            }
+            Outcome::Failed(e) if !e.is_retryable() => {
+                tracing::warn!(seq = row.seq, error = %e, "outbox: message refused for good");
+                metrics::counter!("eventbus_outbox_failed_total").increment(1);
+                store.failed(row.seq, &describe(&e)).await
+            }
+            Outcome::Failed(e) | Outcome::Unknown(e) => {
+                metrics::counter!("eventbus_outbox_retried_total").increment(1);
+                let after = config.backoff(row.attempts + 1);
+                store.retry_later(row.seq, after, &describe(&e)).await
+            }
+        };
+        if let Err(e) = recorded {
+            // The row stays pending and is published again with its id: at least once.
+            tracing::warn!(seq = row.seq, error = %e, "outbox: recording an outcome failed");
+        }
+    }
+    if !acked.is_empty() {
+        match store.published(&acked).await {
+            Ok(()) => {
+                metrics::counter!("eventbus_outbox_published_total").increment(acked.len() as u64)
+            }
+            Err(e) => tracing::warn!(
+                rows = acked.len(),
+                error = %e,
+                "outbox: marking rows published failed; they will be published again with their ids"
+            ),
+        }
+    }
+}
+
+async fn purge<S: OutboxStore>(store: &S, retention: Duration) {
+    if let Err(e) = store.purge(retention, 10_000).await {
+        tracing::warn!(error = %e, "outbox: purging published rows failed");
+    }
+}
+
+async fn report<S: OutboxStore>(store: &S) {
+    if let Ok(s) = store.stats().await {
+        metrics::gauge!("eventbus_outbox_pending").set(s.pending as f64);
+        metrics::gauge!("eventbus_outbox_failed").set(s.failed as f64);
+        metrics::gauge!("eventbus_outbox_lag_seconds")
+            .set(s.oldest_pending.map_or(0.0, |d| d.as_secs_f64()));
+    }
+}
+
+/// A database error as an eventbus error: connection trouble is temporary, the rest not.
+pub(crate) fn storage(what: &'static str, e: sqlx::Error) -> Error {
+    let temporary = matches!(
+        e,
+        sqlx::Error::Io(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::Tls(_)
+    );
+    let err = Error::new(ErrorKind::Storage, what).with_source(e);
+    if temporary { err.temporary() } else { err }
+}
+
+/// A table name that is safe to put into SQL: letters, digits and `_`, not starting with a
+/// digit (optionally one `schema.` prefix of the same form).
+pub(crate) fn checked_table(name: &str) -> Result<String, Error> {
+    let ok = |part: &str| {
+        !part.is_empty()
+            && part.len() <= 63
+            && !part.starts_with(|c: char| c.is_ascii_digit())
+            && part.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+    };
+    let parts: Vec<&str> = name.split('.').collect();
+    if parts.len() <= 2 && parts.iter().all(|p| ok(p)) {
+        Ok(name.to_owned())
+    } else {
+        Err(Error::new(
+            ErrorKind::Config,
+            "outbox table name: letters, digits and `_` only (optionally `schema.table`)",
+        )
+        .permanent())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap() {
+        let c = RelayConfig::default().retry(Duration::from_millis(100), Duration::from_secs(1));
+        let waits: Vec<u128> = (1..=6).map(|a| c.backoff(a).as_millis()).collect();
+        assert_eq!(waits, [100, 200, 400, 800, 1000, 1000]);
+    }
+
+    #[test]
+    fn table_names_are_checked() {
+        assert!(checked_table("eventbus_outbox").is_ok());
+        assert!(checked_table("app.outbox_2").is_ok());
+        for bad in ["", "1x", "a;drop", "a.b.c", "a b", "x\"y"] {
+            assert!(checked_table(bad).is_err(), "{bad:?}");
+        }
+    }
+}

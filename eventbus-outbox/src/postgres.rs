@@ -1,0 +1,289 @@
+//! [`PgOutbox`]: the outbox table in PostgreSQL, with `LISTEN/NOTIFY` to wake the relay.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use eventbus_core::{Error, Message};
+use sqlx::Row as _;
+use sqlx::postgres::{PgConnection, PgListener, PgPool};
+use tokio::sync::Mutex;
+
+use crate::codec::{self, Columns};
+use crate::{DEFAULT_TABLE, Due, OutboxStats, OutboxStore, checked_table, storage};
+
+/// The outbox in a PostgreSQL database. [`PgOutbox::enqueue`] also sends a notification on
+/// the channel named like the table, which PostgreSQL delivers when the transaction commits:
+/// the relay wakes within milliseconds of a commit and reads the table only every
+/// [`RelayConfig::poll`](crate::RelayConfig::poll) otherwise.
+#[derive(Clone, Debug)]
+pub struct PgOutbox {
+    pool: PgPool,
+    table: String,
+    /// The relay's listening connection, opened on its first wait.
+    listener: Arc<Mutex<Option<PgListener>>>,
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+impl PgOutbox {
+    /// The outbox in table [`DEFAULT_TABLE`] of `pool`'s database.
+    pub fn new(pool: PgPool) -> Self {
+        PgOutbox {
+            pool,
+            table: DEFAULT_TABLE.to_owned(),
+            listener: Arc::default(),
+        }
+    }
+
+    /// The same, in table `name` (letters, digits and `_`, optionally `schema.table`).
+    pub fn with_table(pool: PgPool, name: &str) -> Result<Self, Error> {
+        Ok(PgOutbox {
+            pool,
+            table: checked_table(name)?,
+            listener: Arc::default(),
+        })
+    }
+
+    /// The notification channel: the table name.
+    fn channel(&self) -> String {
+        self.table.replace('.', "_")
+    }
+
+    /// The statements that create the table and its indexes (what [`PgOutbox::migrate`]
+    /// runs), for your own migration tool.
+    pub fn schema(&self) -> Vec<String> {
+        let t = &self.table;
+        let i = self.channel();
+        vec![
+            format!(
+                "CREATE TABLE IF NOT EXISTS {t} (
+                    seq BIGSERIAL PRIMARY KEY,
+                    message_id TEXT NOT NULL,
+                    topic TEXT NOT NULL,
+                    msg_key BYTEA,
+                    headers TEXT NOT NULL,
+                    payload BYTEA NOT NULL,
+                    state SMALLINT NOT NULL DEFAULT 0,
+                    attempts INTEGER NOT NULL DEFAULT 0,
+                    available_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+                    created_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+                    published_at TIMESTAMPTZ,
+                    last_error TEXT
+                )"
+            ),
+            format!(
+                "CREATE INDEX IF NOT EXISTS {i}_due ON {t} (available_at, seq) WHERE state = 0"
+            ),
+            format!("CREATE INDEX IF NOT EXISTS {i}_key ON {t} (msg_key, seq) WHERE state = 0"),
+            format!("CREATE INDEX IF NOT EXISTS {i}_done ON {t} (published_at) WHERE state = 1"),
+        ]
+    }
+
+    /// Create the table and its indexes if they do not exist.
+    pub async fn migrate(&self) -> Result<(), Error> {
+        for statement in self.schema() {
+            sqlx::query(&statement)
+                .execute(&self.pool)
+                .await
+                .map_err(|e| storage("outbox: creating the table failed", e))?;
+        }
+        Ok(())
+    }
+
+    /// Add `msg` to the outbox inside the caller's transaction (`&mut tx`): it is published
+    /// once, and only if, that transaction commits.
+    pub async fn enqueue(&self, tx: &mut PgConnection, msg: &Message) -> Result<(), Error> {
+        self.enqueue_at(tx, msg, Duration::ZERO).await
+    }
+
+    /// Like [`PgOutbox::enqueue`], published no earlier than `delay` after now.
+    pub async fn enqueue_at(
+        &self,
+        tx: &mut PgConnection,
+        msg: &Message,
+        delay: Duration,
+    ) -> Result<(), Error> {
+        let c = codec::encode(msg);
+        sqlx::query(&format!(
+            "INSERT INTO {} (message_id, topic, msg_key, headers, payload, available_at)
+             VALUES ($1, $2, $3, $4, $5, now() + $6 * interval '1 millisecond')",
+            self.table
+        ))
+        .bind(c.id)
+        .bind(c.topic)
+        .bind(c.key)
+        .bind(c.headers)
+        .bind(c.payload)
+        .bind(ms(delay))
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| storage("outbox: enqueue failed", e))?;
+        // Delivered on commit, once per transaction however many rows it adds.
+        sqlx::query("SELECT pg_notify($1, '')")
+            .bind(self.channel())
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| storage("outbox: notify failed", e))?;
+        Ok(())
+    }
+
+    /// [`PgOutbox::enqueue`] for each of `msgs`, in order.
+    pub async fn enqueue_all(&self, tx: &mut PgConnection, msgs: &[Message]) -> Result<(), Error> {
+        for m in msgs {
+            self.enqueue(tx, m).await?;
+        }
+        Ok(())
+    }
+
+    /// The error kind and text of every failed row, by its message id, oldest first.
+    pub async fn failures(&self) -> Result<Vec<(String, String)>, Error> {
+        let rows = sqlx::query(&format!(
+            "SELECT message_id, last_error FROM {} WHERE state = 2 ORDER BY seq",
+            self.table
+        ))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| storage("outbox: reading failed rows failed", e))?;
+        Ok(rows
+            .iter()
+            .map(|r| (r.get(0), r.get::<Option<String>, _>(1).unwrap_or_default()))
+            .collect())
+    }
+}
+
+#[async_trait::async_trait]
+impl OutboxStore for PgOutbox {
+    async fn due(&self, max: usize) -> Result<Vec<Due>, Error> {
+        let t = &self.table;
+        let rows = sqlx::query(&format!(
+            "SELECT seq, message_id, topic, msg_key, headers, payload, attempts FROM {t} o
+             WHERE state = 0 AND available_at <= now()
+               AND NOT EXISTS (SELECT 1 FROM {t} p WHERE p.state = 0 AND p.msg_key = o.msg_key
+                               AND p.seq < o.seq AND p.available_at > now())
+             ORDER BY seq LIMIT $1"
+        ))
+        .bind(i64::try_from(max).unwrap_or(i64::MAX))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| storage("outbox: reading due rows failed", e))?;
+        rows.into_iter()
+            .map(|r| {
+                Ok(Due {
+                    seq: r.get(0),
+                    message: codec::decode(Columns {
+                        id: r.get(1),
+                        topic: r.get(2),
+                        key: r.get(3),
+                        headers: r.get(4),
+                        payload: r.get(5),
+                    })?,
+                    attempts: u32::try_from(r.get::<i32, _>(6)).unwrap_or(0),
+                })
+            })
+            .collect()
+    }
+
+    async fn published(&self, seqs: &[i64]) -> Result<(), Error> {
+        sqlx::query(&format!(
+            "UPDATE {} SET state = 1, published_at = now(), attempts = attempts + 1
+             WHERE seq = ANY($1)",
+            self.table
+        ))
+        .bind(seqs)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| storage("outbox: marking rows published failed", e))?;
+        Ok(())
+    }
+
+    async fn retry_later(&self, seq: i64, after: Duration, why: &str) -> Result<(), Error> {
+        sqlx::query(&format!(
+            "UPDATE {} SET attempts = attempts + 1,
+                 available_at = now() + $1 * interval '1 millisecond', last_error = $2
+             WHERE seq = $3",
+            self.table
+        ))
+        .bind(ms(after))
+        .bind(why)
+        .bind(seq)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| storage("outbox: scheduling a retry failed", e))?;
+        Ok(())
+    }
+
+    async fn failed(&self, seq: i64, why: &str) -> Result<(), Error> {
+        sqlx::query(&format!(
+            "UPDATE {} SET state = 2, attempts = attempts + 1, last_error = $1 WHERE seq = $2",
+            self.table
+        ))
+        .bind(why)
+        .bind(seq)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| storage("outbox: marking a row failed failed", e))?;
+        Ok(())
+    }
+
+    async fn purge(&self, older_than: Duration, max: usize) -> Result<u64, Error> {
+        let t = &self.table;
+        let done = sqlx::query(&format!(
+            "DELETE FROM {t} WHERE seq IN
+               (SELECT seq FROM {t} WHERE state = 1
+                  AND published_at <= now() - $1 * interval '1 millisecond'
+                ORDER BY seq LIMIT $2)"
+        ))
+        .bind(ms(older_than))
+        .bind(i64::try_from(max).unwrap_or(i64::MAX))
+        .execute(&self.pool)
+        .await
+        .map_err(|e| storage("outbox: purging published rows failed", e))?;
+        Ok(done.rows_affected())
+    }
+
+    async fn stats(&self) -> Result<OutboxStats, Error> {
+        let r = sqlx::query(&format!(
+            "SELECT count(*) FILTER (WHERE state = 0), count(*) FILTER (WHERE state = 2),
+                    EXTRACT(EPOCH FROM now() - min(created_at) FILTER (WHERE state = 0))::float8
+             FROM {}",
+            self.table
+        ))
+        .fetch_one(&self.pool)
+        .await
+        .map_err(|e| storage("outbox: reading its size failed", e))?;
+        let oldest: Option<f64> = r.get(2);
+        Ok(OutboxStats {
+            pending: u64::try_from(r.get::<i64, _>(0)).unwrap_or(0),
+            failed: u64::try_from(r.get::<i64, _>(1)).unwrap_or(0),
+            oldest_pending: oldest.map(|s| Duration::from_secs_f64(s.max(0.0))),
+        })
+    }
+
+    async fn wait(&self, poll: Duration) {
+        let mut guard = self.listener.lock().await;
+        if guard.is_none() {
+            match PgListener::connect_with(&self.pool).await {
+                Ok(mut l) => match l.listen(&self.channel()).await {
+                    Ok(()) => *guard = Some(l),
+                    Err(e) => tracing::debug!(error = %e, "outbox: LISTEN failed; polling"),
+                },
+                Err(e) => tracing::debug!(error = %e, "outbox: no listening connection; polling"),
+            }
+        }
+        let Some(listener) = guard.as_mut() else {
+            drop(guard);
+            tokio::time::sleep(poll).await;
+            return;
+        };
+        match tokio::time::timeout(poll, listener.recv()).await {
+            // A notification, or the poll interval: read the table either way.
+            Ok(Ok(_)) | Err(_) => {}
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "outbox: listening connection lost; reconnecting");
+                *guard = None;
+            }
+        }
+    }
+}
