@@ -37,18 +37,32 @@
 //!
 //! ## Order and retries
 //!
-//! The relay takes due rows in commit order (the table's sequence) and publishes them as one
-//! batch; rows with the same key are therefore handed to the publisher in commit order. A row
-//! whose outcome is `Unknown` or a retryable failure is published again after a backoff, with
-//! the same id, and **holds back every later row of its key** until it is published, so a
-//! retry never lets a later event of the same key overtake it. A permanent failure (the broker
-//! refused the message: too large, no such topic, ...) moves the row to the failed state with
-//! the error's kind and text (never its payload) and does not hold its key. One relay per
-//! table keeps this order; several relays on one table may publish a row twice (each copy with
-//! its id) and do not yet keep per-key order between them.
+//! The relay takes due rows in the table's sequence (the order they were inserted) and
+//! publishes them as one batch; rows with the same key are handed to the publisher in that
+//! order, and the backend keeps it as far as it keeps per-key order (Kafka's idempotent
+//! producer does through retries). On PostgreSQL two transactions that insert concurrently may
+//! commit in the other order: per-key order is insert order, which is commit order when one
+//! writer at a time changes a given key (as a lock on the aggregate's row ensures).
+//!
+//! A row whose outcome is `Unknown` or a retryable failure is published again after a backoff
+//! (doubling up to [`RelayConfig::retry_max`], with no limit on attempts), with the same id,
+//! and **holds back every later row of its key** until it is published, so a retry never lets
+//! a later event of the same key overtake it; a row delayed by `enqueue_at` holds its key the
+//! same way. When the publisher itself refuses (closed, window full, misconfigured) the round
+//! stops there and the rest waits, untouched. A message the broker refuses for what it is (too
+//! large, invalid, no such topic) moves to the failed state with the error's kind and text
+//! (never its payload) and does not hold its key.
+//!
+//! The same id makes a copy harmless only while the broker still remembers it: NATS within the
+//! stream's `duplicate_window` (2 minutes by default), Kafka as long as the consumer's
+//! de-duplication does. A relay down for longer than that, or retrying longer, may publish a
+//! row twice. One relay per table keeps the order above; several relays on one table may
+//! publish a row twice and do not yet keep per-key order between them.
 
 use std::sync::Arc;
 use std::time::Duration;
+
+use tokio::time::Instant;
 
 use eventbus_core::{Error, ErrorKind, Message, Outcome, Publisher};
 use tokio::sync::watch;
@@ -175,11 +189,12 @@ impl RelayConfig {
 }
 
 /// The background task that publishes committed rows; started by [`Relay::start`], stopped by
-/// [`Relay::close`].
+/// [`Relay::close`] (or, without waiting, when dropped).
 #[derive(Debug)]
 pub struct Relay {
-    stop: watch::Sender<bool>,
-    task: tokio::task::JoinHandle<()>,
+    /// `Some(deadline)` once closing.
+    stop: watch::Sender<Option<Instant>>,
+    task: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Relay {
@@ -189,91 +204,155 @@ impl Relay {
         S: OutboxStore,
         P: Publisher + 'static,
     {
-        let (stop, stopped) = watch::channel(false);
+        let (stop, stopped) = watch::channel(None);
         let task = tokio::spawn(run(Arc::new(store), publisher, config, stopped));
-        Relay { stop, task }
+        Relay {
+            stop,
+            task: Some(task),
+        }
     }
 
-    /// Publish what is due now (waiting up to `deadline` for its acks), then stop. Rows not
+    /// Publish what is due now, then close the publisher, all within `deadline`. Rows not
     /// published by then stay in the table for the next relay.
-    pub async fn close(self, deadline: Duration) {
-        let _ = self.stop.send(true);
-        let abort = self.task.abort_handle();
-        if tokio::time::timeout(deadline, self.task).await.is_err() {
-            abort.abort();
+    pub async fn close(mut self, deadline: Duration) {
+        let until = Instant::now() + deadline;
+        let _ = self.stop.send(Some(until));
+        if let Some(task) = self.task.take() {
+            let abort = task.abort_handle();
+            // The task keeps to the deadline itself; the margin lets it finish closing.
+            if tokio::time::timeout_at(until + Duration::from_secs(1), task)
+                .await
+                .is_err()
+            {
+                abort.abort();
+            }
         }
     }
 }
 
-/// The error's kind and text, for the table: never a payload (errors carry none).
+impl Drop for Relay {
+    /// Stop at once: rows not yet published stay in the table.
+    fn drop(&mut self) {
+        if self.task.is_some() {
+            let _ = self.stop.send(Some(Instant::now()));
+        }
+    }
+}
+
+/// The error's kind and text, for the table: never a payload (errors carry none), at most
+/// 1,000 characters.
 fn describe(e: &Error) -> String {
-    let mut s = format!("{:?}: {e}", e.kind());
-    s.truncate(1000);
-    s
+    format!("{:?}: {e}", e.kind()).chars().take(1000).collect()
+}
+
+/// Whether `e`, the outcome of one message, says that message can never be stored: the
+/// broker refused it for what it is. Anything else (the publisher closed or misconfigured, no
+/// permission yet, a full window) is about the path, not the row, and is retried.
+fn refused_for_good(e: &Error) -> bool {
+    !e.is_retryable()
+        && matches!(
+            e.kind(),
+            ErrorKind::TooLarge | ErrorKind::InvalidMessage | ErrorKind::Rejected
+        )
 }
 
 async fn run<S: OutboxStore, P: Publisher>(
     store: Arc<S>,
     publisher: P,
     config: RelayConfig,
-    mut stop: watch::Receiver<bool>,
+    mut stop: watch::Receiver<Option<Instant>>,
 ) {
+    let poll = config.poll.max(Duration::from_millis(1));
+    let batch = config.batch.max(1);
     let mut rounds: u64 = 0;
-    loop {
-        let closing = *stop.borrow();
+    let deadline = loop {
+        // A dropped handle closes the relay too.
+        let closing = (*stop.borrow()).or_else(|| stop.has_changed().is_err().then(Instant::now));
+        if closing.is_some_and(|d| Instant::now() >= d) {
+            break closing;
+        }
         rounds += 1;
         if rounds.is_multiple_of(20) {
             purge(&*store, config.retention).await;
         }
-        let due = match store.due(config.batch).await {
+        let due = match store.due(batch).await {
             Ok(due) => due,
             Err(e) => {
-                tracing::warn!(error = %e, "outbox: reading due rows failed");
+                tracing::warn!(error = ?e, "outbox: reading due rows failed");
                 metrics::counter!("eventbus_outbox_errors_total").increment(1);
-                if closing {
-                    break;
+                if closing.is_some() {
+                    break closing;
                 }
-                wait_or_stop(&*store, config.poll, &mut stop).await;
+                wait_or_stop(&*store, poll, &mut stop).await;
                 continue;
             }
         };
         if due.is_empty() {
-            if closing {
-                break;
+            if closing.is_some() {
+                break closing;
             }
             report(&*store).await;
-            wait_or_stop(&*store, config.poll, &mut stop).await;
+            wait_or_stop(&*store, poll, &mut stop).await;
             continue;
         }
-        let full = due.len() >= config.batch;
-        publish_round(&*store, &publisher, &config, due).await;
-        if closing && !full {
-            break;
+        let full = due.len() >= batch;
+        let round = publish_round(&*store, &publisher, &config, due);
+        let clean = match closing {
+            Some(d) => tokio::time::timeout_at(d, round).await.unwrap_or(false),
+            None => round.await,
+        };
+        if closing.is_some() && !(full && clean) {
+            break closing;
         }
-    }
-    let _ = publisher.close(Duration::from_secs(5)).await;
+        if !clean {
+            // The path or the table is in trouble: do not spin on the same rows.
+            wait_or_stop(&*store, poll, &mut stop).await;
+        }
+    };
+    let left = deadline.map_or(Duration::from_secs(5), |d| {
+        d.saturating_duration_since(Instant::now())
+    });
+    let _ = publisher.close(left).await;
 }
 
-async fn wait_or_stop<S: OutboxStore>(store: &S, poll: Duration, stop: &mut watch::Receiver<bool>) {
+async fn wait_or_stop<S: OutboxStore>(
+    store: &S,
+    poll: Duration,
+    stop: &mut watch::Receiver<Option<Instant>>,
+) {
     tokio::select! {
         () = store.wait(poll) => {}
         _ = stop.changed() => {}
     }
 }
 
-/// Publish `due` as one batch, then record each outcome.
+/// Publish `due` as one batch, then record each outcome; `false` when the round ended early
+/// (the publisher refused a row for a reason not about the row) or an outcome could not be
+/// recorded.
 async fn publish_round<S: OutboxStore, P: Publisher>(
     store: &S,
     publisher: &P,
     config: &RelayConfig,
     due: Vec<Due>,
-) {
+) -> bool {
+    let mut clean = true;
     let mut pending = Vec::with_capacity(due.len());
     for row in &due {
-        pending.push(publisher.publish(row.message.clone()).await);
+        match publisher.publish(row.message.clone()).await {
+            Ok(ack) => pending.push((row, Ok(ack))),
+            // Refused before it was sent, for what it is: its own outcome.
+            Err(e) if refused_for_good(&e) => pending.push((row, Err(e))),
+            Err(e) => {
+                // The path is in trouble (closed, full, misconfigured): stop here, so no later
+                // row of the same key goes before this one; the rest stay pending as they are.
+                tracing::warn!(error = ?e, "outbox: the publisher refused; trying again later");
+                clean = false;
+                break;
+            }
+        }
     }
-    let mut acked = Vec::with_capacity(due.len());
-    for (row, admitted) in due.iter().zip(pending) {
+    let mut acked = Vec::with_capacity(pending.len());
+    for (row, admitted) in pending {
         let outcome = match admitted {
             Ok(ack) => ack.await,
             Err(e) => Outcome::Failed(e),
@@ -283,7 +362,7 @@ async fn publish_round<S: OutboxStore, P: Publisher>(
                 acked.push(row.seq);
                 Ok(())
             }
-            Outcome::Failed(e) if !e.is_retryable() => {
+            Outcome::Failed(e) if refused_for_good(&e) => {
                 tracing::warn!(seq = row.seq, error = %e, "outbox: message refused for good");
                 metrics::counter!("eventbus_outbox_failed_total").increment(1);
                 store.failed(row.seq, &describe(&e)).await
@@ -296,7 +375,8 @@ async fn publish_round<S: OutboxStore, P: Publisher>(
         };
         if let Err(e) = recorded {
             // The row stays pending and is published again with its id: at least once.
-            tracing::warn!(seq = row.seq, error = %e, "outbox: recording an outcome failed");
+            tracing::warn!(seq = row.seq, error = ?e, "outbox: recording an outcome failed");
+            clean = false;
         }
     }
     if !acked.is_empty() {
@@ -304,13 +384,17 @@ async fn publish_round<S: OutboxStore, P: Publisher>(
             Ok(()) => {
                 metrics::counter!("eventbus_outbox_published_total").increment(acked.len() as u64)
             }
-            Err(e) => tracing::warn!(
-                rows = acked.len(),
-                error = %e,
-                "outbox: marking rows published failed; they will be published again with their ids"
-            ),
+            Err(e) => {
+                tracing::warn!(
+                    rows = acked.len(),
+                    error = ?e,
+                    "outbox: marking rows published failed; they will be published again with their ids"
+                );
+                clean = false;
+            }
         }
     }
+    clean
 }
 
 async fn purge<S: OutboxStore>(store: &S, retention: Duration) {
@@ -343,7 +427,7 @@ pub(crate) fn storage(what: &'static str, e: sqlx::Error) -> Error {
 
 /// A table name that is safe to put into SQL: letters, digits and `_`, not starting with a
 /// digit (optionally one `schema.` prefix of the same form).
-pub(crate) fn checked_table(name: &str) -> Result<String, Error> {
+pub(crate) fn checked_table(name: &str, schema: bool) -> Result<String, Error> {
     let ok = |part: &str| {
         !part.is_empty()
             && part.len() <= 63
@@ -351,7 +435,7 @@ pub(crate) fn checked_table(name: &str) -> Result<String, Error> {
             && part.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
     };
     let parts: Vec<&str> = name.split('.').collect();
-    if parts.len() <= 2 && parts.iter().all(|p| ok(p)) {
+    if parts.len() <= if schema { 2 } else { 1 } && parts.iter().all(|p| ok(p)) {
         Ok(name.to_owned())
     } else {
         Err(Error::new(
@@ -375,10 +459,11 @@ mod tests {
 
     #[test]
     fn table_names_are_checked() {
-        assert!(checked_table("eventbus_outbox").is_ok());
-        assert!(checked_table("app.outbox_2").is_ok());
+        assert!(checked_table("eventbus_outbox", false).is_ok());
+        assert!(checked_table("app.outbox_2", true).is_ok());
+        assert!(checked_table("app.outbox_2", false).is_err());
         for bad in ["", "1x", "a;drop", "a.b.c", "a b", "x\"y"] {
-            assert!(checked_table(bad).is_err(), "{bad:?}");
+            assert!(checked_table(bad, true).is_err(), "{bad:?}");
         }
     }
 }

@@ -14,7 +14,9 @@ use crate::{DEFAULT_TABLE, Due, OutboxStats, OutboxStore, checked_table, storage
 /// The outbox in a PostgreSQL database. [`PgOutbox::enqueue`] also sends a notification on
 /// the channel named like the table, which PostgreSQL delivers when the transaction commits:
 /// the relay wakes within milliseconds of a commit and reads the table only every
-/// [`RelayConfig::poll`](crate::RelayConfig::poll) otherwise.
+/// [`RelayConfig::poll`](crate::RelayConfig::poll) otherwise. The relay listens on one
+/// connection of its own, besides the pool's. `pg_notify` serialises committing transactions
+/// on PostgreSQL's notification queue: at thousands of commits a second, measure it.
 #[derive(Clone, Debug)]
 pub struct PgOutbox {
     pool: PgPool,
@@ -41,7 +43,7 @@ impl PgOutbox {
     pub fn with_table(pool: PgPool, name: &str) -> Result<Self, Error> {
         Ok(PgOutbox {
             pool,
-            table: checked_table(name)?,
+            table: checked_table(name, true)?,
             listener: Arc::default(),
         })
     }
@@ -168,21 +170,37 @@ impl OutboxStore for PgOutbox {
         .fetch_all(&self.pool)
         .await
         .map_err(|e| storage("outbox: reading due rows failed", e))?;
-        rows.into_iter()
-            .map(|r| {
+        let mut due = Vec::with_capacity(rows.len());
+        for r in rows {
+            let seq: i64 = r
+                .try_get(0)
+                .map_err(|e| storage("outbox: reading due rows failed", e))?;
+            let row = (|| -> Result<Due, String> {
+                let get_err = |e: sqlx::Error| e.to_string();
+                let columns = Columns {
+                    id: r.try_get(1).map_err(get_err)?,
+                    topic: r.try_get(2).map_err(get_err)?,
+                    key: r.try_get(3).map_err(get_err)?,
+                    headers: r.try_get(4).map_err(get_err)?,
+                    payload: r.try_get(5).map_err(get_err)?,
+                };
+                let attempts: i32 = r.try_get(6).map_err(get_err)?;
                 Ok(Due {
-                    seq: r.get(0),
-                    message: codec::decode(Columns {
-                        id: r.get(1),
-                        topic: r.get(2),
-                        key: r.get(3),
-                        headers: r.get(4),
-                        payload: r.get(5),
-                    })?,
-                    attempts: u32::try_from(r.get::<i32, _>(6)).unwrap_or(0),
+                    seq,
+                    message: codec::decode(columns).map_err(|e| e.to_string())?,
+                    attempts: u32::try_from(attempts).unwrap_or(0),
                 })
-            })
-            .collect()
+            })();
+            match row {
+                Ok(d) => due.push(d),
+                // It can never be published: out of the way, so the rest goes on.
+                Err(why) => {
+                    tracing::warn!(seq, why, "outbox: unreadable row moved to the failed state");
+                    self.failed(seq, &format!("unreadable row: {why}")).await?;
+                }
+            }
+        }
+        Ok(due)
     }
 
     async fn published(&self, seqs: &[i64]) -> Result<(), Error> {
@@ -263,27 +281,42 @@ impl OutboxStore for PgOutbox {
 
     async fn wait(&self, poll: Duration) {
         let mut guard = self.listener.lock().await;
-        if guard.is_none() {
-            match PgListener::connect_with(&self.pool).await {
-                Ok(mut l) => match l.listen(&self.channel()).await {
-                    Ok(()) => *guard = Some(l),
-                    Err(e) => tracing::debug!(error = %e, "outbox: LISTEN failed; polling"),
-                },
-                Err(e) => tracing::debug!(error = %e, "outbox: no listening connection; polling"),
-            }
-        }
         let Some(listener) = guard.as_mut() else {
-            drop(guard);
-            tokio::time::sleep(poll).await;
+            // Listening starts (again) now: a commit before it was not heard, so return at once
+            // and let the relay read the table; the next wait listens.
+            match tokio::time::timeout(poll, self.listen()).await {
+                Ok(Ok(l)) => *guard = Some(l),
+                Ok(Err(e)) => {
+                    tracing::debug!(error = ?e, "outbox: LISTEN failed; polling");
+                    drop(guard);
+                    tokio::time::sleep(poll).await;
+                }
+                Err(_) => tracing::debug!("outbox: LISTEN timed out; polling"),
+            }
             return;
         };
         match tokio::time::timeout(poll, listener.recv()).await {
-            // A notification, or the poll interval: read the table either way.
-            Ok(Ok(_)) | Err(_) => {}
+            // A notification (one per committed transaction): take the others already here
+            // too, since one read of the table serves them all.
+            Ok(Ok(_)) => while listener.next_buffered().is_some() {},
+            Err(_) => {}
             Ok(Err(e)) => {
-                tracing::debug!(error = %e, "outbox: listening connection lost; reconnecting");
+                tracing::debug!(error = ?e, "outbox: listening connection lost; reconnecting");
                 *guard = None;
             }
         }
+    }
+}
+
+impl PgOutbox {
+    /// A listening connection of its own (outside the caller's pool, which it would hold for
+    /// good otherwise), on the table's channel.
+    async fn listen(&self) -> Result<PgListener, sqlx::Error> {
+        let own = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(1)
+            .connect_lazy_with(self.pool.connect_options().as_ref().clone());
+        let mut l = PgListener::connect_with(&own).await?;
+        l.listen(&self.channel()).await?;
+        Ok(l)
     }
 }

@@ -40,7 +40,7 @@ impl SqliteOutbox {
     pub fn with_table(pool: SqlitePool, name: &str) -> Result<Self, Error> {
         Ok(SqliteOutbox {
             pool,
-            table: checked_table(name)?,
+            table: checked_table(name, false)?,
         })
     }
 
@@ -158,21 +158,37 @@ impl OutboxStore for SqliteOutbox {
         .fetch_all(&self.pool)
         .await
         .map_err(|e| storage("outbox: reading due rows failed", e))?;
-        rows.into_iter()
-            .map(|r| {
+        let mut due = Vec::with_capacity(rows.len());
+        for r in rows {
+            let seq: i64 = r
+                .try_get(0)
+                .map_err(|e| storage("outbox: reading due rows failed", e))?;
+            let row = (|| -> Result<Due, String> {
+                let get_err = |e: sqlx::Error| e.to_string();
+                let columns = Columns {
+                    id: r.try_get(1).map_err(get_err)?,
+                    topic: r.try_get(2).map_err(get_err)?,
+                    key: r.try_get(3).map_err(get_err)?,
+                    headers: r.try_get(4).map_err(get_err)?,
+                    payload: r.try_get(5).map_err(get_err)?,
+                };
+                let attempts: i64 = r.try_get(6).map_err(get_err)?;
                 Ok(Due {
-                    seq: r.get(0),
-                    message: codec::decode(Columns {
-                        id: r.get(1),
-                        topic: r.get(2),
-                        key: r.get(3),
-                        headers: r.get(4),
-                        payload: r.get(5),
-                    })?,
-                    attempts: u32::try_from(r.get::<i64, _>(6)).unwrap_or(0),
+                    seq,
+                    message: codec::decode(columns).map_err(|e| e.to_string())?,
+                    attempts: u32::try_from(attempts).unwrap_or(0),
                 })
-            })
-            .collect()
+            })();
+            match row {
+                Ok(d) => due.push(d),
+                // It can never be published: out of the way, so the rest goes on.
+                Err(why) => {
+                    tracing::warn!(seq, why, "outbox: unreadable row moved to the failed state");
+                    self.failed(seq, &format!("unreadable row: {why}")).await?;
+                }
+            }
+        }
+        Ok(due)
     }
 
     async fn published(&self, seqs: &[i64]) -> Result<(), Error> {
