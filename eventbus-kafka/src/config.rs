@@ -45,7 +45,7 @@ pub struct KafkaConfig {
     /// handed to the handler on top of this.
     ///
     /// The bound costs a draining consumer throughput against rdkafka left at its defaults
-    /// (`cargo xtask bench`, 200,000 x 108 B backlog, tansu memory engine, medians of 7): at
+    /// (`cargo xtask bench`, 200,000 x 108 B backlog, tansu memory engine, medians of 5 and 7 repetitions): at
     /// 4 MiB the SDK drains at 0.78x of it (146.0k vs 186.4k msg/s); **16 MiB** reaches 0.96x
     /// (182.3k vs 190.7k) and lets a slow consumer's process grow by 28.8 MiB instead of 9.8 MiB
     /// (`cargo xtask reliability --scenario slow-consumer`). Raise it for consumers that drain
