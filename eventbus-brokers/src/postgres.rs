@@ -119,6 +119,7 @@ impl Postgres {
             "trust",
             "-E",
             "UTF8",
+            "--no-locale",
             "--no-sync",
         ]);
         as_user(&mut init, user);
@@ -201,21 +202,26 @@ impl Postgres {
         &self.log
     }
 
-    /// What runs, for reports: `PostgreSQL 15.x`.
-    pub fn describe(&self) -> String {
-        let version = Command::new(self.bin.join("postgres"))
-            .arg("--version")
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-            .unwrap_or_default();
-        format!("{version} (fsync per {:?})", self.args)
-    }
-
     /// SIGKILL the postmaster and every backend at once (a crashed database host, as far as
     /// the clients can tell); the data directory stays, and [`Postgres::restart`] recovers it.
     pub fn kill(&mut self) {
+        let group = self.pid();
         self.group_signal("KILL");
         self.proc.kill();
+        // Every backend must be gone before a restart: one still attached to the old shared
+        // memory makes the new postmaster refuse to start.
+        if let Some(pgid) = group {
+            let until = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < until
+                && Command::new("kill")
+                    .args(["-0", "--", &format!("-{pgid}")])
+                    .stderr(std::process::Stdio::null())
+                    .status()
+                    .is_ok_and(|s| s.success())
+            {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
     }
 
     /// Start again on the same port and data, after [`Postgres::kill`] (crash recovery).

@@ -179,7 +179,11 @@ fn brokers_cmd(args: &[String]) -> Result {
             install()?;
             let cluster = args[1..].iter().any(|a| a == "--cluster");
             let mut state = if cluster { up_cluster()? } else { up_single()? };
-            state.push_str(&up_postgres()?);
+            // Optional: the brokers are useful without it.
+            match up_postgres() {
+                Ok(line) => state.push_str(&line),
+                Err(e) => eprintln!("# postgres not started: {e}"),
+            }
             std::fs::create_dir_all(brokers::cache_dir()).map_err(|e| e.to_string())?;
             std::fs::write(state_file(), &state).map_err(|e| e.to_string())?;
             brokers_cmd(&["status".into()])
@@ -209,7 +213,9 @@ fn brokers_cmd(args: &[String]) -> Result {
                 if let [name, pid, ..] = parts[..]
                     && alive(pid)
                 {
-                    let _ = Command::new("kill").arg(pid).status();
+                    // PostgreSQL's SIGTERM waits for its clients to leave; SIGINT does not.
+                    let sig = if name == "postgres" { "-INT" } else { "-TERM" };
+                    let _ = Command::new("kill").args([sig, pid]).status();
                     eprintln!("# stopped {name} (pid {pid})");
                 }
             }
@@ -357,7 +363,7 @@ fn ci() -> Result {
     // full-size runs, `storage/src/lite.rs:503`, a broker bug that would fail CI by chance.)
     cluster_reliability(
         "nats-cluster",
-        "kill-restart,pause,stepdown,kill-connected,rolling-restart,partition",
+        "kill-restart,consume-kill,pause,stepdown,kill-connected,rolling-restart,partition",
     )?;
     cluster_reliability("kafka-cluster", "pause")
 }
