@@ -27,6 +27,13 @@ pub struct NatsSubscriber {
 /// every idle close take 1 s; 250 ms costs an idle subscription 4 small requests a second.
 const PULL_EXPIRES: Duration = Duration::from_millis(250);
 
+/// How long a pull request may stay silent (no message, no end) before it is given up and a new
+/// one is asked for. A healthy request ends [`PULL_EXPIRES`] after its last message; one lost
+/// with its connection or with the server that held it (a kill, a restart, a new consumer
+/// leader) never ends, and async-nats gives it up only 5 s after its expiry: that was the pause
+/// in deliveries after every broker restart.
+const PULL_SILENCE: Duration = Duration::from_millis(1_000);
+
 /// A durable-name-safe version of `s` (no `.`, `*`, `>`, whitespace).
 fn safe(s: &str) -> String {
     s.chars()
@@ -210,7 +217,15 @@ async fn pump(
                 next = request(&consumer, prefetch).await.ok();
             }
             let item = tokio::select! {
-                m = batch.next() => m,
+                m = tokio::time::timeout(PULL_SILENCE, batch.next()) => match m {
+                    Ok(m) => m,
+                    Err(_) => {
+                        // The early request went the same way: ask afresh.
+                        tracing::debug!("pull request silent; asking again");
+                        next = None;
+                        break;
+                    }
+                },
                 _ = feed.stopped() => {
                     release_rest(&mut batch).await;
                     if let Some(n) = next.as_mut() {

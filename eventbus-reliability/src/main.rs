@@ -25,7 +25,8 @@ struct Args {
     /// Default: nats, kafka.
     #[arg(long, value_delimiter = ',')]
     backend: Vec<String>,
-    /// Scenarios (comma separated): kill-restart, pause, stall-memory, slow-consumer, blackhole, wire,
+    /// Scenarios (comma separated): kill-restart, consume-kill (a group subscription kept open
+    /// through a kill and restart), pause, stall-memory, slow-consumer, blackhole, wire,
     /// shutdown, cancel, absent, security, and on nats-cluster only stepdown, kill-connected
     /// (kill the node the client is attached to), rolling-restart and partition (the stream
     /// leader cut off from the other two by route proxies). Default: all but the
@@ -53,8 +54,9 @@ const RAW: [&str; 5] = [
 /// Scenarios that only a NATS cluster runs.
 const NATS_CLUSTER_ONLY: [&str; 4] = ["stepdown", "kill-connected", "rolling-restart", "partition"];
 
-const ALL: [&str; 14] = [
+const ALL: [&str; 15] = [
     "kill-restart",
+    "consume-kill",
     "pause",
     "stall-memory",
     "slow-consumer",
@@ -102,6 +104,7 @@ fn storage(s: &str) -> eventbus_reliability::target::kafka::TansuStorage {
 async fn run_on<T: Target>(t: &mut T, s: &str, size: Size) -> Row {
     match s {
         "kill-restart" => scenario::kill_restart(t, size).await,
+        "consume-kill" => scenario::consume_kill(t, size).await,
         "pause" => scenario::pause(t, size).await,
         "stall-memory" => scenario::stall_memory(t, size).await,
         "slow-consumer" => scenario::slow_consumer(t, size).await,
@@ -226,6 +229,34 @@ fn opt(v: Option<u64>) -> String {
     v.map_or("-".into(), |v| v.to_string())
 }
 
+/// The rows that kept a group subscription open through the fault: what it saw.
+fn consumers(s: &mut String, rows: &[Row]) {
+    let live: Vec<_> = rows
+        .iter()
+        .filter_map(|r| r.consumer.map(|c| (r, c)))
+        .collect();
+    if live.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        s,
+        "\nConsumers through faults (one group subscription kept open):\n\n| scenario | backend | **missing** | duplicate deliveries | longest pause ms | resumed ms after the restart | verdict |\n|---|---|---|---|---|---|---|"
+    );
+    for (r, c) in live {
+        let _ = writeln!(
+            s,
+            "| {} | {} | **{}** | {} | {} | {} | {} |",
+            r.scenario,
+            r.backend,
+            c.missing,
+            c.duplicates,
+            c.longest_pause_ms,
+            opt(c.resume_ms),
+            if r.passed() { "pass" } else { "FAIL" },
+        );
+    }
+}
+
 fn markdown(rows: &[Row], quick: bool) -> String {
     let mut s = String::new();
     let _ = writeln!(
@@ -265,6 +296,7 @@ fn markdown(rows: &[Row], quick: bool) -> String {
             if r.passed() { "pass" } else { "FAIL" },
         );
     }
+    consumers(&mut s, rows);
     let _ = writeln!(s, "\nNotes{}:\n", if quick { " (quick run)" } else { "" });
     for r in rows {
         for n in r

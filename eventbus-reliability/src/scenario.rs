@@ -38,6 +38,8 @@ pub struct Row {
     pub window: u64,
     /// Peak RSS growth during the fault, bytes (where measured).
     pub rss_growth_bytes: Option<u64>,
+    /// What a group subscription kept open through the fault saw (consumer rows only).
+    pub consumer: Option<ConsumerFigures>,
     /// Anything else worth reading.
     pub notes: Vec<String>,
     /// Assertions that failed; empty = pass.
@@ -229,6 +231,9 @@ macro_rules! try_setup {
         }
     };
 }
+
+mod consumer;
+pub use consumer::{ConsumerFigures, consume_kill};
 
 /// Broker killed (-9) and restarted twice on the same store while 5 producers publish
 /// (10,000 messages full, 2,000 quick), ack deadline [`Target::kill_deadline`]. Unknown
