@@ -28,7 +28,8 @@ struct Args {
     /// Scenarios (comma separated): kill-restart, consume-kill (a group subscription kept open
     /// through a kill and restart), pause, stall-memory, slow-consumer, blackhole, wire,
     /// shutdown, cancel, absent, security, and on nats-cluster only stepdown, kill-connected
-    /// (kill the node the client is attached to), rolling-restart and partition (the stream
+    /// (kill the node the client is attached to), consume-kill-connected (kill the node the
+    /// live consumer is attached to), rolling-restart and partition (the stream
     /// leader cut off from the other two by route proxies). Default: all but the
     /// nats-cluster-only ones.
     #[arg(long, value_delimiter = ',')]
@@ -52,9 +53,15 @@ const RAW: [&str; 5] = [
 ];
 
 /// Scenarios that only a NATS cluster runs.
-const NATS_CLUSTER_ONLY: [&str; 4] = ["stepdown", "kill-connected", "rolling-restart", "partition"];
+const NATS_CLUSTER_ONLY: [&str; 5] = [
+    "stepdown",
+    "kill-connected",
+    "consume-kill-connected",
+    "rolling-restart",
+    "partition",
+];
 
-const ALL: [&str; 15] = [
+const ALL: [&str; 16] = [
     "kill-restart",
     "consume-kill",
     "pause",
@@ -68,6 +75,7 @@ const ALL: [&str; 15] = [
     "security",
     "stepdown",
     "kill-connected",
+    "consume-kill-connected",
     "rolling-restart",
     "partition",
 ];
@@ -166,6 +174,12 @@ async fn run(backend: &str, s: &str, size: Size) -> Row {
                 "kill-connected" => {
                     t.aim(Aim::ClientNode);
                     let mut row = scenario::kill_restart(&mut t, size).await;
+                    row.scenario = s.into();
+                    row
+                }
+                "consume-kill-connected" => {
+                    t.aim(Aim::SubscriberNode);
+                    let mut row = scenario::consume_kill(&mut t, size).await;
                     row.scenario = s.into();
                     row
                 }
@@ -341,6 +355,10 @@ from the (last) fault to the first ack of a message admitted after it.
     as acked: 0 first failed, 0 first unknown, 0 duplicates.
   - `kill-connected`: the same, on the node the client is attached to (found through `/connz`);
     the client fails over to another seed. Same assertions.
+  - `consume-kill`: one group subscription kept open while the stream leader is SIGKILLed and
+    restarted once under load; `consume-kill-connected` the same on the node the live consumer
+    is attached to. The consumer must miss nothing acked; how soon it delivers again after the
+    restart is reported (it includes the election).
   - `stepdown`: the leader steps down through the JetStream API twice under load; 5 s deadline;
     nothing may reach the caller.
   - `rolling-restart`: every node in turn gets SIGTERM, is started again on its store, and the

@@ -337,6 +337,8 @@ pub mod nats_cluster {
     pub const SINK_CONNECTION: &str = "eventbus-reliability-sink";
     /// The connection name of the raw client ([`crate::raw::RawNats`]).
     pub const RAW_CONNECTION: &str = "eventbus-reliability-raw";
+    /// The connection name of the target's own client, which subscribers use.
+    pub const DIRECT_CONNECTION: &str = "eventbus-reliability-direct";
 
     /// Which node the process faults hit.
     #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -346,6 +348,8 @@ pub mod nats_cluster {
         /// The node the sink's connection is attached to (the client fails over to another
         /// seed).
         ClientNode,
+        /// The node the subscribers' connection is attached to.
+        SubscriberNode,
     }
 
     impl NatsCluster3 {
@@ -421,7 +425,9 @@ pub mod nats_cluster {
             // The defaults a user gets (the wire's ack_timeout is 2 s).
             let mut config = NatsConfig::new(cluster.urls());
             config.name = SINK_CONNECTION.into();
-            let direct = NatsBackend::connect(NatsConfig::new(cluster.urls()))
+            let mut direct = NatsConfig::new(cluster.urls());
+            direct.name = DIRECT_CONNECTION.into();
+            let direct = NatsBackend::connect(direct)
                 .await
                 .map_err(|e| format!("connect: {e}"))?;
             Ok(NatsCluster3 {
@@ -504,6 +510,7 @@ pub mod nats_cluster {
                     stream.and_then(|s| self.leader_of(&s))
                 }
                 Aim::ClientNode => self.client_node(),
+                Aim::SubscriberNode => self.node_of_connection(DIRECT_CONNECTION),
             }
             .unwrap_or(0);
             *self.victim.lock() = Some(v);

@@ -363,7 +363,7 @@ fn ci() -> Result {
     // full-size runs, `storage/src/lite.rs:503`, a broker bug that would fail CI by chance.)
     cluster_reliability(
         "nats-cluster",
-        "kill-restart,consume-kill,pause,stepdown,kill-connected,rolling-restart,partition",
+        "kill-restart,consume-kill,consume-kill-connected,pause,stepdown,kill-connected,rolling-restart,partition",
     )?;
     cluster_reliability("kafka-cluster", "pause")
 }
