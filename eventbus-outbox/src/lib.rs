@@ -412,6 +412,54 @@ async fn report<S: OutboxStore>(store: &S) {
     }
 }
 
+/// The due rows of `SELECT seq, message_id, topic, msg_key, headers, payload, attempts`, read
+/// the same way on every store (`attempts` reads the last column, whose integer type differs).
+/// A row that cannot be read can never be published: it is moved to the failed state, so the
+/// rest goes on.
+pub(crate) async fn due_rows<S, R>(
+    store: &S,
+    rows: Vec<R>,
+    attempts: fn(&R) -> Result<i64, sqlx::Error>,
+) -> Result<Vec<Due>, Error>
+where
+    S: OutboxStore,
+    R: sqlx::Row + Send,
+    usize: sqlx::ColumnIndex<R>,
+    for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> Vec<u8>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    let mut due = Vec::with_capacity(rows.len());
+    for r in rows {
+        let seq: i64 = r
+            .try_get(0)
+            .map_err(|e| storage("outbox: reading due rows failed", e))?;
+        let read = || -> Result<Due, String> {
+            let text = |e: sqlx::Error| e.to_string();
+            let columns = codec::Columns {
+                id: r.try_get(1).map_err(text)?,
+                topic: r.try_get(2).map_err(text)?,
+                key: r.try_get(3).map_err(text)?,
+                headers: r.try_get(4).map_err(text)?,
+                payload: r.try_get(5).map_err(text)?,
+            };
+            Ok(Due {
+                seq,
+                message: codec::decode(columns).map_err(|e| e.to_string())?,
+                attempts: u32::try_from(attempts(&r).map_err(text)?).unwrap_or(0),
+            })
+        };
+        match read() {
+            Ok(d) => due.push(d),
+            Err(why) => {
+                tracing::warn!(seq, why, "outbox: unreadable row moved to the failed state");
+                store.failed(seq, &format!("unreadable row: {why}")).await?;
+            }
+        }
+    }
+    Ok(due)
+}
+
 /// A database error as an eventbus error: connection trouble is temporary, the rest not.
 pub(crate) fn storage(what: &'static str, e: sqlx::Error) -> Error {
     let temporary = matches!(

@@ -8,8 +8,7 @@ use sqlx::Row as _;
 use sqlx::postgres::{PgConnection, PgListener, PgPool};
 use tokio::sync::Mutex;
 
-use crate::codec::{self, Columns};
-use crate::{DEFAULT_TABLE, Due, OutboxStats, OutboxStore, checked_table, storage};
+use crate::{DEFAULT_TABLE, Due, OutboxStats, OutboxStore, checked_table, codec, storage};
 
 /// The outbox in a PostgreSQL database. [`PgOutbox::enqueue`] also sends a notification on
 /// the channel named like the table, which PostgreSQL delivers when the transaction commits:
@@ -170,37 +169,7 @@ impl OutboxStore for PgOutbox {
         .fetch_all(&self.pool)
         .await
         .map_err(|e| storage("outbox: reading due rows failed", e))?;
-        let mut due = Vec::with_capacity(rows.len());
-        for r in rows {
-            let seq: i64 = r
-                .try_get(0)
-                .map_err(|e| storage("outbox: reading due rows failed", e))?;
-            let row = (|| -> Result<Due, String> {
-                let get_err = |e: sqlx::Error| e.to_string();
-                let columns = Columns {
-                    id: r.try_get(1).map_err(get_err)?,
-                    topic: r.try_get(2).map_err(get_err)?,
-                    key: r.try_get(3).map_err(get_err)?,
-                    headers: r.try_get(4).map_err(get_err)?,
-                    payload: r.try_get(5).map_err(get_err)?,
-                };
-                let attempts: i32 = r.try_get(6).map_err(get_err)?;
-                Ok(Due {
-                    seq,
-                    message: codec::decode(columns).map_err(|e| e.to_string())?,
-                    attempts: u32::try_from(attempts).unwrap_or(0),
-                })
-            })();
-            match row {
-                Ok(d) => due.push(d),
-                // It can never be published: out of the way, so the rest goes on.
-                Err(why) => {
-                    tracing::warn!(seq, why, "outbox: unreadable row moved to the failed state");
-                    self.failed(seq, &format!("unreadable row: {why}")).await?;
-                }
-            }
-        }
-        Ok(due)
+        crate::due_rows(self, rows, |r| r.try_get::<i32, _>(6).map(i64::from)).await
     }
 
     async fn published(&self, seqs: &[i64]) -> Result<(), Error> {

@@ -5,8 +5,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use eventbus_core::{Error, Message};
 use sqlx::{Row as _, SqliteConnection, SqlitePool};
 
-use crate::codec::{self, Columns};
-use crate::{DEFAULT_TABLE, Due, OutboxStats, OutboxStore, checked_table, storage};
+use crate::{DEFAULT_TABLE, Due, OutboxStats, OutboxStore, checked_table, codec, storage};
 
 /// The outbox in a SQLite database: the embedded store, for tests, single-node services and
 /// `cargo run` with nothing installed. Times are Unix milliseconds. The relay reads the table
@@ -158,37 +157,7 @@ impl OutboxStore for SqliteOutbox {
         .fetch_all(&self.pool)
         .await
         .map_err(|e| storage("outbox: reading due rows failed", e))?;
-        let mut due = Vec::with_capacity(rows.len());
-        for r in rows {
-            let seq: i64 = r
-                .try_get(0)
-                .map_err(|e| storage("outbox: reading due rows failed", e))?;
-            let row = (|| -> Result<Due, String> {
-                let get_err = |e: sqlx::Error| e.to_string();
-                let columns = Columns {
-                    id: r.try_get(1).map_err(get_err)?,
-                    topic: r.try_get(2).map_err(get_err)?,
-                    key: r.try_get(3).map_err(get_err)?,
-                    headers: r.try_get(4).map_err(get_err)?,
-                    payload: r.try_get(5).map_err(get_err)?,
-                };
-                let attempts: i64 = r.try_get(6).map_err(get_err)?;
-                Ok(Due {
-                    seq,
-                    message: codec::decode(columns).map_err(|e| e.to_string())?,
-                    attempts: u32::try_from(attempts).unwrap_or(0),
-                })
-            })();
-            match row {
-                Ok(d) => due.push(d),
-                // It can never be published: out of the way, so the rest goes on.
-                Err(why) => {
-                    tracing::warn!(seq, why, "outbox: unreadable row moved to the failed state");
-                    self.failed(seq, &format!("unreadable row: {why}")).await?;
-                }
-            }
-        }
-        Ok(due)
+        crate::due_rows(self, rows, |r| r.try_get::<i64, _>(6)).await
     }
 
     async fn published(&self, seqs: &[i64]) -> Result<(), Error> {
