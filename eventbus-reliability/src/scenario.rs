@@ -1579,22 +1579,19 @@ async fn security_kafka(row: &mut Row) {
         &[WRONG, PASSWORD],
     )
     .await;
-    connects_and_publishes(
-        row,
-        "right password (SCRAM-SHA-512)",
-        &proxy.addr().to_string(),
-        &alice("sasl_plaintext", "SCRAM-SHA-512", PASSWORD),
-        "sec-sasl",
-    )
-    .await;
-    connects_and_publishes(
-        row,
-        "right password (SCRAM-SHA-256)",
-        &proxy.addr().to_string(),
-        &alice("sasl_plaintext", "SCRAM-SHA-256", PASSWORD),
-        "sec-sasl256",
-    )
-    .await;
+    for (mechanism, topic) in [
+        ("SCRAM-SHA-512", "sec-sasl"),
+        ("SCRAM-SHA-256", "sec-sasl256"),
+    ] {
+        connects_and_publishes(
+            row,
+            &format!("right password ({mechanism})"),
+            &proxy.addr().to_string(),
+            &alice("sasl_plaintext", mechanism, PASSWORD),
+            topic,
+        )
+        .await;
+    }
     // SCRAM inside TLS (`sasl_ssl`): an authenticating tansu behind the TLS proxy.
     let (_t5, sasl_tls) = match behind_tls(pki.leaf("sasl-tls", &names), false, true).await {
         Ok(v) => v,
