@@ -1,6 +1,8 @@
 //! Durable pull consumers behind the `Subscriber` trait.
 
 use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, AckKind, consumer::pull};
@@ -172,7 +174,12 @@ async fn subscribe_one(
         }
     };
     let (sub, feed) = Subscription::channel(spec.prefetch);
-    tokio::spawn(pump(consumer, spec.prefetch, feed));
+    tokio::spawn(pump(
+        consumer,
+        js.client().statistics(),
+        spec.prefetch,
+        feed,
+    ));
     Ok(sub)
 }
 
@@ -182,11 +189,13 @@ async fn subscribe_one(
 /// over is nacked so it is redelivered at once, not after the ack wait.
 async fn pump(
     consumer: jetstream::consumer::Consumer<pull::Config>,
+    stats: Arc<async_nats::Statistics>,
     prefetch: usize,
     mut feed: Feed,
 ) {
     let mut next: Option<pull::Batch> = None;
     'outer: loop {
+        let connects = stats.connects.load(Ordering::Relaxed);
         let mut batch = match next.take() {
             Some(b) => b,
             None => {
@@ -226,6 +235,12 @@ async fn pump(
                         break;
                     }
                 },
+                () = reconnected(&stats, connects) => {
+                    // Open requests went with the old connection: ask afresh at once.
+                    tracing::debug!("reconnected; asking again");
+                    next = None;
+                    break;
+                }
                 _ = feed.stopped() => {
                     release_rest(&mut batch).await;
                     if let Some(n) = next.as_mut() {
@@ -252,6 +267,16 @@ async fn pump(
                 break 'outer;
             }
         }
+    }
+}
+
+/// Resolves once the client has connected again since it had made `since` connections: pull
+/// requests open on the old connection are gone with it. Polled every 50 ms (async-nats keeps
+/// its connection-state watch to itself); without it a request lost with its connection is
+/// only given up after [`PULL_SILENCE`].
+async fn reconnected(stats: &async_nats::Statistics, since: u64) {
+    while stats.connects.load(Ordering::Relaxed) == since {
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 

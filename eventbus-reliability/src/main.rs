@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use clap::Parser;
-use eventbus_reliability::scenario::{self, Row, Size};
+use eventbus_reliability::scenario::{self, Reader, Row, Size};
 use eventbus_reliability::target::Target;
 
 #[derive(Parser, Debug)]
@@ -20,18 +20,20 @@ struct Args {
     /// Backends (comma separated): nats, kafka, and the clusters nats-cluster (3 nodes, R3
     /// streams; faults hit the stream leader) and kafka-cluster (3 tansu brokers over one
     /// SQLite file), and the raw clients with no SDK through the same rows: nats-cluster-raw
-    /// (async-nats; every nats-cluster row but pause) and kafka-cluster-raw (rdkafka;
-    /// kill-restart).
+    /// (async-nats; every nats-cluster row but pause), kafka-cluster-raw (rdkafka;
+    /// kill-restart, consume-kill), and nats-raw / kafka-raw (single broker; the raw
+    /// consumers in consume-kill and consume-blackhole).
     /// Default: nats, kafka.
     #[arg(long, value_delimiter = ',')]
     backend: Vec<String>,
     /// Scenarios (comma separated): kill-restart, consume-kill (a group subscription kept open
-    /// through a kill and restart), pause, stall-memory, slow-consumer, blackhole, wire,
-    /// shutdown, cancel, absent, security, and on nats-cluster only stepdown, kill-connected
-    /// (kill the node the client is attached to), consume-kill-connected (kill the node the
-    /// live consumer is attached to), rolling-restart and partition (the stream
-    /// leader cut off from the other two by route proxies). Default: all but the
-    /// nats-cluster-only ones.
+    /// through a kill and restart), consume-blackhole (the same through a blackhole of its
+    /// connection), pause, stall-memory, slow-consumer, blackhole, wire, shutdown, cancel,
+    /// absent, security, and on nats-cluster only stepdown, kill-connected (kill the node the
+    /// client is attached to), consume-kill-connected (kill the node the live consumer is
+    /// attached to), consume-partition (the live consumer while the stream leader is cut
+    /// off), rolling-restart and partition (the stream leader cut off from the other two by
+    /// route proxies). Default: all but the nats-cluster-only ones.
     #[arg(long, value_delimiter = ',')]
     scenario: Vec<String>,
     /// Output directory for reliability.json and reliability.md.
@@ -42,28 +44,39 @@ struct Args {
     doc: Option<PathBuf>,
 }
 
-/// Scenarios the raw async-nats client (`nats-cluster-raw`) runs beside the SDK; raw rdkafka
-/// (`kafka-cluster-raw`) runs `kill-restart` only.
-const RAW: [&str; 5] = [
+/// Scenarios the raw async-nats client (`nats-cluster-raw`) runs beside the SDK (producer rows
+/// with the raw publisher, consumer rows with the raw consumer).
+const RAW: [&str; 8] = [
     "kill-restart",
     "stepdown",
     "kill-connected",
     "rolling-restart",
     "partition",
+    "consume-kill",
+    "consume-kill-connected",
+    "consume-partition",
 ];
 
+/// Scenarios raw rdkafka (`kafka-cluster-raw`) runs.
+const RAW_KAFKA_CLUSTER: [&str; 2] = ["kill-restart", "consume-kill"];
+
+/// Scenarios the raw consumers run on a single broker (`nats-raw`, `kafka-raw`).
+const RAW_SINGLE: [&str; 2] = ["consume-kill", "consume-blackhole"];
+
 /// Scenarios that only a NATS cluster runs.
-const NATS_CLUSTER_ONLY: [&str; 5] = [
+const NATS_CLUSTER_ONLY: [&str; 6] = [
     "stepdown",
     "kill-connected",
     "consume-kill-connected",
+    "consume-partition",
     "rolling-restart",
     "partition",
 ];
 
-const ALL: [&str; 16] = [
+const ALL: [&str; 18] = [
     "kill-restart",
     "consume-kill",
+    "consume-blackhole",
     "pause",
     "stall-memory",
     "slow-consumer",
@@ -76,6 +89,7 @@ const ALL: [&str; 16] = [
     "stepdown",
     "kill-connected",
     "consume-kill-connected",
+    "consume-partition",
     "rolling-restart",
     "partition",
 ];
@@ -85,14 +99,15 @@ const ALL: [&str; 16] = [
 fn runs_on(backend: &str, scenario: &str) -> bool {
     match backend {
         "nats-cluster-raw" => RAW.contains(&scenario),
-        "kafka-cluster-raw" => scenario == "kill-restart",
+        "kafka-cluster-raw" => RAW_KAFKA_CLUSTER.contains(&scenario),
+        "nats-raw" | "kafka-raw" => RAW_SINGLE.contains(&scenario),
         "nats-cluster" => true,
         _ => !NATS_CLUSTER_ONLY.contains(&scenario),
     }
 }
 
 fn proxied(s: &str) -> bool {
-    matches!(s, "blackhole" | "wire")
+    matches!(s, "blackhole" | "wire" | "consume-blackhole")
 }
 
 /// tansu's SQLite fetch sums the size of every record from the fetch offset to the high
@@ -112,7 +127,7 @@ fn storage(s: &str) -> eventbus_reliability::target::kafka::TansuStorage {
 async fn run_on<T: Target>(t: &mut T, s: &str, size: Size) -> Row {
     match s {
         "kill-restart" => scenario::kill_restart(t, size).await,
-        "consume-kill" => scenario::consume_kill(t, size).await,
+        "consume-kill" | "consume-blackhole" => consume_on(t, s, size, Reader::Sdk).await,
         "pause" => scenario::pause(t, size).await,
         "stall-memory" => scenario::stall_memory(t, size).await,
         "slow-consumer" => scenario::slow_consumer(t, size).await,
@@ -122,6 +137,40 @@ async fn run_on<T: Target>(t: &mut T, s: &str, size: Size) -> Row {
         "cancel" => scenario::cancel(t, size).await,
         other => unreachable!("scenario {other}"),
     }
+}
+
+/// A consumer row that every target runs, with the live consumer `reader`.
+async fn consume_on<T: Target>(t: &mut T, s: &str, size: Size, reader: Reader) -> Row {
+    match s {
+        "consume-kill" => scenario::consume_kill(t, size, reader).await,
+        "consume-blackhole" => scenario::consume_blackhole(t, size, reader).await,
+        other => unreachable!("consumer scenario {other}"),
+    }
+}
+
+/// A consumer row on the NATS cluster, with the live consumer `reader`.
+#[cfg(feature = "nats")]
+async fn consume_on_nats_cluster(
+    t: &mut eventbus_reliability::target::nats_cluster::NatsCluster3,
+    s: &str,
+    size: Size,
+    reader: Reader,
+) -> Row {
+    use eventbus_reliability::target::nats_cluster::Aim;
+    let mut row = match s {
+        "consume-partition" => return scenario::consume_partition(t, size, reader).await,
+        "consume-kill-connected" => {
+            t.aim(Aim::SubscriberNode);
+            let mut row = scenario::consume_kill(t, size, reader).await;
+            row.scenario = s.into();
+            row
+        }
+        _ => consume_on(t, s, size, reader).await,
+    };
+    if let Some(v) = t.last_victim() {
+        row.notes.push(format!("the faults hit node n{v}"));
+    }
+    row
 }
 
 async fn run(backend: &str, s: &str, size: Size) -> Row {
@@ -167,6 +216,9 @@ async fn run(backend: &str, s: &str, size: Size) -> Row {
                 Ok(t) => t,
                 Err(e) => return failed(e),
             };
+            if s.starts_with("consume-") {
+                return consume_on_nats_cluster(&mut t, s, size, Reader::Sdk).await;
+            }
             let mut row = match s {
                 "stepdown" => return scenario::stepdown(&mut t, size).await,
                 "rolling-restart" => return scenario::rolling_restart(&mut t, size).await,
@@ -174,12 +226,6 @@ async fn run(backend: &str, s: &str, size: Size) -> Row {
                 "kill-connected" => {
                     t.aim(Aim::ClientNode);
                     let mut row = scenario::kill_restart(&mut t, size).await;
-                    row.scenario = s.into();
-                    row
-                }
-                "consume-kill-connected" => {
-                    t.aim(Aim::SubscriberNode);
-                    let mut row = scenario::consume_kill(&mut t, size).await;
                     row.scenario = s.into();
                     row
                 }
@@ -208,6 +254,9 @@ async fn run(backend: &str, s: &str, size: Size) -> Row {
                 return failed(format!("{s} is not run with the raw client"));
             }
             match eventbus_reliability::target::nats_cluster::NatsCluster3::start_for(s).await {
+                Ok(mut t) if s.starts_with("consume-") => {
+                    consume_on_nats_cluster(&mut t, s, size, Reader::Raw).await
+                }
                 Ok(mut t) => scenario::raw_nats(&mut t, s, size).await,
                 Err(e) => failed(e),
             }
@@ -218,7 +267,32 @@ async fn run(backend: &str, s: &str, size: Size) -> Row {
                 return failed(format!("{s} is not run with the raw client"));
             }
             match eventbus_reliability::target::kafka_cluster::TansuCluster3::start().await {
+                Ok(mut t) if s.starts_with("consume-") => {
+                    let mut row = consume_on(&mut t, s, size, Reader::Raw).await;
+                    row.notes.push(t.kill_note());
+                    row
+                }
                 Ok(mut t) => scenario::raw_kafka(&mut t, size).await,
+                Err(e) => failed(e),
+            }
+        }
+        #[cfg(feature = "nats")]
+        "nats-raw" => {
+            if !runs_on(backend, s) {
+                return failed(format!("{s} is not run with the raw client"));
+            }
+            match eventbus_reliability::target::nats::Nats::start(Vec::new(), proxied(s)).await {
+                Ok(mut t) => consume_on(&mut t, s, size, Reader::Raw).await,
+                Err(e) => failed(e),
+            }
+        }
+        #[cfg(feature = "kafka")]
+        "kafka-raw" => {
+            if !runs_on(backend, s) {
+                return failed(format!("{s} is not run with the raw client"));
+            }
+            match eventbus_reliability::target::kafka::Kafka::start(storage(s), proxied(s)).await {
+                Ok(mut t) => consume_on(&mut t, s, size, Reader::Raw).await,
                 Err(e) => failed(e),
             }
         }
@@ -254,7 +328,7 @@ fn consumers(s: &mut String, rows: &[Row]) {
     }
     let _ = writeln!(
         s,
-        "\nConsumers through faults (one group subscription kept open):\n\n| scenario | backend | **missing** | duplicate deliveries | longest pause ms | resumed ms after the restart | verdict |\n|---|---|---|---|---|---|---|"
+        "\nConsumers through faults (one group subscription kept open):\n\n| scenario | backend | **missing** | duplicate deliveries | longest pause ms | resumed ms after the broker side could serve | verdict |\n|---|---|---|---|---|---|---|"
     );
     for (r, c) in live {
         let _ = writeln!(
@@ -357,8 +431,11 @@ from the (last) fault to the first ack of a message admitted after it.
     the client fails over to another seed. Same assertions.
   - `consume-kill`: one group subscription kept open while the stream leader is SIGKILLed and
     restarted once under load; `consume-kill-connected` the same on the node the live consumer
-    is attached to. The consumer must miss nothing acked; how soon it delivers again after the
-    restart is reported (it includes the election).
+    is attached to; `consume-partition` the same while the stream leader is cut off as in
+    `partition` (the broker side serves again once the majority elected a leader, if the
+    consumer is attached to the majority, else when the partition heals). The consumer must
+    miss nothing acked; how soon it delivers again after the broker side can serve is
+    reported (after a kill it includes the election).
   - `stepdown`: the leader steps down through the JetStream API twice under load; 5 s deadline;
     nothing may reach the caller.
   - `rolling-restart`: every node in turn gets SIGTERM, is started again on its store, and the
@@ -383,6 +460,8 @@ from the (last) fault to the first ack of a message admitted after it.
   and ledger, as their docs show them: async-nats's JetStream context (`publish_with_headers`
   with `Nats-Msg-Id`, each ack future awaited, window 16,384, ack timeout 2 s) and rdkafka's
   `FutureProducer` (idempotent, `acks=all`, `message.timeout.ms` = the SDK row's deadline).
+  The consumer rows read with async-nats's durable pull consumer (`Consumer::messages`, each
+  message acked) and rdkafka's `StreamConsumer` at its defaults.
   Only safety is asserted on them; what their caller saw is the comparison."
     )
 }

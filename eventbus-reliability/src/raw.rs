@@ -267,3 +267,93 @@ impl Publisher for RawKafka {
         Ok(CloseReport::new(self.in_flight.wait_idle(deadline).await))
     }
 }
+
+/// What a raw client's consumer delivers, in order: a test message (`Some`), another message
+/// (`None`), or an error the client reported (the stream goes on after it).
+pub type Reads = std::pin::Pin<
+    Box<dyn futures_util::Stream<Item = Result<Option<crate::record::Read>, String>> + Send>,
+>;
+
+/// The connection name of the raw consumer ([`nats_reads`]), found again through `/connz`.
+pub const RAW_CONSUMER_CONNECTION: &str = "eventbus-reliability-raw-consumer";
+
+/// async-nats's pull consumer as its docs show it: a durable consumer (`live-raw`, explicit
+/// acks) on `stream` filtered to `filter`, read through `Consumer::messages`, each message
+/// acked after it is read. Errors the stream yields are passed on; the stream goes on.
+#[cfg(feature = "nats")]
+pub async fn nats_reads(
+    servers: Vec<async_nats::ServerAddr>,
+    stream: &str,
+    filter: &str,
+) -> Result<Reads, String> {
+    use async_nats::jetstream::consumer::{AckPolicy, pull};
+    use futures_util::StreamExt;
+    let client = async_nats::ConnectOptions::new()
+        .name(RAW_CONSUMER_CONNECTION)
+        .connect(servers)
+        .await
+        .map_err(|e| format!("raw consumer connect: {e}"))?;
+    let consumer = async_nats::jetstream::new(client)
+        .get_stream(stream)
+        .await
+        .map_err(|e| format!("raw consumer stream: {e}"))?
+        .get_or_create_consumer(
+            "live-raw",
+            pull::Config {
+                durable_name: Some("live-raw".into()),
+                filter_subject: filter.into(),
+                ack_policy: AckPolicy::Explicit,
+                ..pull::Config::default()
+            },
+        )
+        .await
+        .map_err(|e| format!("raw consumer: {e}"))?;
+    let messages = consumer
+        .messages()
+        .await
+        .map_err(|e| format!("raw consumer messages: {e}"))?;
+    Ok(Box::pin(messages.then(|m| async move {
+        let m = m.map_err(|e| format!("raw consumer: {e}"))?;
+        let read = crate::record::read_with(
+            |n| Some(m.headers.as_ref()?.get(n)?.as_str().to_owned()),
+            &m.payload,
+        );
+        m.ack()
+            .await
+            .map_err(|e| format!("raw consumer ack: {e}"))?;
+        Ok(read)
+    })))
+}
+
+/// rdkafka's `StreamConsumer` at its defaults (offsets stored as messages are read and committed
+/// every 5 s) in group `live-raw`, reading `topic` from the earliest offset.
+#[cfg(feature = "kafka")]
+pub fn kafka_reads(bootstrap: &str, topic: &str) -> Result<Reads, String> {
+    use rdkafka::consumer::{Consumer, StreamConsumer};
+    use rdkafka::message::{Headers, Message as _};
+    let consumer: StreamConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", "live-raw")
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .map_err(|e| format!("raw consumer: {e}"))?;
+    consumer
+        .subscribe(&[topic])
+        .map_err(|e| format!("raw consumer subscribe: {e}"))?;
+    Ok(Box::pin(futures_util::stream::unfold(
+        consumer,
+        |c| async move {
+            let item = match c.recv().await {
+                Ok(m) => Ok(crate::record::read_with(
+                    |n| {
+                        let h = m.headers()?.iter().find(|h| h.key == n)?;
+                        Some(String::from_utf8_lossy(h.value?).into_owned())
+                    },
+                    m.payload().unwrap_or_default(),
+                )),
+                Err(e) => Err(format!("raw consumer: {e}")),
+            };
+            Some((item, c))
+        },
+    )))
+}

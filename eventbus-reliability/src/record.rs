@@ -73,10 +73,14 @@ pub struct Read {
 /// Parse a delivered test message; `None` if it is not one (missing or bad headers).
 pub fn read(m: &Message) -> Option<Read> {
     let h = m.headers();
-    let producer: u32 = h.get(PRODUCER)?.parse().ok()?;
-    let seq: u64 = h.get(SEQ)?.parse().ok()?;
-    let hash = u64::from_str_radix(h.get(HASH)?, 16).ok()?;
-    let body = m.payload();
+    read_with(|n| h.get(n).map(str::to_owned), m.payload())
+}
+
+/// [`read`] for a message of a raw client: `header` looks a header's value up by name.
+pub fn read_with(header: impl Fn(&str) -> Option<String>, body: &[u8]) -> Option<Read> {
+    let producer: u32 = header(PRODUCER)?.parse().ok()?;
+    let seq: u64 = header(SEQ)?.parse().ok()?;
+    let hash = u64::from_str_radix(&header(HASH)?, 16).ok()?;
     let intact = fnv1a(body) == hash && body == payload(producer, seq, body.len()).as_slice();
     Some(Read {
         key: (producer, seq),

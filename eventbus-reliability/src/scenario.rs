@@ -233,7 +233,9 @@ macro_rules! try_setup {
 }
 
 mod consumer;
-pub use consumer::{ConsumerFigures, consume_kill};
+#[cfg(feature = "nats")]
+pub use consumer::consume_partition;
+pub use consumer::{ConsumerFigures, Fault, Reader, consume_blackhole, consume_kill};
 
 /// Broker killed (-9) and restarted twice on the same store while 5 producers publish
 /// (10,000 messages full, 2,000 quick), ack deadline [`Target::kill_deadline`]. Unknown

@@ -32,6 +32,19 @@ pub trait Target: Send + Sync {
     fn sink(&self) -> impl Future<Output = Result<Self::Sink, Error>> + Send;
     /// A subscriber.
     fn subscriber(&self) -> Self::Sub;
+    /// The subscriber of the live consumer rows: through the proxy when there is one, so a
+    /// blackhole of the proxy reaches it. Default [`Target::subscriber`].
+    fn live_subscriber(&self) -> impl Future<Output = Result<Self::Sub, Error>> + Send {
+        let sub = self.subscriber();
+        async move { Ok(sub) }
+    }
+    /// The raw client's consumer (no SDK) of run `run`'s messages matching `filter`, in a
+    /// consumer group of its own, connected as [`Target::live_subscriber`] is.
+    fn raw_reads(
+        &self,
+        run: &str,
+        filter: &str,
+    ) -> impl Future<Output = Result<crate::raw::Reads, String>> + Send;
     /// How many messages the broker says it holds for run `run`, when it can tell.
     fn stored(&self, run: &str) -> impl Future<Output = Option<u64>> + Send;
     /// The proxy in front of the broker, if started with one.
@@ -186,6 +199,19 @@ pub mod nats {
         fn subscriber(&self) -> NatsSubscriber {
             self.direct.subscriber()
         }
+        async fn live_subscriber(&self) -> Result<NatsSubscriber, Error> {
+            if self.proxy.is_some() {
+                Ok(NatsBackend::connect(self.config.clone())
+                    .await?
+                    .subscriber())
+            } else {
+                Ok(self.direct.subscriber())
+            }
+        }
+        async fn raw_reads(&self, run: &str, filter: &str) -> Result<crate::raw::Reads, String> {
+            let servers = self.config.servers().map_err(|e| e.to_string())?;
+            crate::raw::nats_reads(servers, &stream_name(run), filter).await
+        }
         async fn stored(&self, run: &str) -> Option<u64> {
             stored(&self.direct, run).await
         }
@@ -293,6 +319,9 @@ pub mod kafka {
         fn subscriber(&self) -> KafkaSubscriber {
             self.backend.subscriber()
         }
+        async fn raw_reads(&self, _run: &str, topic: &str) -> Result<crate::raw::Reads, String> {
+            crate::raw::kafka_reads(&self.backend.config().brokers, topic)
+        }
         async fn stored(&self, run: &str) -> Option<u64> {
             stored(&self.backend, run).await
         }
@@ -364,7 +393,7 @@ pub mod nats_cluster {
 
         /// Start three nodes as `scenario` needs them: with route proxies for `partition`.
         pub async fn start_for(scenario: &str) -> Result<NatsCluster3, String> {
-            if scenario == "partition" {
+            if matches!(scenario, "partition" | "consume-partition") {
                 Self::start_with_route_proxies().await
             } else {
                 Self::start().await
@@ -458,6 +487,13 @@ pub mod nats_cluster {
                 .or_else(|| self.node_of_connection(RAW_CONNECTION))
         }
 
+        /// The node the live consumer is attached to: the raw consumer's connection if there
+        /// is one, else the target's own (which the SDK's subscribers use).
+        pub fn subscriber_node(&self) -> Option<usize> {
+            self.node_of_connection(crate::raw::RAW_CONSUMER_CONNECTION)
+                .or_else(|| self.node_of_connection(DIRECT_CONNECTION))
+        }
+
         /// The node a connection named `name` is attached to, from the nodes' `/connz`.
         pub fn node_of_connection(&self, name: &str) -> Option<usize> {
             (0..self.cluster.nodes().len()).find(|&i| {
@@ -510,7 +546,7 @@ pub mod nats_cluster {
                     stream.and_then(|s| self.leader_of(&s))
                 }
                 Aim::ClientNode => self.client_node(),
-                Aim::SubscriberNode => self.node_of_connection(DIRECT_CONNECTION),
+                Aim::SubscriberNode => self.subscriber_node(),
             }
             .unwrap_or(0);
             *self.victim.lock() = Some(v);
@@ -582,6 +618,10 @@ pub mod nats_cluster {
         }
         fn subscriber(&self) -> NatsSubscriber {
             self.direct.subscriber()
+        }
+        async fn raw_reads(&self, run: &str, filter: &str) -> Result<crate::raw::Reads, String> {
+            let servers = self.config.servers().map_err(|e| e.to_string())?;
+            crate::raw::nats_reads(servers, &super::nats::stream_name(run), filter).await
         }
         async fn stored(&self, run: &str) -> Option<u64> {
             super::nats::stored(&self.direct, run).await
@@ -742,6 +782,9 @@ pub mod kafka_cluster {
         }
         fn subscriber(&self) -> KafkaSubscriber {
             self.backend.subscriber()
+        }
+        async fn raw_reads(&self, _run: &str, topic: &str) -> Result<crate::raw::Reads, String> {
+            crate::raw::kafka_reads(&self.bootstrap(), topic)
         }
         async fn stored(&self, run: &str) -> Option<u64> {
             super::kafka::stored(&self.backend, run).await

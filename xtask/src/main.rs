@@ -358,17 +358,20 @@ fn ci() -> Result {
     reliability(&["--quick".into()])?;
     // The NATS cluster under load: the stream leader killed and restarted, paused, asked to
     // step down and cut off from the other nodes; the client's own node killed; every node
-    // restarted in turn. The Kafka cluster: every broker paused. (Killing a tansu broker of the cluster
+    // restarted in turn; a live consumer through a leader kill, its own node's kill and a
+    // partition. The Kafka cluster: every broker paused. (Killing a tansu broker of the cluster
     // is in the full run only: tansu 0.6.0 then panicked in its idempotence check in 1 of 3
     // full-size runs, `storage/src/lite.rs:503`, a broker bug that would fail CI by chance.)
     cluster_reliability(
         "nats-cluster",
-        "kill-restart,consume-kill,consume-kill-connected,pause,stepdown,kill-connected,rolling-restart,partition",
+        "kill-restart,consume-kill,consume-kill-connected,consume-partition,pause,stepdown,kill-connected,rolling-restart,partition",
     )?;
-    cluster_reliability("kafka-cluster", "pause")
+    cluster_reliability("kafka-cluster", "pause")?;
+    // The raw consumers beside the SDK's, through the same consumer rows.
+    cluster_reliability("nats-raw,kafka-raw", "consume-kill,consume-blackhole")
 }
 
-/// `reliability --quick` of `scenarios` on the cluster `backend`.
+/// `reliability --quick` of `scenarios` on the (cluster) backends `backend`.
 fn cluster_reliability(backend: &str, scenarios: &str) -> Result {
     reliability(&[
         "--quick".into(),
@@ -377,7 +380,7 @@ fn cluster_reliability(backend: &str, scenarios: &str) -> Result {
         "--scenario".into(),
         scenarios.into(),
         "--out".into(),
-        format!("target/reliability-{backend}"),
+        format!("target/reliability-{}", backend.replace(',', "-")),
     ])
 }
 

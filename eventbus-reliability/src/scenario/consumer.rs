@@ -6,7 +6,8 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use eventbus_core::{SubscribeSpec, Subscriber};
+use eventbus_core::{SubscribeSpec, Subscriber, Subscription};
+use futures_util::StreamExt;
 use serde::Serialize;
 
 use super::{Row, Size, blocking, ms, settle, setup, spread_load, under_load};
@@ -30,45 +31,113 @@ pub struct ConsumerFigures {
     pub duplicates: u64,
     /// The longest time between two deliveries while the producers ran, fault included.
     pub longest_pause_ms: u64,
+    /// When the longest pause began, from the fault (negative: before it).
+    pub pause_from_ms: i64,
     /// From the moment the broker side could serve again (the restart returned) to the live
     /// consumer's next delivery.
     pub resume_ms: Option<u64>,
 }
 
-/// The live consumer: a group subscription reading and acking in a task of its own.
+/// Which client the live consumer is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reader {
+    /// The SDK's group subscription.
+    Sdk,
+    /// The raw client with no SDK ([`crate::raw::nats_reads`], [`crate::raw::kafka_reads`]).
+    Raw,
+}
+
+/// What the live consumer reads from.
+enum Source {
+    Sdk(Subscription),
+    Raw(crate::raw::Reads),
+}
+
+impl Source {
+    async fn open<T: Target>(
+        t: &T,
+        reader: Reader,
+        run: &str,
+        filter: &str,
+    ) -> Result<Self, String> {
+        match reader {
+            Reader::Sdk => {
+                let sub = t
+                    .live_subscriber()
+                    .await
+                    .map_err(|e| format!("live subscriber: {e}"))?;
+                let s = sub
+                    .subscribe(SubscribeSpec::new(filter).group("live").prefetch(256))
+                    .await
+                    .map_err(|e| format!("live subscribe: {e}"))?;
+                Ok(Source::Sdk(s))
+            }
+            Reader::Raw => Ok(Source::Raw(t.raw_reads(run, filter).await?)),
+        }
+    }
+
+    /// The next delivery, logged when it arrives and then acked; `Some(Err)` for an error the
+    /// client reported, `None` when the stream ended.
+    async fn next(&mut self, log: &Log) -> Option<Result<(), String>> {
+        match self {
+            Source::Sdk(s) => match s.next().await? {
+                Ok(d) => {
+                    if let Some(r) = record::read(d.message()) {
+                        log.lock().push((r, Instant::now()));
+                    }
+                    let _ = d.ack().await;
+                    Some(Ok(()))
+                }
+                Err(e) => Some(Err(e.to_string())),
+            },
+            Source::Raw(r) => Some(r.next().await?.map(|read| {
+                if let Some(read) = read {
+                    log.lock().push((read, Instant::now()));
+                }
+            })),
+        }
+    }
+
+    async fn close(self) {
+        if let Source::Sdk(s) = self {
+            s.close().await;
+        }
+    }
+}
+
+type Log = Arc<parking_lot::Mutex<Vec<(Read, Instant)>>>;
+
+/// The live consumer: reading and acking in a task of its own.
 struct Live {
-    seen: Arc<parking_lot::Mutex<Vec<(Read, Instant)>>>,
+    seen: Log,
     stop: tokio::sync::oneshot::Sender<()>,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl Live {
-    async fn start<S: Subscriber>(sub: &S, filter: &str) -> Result<Live, String> {
-        let mut s = sub
-            .subscribe(SubscribeSpec::new(filter).group("live").prefetch(256))
-            .await
-            .map_err(|e| format!("live subscribe: {e}"))?;
-        let seen: Arc<parking_lot::Mutex<Vec<(Read, Instant)>>> = Arc::default();
+    async fn start<T: Target>(
+        t: &T,
+        reader: Reader,
+        run: &str,
+        filter: &str,
+    ) -> Result<Live, String> {
+        let mut source = Source::open(t, reader, run, filter).await?;
+        let seen: Log = Arc::default();
         let (stop, mut stopped) = tokio::sync::oneshot::channel();
         let log = Arc::clone(&seen);
         let task = tokio::spawn(async move {
             loop {
                 tokio::select! {
                     _ = &mut stopped => break,
-                    d = s.next() => match d {
-                        Some(Ok(d)) => {
-                            if let Some(r) = record::read(d.message()) {
-                                log.lock().push((r, Instant::now()));
-                            }
-                            let _ = d.ack().await;
-                        }
+                    d = source.next(&log) => match d {
+                        Some(Ok(())) => {}
                         // A fault shows as errors on the stream; the subscription goes on.
                         Some(Err(_)) => tokio::time::sleep(Duration::from_millis(20)).await,
                         None => break,
                     },
                 }
             }
-            s.close().await;
+            source.close().await;
         });
         Ok(Live { seen, stop, task })
     }
@@ -86,29 +155,44 @@ impl Live {
     }
 }
 
-/// The broker side killed (-9) and restarted once while 5 producers publish (paced) and one
-/// group subscription stays open: nothing acked may be missing from what it delivered, and
-/// deliveries must resume soon after the restart. Single node: the broker; a NATS cluster: the
-/// stream's leader; a Kafka cluster: the broker the client uses.
-pub async fn consume_kill<T: Target>(t: &mut T, size: Size) -> Row {
-    let mut row = Row::new("consume-kill", t.name());
+/// When the fault began and when the broker side could serve the live consumer again.
+pub struct Fault {
+    /// The fault began.
+    pub down: Instant,
+    /// The broker side could serve the live consumer again (restart returned, blackhole
+    /// lifted, new leader elected on the consumer's side of a partition).
+    pub serving: Instant,
+    /// What happened, for the row's notes.
+    pub note: String,
+    /// The fault or its repair went wrong.
+    pub failure: Option<String>,
+}
+
+/// The shape every consumer row shares: 5 producers publish a paced load (2,000 each, 600
+/// quick) while the live consumer (`reader`) reads in group `live`, and `fault` runs; then
+/// unknown outcomes are retried, the run is drained and checked, and the live consumer is given
+/// 30 s to catch up with everything acked. Asserts missing 0 and a resume; on a single broker
+/// also a resume within [`RESUME_WITHIN_MS`] of the broker serving again.
+async fn consume_through<T: Target>(
+    t: &mut T,
+    scenario: &str,
+    reader: Reader,
+    size: Size,
+    fault: impl AsyncFnOnce(&mut T) -> Fault,
+) -> Row {
+    let mut row = Row::new(scenario, t.name());
+    if reader == Reader::Raw {
+        row.backend = format!("{}-raw", t.name());
+    }
     let cfg = eventbus_batch::BatchConfig::default().ack_timeout(t.kill_deadline());
     let (run, topics, filter, p) = try_setup!(row, setup(t, &mut row, "consume", 5, cfg).await);
-    let live = try_setup!(row, Live::start(&t.subscriber(), &filter).await);
+    let live = try_setup!(row, Live::start(t, reader, &run, &filter).await);
     let per = if size.quick { 600 } else { 2_000 };
     let load = spread_load(run, topics, per, 160);
-    let script = async {
-        tokio::time::sleep(Duration::from_millis(1_200)).await;
-        t.kill();
-        let down = Instant::now();
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        let r = blocking(|| t.restart()).await;
-        (down, Instant::now(), r.map_err(|e| e.to_string()))
-    };
-    let ((down, up, restarted), ledger) = under_load(&p, &load, &mut row, script).await;
+    let (f, ledger) = under_load(&p, &load, &mut row, fault(t)).await;
     let load_end = Instant::now();
-    if let Err(e) = restarted {
-        row.failures.push(format!("restart failed: {e}"));
+    if let Some(e) = f.failure {
+        row.failures.push(e);
     }
     settle(t, &p, &load, &filter, &ledger, &mut row).await;
     // Let the live consumer catch up with everything acked (retries of unknowns included).
@@ -118,15 +202,17 @@ pub async fn consume_kill<T: Target>(t: &mut T, size: Size) -> Row {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let seen = live.stop().await;
-    let c = figures(&seen, &acked, (down, up, load_end));
+    let c = figures(&seen, &acked, (f.down, f.serving, load_end));
+    row.notes.push(f.note);
     row.notes.push(format!(
-        "live consumer: {} deliveries, {} missing, {} duplicates, longest pause {} ms, resumed {} ms after the restart (the broker was down {} ms)",
+        "live consumer ({}): {} deliveries, {} missing, {} duplicates, longest pause {} ms (from {} ms after the fault), delivered again {} ms after the broker side could serve",
+        if reader == Reader::Raw { "raw client" } else { "SDK" },
         seen.len(),
         c.missing,
         c.duplicates,
         c.longest_pause_ms,
+        c.pause_from_ms,
         opt_ms(c.resume_ms),
-        ms(up - down)
     ));
     row.require(
         c.missing == 0,
@@ -134,21 +220,125 @@ pub async fn consume_kill<T: Target>(t: &mut T, size: Size) -> Row {
     );
     row.require(
         c.resume_ms.is_some(),
-        "the live consumer delivered nothing after the restart",
+        "the live consumer delivered nothing after the fault",
     );
-    // A single broker serves again once restarted; a cluster only after the election the kill
-    // caused, which the figure includes (reported, not asserted).
-    if t.broker().nodes() == 1 {
+    // A single broker serves again once restarted or reachable; a cluster only after the
+    // elections the fault caused (the stream's and the consumer's), which the figure includes
+    // (reported, not asserted).
+    if t.broker().nodes() == 1 && reader == Reader::Sdk {
         row.require(
             c.resume_ms.is_some_and(|m| m <= RESUME_WITHIN_MS),
             format!(
-                "deliveries resumed {} ms after the restart (goal {RESUME_WITHIN_MS} ms)",
+                "deliveries resumed {} ms after the broker side could serve (goal {RESUME_WITHIN_MS} ms)",
                 opt_ms(c.resume_ms)
             ),
         );
     }
     row.recover_ms = c.resume_ms;
     row.consumer = Some(c);
+    row
+}
+
+/// The broker side killed (-9) and restarted once while the live consumer reads: nothing acked
+/// may be missing from what it delivered, and deliveries must resume soon after the restart.
+/// Single node: the broker; a NATS cluster: the stream's leader (or as aimed); a Kafka
+/// cluster: the broker the client uses.
+pub async fn consume_kill<T: Target>(t: &mut T, size: Size, reader: Reader) -> Row {
+    consume_through(t, "consume-kill", reader, size, async |t: &mut T| {
+        tokio::time::sleep(Duration::from_millis(1_200)).await;
+        t.kill();
+        let down = Instant::now();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let r = blocking(|| t.restart()).await;
+        let serving = Instant::now();
+        Fault {
+            down,
+            serving,
+            note: format!(
+                "node n{} down {} ms",
+                t.last_fault_node(),
+                ms(serving - down)
+            ),
+            failure: r.err().map(|e| format!("restart failed: {e}")),
+        }
+    })
+    .await
+}
+
+/// Every connection through the proxy (the live consumer's and the producers') blackholed:
+/// nothing forwarded, nothing closed, for 3 s (quick) / 10 s; then the connections are reset and
+/// the proxy passes again. Needs a target started with a proxy.
+pub async fn consume_blackhole<T: Target>(t: &mut T, size: Size, reader: Reader) -> Row {
+    use crate::proxy::Mode;
+    if t.proxy().is_none() {
+        let mut row = Row::new("consume-blackhole", t.name());
+        row.failures.push("no proxy".into());
+        return row;
+    }
+    let hold = Duration::from_secs(if size.quick { 3 } else { 10 });
+    consume_through(t, "consume-blackhole", reader, size, async |t: &mut T| {
+        tokio::time::sleep(Duration::from_millis(1_200)).await;
+        let proxy = t.proxy().expect("checked above");
+        proxy.set(Mode::Hold);
+        let down = Instant::now();
+        tokio::time::sleep(hold).await;
+        proxy.reset();
+        proxy.set(Mode::Pass);
+        Fault {
+            down,
+            serving: Instant::now(),
+            note: format!("blackholed {} ms, then every connection reset", ms(hold)),
+            failure: None,
+        }
+    })
+    .await
+}
+
+/// NATS cluster (route proxies): the stream's leader cut off from the other two for 10 s (5 s
+/// quick) while the live consumer reads. The broker side can serve again once the majority has
+/// elected a new leader, if the live consumer is attached to the majority; else when the
+/// partition heals.
+#[cfg(feature = "nats")]
+pub async fn consume_partition(
+    t: &mut crate::target::nats_cluster::NatsCluster3,
+    size: Size,
+    reader: Reader,
+) -> Row {
+    let hold = Duration::from_secs(if size.quick { 5 } else { 10 });
+    let mut row = consume_through(t, "consume-partition", reader, size, async |t: &mut _| {
+        let t: &mut crate::target::nats_cluster::NatsCluster3 = t;
+        tokio::time::sleep(Duration::from_millis(1_200)).await;
+        let victim = t.choose_victim();
+        let consumer_node = t.subscriber_node();
+        let down = Instant::now();
+        let cut = t.partition(victim);
+        let elected = t.wait_for_leader(Some(victim), hold).await;
+        let elected_at = Instant::now();
+        tokio::time::sleep(hold.saturating_sub(down.elapsed())).await;
+        t.heal(victim);
+        let healed = Instant::now();
+        let majority_side = consumer_node.is_some_and(|n| n != victim) && elected.is_some();
+        let node = |n: Option<usize>| n.map_or("none".to_owned(), |n| format!("n{n}"));
+        Fault {
+            down,
+            serving: if majority_side {
+                elected_at
+            } else {
+                healed
+            },
+            note: format!(
+                "stream leader n{victim} cut off for {} s; the live consumer was attached to {}; new leader {} after {} ms; resume measured from the {}",
+                hold.as_secs(),
+                node(consumer_node),
+                node(elected),
+                ms(elected_at - down),
+                if majority_side { "election" } else { "heal" },
+            ),
+            failure: (!cut).then(|| "the cluster has no route proxies to cut".to_owned()),
+        }
+    })
+    .await;
+    row.scenario = "consume-partition".into();
     row
 }
 
@@ -163,16 +353,21 @@ fn figures(
     let mut times: Vec<Instant> = seen.iter().map(|(_, at)| *at).collect();
     times.sort();
     // Gaps while the producers ran, and the one across the fault whatever its end.
-    let longest_pause = times
+    let (longest_pause, pause_from) = times
         .windows(2)
         .filter(|w| w[0] < load_end || w[0] <= down)
-        .map(|w| w[1] - w[0])
+        .map(|w| (w[1] - w[0], w[0]))
         .max()
-        .unwrap_or_default();
+        .unwrap_or((Duration::ZERO, down));
     ConsumerFigures {
         missing: acked.difference(&distinct).count() as u64,
         duplicates: (seen.len() - distinct.len()) as u64,
         longest_pause_ms: ms(longest_pause),
+        pause_from_ms: if pause_from >= down {
+            ms(pause_from - down) as i64
+        } else {
+            -(ms(down - pause_from) as i64)
+        },
         resume_ms: times.iter().find(|at| **at >= up).map(|at| ms(*at - up)),
     }
 }
@@ -200,6 +395,10 @@ mod tests {
         assert_eq!(c.missing, 1, "(0, 3) was acked, never delivered");
         assert_eq!(c.duplicates, 1);
         assert_eq!(c.longest_pause_ms, 2_500);
+        assert_eq!(
+            c.pause_from_ms, -50,
+            "the pause began 50 ms before the fault"
+        );
         assert_eq!(c.resume_ms, Some(2_100));
     }
 }
