@@ -56,8 +56,15 @@
 //! The same id makes a copy harmless only while the broker still remembers it: NATS within the
 //! stream's `duplicate_window` (2 minutes by default), Kafka as long as the consumer's
 //! de-duplication does. A relay down for longer than that, or retrying longer, may publish a
-//! row twice. One relay per table keeps the order above; several relays on one table may
-//! publish a row twice and do not yet keep per-key order between them.
+//! row twice.
+//!
+//! ## Several relays
+//!
+//! On PostgreSQL, relays may run side by side on one table (for availability, or to share
+//! the work): the keys are spread over [`PARTITIONS`] partitions held as advisory locks, each
+//! key is published by one relay at a time in commit order, and the partitions of a relay that
+//! crashed are taken over at once (see [`PgOutbox`]). On SQLite, run one relay per database
+//! file: two would publish the same rows side by side.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -74,7 +81,7 @@ mod postgres;
 mod sqlite;
 
 #[cfg(feature = "postgres")]
-pub use postgres::PgOutbox;
+pub use postgres::{PARTITIONS, PgOutbox};
 #[cfg(feature = "sqlite")]
 pub use sqlite::SqliteOutbox;
 /// The sqlx this crate is built with: open pools and transactions through it, so that the
@@ -226,6 +233,17 @@ impl Relay {
             {
                 abort.abort();
             }
+        }
+    }
+}
+
+impl Relay {
+    /// Stop at once, as a crash would: the publisher is not closed and nothing in flight is
+    /// waited for; rows published but not yet marked are published again, with their ids, by
+    /// the next relay. For fault tests; [`Relay::close`] is the way to stop.
+    pub fn abort(mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
         }
     }
 }

@@ -16,12 +16,60 @@ use crate::{DEFAULT_TABLE, Due, OutboxStats, OutboxStore, checked_table, codec, 
 /// [`RelayConfig::poll`](crate::RelayConfig::poll) otherwise. The relay listens on one
 /// connection of its own, besides the pool's. `pg_notify` serialises committing transactions
 /// on PostgreSQL's notification queue: at thousands of commits a second, measure it.
-#[derive(Clone, Debug)]
+///
+/// ## Several relays on one table
+///
+/// Relays may run side by side, in one process or many: the keys are spread over
+/// [`PARTITIONS`] partitions (by a hash of the key; a message without a key by its id), and a
+/// relay publishes only the partitions it holds, as PostgreSQL advisory locks on a connection
+/// of its own. Each relay holds its share (partitions / relays, rounded up), gives extras back
+/// between rounds when another relay joins, and takes over the partitions of a relay whose
+/// connection ends (a crash, a SIGKILL: PostgreSQL drops the session's locks at once). So a
+/// key is published by one relay at a time, in commit order, and a relay taking over starts
+/// from the first row of each key not marked published (the same id again if the crashed one
+/// had published it). A relay cut off from the database without its connection closing keeps
+/// its partitions until PostgreSQL notices the dead connection (TCP keepalive; set
+/// `tcp_keepalives_idle` on the server to bound it). Every clone of a `PgOutbox` is a relay of
+/// its own (its own locks and listening connection); enqueueing needs neither.
+#[derive(Debug)]
 pub struct PgOutbox {
     pool: PgPool,
     table: String,
     /// The relay's listening connection, opened on its first wait.
     listener: Arc<Mutex<Option<PgListener>>>,
+    /// The key partitions this relay holds.
+    claims: Arc<Mutex<Claims>>,
+}
+
+impl Clone for PgOutbox {
+    /// Another relay on the same table (its own locks and listening connection).
+    fn clone(&self) -> Self {
+        PgOutbox {
+            pool: self.pool.clone(),
+            table: self.table.clone(),
+            listener: Arc::default(),
+            claims: Arc::default(),
+        }
+    }
+}
+
+/// Partitions the keys of one table are spread over, for relays working side by side: at most
+/// this many relays share the work; more stand by.
+pub const PARTITIONS: i32 = 16;
+
+/// The second key of the advisory lock every relay of a table holds shared, so each can count
+/// the relays.
+const MEMBERS: i32 = 1_000_000;
+
+/// How often a relay looks again at how many relays there are.
+const CLAIM_EVERY: Duration = Duration::from_millis(500);
+
+/// A relay's key partitions, held as advisory locks on `conn`.
+#[derive(Debug, Default)]
+struct Claims {
+    conn: Option<PgConnection>,
+    owned: Vec<i32>,
+    checked: Option<std::time::Instant>,
 }
 
 fn ms(d: Duration) -> f64 {
@@ -35,6 +83,7 @@ impl PgOutbox {
             pool,
             table: DEFAULT_TABLE.to_owned(),
             listener: Arc::default(),
+            claims: Arc::default(),
         }
     }
 
@@ -44,6 +93,7 @@ impl PgOutbox {
             pool,
             table: checked_table(name, true)?,
             listener: Arc::default(),
+            claims: Arc::default(),
         })
     }
 
@@ -157,15 +207,24 @@ impl PgOutbox {
 #[async_trait::async_trait]
 impl OutboxStore for PgOutbox {
     async fn due(&self, max: usize) -> Result<Vec<Due>, Error> {
+        let owned = self.claim().await?;
+        if owned.is_empty() {
+            // Standing by: every partition is held by other relays.
+            return Ok(Vec::new());
+        }
         let t = &self.table;
         let rows = sqlx::query(&format!(
             "SELECT seq, message_id, topic, msg_key, headers, payload, attempts FROM {t} o
              WHERE state = 0 AND available_at <= now()
+               -- the row's key partition (by its id without a key)
+               AND (abs(hashtext(coalesce(encode(o.msg_key, 'hex'), o.message_id))::bigint)
+                    % {PARTITIONS})::int4 = ANY($2)
                AND NOT EXISTS (SELECT 1 FROM {t} p WHERE p.state = 0 AND p.msg_key = o.msg_key
                                AND p.seq < o.seq AND p.available_at > now())
              ORDER BY seq LIMIT $1"
         ))
         .bind(i64::try_from(max).unwrap_or(i64::MAX))
+        .bind(owned)
         .fetch_all(&self.pool)
         .await
         .map_err(|e| storage("outbox: reading due rows failed", e))?;
@@ -278,6 +337,90 @@ impl OutboxStore for PgOutbox {
 }
 
 impl PgOutbox {
+    /// The first key of this table's advisory locks: a hash of its name (positive, so it reads
+    /// the same back from `pg_locks`).
+    fn lock_class(&self) -> i32 {
+        let mut h: u32 = 0x811c_9dc5;
+        for b in self.table.bytes() {
+            h ^= u32::from(b);
+            h = h.wrapping_mul(0x0100_0193);
+        }
+        (h & 0x7fff_ffff) as i32
+    }
+
+    /// The partitions this relay holds now, taken or given back to its share first (at most
+    /// every [`CLAIM_EVERY`]). A failure drops the connection, and with it every lock.
+    async fn claim(&self) -> Result<Vec<i32>, Error> {
+        let mut c = self.claims.lock().await;
+        if c.checked.is_some_and(|t| t.elapsed() < CLAIM_EVERY) {
+            return Ok(c.owned.clone());
+        }
+        match self.reclaim(&mut c).await {
+            Ok(()) => {
+                c.checked = Some(std::time::Instant::now());
+                Ok(c.owned.clone())
+            }
+            Err(e) => {
+                *c = Claims::default();
+                Err(storage("outbox: claiming key partitions failed", e))
+            }
+        }
+    }
+
+    async fn reclaim(&self, c: &mut Claims) -> Result<(), sqlx::Error> {
+        let class = self.lock_class();
+        if c.conn.is_none() {
+            let mut conn = self.pool.acquire().await?.detach();
+            sqlx::query("SELECT pg_advisory_lock_shared($1, $2)")
+                .bind(class)
+                .bind(MEMBERS)
+                .execute(&mut conn)
+                .await?;
+            *c = Claims {
+                conn: Some(conn),
+                ..Claims::default()
+            };
+        }
+        let conn = c.conn.as_mut().expect("connected above");
+        let relays: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted
+               AND classid::int8 = $1 AND objid::int8 = $2 AND objsubid = 2",
+        )
+        .bind(i64::from(class))
+        .bind(i64::from(MEMBERS))
+        .fetch_one(&mut *conn)
+        .await?;
+        let share = usize::try_from(PARTITIONS)
+            .unwrap_or(16)
+            .div_ceil(usize::try_from(relays.max(1)).unwrap_or(1));
+        while c.owned.len() > share {
+            let p = c.owned.pop().expect("longer than the share");
+            sqlx::query("SELECT pg_advisory_unlock($1, $2)")
+                .bind(class)
+                .bind(p)
+                .execute(&mut *conn)
+                .await?;
+        }
+        for p in 0..PARTITIONS {
+            if c.owned.len() >= share {
+                break;
+            }
+            if c.owned.contains(&p) {
+                continue;
+            }
+            let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1, $2)")
+                .bind(class)
+                .bind(p)
+                .fetch_one(&mut *conn)
+                .await?;
+            if got {
+                c.owned.push(p);
+            }
+        }
+        c.owned.sort_unstable();
+        Ok(())
+    }
+
     /// A listening connection of its own (outside the caller's pool, which it would hold for
     /// good otherwise), on the table's channel.
     async fn listen(&self) -> Result<PgListener, sqlx::Error> {

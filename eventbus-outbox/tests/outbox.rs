@@ -400,3 +400,108 @@ async fn postgres_to_nats_wakes_on_commit() {
     .expect("stream count");
     assert_eq!(stored, 50);
 }
+
+/// Advisory locks on key partitions held now, by holder: how many partitions each relay holds.
+async fn partitions_per_relay(pool: &sqlx::PgPool) -> Vec<i64> {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted AND objsubid = 2
+           AND objid::int8 < $1 GROUP BY pid ORDER BY 1",
+    )
+    .bind(i64::from(eventbus_outbox::PARTITIONS))
+    .fetch_all(pool)
+    .await
+    .expect("pg_locks")
+}
+
+/// Three relays on one PostgreSQL table while writers commit keyed messages: the partitions
+/// are shared out (none held twice), one relay is aborted mid-run as a crash would, and the
+/// others take its partitions over. Every committed message is published (copies only under
+/// the same id), and per key the first copies come in commit order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_three_relays_share_keys_and_survive_a_crash() {
+    let db = Pg::open().await;
+    let broker = MemoryBroker::new();
+    let start = |_| Relay::start(db.store(), publisher(&broker), quick());
+    let mut relays: Vec<Relay> = (0..3).map(start).collect();
+    let (keys, per_key) = (12, 60);
+    let mut committed = Vec::new();
+    let mut shares = Vec::new();
+    for round in 0..per_key {
+        let msgs: Vec<Message> = (0..keys)
+            .map(|k| Message::new("multi", format!("{k}-{round}")).with_key(format!("k{k}")))
+            .collect();
+        db.write(&msgs, true).await;
+        committed.extend(msgs);
+        if round == 20 {
+            // Relays recount each other every 500 ms: give the third its share.
+            let until = Instant::now() + Duration::from_secs(5);
+            shares = partitions_per_relay(&db.pool).await;
+            let all = i64::from(eventbus_outbox::PARTITIONS);
+            while (shares.len() < 3 || shares.iter().sum::<i64>() < all) && Instant::now() < until {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                shares = partitions_per_relay(&db.pool).await;
+            }
+        }
+        if round == 30 {
+            // A crash: no close, nothing waited for.
+            relays.remove(0).abort();
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let got = stored(&broker, "multi", committed.len()).await;
+    let until = Instant::now() + Duration::from_secs(5);
+    let mut after = partitions_per_relay(&db.pool).await;
+    while after.iter().sum::<i64>() < i64::from(eventbus_outbox::PARTITIONS)
+        && Instant::now() < until
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        after = partitions_per_relay(&db.pool).await;
+    }
+    for r in relays {
+        r.close(Duration::from_secs(5)).await;
+    }
+    assert_eq!(
+        shares.iter().sum::<i64>(),
+        i64::from(eventbus_outbox::PARTITIONS),
+        "every partition held once: {shares:?}"
+    );
+    assert_eq!(
+        shares.len(),
+        3,
+        "three relays share the partitions: {shares:?}"
+    );
+    assert_eq!(after.len(), 2, "two relays left: {after:?}");
+    assert_eq!(
+        after.iter().sum::<i64>(),
+        i64::from(eventbus_outbox::PARTITIONS)
+    );
+    // Every committed message, copies only under the same id, per key in commit order.
+    let mut first: Vec<String> = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for m in &got {
+        if seen.insert(m.id().to_string()) {
+            first.push(m.id().to_string());
+        }
+    }
+    assert_eq!(
+        seen.len(),
+        committed.len(),
+        "published {} of {}",
+        seen.len(),
+        committed.len()
+    );
+    for k in 0..keys {
+        let key = format!("k{k}");
+        let want: Vec<String> = committed
+            .iter()
+            .filter(|m| m.key().is_some_and(|x| x[..] == *key.as_bytes()))
+            .map(|m| m.id().to_string())
+            .collect();
+        let order: Vec<&String> = first.iter().filter(|id| want.contains(id)).collect();
+        assert_eq!(
+            order,
+            want.iter().collect::<Vec<_>>(),
+            "key {key} out of commit order"
+        );
+    }
+}
