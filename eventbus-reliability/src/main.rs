@@ -29,7 +29,9 @@ struct Args {
     /// Scenarios (comma separated): kill-restart, consume-kill (a group subscription kept open
     /// through a kill and restart), consume-blackhole (the same through a blackhole of its
     /// connection), pause, stall-memory, slow-consumer, blackhole, wire, shutdown, cancel,
-    /// absent, security, and on nats-cluster only stepdown, kill-connected (kill the node the
+    /// absent, security, on nats only outbox and outbox-broker (three relay processes on
+    /// PostgreSQL publishing to NATS while a relay, PostgreSQL and nats-server are killed),
+    /// and on nats-cluster only stepdown, kill-connected (kill the node the
     /// client is attached to), consume-kill-connected (kill the node the live consumer is
     /// attached to), consume-partition (the live consumer while the stream leader is cut
     /// off), rolling-restart and partition (the stream leader cut off from the other two by
@@ -73,7 +75,10 @@ const NATS_CLUSTER_ONLY: [&str; 6] = [
     "partition",
 ];
 
-const ALL: [&str; 18] = [
+/// Scenarios that run on the `nats` backend only (the outbox: PostgreSQL and NATS together).
+const NATS_ONLY: [&str; 2] = ["outbox", "outbox-broker"];
+
+const ALL: [&str; 20] = [
     "kill-restart",
     "consume-kill",
     "consume-blackhole",
@@ -86,6 +91,8 @@ const ALL: [&str; 18] = [
     "cancel",
     "absent",
     "security",
+    "outbox",
+    "outbox-broker",
     "stepdown",
     "kill-connected",
     "consume-kill-connected",
@@ -101,8 +108,9 @@ fn runs_on(backend: &str, scenario: &str) -> bool {
         "nats-cluster-raw" => RAW.contains(&scenario),
         "kafka-cluster-raw" => RAW_KAFKA_CLUSTER.contains(&scenario),
         "nats-raw" | "kafka-raw" => RAW_SINGLE.contains(&scenario),
-        "nats-cluster" => true,
-        _ => !NATS_CLUSTER_ONLY.contains(&scenario),
+        "nats-cluster" => !NATS_ONLY.contains(&scenario),
+        "nats" => !NATS_CLUSTER_ONLY.contains(&scenario),
+        _ => !NATS_CLUSTER_ONLY.contains(&scenario) && !NATS_ONLY.contains(&scenario),
     }
 }
 
@@ -185,6 +193,13 @@ async fn run(backend: &str, s: &str, size: Size) -> Row {
             "nats" => scenario::security("nats").await,
             "kafka" => scenario::security("kafka").await,
             _ => failed(format!("security is not run on {backend}")),
+        };
+    }
+    #[cfg(feature = "nats")]
+    if backend == "nats" && NATS_ONLY.contains(&s) {
+        return match s {
+            "outbox" => scenario::outbox(size).await,
+            _ => scenario::outbox_broker(size).await,
         };
     }
     if s == "absent" {
@@ -467,6 +482,20 @@ from the (last) fault to the first ack of a message admitted after it.
 }
 
 fn main() -> std::process::ExitCode {
+    #[cfg(feature = "nats")]
+    if let [_, cmd, database, nats] = std::env::args().collect::<Vec<_>>().as_slice()
+        && cmd == scenario::RELAY_COMMAND
+    {
+        // A relay process of the outbox rows.
+        let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
+        return match rt.block_on(scenario::relay_process(database, nats)) {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("outbox relay: {e}");
+                std::process::ExitCode::FAILURE
+            }
+        };
+    }
     let args = Args::parse();
     let size = Size { quick: args.quick };
     let backends: Vec<String> = if args.backend.is_empty() {

@@ -1,0 +1,328 @@
+//! The transactional outbox through faults: writers commit business rows and their events in
+//! one PostgreSQL transaction (one in ten rolled back) while three relay **processes** publish
+//! to NATS; a relay is SIGKILLed and restarted, PostgreSQL is SIGKILLed and restarted, and (in
+//! the `outbox-broker` row) nats-server is SIGKILLed and restarted. The ledger counts a
+//! committed message as acked and a rolled-back one as failed, so the checker's **lost** is a
+//! committed event never published and **failed but stored** a phantom (a rolled-back event
+//! published).
+
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use eventbus_batch::{BatchConfig, Batcher};
+use eventbus_brokers::Postgres;
+use eventbus_outbox::sqlx::{self, PgPool};
+use eventbus_outbox::{OutboxStore, PgOutbox, Relay, RelayConfig};
+
+use super::{Row, Size, blocking, ms, run_id};
+use crate::check::{self, Class, Ledger};
+use crate::record;
+use crate::target::Target;
+use crate::target::nats::Nats;
+
+/// The subcommand the reliability binary runs as a relay process.
+pub const RELAY_COMMAND: &str = "outbox-relay";
+
+/// Relay processes running side by side.
+const RELAYS: usize = 3;
+
+/// Publishes per row allowed: one, plus the rows a killed relay or a lost mark sends again
+/// (uncoordinated relays publish every row about [`RELAYS`] times).
+const MAX_PUBLISHES_PER_ROW: f64 = 1.2;
+
+/// Run as a relay process: `outbox-relay <database url> <nats url>`, until stdin closes (the
+/// parent is gone) or the process is killed.
+pub async fn relay_process(database: &str, nats: &str) -> Result<(), String> {
+    let pool = PgPool::connect(database)
+        .await
+        .map_err(|e| format!("connect PostgreSQL: {e}"))?;
+    let backend = eventbus_nats::NatsBackend::connect(eventbus_nats::NatsConfig::new(nats))
+        .await
+        .map_err(|e| format!("connect NATS: {e}"))?;
+    let sink = backend.sink().await.map_err(|e| format!("sink: {e}"))?;
+    // The engine waits longer than the broker's restart: a resend, not an unknown outcome.
+    let engine = Batcher::new(
+        sink,
+        BatchConfig::default().ack_timeout(Duration::from_secs(10)),
+    )
+    .map_err(|e| format!("engine: {e}"))?;
+    let relay = Relay::start(
+        PgOutbox::new(pool),
+        engine,
+        // Published rows kept for the run: the row counts their publishes.
+        RelayConfig::default()
+            .poll(Duration::from_millis(100))
+            .retention(Duration::from_secs(3_600)),
+    );
+    // Blocks until the parent closes our stdin.
+    let _ = tokio::task::spawn_blocking(|| {
+        let mut sink = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut sink);
+    })
+    .await;
+    relay.close(Duration::from_secs(5)).await;
+    Ok(())
+}
+
+/// A relay process: this binary with [`RELAY_COMMAND`].
+struct RelayProcess {
+    child: Child,
+}
+
+impl RelayProcess {
+    fn spawn(database: &str, nats: &str) -> std::io::Result<RelayProcess> {
+        let child = Command::new(std::env::current_exe()?)
+            .args([RELAY_COMMAND, database, nats])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()?;
+        Ok(RelayProcess { child })
+    }
+
+    /// SIGKILL: no close, nothing flushed, its database session dropped by the kernel.
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for RelayProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Which faults a row applies.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Faults {
+    /// A relay SIGKILLed and restarted, then PostgreSQL SIGKILLed and restarted.
+    RelayAndDatabase,
+    /// Those, then nats-server SIGKILLed and restarted.
+    AlsoBroker,
+}
+
+/// `outbox`: a relay and PostgreSQL killed under load.
+pub async fn outbox(size: Size) -> Row {
+    outbox_with(size, Faults::RelayAndDatabase, "outbox").await
+}
+
+/// `outbox-broker`: the same, and nats-server killed and restarted too.
+pub async fn outbox_broker(size: Size) -> Row {
+    outbox_with(size, Faults::AlsoBroker, "outbox-broker").await
+}
+
+async fn outbox_with(size: Size, faults: Faults, name: &str) -> Row {
+    let mut row = Row::new(name, "nats+postgres");
+    let mut pg = match blocking(Postgres::start).await {
+        Ok(pg) => pg,
+        Err(e) => {
+            row.failures.push(format!("start PostgreSQL: {e}"));
+            return row;
+        }
+    };
+    let mut t = try_setup!(row, Nats::start(Vec::new(), false).await);
+    let run = run_id("outbox");
+    let (topics, filter) = try_setup!(
+        row,
+        t.provision(&run, 1)
+            .await
+            .map_err(|e| format!("provision: {e}"))
+    );
+    let pool = try_setup!(
+        row,
+        sqlx::postgres::PgPoolOptions::new()
+            .max_connections(8)
+            .acquire_timeout(Duration::from_secs(2))
+            .connect(&pg.url())
+            .await
+            .map_err(|e| format!("connect PostgreSQL: {e}"))
+    );
+    let outbox = PgOutbox::new(pool.clone());
+    try_setup!(
+        row,
+        async {
+            outbox.migrate().await?;
+            sqlx::query("CREATE TABLE orders (id BIGINT)")
+                .execute(&pool)
+                .await
+                .map(|_| ())
+                .map_err(|e| {
+                    eventbus_core::Error::new(eventbus_core::ErrorKind::Storage, e.to_string())
+                })
+        }
+        .await
+        .map_err(|e| format!("schema: {e}"))
+    );
+    let (database, nats) = (pg.url(), t.server().url());
+    let mut relays = Vec::new();
+    for _ in 0..RELAYS {
+        relays.push(try_setup!(
+            row,
+            RelayProcess::spawn(&database, &nats).map_err(|e| format!("relay process: {e}"))
+        ));
+    }
+    let ledger = Ledger::default();
+    let per = if size.quick { 300 } else { 1_000 };
+    let topic: Arc<str> = topics[0].as_str().into();
+    let writers: Vec<_> = (0..5u32)
+        .map(|w| {
+            let (pool, outbox, ledger) = (pool.clone(), outbox.clone(), ledger.clone());
+            let (run, topic) = (run.clone(), Arc::clone(&topic));
+            tokio::spawn(async move {
+                for seq in 0..per {
+                    let msg = record::message(&run, &topic, w, seq, 100);
+                    let commit = seq % 10 != 7;
+                    let at = Instant::now();
+                    write(&pool, &outbox, &msg, commit).await;
+                    let class = if commit { Class::Acked } else { Class::Failed };
+                    ledger.record((w, seq), at, class, None);
+                    tokio::time::sleep(Duration::from_millis(if size.quick { 20 } else { 8 }))
+                        .await;
+                }
+            })
+        })
+        .collect();
+    // The faults, while the writers commit (about 6-8 s).
+    let mut log = Vec::new();
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    relays[0].kill();
+    log.push("relay 0 SIGKILLed at 1.0 s".to_owned());
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    match RelayProcess::spawn(&database, &nats) {
+        Ok(r) => relays[0] = r,
+        Err(e) => row.failures.push(format!("restart relay: {e}")),
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let down = Instant::now();
+    let restarted = blocking(|| {
+        pg.kill();
+        std::thread::sleep(Duration::from_millis(500));
+        pg.restart()
+    })
+    .await;
+    if let Err(e) = restarted {
+        row.failures.push(format!("restart PostgreSQL: {e}"));
+    }
+    log.push(format!(
+        "PostgreSQL SIGKILLed, back after {} ms",
+        ms(down.elapsed())
+    ));
+    if faults == Faults::AlsoBroker {
+        tokio::time::sleep(Duration::from_millis(1_000)).await;
+        let down = Instant::now();
+        t.kill();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        if let Err(e) = blocking(|| t.restart()).await {
+            row.failures.push(format!("restart nats-server: {e}"));
+        }
+        log.push(format!(
+            "nats-server SIGKILLed, back after {} ms",
+            ms(down.elapsed())
+        ));
+    }
+    for w in writers {
+        let _ = w.await;
+    }
+    // Every committed row published: the outbox empties.
+    let until = Instant::now() + Duration::from_secs(60);
+    let mut pending = u64::MAX;
+    while Instant::now() < until {
+        match outbox.stats().await {
+            Ok(s) if s.pending == 0 => {
+                pending = 0;
+                break;
+            }
+            Ok(s) => pending = s.pending,
+            Err(_) => {}
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    row.require(
+        pending == 0,
+        format!("{pending} rows still pending after 60 s"),
+    );
+    drop(relays);
+    // Every publish a relay recorded (marked, or sent back for a retry) adds one attempt: more
+    // than about one per row means relays published the same rows side by side.
+    let publishes: Result<(i64, i64), _> = sqlx::query_as(
+        "SELECT count(*), coalesce(sum(attempts), 0)::int8 FROM eventbus_outbox WHERE state = 1",
+    )
+    .fetch_one(&pool)
+    .await;
+    match publishes {
+        Ok((rows, attempts)) => {
+            let per = attempts as f64 / rows.max(1) as f64;
+            row.notes.push(format!(
+                "{attempts} publishes recorded for {rows} rows ({per:.3} per row)"
+            ));
+            row.require(
+                per <= MAX_PUBLISHES_PER_ROW,
+                format!(
+                    "{per:.2} publishes per row (at most {MAX_PUBLISHES_PER_ROW}): relays published the same rows"
+                ),
+            );
+        }
+        Err(e) => row.failures.push(format!("counting publishes: {e}")),
+    }
+    let expect = t.stored(&run).await.map(|n| n as usize);
+    match check::drain(
+        &t.subscriber(),
+        &filter,
+        expect,
+        Duration::from_secs(3),
+        Duration::from_secs(60),
+    )
+    .await
+    {
+        Ok(reads) => row.figures = check::check(&ledger, &reads, 0),
+        Err(e) => row.failures.push(format!("drain failed: {e:?}")),
+    }
+    row.notes.extend(log);
+    row.notes.push(format!(
+        "{RELAYS} relay processes; 5 writers, {per} transactions each, one in ten rolled back; the stream holds {}",
+        expect.map_or("?".into(), |n| n.to_string())
+    ));
+    // Safety, and the outbox's own promises: no phantom (a rolled-back event published), no
+    // copy past NATS's de-duplication, per-key commit order whichever relay published.
+    row.require_safety();
+    row.require(row.figures.duplicates == 0, "duplicates stored");
+    row.require(
+        row.figures.key_reorders == 0,
+        format!(
+            "{} messages out of commit order within their key",
+            row.figures.key_reorders
+        ),
+    );
+    row
+}
+
+/// One business transaction: an order row and `msg` enqueued, committed when `commit`, else
+/// rolled back. A transaction PostgreSQL did not take (down, restarting) is tried again; a
+/// commit whose answer was lost may have committed, and its retry enqueues the same message
+/// id again, which NATS's de-duplication drops.
+async fn write(pool: &PgPool, outbox: &PgOutbox, msg: &eventbus_core::Message, commit: bool) {
+    loop {
+        let attempt = async {
+            let mut tx = pool.begin().await?;
+            sqlx::query("INSERT INTO orders (id) VALUES (1)")
+                .execute(&mut *tx)
+                .await?;
+            outbox
+                .enqueue(&mut tx, msg)
+                .await
+                .map_err(|e| sqlx::Error::Protocol(e.to_string()))?;
+            if commit {
+                tx.commit().await
+            } else {
+                tx.rollback().await
+            }
+        };
+        match attempt.await {
+            Ok(()) => return,
+            // Never committed: nothing to retry for a rollback.
+            Err(_) if !commit => return,
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
