@@ -25,6 +25,8 @@ mod kafka;
 mod mode;
 #[cfg(feature = "nats")]
 mod nats;
+#[cfg(feature = "nats")]
+mod outbox;
 mod plan;
 mod report;
 mod sys;
@@ -98,6 +100,11 @@ pub(crate) struct Args {
     /// 2 min and 10 min windows over a sustained publish with ids on: writes dedup-window.md.
     #[arg(long)]
     pub dedup_study: bool,
+    /// Measure the transactional outbox on PostgreSQL and SQLite, relaying to NATS: what the
+    /// enqueue costs a writer, the relay's throughput and lag, commit-to-ack latency at 1,000
+    /// transactions/s with LISTEN/NOTIFY and with polling: writes outbox.md.
+    #[arg(long)]
+    pub outbox_study: bool,
     /// Seconds of publishing per window in `--dedup-study`.
     #[arg(long, default_value_t = 150)]
     pub study_secs: u64,
@@ -241,6 +248,10 @@ async fn run(args: Args) -> Result<bool, String> {
     #[cfg(feature = "nats")]
     if args.dedup_study {
         return dedup::study(&args).await;
+    }
+    #[cfg(feature = "nats")]
+    if args.outbox_study {
+        return outbox::study(&args).await;
     }
     if let Some(path) = &args.from_json {
         return rerender(&args, path);

@@ -39,6 +39,8 @@ pub struct PgOutbox {
     listener: Arc<Mutex<Option<PgListener>>>,
     /// The key partitions this relay holds.
     claims: Arc<Mutex<Claims>>,
+    /// `NOTIFY` on enqueue and `LISTEN` in the relay (see [`PgOutbox::notifications`]).
+    notify: bool,
 }
 
 impl Clone for PgOutbox {
@@ -49,6 +51,7 @@ impl Clone for PgOutbox {
             table: self.table.clone(),
             listener: Arc::default(),
             claims: Arc::default(),
+            notify: self.notify,
         }
     }
 }
@@ -84,6 +87,7 @@ impl PgOutbox {
             table: DEFAULT_TABLE.to_owned(),
             listener: Arc::default(),
             claims: Arc::default(),
+            notify: true,
         }
     }
 
@@ -94,7 +98,19 @@ impl PgOutbox {
             table: checked_table(name, true)?,
             listener: Arc::default(),
             claims: Arc::default(),
+            notify: true,
         })
+    }
+
+    /// Whether [`PgOutbox::enqueue`] sends a notification and the relay listens for it
+    /// (default on). Off, the relay reads the table every
+    /// [`RelayConfig::poll`](crate::RelayConfig::poll) only, and a commit no longer queues on
+    /// PostgreSQL's notification lock: for a connection pooler that cannot `LISTEN`
+    /// (PgBouncer in transaction mode), or when the poll interval's delay is fine. Enqueue and
+    /// relay must agree: a relay that listens for notifications nobody sends still polls.
+    pub fn notifications(mut self, on: bool) -> Self {
+        self.notify = on;
+        self
     }
 
     /// The notification channel: the table name.
@@ -125,7 +141,9 @@ impl PgOutbox {
                 )"
             ),
             format!(
-                "CREATE INDEX IF NOT EXISTS {i}_due ON {t} (available_at, seq) WHERE state = 0"
+                // Due rows are read in seq order: this index yields them in that order, so a
+                // round reads its batch and stops, however deep the backlog.
+                "CREATE INDEX IF NOT EXISTS {i}_pending ON {t} (seq) WHERE state = 0"
             ),
             format!("CREATE INDEX IF NOT EXISTS {i}_key ON {t} (msg_key, seq) WHERE state = 0"),
             format!("CREATE INDEX IF NOT EXISTS {i}_done ON {t} (published_at) WHERE state = 1"),
@@ -157,26 +175,29 @@ impl PgOutbox {
         delay: Duration,
     ) -> Result<(), Error> {
         let c = codec::encode(msg);
-        sqlx::query(&format!(
-            "INSERT INTO {} (message_id, topic, msg_key, headers, payload, available_at)
-             VALUES ($1, $2, $3, $4, $5, now() + $6 * interval '1 millisecond')",
-            self.table
-        ))
-        .bind(c.id)
-        .bind(c.topic)
-        .bind(c.key)
-        .bind(c.headers)
-        .bind(c.payload)
-        .bind(ms(delay))
-        .execute(&mut *tx)
-        .await
-        .map_err(|e| storage("outbox: enqueue failed", e))?;
-        // Delivered on commit, once per transaction however many rows it adds.
-        sqlx::query("SELECT pg_notify($1, '')")
-            .bind(self.channel())
-            .execute(&mut *tx)
+        let insert = "INSERT INTO {t} (message_id, topic, msg_key, headers, payload, available_at)
+             VALUES ($1, $2, $3, $4, $5, now() + $6 * interval '1 millisecond')";
+        // With the notification in the same statement: one round trip per enqueue. PostgreSQL
+        // delivers it on commit, once per transaction however many rows it adds.
+        let sql = if self.notify {
+            format!("WITH ins AS ({insert} RETURNING 1) SELECT pg_notify($7, '') FROM ins")
+        } else {
+            insert.to_owned()
+        }
+        .replace("{t}", &self.table);
+        let mut q = sqlx::query(&sql)
+            .bind(c.id)
+            .bind(c.topic)
+            .bind(c.key)
+            .bind(c.headers)
+            .bind(c.payload)
+            .bind(ms(delay));
+        if self.notify {
+            q = q.bind(self.channel());
+        }
+        q.execute(&mut *tx)
             .await
-            .map_err(|e| storage("outbox: notify failed", e))?;
+            .map_err(|e| storage("outbox: enqueue failed", e))?;
         Ok(())
     }
 
@@ -308,6 +329,10 @@ impl OutboxStore for PgOutbox {
     }
 
     async fn wait(&self, poll: Duration) {
+        if !self.notify {
+            tokio::time::sleep(poll).await;
+            return;
+        }
         let mut guard = self.listener.lock().await;
         let Some(listener) = guard.as_mut() else {
             // Listening starts (again) now: a commit before it was not heard, so return at once

@@ -64,7 +64,8 @@ impl SqliteOutbox {
                     last_error TEXT
                 )"
             ),
-            format!("CREATE INDEX IF NOT EXISTS {t}_due ON {t} (state, available_at, seq)"),
+            // Due rows are read in seq order: a round reads its batch and stops.
+            format!("CREATE INDEX IF NOT EXISTS {t}_pending ON {t} (state, seq)"),
             format!("CREATE INDEX IF NOT EXISTS {t}_key ON {t} (msg_key, seq) WHERE state = 0"),
         ]
     }

@@ -127,7 +127,26 @@ fn bench(extra: &[String]) -> Result {
     c.args(["run", "--release", "-p", "eventbus-bench", "--"])
         .args(extra);
     broker_env(&mut c);
-    run(c)
+    run(c)?;
+    // The whole bench also measures the outbox (PostgreSQL and SQLite relaying to NATS).
+    let whole = extra.iter().all(|a| a == "--quick" || a == "--full");
+    if whole {
+        let mut c = cargo();
+        c.args([
+            "run",
+            "--release",
+            "-p",
+            "eventbus-bench",
+            "--",
+            "--outbox-study",
+        ]);
+        if extra.iter().any(|a| a == "--quick") {
+            c.arg("--quick");
+        }
+        broker_env(&mut c);
+        run(c)?;
+    }
+    Ok(())
 }
 
 /// Run the fault scenarios (`eventbus-reliability`, release build); each starts its own brokers.
