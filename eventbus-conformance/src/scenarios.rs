@@ -202,7 +202,9 @@ pub async fn several_topics_in_one_subscription<H: Harness>(h: &H) {
     let old = ids(&sent);
     let mut new_seen = HashSet::new();
     while new_seen.len() < want.len() {
-        let d = recv(&mut sub, RECV_TIMEOUT).await.unwrap_or_else(|| {
+        // Twice the usual wait: three per-topic members rejoin one after another, and on three
+        // tansu brokers under the full suite's load their rebalances once took over 20 s.
+        let d = recv(&mut sub, RECV_TIMEOUT * 2).await.unwrap_or_else(|| {
             panic!(
                 "after reopening: {} of {} new messages",
                 new_seen.len(),
