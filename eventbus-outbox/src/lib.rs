@@ -134,6 +134,62 @@ pub trait OutboxStore: Send + Sync + 'static {
     async fn wait(&self, poll: Duration);
 }
 
+/// A readiness check for the outbox: up while the table answers within the timeout and its
+/// oldest pending row is younger than `max_lag` (a relay that stopped, or cannot keep up,
+/// turns it down). Wire it beside the broker's own [`HealthCheck`](eventbus_core::ops::HealthCheck).
+///
+/// ```no_run
+/// # async fn demo(outbox: eventbus_outbox::PgOutbox) {
+/// use std::time::Duration;
+/// use eventbus_core::ops::HealthCheck;
+/// use eventbus_outbox::OutboxHealth;
+///
+/// let check = OutboxHealth::new(outbox, Duration::from_secs(30));
+/// let h = check.health(Duration::from_secs(1)).await;
+/// println!("outbox up: {} ({})", h.up, h.detail);
+/// # }
+/// ```
+#[derive(Clone, Debug)]
+pub struct OutboxHealth<S> {
+    store: S,
+    max_lag: Duration,
+}
+
+impl<S: OutboxStore> OutboxHealth<S> {
+    /// Check `store`, down once its oldest pending row is `max_lag` old.
+    pub fn new(store: S, max_lag: Duration) -> Self {
+        OutboxHealth { store, max_lag }
+    }
+}
+
+impl<S: OutboxStore> eventbus_core::ops::HealthCheck for OutboxHealth<S> {
+    async fn health(&self, timeout: Duration) -> eventbus_core::ops::Health {
+        use eventbus_core::ops::Health;
+        let t0 = Instant::now();
+        let stats = tokio::time::timeout(timeout, self.store.stats()).await;
+        let took = t0.elapsed();
+        match stats {
+            Err(_) => Health::down("outbox", took, "the table did not answer in time"),
+            // The error's kind and text only: the store's errors carry no payloads or secrets.
+            Ok(Err(e)) => Health::down("outbox", took, format!("reading the table failed: {e}")),
+            Ok(Ok(s)) => {
+                let lag = s.oldest_pending.unwrap_or_default();
+                let detail = format!(
+                    "{} pending, {} failed, oldest pending {} ms",
+                    s.pending,
+                    s.failed,
+                    lag.as_millis()
+                );
+                if lag >= self.max_lag {
+                    Health::down("outbox", took, format!("lagging: {detail}"))
+                } else {
+                    Health::up("outbox", took, detail)
+                }
+            }
+        }
+    }
+}
+
 /// How a [`Relay`] works.
 #[derive(Clone, Debug)]
 #[non_exhaustive]

@@ -505,3 +505,28 @@ async fn postgres_three_relays_share_keys_and_survive_a_crash() {
         );
     }
 }
+
+/// The outbox's health: up while nothing waits, down once a row waits longer than the allowed
+/// lag (no relay runs), up again once a relay published it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_health_follows_the_lag() {
+    use eventbus_core::ops::HealthCheck;
+    use eventbus_outbox::OutboxHealth;
+    let db = Sqlite::open().await;
+    let check = OutboxHealth::new(db.store(), Duration::from_millis(200));
+    let h = check.health(Duration::from_secs(1)).await;
+    assert!(h.up, "empty outbox: {h:?}");
+    db.write(&[Message::new("health", "1")], true).await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let h = check.health(Duration::from_secs(1)).await;
+    assert!(
+        !h.up && h.detail.contains("1 pending"),
+        "a row waiting 400 ms: {h:?}"
+    );
+    let broker = MemoryBroker::new();
+    let relay = Relay::start(db.store(), publisher(&broker), quick());
+    stored(&broker, "health", 1).await;
+    relay.close(Duration::from_secs(5)).await;
+    let h = check.health(Duration::from_secs(1)).await;
+    assert!(h.up, "published: {h:?}");
+}
