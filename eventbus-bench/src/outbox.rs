@@ -64,7 +64,8 @@ impl<P: Publisher + Clone + 'static> Publisher for Timed<P> {
 /// The database under test.
 #[derive(Clone)]
 enum Db {
-    Pg(PgPool, PgOutbox),
+    /// The pool, its outbox, and the same outbox without notifications.
+    Pg(PgPool, PgOutbox, PgOutbox),
     Sqlite(SqlitePool, SqliteOutbox),
 }
 
@@ -79,31 +80,27 @@ impl Db {
     /// One business transaction (an order row), with `msg` enqueued in it if given (on
     /// PostgreSQL with a commit notification if `notify`).
     async fn transaction(&self, msg: Option<&Message>, notify: bool) -> Result<(), String> {
-        let e = |e: &dyn std::fmt::Display| e.to_string();
+        // The same steps on both stores, whose pools and transactions differ in type.
+        macro_rules! business {
+            ($pool:expr, $outbox:expr) => {{
+                let mut tx = $pool.begin().await.map_err(|x| x.to_string())?;
+                sqlx::query("INSERT INTO orders (id) VALUES (1)")
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(|x| x.to_string())?;
+                if let Some(m) = msg {
+                    $outbox
+                        .enqueue(&mut tx, m)
+                        .await
+                        .map_err(|x| x.to_string())?;
+                }
+                tx.commit().await.map_err(|x| x.to_string())
+            }};
+        }
         match self {
-            Db::Pg(pool, outbox) => {
-                let mut tx = pool.begin().await.map_err(|x| e(&x))?;
-                sqlx::query("INSERT INTO orders (id) VALUES (1)")
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(|x| e(&x))?;
-                if let Some(m) = msg {
-                    let outbox = outbox.clone().notifications(notify);
-                    outbox.enqueue(&mut tx, m).await.map_err(|x| e(&x))?;
-                }
-                tx.commit().await.map_err(|x| e(&x))
-            }
-            Db::Sqlite(pool, outbox) => {
-                let mut tx = pool.begin().await.map_err(|x| e(&x))?;
-                sqlx::query("INSERT INTO orders (id) VALUES (1)")
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(|x| e(&x))?;
-                if let Some(m) = msg {
-                    outbox.enqueue(&mut tx, m).await.map_err(|x| e(&x))?;
-                }
-                tx.commit().await.map_err(|x| e(&x))
-            }
+            Db::Pg(pool, outbox, _) if notify => business!(pool, outbox),
+            Db::Pg(pool, _, quiet) => business!(pool, quiet),
+            Db::Sqlite(pool, outbox) => business!(pool, outbox),
         }
     }
 
@@ -111,7 +108,7 @@ impl Db {
     async fn clear(&self) -> Result<(), String> {
         let q = sqlx::query("DELETE FROM eventbus_outbox");
         match self {
-            Db::Pg(p, _) => q.execute(p).await.map(|_| ()),
+            Db::Pg(p, ..) => q.execute(p).await.map(|_| ()),
             Db::Sqlite(p, _) => sqlx::query("DELETE FROM eventbus_outbox")
                 .execute(p)
                 .await
@@ -122,7 +119,7 @@ impl Db {
 
     fn store(&self, notify: bool) -> Box<dyn Fn() -> Stores + Send + Sync> {
         match self.clone() {
-            Db::Pg(_, o) => Box::new(move || Stores::Pg(o.clone().notifications(notify))),
+            Db::Pg(_, o, _) => Box::new(move || Stores::Pg(o.clone().notifications(notify))),
             Db::Sqlite(_, o) => Box::new(move || Stores::Sqlite(o.clone())),
         }
     }
@@ -364,7 +361,11 @@ pub(crate) async fn study(args: &Args) -> Result<bool, String> {
         .await
         .map_err(|e| format!("open SQLite: {e}"))?;
     let dbs = [
-        Db::Pg(pool.clone(), PgOutbox::new(pool)),
+        Db::Pg(
+            pool.clone(),
+            PgOutbox::new(pool.clone()),
+            PgOutbox::new(pool).notifications(false),
+        ),
         Db::Sqlite(lite.clone(), SqliteOutbox::new(lite)),
     ];
     let mut md = format!(
@@ -380,7 +381,7 @@ pub(crate) async fn study(args: &Args) -> Result<bool, String> {
     for db in &dbs {
         let label = db.label();
         match db {
-            Db::Pg(p, o) => {
+            Db::Pg(p, o, _) => {
                 o.migrate().await.map_err(|e| e.to_string())?;
                 sqlx::query("CREATE TABLE IF NOT EXISTS orders (id BIGINT)")
                     .execute(p)

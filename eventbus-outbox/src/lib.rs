@@ -109,7 +109,9 @@ pub struct OutboxStats {
     pub pending: u64,
     /// Rows in the failed state.
     pub failed: u64,
-    /// Age of the oldest pending row: the outbox's lag.
+    /// How long the longest-waiting due row has been due (from its `available_at`: rows
+    /// delayed by `enqueue_at` or waiting for a retry do not count until they are due): the
+    /// outbox's lag.
     pub oldest_pending: Option<Duration>,
 }
 
@@ -134,9 +136,11 @@ pub trait OutboxStore: Send + Sync + 'static {
     async fn wait(&self, poll: Duration);
 }
 
-/// A readiness check for the outbox: up while the table answers within the timeout and its
-/// oldest pending row is younger than `max_lag` (a relay that stopped, or cannot keep up,
-/// turns it down). Wire it beside the broker's own [`HealthCheck`](eventbus_core::ops::HealthCheck).
+/// A health check for the outbox: up while the table answers within the timeout and no due
+/// row has waited `max_lag` ([`OutboxStats::oldest_pending`]): a relay that stopped, or
+/// cannot keep up, turns it down. It says the relaying is behind, for an alert or a
+/// dashboard; as a readiness probe it would take every instance out of service while a broker
+/// is down. Use it beside the broker's own [`HealthCheck`](eventbus_core::ops::HealthCheck).
 ///
 /// ```no_run
 /// # async fn demo(outbox: eventbus_outbox::PgOutbox) {

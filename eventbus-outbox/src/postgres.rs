@@ -14,7 +14,8 @@ use crate::{DEFAULT_TABLE, Due, OutboxStats, OutboxStore, checked_table, codec, 
 /// the channel named like the table, which PostgreSQL delivers when the transaction commits:
 /// the relay wakes within milliseconds of a commit and reads the table only every
 /// [`RelayConfig::poll`](crate::RelayConfig::poll) otherwise. The relay listens on one
-/// connection of its own, besides the pool's. `pg_notify` serialises committing transactions
+/// connection of its own, and holds its key partitions (below) on another, both besides the
+/// pool's. `pg_notify` serialises committing transactions
 /// on PostgreSQL's notification queue: at thousands of commits a second, measure it.
 ///
 /// ## Several relays on one table
@@ -23,14 +24,18 @@ use crate::{DEFAULT_TABLE, Due, OutboxStats, OutboxStore, checked_table, codec, 
 /// [`PARTITIONS`] partitions (by a hash of the key; a message without a key by its id), and a
 /// relay publishes only the partitions it holds, as PostgreSQL advisory locks on a connection
 /// of its own. Each relay holds its share (partitions / relays, rounded up), gives extras back
-/// between rounds when another relay joins, and takes over the partitions of a relay whose
-/// connection ends (a crash, a SIGKILL: PostgreSQL drops the session's locks at once). So a
-/// key is published by one relay at a time, in commit order, and a relay taking over starts
-/// from the first row of each key not marked published (the same id again if the crashed one
-/// had published it). A relay cut off from the database without its connection closing keeps
-/// its partitions until PostgreSQL notices the dead connection (TCP keepalive; set
-/// `tcp_keepalives_idle` on the server to bound it). Every clone of a `PgOutbox` is a relay of
-/// its own (its own locks and listening connection); enqueueing needs neither.
+/// between rounds when another relay joins, and takes over, at its next look (within 500 ms
+/// or a poll), the partitions of a relay whose connection ended (a crash, a SIGKILL:
+/// PostgreSQL drops the session's locks at once). A relay reads its locks back before every
+/// round and publishes nothing it no longer holds. So a key is published by one relay at a
+/// time, in commit order, and a relay taking over starts from the first row of each key not
+/// marked published (the same id again if the other had published it). One window remains: a
+/// relay whose lock connection dies in the middle of a round finishes that round while
+/// another may already publish the same rows (copies under the same id). A relay cut off
+/// from the database without its connection closing keeps its partitions until PostgreSQL
+/// notices the dead connection (TCP keepalive; set `tcp_keepalives_idle` on the server to
+/// bound it). The locks are per table (its oid) and per database. Every clone of a `PgOutbox`
+/// is a relay of its own (its own locks and listening connection); enqueueing needs neither.
 #[derive(Debug)]
 pub struct PgOutbox {
     pool: PgPool,
@@ -71,6 +76,9 @@ const CLAIM_EVERY: Duration = Duration::from_millis(500);
 #[derive(Debug, Default)]
 struct Claims {
     conn: Option<PgConnection>,
+    /// The first key of the table's advisory locks: the table's own oid (however its name is
+    /// written), kept to 31 bits so it reads the same back from `pg_locks`.
+    class: i32,
     owned: Vec<i32>,
     checked: Option<std::time::Instant>,
 }
@@ -107,7 +115,9 @@ impl PgOutbox {
     /// [`RelayConfig::poll`](crate::RelayConfig::poll) only, and a commit no longer queues on
     /// PostgreSQL's notification lock: for a connection pooler that cannot `LISTEN`
     /// (PgBouncer in transaction mode), or when the poll interval's delay is fine. Enqueue and
-    /// relay must agree: a relay that listens for notifications nobody sends still polls.
+    /// relay must agree: a relay that listens for notifications nobody sends still polls. The
+    /// relay itself needs a direct (or session-mode pooled) connection: its partitions are
+    /// session advisory locks.
     pub fn notifications(mut self, on: bool) -> Self {
         self.notify = on;
         self
@@ -145,6 +155,8 @@ impl PgOutbox {
                 // round reads its batch and stops, however deep the backlog.
                 "CREATE INDEX IF NOT EXISTS {i}_pending ON {t} (seq) WHERE state = 0"
             ),
+            // Replaced by `_pending` (it made every round sort the backlog).
+            format!("DROP INDEX IF EXISTS {i}_due"),
             format!("CREATE INDEX IF NOT EXISTS {i}_key ON {t} (msg_key, seq) WHERE state = 0"),
             format!("CREATE INDEX IF NOT EXISTS {i}_done ON {t} (published_at) WHERE state = 1"),
         ]
@@ -269,7 +281,7 @@ impl OutboxStore for PgOutbox {
         sqlx::query(&format!(
             "UPDATE {} SET attempts = attempts + 1,
                  available_at = now() + $1 * interval '1 millisecond', last_error = $2
-             WHERE seq = $3",
+             WHERE seq = $3 AND state = 0",
             self.table
         ))
         .bind(ms(after))
@@ -283,7 +295,8 @@ impl OutboxStore for PgOutbox {
 
     async fn failed(&self, seq: i64, why: &str) -> Result<(), Error> {
         sqlx::query(&format!(
-            "UPDATE {} SET state = 2, attempts = attempts + 1, last_error = $1 WHERE seq = $2",
+            "UPDATE {} SET state = 2, attempts = attempts + 1, last_error = $1
+             WHERE seq = $2 AND state = 0",
             self.table
         ))
         .bind(why)
@@ -313,8 +326,9 @@ impl OutboxStore for PgOutbox {
     async fn stats(&self) -> Result<OutboxStats, Error> {
         let r = sqlx::query(&format!(
             "SELECT count(*) FILTER (WHERE state = 0), count(*) FILTER (WHERE state = 2),
-                    EXTRACT(EPOCH FROM now() - min(created_at) FILTER (WHERE state = 0))::float8
-             FROM {}",
+                    EXTRACT(EPOCH FROM now() - min(available_at)
+                                       FILTER (WHERE state = 0 AND available_at <= now()))::float8
+             FROM {} WHERE state IN (0, 2)",
             self.table
         ))
         .fetch_one(&self.pool)
@@ -362,27 +376,23 @@ impl OutboxStore for PgOutbox {
 }
 
 impl PgOutbox {
-    /// The first key of this table's advisory locks: a hash of its name (positive, so it reads
-    /// the same back from `pg_locks`).
-    fn lock_class(&self) -> i32 {
-        let mut h: u32 = 0x811c_9dc5;
-        for b in self.table.bytes() {
-            h ^= u32::from(b);
-            h = h.wrapping_mul(0x0100_0193);
-        }
-        (h & 0x7fff_ffff) as i32
-    }
-
     /// The partitions this relay holds now, taken or given back to its share first (at most
-    /// every [`CLAIM_EVERY`]). A failure drops the connection, and with it every lock.
+    /// every [`CLAIM_EVERY`]; in between, the locks are read back from the server, so a relay
+    /// whose lock connection died publishes nothing more). A failure drops the connection, and
+    /// with it every lock.
     async fn claim(&self) -> Result<Vec<i32>, Error> {
         let mut c = self.claims.lock().await;
-        if c.checked.is_some_and(|t| t.elapsed() < CLAIM_EVERY) {
-            return Ok(c.owned.clone());
-        }
-        match self.reclaim(&mut c).await {
+        let fresh = c.checked.is_some_and(|t| t.elapsed() < CLAIM_EVERY);
+        let result = if fresh {
+            self.held(&mut c).await
+        } else {
+            self.reclaim(&mut c).await
+        };
+        match result {
             Ok(()) => {
-                c.checked = Some(std::time::Instant::now());
+                if !fresh {
+                    c.checked = Some(std::time::Instant::now());
+                }
                 Ok(c.owned.clone())
             }
             Err(e) => {
@@ -392,10 +402,32 @@ impl PgOutbox {
         }
     }
 
+    /// The partitions this relay's lock connection holds, read back from `pg_locks` (fails
+    /// when the connection is gone).
+    async fn held(&self, c: &mut Claims) -> Result<(), sqlx::Error> {
+        let conn = c.conn.as_mut().ok_or(sqlx::Error::PoolClosed)?;
+        let mut owned: Vec<i32> = sqlx::query_scalar(
+            "SELECT objid::int4 FROM pg_locks WHERE locktype = 'advisory' AND granted
+               AND pid = pg_backend_pid() AND classid::int8 = $1 AND objsubid = 2
+               AND objid::int8 < $2",
+        )
+        .bind(i64::from(c.class))
+        .bind(i64::from(PARTITIONS))
+        .fetch_all(&mut *conn)
+        .await?;
+        owned.sort_unstable();
+        c.owned = owned;
+        Ok(())
+    }
+
     async fn reclaim(&self, c: &mut Claims) -> Result<(), sqlx::Error> {
-        let class = self.lock_class();
         if c.conn.is_none() {
             let mut conn = self.pool.acquire().await?.detach();
+            let oid: i64 =
+                sqlx::query_scalar(&format!("SELECT '{}'::regclass::oid::int8", self.table))
+                    .fetch_one(&mut conn)
+                    .await?;
+            let class = (oid & 0x7fff_ffff) as i32;
             sqlx::query("SELECT pg_advisory_lock_shared($1, $2)")
                 .bind(class)
                 .bind(MEMBERS)
@@ -403,12 +435,16 @@ impl PgOutbox {
                 .await?;
             *c = Claims {
                 conn: Some(conn),
+                class,
                 ..Claims::default()
             };
         }
+        let class = c.class;
         let conn = c.conn.as_mut().expect("connected above");
+        // Advisory locks are per database; pg_locks shows the whole server's.
         let relays: i64 = sqlx::query_scalar(
             "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted
+               AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
                AND classid::int8 = $1 AND objid::int8 = $2 AND objsubid = 2",
         )
         .bind(i64::from(class))

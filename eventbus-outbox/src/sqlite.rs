@@ -66,6 +66,8 @@ impl SqliteOutbox {
             ),
             // Due rows are read in seq order: a round reads its batch and stops.
             format!("CREATE INDEX IF NOT EXISTS {t}_pending ON {t} (state, seq)"),
+            // Replaced by `_pending` (it made every round sort the backlog).
+            format!("DROP INDEX IF EXISTS {t}_due"),
             format!("CREATE INDEX IF NOT EXISTS {t}_key ON {t} (msg_key, seq) WHERE state = 0"),
         ]
     }
@@ -178,7 +180,8 @@ impl OutboxStore for SqliteOutbox {
 
     async fn retry_later(&self, seq: i64, after: Duration, why: &str) -> Result<(), Error> {
         sqlx::query(&format!(
-            "UPDATE {} SET attempts = attempts + 1, available_at = ?, last_error = ? WHERE seq = ?",
+            "UPDATE {} SET attempts = attempts + 1, available_at = ?, last_error = ?
+             WHERE seq = ? AND state = 0",
             self.table
         ))
         .bind(now_ms().saturating_add(ms(after)))
@@ -192,7 +195,8 @@ impl OutboxStore for SqliteOutbox {
 
     async fn failed(&self, seq: i64, why: &str) -> Result<(), Error> {
         sqlx::query(&format!(
-            "UPDATE {} SET state = 2, attempts = attempts + 1, last_error = ? WHERE seq = ?",
+            "UPDATE {} SET state = 2, attempts = attempts + 1, last_error = ?
+             WHERE seq = ? AND state = 0",
             self.table
         ))
         .bind(why)
@@ -220,9 +224,11 @@ impl OutboxStore for SqliteOutbox {
     async fn stats(&self) -> Result<OutboxStats, Error> {
         let r = sqlx::query(&format!(
             "SELECT COALESCE(SUM(state = 0), 0), COALESCE(SUM(state = 2), 0),
-                    MIN(CASE WHEN state = 0 THEN created_at END) FROM {}",
+                    MIN(CASE WHEN state = 0 AND available_at <= ?1 THEN available_at END)
+             FROM {} WHERE state IN (0, 2)",
             self.table
         ))
+        .bind(now_ms())
         .fetch_one(&self.pool)
         .await
         .map_err(|e| storage("outbox: reading its size failed", e))?;

@@ -405,6 +405,7 @@ async fn postgres_to_nats_wakes_on_commit() {
 async fn partitions_per_relay(pool: &sqlx::PgPool) -> Vec<i64> {
     sqlx::query_scalar(
         "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted AND objsubid = 2
+           AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
            AND objid::int8 < $1 GROUP BY pid ORDER BY 1",
     )
     .bind(i64::from(eventbus_outbox::PARTITIONS))
