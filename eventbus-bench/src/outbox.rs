@@ -117,10 +117,11 @@ impl Db {
         .map_err(|e| e.to_string())
     }
 
-    fn store(&self, notify: bool) -> Box<dyn Fn() -> Stores + Send + Sync> {
-        match self.clone() {
-            Db::Pg(_, o, _) => Box::new(move || Stores::Pg(o.clone().notifications(notify))),
-            Db::Sqlite(_, o) => Box::new(move || Stores::Sqlite(o.clone())),
+    /// A store for a relay (on PostgreSQL listening for notifications if `notify`).
+    fn relay_store(&self, notify: bool) -> Stores {
+        match self {
+            Db::Pg(_, o, _) => Stores::Pg(o.clone().notifications(notify)),
+            Db::Sqlite(_, o) => Stores::Sqlite(o.clone()),
         }
     }
 }
@@ -207,11 +208,11 @@ async fn writers(
     let outbox = phase != Phase::Plain;
     let notify = !matches!(phase, Phase::Enqueue { notify: false });
     let r = if phase == Phase::Relayed {
-        Some(relay(backend, db.store(true)(), &acked).await?)
+        Some(relay(backend, db.relay_store(true), &acked).await?)
     } else {
         None
     };
-    let stats = db.store(true)();
+    let stats = db.relay_store(true);
     let until = Instant::now() + Duration::from_secs_f64(secs);
     let t0 = Instant::now();
     let tasks: Vec<_> = (0..WRITERS)
@@ -281,7 +282,7 @@ async fn latency(
     tag: &str,
 ) -> Result<hdrhistogram::Histogram<u64>, String> {
     let acked: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
-    let r = relay(backend, db.store(notify)(), &acked).await?;
+    let r = relay(backend, db.relay_store(notify), &acked).await?;
     let per_writer = (200.0 * secs) as u64;
     let committed: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
     let tasks: Vec<_> = (0..WRITERS)

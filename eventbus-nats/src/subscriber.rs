@@ -36,6 +36,11 @@ const PULL_EXPIRES: Duration = Duration::from_millis(250);
 /// in deliveries after every broker restart.
 const PULL_SILENCE: Duration = Duration::from_millis(1_000);
 
+/// How often a waiting pull checks whether the client has connected again (pull requests open
+/// on the old connection are gone with it) and whether its request went silent. Polled:
+/// async-nats keeps its connection-state watch to itself.
+const RECHECK: Duration = Duration::from_millis(50);
+
 /// A durable-name-safe version of `s` (no `.`, `*`, `>`, whitespace).
 fn safe(s: &str) -> String {
     s.chars()
@@ -220,34 +225,42 @@ async fn pump(
             }
         };
         let mut handed = 0;
+        // One timer per batch, not per message: every tick checks for a reconnect (open
+        // requests went with the old connection) and for a request silent too long.
+        let mut tick = tokio::time::interval(RECHECK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             if next.is_none() && handed >= prefetch.div_ceil(2) {
                 // An early request that fails is asked again, and reported, when this batch ends.
                 next = request(&consumer, prefetch).await.ok();
             }
-            let item = tokio::select! {
-                m = tokio::time::timeout(PULL_SILENCE, batch.next()) => match m {
-                    Ok(m) => m,
-                    Err(_) => {
-                        // The early request went the same way: ask afresh.
-                        tracing::debug!("pull request silent; asking again");
-                        next = None;
-                        break;
+            let since = tokio::time::Instant::now();
+            let item = loop {
+                tokio::select! {
+                    m = batch.next() => break Some(m),
+                    _ = tick.tick() => {
+                        if stats.connects.load(Ordering::Relaxed) != connects {
+                            tracing::debug!("reconnected; asking again");
+                            break None;
+                        }
+                        if since.elapsed() >= PULL_SILENCE {
+                            tracing::debug!("pull request silent; asking again");
+                            break None;
+                        }
                     }
-                },
-                () = reconnected(&stats, connects) => {
-                    // Open requests went with the old connection: ask afresh at once.
-                    tracing::debug!("reconnected; asking again");
-                    next = None;
-                    break;
-                }
-                _ = feed.stopped() => {
-                    release_rest(&mut batch).await;
-                    if let Some(n) = next.as_mut() {
-                        release_rest(n).await;
+                    _ = feed.stopped() => {
+                        release_rest(&mut batch).await;
+                        if let Some(n) = next.as_mut() {
+                            release_rest(n).await;
+                        }
+                        break 'outer;
                     }
-                    break 'outer;
                 }
+            };
+            // Reconnected or silent: the early request went the same way; ask afresh.
+            let Some(item) = item else {
+                next = None;
+                break;
             };
             let msg = match item {
                 None => break, // batch done: on to the next one
@@ -267,16 +280,6 @@ async fn pump(
                 break 'outer;
             }
         }
-    }
-}
-
-/// Resolves once the client has connected again since it had made `since` connections: pull
-/// requests open on the old connection are gone with it. Polled every 50 ms (async-nats keeps
-/// its connection-state watch to itself); without it a request lost with its connection is
-/// only given up after [`PULL_SILENCE`].
-async fn reconnected(stats: &async_nats::Statistics, since: u64) {
-    while stats.connects.load(Ordering::Relaxed) == since {
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 

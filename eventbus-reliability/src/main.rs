@@ -265,9 +265,6 @@ async fn run(backend: &str, s: &str, size: Size) -> Row {
         }
         #[cfg(feature = "nats")]
         "nats-cluster-raw" => {
-            if !runs_on(backend, s) {
-                return failed(format!("{s} is not run with the raw client"));
-            }
             match eventbus_reliability::target::nats_cluster::NatsCluster3::start_for(s).await {
                 Ok(mut t) if s.starts_with("consume-") => {
                     consume_on_nats_cluster(&mut t, s, size, Reader::Raw).await
@@ -278,9 +275,6 @@ async fn run(backend: &str, s: &str, size: Size) -> Row {
         }
         #[cfg(feature = "kafka")]
         "kafka-cluster-raw" => {
-            if !runs_on(backend, s) {
-                return failed(format!("{s} is not run with the raw client"));
-            }
             match eventbus_reliability::target::kafka_cluster::TansuCluster3::start().await {
                 Ok(mut t) if s.starts_with("consume-") => {
                     let mut row = consume_on(&mut t, s, size, Reader::Raw).await;
@@ -293,9 +287,6 @@ async fn run(backend: &str, s: &str, size: Size) -> Row {
         }
         #[cfg(feature = "nats")]
         "nats-raw" => {
-            if !runs_on(backend, s) {
-                return failed(format!("{s} is not run with the raw client"));
-            }
             match eventbus_reliability::target::nats::Nats::start(Vec::new(), proxied(s)).await {
                 Ok(mut t) => consume_on(&mut t, s, size, Reader::Raw).await,
                 Err(e) => failed(e),
@@ -303,9 +294,6 @@ async fn run(backend: &str, s: &str, size: Size) -> Row {
         }
         #[cfg(feature = "kafka")]
         "kafka-raw" => {
-            if !runs_on(backend, s) {
-                return failed(format!("{s} is not run with the raw client"));
-            }
             match eventbus_reliability::target::kafka::Kafka::start(storage(s), proxied(s)).await {
                 Ok(mut t) => consume_on(&mut t, s, size, Reader::Raw).await,
                 Err(e) => failed(e),

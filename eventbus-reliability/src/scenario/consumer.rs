@@ -306,7 +306,7 @@ pub async fn consume_partition(
     reader: Reader,
 ) -> Row {
     let hold = Duration::from_secs(if size.quick { 5 } else { 10 });
-    let mut row = consume_through(t, "consume-partition", reader, size, async |t: &mut _| {
+    consume_through(t, "consume-partition", reader, size, async |t: &mut _| {
         let t: &mut crate::target::nats_cluster::NatsCluster3 = t;
         tokio::time::sleep(Duration::from_millis(1_200)).await;
         let victim = t.choose_victim();
@@ -338,9 +338,7 @@ pub async fn consume_partition(
             failure: (!cut).then(|| "the cluster has no route proxies to cut".to_owned()),
         }
     })
-    .await;
-    row.scenario = "consume-partition".into();
-    row
+    .await
 }
 
 /// The live consumer's figures from its deliveries, the acked keys and the fault's times
