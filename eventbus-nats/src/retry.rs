@@ -28,7 +28,7 @@ use parking_lot::Mutex;
 /// here are 100, 200, 400 and 800 ms (1.5 s), later ones 1 s each.
 pub(crate) const RETRIES: u8 = 4;
 
-fn backoff(attempt: u8) -> Duration {
+pub(crate) fn backoff(attempt: u8) -> Duration {
     Duration::from_millis((100u64 << attempt.saturating_sub(1).min(4)).min(1_000))
 }
 

@@ -1,44 +1,67 @@
 //! Mode [`PublishMode::Fast`]: fast-ingest batch publishing (ADR-50, nats-server 2.14+, stream
-//! `allow_batched`). The messages of engine batch `B` that go to one stream form fast batch
-//! `k`, ended by an empty `eob` commit. The server acks every few hundred messages and once per
-//! batch; the commit's count says exactly which messages are stored. Streams without
-//! `allow_batched` are published in async mode instead (logged once, counted in
-//! `eventbus_nats_mode_fallback_total`).
+//! `allow_batched`), in **lanes** that keep each key's publish order through faults.
+//!
+//! # Lanes
+//!
+//! Every stream has [`LANES`] lanes. A message goes to the lane of its key (a hash of the key;
+//! messages without a key share lane 0), in publish order. A lane has at most one fast batch in
+//! flight: while it waits for that batch's commit, the lane's next messages queue behind it,
+//! and go out together as the lane's next batch once it ends. With `gap=fail` the server
+//! stores a prefix of every batch and nothing after a gap, so when a batch ends short (a gap,
+//! a refusal, a leader lost, no ack at all), its unstored tail is put back at the head of the
+//! lane's queue and sent first in the next batch: a later message of the key is never stored
+//! ahead of an earlier one. Messages that may already be stored (no ack came) are sent again
+//! with their ids, which the stream de-duplicates. A fault on one lane holds only that lane's
+//! keys; the others go on. Under load the queues coalesce, so batches grow with the rate.
+//!
+//! # Wire format
 //!
 //! No headers: the server reads the batch from the **reply subject** of every message,
-//! `<prefix>.<batch id>.<flow>.<gap mode>.<batch seq>.<op>.$FI` (prefix `<inbox>.B.f<k>`, gap
-//! mode `fail`), with op `0` (start, seq 1), `1` (append), `3` (commit at end of batch: an
-//! empty message that is not stored). Messages are stored as they arrive (a fast batch is not
-//! atomic); the server replies on the same subjects:
+//! `<prefix>.<batch id>.<flow>.<gap mode>.<batch seq>.<op>.$FI` (prefix `<inbox>.<n>.f<lane>`
+//! for the sink's `n`-th lane batch, gap mode `fail`), with op `0` (start, seq 1), `1` (append),
+//! `3` (commit at end of batch: an empty message that is not stored). Messages are stored as
+//! they arrive (a fast batch is not atomic); the server replies on the same subjects:
 //!
 //! - `{"type":"ack","seq":N,"msgs":M}`: flow control, messages 1..=N were persisted;
 //! - `{"type":"gap",...}` / `{"type":"err","seq":N,"error":{...}}`: a gap, or message N refused;
 //! - a pub ack with `"batch"` and `"count":C` once the batch is committed: with gap mode
-//!   `fail` (ours) exactly messages 1..=C are stored, and every later one was dropped;
+//!   `fail` (ours) exactly messages 1..=C are stored (or were already, as duplicates of their
+//!   ids), and every later one was dropped;
 //! - a plain error pub ack when a message is refused before it reaches the batch (stream does
 //!   not allow batches, too many batches in flight, message too large, ...). When that happens
 //!   to message 1 the batch never starts and nothing of it is stored.
 //!
 //! We end every batch with the `eob` commit rather than committing on the last data message, so
 //! a refusal of the last message still ends in a pub ack whose count says what is stored.
+//! Streams without `allow_batched` are published in async mode instead (logged once, counted in
+//! `eventbus_nats_mode_fallback_total`), without the lanes' order guarantee.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
+use std::hash::{Hash, Hasher};
 use std::time::{Duration, Instant};
 
-use eventbus_core::{Ack, Bytes, Error, ErrorKind, Message, Outcome, Position, SinkLimits};
+use eventbus_core::{Ack, Bytes, Error, ErrorKind, Message, Outcome, OutcomeRouter, Position, SinkLimits};
 
 use super::reply::{ApiError, DUPLICATE_IN_PROCESS, Reply, Router, api_error, parse_reply};
-use super::writer::{Writer, not_queued};
+use super::writer::{Group, Writer, no_stream, not_queued};
 use super::{FAST_MAX_IN_FLIGHT, Protocol, PublishMode, count_fallback};
 use crate::error::err;
 use crate::headers;
+use crate::retry::{RETRIES, backoff};
+
+/// Lanes per stream: at most this many fast batches of one sink in flight on a stream.
+pub const LANES: u32 = 16;
 
 /// What the writer keeps for fast batches.
 pub(super) struct Fast {
-    /// Unique per sink; batch ids are `<prefix><engine batch>_<k>`.
+    /// Unique per sink; batch ids are `<prefix><n>`.
     batch_prefix: String,
     /// Stream -> what fast batches need to know of it.
     batched: HashMap<String, StreamFacts>,
+    /// Stream -> its lanes.
+    lanes: HashMap<String, Vec<Lane>>,
+    /// Lane batches sent so far (names the next one).
+    sent: u64,
 }
 
 impl Fast {
@@ -46,19 +69,106 @@ impl Fast {
         Fast {
             batch_prefix,
             batched: HashMap::new(),
+            lanes: HashMap::new(),
+            sent: 0,
         }
     }
 }
 
-/// One fast batch in flight.
+/// One lane of a stream, on the writer's side.
+#[derive(Default)]
+struct Lane {
+    /// A batch of this lane is in flight (or waits out a backoff before it is sent again).
+    busy: bool,
+    /// Messages waiting for the lane, in publish order.
+    queue: VecDeque<Entry>,
+    /// Transient refusals in a row (no leader, too many batches in flight): the backoff.
+    tries: u8,
+    /// Silences in a row: the next batch's silence is the sink's doubled this many times.
+    silences: u8,
+}
+
+/// Messages a lane holds before it drops the oldest ones the engine stopped waiting for (a
+/// broker stalled longer than the engine's `ack_timeout`): the engine's ACK window bounds the
+/// others.
+const LANE_QUEUE_CAP: usize = 4_096;
+
+impl Lane {
+    /// Drop the oldest messages the engine no longer waits for while the queue is over
+    /// [`LANE_QUEUE_CAP`] (their callers were told `Unknown`).
+    fn trim(&mut self, router: &OutcomeRouter) {
+        while self.queue.len() > LANE_QUEUE_CAP
+            && self.queue.front().is_some_and(|e| !router.is_pending(e.b))
+        {
+            self.queue.pop_front();
+        }
+    }
+}
+
+/// A message in a lane: slot `i` of engine batch `b`.
+pub(super) struct Entry {
+    b: u64,
+    i: usize,
+    msg: Message,
+    /// Sent before without an answer: an earlier attempt may be stored, so it is never
+    /// reported `Failed`.
+    maybe_stored: bool,
+}
+
+impl Entry {
+    /// Settle this message with `o`, never `Failed` when an earlier attempt may be stored.
+    fn settle(self, router: &OutcomeRouter, o: Outcome) {
+        let o = match o {
+            Outcome::Failed(e) if self.maybe_stored => Outcome::Unknown(
+                err(
+                    e.kind(),
+                    "sent again after no ack came; an earlier attempt may be stored",
+                )
+                .with_source(e),
+            ),
+            o => o,
+        };
+        router.settle(self.b, self.i, o);
+    }
+}
+
+/// A lane's batch has ended: what the reply task hands back to the writer, which frees the
+/// lane and sends its next batch, `again` first.
+pub(super) struct LaneDone {
+    stream: String,
+    lane: u32,
+    /// Messages of the batch not stored, in order: the head of the lane's next batch.
+    again: Vec<Entry>,
+    tries: u8,
+    silences: u8,
+    /// The stream refused fast batches (`allow_batched` turned off): publish the lane's
+    /// messages one by one from now on.
+    fallback: bool,
+}
+
+impl LaneDone {
+    /// The writer is gone: settle what was to be sent again.
+    pub(super) fn stopped(self, router: &OutcomeRouter) {
+        for e in self.again {
+            e.settle(router, super::writer::stopped());
+        }
+    }
+}
+
+/// One lane batch in flight.
 pub(super) struct FastBatch {
     /// Refusals and per-message acks seen so far.
     fast: FastState,
-    /// The messages, in batch order, kept until the commit so that the ones a gap cut
-    /// off can be sent again (payloads are shared, not copied).
-    msgs: Vec<Message>,
+    /// The messages, in batch order, kept until the batch ends so that the ones not stored
+    /// can be sent again (payloads are shared, not copied).
+    entries: Vec<Entry>,
     /// When the batch was sent or last heard of (any flow ack or refusal).
     heard: Instant,
+    stream: String,
+    lane: u32,
+    /// The lane's [`Lane::tries`] and [`Lane::silences`] when it was sent.
+    tries: u8,
+    silences: u8,
 }
 
 /// What the fast path caches per stream.
@@ -84,6 +194,19 @@ fn wire_len(hdrs: &async_nats::HeaderMap, payload: &Bytes) -> usize {
         }
     }
     if any { n + 12 } else { n }
+}
+
+/// The lane of a message: by its key, lane 0 without one.
+fn lane_of(msg: &Message) -> u32 {
+    match msg.key() {
+        Some(key) => {
+            // SipHash with fixed keys: the same key takes the same lane for the sink's life.
+            let mut h = std::hash::DefaultHasher::new();
+            key.hash(&mut h);
+            (h.finish() % u64::from(LANES)) as u32
+        }
+        None => 0,
+    }
 }
 
 impl Fast {
@@ -121,6 +244,123 @@ impl Fast {
         self.batched.insert(stream.to_owned(), facts);
         facts
     }
+
+    /// The lanes of `stream`.
+    fn lanes_of(&mut self, stream: &str) -> &mut Vec<Lane> {
+        if !self.lanes.contains_key(stream) {
+            let lanes = (0..LANES).map(|_| Lane::default()).collect();
+            self.lanes.insert(stream.to_owned(), lanes);
+        }
+        self.lanes.get_mut(stream).expect("inserted")
+    }
+
+    /// Send lane `l` of `stream` its next batch: every message queued on it, in order. The
+    /// lane stays busy until the batch ends.
+    ///
+    /// Messages whose engine batch stopped waiting (its deadline passed: the caller was told
+    /// `Unknown`) are still sent, in their place: a caller that publishes such a message again
+    /// (same id) then gets the duplicate dropped, instead of the message stored behind later
+    /// ones of its key. [`LANE_QUEUE_CAP`] bounds how many of them a lane holds.
+    async fn send_lane(&mut self, w: &mut Writer<FastBatch>, stream: &str, l: u32) {
+        let lane = &mut self.lanes_of(stream)[l as usize];
+        let entries: Vec<Entry> = lane.queue.drain(..).collect();
+        lane.busy = !entries.is_empty();
+        if entries.is_empty() {
+            return;
+        }
+        let (tries, silences) = (lane.tries, lane.silences);
+        self.sent += 1;
+        let n = self.sent;
+        let prefix = format!("{}.{n}.f{l}", w.inbox);
+        let id = format!("{}{n}", self.batch_prefix);
+        let encoded: Vec<_> = entries
+            .iter()
+            .map(|e| headers::encode_ref(&e.msg, w.dedup))
+            .collect();
+        let count = entries.len() as u64;
+        // Last subject: the commit goes to a subject of the stream.
+        let last_subject = entries[entries.len() - 1].msg.topic().as_str().to_owned();
+        w.groups.lock().insert(
+            (n, l),
+            Group {
+                // A lane batch names its (engine batch, slot) pairs in its entries.
+                indices: Vec::new(),
+                state: FastBatch {
+                    fast: FastState::default(),
+                    entries,
+                    heard: Instant::now(),
+                    stream: stream.to_owned(),
+                    lane: l,
+                    tries,
+                    silences,
+                },
+            },
+        );
+        let mut reply = String::with_capacity(prefix.len() + id.len() + 32);
+        let mut sent = 0u64;
+        let mut failure = None;
+        for (subject, payload, hdrs) in encoded {
+            let seq = sent + 1;
+            let op = if seq == 1 { Op::Start } else { Op::Append };
+            self::reply(&mut reply, &prefix, &id, seq, op);
+            if let Err(e) = w
+                .client
+                .publish_with_reply_and_headers(subject, reply.clone(), hdrs, payload)
+                .await
+            {
+                failure = Some(e);
+                break;
+            }
+            sent = seq;
+        }
+        let failure = match failure {
+            Some(e) => Some(e),
+            None => {
+                // End of batch: an empty commit message, not stored.
+                self::reply(&mut reply, &prefix, &id, count + 1, Op::CommitEob);
+                w.client
+                    .publish_with_reply(last_subject, reply.clone(), Bytes::new())
+                    .await
+                    .err()
+            }
+        };
+        let mut groups = w.groups.lock();
+        if let Some(e) = failure {
+            // The client is closed. A fast batch is stored as it arrives: what was handed over
+            // may be stored.
+            let Some(g) = groups.remove(&(n, l)) else {
+                return;
+            };
+            drop(groups);
+            let unsent = not_queued(e);
+            let maybe = Outcome::Unknown(err(
+                ErrorKind::Connect,
+                "connection lost during a fast batch; the message may be stored",
+            ));
+            for (j, e) in g.state.entries.into_iter().enumerate() {
+                let o = if (j as u64) < sent {
+                    maybe.clone()
+                } else {
+                    unsent.clone()
+                };
+                e.settle(&w.router, o);
+            }
+            self.lanes_of(stream)[l as usize].busy = false;
+        } else if let Some(g) = groups.get_mut(&(n, l)) {
+            // Handed over in full: its silence counts from now.
+            g.state.heard = Instant::now();
+        }
+    }
+
+    /// Publish `entries` one by one with their own pub acks, as async mode does (no order
+    /// across faults).
+    async fn publish_alone(w: &mut Writer<FastBatch>, entries: impl IntoIterator<Item = Entry>) {
+        let mut reply = String::with_capacity(w.inbox.len() + 24);
+        for e in entries {
+            w.publish_kept(e.b, e.i, e.msg, e.maybe_stored, &mut reply)
+                .await;
+        }
+    }
 }
 
 impl Protocol for Fast {
@@ -133,7 +373,7 @@ impl Protocol for Fast {
     async fn send(&mut self, w: &mut Writer<FastBatch>, job_id: u64, batch: Vec<Message>) {
         let (order, unknown) = w.group_by_stream(job_id, &batch).await;
         let mut slots: Vec<Option<Message>> = batch.into_iter().map(Some).collect();
-        let mut reply = String::with_capacity(w.inbox.len() + 96);
+        let mut reply = String::with_capacity(w.inbox.len() + 24);
         // Stream unknown for now (lookup timed out): publish those one by one with their own
         // pub acks, as async mode does; the server's answer (stored, no responders, ...) decides.
         for i in unknown {
@@ -141,7 +381,7 @@ impl Protocol for Fast {
                 w.publish_kept(job_id, i, msg, false, &mut reply).await;
             }
         }
-        for (k, (stream, mut indices)) in order.into_iter().enumerate() {
+        for (stream, indices) in order {
             let facts = self.stream_facts(&w.js, &stream).await;
             if !facts.fast {
                 for i in indices {
@@ -151,100 +391,92 @@ impl Protocol for Fast {
                 }
                 continue;
             }
-            let k = k as u32;
-            let prefix = format!("{}.{job_id}.f{k}", w.inbox);
-            let id = format!("{}{job_id}_{k}", self.batch_prefix);
-            let mut encoded = Vec::with_capacity(indices.len());
-            let mut msgs = Vec::with_capacity(indices.len());
-            indices.retain(|&i| {
+            let lanes = self.lanes_of(&stream);
+            let mut touched = 0u64;
+            for i in indices {
                 let Some(msg) = slots[i].take() else {
-                    return false;
+                    continue;
                 };
-                let (subject, payload, hdrs) = headers::encode_ref(&msg, w.dedup);
-                if let Some(max) = facts.max_msg_size
-                    && wire_len(&hdrs, &payload) > max
-                {
-                    w.router.settle(
-                        job_id,
-                        i,
-                        Outcome::Failed(err(
-                            ErrorKind::TooLarge,
-                            "message exceeds the stream's max_msg_size",
-                        )),
-                    );
-                    return false;
-                }
-                encoded.push((subject, payload, hdrs));
-                msgs.push(msg);
-                true
-            });
-            if indices.is_empty() {
-                continue;
-            }
-            let n = indices.len() as u64;
-            w.track(
-                job_id,
-                k,
-                indices,
-                FastBatch {
-                    fast: FastState::default(),
-                    msgs,
-                    heard: Instant::now(),
-                },
-            );
-            let mut last_subject = String::new();
-            let mut sent = 0u64;
-            let mut failure = None;
-            for (subject, payload, hdrs) in encoded {
-                let seq = sent + 1;
-                let op = if seq == 1 { Op::Start } else { Op::Append };
-                self::reply(&mut reply, &prefix, &id, seq, op);
-                if seq == n {
-                    last_subject.clone_from(&subject);
-                }
-                if let Err(e) = w
-                    .client
-                    .publish_with_reply_and_headers(subject, reply.clone(), hdrs, payload)
-                    .await
-                {
-                    failure = Some(e);
-                    break;
-                }
-                sent = seq;
-            }
-            let failure = match failure {
-                Some(e) => Some(e),
-                None => {
-                    // End of batch: an empty commit message, not stored.
-                    self::reply(&mut reply, &prefix, &id, n + 1, Op::CommitEob);
-                    w.client
-                        .publish_with_reply(last_subject, reply.clone(), Bytes::new())
-                        .await
-                        .err()
-                }
-            };
-            if let Some(e) = failure {
-                // A fast batch is stored as it arrives: what was handed over may be stored.
-                let unsent = not_queued(e);
-                let maybe = Outcome::Unknown(err(
-                    ErrorKind::Connect,
-                    "connection lost during a fast batch; the message may be stored",
-                ));
-                w.settle_group(job_id, k, |j| {
-                    if (j as u64) < sent {
-                        maybe.clone()
-                    } else {
-                        unsent.clone()
+                if let Some(max) = facts.max_msg_size {
+                    let (_, payload, hdrs) = headers::encode_ref(&msg, w.dedup);
+                    if wire_len(&hdrs, &payload) > max {
+                        w.router.settle(
+                            job_id,
+                            i,
+                            Outcome::Failed(err(
+                                ErrorKind::TooLarge,
+                                "message exceeds the stream's max_msg_size",
+                            )),
+                        );
+                        continue;
                     }
+                }
+                let l = lane_of(&msg);
+                lanes[l as usize].queue.push_back(Entry {
+                    b: job_id,
+                    i,
+                    msg,
+                    maybe_stored: false,
                 });
-            } else if let Some(g) = w.groups.lock().get_mut(&(job_id, k)) {
-                // Handed over in full: its silence counts from now.
-                g.state.heard = Instant::now();
+                touched |= 1 << l;
+            }
+            for (l, lane) in lanes.iter_mut().enumerate() {
+                if touched & (1 << l) != 0 {
+                    lane.trim(&w.router);
+                }
+            }
+            for l in 0..LANES {
+                if touched & (1 << l) != 0 && !self.lanes_of(&stream)[l as usize].busy {
+                    self.send_lane(w, &stream, l).await;
+                }
             }
         }
     }
 
-    /// `f<k>.<id>.<flow>.<gap>.<seq>.<op>.$FI`: a reply for message `seq` of fast batch `k`.
+    async fn resume(&mut self, w: &mut Writer<FastBatch>, done: LaneDone) {
+        let LaneDone {
+            stream,
+            lane: l,
+            again,
+            tries,
+            silences,
+            fallback,
+        } = done;
+        let lane = &mut self.lanes_of(&stream)[l as usize];
+        for e in again.into_iter().rev() {
+            lane.queue.push_front(e);
+        }
+        lane.busy = false;
+        lane.tries = tries;
+        lane.silences = silences;
+        if fallback {
+            if let Some(f) = self.batched.get_mut(&stream) {
+                f.fast = false;
+            }
+            count_fallback(PublishMode::Fast, "stream");
+            let mut queued = Vec::new();
+            for lane in self.lanes_of(&stream) {
+                queued.extend(lane.queue.drain(..));
+            }
+            Self::publish_alone(w, queued).await;
+            return;
+        }
+        if tries > RETRIES
+            && let Some(subject) = lane.queue.front().map(|e| e.msg.topic().as_str().to_owned())
+            && w.no_stream_for(&subject).await
+        {
+            // Retried past the first few and the stream is gone: fail what waits for it.
+            for e in self.lanes_of(&stream)[l as usize].queue.drain(..) {
+                let router = std::sync::Arc::clone(&w.router);
+                e.settle(&router, no_stream());
+            }
+            return;
+        }
+        self.send_lane(w, &stream, l).await;
+    }
+
+    /// `<n>.f<lane>.<id>.<flow>.<gap>.<seq>.<op>.$FI`: a reply for message `seq` of lane batch
+    /// `n` (`b` here).
     fn route(r: &Router<FastBatch>, b: u64, tail: &str, m: &async_nats::Message) {
         if let Some(fast) = tail.strip_prefix('f')
             && let Some((k, tail)) = fast.split_once('.')
@@ -255,65 +487,87 @@ impl Protocol for Fast {
         }
     }
 
-    /// Fast batches whose flow went quiet: their messages are kept, so they go out again one by
-    /// one, as messages that may be stored.
+    /// Lane batches that heard nothing for `silence` (doubled for each silence of the lane in a
+    /// row): with ids, their unsettled messages go back to the head of the lane, as messages
+    /// that may be stored; without ids a resend could store a duplicate, so they are settled
+    /// `Unknown` and the lane goes on.
     fn resend_quiet(r: &Router<FastBatch>, now: Instant, silence: Duration) {
         let quiet: Vec<_> = r
             .groups
             .lock()
-            .extract_if(|_, g| now.saturating_duration_since(g.state.heard) >= silence)
+            .extract_if(|_, g| {
+                let wait = silence * (1u32 << g.state.silences.min(4));
+                now.saturating_duration_since(g.state.heard) >= wait
+            })
             .collect();
-        for ((b, _), g) in quiet {
-            let Some(open) = r.router.unsettled(b) else {
-                continue;
-            };
-            let items: Vec<(usize, Message)> = g
-                .indices
-                .into_iter()
-                .zip(g.state.msgs)
-                .filter(|(i, _)| open.binary_search(i).is_ok())
-                .collect();
-            if !items.is_empty() {
+        for (_, g) in quiet {
+            let g = g.state;
+            let mut again = Vec::new();
+            for mut e in g.entries {
+                if r.dedup {
+                    e.maybe_stored = true;
+                    again.push(e);
+                } else {
+                    e.settle(
+                        &r.router,
+                        Outcome::Unknown(err(
+                            ErrorKind::Timeout,
+                            "no ack came for the fast batch; the message may be stored",
+                        )),
+                    );
+                }
+            }
+            if !again.is_empty() {
                 tracing::debug!(
-                    messages = items.len(),
+                    messages = again.len(),
                     "no ack for a fast batch; sending its messages again with their ids"
                 );
-                r.send_again(b, items, false, true);
+                r.kept.count_resent(again.len());
             }
+            r.lane_done(
+                LaneDone {
+                    stream: g.stream,
+                    lane: g.lane,
+                    again,
+                    tries: g.tries,
+                    silences: g.silences.saturating_add(1),
+                    fallback: false,
+                },
+                Duration::ZERO,
+            );
         }
     }
 }
 
-/// A reply for message `seq` (operation `op`) of fast batch `k` of engine batch `b`.
+/// A reply for message `seq` (operation `op`) of lane batch `n`, lane `l`.
 fn route_fast(
     r: &Router<FastBatch>,
-    b: u64,
-    k: u32,
+    n: u64,
+    l: u32,
     (seq, op): (u64, u8),
     m: &async_nats::Message,
 ) {
-    let (router, groups) = (&*r.router, &r.groups);
     let event = match parse_reply(m) {
         // No responders carries no JSON: nothing was stored, and it concerns the whole batch.
         Reply::Refused(error) | Reply::Unavailable(error) if m.payload.is_empty() => {
             Event::Refused {
                 seq,
                 error,
-                scope: Scope::Batch,
+                scope: Scope::Transient,
             }
         }
         _ => parse(seq, &m.payload),
     };
-    let mut map = groups.lock();
-    let Some(g) = map.get_mut(&(b, k)) else {
+    let mut map = r.groups.lock();
+    let Some(g) = map.get_mut(&(n, l)) else {
         return;
     };
     g.state.heard = Instant::now();
     let end = match event {
         Event::Progress | Event::Unreadable => return,
-        Event::Refused { seq: s, error, .. } if op == Op::CommitEob as u8 && s == seq => {
+        Event::Refused { seq: s, .. } if op == Op::CommitEob as u8 && s == seq => {
             // The commit itself was refused.
-            End::CommitRefused(error)
+            End::CommitRefused
         }
         Event::Refused { seq, error, scope } => {
             g.state.fast.refuse(seq, error, scope);
@@ -328,46 +582,53 @@ fn route_fast(
             last,
             count,
         },
-        Event::Single { stream, sequence } => {
-            // A server without fast batches stored this one as a plain publish.
-            let Some(&i) = g.indices.get((seq as usize).wrapping_sub(1)) else {
-                return;
-            };
-            if g.state.fast.single() == g.indices.len() {
-                map.remove(&(b, k));
-            }
-            drop(map);
-            router.settle(
-                b,
-                i,
-                Outcome::Acked(Ack {
-                    position: Position::Stream {
-                        stream,
-                        sequence,
-                        duplicate: false,
-                    },
-                }),
-            );
-            return;
-        }
     };
-    let g = map.remove(&(b, k)).expect("present");
+    let g = map.remove(&(n, l)).expect("present").state;
     drop(map);
+    let fast = &g.fast;
     let mut again = Vec::new();
-    for (j, (i, msg)) in g.indices.into_iter().zip(g.state.msgs).enumerate() {
-        match g.state.fast.fate(j as u64 + 1, &end) {
-            Fate::Settle(o) => router.settle(b, i, o),
-            Fate::Resend => again.push((i, msg)),
+    for (j, mut e) in g.entries.into_iter().enumerate() {
+        match fast.fate(j as u64 + 1, &end) {
+            Fate::Settle(o) => e.settle(&r.router, o),
+            Fate::Resend { maybe_stored } if maybe_stored && !r.dedup => e.settle(
+                &r.router,
+                Outcome::Unknown(err(
+                    ErrorKind::Connect,
+                    "the fast batch ended without saying what it stored; the message may be stored",
+                )),
+            ),
+            Fate::Resend { maybe_stored } => {
+                e.maybe_stored |= maybe_stored;
+                again.push(e);
+            }
         }
     }
-    if again.is_empty() {
-        return;
+    let transient = fast.transient;
+    let (tries, wait) = if transient && !again.is_empty() {
+        let tries = g.tries.saturating_add(1);
+        (tries, backoff(tries))
+    } else {
+        (0, Duration::ZERO)
+    };
+    if !again.is_empty() {
+        tracing::debug!(
+            messages = again.len(),
+            transient,
+            "fast batch ended early; its messages not stored go first in the lane's next batch"
+        );
+        r.kept.count_resent(again.len());
     }
-    tracing::debug!(
-        messages = again.len(),
-        "fast batch ended early; sending the messages it did not store again"
+    r.lane_done(
+        LaneDone {
+            stream: g.stream,
+            lane: g.lane,
+            again,
+            tries,
+            silences: 0,
+            fallback: fast.fallback,
+        },
+        wait,
     );
-    r.send_again(b, again, false, false);
 }
 
 /// The most messages between two flow-control acks we allow the server to choose. It picks
@@ -411,6 +672,8 @@ struct FastReply<'a> {
     seq: Option<u64>,
     batch: Option<&'a str>,
     count: Option<u64>,
+    #[serde(default)]
+    duplicate: bool,
     error: Option<ApiError>,
 }
 
@@ -431,12 +694,6 @@ enum Event {
         last: u64,
         count: u64,
     },
-    /// A plain pub ack for one message: a server that does not know fast batches stored it
-    /// as an ordinary publish.
-    Single {
-        stream: String,
-        sequence: u64,
-    },
     Unreadable,
 }
 
@@ -450,7 +707,7 @@ fn parse(seq: u64, payload: &[u8]) -> Event {
             seq: r.seq.unwrap_or(seq),
             error: api_error(&e),
             scope: match Scope::of(e.err_code()) {
-                Scope::Elsewhere => Scope::Elsewhere,
+                s @ (Scope::Elsewhere | Scope::Transient) => s,
                 _ => Scope::Message,
             },
         },
@@ -466,10 +723,9 @@ fn parse(seq: u64, payload: &[u8]) -> Event {
                 last,
                 count,
             },
-            (Some(stream), Some(sequence), None, _) => Event::Single {
-                stream: stream.to_owned(),
-                sequence,
-            },
+            // A message's own pub ack inside a batch: a duplicate of its id, already stored.
+            // The commit's count includes it.
+            (Some(_), Some(_), None, _) if r.duplicate => Event::Progress,
             _ => Event::Unreadable,
         },
     }
@@ -480,8 +736,11 @@ fn parse(seq: u64, payload: &[u8]) -> Event {
 enum Scope {
     /// The message itself (too large, stream full, ...).
     Message,
-    /// The batch (not enabled on the stream, too many in flight, no responders).
+    /// The batch: fast batches are not enabled on the stream (any more).
     Batch,
+    /// Nothing stored, and a moment later it may be: no responders, no stream leader yet
+    /// (503), too many batches in flight on the stream.
+    Transient,
     /// Neither: the batch is unknown because it never started or already ended.
     Consequence,
     /// Another publish with the same message id is being stored ("duplicate message id is in
@@ -493,8 +752,10 @@ enum Scope {
 impl Scope {
     fn of(err_code: u16) -> Scope {
         match err_code {
-            // Batch publish not enabled, too many in flight, invalid batch id.
-            10174 | 10211 | 10179 => Scope::Batch,
+            // Batch publish not enabled, invalid batch id.
+            10174 | 10179 => Scope::Batch,
+            // Too many batches in flight, temporarily unavailable.
+            10211 | 10008 => Scope::Transient,
             // Batch id unknown.
             10208 => Scope::Consequence,
             DUPLICATE_IN_PROCESS => Scope::Elsewhere,
@@ -507,9 +768,10 @@ impl Scope {
 #[derive(Debug)]
 enum Fate {
     Settle(Outcome),
-    /// Definitely not stored, through no fault of its own (the batch ended early or never
-    /// started): publish it again on its own, once.
-    Resend,
+    /// Not stored by this batch, through no fault of its own (the batch ended early or never
+    /// started): it goes first in the lane's next batch. `maybe_stored`: an earlier attempt
+    /// or another publish of its id may have stored it.
+    Resend { maybe_stored: bool },
 }
 
 /// How a fast batch ended.
@@ -522,18 +784,23 @@ enum End {
         count: u64,
     },
     /// The commit was refused.
-    CommitRefused(Error),
+    CommitRefused,
 }
 
-/// One fast batch in flight.
+/// What the server said of one fast batch in flight.
 #[derive(Debug, Default)]
 struct FastState {
     /// Messages refused for reasons of their own, by batch sequence (not stored).
     refused: Vec<(u64, Error)>,
     /// Message 1 was refused: the batch never started and nothing of it is stored.
     never_started: bool,
-    /// Messages already settled one by one (a server without fast batches).
-    singles: usize,
+    /// A refusal that waiting may cure (no leader, too many in flight, an id in process):
+    /// the lane backs off before its next batch.
+    transient: bool,
+    /// Another publish of an id was being stored: what is sent again may be stored already.
+    elsewhere: bool,
+    /// The stream refused fast batches.
+    fallback: bool,
 }
 
 impl FastState {
@@ -541,18 +808,20 @@ impl FastState {
         if seq == 1 {
             self.never_started = true;
         }
-        if scope == Scope::Message {
-            self.refused.push((seq, e));
+        match scope {
+            Scope::Message => self.refused.push((seq, e)),
+            Scope::Batch => self.fallback = true,
+            Scope::Transient => self.transient = true,
+            Scope::Elsewhere => {
+                self.transient = true;
+                self.elsewhere = true;
+            }
+            Scope::Consequence => {}
         }
     }
 
     fn refusal(&self, seq: u64) -> Option<&Error> {
         self.refused.iter().find(|(s, _)| *s == seq).map(|(_, e)| e)
-    }
-
-    fn single(&mut self) -> usize {
-        self.singles += 1;
-        self.singles
     }
 
     /// What becomes of message `seq` (from 1) once the batch ended.
@@ -563,7 +832,7 @@ impl FastState {
                 last,
                 count,
             } => self.committed(seq, stream, *last, *count),
-            End::CommitRefused(e) => self.commit_refused(seq, e),
+            End::CommitRefused => self.commit_refused(seq),
         }
     }
 
@@ -583,26 +852,25 @@ impl FastState {
         }
         match self.refusal(seq) {
             Some(e) => Fate::Settle(Outcome::Failed(e.clone())),
-            None => Fate::Resend,
+            None => Fate::Resend {
+                maybe_stored: self.elsewhere,
+            },
         }
     }
 
-    /// What becomes of message `seq` when the commit itself was refused with `e`.
-    fn commit_refused(&self, seq: u64, e: &Error) -> Fate {
+    /// What becomes of message `seq` when the commit itself was refused: a batch that
+    /// started may have stored any prefix (the server lost it: restarted, a new leader), so
+    /// its messages are sent again as ones that may be stored; one that never started stored
+    /// nothing.
+    fn commit_refused(&self, seq: u64) -> Fate {
         if !self.never_started {
-            // The batch started: what arrived may be stored.
-            return Fate::Settle(Outcome::Unknown(
-                err(
-                    e.kind(),
-                    "the server refused to commit the fast batch; its messages may be stored",
-                )
-                .with_source(e.clone()),
-            ));
+            return Fate::Resend { maybe_stored: true };
         }
-        // Message 1 refused: the batch never started, nothing of it is stored.
         match self.refusal(seq) {
             Some(own) => Fate::Settle(Outcome::Failed(own.clone())),
-            None => Fate::Resend,
+            None => Fate::Resend {
+                maybe_stored: self.elsewhere,
+            },
         }
     }
 }
@@ -650,8 +918,8 @@ mod tests {
             e => panic!("{e:?}"),
         }
         assert!(matches!(
-            parse(2, br#"{"stream":"S","seq":8}"#),
-            Event::Single { sequence: 8, .. }
+            parse(2, br#"{"stream":"S","seq":8,"duplicate":true}"#),
+            Event::Progress
         ));
         assert!(matches!(parse(2, b"garbage"), Event::Unreadable));
     }
@@ -665,12 +933,16 @@ mod tests {
             Fate::Settle(Outcome::Failed(e)) => assert_eq!(e.kind(), ErrorKind::TooLarge),
             f => panic!("{f:?}"),
         }
-        assert!(matches!(st.committed(4, "S", 10, 2), Fate::Resend));
-        // Commit refused: unknown unless message 1 was refused (then nothing started).
-        let e = err(ErrorKind::Rejected, "sealed");
         assert!(matches!(
-            st.commit_refused(2, &e),
-            Fate::Settle(Outcome::Unknown(_))
+            st.committed(4, "S", 10, 2),
+            Fate::Resend {
+                maybe_stored: false
+            }
+        ));
+        // Commit refused after the batch started: any prefix may be stored.
+        assert!(matches!(
+            st.commit_refused(2),
+            Fate::Resend { maybe_stored: true }
         ));
     }
 
@@ -686,7 +958,11 @@ mod tests {
         assert!(error.is_retryable());
         let mut st = FastState::default();
         st.refuse(seq, error, scope);
-        assert!(matches!(st.committed(3, "S", 10, 2), Fate::Resend));
+        assert!(st.transient, "the lane waits before sending it again");
+        assert!(matches!(
+            st.committed(3, "S", 10, 2),
+            Fate::Resend { maybe_stored: true }
+        ));
         // The same refusal as a flow error of the batch.
         let flow = br#"{"type":"err","seq":4,"error":{"code":409,"err_code":10158,"description":"duplicate message id is in process"}}"#;
         match parse(9, flow) {
@@ -701,7 +977,6 @@ mod tests {
 
     #[test]
     fn a_batch_that_never_started_is_sent_again() {
-        let e = err(ErrorKind::Rejected, "unknown batch");
         // Refused as a batch (e.g. not enabled on the stream): every message again, also the
         // ones refused only because the batch was unknown.
         let mut st = FastState::default();
@@ -711,16 +986,16 @@ mod tests {
             err(ErrorKind::Rejected, "unknown batch"),
             Scope::of(10208),
         );
-        assert!(matches!(st.commit_refused(1, &e), Fate::Resend));
-        assert!(matches!(st.commit_refused(2, &e), Fate::Resend));
-        assert!(matches!(st.commit_refused(5, &e), Fate::Resend));
+        assert!(matches!(st.commit_refused(1), Fate::Resend { .. }));
+        assert!(matches!(st.commit_refused(2), Fate::Resend { .. }));
+        assert!(matches!(st.commit_refused(5), Fate::Resend { .. }));
         // Message 1 refused for itself: it fails, the rest are sent again.
         let mut st = FastState::default();
         st.refuse(1, err(ErrorKind::TooLarge, "too big"), Scope::Message);
         assert!(matches!(
-            st.commit_refused(1, &e),
+            st.commit_refused(1),
             Fate::Settle(Outcome::Failed(_))
         ));
-        assert!(matches!(st.commit_refused(2, &e), Fate::Resend));
+        assert!(matches!(st.commit_refused(2), Fate::Resend { .. }));
     }
 }

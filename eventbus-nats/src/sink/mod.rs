@@ -94,9 +94,16 @@ fn count_fallback(from: PublishMode, reason: &'static str) {
 pub const ATOMIC_MAX_IN_FLIGHT: usize = 16;
 /// The server's limit on messages per atomic batch.
 pub const ATOMIC_MAX_MESSAGES: usize = 1_000;
-/// Fast batches one sink keeps in flight (the engine is clamped to it). The server allows 50
-/// per stream across all publishers, and spaces its flow acks by `500 / batches in flight`.
+/// Engine batches one sink keeps in flight in fast mode (the engine is clamped to it). Their
+/// messages go out in at most [`LANES`] fast batches per stream at a time (the server allows 50
+/// per stream across all publishers, and spaces its flow acks by `500 / batches in flight`).
 pub const FAST_MAX_IN_FLIGHT: usize = 16;
+
+pub use fast::LANES;
+
+/// How long a fast batch may hear nothing before its lane gives up on it when the
+/// connection's `ack_timeout` is zero (resends off).
+const LANE_SILENCE: Duration = Duration::from_secs(10);
 
 /// Options for [`NatsBackend::sink_with`](crate::NatsBackend::sink_with).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -156,9 +163,19 @@ trait Protocol: Send + 'static {
     /// ack): one of the mode's batch replies, or ignored.
     fn route(r: &Router<Self::State>, b: u64, tail: &str, m: &async_nats::Message);
 
-    /// Send again, with their ids, the messages of batches in flight that heard nothing for
-    /// `silence` at `now` (see [`crate::retry`]). Nothing by default: a mode that keeps no
-    /// messages waits for its batch's commit to decide.
+    /// A lane batch of this mode ended ([`Job::Lane`]): free its lane and send what waits on
+    /// it. Only fast mode has lanes.
+    fn resume(
+        &mut self,
+        _w: &mut Writer<Self::State>,
+        _done: fast::LaneDone,
+    ) -> impl Future<Output = ()> + Send {
+        async {}
+    }
+
+    /// Deal with the batches in flight that heard nothing for `silence` at `now` (see
+    /// [`crate::retry`]). Nothing by default: a mode that keeps no messages waits for its
+    /// batch's commit to decide.
     fn resend_quiet(_r: &Router<Self::State>, _now: Instant, _silence: Duration) {}
 }
 
@@ -243,6 +260,7 @@ impl NatsSink {
             router: Arc::clone(&router),
             groups: Arc::clone(&groups),
             kept: Arc::clone(&kept),
+            dedup: opts.dedup,
             // Weak: the writer stops once every sink handle is gone.
             resend: tx.downgrade(),
         });
@@ -251,9 +269,16 @@ impl NatsSink {
             inbox.len() + 1,
             Arc::clone(&replies),
         ));
-        if opts.dedup && !silence.is_zero() {
-            tokio::spawn(reply::resend_silent::<P>(replies, silence));
-        }
+        // Fast mode's lanes need the silence check even without ids (a lane whose batch
+        // heard nothing is freed) and when resends are off (then after LANE_SILENCE).
+        let quiet = if silence.is_zero() { LANE_SILENCE } else { silence };
+        let singles = opts.dedup && !silence.is_zero();
+        tokio::spawn(reply::resend_silent::<P>(
+            replies,
+            client.clone(),
+            quiet,
+            singles,
+        ));
         // Leave room for the headers we add (Nats-Msg-Id, key, batch) and the NATS/1.0 line.
         let max = client
             .server_info()

@@ -12,6 +12,7 @@ use futures_util::StreamExt;
 use tokio::sync::mpsc;
 
 use super::Protocol;
+use super::fast::LaneDone;
 use super::writer::{Groups, Job, stopped};
 use crate::error::err;
 use crate::retry::Kept;
@@ -192,6 +193,8 @@ pub(super) struct Router<S> {
     pub(super) router: Arc<OutcomeRouter>,
     pub(super) groups: Groups<S>,
     pub(super) kept: Arc<Kept>,
+    /// Messages carry `Nats-Msg-Id`: one that may be stored can be sent again safely.
+    pub(super) dedup: bool,
     pub(super) resend: mpsc::WeakUnboundedSender<Job>,
 }
 
@@ -236,6 +239,34 @@ impl<S: Send + 'static> Router<S> {
         }
     }
 
+    /// Hand an ended lane batch back to the writer, after `wait` (a backoff: the lane stays
+    /// busy until then). If the sink is gone, what was to be sent again is settled.
+    pub(super) fn lane_done(&self, done: LaneDone, wait: Duration) {
+        let Some(tx) = self.resend.upgrade() else {
+            done.stopped(&self.router);
+            return;
+        };
+        if wait.is_zero() {
+            if let Err(mpsc::error::SendError(Job::Lane(done))) = tx.send(Job::Lane(done)) {
+                done.stopped(&self.router);
+            }
+            return;
+        }
+        drop(tx);
+        let resend = self.resend.clone();
+        let router = Arc::clone(&self.router);
+        tokio::spawn(async move {
+            tokio::time::sleep(wait).await;
+            let sent = match resend.upgrade() {
+                Some(tx) => tx.send(Job::Lane(done)).map_err(|e| e.0),
+                None => Err(Job::Lane(done)),
+            };
+            if let Err(Job::Lane(done)) = sent {
+                done.stopped(&router);
+            }
+        });
+    }
+
     /// A pub ack (or refusal) for message `i` of batch `b`. "No responders" and 503 are tried
     /// again with backoff while the engine waits for the message (see [`crate::retry`]).
     fn single(self: &Arc<Self>, b: u64, i: usize, m: &async_nats::Message) {
@@ -258,16 +289,42 @@ impl<S: Send + 'static> Router<S> {
 
 /// Send again, with their ids, the messages that heard nothing for `silence` (see
 /// [`crate::retry`]): the mode's batches whose flow went quiet ([`Protocol::resend_quiet`]),
-/// and messages published on their own. Runs until every sink handle is gone.
-pub(super) async fn resend_silent<P: Protocol>(r: Arc<Router<P::State>>, silence: Duration) {
-    let tick = (silence / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
+/// and, if `singles`, messages published on their own. Runs until every sink handle is gone.
+///
+/// When the client has connected again, the mode's batches in flight are dealt with at once
+/// (within [`RECONNECT_CHECK`]): their replies went to the old connection and will not come.
+pub(super) async fn resend_silent<P: Protocol>(
+    r: Arc<Router<P::State>>,
+    client: async_nats::Client,
+    silence: Duration,
+    singles: bool,
+) {
+    use std::sync::atomic::Ordering;
+    let tick = (silence / 4).clamp(RECONNECT_CHECK, Duration::from_secs(1));
+    let stats = client.statistics();
+    drop(client);
+    let mut connects = stats.connects.load(Ordering::Relaxed);
+    let mut next_scan = Instant::now() + tick;
     loop {
-        tokio::time::sleep(tick).await;
+        tokio::time::sleep(RECONNECT_CHECK).await;
         if r.resend.upgrade().is_none() {
             return;
         }
         let now = Instant::now();
+        let c = stats.connects.load(Ordering::Relaxed);
+        if c != connects {
+            connects = c;
+            tracing::debug!("reconnected; batches in flight are sent again");
+            P::resend_quiet(&r, now, Duration::ZERO);
+        }
+        if now < next_scan {
+            continue;
+        }
+        next_scan = now + tick;
         P::resend_quiet(&r, now, silence);
+        if !singles {
+            continue;
+        }
         for (b, items) in r.kept.silent(now, silence) {
             tracing::debug!(
                 messages = items.len(),
@@ -277,6 +334,9 @@ pub(super) async fn resend_silent<P: Protocol>(r: Arc<Router<P::State>>, silence
         }
     }
 }
+
+/// How often the resend task checks whether the client connected again.
+const RECONNECT_CHECK: Duration = Duration::from_millis(50);
 
 /// Read the ack inbox until the connection is gone. `skip`: the length of `<inbox>.`.
 pub(super) async fn route<P: Protocol>(

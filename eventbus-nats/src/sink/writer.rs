@@ -33,6 +33,8 @@ pub(super) enum Job {
         /// An earlier attempt may be stored: never report these `Failed`.
         maybe_stored: bool,
     },
+    /// A fast-mode lane batch ended: free the lane and send its next batch.
+    Lane(super::fast::LaneDone),
 }
 
 /// One atomic or fast batch in flight: which slots of the engine batch it carries.
@@ -123,6 +125,7 @@ impl<S: Send + 'static> Writer<S> {
         while let Some(job) = rx.recv().await {
             match job {
                 Job::Batch { id, batch } => mode.send(&mut self, id, batch).await,
+                Job::Lane(done) => mode.resume(&mut self, done).await,
                 Job::Resend {
                     id,
                     items,
@@ -184,7 +187,7 @@ impl<S: Send + 'static> Writer<S> {
     /// next second's retries skip the question (they are sent, as before the check), and a
     /// subject found uncovered is remembered for a second (by [`SubjectStreams`]), so the single
     /// writer never waits on more than one lookup per second.
-    async fn no_stream_for(&mut self, subject: &str) -> bool {
+    pub(super) async fn no_stream_for(&mut self, subject: &str) -> bool {
         let now = Instant::now();
         if self.lookup_quiet_until.is_some_and(|t| now < t) {
             return false;
