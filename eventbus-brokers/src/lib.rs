@@ -8,6 +8,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 mod broker;
+#[cfg(feature = "proxy")]
+pub mod proxy;
 #[cfg(feature = "tls")]
 pub mod tls;
 

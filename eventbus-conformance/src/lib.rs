@@ -91,7 +91,19 @@ pub trait Harness: Send + Sync + 'static {
 
     /// The backend's own health check ([`eventbus_core::ops::HealthCheck`]).
     fn health(&self, timeout: Duration) -> impl Future<Output = eventbus_core::ops::Health> + Send;
+
+    /// Cut (`true`: a blackhole, nothing forwarded and nothing closed) or restore (`false`:
+    /// every connection reset, then forwarded again) the connections between this harness's
+    /// clients and its broker. Returns `false`, doing nothing, when the harness has no fault
+    /// proxy in front of its broker (the in-memory backend has no connection; a cluster's
+    /// clients would go around a proxy on one node).
+    fn cut(&self, _on: bool) -> bool {
+        false
+    }
 }
+
+/// What [`BackendHarness::fault`] calls to cut and to restore the connections.
+type Fault = (Box<dyn Fn() + Send + Sync>, Box<dyn Fn() + Send + Sync>);
 
 /// Creates a topic by a broker's own means, for brokers whose admin API the backend cannot use.
 type Provision = Box<dyn Fn(&str, u32) -> Result<(), String> + Send + Sync>;
@@ -114,6 +126,7 @@ pub struct BackendHarness<B: Backend> {
     partitions: u32,
     unroutable: Topic,
     provision: Option<Provision>,
+    fault: Option<Fault>,
     next: AtomicU64,
 }
 
@@ -129,6 +142,7 @@ impl<B: Backend> BackendHarness<B> {
             partitions: 3,
             unroutable: Topic::new("no.such.topic"),
             provision: None,
+            fault: None,
             next: AtomicU64::new(0),
         }
     }
@@ -157,6 +171,19 @@ impl<B: Backend> BackendHarness<B> {
         create: impl Fn(&str, u32) -> Result<(), String> + Send + Sync + 'static,
     ) -> Self {
         self.provision = Some(Box::new(create));
+        self
+    }
+}
+
+impl<B: Backend> BackendHarness<B> {
+    /// The backend's clients reach the broker through a fault proxy: `cut` blackholes their
+    /// connections, `restore` resets them and forwards again (see [`Harness::cut`]).
+    pub fn fault(
+        mut self,
+        cut: impl Fn() + Send + Sync + 'static,
+        restore: impl Fn() + Send + Sync + 'static,
+    ) -> Self {
+        self.fault = Some((Box::new(cut), Box::new(restore)));
         self
     }
 }
@@ -198,6 +225,20 @@ impl<B: Backend> Harness for BackendHarness<B> {
     async fn health(&self, timeout: Duration) -> eventbus_core::ops::Health {
         self.backend.health(timeout).await
     }
+
+    fn cut(&self, on: bool) -> bool {
+        match &self.fault {
+            Some((cut, restore)) => {
+                if on {
+                    cut()
+                } else {
+                    restore()
+                }
+                true
+            }
+            None => false,
+        }
+    }
 }
 
 /// Expand the suite into one `#[tokio::test]` per scenario. `$harness` is an expression,
@@ -223,6 +264,7 @@ macro_rules! conformance_tests {
             concurrent_subscribe_and_close,
             second_member_takes_over_after_close,
             per_key_order,
+            per_key_order_through_a_cut,
             consumer_groups,
             new_subscriber_reads_old_messages,
             close_flushes_everything,

@@ -1,5 +1,7 @@
 //! The shared conformance suite against a real tansu broker (Kafka protocol, SQLite storage),
-//! one broker per test on its own port. A missing tansu binary fails the test.
+//! one broker per test on its own port, reached through a fault proxy (tansu advertises the
+//! proxy's port) so that `per_key_order_through_a_cut` can cut the connections. A missing
+//! tansu binary fails the test.
 //!
 //! Why SQLite and not tansu's faster memory engine: tansu 0.6.0's memory (dynostore) engine
 //! answers a fetch from an offset inside a record batch with only the batches that *start* at
@@ -9,8 +11,6 @@
 
 mod support;
 
-use eventbus_brokers::{BrokerKind, TansuStorage};
+use eventbus_brokers::TansuStorage;
 
-eventbus_conformance::conformance_tests!(
-    support::tansu(BrokerKind::Tansu(TansuStorage::Sqlite)).await
-);
+eventbus_conformance::conformance_tests!(support::tansu_proxied(TansuStorage::Sqlite).await);

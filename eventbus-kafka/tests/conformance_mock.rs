@@ -103,6 +103,7 @@ eventbus_conformance::conformance_tests!(@each mock_cluster().await;
     concurrent_subscribe_and_close,
     second_member_takes_over_after_close,
     per_key_order,
+    per_key_order_through_a_cut,
     consumer_groups,
     new_subscriber_reads_old_messages,
     close_flushes_everything,

@@ -203,9 +203,15 @@ async fn batches_over_the_servers_in_flight_limit_are_sent_again() {
     let stream = nats.jetstream().get_stream("LIMIT").await.expect("stream");
     for seq in 1..=6_000u64 {
         let m = stream.get_raw_message(seq).await.expect("stored message");
-        let w: usize = m.subject.as_str()["limit.w".len()..].parse().expect("subject");
+        let w: usize = m.subject.as_str()["limit.w".len()..]
+            .parse()
+            .expect("subject");
         let body = std::str::from_utf8(&m.payload).expect("utf-8");
-        assert_eq!(body, format!("m-{}", next[w]), "publisher {w} at stream sequence {seq}");
+        assert_eq!(
+            body,
+            format!("m-{}", next[w]),
+            "publisher {w} at stream sequence {seq}"
+        );
         next[w] += 1;
     }
 }

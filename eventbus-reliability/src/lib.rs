@@ -28,7 +28,7 @@
 
 pub mod check;
 pub mod facade_probe;
-pub mod proxy;
+pub use eventbus_brokers::proxy;
 pub mod raw;
 pub mod record;
 pub mod scenario;

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use eventbus_brokers::BrokerKind;
+use eventbus_brokers::{BrokerKind, Tansu, TansuStorage};
 use eventbus_conformance::{BackendHarness, Caps};
 use eventbus_kafka::{KafkaBackend, KafkaConfig};
 
@@ -36,4 +36,30 @@ pub(crate) async fn tansu(kind: BrokerKind) -> BackendHarness<KafkaBackend> {
         .await
         .keep(broker)
         .caps(caps().rejoin_after_churn(false))
+}
+
+/// A Kafka backend on a fresh tansu that advertises a fault proxy's port, so every client
+/// connection goes through the proxy, and the harness can cut it
+/// ([`eventbus_conformance::Harness::cut`]).
+#[allow(dead_code)] // not every test binary that includes this module starts tansu
+pub(crate) async fn tansu_proxied(storage: TansuStorage) -> BackendHarness<KafkaBackend> {
+    use eventbus_brokers::proxy::{FaultProxy, Mode};
+    use std::sync::Arc;
+    let port = eventbus_brokers::free_port().expect("free port");
+    let broker = Tansu::start_advertising(storage, Some(port))
+        .unwrap_or_else(|e| panic!("cannot start tansu: {e}"));
+    let upstream = ([127, 0, 0, 1], broker.port()).into();
+    let proxy = Arc::new(FaultProxy::start_on(port, upstream).await.expect("proxy"));
+    let restore = Arc::clone(&proxy);
+    harness(proxy.addr().to_string())
+        .await
+        .keep(broker)
+        .caps(caps().rejoin_after_churn(false))
+        .fault(
+            move || proxy.set(Mode::Hold),
+            move || {
+                restore.reset();
+                restore.set(Mode::Pass);
+            },
+        )
 }

@@ -40,7 +40,9 @@ use std::collections::{HashMap, VecDeque};
 use std::hash::{Hash, Hasher};
 use std::time::{Duration, Instant};
 
-use eventbus_core::{Ack, Bytes, Error, ErrorKind, Message, Outcome, OutcomeRouter, Position, SinkLimits};
+use eventbus_core::{
+    Ack, Bytes, Error, ErrorKind, Message, Outcome, OutcomeRouter, Position, SinkLimits,
+};
 
 use super::reply::{ApiError, DUPLICATE_IN_PROCESS, Reply, Router, api_error, parse_reply};
 use super::writer::{Group, Writer, no_stream, not_queued};
@@ -105,6 +107,28 @@ impl Lane {
     }
 }
 
+/// Times a message may be put back at the head of its lane after its engine batch stopped
+/// waiting for it (its caller was told `Unknown`), before the lane gives up on it.
+const GIVE_UP_AFTER: u8 = 8;
+
+impl Lane {
+    /// Take out of the queue's head what must not hold the lane: messages to a subject the
+    /// server refused this connection (it drops them without an answer, so they would never
+    /// end), failed with [`ErrorKind::Auth`]; and messages put back [`GIVE_UP_AFTER`] times
+    /// whose caller no longer waits.
+    fn drop_hopeless(&mut self, w: &Writer<FastBatch>) {
+        self.queue.retain(|e| {
+            if e.attempts > 0 && w.denied.contains(e.msg.topic().as_str()) {
+                // Refused before it reached the stream: never stored.
+                w.router
+                    .settle(e.b, e.i, Outcome::Failed(super::writer::denied()));
+                return false;
+            }
+            e.attempts < GIVE_UP_AFTER || w.router.is_pending(e.b)
+        });
+    }
+}
+
 /// A message in a lane: slot `i` of engine batch `b`.
 pub(super) struct Entry {
     b: u64,
@@ -113,6 +137,8 @@ pub(super) struct Entry {
     /// Sent before without an answer: an earlier attempt may be stored, so it is never
     /// reported `Failed`.
     maybe_stored: bool,
+    /// Times it was put back at the head of its lane.
+    attempts: u8,
 }
 
 impl Entry {
@@ -261,9 +287,26 @@ impl Fast {
     /// `Unknown`) are still sent, in their place: a caller that publishes such a message again
     /// (same id) then gets the duplicate dropped, instead of the message stored behind later
     /// ones of its key. [`LANE_QUEUE_CAP`] bounds how many of them a lane holds.
+    ///
+    /// A message that may already be stored goes alone, with its own pub ack, and the lane
+    /// waits for that ack: inside a fast batch, a clustered stream skips a message whose id is
+    /// still being replicated (an earlier attempt in flight) and counts it in the commit as if
+    /// stored, so the commit would ack a message whose first attempt may yet be lost with a
+    /// stream leader. Alone, it is answered "stored", "duplicate" or "in process" (then asked
+    /// again after a backoff).
     async fn send_lane(&mut self, w: &mut Writer<FastBatch>, stream: &str, l: u32) {
         let lane = &mut self.lanes_of(stream)[l as usize];
-        let entries: Vec<Entry> = lane.queue.drain(..).collect();
+        lane.drop_hopeless(w);
+        let single = lane.queue.front().is_some_and(|e| e.maybe_stored);
+        let take = if single {
+            1
+        } else {
+            lane.queue
+                .iter()
+                .position(|e| e.maybe_stored)
+                .unwrap_or(lane.queue.len())
+        };
+        let entries: Vec<Entry> = lane.queue.drain(..take).collect();
         lane.busy = !entries.is_empty();
         if entries.is_empty() {
             return;
@@ -271,6 +314,11 @@ impl Fast {
         let (tries, silences) = (lane.tries, lane.silences);
         self.sent += 1;
         let n = self.sent;
+        if single {
+            self.send_single(w, stream, l, n, entries, (tries, silences))
+                .await;
+            return;
+        }
         let prefix = format!("{}.{n}.f{l}", w.inbox);
         let id = format!("{}{n}", self.batch_prefix);
         let encoded: Vec<_> = entries
@@ -352,6 +400,49 @@ impl Fast {
         }
     }
 
+    /// Send lane batch `n` of lane `l`: one message that may already be stored, alone, with its
+    /// pub ack on `<inbox>.<n>.s<l>` (see [`Fast::send_lane`]).
+    async fn send_single(
+        &mut self,
+        w: &mut Writer<FastBatch>,
+        stream: &str,
+        l: u32,
+        n: u64,
+        entries: Vec<Entry>,
+        (tries, silences): (u8, u8),
+    ) {
+        let (subject, payload, hdrs) = headers::encode_ref(&entries[0].msg, w.dedup);
+        let reply = format!("{}.{n}.s{l}", w.inbox);
+        w.groups.lock().insert(
+            (n, l),
+            Group {
+                indices: Vec::new(),
+                state: FastBatch {
+                    fast: FastState::default(),
+                    entries,
+                    heard: Instant::now(),
+                    stream: stream.to_owned(),
+                    lane: l,
+                    tries,
+                    silences,
+                },
+            },
+        );
+        if let Err(e) = w
+            .client
+            .publish_with_reply_and_headers(subject, reply, hdrs, payload)
+            .await
+        {
+            let failed = not_queued(e);
+            if let Some(g) = w.groups.lock().remove(&(n, l)) {
+                for entry in g.state.entries {
+                    entry.settle(&w.router, failed.clone());
+                }
+            }
+            self.lanes_of(stream)[l as usize].busy = false;
+        }
+    }
+
     /// Publish `entries` one by one with their own pub acks, as async mode does (no order
     /// across faults).
     async fn publish_alone(w: &mut Writer<FastBatch>, entries: impl IntoIterator<Item = Entry>) {
@@ -417,6 +508,7 @@ impl Protocol for Fast {
                     i,
                     msg,
                     maybe_stored: false,
+                    attempts: 0,
                 });
                 touched |= 1 << l;
             }
@@ -443,7 +535,8 @@ impl Protocol for Fast {
             fallback,
         } = done;
         let lane = &mut self.lanes_of(&stream)[l as usize];
-        for e in again.into_iter().rev() {
+        for mut e in again.into_iter().rev() {
+            e.attempts = e.attempts.saturating_add(1);
             lane.queue.push_front(e);
         }
         lane.busy = false;
@@ -462,7 +555,10 @@ impl Protocol for Fast {
             return;
         }
         if tries > RETRIES
-            && let Some(subject) = lane.queue.front().map(|e| e.msg.topic().as_str().to_owned())
+            && let Some(subject) = lane
+                .queue
+                .front()
+                .map(|e| e.msg.topic().as_str().to_owned())
             && w.no_stream_for(&subject).await
         {
             // Retried past the first few and the stream is gone: fail what waits for it.
@@ -478,7 +574,11 @@ impl Protocol for Fast {
     /// `<n>.f<lane>.<id>.<flow>.<gap>.<seq>.<op>.$FI`: a reply for message `seq` of lane batch
     /// `n` (`b` here).
     fn route(r: &Router<FastBatch>, b: u64, tail: &str, m: &async_nats::Message) {
-        if let Some(fast) = tail.strip_prefix('f')
+        if let Some(l) = tail.strip_prefix('s')
+            && let Ok(l) = l.parse::<u32>()
+        {
+            route_single(r, b, l, m);
+        } else if let Some(fast) = tail.strip_prefix('f')
             && let Some((k, tail)) = fast.split_once('.')
             && let Ok(k) = k.parse::<u32>()
             && let Some((seq, op)) = parse_tail(tail)
@@ -537,6 +637,42 @@ impl Protocol for Fast {
             );
         }
     }
+}
+
+/// The pub ack of lane batch `n` of lane `l`: one message sent alone. "In process" (an earlier
+/// attempt is being replicated), "no responders" and 503 send it again after a backoff, with
+/// the lane held; any other answer settles it.
+fn route_single(r: &Router<FastBatch>, n: u64, l: u32, m: &async_nats::Message) {
+    let Some(g) = r.groups.lock().remove(&(n, l)) else {
+        return;
+    };
+    let mut g = g.state;
+    let reply = parse_reply(m);
+    let mut again = Vec::new();
+    let mut tries = 0;
+    let mut wait = Duration::ZERO;
+    if matches!(reply, Reply::InProcess(_) | Reply::Unavailable(_)) {
+        tries = g.tries.saturating_add(1);
+        wait = backoff(tries);
+        again = std::mem::take(&mut g.entries);
+        r.kept.count_resent(again.len());
+    } else {
+        let o = reply.outcome();
+        for e in std::mem::take(&mut g.entries) {
+            e.settle(&r.router, o.clone());
+        }
+    }
+    r.lane_done(
+        LaneDone {
+            stream: g.stream,
+            lane: g.lane,
+            again,
+            tries,
+            silences: 0,
+            fallback: false,
+        },
+        wait,
+    );
 }
 
 /// A reply for message `seq` (operation `op`) of lane batch `n`, lane `l`.
@@ -771,7 +907,9 @@ enum Fate {
     /// Not stored by this batch, through no fault of its own (the batch ended early or never
     /// started): it goes first in the lane's next batch. `maybe_stored`: an earlier attempt
     /// or another publish of its id may have stored it.
-    Resend { maybe_stored: bool },
+    Resend {
+        maybe_stored: bool,
+    },
 }
 
 /// How a fast batch ended.

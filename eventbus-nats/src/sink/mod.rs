@@ -264,6 +264,13 @@ impl NatsSink {
             // Weak: the writer stops once every sink handle is gone.
             resend: tx.downgrade(),
         });
+        let w = Writer::new(
+            client.clone(),
+            js,
+            inbox.clone(),
+            &replies,
+            Arc::clone(&denied),
+        );
         tokio::spawn(reply::route::<P>(
             sub,
             inbox.len() + 1,
@@ -271,7 +278,11 @@ impl NatsSink {
         ));
         // Fast mode's lanes need the silence check even without ids (a lane whose batch
         // heard nothing is freed) and when resends are off (then after LANE_SILENCE).
-        let quiet = if silence.is_zero() { LANE_SILENCE } else { silence };
+        let quiet = if silence.is_zero() {
+            LANE_SILENCE
+        } else {
+            silence
+        };
         let singles = opts.dedup && !silence.is_zero();
         tokio::spawn(reply::resend_silent::<P>(
             replies,
@@ -287,15 +298,6 @@ impl NatsSink {
         let limits = P::limits(SinkLimits::none().max_message_bytes(max));
         // The inbox ends in a unique token (a nuid): reuse it for batch ids.
         let batch_prefix = inbox.rsplit('.').next().unwrap_or_default().to_owned();
-        let w = Writer::new(
-            client,
-            js,
-            inbox,
-            Arc::clone(&router),
-            groups,
-            opts.dedup,
-            Arc::clone(&kept),
-        );
         tokio::spawn(w.run(mode(batch_prefix), rx));
         Ok(NatsSink {
             tx,
@@ -337,10 +339,7 @@ impl BatchSink for NatsSink {
             self.limits.max_message_bytes,
         )?;
         if self.denied.contains(msg.topic().as_str()) {
-            return Err(err(
-                ErrorKind::Auth,
-                "the server refused this connection permission to publish to this subject",
-            ));
+            return Err(writer::denied());
         }
         Ok(())
     }

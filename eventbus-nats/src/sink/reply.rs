@@ -117,7 +117,7 @@ impl Reply<'_> {
     }
 
     /// The outcome of a message published on its own.
-    fn outcome(self) -> Outcome {
+    pub(super) fn outcome(self) -> Outcome {
         match self {
             Reply::Stored {
                 stream,

@@ -12,6 +12,7 @@ use parking_lot::Mutex;
 use tokio::sync::mpsc;
 
 use super::Protocol;
+use super::reply::Router;
 use crate::error::{BACKEND, err};
 use crate::headers;
 use crate::lookup::SubjectStreams;
@@ -67,6 +68,16 @@ pub(super) struct Writer<S> {
     /// Groups tracked before those of finished engine batches are swept out: a few times the
     /// mode's batches in flight (a batch has a group per stream it writes to).
     groups_cap: usize,
+    /// Subjects the server refused this connection permission to publish to.
+    pub(super) denied: Arc<crate::denied::Denied>,
+}
+
+/// The error for a subject the server refused this connection permission to publish to.
+pub(super) fn denied() -> Error {
+    err(
+        ErrorKind::Auth,
+        "the server refused this connection permission to publish to this subject",
+    )
 }
 
 pub(super) fn not_queued(e: impl std::error::Error + Send + Sync + 'static) -> Outcome {
@@ -90,26 +101,26 @@ pub(super) fn stopped() -> Outcome {
 }
 
 impl<S: Send + 'static> Writer<S> {
+    /// The writer for the sink whose replies `replies` routes.
     pub(super) fn new(
         client: Client,
         js: async_nats::jetstream::Context,
         inbox: String,
-        router: Arc<OutcomeRouter>,
-        groups: Groups<S>,
-        dedup: bool,
-        kept: Arc<Kept>,
+        replies: &Router<S>,
+        denied: Arc<crate::denied::Denied>,
     ) -> Self {
         Writer {
             client,
             js,
             inbox,
-            router,
-            groups,
-            dedup,
+            router: Arc::clone(&replies.router),
+            groups: Arc::clone(&replies.groups),
+            dedup: replies.dedup,
             streams: SubjectStreams::default(),
-            kept,
+            kept: Arc::clone(&replies.kept),
             lookup_quiet_until: None,
             groups_cap: 0,
+            denied,
         }
     }
 

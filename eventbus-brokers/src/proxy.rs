@@ -52,7 +52,7 @@ pub struct FaultProxy {
 impl FaultProxy {
     /// Listen on a free loopback port and forward to `upstream`.
     pub async fn start(upstream: SocketAddr) -> std::io::Result<FaultProxy> {
-        let port = eventbus_brokers::free_port()?;
+        let port = crate::free_port()?;
         Self::start_on(port, upstream).await
     }
 
