@@ -98,10 +98,13 @@ pub(crate) async fn drive_sdk<S: BatchSink>(
             let (tx, rx) = mpsc::unbounded_channel::<(Instant, eventbus_core::PendingAck)>();
             let acker = spawn_acker(rx);
             for i in 0..n {
-                let m = Message::new(
+                let mut m = Message::new(
                     &topics[i % topics.len()],
                     payload(s.payload, w as u32, i as u64, t0),
                 );
+                if s.keys > 0 {
+                    m = m.with_key(format!("p{w}-k{}", i % s.keys));
+                }
                 let sent = Instant::now();
                 match p.publish(m).await {
                     Ok(ack) if naive => {

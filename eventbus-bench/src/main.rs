@@ -111,6 +111,11 @@ pub(crate) struct Args {
     /// SDK batches in flight (`max_in_flight_batches`). Default: the engine's default.
     #[arg(long)]
     pub batches: Option<usize>,
+    /// Give the SDK modes' messages keys, this many per publisher (round robin): NATS fast
+    /// mode then spreads them over its lanes (per-key order) instead of one run per batch.
+    /// The raw baselines publish without keys. Default: no keys.
+    #[arg(long, default_value_t = 0)]
+    pub keys: usize,
     /// SDK linger in milliseconds. Default: the engine's default (0).
     #[arg(long)]
     pub linger: Option<u64>,
@@ -145,6 +150,8 @@ pub(crate) struct Scenario {
     pub payload: usize,
     pub topics: usize,
     pub publishers: usize,
+    /// Keys per publisher on the SDK's messages (`--keys`); 0: no key.
+    pub keys: usize,
 }
 
 const SCENARIOS: [Scenario; 7] = [
@@ -154,6 +161,7 @@ const SCENARIOS: [Scenario; 7] = [
         payload: 108,
         topics: 5,
         publishers: 5,
+        keys: 0,
     },
     Scenario {
         name: "medium",
@@ -161,6 +169,7 @@ const SCENARIOS: [Scenario; 7] = [
         payload: 108,
         topics: 5,
         publishers: 5,
+        keys: 0,
     },
     Scenario {
         name: "high",
@@ -168,6 +177,7 @@ const SCENARIOS: [Scenario; 7] = [
         payload: 108,
         topics: 5,
         publishers: 5,
+        keys: 0,
     },
     Scenario {
         name: "extreme",
@@ -175,6 +185,7 @@ const SCENARIOS: [Scenario; 7] = [
         payload: 108,
         topics: 5,
         publishers: 5,
+        keys: 0,
     },
     Scenario {
         name: "sustained",
@@ -182,6 +193,7 @@ const SCENARIOS: [Scenario; 7] = [
         payload: 108,
         topics: 5,
         publishers: 5,
+        keys: 0,
     },
     Scenario {
         name: "sustained-1k",
@@ -189,6 +201,7 @@ const SCENARIOS: [Scenario; 7] = [
         payload: 1024,
         topics: 5,
         publishers: 5,
+        keys: 0,
     },
     Scenario {
         name: "backlog",
@@ -196,6 +209,7 @@ const SCENARIOS: [Scenario; 7] = [
         payload: 108,
         topics: 5,
         publishers: 5,
+        keys: 0,
     },
 ];
 

@@ -106,6 +106,7 @@ fn scenarios(args: &Args) -> Vec<Scenario> {
         .filter(|s| asked.iter().any(|a| a.name == s.name))
         .collect();
     for s in &mut chosen {
+        s.keys = args.keys;
         if args.quick {
             s.messages = s.messages.min(20_000);
         } else if !args.full {

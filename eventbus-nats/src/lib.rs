@@ -20,7 +20,7 @@ pub use config::{ENV_VARS, NatsAuth, NatsConfig};
 pub use headers::{HEADER_ORDER, KEY as KEY_HEADER, KEY_HEX as KEY_HEX_HEADER};
 pub use rules::SUBJECT_RULES;
 pub use sink::{
-    ATOMIC_MAX_IN_FLIGHT, ATOMIC_MAX_MESSAGES, FAST_MAX_IN_FLIGHT, LANES, NatsSink, PublishMode,
+    ATOMIC_MAX_IN_FLIGHT, ATOMIC_MAX_MESSAGES, FAST_MAX_IN_FLIGHT, NatsSink, PublishMode,
     SinkOptions,
 };
 pub use stream::{StorageKind, StreamSpec, StreamState};

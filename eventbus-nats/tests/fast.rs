@@ -142,7 +142,7 @@ async fn a_batch_cut_short_by_the_server_reports_exactly_what_is_stored() {
 
 /// A server that allows one fast batch in flight per stream refuses the others as a whole
 /// ("too many in flight", nothing stored): their lanes send them again after a backoff, and
-/// every message ends up acked and stored exactly once, in order. Two connections publish at once, so their batches
+/// every message ends up acked and stored exactly once, each publisher's (one key) in order. Two connections publish at once, so their batches
 /// overlap at the server (one connection's batches arrive one after another).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batches_over_the_servers_in_flight_limit_are_sent_again() {
@@ -174,7 +174,11 @@ async fn batches_over_the_servers_in_flight_limit_are_sent_again() {
             let sink = nats.sink().await.expect("sink");
             let resent = sink.clone();
             let p = Batcher::new(sink, BatchConfig::default().max_messages(20)).unwrap();
-            let out = publish_all(&p, messages(&format!("limit.w{w}"), 3_000)).await;
+            let msgs = messages(&format!("limit.w{w}"), 3_000)
+                .into_iter()
+                .map(|m| m.with_key(format!("w{w}")))
+                .collect();
+            let out = publish_all(&p, msgs).await;
             p.close(Duration::from_secs(5)).await.expect("close");
             (out, resent.resent())
         }));
@@ -198,7 +202,7 @@ async fn batches_over_the_servers_in_flight_limit_are_sent_again() {
         "the limit was never hit: the test proves nothing"
     );
     assert_eq!(nats.stream_state("LIMIT").await.unwrap().messages, 6_000);
-    // Each publisher's messages (no key: one lane) are stored in publish order.
+    // Each publisher's messages (one key) are stored in publish order.
     let mut next = [0usize; 2];
     let stream = nats.jetstream().get_stream("LIMIT").await.expect("stream");
     for seq in 1..=6_000u64 {
@@ -324,4 +328,51 @@ async fn fast_is_the_default() {
             o => panic!("{o:?}"),
         }
     }
+}
+
+/// Keys that keep every lane busy do not starve messages without a key: a lane whose batch
+/// ends takes the waiting ones along. Every message is acked (none by its deadline) and stored
+/// once, and each key's messages in publish order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keyless_messages_go_out_beside_busy_keys() {
+    let (_server, nats) = connect().await;
+    nats.ensure_stream(&StreamSpec::new("MIXED", ["mixed.>"]).allow_batched(true))
+        .await
+        .expect("stream");
+    let sink = nats.sink().await.expect("sink");
+    let p = Batcher::new(
+        sink,
+        BatchConfig::default().ack_timeout(Duration::from_secs(10)),
+    )
+    .unwrap();
+    let msgs: Vec<Message> = (0..20_000)
+        .map(|i: u64| {
+            let m = Message::new("mixed.x", format!("{i}"));
+            if i.is_multiple_of(2) {
+                m.with_key(format!("k{}", i % 64))
+            } else {
+                m
+            }
+        })
+        .collect();
+    let outcomes = publish_all(&p, msgs).await;
+    for (i, o) in outcomes.iter().enumerate() {
+        assert!(o.is_acked(), "message {i}: {o:?}");
+    }
+    assert_eq!(nats.stream_state("MIXED").await.unwrap().messages, 20_000);
+    let stream = nats.jetstream().get_stream("MIXED").await.expect("stream");
+    let mut last: std::collections::HashMap<u64, u64> = Default::default();
+    for seq in 1..=20_000u64 {
+        let m = stream.get_raw_message(seq).await.expect("stored message");
+        let i: u64 = std::str::from_utf8(&m.payload).unwrap().parse().unwrap();
+        if i.is_multiple_of(2) {
+            let prev = last.insert(i % 64, i);
+            assert!(
+                prev.is_none_or(|p| p < i),
+                "key k{} stored {i} after {prev:?}",
+                i % 64
+            );
+        }
+    }
+    p.close(Duration::from_secs(5)).await.expect("close");
 }

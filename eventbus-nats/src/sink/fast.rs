@@ -3,16 +3,23 @@
 //!
 //! # Lanes
 //!
-//! Every stream has [`LANES`] lanes. A message goes to the lane of its key (a hash of the key;
-//! messages without a key share lane 0), in publish order. A lane has at most one fast batch in
-//! flight: while it waits for that batch's commit, the lane's next messages queue behind it,
-//! and go out together as the lane's next batch once it ends. With `gap=fail` the server
-//! stores a prefix of every batch and nothing after a gap, so when a batch ends short (a gap,
-//! a refusal, a leader lost, no ack at all), its unstored tail is put back at the head of the
-//! lane's queue and sent first in the next batch: a later message of the key is never stored
-//! ahead of an earlier one. Messages that may already be stored (no ack came) are sent again
-//! with their ids, which the stream de-duplicates. A fault on one lane holds only that lane's
-//! keys; the others go on. Under load the queues coalesce, so batches grow with the rate.
+//! Every stream has [`LANES`] lanes ([`FAST_MAX_IN_FLIGHT`](super::FAST_MAX_IN_FLIGHT)). A
+//! message with a key goes to its key's lane (a hash of the key), in publish order. A lane has
+//! at most one fast batch in flight: while it waits for that batch's commit, the lane's next
+//! messages queue behind it, and go out together as the lane's next batch once it ends. With
+//! `gap=fail` the server stores a prefix of every batch and nothing after a gap, so when a
+//! batch ends short (a gap, a refusal, a leader lost, no ack at all), its unstored tail is put
+//! back at the head of the lane's queue and sent first in the next batch: a later message of
+//! the key is never stored ahead of an earlier one. Messages that may already be stored (no ack
+//! came) are sent again alone, with their ids, which the stream de-duplicates. A fault on one
+//! lane holds only that lane's keys; the others go on. Under load the queues coalesce, so
+//! batches grow with the rate.
+//!
+//! Messages without a key take whichever lane is idle, one engine batch's worth at a time and
+//! in publish order ([`Fast::place_keyless`]): stored in publish order while nothing fails,
+//! with as many batches in flight as there are lanes (one lane alone would wait a round trip
+//! between batches, about a quarter of the throughput of a saturated server), but with no
+//! order through faults.
 //!
 //! # Wire format
 //!
@@ -33,6 +40,9 @@
 //!
 //! We end every batch with the `eob` commit rather than committing on the last data message, so
 //! a refusal of the last message still ends in a pub ack whose count says what is stored.
+//!
+//! A message sent alone (one that may already be stored) is a plain publish with
+//! `Nats-Msg-Id`, its pub ack on `<inbox>.<n>.s<lane>`.
 //! Streams without `allow_batched` are published in async mode instead (logged once, counted in
 //! `eventbus_nats_mode_fallback_total`), without the lanes' order guarantee.
 
@@ -40,9 +50,7 @@ use std::collections::{HashMap, VecDeque};
 use std::hash::{Hash, Hasher};
 use std::time::{Duration, Instant};
 
-use eventbus_core::{
-    Ack, Bytes, Error, ErrorKind, Message, Outcome, OutcomeRouter, Position, SinkLimits,
-};
+use eventbus_core::{Ack, Bytes, Error, ErrorKind, Message, Outcome, OutcomeRouter, Position};
 
 use super::reply::{ApiError, DUPLICATE_IN_PROCESS, Reply, Router, api_error, parse_reply};
 use super::writer::{Group, Writer, no_stream, not_queued};
@@ -52,7 +60,7 @@ use crate::headers;
 use crate::retry::{RETRIES, backoff};
 
 /// Lanes per stream: at most this many fast batches of one sink in flight on a stream.
-pub const LANES: u32 = 16;
+const LANES: u32 = FAST_MAX_IN_FLIGHT as u32;
 
 /// What the writer keeps for fast batches.
 pub(super) struct Fast {
@@ -62,6 +70,9 @@ pub(super) struct Fast {
     batched: HashMap<String, StreamFacts>,
     /// Stream -> its lanes.
     lanes: HashMap<String, Vec<Lane>>,
+    /// Stream -> its messages without a key, one run per engine batch, in order, waiting for
+    /// an idle lane.
+    keyless: HashMap<String, VecDeque<Vec<Entry>>>,
     /// Lane batches sent so far (names the next one).
     sent: u64,
 }
@@ -72,6 +83,7 @@ impl Fast {
             batch_prefix,
             batched: HashMap::new(),
             lanes: HashMap::new(),
+            keyless: HashMap::new(),
             sent: 0,
         }
     }
@@ -107,25 +119,49 @@ impl Lane {
     }
 }
 
-/// Times a message may be put back at the head of its lane after its engine batch stopped
-/// waiting for it (its caller was told `Unknown`), before the lane gives up on it.
+/// Times a message known not to be stored may be put back at the head of its lane after its
+/// engine batch stopped waiting for it (its caller was told `Unknown`), before the lane gives
+/// up on it.
 const GIVE_UP_AFTER: u8 = 8;
 
 impl Lane {
-    /// Take out of the queue's head what must not hold the lane: messages to a subject the
-    /// server refused this connection (it drops them without an answer, so they would never
-    /// end), failed with [`ErrorKind::Auth`]; and messages put back [`GIVE_UP_AFTER`] times
-    /// whose caller no longer waits.
+    /// Take out of the queue what must not hold the lane: messages to a subject the server
+    /// refused this connection (it drops them without an answer, so they would never end),
+    /// failed with [`ErrorKind::Auth`]; and messages not stored, put back [`GIVE_UP_AFTER`]
+    /// times, whose caller no longer waits. A message that may be stored is never given up:
+    /// its caller may publish it again, and only its own single publish learns whether an
+    /// earlier attempt still being replicated gets stored.
     fn drop_hopeless(&mut self, w: &Writer<FastBatch>) {
-        self.queue.retain(|e| {
+        let mut hopeless = Vec::new();
+        let mut kept = VecDeque::with_capacity(self.queue.len());
+        for e in self.queue.drain(..) {
             if e.attempts > 0 && w.denied.contains(e.msg.topic().as_str()) {
-                // Refused before it reached the stream: never stored.
-                w.router
-                    .settle(e.b, e.i, Outcome::Failed(super::writer::denied()));
-                return false;
+                hopeless.push(e);
+            } else if e.attempts < GIVE_UP_AFTER || e.maybe_stored || w.router.is_pending(e.b) {
+                kept.push_back(e);
             }
-            e.attempts < GIVE_UP_AFTER || w.router.is_pending(e.b)
-        });
+        }
+        self.queue = kept;
+        for e in hopeless {
+            e.settle(&w.router, Outcome::Failed(super::writer::denied()));
+        }
+    }
+}
+
+/// Drop the oldest messages without a key that the engine no longer waits for while more than
+/// [`LANE_QUEUE_CAP`] wait for a lane (all lanes held by a stalled broker).
+fn trim_runs(runs: &mut VecDeque<Vec<Entry>>, router: &OutcomeRouter) {
+    let mut waiting: usize = runs.iter().map(Vec::len).sum();
+    while waiting > LANE_QUEUE_CAP
+        && let Some(front) = runs.front_mut()
+    {
+        let before = front.len();
+        front.retain(|e| router.is_pending(e.b));
+        waiting -= before - front.len();
+        if !front.is_empty() {
+            return;
+        }
+        runs.pop_front();
     }
 }
 
@@ -222,17 +258,12 @@ fn wire_len(hdrs: &async_nats::HeaderMap, payload: &Bytes) -> usize {
     if any { n + 12 } else { n }
 }
 
-/// The lane of a message: by its key, lane 0 without one.
-fn lane_of(msg: &Message) -> u32 {
-    match msg.key() {
-        Some(key) => {
-            // SipHash with fixed keys: the same key takes the same lane for the sink's life.
-            let mut h = std::hash::DefaultHasher::new();
-            key.hash(&mut h);
-            (h.finish() % u64::from(LANES)) as u32
-        }
-        None => 0,
-    }
+/// The lane of a key.
+fn lane_of(key: &Bytes) -> u32 {
+    // SipHash with fixed keys: the same key takes the same lane for the sink's life.
+    let mut h = std::hash::DefaultHasher::new();
+    key.hash(&mut h);
+    (h.finish() % u64::from(LANES)) as u32
 }
 
 impl Fast {
@@ -400,6 +431,30 @@ impl Fast {
         }
     }
 
+    /// Hand `stream`'s waiting runs of messages without a key, oldest first, to lanes with no
+    /// batch in flight, each sent at once (a lane whose batch ends takes every waiting run, see
+    /// [`Fast::resume`]). Runs go out in publish order, so without
+    /// faults they are stored in order; they share no lane, so a batch that ends short is sent
+    /// again after later runs were stored (messages without a key have no order through
+    /// faults: give them a key for that).
+    async fn place_keyless(&mut self, w: &mut Writer<FastBatch>, stream: &str) {
+        loop {
+            if self.keyless.get(stream).is_none_or(VecDeque::is_empty) {
+                return;
+            }
+            let Some(l) = self.lanes_of(stream).iter().position(|lane| !lane.busy) else {
+                return;
+            };
+            let run = self
+                .keyless
+                .get_mut(stream)
+                .and_then(VecDeque::pop_front)
+                .unwrap_or_default();
+            self.lanes_of(stream)[l].queue.extend(run);
+            self.send_lane(w, stream, l as u32).await;
+        }
+    }
+
     /// Send lane batch `n` of lane `l`: one message that may already be stored, alone, with its
     /// pub ack on `<inbox>.<n>.s<l>` (see [`Fast::send_lane`]).
     async fn send_single(
@@ -433,11 +488,14 @@ impl Fast {
             .publish_with_reply_and_headers(subject, reply, hdrs, payload)
             .await
         {
+            // Unless the resend task already took the message back (a reconnect): then its
+            // lane is freed by that.
+            let Some(g) = w.groups.lock().remove(&(n, l)) else {
+                return;
+            };
             let failed = not_queued(e);
-            if let Some(g) = w.groups.lock().remove(&(n, l)) {
-                for entry in g.state.entries {
-                    entry.settle(&w.router, failed.clone());
-                }
+            for entry in g.state.entries {
+                entry.settle(&w.router, failed.clone());
             }
             self.lanes_of(stream)[l as usize].busy = false;
         }
@@ -456,10 +514,6 @@ impl Fast {
 
 impl Protocol for Fast {
     type State = FastBatch;
-
-    fn limits(limits: SinkLimits) -> SinkLimits {
-        limits.max_inflight_batches(FAST_MAX_IN_FLIGHT)
-    }
 
     async fn send(&mut self, w: &mut Writer<FastBatch>, job_id: u64, batch: Vec<Message>) {
         let (order, unknown) = w.group_by_stream(job_id, &batch).await;
@@ -484,6 +538,7 @@ impl Protocol for Fast {
             }
             let lanes = self.lanes_of(&stream);
             let mut touched = 0u64;
+            let mut keyless = Vec::new();
             for i in indices {
                 let Some(msg) = slots[i].take() else {
                     continue;
@@ -502,7 +557,16 @@ impl Protocol for Fast {
                         continue;
                     }
                 }
-                let l = lane_of(&msg);
+                let Some(l) = msg.key().map(lane_of) else {
+                    keyless.push(Entry {
+                        b: job_id,
+                        i,
+                        msg,
+                        maybe_stored: false,
+                        attempts: 0,
+                    });
+                    continue;
+                };
                 lanes[l as usize].queue.push_back(Entry {
                     b: job_id,
                     i,
@@ -521,6 +585,12 @@ impl Protocol for Fast {
                 if touched & (1 << l) != 0 && !self.lanes_of(&stream)[l as usize].busy {
                     self.send_lane(w, &stream, l).await;
                 }
+            }
+            if !keyless.is_empty() {
+                let runs = self.keyless.entry(stream.clone()).or_default();
+                runs.push_back(keyless);
+                trim_runs(runs, &w.router);
+                self.place_keyless(w, &stream).await;
             }
         }
     }
@@ -551,6 +621,9 @@ impl Protocol for Fast {
             for lane in self.lanes_of(&stream) {
                 queued.extend(lane.queue.drain(..));
             }
+            for run in self.keyless.remove(&stream).unwrap_or_default() {
+                queued.extend(run);
+            }
             Self::publish_alone(w, queued).await;
             return;
         }
@@ -563,12 +636,19 @@ impl Protocol for Fast {
         {
             // Retried past the first few and the stream is gone: fail what waits for it.
             for e in self.lanes_of(&stream)[l as usize].queue.drain(..) {
-                let router = std::sync::Arc::clone(&w.router);
-                e.settle(&router, no_stream());
+                e.settle(&w.router, no_stream());
             }
-            return;
+        } else {
+            // Messages without a key that wait for a lane go with this one's next batch, so
+            // that keys keeping every lane busy cannot starve them.
+            if let Some(runs) = self.keyless.get_mut(&stream) {
+                let waiting: Vec<Entry> = runs.drain(..).flatten().collect();
+                self.lanes_of(&stream)[l as usize].queue.extend(waiting);
+            }
+            self.send_lane(w, &stream, l).await;
         }
-        self.send_lane(w, &stream, l).await;
+        // The lane may be idle now.
+        self.place_keyless(w, &stream).await;
     }
 
     /// `<n>.f<lane>.<id>.<flow>.<gap>.<seq>.<op>.$FI`: a reply for message `seq` of lane batch
@@ -596,6 +676,10 @@ impl Protocol for Fast {
             .groups
             .lock()
             .extract_if(|_, g| {
+                if silence.is_zero() {
+                    // After a reconnect: what was last heard of before `now`.
+                    return g.state.heard < now;
+                }
                 let wait = silence * (1u32 << g.state.silences.min(4));
                 now.saturating_duration_since(g.state.heard) >= wait
             })

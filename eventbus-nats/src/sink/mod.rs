@@ -43,11 +43,15 @@ pub enum PublishMode {
     /// (server 2.12+, stream created with `allow_atomic`). At most 1,000 messages per batch and
     /// [`ATOMIC_MAX_IN_FLIGHT`] batches in flight per sink (the server allows 50 per stream).
     Atomic,
-    /// Fast-ingest batches (server 2.14+, stream created with `allow_batched`): one batch per
-    /// stream per engine batch, flow-controlled acks every few hundred messages instead of one
-    /// per message, gaps fail the rest of the batch (`gap=fail`) so nothing is reported stored
-    /// that is not. Not atomic: a batch can be stored in part, and the outcomes say which part.
-    /// At most [`FAST_MAX_IN_FLIGHT`] batches in flight per sink. Falls back to
+    /// Fast-ingest batches (server 2.14+, stream created with `allow_batched`), in lanes: a
+    /// stream's messages are spread over [`FAST_MAX_IN_FLIGHT`] lanes by key, each with one
+    /// batch in flight and the rest queued behind it, so that a key's messages are stored in
+    /// publish order through faults (a batch that ends short is sent again, in order, before
+    /// anything after it; this needs [`SinkOptions::dedup`]). Messages without a key take any
+    /// free lane, in publish order: in order without faults, not through them. Flow-controlled acks every few hundred messages
+    /// instead of one per message, gaps fail the rest of the batch (`gap=fail`) so nothing is
+    /// reported stored that is not. Not atomic: a batch can be stored in part, and the
+    /// outcomes say which part. Falls back to
     /// [`PublishMode::Async`] on older servers and, per stream, on streams without
     /// `allow_batched` (a log line and `eventbus_nats_mode_fallback_total`). The default:
     /// [`StreamSpec`](crate::StreamSpec) sets `allow_batched` on servers that support it.
@@ -94,15 +98,14 @@ fn count_fallback(from: PublishMode, reason: &'static str) {
 pub const ATOMIC_MAX_IN_FLIGHT: usize = 16;
 /// The server's limit on messages per atomic batch.
 pub const ATOMIC_MAX_MESSAGES: usize = 1_000;
-/// Engine batches one sink keeps in flight in fast mode (the engine is clamped to it). Their
-/// messages go out in at most [`LANES`] fast batches per stream at a time (the server allows 50
-/// per stream across all publishers, and spaces its flow acks by `500 / batches in flight`).
+/// Fast batches one sink keeps in flight per stream: one per lane, the lanes a stream's keys
+/// are spread over (see [`PublishMode::Fast`]). The server limits fast batches in flight per
+/// stream across all publishers (`jetstream.limits.batch.max_inflight_per_stream`), and spaces
+/// its flow acks by `500 / batches in flight`.
 pub const FAST_MAX_IN_FLIGHT: usize = 16;
 
-pub use fast::LANES;
-
-/// How long a fast batch may hear nothing before its lane gives up on it when the
-/// connection's `ack_timeout` is zero (resends off).
+/// How long a fast batch may hear nothing before its lane deals with it (sends it again with
+/// ids, else settles it `Unknown`) when the connection's `ack_timeout` is zero.
 const LANE_SILENCE: Duration = Duration::from_secs(10);
 
 /// Options for [`NatsBackend::sink_with`](crate::NatsBackend::sink_with).
@@ -174,8 +177,9 @@ trait Protocol: Send + 'static {
     }
 
     /// Deal with the batches in flight that heard nothing for `silence` at `now` (see
-    /// [`crate::retry`]). Nothing by default: a mode that keeps no messages waits for its
-    /// batch's commit to decide.
+    /// [`crate::retry`]); a zero `silence` (after a reconnect) means every batch last heard of
+    /// before `now`. Nothing by default: a mode that keeps no messages waits for its batch's
+    /// commit to decide.
     fn resend_quiet(_r: &Router<Self::State>, _now: Instant, _silence: Duration) {}
 }
 

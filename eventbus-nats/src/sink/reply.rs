@@ -304,7 +304,8 @@ pub(super) async fn resend_silent<P: Protocol>(
     let stats = client.statistics();
     drop(client);
     let mut connects = stats.connects.load(Ordering::Relaxed);
-    let mut next_scan = Instant::now() + tick;
+    let mut checked = Instant::now();
+    let mut next_scan = checked + tick;
     loop {
         tokio::time::sleep(RECONNECT_CHECK).await;
         if r.resend.upgrade().is_none() {
@@ -315,8 +316,11 @@ pub(super) async fn resend_silent<P: Protocol>(
         if c != connects {
             connects = c;
             tracing::debug!("reconnected; batches in flight are sent again");
-            P::resend_quiet(&r, now, Duration::ZERO);
+            // Batches last heard of before the previous check went out on the old connection
+            // (or may have); later ones may be on the new one and wait for their silence.
+            P::resend_quiet(&r, checked, Duration::ZERO);
         }
+        checked = now;
         if now < next_scan {
             continue;
         }

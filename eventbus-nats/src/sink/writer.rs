@@ -23,9 +23,9 @@ pub(super) enum Job {
     /// An engine batch, in the sink's mode.
     Batch { id: u64, batch: Vec<Message> },
     /// Messages `(slot, message)` of engine batch `id` published again one by one, with their
-    /// own pub acks: ones definitely not stored through no fault of their own (a fast batch cut
-    /// off by a gap or refused as a whole, "no responders"), or ones that heard no ack at all
-    /// (`maybe_stored`).
+    /// own pub acks: ones definitely not stored through no fault of their own ("no responders"
+    /// to a message published alone), or ones that heard no ack at all (`maybe_stored`). Fast
+    /// batches go back to their lane instead ([`Job::Lane`]).
     Resend {
         id: u64,
         items: Vec<(usize, Message)>,
@@ -38,15 +38,16 @@ pub(super) enum Job {
     Lane(super::fast::LaneDone),
 }
 
-/// One atomic or fast batch in flight: which slots of the engine batch it carries.
+/// One atomic or fast batch in flight: which slots of the engine batch it carries (a fast lane
+/// batch, which spans engine batches, names its own in its state and leaves this empty).
 pub(super) struct Group<S> {
     pub(super) indices: Vec<usize>,
     /// What its mode keeps of it ([`Protocol::State`]).
     pub(super) state: S,
 }
 
-/// The batches in flight, by engine batch and batch `k` within it: filled by the writer,
-/// settled by the reply task.
+/// The batches in flight, by engine batch and batch `k` within it (atomic), or by lane batch
+/// `n` and lane (fast): filled by the writer, settled by the reply task.
 pub(super) type Groups<S> = Arc<Mutex<HashMap<(u64, u32), Group<S>>>>;
 
 /// The writer task's state: the connection, the ack inbox, and what every mode publishes with.
