@@ -148,6 +148,32 @@ impl Lane {
     }
 }
 
+/// Track lane batch `n` of lane `l` of `stream` until its replies (or its silence) end it.
+fn track(
+    w: &Writer<FastBatch>,
+    (n, l): (u64, u32),
+    stream: &str,
+    entries: Vec<Entry>,
+    (tries, silences): (u8, u8),
+) {
+    w.groups.lock().insert(
+        (n, l),
+        Group {
+            // A lane batch names its (engine batch, slot) pairs in its entries.
+            indices: Vec::new(),
+            state: FastBatch {
+                fast: FastState::default(),
+                entries,
+                heard: Instant::now(),
+                stream: stream.to_owned(),
+                lane: l,
+                tries,
+                silences,
+            },
+        },
+    );
+}
+
 /// Drop the oldest messages without a key that the engine no longer waits for while more than
 /// [`LANE_QUEUE_CAP`] wait for a lane (all lanes held by a stalled broker).
 fn trim_runs(runs: &mut VecDeque<Vec<Entry>>, router: &OutcomeRouter) {
@@ -359,22 +385,7 @@ impl Fast {
         let count = entries.len() as u64;
         // Last subject: the commit goes to a subject of the stream.
         let last_subject = entries[entries.len() - 1].msg.topic().as_str().to_owned();
-        w.groups.lock().insert(
-            (n, l),
-            Group {
-                // A lane batch names its (engine batch, slot) pairs in its entries.
-                indices: Vec::new(),
-                state: FastBatch {
-                    fast: FastState::default(),
-                    entries,
-                    heard: Instant::now(),
-                    stream: stream.to_owned(),
-                    lane: l,
-                    tries,
-                    silences,
-                },
-            },
-        );
+        track(w, (n, l), stream, entries, (tries, silences));
         let mut reply = String::with_capacity(prefix.len() + id.len() + 32);
         let mut sent = 0u64;
         let mut failure = None;
@@ -468,21 +479,7 @@ impl Fast {
     ) {
         let (subject, payload, hdrs) = headers::encode_ref(&entries[0].msg, w.dedup);
         let reply = format!("{}.{n}.s{l}", w.inbox);
-        w.groups.lock().insert(
-            (n, l),
-            Group {
-                indices: Vec::new(),
-                state: FastBatch {
-                    fast: FastState::default(),
-                    entries,
-                    heard: Instant::now(),
-                    stream: stream.to_owned(),
-                    lane: l,
-                    tries,
-                    silences,
-                },
-            },
-        );
+        track(w, (n, l), stream, entries, (tries, silences));
         if let Err(e) = w
             .client
             .publish_with_reply_and_headers(subject, reply, hdrs, payload)
