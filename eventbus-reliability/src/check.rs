@@ -323,7 +323,7 @@ pub async fn drain<S: Subscriber>(
         let left = limit.saturating_sub(start.elapsed());
         match tokio::time::timeout(wait.min(left), s.next()).await {
             Ok(Some(Ok(d))) => {
-                if let Some(r) = record::read(d.message()) {
+                if let Some(r) = record::read_delivery(&d) {
                     reads.push(r);
                 }
                 d.ack().await?;
@@ -368,13 +368,12 @@ pub struct Figures {
     pub failed_but_stored: u64,
     /// Reads beyond the first of a message.
     pub duplicates: u64,
-    /// Reads of a message with a lower sequence than one already read from the same producer.
-    /// Only NATS (one stream) orders a producer's keys among each other; on Kafka they spread
-    /// over partitions, so this counts interleaving there, not damage.
+    /// Messages stored after a later one of the same producer (in stored order where the reader
+    /// reports positions, else in the order read). A producer's keys spread over Kafka
+    /// partitions and NATS lanes, so this counts interleaving, not damage.
     pub reorders: u64,
-    /// Reads of a message with a lower sequence than one already read with the same key
-    /// ([`crate::record::key_of`]): what a per-key handler would see out of
-    /// order, on every backend.
+    /// Messages stored after a later one with the same key ([`crate::record::key_of`]): what a
+    /// per-key handler would see out of order, on every backend. Must be 0 for the SDK.
     pub key_reorders: u64,
     /// Reads whose payload did not match its hash. Must be 0.
     pub corrupt: u64,
@@ -404,7 +403,10 @@ pub fn check(ledger: &Ledger, reads: &[Read], retried: usize) -> Figures {
     let mut seen = HashSet::new();
     let mut high: HashMap<u32, u64> = HashMap::new();
     let mut key_high: HashMap<(u32, u64), u64> = HashMap::new();
-    for r in reads {
+    // In stored order where the reader reported positions, else in the order read.
+    let mut ordered: Vec<&Read> = reads.iter().collect();
+    ordered.sort_by_key(|r| r.stored_at);
+    for r in ordered {
         if !r.intact {
             f.corrupt += 1;
         }
@@ -465,6 +467,7 @@ mod tests {
         let r = |p, s, intact| Read {
             key: (p, s),
             intact,
+            stored_at: None,
         };
         let reads = [
             r(0, 0, true),
@@ -485,5 +488,20 @@ mod tests {
         assert_eq!(f.key_reorders, 1);
         assert_eq!(f.corrupt, 1);
         assert_eq!(f.stored, 6);
+    }
+
+    #[test]
+    fn order_is_judged_by_where_messages_are_stored() {
+        let r = |s, at| Read {
+            key: (0, s),
+            intact: true,
+            stored_at: Some((0, at)),
+        };
+        // Stored in order; the reader got message 1 late (a redelivery): not a reorder.
+        let late = check(&Ledger::default(), &[r(0, 1), r(2, 3), r(1, 2)], 0);
+        assert_eq!((late.reorders, late.key_reorders), (0, 0));
+        // Message 1 stored after message 65 (the same key): a reorder, however it was read.
+        let stored = check(&Ledger::default(), &[r(1, 9), r(65, 5)], 0);
+        assert_eq!((stored.reorders, stored.key_reorders), (1, 1));
     }
 }

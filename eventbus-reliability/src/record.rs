@@ -68,12 +68,35 @@ pub struct Read {
     pub key: Key,
     /// The payload hash matches the header (and the payload is the one that was sent).
     pub intact: bool,
+    /// Where the broker stored it, `(partition, offset)` (a NATS stream: partition 0 and the
+    /// stream sequence), when the reader says: the checker orders reads by it, so a message
+    /// redelivered after later ones is not counted as stored out of order.
+    pub stored_at: Option<(i64, u64)>,
+}
+
+/// `(partition, offset)` of a stored position (see [`Read::stored_at`]).
+pub fn stored_at(p: &eventbus_core::Position) -> Option<(i64, u64)> {
+    use eventbus_core::Position;
+    match p {
+        Position::Stream { sequence, .. } => Some((0, *sequence)),
+        Position::Partition { partition, offset } => {
+            Some((i64::from(*partition), u64::try_from(*offset).ok()?))
+        }
+        _ => None,
+    }
 }
 
 /// Parse a delivered test message; `None` if it is not one (missing or bad headers).
 pub fn read(m: &Message) -> Option<Read> {
     let h = m.headers();
     read_with(|n| h.get(n).map(str::to_owned), m.payload())
+}
+
+/// [`read`] for a delivery of the SDK's subscriber, with where it is stored.
+pub fn read_delivery(d: &eventbus_core::Delivery) -> Option<Read> {
+    let mut r = read(d.message())?;
+    r.stored_at = stored_at(&d.info().position);
+    Some(r)
 }
 
 /// [`read`] for a message of a raw client: `header` looks a header's value up by name.
@@ -85,6 +108,7 @@ pub fn read_with(header: impl Fn(&str) -> Option<String>, body: &[u8]) -> Option
     Some(Read {
         key: (producer, seq),
         intact,
+        stored_at: None,
     })
 }
 

@@ -826,7 +826,7 @@ pub async fn slow_consumer<T: Target>(t: &mut T, size: Size) -> Row {
         match tokio::time::timeout(Duration::from_secs(wait), sub.next()).await {
             Ok(Some(Ok(d))) => {
                 first.get_or_insert_with(Instant::now);
-                if let Some(r) = record::read(d.message()) {
+                if let Some(r) = record::read_delivery(&d) {
                     seen.insert(r.key);
                     reads.push(r);
                 }

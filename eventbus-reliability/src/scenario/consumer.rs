@@ -82,7 +82,7 @@ impl Source {
         match self {
             Source::Sdk(s) => match s.next().await? {
                 Ok(d) => {
-                    if let Some(r) = record::read(d.message()) {
+                    if let Some(r) = record::read_delivery(&d) {
                         log.lock().push((r, Instant::now()));
                     }
                     let _ = d.ack().await;
@@ -382,6 +382,7 @@ mod tests {
         let r = |seq| Read {
             key: (0, seq),
             intact: true,
+            stored_at: None,
         };
         let seen = [
             (r(0), at(0)),
