@@ -119,25 +119,23 @@ impl Lane {
     }
 }
 
-/// Times a message known not to be stored may be put back at the head of its lane after its
-/// engine batch stopped waiting for it (its caller was told `Unknown`), before the lane gives
-/// up on it.
-const GIVE_UP_AFTER: u8 = 8;
-
 impl Lane {
-    /// Take out of the queue what must not hold the lane: messages to a subject the server
-    /// refused this connection (it drops them without an answer, so they would never end),
-    /// failed with [`ErrorKind::Auth`]; and messages not stored, put back [`GIVE_UP_AFTER`]
-    /// times, whose caller no longer waits. A message that may be stored is never given up:
-    /// its caller may publish it again, and only its own single publish learns whether an
-    /// earlier attempt still being replicated gets stored.
+    /// Take out of the queue messages to a subject the server refused this connection: it
+    /// drops them without an answer, so they would hold the lane forever. They fail with
+    /// [`ErrorKind::Auth`]. Nothing else is given up while the sink lives: a message dropped
+    /// from its lane and then published again by its caller (after an `Unknown`) would be
+    /// stored behind later messages of its key. A stream that is gone fails its lanes' messages
+    /// after the first few retries (see [`Fast::resume`]).
     fn drop_hopeless(&mut self, w: &Writer<FastBatch>) {
+        if !self.queue.iter().any(|e| e.attempts > 0) {
+            return;
+        }
         let mut hopeless = Vec::new();
         let mut kept = VecDeque::with_capacity(self.queue.len());
         for e in self.queue.drain(..) {
             if e.attempts > 0 && w.denied.contains(e.msg.topic().as_str()) {
                 hopeless.push(e);
-            } else if e.attempts < GIVE_UP_AFTER || e.maybe_stored || w.router.is_pending(e.b) {
+            } else {
                 kept.push_back(e);
             }
         }
