@@ -233,6 +233,11 @@ pub(super) struct LaneDone {
 }
 
 impl LaneDone {
+    /// Messages it hands back to be sent again.
+    pub(super) fn resending(&self) -> usize {
+        self.again.len()
+    }
+
     /// The writer is gone: settle what was to be sent again.
     pub(super) fn stopped(self, router: &OutcomeRouter) {
         for e in self.again {
@@ -701,7 +706,6 @@ impl Protocol for Fast {
                     messages = again.len(),
                     "no ack for a fast batch; sending its messages again with their ids"
                 );
-                r.kept.count_resent(again.len());
             }
             r.lane_done(
                 LaneDone {
@@ -734,7 +738,6 @@ fn route_single(r: &Router<FastBatch>, n: u64, l: u32, m: &async_nats::Message) 
         tries = g.tries.saturating_add(1);
         wait = backoff(tries);
         again = std::mem::take(&mut g.entries);
-        r.kept.count_resent(again.len());
     } else {
         let o = reply.outcome();
         for e in std::mem::take(&mut g.entries) {
@@ -831,7 +834,6 @@ fn route_fast(
             transient,
             "fast batch ended early; its messages not stored go first in the lane's next batch"
         );
-        r.kept.count_resent(again.len());
     }
     r.lane_done(
         LaneDone {

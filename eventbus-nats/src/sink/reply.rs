@@ -242,6 +242,9 @@ impl<S: Send + 'static> Router<S> {
     /// Hand an ended lane batch back to the writer, after `wait` (a backoff: the lane stays
     /// busy until then). If the sink is gone, what was to be sent again is settled.
     pub(super) fn lane_done(&self, done: LaneDone, wait: Duration) {
+        if done.resending() > 0 {
+            self.kept.count_resent(done.resending());
+        }
         let Some(tx) = self.resend.upgrade() else {
             done.stopped(&self.router);
             return;
