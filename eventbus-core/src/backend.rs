@@ -110,6 +110,161 @@ pub trait Backend: HealthCheck + Send + Sync + 'static {
     ) -> impl Future<Output = Result<(), Error>> + Send;
 }
 
+/// What an environment variable read by a backend sets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum EnvTarget {
+    /// A field of the backend's config section (`url`, `auth`, `publish_mode`).
+    Field(&'static str),
+    /// An option passed through to the backend's client library by its own name (librdkafka's
+    /// `sasl.password`).
+    ClientOption(&'static str),
+}
+
+impl std::fmt::Display for EnvTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            EnvTarget::Field(name) => write!(f, "`{name}`"),
+            EnvTarget::ClientOption(name) => write!(f, "client option `{name}`"),
+        }
+    }
+}
+
+/// An environment variable a backend reads itself, beside the generic
+/// `EVENTBUS_<SECTION>_<FIELD>` form every config field has: its short forms for connections
+/// and credentials. Each backend lists its variables once, in its [`BackendConfig::ENV`]; the
+/// facade's docs and the README's table are made from those lists.
+#[derive(Clone, Copy, Debug)]
+#[non_exhaustive]
+pub struct EnvVar {
+    /// The variable (`EVENTBUS_NATS_URL`).
+    pub name: &'static str,
+    /// What it sets.
+    pub sets: EnvTarget,
+    /// The values it takes, in a few words.
+    pub values: &'static str,
+    /// Its value is a secret: never shown in `Debug`, errors or logs.
+    pub secret: bool,
+}
+
+impl EnvVar {
+    /// A variable `name` that sets `sets`, taking `values`.
+    pub const fn new(name: &'static str, sets: EnvTarget, values: &'static str) -> Self {
+        EnvVar {
+            name,
+            sets,
+            values,
+            secret: false,
+        }
+    }
+
+    /// The same variable, marked secret.
+    pub const fn secret(mut self) -> Self {
+        self.secret = true;
+        self
+    }
+}
+
+/// A backend's config section, and how it connects: what a backend crate exports so that the
+/// `eventbus` facade can offer it by name (`backend = "nats"`, a `[nats]` section,
+/// `EVENTBUS_NATS_*` variables) with one registry line.
+///
+/// The section is plain serde (unknown fields are errors); `Debug` redacts secrets. The facade
+/// sets its fields from `EVENTBUS_<NAME>_<FIELD>` variables generically and hands the
+/// backend's own variables ([`BackendConfig::ENV`]) to [`BackendConfig::with_vars`].
+///
+/// ```
+/// use eventbus_core::backend::{BackendConfig, EnvTarget, EnvVar};
+/// # use eventbus_core::{Error, Backend};
+/// # #[derive(Clone)] struct Closed;
+/// # impl eventbus_core::BatchSink for Closed {
+/// #     fn name(&self) -> &'static str { "closed" }
+/// #     fn limits(&self) -> eventbus_core::SinkLimits { eventbus_core::SinkLimits::none() }
+/// #     fn validate(&self, _: &eventbus_core::Message) -> Result<(), Error> { Ok(()) }
+/// #     fn send_batch(&self, b: Vec<eventbus_core::Message>)
+/// #         -> impl std::future::Future<Output = Vec<eventbus_core::Outcome>> + Send + 'static {
+/// #         async move { Vec::new() }
+/// #     }
+/// # }
+/// # impl eventbus_core::Subscriber for Closed {
+/// #     async fn subscribe(&self, _: eventbus_core::SubscribeSpec) -> Result<eventbus_core::Subscription, Error> {
+/// #         Err(Error::new(eventbus_core::ErrorKind::Closed, "closed"))
+/// #     }
+/// #     async fn lag(&self, _: &eventbus_core::Topic, _: &str) -> Result<eventbus_core::ops::Lag, Error> {
+/// #         Err(Error::new(eventbus_core::ErrorKind::Closed, "closed"))
+/// #     }
+/// # }
+/// # impl eventbus_core::ops::HealthCheck for Closed {
+/// #     async fn health(&self, _: std::time::Duration) -> eventbus_core::ops::Health {
+/// #         eventbus_core::ops::Health::down("closed", std::time::Duration::ZERO, "closed")
+/// #     }
+/// # }
+/// # impl Backend for Closed {
+/// #     type Sink = Closed; type Subscriber = Closed;
+/// #     fn name(&self) -> &'static str { "closed" }
+/// #     async fn sink(&self) -> Result<Closed, Error> { Ok(Closed) }
+/// #     fn subscriber(&self) -> Closed { Closed }
+/// #     async fn ensure_topic(&self, _: &str, _: u32) -> Result<(), Error> { Ok(()) }
+/// # }
+/// /// `[closed]`: where the (imaginary) server is.
+/// #[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+/// #[serde(default, deny_unknown_fields)]
+/// struct ClosedConfig { url: String }
+///
+/// impl BackendConfig for ClosedConfig {
+///     type Backend = Closed;
+///     const NAME: &'static str = "closed";
+///     const ENV: &'static [EnvVar] =
+///         &[EnvVar::new("EVENTBUS_CLOSED_URL", EnvTarget::Field("url"), "a URL")];
+///     fn with_vars(mut self, vars: Vec<(String, String)>) -> Result<Self, Error> {
+///         for (k, v) in vars {
+///             if k == "EVENTBUS_CLOSED_URL" { self.url = v; }
+///         }
+///         Ok(self)
+///     }
+///     async fn connect(self) -> Result<Closed, Error> { Ok(Closed) }
+/// }
+///
+/// let c = ClosedConfig::default()
+///     .with_vars(vec![("EVENTBUS_CLOSED_URL".into(), "x://h".into())])
+///     .unwrap();
+/// assert_eq!(c.url, "x://h");
+/// ```
+pub trait BackendConfig:
+    Clone
+    + Default
+    + std::fmt::Debug
+    + serde::Serialize
+    + serde::de::DeserializeOwned
+    + Send
+    + Sync
+    + 'static
+{
+    /// The backend it connects.
+    type Backend: Backend;
+
+    /// The backend's name: `backend = "<NAME>"`, the `[<NAME>]` section, the
+    /// `EVENTBUS_<NAME>_*` variables, the cargo feature of the facade.
+    const NAME: &'static str;
+
+    /// The variables the backend reads itself ([`BackendConfig::with_vars`]), each listed once
+    /// here.
+    const ENV: &'static [EnvVar];
+
+    /// Apply those of `vars` that are in [`BackendConfig::ENV`] on top of this config (others
+    /// are ignored). Errors name the variable, never its value.
+    fn with_vars(self, vars: Vec<(String, String)>) -> Result<Self, Error>;
+
+    /// Check values beyond their shape (credentials that come in pairs, known option values).
+    /// Errors name the field or variable, never a value. Default: nothing to check.
+    fn validate(&self) -> Result<(), Error> {
+        Ok(())
+    }
+
+    /// Connect the backend.
+    fn connect(self) -> impl Future<Output = Result<Self::Backend, Error>> + Send;
+}
+
 /// The object-safe twin of [`BatchSink`]; every `BatchSink` is one (see [`BoxSink`]).
 pub trait DynBatchSink: Send + Sync + 'static {
     /// [`BatchSink::name`].

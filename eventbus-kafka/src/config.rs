@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::time::Duration;
 
+use eventbus_core::backend::{BackendConfig, EnvTarget, EnvVar};
 use serde::{Deserialize, Serialize};
 
 /// Settings for [`KafkaBackend`](crate::KafkaBackend). Secrets passed through `options`
@@ -72,18 +73,66 @@ impl Default for KafkaConfig {
     }
 }
 
-/// The `EVENTBUS_KAFKA_*` variables that set librdkafka properties (see
-/// [`KafkaConfig::from_env`]).
-pub const ENV_OPTIONS: &[(&str, &str)] = &[
-    ("EVENTBUS_KAFKA_SECURITY_PROTOCOL", "security.protocol"),
-    ("EVENTBUS_KAFKA_SASL_MECHANISM", "sasl.mechanism"),
-    ("EVENTBUS_KAFKA_SASL_USERNAME", "sasl.username"),
-    ("EVENTBUS_KAFKA_SASL_PASSWORD", "sasl.password"),
-    ("EVENTBUS_KAFKA_SSL_CA", "ssl.ca.location"),
-    ("EVENTBUS_KAFKA_SSL_CERT", "ssl.certificate.location"),
-    ("EVENTBUS_KAFKA_SSL_KEY", "ssl.key.location"),
-    ("EVENTBUS_KAFKA_SSL_KEY_PASSWORD", "ssl.key.password"),
+/// The environment variables [`KafkaConfig::with_vars`] reads: the bootstrap servers and the
+/// security settings, which set librdkafka properties. The one list of them: the `eventbus`
+/// facade's docs and the README's table are made from it.
+pub const ENV_VARS: &[EnvVar] = &[
+    EnvVar::new(
+        "EVENTBUS_KAFKA_BROKERS",
+        EnvTarget::Field("brokers"),
+        "bootstrap servers, `host:port` comma separated",
+    ),
+    EnvVar::new(
+        "EVENTBUS_KAFKA_SECURITY_PROTOCOL",
+        EnvTarget::ClientOption("security.protocol"),
+        "`plaintext`, `ssl`, `sasl_plaintext` or `sasl_ssl`",
+    ),
+    EnvVar::new(
+        "EVENTBUS_KAFKA_SASL_MECHANISM",
+        EnvTarget::ClientOption("sasl.mechanism"),
+        "`PLAIN`, `SCRAM-SHA-256`, `SCRAM-SHA-512`, `OAUTHBEARER`",
+    ),
+    EnvVar::new(
+        "EVENTBUS_KAFKA_SASL_USERNAME",
+        EnvTarget::ClientOption("sasl.username"),
+        "user name; with `EVENTBUS_KAFKA_SASL_PASSWORD`",
+    ),
+    EnvVar::new(
+        "EVENTBUS_KAFKA_SASL_PASSWORD",
+        EnvTarget::ClientOption("sasl.password"),
+        "password",
+    )
+    .secret(),
+    EnvVar::new(
+        "EVENTBUS_KAFKA_SSL_CA",
+        EnvTarget::ClientOption("ssl.ca.location"),
+        "path of the CA certificate (PEM)",
+    ),
+    EnvVar::new(
+        "EVENTBUS_KAFKA_SSL_CERT",
+        EnvTarget::ClientOption("ssl.certificate.location"),
+        "mutual TLS: path of the client certificate (PEM)",
+    ),
+    EnvVar::new(
+        "EVENTBUS_KAFKA_SSL_KEY",
+        EnvTarget::ClientOption("ssl.key.location"),
+        "mutual TLS: path of the client key (PEM)",
+    ),
+    EnvVar::new(
+        "EVENTBUS_KAFKA_SSL_KEY_PASSWORD",
+        EnvTarget::ClientOption("ssl.key.password"),
+        "password of the client key",
+    )
+    .secret(),
 ];
+
+/// The `(variable, librdkafka property)` pairs among [`ENV_VARS`].
+pub(crate) fn env_options() -> impl Iterator<Item = (&'static str, &'static str)> {
+    ENV_VARS.iter().filter_map(|v| match v.sets {
+        EnvTarget::ClientOption(p) => Some((v.name, p)),
+        _ => None,
+    })
+}
 
 /// The `security.protocol` values librdkafka knows (lower case).
 const PROTOCOLS: [&str; 4] = ["plaintext", "ssl", "sasl_plaintext", "sasl_ssl"];
@@ -102,7 +151,7 @@ const MECHANISMS: [&str; 5] = [
 /// in a config file) and the `EVENTBUS_KAFKA_*` variable that sets it, if one does. Never the
 /// value.
 pub(crate) fn named(property: &str) -> String {
-    match ENV_OPTIONS.iter().find(|(_, p)| *p == property) {
+    match env_options().find(|(_, p)| *p == property) {
         Some((var, _)) => format!("{var} (librdkafka `{property}`)"),
         None => format!("librdkafka `{property}`"),
     }
@@ -182,19 +231,9 @@ impl KafkaConfig {
         self
     }
 
-    /// Read `EVENTBUS_KAFKA_BROKERS` and the security settings below from the environment,
-    /// on top of the defaults. Secrets belong in the environment, not in a config file.
-    ///
-    /// | variable | librdkafka property |
-    /// |---|---|
-    /// | `EVENTBUS_KAFKA_SECURITY_PROTOCOL` | `security.protocol` (`plaintext`, `ssl`, `sasl_plaintext`, `sasl_ssl`) |
-    /// | `EVENTBUS_KAFKA_SASL_MECHANISM` | `sasl.mechanism` (`PLAIN`, `SCRAM-SHA-256`, `SCRAM-SHA-512`, ...) |
-    /// | `EVENTBUS_KAFKA_SASL_USERNAME` | `sasl.username` |
-    /// | `EVENTBUS_KAFKA_SASL_PASSWORD` | `sasl.password` (secret: redacted from `Debug`) |
-    /// | `EVENTBUS_KAFKA_SSL_CA` | `ssl.ca.location` |
-    /// | `EVENTBUS_KAFKA_SSL_CERT` | `ssl.certificate.location` |
-    /// | `EVENTBUS_KAFKA_SSL_KEY` | `ssl.key.location` |
-    /// | `EVENTBUS_KAFKA_SSL_KEY_PASSWORD` | `ssl.key.password` (secret) |
+    /// Read the variables of [`ENV_VARS`] (`EVENTBUS_KAFKA_BROKERS` and the security settings,
+    /// which set librdkafka properties) from the environment, on top of the defaults. Secrets
+    /// belong in the environment, not in a config file.
     ///
     /// Errors name the variable, never its value.
     ///
@@ -214,7 +253,7 @@ impl KafkaConfig {
         KafkaConfig::default().with_vars(std::env::vars())
     }
 
-    /// Apply the `EVENTBUS_KAFKA_*` variables of [`KafkaConfig::from_env`] from any
+    /// Apply the variables of [`ENV_VARS`] from any
     /// `(key, value)` pairs on top of this config; other keys are ignored.
     pub fn with_vars<K: AsRef<str>, V: Into<String>>(
         mut self,
@@ -226,8 +265,8 @@ impl KafkaConfig {
                 self.brokers = v;
                 continue;
             }
-            if let Some((_, property)) = ENV_OPTIONS.iter().find(|(var, _)| *var == k) {
-                self.options.insert((*property).to_owned(), v);
+            if let Some((_, property)) = env_options().find(|(var, _)| *var == k) {
+                self.options.insert(property.to_owned(), v);
             }
         }
         self.validate()?;
@@ -373,6 +412,24 @@ impl KafkaConfig {
             c.set(k, v);
         }
         c
+    }
+}
+
+impl BackendConfig for KafkaConfig {
+    type Backend = crate::KafkaBackend;
+    const NAME: &'static str = "kafka";
+    const ENV: &'static [EnvVar] = ENV_VARS;
+
+    fn with_vars(self, vars: Vec<(String, String)>) -> Result<Self, eventbus_core::Error> {
+        KafkaConfig::with_vars(self, vars)
+    }
+
+    fn validate(&self) -> Result<(), eventbus_core::Error> {
+        KafkaConfig::validate(self)
+    }
+
+    async fn connect(self) -> Result<crate::KafkaBackend, eventbus_core::Error> {
+        crate::KafkaBackend::connect(self).await
     }
 }
 

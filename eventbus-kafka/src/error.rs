@@ -116,13 +116,12 @@ pub(crate) fn other(what: &'static str, e: KafkaError) -> Error {
 }
 
 /// The librdkafka properties a client-creation error text names, among those a user sets
-/// through [`crate::config::ENV_OPTIONS`] (its security settings). librdkafka names the property
+/// through [`crate::config::ENV_VARS`] (its security settings). librdkafka names the property
 /// at the start of the reason (`ssl.ca.location failed: ...`, `ssl.key.location failed: ...`)
 /// or inside it (`... sasl.mechanism ...`).
 fn properties_in(text: &str) -> impl Iterator<Item = &'static str> + '_ {
-    crate::config::ENV_OPTIONS
-        .iter()
-        .map(|(_, p)| *p)
+    crate::config::env_options()
+        .map(|(_, p)| p)
         .filter(move |p| text.contains(p))
 }
 

@@ -15,7 +15,7 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 
-pub use config::{ENV_OPTIONS, KafkaConfig};
+pub use config::{ENV_VARS, KafkaConfig};
 pub use rules::TOPIC_RULES;
 pub use sink::{ID_HEADER, KafkaSink};
 pub use subscriber::KafkaSubscriber;

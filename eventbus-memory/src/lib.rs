@@ -97,6 +97,52 @@ impl eventbus_core::Backend for MemoryBroker {
     }
 }
 
+/// The `[memory]` section of a bus config: a new, empty [`MemoryBroker`] per connect.
+///
+/// ```
+/// use eventbus_core::backend::BackendConfig;
+/// use eventbus_core::{Backend, BatchSink, Message};
+/// use eventbus_memory::MemoryConfig;
+/// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+/// let mut config = MemoryConfig::default();
+/// config.max_message_bytes = 1024;
+/// let broker = config.connect().await.unwrap();
+/// let sink = Backend::sink(&broker).await.unwrap();
+/// assert!(sink.validate(&Message::new("t", vec![0u8; 2048])).is_err());
+/// # });
+/// ```
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
+pub struct MemoryConfig {
+    /// The largest accepted message ([`Message::encoded_len`]). Default 1 MiB.
+    pub max_message_bytes: usize,
+}
+
+impl Default for MemoryConfig {
+    fn default() -> Self {
+        MemoryConfig {
+            max_message_bytes: 1 << 20,
+        }
+    }
+}
+
+impl eventbus_core::backend::BackendConfig for MemoryConfig {
+    type Backend = MemoryBroker;
+    const NAME: &'static str = BACKEND;
+    const ENV: &'static [eventbus_core::backend::EnvVar] = &[];
+
+    fn with_vars(self, _vars: Vec<(String, String)>) -> Result<Self, Error> {
+        Ok(self)
+    }
+
+    async fn connect(self) -> Result<MemoryBroker, Error> {
+        let broker = MemoryBroker::new();
+        broker.set_max_message_bytes(self.max_message_bytes);
+        Ok(broker)
+    }
+}
+
 impl MemoryBroker {
     /// A new, empty broker. The default message size limit is 1 MiB.
     pub fn new() -> Self {

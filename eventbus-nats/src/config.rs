@@ -4,6 +4,7 @@ use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use eventbus_core::backend::{BackendConfig, EnvTarget, EnvVar};
 use eventbus_core::{Error, ErrorKind};
 use serde::{Deserialize, Serialize};
 
@@ -60,19 +61,57 @@ impl fmt::Debug for NatsAuth {
 }
 
 /// The environment variables [`NatsConfig::with_vars`] reads: the connection, its credentials,
-/// and how sinks publish.
-pub const ENV_VARS: &[&str] = &[
-    "EVENTBUS_NATS_URL",
-    "EVENTBUS_NATS_USER",
-    "EVENTBUS_NATS_PASSWORD",
-    "EVENTBUS_NATS_TOKEN",
-    "EVENTBUS_NATS_NKEY",
-    "EVENTBUS_NATS_CREDS",
-    "EVENTBUS_NATS_TLS",
-    "EVENTBUS_NATS_CA",
-    "EVENTBUS_NATS_PUBLISH_MODE",
-    "EVENTBUS_NATS_DEDUP",
-    "EVENTBUS_NATS_STREAM_REPLICAS",
+/// and how sinks publish. The one list of them: the `eventbus` facade's docs and the README's
+/// table are made from it.
+pub const ENV_VARS: &[EnvVar] = &[
+    EnvVar::new(
+        "EVENTBUS_NATS_URL",
+        EnvTarget::Field("url"),
+        "server URL(s), comma separated: every seed of a cluster",
+    ),
+    EnvVar::new(
+        "EVENTBUS_NATS_USER",
+        EnvTarget::Field("auth"),
+        "user name; with `EVENTBUS_NATS_PASSWORD`",
+    ),
+    EnvVar::new(
+        "EVENTBUS_NATS_PASSWORD",
+        EnvTarget::Field("auth"),
+        "password; with `EVENTBUS_NATS_USER`",
+    )
+    .secret(),
+    EnvVar::new("EVENTBUS_NATS_TOKEN", EnvTarget::Field("auth"), "token").secret(),
+    EnvVar::new("EVENTBUS_NATS_NKEY", EnvTarget::Field("auth"), "NKey seed").secret(),
+    EnvVar::new(
+        "EVENTBUS_NATS_CREDS",
+        EnvTarget::Field("auth"),
+        "path of a `.creds` file (JWT)",
+    ),
+    EnvVar::new(
+        "EVENTBUS_NATS_TLS",
+        EnvTarget::Field("tls_required"),
+        "`true` / `1`: require TLS",
+    ),
+    EnvVar::new(
+        "EVENTBUS_NATS_CA",
+        EnvTarget::Field("tls_root_certificates"),
+        "path of root certificates (PEM) to trust",
+    ),
+    EnvVar::new(
+        "EVENTBUS_NATS_PUBLISH_MODE",
+        EnvTarget::Field("publish_mode"),
+        "`fast` (default), `async` or `atomic`",
+    ),
+    EnvVar::new(
+        "EVENTBUS_NATS_DEDUP",
+        EnvTarget::Field("dedup"),
+        "`true` (default) / `false`: send `Nats-Msg-Id`",
+    ),
+    EnvVar::new(
+        "EVENTBUS_NATS_STREAM_REPLICAS",
+        EnvTarget::Field("stream_replicas"),
+        "replicas of streams the backend creates (1, 3, 5)",
+    ),
 ];
 
 /// Connection settings for [`NatsBackend`](crate::NatsBackend).
@@ -302,10 +341,8 @@ impl NatsConfig {
             .collect()
     }
 
-    /// Read [`ENV_VARS`]: `EVENTBUS_NATS_URL`, `EVENTBUS_NATS_USER` + `EVENTBUS_NATS_PASSWORD`,
-    /// `EVENTBUS_NATS_TOKEN`, `EVENTBUS_NATS_NKEY`, `EVENTBUS_NATS_CREDS`, `EVENTBUS_NATS_TLS`
-    /// (`1`/`true`), `EVENTBUS_NATS_CA`, `EVENTBUS_NATS_PUBLISH_MODE` (`fast`, `async`,
-    /// `atomic`), `EVENTBUS_NATS_DEDUP`, `EVENTBUS_NATS_STREAM_REPLICAS`.
+    /// Read the variables of [`ENV_VARS`] (`EVENTBUS_NATS_URL`, credentials, TLS, publish mode)
+    /// on top of the defaults.
     pub fn from_env() -> Result<Self, Error> {
         Self::from_iter(std::env::vars())
     }
@@ -374,6 +411,20 @@ impl NatsConfig {
             }
         }
         Ok(c)
+    }
+}
+
+impl BackendConfig for NatsConfig {
+    type Backend = crate::NatsBackend;
+    const NAME: &'static str = "nats";
+    const ENV: &'static [EnvVar] = ENV_VARS;
+
+    fn with_vars(self, vars: Vec<(String, String)>) -> Result<Self, Error> {
+        NatsConfig::with_vars(self, vars)
+    }
+
+    async fn connect(self) -> Result<crate::NatsBackend, Error> {
+        crate::NatsBackend::connect(self).await
     }
 }
 

@@ -1,96 +1,12 @@
 //! [`BusConfig`]: the whole bus in one serde structure, from TOML and `EVENTBUS_*` variables.
 
-use std::fmt;
 use std::path::Path;
 
-use eventbus_batch::BatchConfig;
-use eventbus_core::handler::HandlerConfig;
 use eventbus_core::{Error, ErrorKind, SinkLimits};
-use serde::{Deserialize, Serialize};
 
-/// Which backend the bus talks to.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-#[non_exhaustive]
-pub enum BackendKind {
-    /// NATS JetStream (feature `nats`).
-    #[default]
-    Nats,
-    /// A Kafka-protocol cluster (feature `kafka`).
-    Kafka,
-    /// The in-process backend, for tests (feature `memory`).
-    Memory,
-}
+use crate::registry::{BackendKind, BusConfig, own_var};
 
-impl fmt::Display for BackendKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            BackendKind::Nats => "nats",
-            BackendKind::Kafka => "kafka",
-            BackendKind::Memory => "memory",
-        })
-    }
-}
-
-/// Everything a service configures: the backend and its connection, batching and the ACK
-/// window, and the handler runtime (concurrency, ordering, retries). Every section has
-/// defaults; unknown fields are errors. `Debug` redacts credentials.
-///
-/// ```
-/// use eventbus::BusConfig;
-/// let cfg = BusConfig::from_toml(r#"
-///     backend = "nats"
-///     [nats]
-///     url = "nats://127.0.0.1:4222"
-///     [batch]
-///     max_in_flight = 10000
-///     linger = 2          # milliseconds
-///     [handler]
-///     concurrency = 16
-///     [handler.retry]
-///     max_attempts = 5
-/// "#).unwrap();
-/// assert_eq!(cfg.batch.max_in_flight, 10_000);
-/// // Environment variables win: EVENTBUS_<SECTION>_<FIELD>.
-/// let cfg = cfg.with_vars([("EVENTBUS_BATCH_MAX_IN_FLIGHT", "500")]).unwrap();
-/// assert_eq!(cfg.batch.max_in_flight, 500);
-/// // A typo names the field.
-/// let e = BusConfig::from_toml("[batch]\nmax_inflight = 1").unwrap_err();
-/// assert!(e.to_string().contains("max_inflight"), "{e}");
-/// ```
-#[derive(Clone, Default, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-#[non_exhaustive]
-pub struct BusConfig {
-    /// The backend. Default `nats`.
-    pub backend: BackendKind,
-    /// NATS connection (used when `backend = "nats"`).
-    #[cfg(feature = "nats")]
-    pub nats: eventbus_nats::NatsConfig,
-    /// Kafka connection (used when `backend = "kafka"`).
-    #[cfg(feature = "kafka")]
-    pub kafka: eventbus_kafka::KafkaConfig,
-    /// Batching and the ACK window.
-    pub batch: BatchConfig,
-    /// The handler runtime.
-    pub handler: HandlerConfig,
-}
-
-impl fmt::Debug for BusConfig {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut d = f.debug_struct("BusConfig");
-        d.field("backend", &self.backend);
-        #[cfg(feature = "nats")]
-        d.field("nats", &self.nats);
-        #[cfg(feature = "kafka")]
-        d.field("kafka", &self.kafka);
-        d.field("batch", &self.batch)
-            .field("handler", &self.handler)
-            .finish()
-    }
-}
-
-fn config_error(msg: impl Into<String>) -> Error {
+pub(crate) fn config_error(msg: impl Into<String>) -> Error {
     Error::new(ErrorKind::Config, msg.into()).permanent()
 }
 
@@ -193,20 +109,13 @@ impl BusConfig {
     }
 
     /// Apply `EVENTBUS_*` variables on top of this config: `EVENTBUS_BACKEND`, and
-    /// `EVENTBUS_<SECTION>_<FIELD>` for any field of `nats`, `kafka`, `batch`, `handler`
-    /// (nested tables join with `_`: `EVENTBUS_HANDLER_RETRY_MAX_ATTEMPTS`). Durations are
-    /// milliseconds. The NATS backend reads its own variables (`eventbus_nats::ENV_VARS`):
-    /// `EVENTBUS_NATS_URL`, `EVENTBUS_NATS_USER` with `EVENTBUS_NATS_PASSWORD`,
-    /// `EVENTBUS_NATS_TOKEN`, `EVENTBUS_NATS_NKEY`, `EVENTBUS_NATS_CREDS`, `EVENTBUS_NATS_TLS`,
-    /// `EVENTBUS_NATS_CA`, `EVENTBUS_NATS_PUBLISH_MODE`, `EVENTBUS_NATS_DEDUP`,
-    /// `EVENTBUS_NATS_STREAM_REPLICAS`. Kafka security
-    /// settings use the forms of
-    /// [`KafkaConfig::from_env`](https://docs.rs/eventbus-kafka): `EVENTBUS_KAFKA_SECURITY_PROTOCOL`,
-    /// `EVENTBUS_KAFKA_SASL_MECHANISM`, `EVENTBUS_KAFKA_SASL_USERNAME`,
-    /// `EVENTBUS_KAFKA_SASL_PASSWORD`, `EVENTBUS_KAFKA_SSL_CA`, `EVENTBUS_KAFKA_SSL_CERT`,
-    /// `EVENTBUS_KAFKA_SSL_KEY`, `EVENTBUS_KAFKA_SSL_KEY_PASSWORD`. A variable that
-    /// names no field, or a value of the wrong type, is an error naming the variable (never
-    /// its value). Other variables are ignored.
+    /// `EVENTBUS_<SECTION>_<FIELD>` for any field of a backend's section, `batch` or
+    /// `handler` (nested tables join with `_`: `EVENTBUS_HANDLER_RETRY_MAX_ATTEMPTS`).
+    /// Durations are milliseconds. Each backend also reads its own variables, its short forms
+    /// for connections and credentials ([`BusConfig::env_vars`]: `EVENTBUS_NATS_URL`,
+    /// `EVENTBUS_KAFKA_SASL_PASSWORD`, ...). A variable that names no field, a value of the
+    /// wrong type, or a variable of a backend this build leaves out is an error naming the
+    /// variable (never its value). Other variables are ignored.
     pub fn with_vars<K: AsRef<str>, V: Into<String>>(
         self,
         vars: impl IntoIterator<Item = (K, V)>,
@@ -214,8 +123,8 @@ impl BusConfig {
         let mut tree =
             toml::Value::try_from(&self).map_err(|e| config_error(format!("bus config: {e}")))?;
         let root = tree.as_table_mut().expect("a struct serializes to a table");
-        let mut nats_creds = Vec::new();
-        let mut kafka_vars = Vec::new();
+        // Each backend's own variables, applied by the backend after the generic ones.
+        let mut own: Vec<(BackendKind, Vec<(String, String)>)> = Vec::new();
         // (field path as `a.b.c`, variable) for every variable applied, to name it in errors.
         let mut set: Vec<(String, String)> = Vec::new();
         for (k, v) in vars {
@@ -223,26 +132,25 @@ impl BusConfig {
             let Some(rest) = k.strip_prefix("EVENTBUS_") else {
                 continue;
             };
+            if let Some(kind) = own_var(k) {
+                match own.iter_mut().find(|(b, _)| *b == kind) {
+                    Some((_, vs)) => vs.push((k.to_owned(), v)),
+                    None => own.push((kind, vec![(k.to_owned(), v)])),
+                }
+                continue;
+            }
             let rest = rest.to_ascii_lowercase();
-            if nats_short_form(k) {
-                nats_creds.push((k.to_owned(), v));
-                continue;
-            }
-            if kafka_short_form(k) {
-                kafka_vars.push((k.to_owned(), v));
-                continue;
-            }
             match set_path(root, &rest, &v).map_err(|why| config_error(format!("{k}: {why}")))? {
                 Some(path) => set.push((path, k.to_owned())),
                 None => {
+                    let sections: Vec<&str> = root.keys().map(String::as_str).collect();
                     return Err(config_error(format!(
-                        "{k} names no bus config field (sections: backend, nats, kafka, batch, handler)"
+                        "{k} names no bus config field (sections: {})",
+                        sections.join(", ")
                     )));
                 }
             }
         }
-        // Only the backends' own variables change it afterwards.
-        #[cfg_attr(not(any(feature = "nats", feature = "kafka")), allow(unused_mut))]
         let mut cfg = from_deserializer(tree).map_err(|(path, e)| {
             // Name the variable that set this field (or a field inside it).
             let var = set
@@ -260,44 +168,35 @@ impl BusConfig {
                 None => config_error(format!("bus config from environment: {why}")),
             }
         })?;
-        #[cfg(feature = "nats")]
-        if !nats_creds.is_empty() {
-            cfg.nats = cfg.nats.with_vars(nats_creds)?;
-        }
-        #[cfg(not(feature = "nats"))]
-        if let Some((k, _)) = nats_creds.first() {
-            return Err(config_error(format!(
-                "{k} is set but this build has no NATS backend (feature `nats`)"
-            )));
-        }
-        #[cfg(feature = "kafka")]
-        if !kafka_vars.is_empty() {
-            cfg.kafka = cfg.kafka.with_vars(kafka_vars)?;
-        }
-        #[cfg(not(feature = "kafka"))]
-        if let Some((k, _)) = kafka_vars.first() {
-            return Err(config_error(format!(
-                "{k} is set but this build has no Kafka backend (feature `kafka`)"
-            )));
+        for (kind, vars) in own {
+            cfg.apply_backend_vars(kind, vars)?;
         }
         cfg.validate()?;
         Ok(cfg)
     }
 
+    /// The variables the backends of this build read themselves, each listed once by its
+    /// backend crate (`eventbus_nats::ENV_VARS`, ...): their short forms for connections and
+    /// credentials. Every other field is set by `EVENTBUS_<SECTION>_<FIELD>`.
+    ///
+    /// ```
+    /// let vars = eventbus::BusConfig::env_vars();
+    /// assert!(vars.iter().any(|(_, v)| v.name == "EVENTBUS_NATS_URL"));
+    /// ```
+    pub fn env_vars() -> Vec<(BackendKind, eventbus_core::backend::EnvVar)> {
+        crate::registry::env_vars()
+    }
+
     /// Check values (not only shapes): the chosen backend is compiled in, and the batch
     /// settings make sense. Errors name the field.
     pub fn validate(&self) -> Result<(), Error> {
-        let built = match self.backend {
-            BackendKind::Nats => cfg!(feature = "nats"),
-            BackendKind::Kafka => cfg!(feature = "kafka"),
-            BackendKind::Memory => cfg!(feature = "memory"),
-        };
-        if !built {
+        if !self.backend.built() {
             return Err(config_error(format!(
                 "backend = \"{}\", but this build does not include it (enable the `{}` feature)",
                 self.backend, self.backend
             )));
         }
+        self.validate_section(self.backend)?;
         self.batch.resolve(&SinkLimits::none())?;
         if self.handler.concurrency == 0 {
             return Err(config_error(
@@ -311,26 +210,6 @@ impl BusConfig {
         }
         Ok(())
     }
-}
-
-/// The NATS short forms (`EVENTBUS_NATS_URL`, `EVENTBUS_NATS_USER`, ...), which the backend
-/// reads itself.
-fn nats_short_form(var: &str) -> bool {
-    #[cfg(feature = "nats")]
-    return eventbus_nats::ENV_VARS.contains(&var);
-    // Without the backend every NATS variable is refused, naming the missing feature.
-    #[cfg(not(feature = "nats"))]
-    return var.starts_with("EVENTBUS_NATS_");
-}
-
-/// The Kafka security short forms (`EVENTBUS_KAFKA_SASL_PASSWORD`, ...), which set librdkafka
-/// options rather than a field of their own.
-fn kafka_short_form(var: &str) -> bool {
-    #[cfg(feature = "kafka")]
-    return eventbus_kafka::ENV_OPTIONS.iter().any(|(v, _)| *v == var);
-    // Without the backend every Kafka variable is refused, naming the missing feature.
-    #[cfg(not(feature = "kafka"))]
-    return var.starts_with("EVENTBUS_KAFKA_");
 }
 
 /// Set `path` (lowercase, `_`-joined) in `table` to `raw`, parsed as the type already there.
@@ -368,4 +247,79 @@ fn parse_like(current: &toml::Value, raw: &str) -> Result<toml::Value, &'static 
         V::String(_) => V::String(raw.to_owned()),
         _ => return Err("a table (set its fields one by one)"),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_variable_lists_the_sections_of_this_build() {
+        let e = BusConfig::default()
+            .with_vars([("EVENTBUS_BATCH_NO_SUCH", "1")])
+            .unwrap_err();
+        let text = e.to_string();
+        assert!(text.contains("EVENTBUS_BATCH_NO_SUCH"), "{text}");
+        for kind in BackendKind::ALL.iter().filter(|k| k.built()) {
+            assert!(text.contains(kind.name()), "{text}");
+        }
+    }
+
+    #[cfg(feature = "memory")]
+    #[test]
+    fn a_backend_section_takes_generic_variables() {
+        let cfg = BusConfig::default()
+            .with_vars([
+                ("EVENTBUS_BACKEND", "memory"),
+                ("EVENTBUS_MEMORY_MAX_MESSAGE_BYTES", "2048"),
+            ])
+            .unwrap();
+        assert_eq!(cfg.backend, BackendKind::Memory);
+        assert_eq!(cfg.memory.max_message_bytes, 2048);
+    }
+
+    #[cfg(feature = "nats")]
+    #[test]
+    fn a_backends_own_variables_reach_its_section() {
+        let cfg = BusConfig::default()
+            .with_vars([
+                ("EVENTBUS_NATS_URL", "nats://a:1,nats://b:2"),
+                ("EVENTBUS_NATS_USER", "svc"),
+                ("EVENTBUS_NATS_PASSWORD", "s3cret"),
+            ])
+            .unwrap();
+        assert_eq!(cfg.nats.url, "nats://a:1,nats://b:2");
+        assert!(!format!("{cfg:?}").contains("s3cret"));
+        // A pair the backend checks, named by variable.
+        let e = BusConfig::default()
+            .with_vars([("EVENTBUS_NATS_USER", "svc")])
+            .unwrap_err();
+        assert!(e.to_string().contains("EVENTBUS_NATS_PASSWORD"), "{e}");
+    }
+
+    /// A build without a backend refuses its variables and its name, naming the feature.
+    #[test]
+    fn a_backend_left_out_is_refused_by_feature() {
+        for kind in BackendKind::ALL.iter().filter(|k| !k.built()) {
+            let var = format!("EVENTBUS_{}_ANYTHING", kind.name().to_ascii_uppercase());
+            let e = BusConfig::default()
+                .with_vars([(var.as_str(), "x")])
+                .unwrap_err();
+            assert!(e.to_string().contains(&format!("feature `{kind}`")), "{e}");
+            let e = BusConfig::default()
+                .with_vars([("EVENTBUS_BACKEND", kind.name())])
+                .unwrap_err();
+            assert!(e.to_string().contains(&format!("`{kind}` feature")), "{e}");
+        }
+    }
+
+    #[test]
+    fn every_variable_of_a_backend_carries_its_prefix_once() {
+        let vars = BusConfig::env_vars();
+        for (kind, v) in &vars {
+            let prefix = format!("EVENTBUS_{}_", kind.name().to_ascii_uppercase());
+            assert!(v.name.starts_with(&prefix), "{}", v.name);
+            assert_eq!(vars.iter().filter(|(_, w)| w.name == v.name).count(), 1);
+        }
+    }
 }

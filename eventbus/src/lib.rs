@@ -27,6 +27,7 @@
 compile_error!("enable at least one backend feature of `eventbus`: nats, kafka or memory");
 
 mod config;
+mod registry;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -39,26 +40,7 @@ use eventbus_core::ops::{Health, Lag};
 #[doc(no_inline)]
 pub use eventbus_core::*;
 
-pub use config::{BackendKind, BusConfig};
-
-/// The NATS JetStream backend crate (feature `nats`), for what the [`Bus`] does not cover:
-/// stream provisioning, publish modes, the sink's own options.
-#[cfg(feature = "nats")]
-pub use eventbus_nats as nats;
-#[cfg(feature = "nats")]
-pub use eventbus_nats::{NatsAuth, NatsBackend, NatsConfig, NatsSink, StreamSpec};
-
-/// The Kafka backend crate (feature `kafka`).
-#[cfg(feature = "kafka")]
-pub use eventbus_kafka as kafka;
-#[cfg(feature = "kafka")]
-pub use eventbus_kafka::{KafkaBackend, KafkaConfig, KafkaSink};
-
-/// The in-process backend crate (feature `memory`), for a service's own tests.
-#[cfg(feature = "memory")]
-pub use eventbus_memory as memory;
-#[cfg(feature = "memory")]
-pub use eventbus_memory::MemoryBroker;
+pub use registry::*;
 
 /// The transactional outbox (feature `outbox`): enqueue messages in your own PostgreSQL or
 /// SQLite transaction, and a relay publishes them through a [`Bus::publisher`] once it commits.
@@ -95,21 +77,7 @@ impl Bus {
     /// Validate the config and connect the backend it names.
     pub async fn connect(config: &BusConfig) -> Result<Bus, Error> {
         config.validate()?;
-        let backend: Arc<dyn DynBackend> = match config.backend {
-            #[cfg(feature = "nats")]
-            BackendKind::Nats => Arc::new(NatsBackend::connect(config.nats.clone()).await?),
-            #[cfg(feature = "kafka")]
-            BackendKind::Kafka => Arc::new(KafkaBackend::connect(config.kafka.clone()).await?),
-            #[cfg(feature = "memory")]
-            BackendKind::Memory => Arc::new(MemoryBroker::new()),
-            #[allow(unreachable_patterns)]
-            other => {
-                return Err(Error::new(
-                    ErrorKind::Config,
-                    format!("backend {other} is not built in"),
-                ));
-            }
-        };
+        let backend = config.connect_backend(config.backend).await?;
         Ok(Bus {
             backend,
             config: config.clone(),

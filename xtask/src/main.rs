@@ -110,6 +110,18 @@ fn test(extra: &[String]) -> Result {
         .args(extra);
     broker_env(&mut f);
     run(f)?;
+    // And with one backend: what a left-out backend's name and variables get.
+    let mut m = cargo();
+    m.args([
+        "test",
+        "-p",
+        "eventbus",
+        "--no-default-features",
+        "--features",
+        "memory",
+        "--lib",
+    ]);
+    run(m)?;
     let mut d = cargo();
     d.args(["test", "--workspace", "--doc"]);
     broker_env(&mut d);
@@ -349,7 +361,7 @@ fn ci() -> Result {
     }
     // A service that uses one backend never compiles the other: the facade and the bench build
     // with either alone, and with NATS alone librdkafka is not even in the dependency tree.
-    for backend in ["nats", "kafka"] {
+    for backend in ["nats", "kafka", "memory"] {
         check_alone("eventbus", backend)?;
     }
     let tree = cargo()
