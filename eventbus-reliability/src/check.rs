@@ -292,6 +292,20 @@ pub async fn drain<S: Subscriber>(
     quiet: Duration,
     limit: Duration,
 ) -> Result<Vec<Read>, eventbus_core::Error> {
+    drain_with(sub, filter, expect, quiet, limit, None).await
+}
+
+/// [`drain`], through the consumer's de-duplication layer when `dedup` is given
+/// ([`eventbus_core::Subscription::dedup`]): what a consumer of a broker without
+/// de-duplication (Kafka) sees. `expect` then counts what is handed over, not what is stored.
+pub async fn drain_with<S: Subscriber>(
+    sub: &S,
+    filter: &str,
+    expect: Option<usize>,
+    quiet: Duration,
+    limit: Duration,
+    dedup: Option<eventbus_core::DedupConfig>,
+) -> Result<Vec<Read>, eventbus_core::Error> {
     let start = Instant::now();
     // A cluster that has just lost and regained nodes may time out a first lookup: a
     // retryable error is tried again, as a service would.
@@ -311,6 +325,9 @@ pub async fn drain<S: Subscriber>(
             Err(e) => return Err(e),
         }
     };
+    if let Some(cfg) = dedup {
+        s = s.dedup(cfg);
+    }
     let mut reads = Vec::new();
     // The first delivery may take a while (consumer creation, partition assignment).
     let mut wait = quiet.max(Duration::from_secs(15));

@@ -29,9 +29,9 @@ struct Args {
     /// Scenarios (comma separated): kill-restart, consume-kill (a group subscription kept open
     /// through a kill and restart), consume-blackhole (the same through a blackhole of its
     /// connection), pause, stall-memory, slow-consumer, blackhole, wire, shutdown, cancel,
-    /// absent, security, on nats only outbox and outbox-broker (three relay processes on
-    /// PostgreSQL publishing to NATS while a relay, PostgreSQL and nats-server are killed),
-    /// and on nats-cluster only stepdown, kill-connected (kill the node the
+    /// absent, security, on nats and kafka outbox and outbox-broker (three relay processes on
+    /// PostgreSQL publishing through the `eventbus` facade while a relay, PostgreSQL and the
+    /// broker are killed), and on nats-cluster only stepdown, kill-connected (kill the node the
     /// client is attached to), consume-kill-connected (kill the node the live consumer is
     /// attached to), consume-partition (the live consumer while the stream leader is cut
     /// off), rolling-restart and partition (the stream leader cut off from the other two by
@@ -75,8 +75,9 @@ const NATS_CLUSTER_ONLY: [&str; 6] = [
     "partition",
 ];
 
-/// Scenarios that run on the `nats` backend only (the outbox: PostgreSQL and NATS together).
-const NATS_ONLY: [&str; 2] = ["outbox", "outbox-broker"];
+/// Scenarios that run on the single brokers (`nats`, `kafka`) only (the outbox: PostgreSQL and
+/// a broker together).
+const SINGLE_ONLY: [&str; 2] = ["outbox", "outbox-broker"];
 
 const ALL: [&str; 20] = [
     "kill-restart",
@@ -108,9 +109,9 @@ fn runs_on(backend: &str, scenario: &str) -> bool {
         "nats-cluster-raw" => RAW.contains(&scenario),
         "kafka-cluster-raw" => RAW_KAFKA_CLUSTER.contains(&scenario),
         "nats-raw" | "kafka-raw" => RAW_SINGLE.contains(&scenario),
-        "nats-cluster" => !NATS_ONLY.contains(&scenario),
-        "nats" => !NATS_CLUSTER_ONLY.contains(&scenario),
-        _ => !NATS_CLUSTER_ONLY.contains(&scenario) && !NATS_ONLY.contains(&scenario),
+        "nats-cluster" => !SINGLE_ONLY.contains(&scenario),
+        "nats" | "kafka" => !NATS_CLUSTER_ONLY.contains(&scenario),
+        _ => !NATS_CLUSTER_ONLY.contains(&scenario) && !SINGLE_ONLY.contains(&scenario),
     }
 }
 
@@ -143,6 +144,8 @@ async fn run_on<T: Target>(t: &mut T, s: &str, size: Size) -> Row {
         "wire" => scenario::wire(t, size).await,
         "shutdown" => scenario::shutdown(t, size).await,
         "cancel" => scenario::cancel(t, size).await,
+        "outbox" => scenario::outbox(t, size).await,
+        "outbox-broker" => scenario::outbox_broker(t, size).await,
         other => unreachable!("scenario {other}"),
     }
 }
@@ -193,13 +196,6 @@ async fn run(backend: &str, s: &str, size: Size) -> Row {
             "nats" => scenario::security("nats").await,
             "kafka" => scenario::security("kafka").await,
             _ => failed(format!("security is not run on {backend}")),
-        };
-    }
-    #[cfg(feature = "nats")]
-    if backend == "nats" && NATS_ONLY.contains(&s) {
-        return match s {
-            "outbox" => scenario::outbox(size).await,
-            _ => scenario::outbox_broker(size).await,
         };
     }
     if s == "absent" {
@@ -470,13 +466,12 @@ from the (last) fault to the first ack of a message admitted after it.
 }
 
 fn main() -> std::process::ExitCode {
-    #[cfg(feature = "nats")]
-    if let [_, cmd, database, nats] = std::env::args().collect::<Vec<_>>().as_slice()
+    if let [_, cmd, database] = std::env::args().collect::<Vec<_>>().as_slice()
         && cmd == scenario::RELAY_COMMAND
     {
         // A relay process of the outbox rows.
         let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
-        return match rt.block_on(scenario::relay_process(database, nats)) {
+        return match rt.block_on(scenario::relay_process(database)) {
             Ok(()) => std::process::ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("outbox relay: {e}");

@@ -245,10 +245,8 @@ macro_rules! try_setup {
 mod consumer;
 #[cfg(feature = "nats")]
 pub use consumer::consume_partition;
-#[cfg(feature = "nats")]
 mod outbox;
 pub use consumer::{ConsumerFigures, Fault, Reader, consume_blackhole, consume_kill};
-#[cfg(feature = "nats")]
 pub use outbox::{RELAY_COMMAND, outbox, outbox_broker, relay_process};
 
 /// Broker killed (-9) and restarted twice on the same store while 5 producers publish

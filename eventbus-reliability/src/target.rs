@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use eventbus_brokers::TestBroker;
+use eventbus_brokers::{Protocol, TestBroker};
 use eventbus_core::{BatchSink, Error, Subscriber};
 
 use crate::proxy::FaultProxy;
@@ -88,6 +88,26 @@ pub trait Target: Send + Sync {
     /// fit in it. Default 5 s.
     fn kill_deadline(&self) -> Duration {
         Duration::from_secs(5)
+    }
+    /// The `EVENTBUS_*` variables a service built on the `eventbus` facade sets to reach this
+    /// broker directly (`BusConfig::load`): the backend and its addresses.
+    fn bus_env(&self) -> Vec<(&'static str, String)> {
+        let address = self.broker().address();
+        match self.broker().protocol() {
+            Protocol::Nats => vec![
+                ("EVENTBUS_BACKEND", "nats".into()),
+                ("EVENTBUS_NATS_URL", address),
+            ],
+            Protocol::Kafka => vec![
+                ("EVENTBUS_BACKEND", "kafka".into()),
+                ("EVENTBUS_KAFKA_BROKERS", address),
+            ],
+        }
+    }
+    /// The broker drops a copy published again with the same message id (NATS's duplicate
+    /// window); without it (Kafka) a consumer's de-duplication layer does.
+    fn drops_copies(&self) -> bool {
+        self.broker().protocol() == Protocol::Nats
     }
 }
 
