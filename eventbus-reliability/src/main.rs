@@ -31,7 +31,7 @@ struct Args {
     /// connection), pause, stall-memory, slow-consumer, blackhole, wire, shutdown, cancel,
     /// absent, security, on nats and kafka outbox and outbox-broker (three relay processes on
     /// PostgreSQL publishing through the `eventbus` facade while a relay, PostgreSQL and the
-    /// broker are killed), and on nats-cluster only stepdown, kill-connected (kill the node the
+    /// broker are killed) and outbox-db-pause (PostgreSQL SIGSTOPped), and on nats-cluster only stepdown, kill-connected (kill the node the
     /// client is attached to), consume-kill-connected (kill the node the live consumer is
     /// attached to), consume-partition (the live consumer while the stream leader is cut
     /// off), rolling-restart and partition (the stream leader cut off from the other two by
@@ -77,9 +77,9 @@ const NATS_CLUSTER_ONLY: [&str; 6] = [
 
 /// Scenarios that run on the single brokers (`nats`, `kafka`) only (the outbox: PostgreSQL and
 /// a broker together).
-const SINGLE_ONLY: [&str; 2] = ["outbox", "outbox-broker"];
+const SINGLE_ONLY: [&str; 3] = ["outbox", "outbox-broker", "outbox-db-pause"];
 
-const ALL: [&str; 20] = [
+const ALL: [&str; 21] = [
     "kill-restart",
     "consume-kill",
     "consume-blackhole",
@@ -94,6 +94,7 @@ const ALL: [&str; 20] = [
     "security",
     "outbox",
     "outbox-broker",
+    "outbox-db-pause",
     "stepdown",
     "kill-connected",
     "consume-kill-connected",
@@ -146,6 +147,7 @@ async fn run_on<T: Target>(t: &mut T, s: &str, size: Size) -> Row {
         "cancel" => scenario::cancel(t, size).await,
         "outbox" => scenario::outbox(t, size).await,
         "outbox-broker" => scenario::outbox_broker(t, size).await,
+        "outbox-db-pause" => scenario::outbox_db_pause(t, size).await,
         other => unreachable!("scenario {other}"),
     }
 }

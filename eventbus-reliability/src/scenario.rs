@@ -247,7 +247,7 @@ mod consumer;
 pub use consumer::consume_partition;
 mod outbox;
 pub use consumer::{ConsumerFigures, Fault, Reader, consume_blackhole, consume_kill};
-pub use outbox::{RELAY_COMMAND, outbox, outbox_broker, relay_process};
+pub use outbox::{RELAY_COMMAND, outbox, outbox_broker, outbox_db_pause, relay_process};
 
 /// Broker killed (-9) and restarted twice on the same store while 5 producers publish
 /// (10,000 messages full, 2,000 quick), ack deadline [`Target::kill_deadline`]. Unknown

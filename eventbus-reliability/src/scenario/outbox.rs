@@ -117,6 +117,17 @@ enum Faults {
     RelayAndDatabase,
     /// Those, then the broker SIGKILLed and restarted.
     AlsoBroker,
+    /// PostgreSQL paused (SIGSTOP, every process) for [`DB_PAUSE`], then resumed: connections
+    /// stay open and nothing answers, longer than the writers' pool waits.
+    DatabasePause,
+}
+
+/// How long the `outbox-db-pause` row keeps PostgreSQL stopped.
+const DB_PAUSE: Duration = Duration::from_secs(4);
+
+/// `outbox-db-pause`: PostgreSQL SIGSTOPped under load, then resumed.
+pub async fn outbox_db_pause<T: Target>(t: &mut T, size: Size) -> Row {
+    outbox_with(t, size, Faults::DatabasePause, "outbox-db-pause").await
 }
 
 /// `outbox`: a relay and PostgreSQL killed under load.
@@ -205,28 +216,45 @@ async fn outbox_with<T: Target>(t: &mut T, size: Size, faults: Faults, name: &st
     // The faults, while the writers commit (about 6-8 s).
     let mut log = Vec::new();
     tokio::time::sleep(Duration::from_millis(1_000)).await;
-    relays[0].kill();
-    log.push("relay 0 SIGKILLed at 1.0 s".to_owned());
-    tokio::time::sleep(Duration::from_millis(1_000)).await;
-    match RelayProcess::spawn(&setup) {
-        Ok(r) => relays[0] = r,
-        Err(e) => row.failures.push(format!("restart relay: {e}")),
+    if faults == Faults::DatabasePause {
+        let down = Instant::now();
+        let paused = blocking(|| {
+            pg.pause()?;
+            std::thread::sleep(DB_PAUSE);
+            pg.resume()
+        })
+        .await;
+        if let Err(e) = paused {
+            row.failures.push(format!("pause PostgreSQL: {e}"));
+        }
+        log.push(format!(
+            "PostgreSQL SIGSTOPped at 1.0 s, resumed after {} ms",
+            ms(down.elapsed())
+        ));
+    } else {
+        relays[0].kill();
+        log.push("relay 0 SIGKILLed at 1.0 s".to_owned());
+        tokio::time::sleep(Duration::from_millis(1_000)).await;
+        match RelayProcess::spawn(&setup) {
+            Ok(r) => relays[0] = r,
+            Err(e) => row.failures.push(format!("restart relay: {e}")),
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let down = Instant::now();
+        let restarted = blocking(|| {
+            pg.kill();
+            std::thread::sleep(Duration::from_millis(500));
+            pg.restart()
+        })
+        .await;
+        if let Err(e) = restarted {
+            row.failures.push(format!("restart PostgreSQL: {e}"));
+        }
+        log.push(format!(
+            "PostgreSQL SIGKILLed, back after {} ms",
+            ms(down.elapsed())
+        ));
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let down = Instant::now();
-    let restarted = blocking(|| {
-        pg.kill();
-        std::thread::sleep(Duration::from_millis(500));
-        pg.restart()
-    })
-    .await;
-    if let Err(e) = restarted {
-        row.failures.push(format!("restart PostgreSQL: {e}"));
-    }
-    log.push(format!(
-        "PostgreSQL SIGKILLed, back after {} ms",
-        ms(down.elapsed())
-    ));
     if faults == Faults::AlsoBroker {
         tokio::time::sleep(Duration::from_millis(1_000)).await;
         let down = Instant::now();
