@@ -9,6 +9,9 @@
 //! message id**, which NATS drops by `Nats-Msg-Id` and a consumer's de-duplication drops on
 //! Kafka.
 //!
+//! Its counterpart on the consuming side is the [`inbox`]: a handler's database effects happen
+//! once per message, however often the broker delivers it.
+//!
 //! Two stores, both real: [`PgOutbox`] (PostgreSQL, feature `postgres`: the relay wakes on
 //! `LISTEN/NOTIFY` within milliseconds of a commit) and [`SqliteOutbox`] (SQLite, feature
 //! `sqlite`: the embedded default for tests and single-node services; it polls).
@@ -75,6 +78,8 @@ use eventbus_core::{Error, ErrorKind, Message, Outcome, Publisher};
 use tokio::sync::watch;
 
 mod codec;
+#[cfg(any(feature = "postgres", feature = "sqlite"))]
+pub mod inbox;
 #[cfg(feature = "postgres")]
 mod postgres;
 #[cfg(feature = "sqlite")]
