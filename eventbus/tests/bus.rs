@@ -128,8 +128,8 @@ async fn a_nats_bus_from_config_and_environment() {
 fn the_readme_example_config_parses() {
     let readme = include_str!("../../README.md");
     let start = readme
-        .find("```toml\n")
-        .expect("a toml block in the README")
+        .find("```toml\n# eventbus.toml")
+        .expect("the eventbus.toml block in the README")
         + 8;
     let len = readme[start..].find("```").expect("closed block");
     let cfg = BusConfig::from_toml(&readme[start..start + len]).expect("README config");
