@@ -143,7 +143,9 @@ pub struct EnvVar {
     pub sets: EnvTarget,
     /// The values it takes, in a few words.
     pub values: &'static str,
-    /// Its value is a secret: never shown in `Debug`, errors or logs.
+    /// Its value is a secret. The backend's config keeps it out of `Debug` and errors itself;
+    /// this flag marks it in generated docs (the README's table) and for tools that print
+    /// settings.
     pub secret: bool,
 }
 

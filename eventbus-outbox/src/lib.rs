@@ -571,7 +571,11 @@ pub(crate) fn checked_table(name: &str, schema: bool) -> Result<String, Error> {
     } else {
         Err(Error::new(
             ErrorKind::Config,
-            "outbox table name: letters, digits and `_` only (optionally `schema.table`)",
+            if schema {
+                "table name: letters, digits and `_` only (optionally `schema.table`)"
+            } else {
+                "table name: letters, digits and `_` only"
+            },
         )
         .permanent())
     }

@@ -48,7 +48,7 @@ impl Sqlite {
 impl Store for Sqlite {
     type Db = sqlx::Sqlite;
     fn inbox(&self) -> SqliteInbox {
-        SqliteInbox::new(self.pool.clone())
+        SqliteInbox::new(self.pool.clone(), "billing")
     }
     fn apply<'c>(msg: &'c Message, tx: &'c mut sqlx::SqliteConnection) -> WorkFuture<'c, ()> {
         Box::pin(async move {
@@ -98,7 +98,7 @@ impl Pg {
 impl Store for Pg {
     type Db = sqlx::Postgres;
     fn inbox(&self) -> PgInbox {
-        PgInbox::new(self.pool.clone())
+        PgInbox::new(self.pool.clone(), "billing")
     }
     fn apply<'c>(msg: &'c Message, tx: &'c mut sqlx::PgConnection) -> WorkFuture<'c, ()> {
         Box::pin(async move {
@@ -123,7 +123,7 @@ async fn redelivery_is_skipped<S: Store>(s: S) {
     let msg = Message::new("orders", "o1");
     let first = inbox.process(&msg, S::apply).await.expect("process");
     assert_eq!(first, Processed::Handled(()));
-    // The same message again (a redelivery: same id), and its decoded copy.
+    // The same message again (a redelivery: same id).
     let again = inbox.process(&msg, S::apply).await.expect("process");
     assert_eq!(again, Processed::Duplicate);
     assert_eq!(s.effects().await, 1);
@@ -197,6 +197,82 @@ async fn purge_forgets_old_ids<S: Store>(s: S) {
     assert_eq!(s.effects().await, 2);
 }
 
+/// Two consumers of one message in one database each do their work once.
+async fn consumers_are_apart<S: Store>(s: S) {
+    let billing = s.inbox();
+    let msg = Message::new("orders", "o1");
+    assert_eq!(
+        billing.process(&msg, S::apply).await.expect("process"),
+        Processed::Handled(())
+    );
+    let shipping = Inbox::<S::Db>::new(pool_of(&billing), "shipping");
+    assert_eq!(
+        shipping.process(&msg, S::apply).await.expect("process"),
+        Processed::Handled(())
+    );
+    assert_eq!(
+        shipping.process(&msg, S::apply).await.expect("process"),
+        Processed::Duplicate
+    );
+    assert_eq!(s.effects().await, 2);
+    // Purging one consumer's ids leaves the other's.
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    assert_eq!(shipping.purge(Duration::ZERO).await.expect("purge"), 1);
+    assert!(
+        billing
+            .contains(&msg.id().to_string())
+            .await
+            .expect("contains")
+    );
+}
+
+fn pool_of<DB: InboxDatabase>(inbox: &Inbox<DB>) -> sqlx::Pool<DB> {
+    inbox.pool().clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_consumers_are_apart() {
+    consumers_are_apart(Sqlite::open().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_consumers_are_apart() {
+    consumers_are_apart(Pg::open().await).await;
+}
+
+/// Work that lets a statement fail and goes on: PostgreSQL aborted the transaction, so its
+/// commit would roll back silently. The attempt must fail, not be reported processed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_work_that_swallows_a_failed_statement_fails() {
+    let s = Pg::open().await;
+    let inbox = s.inbox();
+    let msg = Message::new("orders", "o1");
+    let r = inbox
+        .process(&msg, |m, tx| {
+            Box::pin(async move {
+                Pg::apply(m, &mut *tx).await?;
+                // Fails (no such table); the work ignores it.
+                let _ = sqlx::query("INSERT INTO no_such_table VALUES (1)")
+                    .execute(&mut *tx)
+                    .await;
+                Ok(())
+            })
+        })
+        .await;
+    assert!(r.is_err(), "reported {r:?}");
+    assert_eq!(s.effects().await, 0);
+    assert!(
+        !inbox
+            .contains(&msg.id().to_string())
+            .await
+            .expect("contains")
+    );
+    assert_eq!(
+        inbox.process(&msg, Pg::apply).await.expect("process"),
+        Processed::Handled(())
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_redelivery_is_skipped() {
     redelivery_is_skipped(Sqlite::open().await).await;
@@ -227,14 +303,16 @@ async fn postgres_purge_forgets_old_ids() {
     purge_forgets_old_ids(Pg::open().await).await;
 }
 
-/// Two copies of one message at once: the second waits for the first transaction, then finds
-/// the id (first committed) or does the work itself (first rolled back).
+/// Two copies of one message at once: the second waits for the first transaction (seen
+/// waiting on its lock in `pg_stat_activity`), then finds the id (first committed) or does the
+/// work itself (first rolled back).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_concurrent_copies_apply_once() {
     let s = Arc::new(Pg::open().await);
     for first_fails in [false, true] {
         let msg = Message::new("orders", "o1");
-        let (gate_tx, gate_rx) = tokio::sync::oneshot::channel::<()>();
+        let (started_tx, started_rx) = tokio::sync::oneshot::channel::<()>();
+        let (release_tx, release_rx) = tokio::sync::oneshot::channel::<()>();
         let first = {
             let (inbox, msg) = (s.inbox(), msg.clone());
             tokio::spawn(async move {
@@ -242,9 +320,9 @@ async fn postgres_concurrent_copies_apply_once() {
                     .process(&msg, move |m, tx| {
                         Box::pin(async move {
                             Pg::apply(m, tx).await?;
-                            // Recorded, not committed: let the copy start, then hold on.
-                            let _ = gate_tx.send(());
-                            tokio::time::sleep(Duration::from_millis(300)).await;
+                            // Recorded, not committed: hold on until the copy waits for us.
+                            let _ = started_tx.send(());
+                            let _ = release_rx.await;
                             if first_fails {
                                 return Err(HandlerError::new("fails after its insert"));
                             }
@@ -254,9 +332,33 @@ async fn postgres_concurrent_copies_apply_once() {
                     .await
             })
         };
-        gate_rx.await.expect("first started");
-        let second = s.inbox().process(&msg, Pg::apply).await.expect("second");
+        started_rx.await.expect("first started");
+        let second = {
+            let (inbox, msg) = (s.inbox(), msg.clone());
+            tokio::spawn(async move { inbox.process(&msg, Pg::apply).await })
+        };
+        // The copy is blocked on the first's uncommitted key, not done yet.
+        let until = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'",
+            )
+            .fetch_one(&s.pool)
+            .await
+            .expect("pg_stat_activity");
+            if waiting > 0 {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < until,
+                "the copy never waited for the first transaction"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(!second.is_finished());
+        let _ = release_tx.send(());
         let first = first.await.expect("join");
+        let second = second.await.expect("join").expect("second");
         if first_fails {
             assert!(first.is_err());
             assert_eq!(second, Processed::Handled(()));

@@ -31,7 +31,9 @@ struct Args {
     /// connection), pause, stall-memory, slow-consumer, blackhole, wire, shutdown, cancel,
     /// absent, security, on nats and kafka outbox and outbox-broker (three relay processes on
     /// PostgreSQL publishing through the `eventbus` facade while a relay, PostgreSQL and the
-    /// broker are killed) and outbox-db-pause (PostgreSQL SIGSTOPped), and on nats-cluster only stepdown, kill-connected (kill the node the
+    /// broker are killed), outbox-db-pause (PostgreSQL SIGSTOPped), inbox-kill and
+    /// inbox-kill-sqlite (a consumer process using the inbox SIGKILLed at random points, many
+    /// times: every message applied exactly once), and on nats-cluster only stepdown, kill-connected (kill the node the
     /// client is attached to), consume-kill-connected (kill the node the live consumer is
     /// attached to), consume-partition (the live consumer while the stream leader is cut
     /// off), rolling-restart and partition (the stream leader cut off from the other two by
@@ -77,9 +79,15 @@ const NATS_CLUSTER_ONLY: [&str; 6] = [
 
 /// Scenarios that run on the single brokers (`nats`, `kafka`) only (the outbox: PostgreSQL and
 /// a broker together).
-const SINGLE_ONLY: [&str; 3] = ["outbox", "outbox-broker", "outbox-db-pause"];
+const SINGLE_ONLY: [&str; 5] = [
+    "outbox",
+    "outbox-broker",
+    "outbox-db-pause",
+    "inbox-kill",
+    "inbox-kill-sqlite",
+];
 
-const ALL: [&str; 21] = [
+const ALL: [&str; 23] = [
     "kill-restart",
     "consume-kill",
     "consume-blackhole",
@@ -95,6 +103,8 @@ const ALL: [&str; 21] = [
     "outbox",
     "outbox-broker",
     "outbox-db-pause",
+    "inbox-kill",
+    "inbox-kill-sqlite",
     "stepdown",
     "kill-connected",
     "consume-kill-connected",
@@ -102,6 +112,12 @@ const ALL: [&str; 21] = [
     "rolling-restart",
     "partition",
 ];
+
+/// Scenarios that run on the `nats` backend only. `inbox-kill-sqlite` on tansu: its groups do
+/// not survive the kills, so each restart reads every message again in a new group, and the
+/// SQLite inbox (one writer at a time, a write transaction per delivery, duplicates included)
+/// fell behind: 1,137 of 2,000 applied after 90 s, twice; none applied twice.
+const NATS_SINGLE_ONLY: [&str; 1] = ["inbox-kill-sqlite"];
 
 /// Whether `backend` runs `scenario` (the cluster-only and raw-client rows run on their own
 /// backends only).
@@ -111,7 +127,8 @@ fn runs_on(backend: &str, scenario: &str) -> bool {
         "kafka-cluster-raw" => RAW_KAFKA_CLUSTER.contains(&scenario),
         "nats-raw" | "kafka-raw" => RAW_SINGLE.contains(&scenario),
         "nats-cluster" => !SINGLE_ONLY.contains(&scenario),
-        "nats" | "kafka" => !NATS_CLUSTER_ONLY.contains(&scenario),
+        "nats" => !NATS_CLUSTER_ONLY.contains(&scenario),
+        "kafka" => !NATS_CLUSTER_ONLY.contains(&scenario) && !NATS_SINGLE_ONLY.contains(&scenario),
         _ => !NATS_CLUSTER_ONLY.contains(&scenario) && !SINGLE_ONLY.contains(&scenario),
     }
 }
@@ -148,6 +165,8 @@ async fn run_on<T: Target>(t: &mut T, s: &str, size: Size) -> Row {
         "outbox" => scenario::outbox(t, size).await,
         "outbox-broker" => scenario::outbox_broker(t, size).await,
         "outbox-db-pause" => scenario::outbox_db_pause(t, size).await,
+        "inbox-kill" => scenario::inbox_kill(t, size, scenario::Store::Postgres).await,
+        "inbox-kill-sqlite" => scenario::inbox_kill(t, size, scenario::Store::Sqlite).await,
         other => unreachable!("scenario {other}"),
     }
 }
@@ -477,6 +496,19 @@ fn main() -> std::process::ExitCode {
             Ok(()) => std::process::ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("outbox relay: {e}");
+                std::process::ExitCode::FAILURE
+            }
+        };
+    }
+    if let [_, cmd, database, filter, group] = std::env::args().collect::<Vec<_>>().as_slice()
+        && cmd == scenario::INBOX_COMMAND
+    {
+        // A consumer process of the inbox rows.
+        let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
+        return match rt.block_on(scenario::consumer_process(database, filter, group)) {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("inbox consumer: {e}");
                 std::process::ExitCode::FAILURE
             }
         };

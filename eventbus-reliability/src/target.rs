@@ -109,6 +109,13 @@ pub trait Target: Send + Sync {
     fn drops_copies(&self) -> bool {
         self.broker().protocol() == Protocol::Nats
     }
+    /// A consumer group keeps serving after members were SIGKILLed in quick succession.
+    /// tansu 0.6.0's does not: a leader that leaves while the group rebalances is never
+    /// cleared, and every later join of that group loops (see `eventbus_conformance::Caps::
+    /// rejoin_after_churn`); a row that kills consumers then starts each one in a new group.
+    fn group_survives_churn(&self) -> bool {
+        self.broker().protocol() == Protocol::Nats
+    }
 }
 
 fn loopback(port: u16) -> SocketAddr {

@@ -72,6 +72,14 @@ impl BusConfig {
     /// value found there (it may be a secret): `unknown field`, `unknown variant`, wrong type,
     /// a syntax error's line and column.
     pub fn from_toml(text: &str) -> Result<Self, Error> {
+        let cfg = Self::parse(text)?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Parse TOML, checking shapes only: values are validated once the environment is
+    /// applied too (a file may hold `sasl.username` and the environment its password).
+    fn parse(text: &str) -> Result<Self, Error> {
         let de = toml::Deserializer::parse(text).map_err(|e| {
             let at = e.span().map(|s| line_col(text, s.start));
             config_error(format!(
@@ -79,30 +87,32 @@ impl BusConfig {
                 at.map(|a| format!(" at {a}")).unwrap_or_default()
             ))
         })?;
-        let cfg = from_deserializer(de).map_err(|(path, e)| {
+        from_deserializer(de).map_err(|(path, e)| {
             let at = e
                 .span()
                 .map(|s| format!(" (at {})", line_col(text, s.start)))
                 .unwrap_or_default();
             config_error(format!("bus config: {}{at}", describe(&path, e.message())))
-        })?;
-        cfg.validate()?;
-        Ok(cfg)
+        })
     }
 
     /// Read a TOML file.
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self, Error> {
-        let path = path.as_ref();
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            config_error(format!("could not read bus config {}: {e}", path.display()))
-        })?;
-        Self::from_toml(&text)
+        let cfg = Self::parse(&Self::read(path.as_ref())?)?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn read(path: &Path) -> Result<String, Error> {
+        std::fs::read_to_string(path)
+            .map_err(|e| config_error(format!("could not read bus config {}: {e}", path.display())))
     }
 
     /// The file (if any), then the process environment on top: what a service calls at start.
+    /// Values are validated once, on the result.
     pub fn load(path: Option<&Path>) -> Result<Self, Error> {
         let base = match path {
-            Some(p) => Self::from_file(p)?,
+            Some(p) => Self::parse(&Self::read(p)?)?,
             None => BusConfig::default(),
         };
         base.with_vars(std::env::vars())
@@ -295,6 +305,29 @@ mod tests {
             .with_vars([("EVENTBUS_NATS_USER", "svc")])
             .unwrap_err();
         assert!(e.to_string().contains("EVENTBUS_NATS_PASSWORD"), "{e}");
+    }
+
+    /// A file holds the user name, the environment its password: valid together (what
+    /// `load` does: `parse`, then `with_vars`, which validates the result).
+    #[cfg(feature = "kafka")]
+    #[test]
+    fn a_file_and_the_environment_are_validated_together() {
+        let file = r#"
+            backend = "kafka"
+            [kafka.options]
+            "security.protocol" = "sasl_plaintext"
+            "sasl.mechanism" = "PLAIN"
+            "sasl.username" = "svc"
+        "#;
+        assert!(
+            BusConfig::from_toml(file).is_err(),
+            "alone, the file lacks the password"
+        );
+        let cfg = BusConfig::parse(file)
+            .unwrap()
+            .with_vars([("EVENTBUS_KAFKA_SASL_PASSWORD", "s3cret")])
+            .unwrap();
+        assert_eq!(cfg.kafka.options["sasl.username"], "svc");
     }
 
     /// A build without a backend refuses its variables and its name, naming the feature.

@@ -55,29 +55,20 @@ pub async fn relay_process(database: &str) -> Result<(), String> {
             .poll(Duration::from_millis(100))
             .retention(Duration::from_secs(3_600)),
     );
-    // Blocks until the parent closes our stdin.
-    let _ = tokio::task::spawn_blocking(|| {
-        let mut sink = Vec::new();
-        let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut sink);
-    })
-    .await;
+    until_stdin_closes().await;
     relay.close(Duration::from_secs(5)).await;
     Ok(())
 }
 
-/// A relay process: this binary with [`RELAY_COMMAND`].
-struct RelayProcess {
+/// A child process of this binary (a relay, a consumer): a service on the `eventbus` facade,
+/// configured by `EVENTBUS_*` variables only, killed when dropped.
+pub(super) struct Worker {
     child: Child,
 }
 
-/// What every relay process is started with: the database and the broker.
-struct RelaySetup {
-    database: String,
-    env: Vec<(&'static str, String)>,
-}
-
-impl RelayProcess {
-    fn spawn(setup: &RelaySetup) -> std::io::Result<RelayProcess> {
+impl Worker {
+    /// Run this binary with `args` and, of the `EVENTBUS_*` variables, only `env`.
+    pub(super) fn spawn(args: &[&str], env: &[(&'static str, String)]) -> std::io::Result<Worker> {
         let mut cmd = Command::new(std::env::current_exe()?);
         // Only the bus's own variables: the facade refuses an `EVENTBUS_*` variable it does
         // not know (this run's `EVENTBUS_NATS_SERVER`, say) as a likely typo.
@@ -87,26 +78,51 @@ impl RelayProcess {
             }
         }
         let child = cmd
-            .args([RELAY_COMMAND, &setup.database])
-            .envs(setup.env.iter().map(|(k, v)| (k, v)))
-            // The engine waits longer than a broker's restart: a resend, not an unknown outcome.
-            .env("EVENTBUS_BATCH_ACK_TIMEOUT", "10000")
+            .args(args)
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .spawn()?;
-        Ok(RelayProcess { child })
+        Ok(Worker { child })
     }
 
     /// SIGKILL: no close, nothing flushed, its database session dropped by the kernel.
-    fn kill(&mut self) {
+    pub(super) fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
 }
 
-impl Drop for RelayProcess {
+impl Drop for Worker {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// Blocks until the parent closes our stdin (or is gone): how a worker process learns to stop.
+pub(super) async fn until_stdin_closes() {
+    let _ = tokio::task::spawn_blocking(|| {
+        let mut sink = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut sink);
+    })
+    .await;
+}
+
+/// What every relay process is started with: the database and the broker.
+struct RelaySetup {
+    database: String,
+    env: Vec<(&'static str, String)>,
+}
+
+/// A relay process: this binary with [`RELAY_COMMAND`].
+struct RelayProcess;
+
+impl RelayProcess {
+    fn spawn(setup: &RelaySetup) -> std::io::Result<Worker> {
+        let mut env = setup.env.clone();
+        // The engine waits longer than a broker's restart: a resend, not an unknown outcome.
+        env.push(("EVENTBUS_BATCH_ACK_TIMEOUT", "10000".into()));
+        Worker::spawn(&[RELAY_COMMAND, &setup.database], &env)
     }
 }
 
@@ -219,9 +235,11 @@ async fn outbox_with<T: Target>(t: &mut T, size: Size, faults: Faults, name: &st
     if faults == Faults::DatabasePause {
         let down = Instant::now();
         let paused = blocking(|| {
-            pg.pause()?;
+            let paused = pg.pause();
             std::thread::sleep(DB_PAUSE);
-            pg.resume()
+            // Resumed whatever the pause did: never leave the database stopped.
+            let resumed = pg.resume();
+            paused.and(resumed)
         })
         .await;
         if let Err(e) = paused {

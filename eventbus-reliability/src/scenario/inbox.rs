@@ -1,0 +1,355 @@
+//! Exactly-once effects through crashes: a consumer **process** handles messages with the
+//! inbox (each message's effect, a row in the user's table, written in the transaction that
+//! records its id) while the SDK publishes; the consumer is SIGKILLed at random points, many
+//! times, and started again. Afterwards every published message must have its effect exactly
+//! once: none missing (at-least-once delivery did its part), none applied twice (the inbox did
+//! its part), however many deliveries the kills caused.
+
+use std::time::{Duration, Instant};
+
+use eventbus::handler::{self, HandlerConfig, HandlerError};
+use eventbus::outbox::inbox::{PgInbox, SqliteInbox};
+use eventbus::outbox::sqlx;
+use eventbus::{Bus, BusConfig, SubscribeSpec, Subscriber};
+use eventbus_batch::{BatchConfig, Batcher};
+use eventbus_brokers::Postgres;
+use eventbus_core::{Message, Publisher};
+use rand::Rng;
+
+use super::outbox::{Worker, until_stdin_closes};
+use super::{Row, Size, blocking, run_id};
+use crate::target::Target;
+
+/// The subcommand the reliability binary runs as a consumer process.
+pub const INBOX_COMMAND: &str = "inbox-consumer";
+
+/// The inbox's consumer name in the inbox rows.
+const INBOX_CONSUMER: &str = "rel";
+
+/// Up to `max_ms` of handling time, at random.
+async fn pause(max_ms: u64) {
+    let ms = rand::rng().random_range(0..=max_ms);
+    tokio::time::sleep(Duration::from_millis(ms)).await;
+}
+
+/// Run as a consumer process: `inbox-consumer <database url> <filter> <group>`, through the
+/// backend its `EVENTBUS_*` variables name, until stdin closes or the process is killed.
+/// Each message's effect is one row in `effects`, written in the inbox's transaction (the
+/// inbox's consumer is `rel`, whatever the group). Its handling takes a few milliseconds
+/// before and after the commit, so that kills land inside the work (rolled back) and between
+/// the commit and the ack (redelivered, for the inbox to skip).
+pub async fn consumer_process(database: &str, filter: &str, group: &str) -> Result<(), String> {
+    let config = BusConfig::load(None).map_err(|e| format!("bus config: {e}"))?;
+    let bus = Bus::connect(&config)
+        .await
+        .map_err(|e| format!("connect {}: {e}", config.backend))?;
+    let sub = bus
+        .subscriber()
+        .subscribe(
+            SubscribeSpec::new(filter)
+                .group(group)
+                .ack_wait(Duration::from_secs(2)),
+        )
+        .await
+        .map_err(|e| format!("subscribe: {e}"))?;
+    let cfg = HandlerConfig::default().concurrency(8);
+    // The same handler on either store: `$inbox` over `$pool`, parameters written `$p1`.
+    macro_rules! consume {
+        ($pool:expr, $inbox:ident, $p:literal) => {{
+            let pool = $pool;
+            let failed = |e: sqlx::Error| HandlerError::new(format!("effect: {e}"));
+            let inner = $inbox::new(pool.clone(), INBOX_CONSUMER).handler(move |msg, tx| {
+                Box::pin(async move {
+                    pause(5).await;
+                    sqlx::query(concat!("INSERT INTO effects (msg_id) VALUES (", $p, "1)"))
+                        .bind(msg.id().to_string())
+                        .execute(tx)
+                        .await
+                        .map_err(failed)?;
+                    Ok(())
+                })
+            });
+            // Every delivery is counted (outside the inbox's transaction) before the inbox
+            // sees it: more deliveries than messages show the kills caused redeliveries.
+            let work = move |msg: Message, info| {
+                let (pool, id) = (pool.clone(), msg.id().to_string());
+                let handled = inner(msg, info);
+                async move {
+                    sqlx::query(concat!(
+                        "INSERT INTO deliveries (msg_id) VALUES (",
+                        $p,
+                        "1)"
+                    ))
+                    .bind(id)
+                    .execute(&pool)
+                    .await
+                    .map_err(failed)?;
+                    handled.await?;
+                    // Committed, not yet acked.
+                    pause(10).await;
+                    Ok(())
+                }
+            };
+            handler::run(sub, cfg, work, until_stdin_closes()).await;
+        }};
+    }
+    if database.starts_with("sqlite:") {
+        let pool = sqlx::SqlitePool::connect(database)
+            .await
+            .map_err(|e| format!("open SQLite: {e}"))?;
+        consume!(pool, SqliteInbox, "?");
+    } else {
+        let pool = sqlx::PgPool::connect(database)
+            .await
+            .map_err(|e| format!("connect PostgreSQL: {e}"))?;
+        consume!(pool, PgInbox, "$");
+    }
+    Ok(())
+}
+
+/// The store an inbox row runs on.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Store {
+    /// PostgreSQL, started by the project's tooling.
+    Postgres,
+    /// A SQLite file.
+    Sqlite,
+}
+
+/// The store's database, kept alive for the row.
+enum Database {
+    Postgres(Postgres),
+    Sqlite(tempfile::TempDir),
+}
+
+impl Database {
+    fn url(&self) -> String {
+        match self {
+            Database::Postgres(pg) => pg.url(),
+            Database::Sqlite(dir) => {
+                format!("sqlite://{}?mode=rwc", dir.path().join("app.db").display())
+            }
+        }
+    }
+}
+
+/// `(effect rows, distinct messages with an effect, deliveries)`.
+async fn effects(url: &str) -> Result<(i64, i64, i64), String> {
+    const Q: &str = "SELECT (SELECT count(*) FROM effects), \
+        (SELECT count(DISTINCT msg_id) FROM effects), (SELECT count(*) FROM deliveries)";
+    let r = if url.starts_with("sqlite:") {
+        let pool = sqlx::SqlitePool::connect(url).await;
+        match pool {
+            Ok(p) => sqlx::query_as(Q).fetch_one(&p).await,
+            Err(e) => Err(e),
+        }
+    } else {
+        match sqlx::PgPool::connect(url).await {
+            Ok(p) => sqlx::query_as(Q).fetch_one(&p).await,
+            Err(e) => Err(e),
+        }
+    };
+    r.map_err(|e| format!("count effects: {e}"))
+}
+
+/// Create the user's table `effects` (no key: a message applied twice shows as two rows) and
+/// the row's own count of deliveries.
+async fn create_effects(url: &str) -> Result<(), String> {
+    const Q: [&str; 2] = [
+        "CREATE TABLE effects (msg_id TEXT NOT NULL)",
+        "CREATE TABLE deliveries (msg_id TEXT NOT NULL)",
+    ];
+    let r = if url.starts_with("sqlite:") {
+        match sqlx::SqlitePool::connect(url).await {
+            Ok(p) => {
+                let mut r = Ok(());
+                for q in Q {
+                    r = r.and(sqlx::query(q).execute(&p).await.map(|_| ()));
+                }
+                r
+            }
+            Err(e) => Err(e),
+        }
+    } else {
+        match sqlx::PgPool::connect(url).await {
+            Ok(p) => {
+                let mut r = Ok(());
+                for q in Q {
+                    r = r.and(sqlx::query(q).execute(&p).await.map(|_| ()));
+                }
+                r
+            }
+            Err(e) => Err(e),
+        }
+    };
+    r.map_err(|e| format!("create tables: {e}"))
+}
+
+/// `inbox-kill` (PostgreSQL) / `inbox-kill-sqlite`: the consumer process SIGKILLed at random
+/// points while messages are published, and restarted each time.
+pub async fn inbox_kill<T: Target>(t: &mut T, size: Size, store: Store) -> Row {
+    let (name, db_name) = match store {
+        Store::Postgres => ("inbox-kill", "postgres"),
+        Store::Sqlite => ("inbox-kill-sqlite", "sqlite"),
+    };
+    let mut row = Row::new(name, &format!("{}+{db_name}", t.name()));
+    let db = match store {
+        Store::Postgres => match blocking(Postgres::start).await {
+            Ok(pg) => Database::Postgres(pg),
+            Err(e) => {
+                row.failures.push(format!("start PostgreSQL: {e}"));
+                return row;
+            }
+        },
+        Store::Sqlite => match tempfile::tempdir() {
+            Ok(d) => Database::Sqlite(d),
+            Err(e) => {
+                row.failures.push(format!("temp dir: {e}"));
+                return row;
+            }
+        },
+    };
+    let url = db.url();
+    try_setup!(row, create_effects(&url).await);
+    let migrated = if store == Store::Sqlite {
+        match sqlx::SqlitePool::connect(&url).await {
+            Ok(p) => SqliteInbox::new(p, INBOX_CONSUMER).migrate().await,
+            Err(e) => Err(eventbus_core::Error::new(
+                eventbus_core::ErrorKind::Storage,
+                e.to_string(),
+            )),
+        }
+    } else {
+        match sqlx::PgPool::connect(&url).await {
+            Ok(p) => PgInbox::new(p, INBOX_CONSUMER).migrate().await,
+            Err(e) => Err(eventbus_core::Error::new(
+                eventbus_core::ErrorKind::Storage,
+                e.to_string(),
+            )),
+        }
+    };
+    try_setup!(row, migrated.map_err(|e| format!("migrate the inbox: {e}")));
+    let run = run_id("inbox");
+    let (topics, filter) = try_setup!(
+        row,
+        t.provision(&run, 1)
+            .await
+            .map_err(|e| format!("provision: {e}"))
+    );
+    let env = t.bus_env();
+    // One group throughout; where the broker's groups do not survive the kills (tansu), a new
+    // group per start, which reads every message from the beginning again.
+    let churn_safe = t.group_survives_churn();
+    let group = |start: usize| {
+        if churn_safe {
+            "rel".to_owned()
+        } else {
+            format!("rel-{start}")
+        }
+    };
+    let spawn = |start: usize| {
+        let g = group(start);
+        Worker::spawn(
+            &[INBOX_COMMAND, url.as_str(), filter.as_str(), g.as_str()],
+            &env,
+        )
+    };
+    let mut consumer = try_setup!(row, spawn(0).map_err(|e| format!("consumer process: {e}")));
+    let sink = try_setup!(row, t.sink().await.map_err(|e| format!("sink: {e}")));
+    let publisher = try_setup!(
+        row,
+        Batcher::new(sink, BatchConfig::default()).map_err(|e| format!("engine: {e}"))
+    );
+    let n: usize = if size.quick { 2_000 } else { 10_000 };
+    let topic = topics[0].clone();
+    let publishing = tokio::spawn(async move {
+        let mut acks = Vec::with_capacity(n);
+        for i in 0..n {
+            let msg =
+                Message::new(topic.as_str(), format!("m{i}")).with_key(format!("k{}", i % 16));
+            match publisher.publish(msg).await {
+                Ok(ack) => acks.push(ack),
+                Err(e) => return Err(format!("publish: {e}")),
+            }
+            if i % 100 == 99 {
+                // About 2,500 messages a second: the kills land while messages arrive.
+                tokio::time::sleep(Duration::from_millis(40)).await;
+            }
+        }
+        let mut acked = 0usize;
+        for ack in acks {
+            if ack.await.into_result().is_ok() {
+                acked += 1;
+            }
+        }
+        let _ = publisher.close(Duration::from_secs(5)).await;
+        Ok(acked)
+    });
+    // SIGKILL the consumer at random points while messages are published and handled.
+    let kills = if size.quick { 6 } else { 20 };
+    for start in 1..=kills {
+        let wait = rand::rng().random_range(200..900);
+        tokio::time::sleep(Duration::from_millis(wait)).await;
+        consumer.kill();
+        consumer = match spawn(start) {
+            Ok(c) => c,
+            Err(e) => {
+                row.failures.push(format!("restart the consumer: {e}"));
+                return row;
+            }
+        };
+    }
+    let acked = match publishing.await {
+        Ok(Ok(a)) => a,
+        Ok(Err(e)) => {
+            row.failures.push(e);
+            return row;
+        }
+        Err(e) => {
+            row.failures.push(format!("publisher task: {e}"));
+            return row;
+        }
+    };
+    // Every message's effect, however many redeliveries the kills caused.
+    let until = Instant::now() + Duration::from_secs(90);
+    let mut counts = (0, 0, 0);
+    while Instant::now() < until {
+        match effects(&url).await {
+            Ok(c) => {
+                counts = c;
+                if c.1 as usize >= acked {
+                    break;
+                }
+            }
+            Err(e) => row.notes.push(e),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Late redeliveries of messages already applied must change nothing.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    drop(consumer);
+    if let Ok(c) = effects(&url).await {
+        counts = c;
+    }
+    let (rows, distinct, deliveries) = (counts.0 as u64, counts.1 as u64, counts.2 as u64);
+    row.figures.sent = n as u64;
+    row.figures.acked = acked as u64;
+    row.figures.stored = distinct;
+    row.figures.lost = (acked as u64).saturating_sub(distinct);
+    row.figures.duplicates = rows.saturating_sub(distinct);
+    row.notes.push(format!(
+        "{n} messages published ({acked} acked), the consumer process SIGKILLed {kills} times at random 200-900 ms intervals and restarted ({}); effects: {distinct} messages applied, {rows} rows; {deliveries} deliveries ({} more than messages: redeliveries the inbox let through at most once)",
+        if churn_safe { "in its group" } else { "each time in a new group, reading from the start: the broker's groups do not survive the kills" },
+        deliveries.saturating_sub(n as u64)
+    ));
+    row.require(acked == n, format!("{} publishes not acked", n - acked));
+    row.require(
+        row.figures.lost == 0,
+        format!("{} messages never applied", row.figures.lost),
+    );
+    row.require(
+        row.figures.duplicates == 0,
+        format!("{} extra applications of a message", row.figures.duplicates),
+    );
+    row
+}
