@@ -10,13 +10,13 @@ use std::time::{Duration, Instant};
 use eventbus::handler::{self, HandlerConfig, HandlerError};
 use eventbus::outbox::inbox::{PgInbox, SqliteInbox};
 use eventbus::outbox::sqlx;
-use eventbus::{Bus, BusConfig, SubscribeSpec, Subscriber};
+use eventbus::{SubscribeSpec, Subscriber};
 use eventbus_batch::{BatchConfig, Batcher};
 use eventbus_brokers::Postgres;
 use eventbus_core::{Message, Publisher};
 use rand::Rng;
 
-use super::outbox::{Worker, until_stdin_closes};
+use super::outbox::{Worker, bus_from_env, until_stdin_closes};
 use super::{Row, Size, blocking, run_id};
 use crate::target::Target;
 
@@ -39,10 +39,7 @@ async fn pause(max_ms: u64) {
 /// before and after the commit, so that kills land inside the work (rolled back) and between
 /// the commit and the ack (redelivered, for the inbox to skip).
 pub async fn consumer_process(database: &str, filter: &str, group: &str) -> Result<(), String> {
-    let config = BusConfig::load(None).map_err(|e| format!("bus config: {e}"))?;
-    let bus = Bus::connect(&config)
-        .await
-        .map_err(|e| format!("connect {}: {e}", config.backend))?;
+    let bus = bus_from_env().await?;
     let sub = bus
         .subscriber()
         .subscribe(
@@ -133,56 +130,56 @@ impl Database {
     }
 }
 
-/// `(effect rows, distinct messages with an effect, deliveries)`.
-async fn effects(url: &str) -> Result<(i64, i64, i64), String> {
-    const Q: &str = "SELECT (SELECT count(*) FROM effects), \
-        (SELECT count(DISTINCT msg_id) FROM effects), (SELECT count(*) FROM deliveries)";
-    let r = if url.starts_with("sqlite:") {
-        let pool = sqlx::SqlitePool::connect(url).await;
-        match pool {
-            Ok(p) => sqlx::query_as(Q).fetch_one(&p).await,
-            Err(e) => Err(e),
-        }
-    } else {
-        match sqlx::PgPool::connect(url).await {
-            Ok(p) => sqlx::query_as(Q).fetch_one(&p).await,
-            Err(e) => Err(e),
-        }
-    };
-    r.map_err(|e| format!("count effects: {e}"))
+/// The row's own connection to the store, opened once: it creates the tables and counts.
+enum Pool {
+    Postgres(sqlx::PgPool),
+    Sqlite(sqlx::SqlitePool),
 }
 
-/// Create the user's table `effects` (no key: a message applied twice shows as two rows) and
-/// the row's own count of deliveries.
-async fn create_effects(url: &str) -> Result<(), String> {
-    const Q: [&str; 2] = [
-        "CREATE TABLE effects (msg_id TEXT NOT NULL)",
-        "CREATE TABLE deliveries (msg_id TEXT NOT NULL)",
-    ];
-    let r = if url.starts_with("sqlite:") {
-        match sqlx::SqlitePool::connect(url).await {
-            Ok(p) => {
-                let mut r = Ok(());
-                for q in Q {
-                    r = r.and(sqlx::query(q).execute(&p).await.map(|_| ()));
-                }
-                r
-            }
-            Err(e) => Err(e),
-        }
-    } else {
-        match sqlx::PgPool::connect(url).await {
-            Ok(p) => {
-                let mut r = Ok(());
-                for q in Q {
-                    r = r.and(sqlx::query(q).execute(&p).await.map(|_| ()));
-                }
-                r
-            }
-            Err(e) => Err(e),
+/// `$body` with `$p` bound to whichever pool `$pool` holds (the same SQL on both stores).
+macro_rules! with_pool {
+    ($pool:expr, $p:ident => $body:expr) => {
+        match $pool {
+            Pool::Postgres($p) => $body,
+            Pool::Sqlite($p) => $body,
         }
     };
-    r.map_err(|e| format!("create tables: {e}"))
+}
+
+impl Pool {
+    async fn open(url: &str) -> Result<Pool, String> {
+        let pool = if url.starts_with("sqlite:") {
+            sqlx::SqlitePool::connect(url).await.map(Pool::Sqlite)
+        } else {
+            sqlx::PgPool::connect(url).await.map(Pool::Postgres)
+        };
+        pool.map_err(|e| format!("connect the database: {e}"))
+    }
+
+    /// Create the user's table `effects` (no key: a message applied twice shows as two rows),
+    /// the row's own count of deliveries, and the inbox's table.
+    async fn create_tables(&self) -> Result<(), String> {
+        for q in [
+            "CREATE TABLE effects (msg_id TEXT NOT NULL)",
+            "CREATE TABLE deliveries (msg_id TEXT NOT NULL)",
+        ] {
+            with_pool!(self, p => sqlx::query(q).execute(p).await.map(|_| ()))
+                .map_err(|e| format!("create tables: {e}"))?;
+        }
+        let migrated = match self {
+            Pool::Postgres(p) => PgInbox::new(p.clone(), INBOX_CONSUMER).migrate().await,
+            Pool::Sqlite(p) => SqliteInbox::new(p.clone(), INBOX_CONSUMER).migrate().await,
+        };
+        migrated.map_err(|e| format!("migrate the inbox: {e}"))
+    }
+
+    /// `(effect rows, distinct messages with an effect, deliveries)`.
+    async fn counts(&self) -> Result<(i64, i64, i64), String> {
+        const Q: &str = "SELECT (SELECT count(*) FROM effects), \
+            (SELECT count(DISTINCT msg_id) FROM effects), (SELECT count(*) FROM deliveries)";
+        with_pool!(self, p => sqlx::query_as(Q).fetch_one(p).await)
+            .map_err(|e| format!("count effects: {e}"))
+    }
 }
 
 /// `inbox-kill` (PostgreSQL) / `inbox-kill-sqlite`: the consumer process SIGKILLed at random
@@ -210,25 +207,8 @@ pub async fn inbox_kill<T: Target>(t: &mut T, size: Size, store: Store) -> Row {
         },
     };
     let url = db.url();
-    try_setup!(row, create_effects(&url).await);
-    let migrated = if store == Store::Sqlite {
-        match sqlx::SqlitePool::connect(&url).await {
-            Ok(p) => SqliteInbox::new(p, INBOX_CONSUMER).migrate().await,
-            Err(e) => Err(eventbus_core::Error::new(
-                eventbus_core::ErrorKind::Storage,
-                e.to_string(),
-            )),
-        }
-    } else {
-        match sqlx::PgPool::connect(&url).await {
-            Ok(p) => PgInbox::new(p, INBOX_CONSUMER).migrate().await,
-            Err(e) => Err(eventbus_core::Error::new(
-                eventbus_core::ErrorKind::Storage,
-                e.to_string(),
-            )),
-        }
-    };
-    try_setup!(row, migrated.map_err(|e| format!("migrate the inbox: {e}")));
+    let pool = try_setup!(row, Pool::open(&url).await);
+    try_setup!(row, pool.create_tables().await);
     let run = run_id("inbox");
     let (topics, filter) = try_setup!(
         row,
@@ -314,7 +294,7 @@ pub async fn inbox_kill<T: Target>(t: &mut T, size: Size, store: Store) -> Row {
     let until = Instant::now() + Duration::from_secs(90);
     let mut counts = (0, 0, 0);
     while Instant::now() < until {
-        match effects(&url).await {
+        match pool.counts().await {
             Ok(c) => {
                 counts = c;
                 if c.1 as usize >= acked {
@@ -328,7 +308,7 @@ pub async fn inbox_kill<T: Target>(t: &mut T, size: Size, store: Store) -> Row {
     // Late redeliveries of messages already applied must change nothing.
     tokio::time::sleep(Duration::from_secs(3)).await;
     drop(consumer);
-    if let Ok(c) = effects(&url).await {
+    if let Ok(c) = pool.counts().await {
         counts = c;
     }
     let (rows, distinct, deliveries) = (counts.0 as u64, counts.1 as u64, counts.2 as u64);

@@ -39,10 +39,7 @@ pub async fn relay_process(database: &str) -> Result<(), String> {
     let pool = PgPool::connect(database)
         .await
         .map_err(|e| format!("connect PostgreSQL: {e}"))?;
-    let config = BusConfig::load(None).map_err(|e| format!("bus config: {e}"))?;
-    let bus = Bus::connect(&config)
-        .await
-        .map_err(|e| format!("connect {}: {e}", config.backend))?;
+    let bus = bus_from_env().await?;
     let engine = bus
         .publisher()
         .await
@@ -58,6 +55,14 @@ pub async fn relay_process(database: &str) -> Result<(), String> {
     until_stdin_closes().await;
     relay.close(Duration::from_secs(5)).await;
     Ok(())
+}
+
+/// The bus a worker process's `EVENTBUS_*` variables describe, connected.
+pub(super) async fn bus_from_env() -> Result<Bus, String> {
+    let config = BusConfig::load(None).map_err(|e| format!("bus config: {e}"))?;
+    Bus::connect(&config)
+        .await
+        .map_err(|e| format!("connect {}: {e}", config.backend))
 }
 
 /// A child process of this binary (a relay, a consumer): a service on the `eventbus` facade,
