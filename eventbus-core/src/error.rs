@@ -30,6 +30,9 @@ pub enum ErrorKind {
     Contract,
     /// The database of an outbox or inbox failed (connection, query, constraint).
     Storage,
+    /// Another instance with the same transactional identity took over: this one must stop
+    /// (its open transaction is aborted by the broker and never becomes visible).
+    Fenced,
     /// Anything else.
     Other,
 }
@@ -48,6 +51,7 @@ impl fmt::Display for ErrorKind {
             ErrorKind::Closed => "closed",
             ErrorKind::Contract => "backend contract violation",
             ErrorKind::Storage => "storage error",
+            ErrorKind::Fenced => "fenced by a newer instance",
             ErrorKind::Other => "error",
         })
     }

@@ -6,6 +6,7 @@ mod headers;
 mod rules;
 mod sink;
 mod subscriber;
+mod txn;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,6 +20,7 @@ pub use config::{ENV_VARS, KafkaConfig};
 pub use rules::TOPIC_RULES;
 pub use sink::{ID_HEADER, KafkaSink};
 pub use subscriber::KafkaSubscriber;
+pub use txn::{TxnProcessor, TxnSpec, TxnStats};
 
 impl eventbus_core::ops::HealthCheck for KafkaBackend {
     /// Up when the cluster answers a metadata request within `timeout`.
@@ -278,6 +280,13 @@ impl KafkaBackend {
             config: self.config.clone(),
             lag_readers: self.lag_readers.clone(),
         }
+    }
+
+    /// A consume-transform-produce processor whose outputs and input offsets commit in one
+    /// Kafka transaction per batch ([`TxnProcessor`]): it joins the group, subscribes and
+    /// registers its transactional id (fencing an older instance with the same id).
+    pub async fn transactional(&self, spec: TxnSpec) -> Result<TxnProcessor, Error> {
+        TxnProcessor::start(&self.config, spec).await
     }
 
     /// The configuration.
