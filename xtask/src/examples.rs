@@ -38,23 +38,31 @@ pub(crate) fn examples() -> Result {
     for (backend, var, address) in &backends {
         let env = [("EVENTBUS_BACKEND", *backend), (*var, address.as_str())];
         for name in TO_COMPLETION {
-            let started = Instant::now();
-            let mut child = spawn(&bins, name, &env)?;
-            let out = Lines::of(&mut child);
-            let status = wait(&mut child, Duration::from_secs(180))?;
-            let text = out.rest(Duration::from_secs(5));
-            if !status {
-                return Err(format!("example {name} on {backend} failed:\n{text}"));
-            }
-            eprintln!(
-                "==> example {name} on {backend}: ok in {:.1?}\n{}",
-                started.elapsed(),
-                indent(&text)
-            );
+            to_completion(&bins, name, backend, &env)?;
         }
         graceful_shutdown(&bins, backend, &env)?;
         health_http(&bins, backend, &env)?;
     }
+    // NATS in, Kafka out.
+    let both: Vec<(&str, &str)> = backends.iter().map(|(_, v, a)| (*v, a.as_str())).collect();
+    to_completion(&bins, "pipeline", "nats and kafka", &both)
+}
+
+/// Run example `name` until it exits; it must exit 0.
+fn to_completion(bins: &Bins, name: &str, backend: &str, env: &[(&str, &str)]) -> Result {
+    let started = Instant::now();
+    let mut child = spawn(bins, name, env)?;
+    let out = Lines::of(&mut child);
+    let status = wait(&mut child, Duration::from_secs(180))?;
+    let text = out.rest(Duration::from_secs(5));
+    if !status {
+        return Err(format!("example {name} on {backend} failed:\n{text}"));
+    }
+    eprintln!(
+        "==> example {name} on {backend}: ok in {:.1?}\n{}",
+        started.elapsed(),
+        indent(&text)
+    );
     Ok(())
 }
 
