@@ -33,7 +33,8 @@ struct Args {
     /// PostgreSQL publishing through the `eventbus` facade while a relay, PostgreSQL and the
     /// broker are killed), outbox-db-pause (PostgreSQL SIGSTOPped), inbox-kill and
     /// inbox-kill-sqlite (a consumer process using the inbox SIGKILLed at random points, many
-    /// times: every message applied exactly once), and on nats-cluster only stepdown, kill-connected (kill the node the
+    /// times: every message applied exactly once), inbox-db-restart (PostgreSQL SIGKILLed and
+    /// restarted under the running inbox consumer), and on nats-cluster only stepdown, kill-connected (kill the node the
     /// client is attached to), consume-kill-connected (kill the node the live consumer is
     /// attached to), consume-partition (the live consumer while the stream leader is cut
     /// off), rolling-restart and partition (the stream leader cut off from the other two by
@@ -79,15 +80,16 @@ const NATS_CLUSTER_ONLY: [&str; 6] = [
 
 /// Scenarios that run on the single brokers (`nats`, `kafka`) only (the outbox: PostgreSQL and
 /// a broker together).
-const SINGLE_ONLY: [&str; 5] = [
+const SINGLE_ONLY: [&str; 6] = [
     "outbox",
     "outbox-broker",
     "outbox-db-pause",
     "inbox-kill",
     "inbox-kill-sqlite",
+    "inbox-db-restart",
 ];
 
-const ALL: [&str; 23] = [
+const ALL: [&str; 24] = [
     "kill-restart",
     "consume-kill",
     "consume-blackhole",
@@ -105,6 +107,7 @@ const ALL: [&str; 23] = [
     "outbox-db-pause",
     "inbox-kill",
     "inbox-kill-sqlite",
+    "inbox-db-restart",
     "stepdown",
     "kill-connected",
     "consume-kill-connected",
@@ -165,8 +168,18 @@ async fn run_on<T: Target>(t: &mut T, s: &str, size: Size) -> Row {
         "outbox" => scenario::outbox(t, size).await,
         "outbox-broker" => scenario::outbox_broker(t, size).await,
         "outbox-db-pause" => scenario::outbox_db_pause(t, size).await,
-        "inbox-kill" => scenario::inbox_kill(t, size, scenario::Store::Postgres).await,
-        "inbox-kill-sqlite" => scenario::inbox_kill(t, size, scenario::Store::Sqlite).await,
+        "inbox-kill" => {
+            let fault = scenario::InboxFault::KillConsumer;
+            scenario::inbox_kill(t, size, scenario::Store::Postgres, fault).await
+        }
+        "inbox-kill-sqlite" => {
+            let fault = scenario::InboxFault::KillConsumer;
+            scenario::inbox_kill(t, size, scenario::Store::Sqlite, fault).await
+        }
+        "inbox-db-restart" => {
+            let fault = scenario::InboxFault::RestartDatabase;
+            scenario::inbox_kill(t, size, scenario::Store::Postgres, fault).await
+        }
         other => unreachable!("scenario {other}"),
     }
 }

@@ -248,7 +248,7 @@ pub use consumer::consume_partition;
 mod inbox;
 mod outbox;
 pub use consumer::{ConsumerFigures, Fault, Reader, consume_blackhole, consume_kill};
-pub use inbox::{INBOX_COMMAND, Store, consumer_process, inbox_kill};
+pub use inbox::{INBOX_COMMAND, InboxFault, Store, consumer_process, inbox_kill};
 pub use outbox::{RELAY_COMMAND, outbox, outbox_broker, outbox_db_pause, relay_process};
 
 /// Broker killed (-9) and restarted twice on the same store while 5 producers publish

@@ -182,15 +182,26 @@ impl Pool {
     }
 }
 
+/// What an inbox row does to the consumer's world.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum InboxFault {
+    /// SIGKILL the consumer process at random points and start it again.
+    KillConsumer,
+    /// SIGKILL PostgreSQL under load and start it again; the consumer process lives on.
+    RestartDatabase,
+}
+
 /// `inbox-kill` (PostgreSQL) / `inbox-kill-sqlite`: the consumer process SIGKILLed at random
-/// points while messages are published, and restarted each time.
-pub async fn inbox_kill<T: Target>(t: &mut T, size: Size, store: Store) -> Row {
-    let (name, db_name) = match store {
-        Store::Postgres => ("inbox-kill", "postgres"),
-        Store::Sqlite => ("inbox-kill-sqlite", "sqlite"),
+/// points while messages are published, and restarted each time. `inbox-db-restart`: the
+/// database SIGKILLed and restarted instead, twice (quick) or five times.
+pub async fn inbox_kill<T: Target>(t: &mut T, size: Size, store: Store, fault: InboxFault) -> Row {
+    let (name, db_name) = match (store, fault) {
+        (Store::Postgres, InboxFault::KillConsumer) => ("inbox-kill", "postgres"),
+        (Store::Postgres, InboxFault::RestartDatabase) => ("inbox-db-restart", "postgres"),
+        (Store::Sqlite, _) => ("inbox-kill-sqlite", "sqlite"),
     };
     let mut row = Row::new(name, &format!("{}+{db_name}", t.name()));
-    let db = match store {
+    let mut db = match store {
         Store::Postgres => match blocking(Postgres::start).await {
             Ok(pg) => Database::Postgres(pg),
             Err(e) => {
@@ -265,11 +276,33 @@ pub async fn inbox_kill<T: Target>(t: &mut T, size: Size, store: Store) -> Row {
         let _ = publisher.close(Duration::from_secs(5)).await;
         Ok(acked)
     });
-    // SIGKILL the consumer at random points while messages are published and handled.
-    let kills = if size.quick { 6 } else { 20 };
+    // SIGKILL the consumer (or the database) at random points while messages are published
+    // and handled.
+    let kills = match (fault, size.quick) {
+        (InboxFault::KillConsumer, true) => 6,
+        (InboxFault::KillConsumer, false) => 20,
+        (InboxFault::RestartDatabase, true) => 2,
+        (InboxFault::RestartDatabase, false) => 5,
+    };
+    let mut downtimes = Vec::new();
     for start in 1..=kills {
         let wait = rand::rng().random_range(200..900);
         tokio::time::sleep(Duration::from_millis(wait)).await;
+        if let (InboxFault::RestartDatabase, Database::Postgres(pg)) = (fault, &mut db) {
+            let down = Instant::now();
+            let restarted = blocking(|| {
+                pg.kill();
+                std::thread::sleep(Duration::from_millis(300));
+                pg.restart()
+            })
+            .await;
+            if let Err(e) = restarted {
+                row.failures.push(format!("restart PostgreSQL: {e}"));
+                return row;
+            }
+            downtimes.push(down.elapsed().as_millis());
+            continue;
+        }
         consumer.kill();
         consumer = match spawn(start) {
             Ok(c) => c,
@@ -317,9 +350,21 @@ pub async fn inbox_kill<T: Target>(t: &mut T, size: Size, store: Store) -> Row {
     row.figures.stored = distinct;
     row.figures.lost = (acked as u64).saturating_sub(distinct);
     row.figures.duplicates = rows.saturating_sub(distinct);
+    let what = match fault {
+        InboxFault::KillConsumer => format!(
+            "the consumer process SIGKILLed {kills} times at random 200-900 ms intervals and restarted ({})",
+            if churn_safe {
+                "in its group"
+            } else {
+                "each time in a new group, reading from the start: the broker's groups do not survive the kills"
+            }
+        ),
+        InboxFault::RestartDatabase => format!(
+            "PostgreSQL SIGKILLed {kills} times at random 200-900 ms intervals under the running consumer, back after {downtimes:?} ms"
+        ),
+    };
     row.notes.push(format!(
-        "{n} messages published ({acked} acked), the consumer process SIGKILLed {kills} times at random 200-900 ms intervals and restarted ({}); effects: {distinct} messages applied, {rows} rows; {deliveries} deliveries ({} more than messages: redeliveries the inbox let through at most once)",
-        if churn_safe { "in its group" } else { "each time in a new group, reading from the start: the broker's groups do not survive the kills" },
+        "{n} messages published ({acked} acked), {what}; effects: {distinct} messages applied, {rows} rows; {deliveries} deliveries ({} more than messages: redeliveries the inbox let through at most once)",
         deliveries.saturating_sub(n as u64)
     ));
     row.require(acked == n, format!("{} publishes not acked", n - acked));
