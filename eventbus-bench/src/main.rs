@@ -20,6 +20,8 @@ mod chart;
 #[cfg(feature = "nats")]
 mod dedup;
 mod drive;
+#[cfg(all(feature = "nats", feature = "kafka"))]
+mod exactly_once;
 #[cfg(feature = "kafka")]
 mod kafka;
 mod mode;
@@ -105,6 +107,11 @@ pub(crate) struct Args {
     /// transactions/s with LISTEN/NOTIFY and with polling: writes outbox.md.
     #[arg(long)]
     pub outbox_study: bool,
+    /// Measure what exactly-once costs beside at-least-once: the inbox on PostgreSQL and
+    /// SQLite behind a NATS consumer, Kafka transactions on librdkafka's mock cluster: writes
+    /// exactly-once.md.
+    #[arg(long)]
+    pub exactly_once_study: bool,
     /// Seconds of publishing per window in `--dedup-study`.
     #[arg(long, default_value_t = 150)]
     pub study_secs: u64,
@@ -266,6 +273,10 @@ async fn run(args: Args) -> Result<bool, String> {
     #[cfg(feature = "nats")]
     if args.outbox_study {
         return outbox::study(&args).await;
+    }
+    #[cfg(all(feature = "nats", feature = "kafka"))]
+    if args.exactly_once_study {
+        return exactly_once::study(&args).await;
     }
     if let Some(path) = &args.from_json {
         return rerender(&args, path);

@@ -33,7 +33,7 @@ use eventbus_core::handler::HandlerError;
 use eventbus_core::{Error, ErrorKind, Message, Position, Topic, dead_letter, validate};
 use rdkafka::consumer::{Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode as C};
-use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
 use crate::error::{err, other};
@@ -202,6 +202,8 @@ struct Progress {
     produced: u64,
     consumed: u64,
     dead_lettered: u64,
+    /// The delivery reports of the outputs sent in the transaction.
+    deliveries: Vec<DeliveryFuture>,
 }
 
 /// How a batch ended.
@@ -242,9 +244,11 @@ enum Ended {
 /// ```
 pub struct TxnProcessor {
     consumer: Arc<StreamConsumer<Ctx>>,
-    producer: Arc<ThreadedProducer<DefaultProducerContext>>,
+    producer: Arc<FutureProducer>,
     spec: TxnSpec,
     stats: TxnStats,
+    /// The counts after each commit or abort, for [`TxnProcessor::progress`].
+    progress: tokio::sync::watch::Sender<TxnStats>,
     /// The record whose handler failed last, and how many times in a row.
     failing: Option<((String, i32, i64), u32)>,
 }
@@ -338,13 +342,16 @@ impl TxnProcessor {
             .subscribe(&topics)
             .map_err(|e| other("subscribe", e))?;
         let mut pc = config.producer_config();
+        // The batch is the unit of batching here: its outputs are sent as they come and waited
+        // for before the commit, so a longer linger only delays every commit.
         pc.set("enable.idempotence", "true")
+            .set("linger.ms", "1")
             .set("transactional.id", &spec.transactional_id)
             .set(
                 "transaction.timeout.ms",
                 spec.transaction_timeout.as_millis().to_string(),
             );
-        let producer: ThreadedProducer<DefaultProducerContext> = pc
+        let producer: FutureProducer = pc
             .create()
             .map_err(|e| other("transactional producer", e))?;
         let producer = Arc::new(producer);
@@ -357,8 +364,15 @@ impl TxnProcessor {
             producer,
             spec,
             stats: TxnStats::default(),
+            progress: tokio::sync::watch::Sender::new(TxnStats::default()),
             failing: None,
         })
+    }
+
+    /// The counts so far, updated as each transaction commits or aborts: wait on it to know
+    /// when given input has been committed, or export it as metrics.
+    pub fn progress(&self) -> tokio::sync::watch::Receiver<TxnStats> {
+        self.progress.subscribe()
     }
 
     /// Consume, call `handler` for each record and commit its outputs with the input offsets,
@@ -402,7 +416,7 @@ impl TxnProcessor {
                     return Err(e);
                 }
             };
-            let committed = self.commit(&progress).await?;
+            let committed = self.commit(&mut progress).await?;
             if committed && matches!(ended, Ended::Done) {
                 backoff = Duration::from_millis(100);
                 continue;
@@ -482,7 +496,10 @@ impl TxnProcessor {
         for r in batch {
             let tp = (r.topic.clone(), r.partition);
             let failure = match handler(r.message.clone()).await {
-                Ok(outputs) => match self.send_all(&outputs, &mut scratch).await {
+                Ok(outputs) => match self
+                    .send_all(&outputs, &mut scratch, &mut progress.deliveries)
+                    .await
+                {
                     Ok(()) => {
                         progress.produced += outputs.len() as u64;
                         None
@@ -511,7 +528,8 @@ impl TxnProcessor {
                     tracing::debug!(topic = %r.topic, partition = r.partition, offset = r.offset, attempts, error = %e, "handler failed; retrying");
                     return Ok(Ended::Retry);
                 }
-                self.dead_letter(r, attempts, &e, &mut scratch).await?;
+                self.dead_letter(r, attempts, &e, &mut scratch, &mut progress.deliveries)
+                    .await?;
                 progress.dead_lettered += 1;
             }
             self.failing = None;
@@ -527,6 +545,7 @@ impl TxnProcessor {
         attempts: u32,
         e: &HandlerError,
         scratch: &mut String,
+        deliveries: &mut Vec<DeliveryFuture>,
     ) -> Result<(), Error> {
         let Some(to) = &self.spec.dead_letter else {
             return Err(err(
@@ -544,17 +563,23 @@ impl TxnProcessor {
         };
         let letter = dead_letter::message(&r.message, to, &position, attempts, &e.to_string());
         metrics::counter!("eventbus_kafka_txn_dead_lettered_total").increment(1);
-        self.send_all(std::slice::from_ref(&letter), scratch).await
+        self.send_all(std::slice::from_ref(&letter), scratch, deliveries)
+            .await
     }
 
     /// Queue `outputs` in the open transaction; librdkafka delivers them before the commit.
-    async fn send_all(&self, outputs: &[Message], scratch: &mut String) -> Result<(), Error> {
+    async fn send_all(
+        &self,
+        outputs: &[Message],
+        scratch: &mut String,
+        deliveries: &mut Vec<DeliveryFuture>,
+    ) -> Result<(), Error> {
         for m in outputs {
             validate::topic(m.topic().as_str(), &crate::TOPIC_RULES)?;
             m.headers().validate()?;
             let headers = crate::headers::encode(m.id(), m.headers(), true, scratch);
-            let mut record: BaseRecord<'_, [u8], [u8]> =
-                BaseRecord::to(m.topic().as_str()).payload(m.payload().as_ref());
+            let mut record: FutureRecord<'_, [u8], [u8]> =
+                FutureRecord::to(m.topic().as_str()).payload(m.payload().as_ref());
             if let Some(k) = m.key() {
                 record = record.key(k.as_ref());
             }
@@ -562,8 +587,11 @@ impl TxnProcessor {
                 record = record.headers(h);
             }
             loop {
-                match self.producer.send(record) {
-                    Ok(()) => break,
+                match self.producer.send_result(record) {
+                    Ok(delivery) => {
+                        deliveries.push(delivery);
+                        break;
+                    }
                     Err((e, r)) if e.rdkafka_error_code() == Some(C::QueueFull) => {
                         record = r;
                         tokio::time::sleep(Duration::from_millis(2)).await;
@@ -587,7 +615,7 @@ impl TxnProcessor {
 
     /// Commit the handled prefix with its offsets; abort when there is none or the partitions
     /// were revoked since the batch was read. `Ok(true)` when committed.
-    async fn commit(&mut self, progress: &Progress) -> Result<bool, Error> {
+    async fn commit(&mut self, progress: &mut Progress) -> Result<bool, Error> {
         let revoked = {
             let r = self.consumer.context().revoked.lock();
             progress.first.keys().any(|tp| r.touches(tp))
@@ -606,8 +634,25 @@ impl TxnProcessor {
             self.abort().await?;
             return Ok(false);
         };
+        // Wait for the outputs' delivery reports here, asynchronously: librdkafka's commit
+        // flushes first, and rust-rdkafka's flush waits in steps of up to 100 ms while another
+        // thread serves the reports (~100 ms per transaction). A failed delivery fails the
+        // commit below.
+        let deliveries = std::mem::take(&mut progress.deliveries);
+        let reports = async {
+            for d in deliveries {
+                let _ = d.await;
+            }
+        };
+        let _ = tokio::time::timeout(CALL_TIMEOUT, reports).await;
         let p = Arc::clone(&self.producer);
         let result = blocking(move || {
+            // A report resolves its future a moment before librdkafka forgets the message; a
+            // commit in that moment would poll for 100 ms (see above). Wait it out here.
+            let settled = std::time::Instant::now() + CALL_TIMEOUT;
+            while p.in_flight_count() > 0 && std::time::Instant::now() < settled {
+                std::thread::sleep(Duration::from_micros(100));
+            }
             p.send_offsets_to_transaction(&offsets, &group, CALL_TIMEOUT)?;
             // A retriable failure (a timeout) leaves the commit in progress: ask again.
             let mut tries = 0;
@@ -627,6 +672,7 @@ impl TxnProcessor {
                 self.stats.dead_lettered += progress.dead_lettered;
                 metrics::counter!("eventbus_kafka_txn_committed_total").increment(1);
                 metrics::counter!("eventbus_kafka_txn_consumed_total").increment(progress.consumed);
+                self.progress.send_replace(self.stats);
                 Ok(true)
             }
             Err(e) => {
@@ -648,6 +694,7 @@ impl TxnProcessor {
             .map_err(|e| txn_error("abort transaction", e).0)?;
         self.stats.aborted += 1;
         metrics::counter!("eventbus_kafka_txn_aborted_total").increment(1);
+        self.progress.send_replace(self.stats);
         Ok(())
     }
 

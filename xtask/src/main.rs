@@ -140,23 +140,19 @@ fn bench(extra: &[String]) -> Result {
         .args(extra);
     broker_env(&mut c);
     run(c)?;
-    // The whole bench also measures the outbox (PostgreSQL and SQLite relaying to NATS).
+    // The whole bench also measures the outbox (PostgreSQL and SQLite relaying to NATS) and
+    // what exactly-once costs (the inbox; Kafka transactions on librdkafka's mock cluster).
     let whole = extra.iter().all(|a| a == "--quick" || a == "--full");
     if whole {
-        let mut c = cargo();
-        c.args([
-            "run",
-            "--release",
-            "-p",
-            "eventbus-bench",
-            "--",
-            "--outbox-study",
-        ]);
-        if extra.iter().any(|a| a == "--quick") {
-            c.arg("--quick");
+        for study in ["--outbox-study", "--exactly-once-study"] {
+            let mut c = cargo();
+            c.args(["run", "--release", "-p", "eventbus-bench", "--", study]);
+            if extra.iter().any(|a| a == "--quick") {
+                c.arg("--quick");
+            }
+            broker_env(&mut c);
+            run(c)?;
         }
-        broker_env(&mut c);
-        run(c)?;
     }
     Ok(())
 }
