@@ -178,6 +178,17 @@ struct Stat {
     window: usize,
     messages: usize,
     verified: bool,
+    /// Median CPU of the bench process per message (user + system), in microseconds.
+    cpu_us: f64,
+    /// Median CPU of the broker process per message, in microseconds; 0 when the bench did
+    /// not start the broker (or it is in-process).
+    broker_us: f64,
+}
+
+/// The median of `v`.
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
 }
 
 fn stat(rs: &[&Record]) -> Stat {
@@ -197,7 +208,18 @@ fn stat(rs: &[&Record]) -> Stat {
         window: rs[0].window,
         messages: rs[0].messages,
         verified: rs.iter().all(|r| r.verified),
+        cpu_us: median(rs.iter().map(|r| per_message(r.cpu_secs, r)).collect()),
+        broker_us: median(
+            rs.iter()
+                .map(|r| per_message(r.broker_cpu_secs, r))
+                .collect(),
+        ),
     }
+}
+
+/// CPU seconds of a run, per message, in microseconds.
+fn per_message(secs: f64, r: &Record) -> f64 {
+    secs * 1e6 / r.messages.max(1) as f64
 }
 
 impl Record {
@@ -435,8 +457,74 @@ fn tables(args: &Args, machine: &str, table: &Table) -> String {
         publish_table(&mut md, args, (backend, storage), rows, &cols);
     }
     drains(&mut md, table);
+    costs(&mut md, table);
     seed_layout(&mut md, table);
     md
+}
+
+/// CPU per message of the bench process and of the broker, and peak RSS: the SDK beside the
+/// raw client with ids (publish, end to end) or the raw consumer (drain), against #31's goals.
+fn costs(md: &mut String, table: &Table) {
+    let mut lines = Vec::new();
+    for ((backend, storage), rows) in table {
+        for sc in ORDER {
+            for me in MEASURES {
+                let Some(m) = rows.get(&(sc.to_owned(), me.to_owned())) else {
+                    continue;
+                };
+                let (sdk, raw) = if me == "drain" {
+                    (m.get("drain-sdk"), m.get("drain-raw"))
+                } else {
+                    (m.get("sdk"), m.get("raw-dedup"))
+                };
+                let (Some(sdk), Some(raw)) = (sdk, raw) else {
+                    continue;
+                };
+                // Below 10,000 messages a 10 ms tick is 1 us/msg or more: too coarse.
+                if sdk.messages < 10_000 {
+                    continue;
+                }
+                let us = |x: f64| format!("{x:.1}");
+                let versus = |a: f64, b: f64, goal: f64| {
+                    if b <= 0.0 {
+                        return "-".to_owned();
+                    }
+                    let r = a / b;
+                    format!("{r:.2}x{}", if r <= goal { "" } else { " (**over**)" })
+                };
+                let mib = |s: &Stat| s.rss as f64 / f64::from(1 << 20);
+                lines.push(format!(
+                    "| {backend} / {storage} | {sc} | {me} | {} | {} | {} | {} | {} | {} | {:.0} / {:.0} |",
+                    us(sdk.cpu_us),
+                    us(raw.cpu_us),
+                    versus(sdk.cpu_us, raw.cpu_us, 0.75),
+                    if sdk.broker_us > 0.0 { us(sdk.broker_us) } else { "-".into() },
+                    if raw.broker_us > 0.0 { us(raw.broker_us) } else { "-".into() },
+                    versus(sdk.broker_us, raw.broker_us, 1.0),
+                    mib(sdk),
+                    mib(raw),
+                ));
+            }
+        }
+    }
+    if lines.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        md,
+        "### Cost per message: CPU and memory, SDK beside the raw client\n\n\
+         Client: user + system CPU of the bench process over the run, per message (from \
+         /proc, 10 ms ticks: at 20,000 messages one tick is 0.5 us/msg). Broker: the same for \
+         the broker process the bench started. Raw: the client with ids (publish, end to end; \
+         its best window) or the raw consumer (drain). Goals: the SDK's client CPU <= 0.75x \
+         raw's, broker CPU <= 1.00x raw's. Peak RSS is the whole bench process's.\n\n\
+         | backend / storage | scenario | measure | client us/msg sdk | raw | sdk/raw (goal <= 0.75x) | broker us/msg sdk | raw | sdk/raw (goal <= 1.00x) | peak RSS MiB sdk / raw |\n\
+         |---|---|---|---|---|---|---|---|---|---|"
+    );
+    for l in lines {
+        let _ = writeln!(md, "{l}");
+    }
+    let _ = writeln!(md);
 }
 
 /// One (backend, storage) section's publish table: a row per (scenario, measure) published,

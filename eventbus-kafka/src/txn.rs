@@ -7,19 +7,24 @@
 //! (librdkafka's default, and every eventbus subscriber's) see each batch's outputs once or not
 //! at all, whatever happens to the processor.
 //!
-//! - **A failed commit** (a broker error, a rebalance during the batch) aborts the transaction
-//!   and rewinds every partition of the batch to its committed offset; the batch is read and
-//!   handled again.
+//! - **A transaction that cannot commit** (a broker error, an output the broker refused, a
+//!   rebalance during the batch) is aborted, the batch's partitions are rewound to their
+//!   committed offsets, and the batch is read and handled again after a back-off.
 //! - **A handler error** commits the batch's handled prefix, rewinds the rest and retries the
-//!   failed record after a back-off. A [`HandlerError::permanent`] error, or
-//!   [`TxnSpec::max_attempts`] failures of one record, moves the record to the
-//!   [`TxnSpec::dead_letter`] topic **inside** the transaction (the same headers as the
-//!   subscriber's dead letters); without a dead-letter topic [`TxnProcessor::run`] returns the
-//!   error, so a poison record stops the processor instead of being skipped.
+//!   failed record after a back-off. A [`HandlerError::permanent`] error, an output that can
+//!   never be sent (an invalid topic, too large), or [`TxnSpec::max_attempts`] failures of one
+//!   record (its handler, or the broker refusing its outputs) moves the record to the
+//!   [`TxnSpec::dead_letter`] topic **inside** the transaction (the subscriber's dead-letter
+//!   headers), without any of its outputs. Without a dead-letter topic [`TxnProcessor::run`]
+//!   aborts the batch and returns the error: a poison record stops the processor instead of
+//!   being skipped.
 //! - **A zombie cannot write**: a second processor with the same transactional id fences the
-//!   first (its open transaction is aborted by the broker and its next commit fails with
+//!   first (its open transaction is aborted by the broker and its next call fails with
 //!   [`ErrorKind::Fenced`]). Give each processor instance a stable id of its own (`orders-0`,
 //!   `orders-1`, ... or the pod name); the group spreads the partitions over the instances.
+//! - **Long batches commit early**: once a batch has run for half the transaction timeout, its
+//!   handled prefix commits and the rest is read again, so a slow handler never lets the broker
+//!   time the transaction out (which would fence the processor).
 //!
 //! The handler's effects outside Kafka are not part of the transaction: for a database, use the
 //! inbox of `eventbus-outbox` instead.
@@ -27,10 +32,10 @@
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use eventbus_core::handler::HandlerError;
-use eventbus_core::{Error, ErrorKind, Message, Position, Topic, dead_letter, validate};
+use eventbus_core::{Error, ErrorKind, Message, Outcome, Position, Topic, dead_letter, validate};
 use rdkafka::consumer::{Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode as C};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
@@ -142,24 +147,10 @@ pub struct TxnStats {
 }
 
 /// Remembers the partitions revoked since the current batch began to be read: a batch that
-/// holds one is never committed (its next owner reads it from the committed offset), and only
-/// the others are rewound.
+/// holds one is never committed (its next owner reads it from the committed offset).
 #[derive(Default)]
 struct Ctx {
-    revoked: parking_lot::Mutex<Revoked>,
-}
-
-#[derive(Default)]
-struct Revoked {
-    partitions: std::collections::HashSet<(String, i32)>,
-    /// A rebalance error: the assignment is unknown.
-    all: bool,
-}
-
-impl Revoked {
-    fn touches(&self, tp: &(String, i32)) -> bool {
-        self.all || self.partitions.contains(tp)
-    }
+    revoked: parking_lot::Mutex<std::collections::HashSet<(String, i32)>>,
 }
 
 impl ClientContext for Ctx {
@@ -170,17 +161,11 @@ impl ClientContext for Ctx {
 
 impl ConsumerContext for Ctx {
     fn pre_rebalance(&self, _: &rdkafka::consumer::BaseConsumer<Self>, r: &Rebalance<'_>) {
-        let mut revoked = self.revoked.lock();
-        match r {
-            Rebalance::Revoke(tpl) => {
-                for e in tpl.elements() {
-                    revoked
-                        .partitions
-                        .insert((e.topic().to_owned(), e.partition()));
-                }
+        if let Rebalance::Revoke(tpl) = r {
+            let mut revoked = self.revoked.lock();
+            for e in tpl.elements() {
+                revoked.insert((e.topic().to_owned(), e.partition()));
             }
-            Rebalance::Error(_) => revoked.all = true,
-            Rebalance::Assign(_) => {}
         }
     }
 }
@@ -193,8 +178,14 @@ struct Read {
     message: Message,
 }
 
+impl Read {
+    fn key(&self) -> (String, i32, i64) {
+        (self.topic.clone(), self.partition, self.offset)
+    }
+}
+
 /// The transaction state of one batch: per partition, its first offset in the batch and the
-/// offset after its handled prefix.
+/// offset after its handled prefix; the delivery report of each output, by record index.
 #[derive(Default)]
 struct Progress {
     first: BTreeMap<(String, i32), i64>,
@@ -202,16 +193,43 @@ struct Progress {
     produced: u64,
     consumed: u64,
     dead_lettered: u64,
-    /// The delivery reports of the outputs sent in the transaction.
-    deliveries: Vec<DeliveryFuture>,
+    deliveries: Vec<(usize, DeliveryFuture)>,
 }
 
-/// How a batch ended.
+/// How a batch's handling ended.
 enum Ended {
     /// Every record handled.
     Done,
+    /// The batch ran for half the transaction timeout: commit the prefix, read the rest again.
+    Early,
     /// A record failed transiently: commit the prefix, rewind the rest, back off.
     Retry,
+    /// The transaction cannot commit (librdkafka refused an output for the batch's sake):
+    /// abort, rewind, back off.
+    Abort,
+}
+
+/// What a transaction call's failure means for the processor.
+enum Failure {
+    /// Nothing can go on: fenced, fatal, or the broker lacks transactions.
+    Stop(Error),
+    /// The transaction must be aborted; the batch can be handled again.
+    Abort(Error),
+    /// The call may succeed if made again.
+    Again(Error),
+}
+
+/// The record whose handling failed last, how many times in a row, and why.
+struct Failing {
+    key: (String, i32, i64),
+    attempts: u32,
+    reason: String,
+}
+
+/// The librdkafka clients; dropped off the async workers (closing them blocks).
+struct Clients {
+    consumer: Arc<StreamConsumer<Ctx>>,
+    producer: Arc<FutureProducer>,
 }
 
 /// A consume-transform-produce loop whose outputs and input offsets commit in one Kafka
@@ -243,14 +261,15 @@ enum Ended {
 /// # Ok(()) }
 /// ```
 pub struct TxnProcessor {
-    consumer: Arc<StreamConsumer<Ctx>>,
-    producer: Arc<FutureProducer>,
+    /// `None` once closed.
+    clients: Option<Clients>,
     spec: TxnSpec,
+    /// Largest output accepted (librdkafka's `message.max.bytes` less record overhead).
+    max_output_bytes: usize,
     stats: TxnStats,
     /// The counts after each commit or abort, for [`TxnProcessor::progress`].
     progress: tokio::sync::watch::Sender<TxnStats>,
-    /// The record whose handler failed last, and how many times in a row.
-    failing: Option<((String, i32, i64), u32)>,
+    failing: Option<Failing>,
 }
 
 impl std::fmt::Debug for TxnProcessor {
@@ -262,8 +281,24 @@ impl std::fmt::Debug for TxnProcessor {
     }
 }
 
+impl Drop for TxnProcessor {
+    /// A processor dropped without finishing `run` (its future cancelled, or never run) closes
+    /// its clients on a blocking thread: leaving the group waits for the coordinator.
+    fn drop(&mut self) {
+        if let Some(c) = self.clients.take() {
+            match tokio::runtime::Handle::try_current() {
+                Ok(rt) => drop(rt.spawn_blocking(move || drop(c))),
+                Err(_) => drop(c),
+            }
+        }
+    }
+}
+
 /// How long a transaction call may block before it counts as a timeout.
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Longest back-off after a failed batch.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 /// Run a blocking librdkafka call off the async workers.
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
@@ -272,20 +307,20 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
         .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
 }
 
-/// Whether `code` says another instance took over the transactional id.
-fn is_fenced(code: Option<C>) -> bool {
-    matches!(
-        code,
-        Some(C::Fenced | C::ProducerFenced | C::InvalidProducerEpoch | C::FencedInstanceId)
-    )
-}
-
 /// The producer failed for good (librdkafka's fatal error `code`).
 fn fatal(what: &'static str, code: C) -> Error {
-    if is_fenced(Some(code)) {
+    // librdkafka reports PRODUCER_FENCED and INVALID_PRODUCER_EPOCH from the coordinator as
+    // `__FENCED`; a transaction the broker timed out bumps the epoch and ends the same way.
+    if matches!(
+        code,
+        C::Fenced | C::ProducerFenced | C::InvalidProducerEpoch
+    ) {
         return err(
             ErrorKind::Fenced,
-            format!("{what}: another instance with this transactional id took over"),
+            format!(
+                "{what}: fenced (another instance with this transactional id took over, or the \
+                 broker timed the transaction out)"
+            ),
         )
         .permanent();
     }
@@ -296,26 +331,30 @@ fn fatal(what: &'static str, code: C) -> Error {
     .permanent()
 }
 
-/// A transaction call's error, typed, and whether aborting and going again can help.
-fn txn_error(what: &'static str, e: KafkaError) -> (Error, bool) {
-    let (is_fatal, abortable) = match &e {
-        KafkaError::Transaction(t) => (t.is_fatal(), t.txn_requires_abort()),
-        _ => (false, true),
-    };
+/// Classify a transaction call's error.
+fn failure(what: &'static str, e: KafkaError) -> Failure {
     let code = e.rdkafka_error_code();
     if code == Some(C::UnsupportedFeature) {
-        let e = err(
-            ErrorKind::Rejected,
-            format!("{what}: the broker does not implement Kafka transactions (KIP-98)"),
+        return Failure::Stop(
+            err(
+                ErrorKind::Rejected,
+                format!("{what}: the broker does not implement Kafka transactions (KIP-98)"),
+            )
+            .permanent(),
         );
-        return (e.permanent(), false);
     }
-    if is_fenced(code) || (is_fatal && code.is_some()) {
-        return (fatal(what, code.unwrap_or(C::Fatal)), false);
+    let (is_fatal, needs_abort, retriable) = match &e {
+        KafkaError::Transaction(t) => (t.is_fatal(), t.txn_requires_abort(), t.is_retriable()),
+        // rust-rdkafka's flush before a commit timed out: the commit can be made again.
+        KafkaError::Flush(_) => (false, false, true),
+        _ => (false, false, false),
+    };
+    if is_fatal || matches!(code, Some(C::Fenced)) {
+        return Failure::Stop(fatal(what, code.unwrap_or(C::Fatal)));
     }
     // The code in the text: transaction failures are told apart by it.
     let base = other(what, e.clone());
-    let mut error = err(
+    let error = err(
         base.kind(),
         format!(
             "{what} ({})",
@@ -323,10 +362,19 @@ fn txn_error(what: &'static str, e: KafkaError) -> (Error, bool) {
         ),
     )
     .with_source(e);
-    if base.is_retryable() {
-        error = error.temporary();
+    if needs_abort {
+        Failure::Abort(error)
+    } else if retriable {
+        Failure::Again(error.temporary())
+    } else {
+        Failure::Stop(error)
     }
-    (error, abortable && !is_fatal)
+}
+
+/// Why a send refused an output that passed [`TxnProcessor::check_outputs`].
+enum SendFailed {
+    Stop(Error),
+    Abort,
 }
 
 impl TxnProcessor {
@@ -354,19 +402,33 @@ impl TxnProcessor {
         let producer: FutureProducer = pc
             .create()
             .map_err(|e| other("transactional producer", e))?;
-        let producer = Arc::new(producer);
-        let p = Arc::clone(&producer);
-        blocking(move || p.init_transactions(CALL_TIMEOUT))
-            .await
-            .map_err(|e| txn_error("init transactions", e).0)?;
-        Ok(TxnProcessor {
+        let clients = Clients {
             consumer: Arc::new(consumer),
-            producer,
+            producer: Arc::new(producer),
+        };
+        let p = Arc::clone(&clients.producer);
+        let init = blocking(move || p.init_transactions(CALL_TIMEOUT)).await;
+        if let Err(e) = init {
+            let error = match failure("init transactions", e) {
+                Failure::Stop(e) | Failure::Abort(e) | Failure::Again(e) => e,
+            };
+            blocking(move || drop(clients)).await;
+            return Err(error);
+        }
+        Ok(TxnProcessor {
+            clients: Some(clients),
+            max_output_bytes: config
+                .max_message_bytes
+                .saturating_sub(crate::headers::OVERHEAD),
             spec,
             stats: TxnStats::default(),
             progress: tokio::sync::watch::Sender::new(TxnStats::default()),
             failing: None,
         })
+    }
+
+    fn clients(&self) -> &Clients {
+        self.clients.as_ref().expect("open until run ends")
     }
 
     /// The counts so far, updated as each transaction commits or aborts: wait on it to know
@@ -378,8 +440,9 @@ impl TxnProcessor {
     /// Consume, call `handler` for each record and commit its outputs with the input offsets,
     /// one transaction per batch, until `stop` resolves (the batch being handled is finished
     /// and committed first; records read for a batch not yet started are left for the next
-    /// owner) or an error no retry can fix: fenced by a newer instance, a record that failed
-    /// permanently without a dead-letter topic, or a fatal producer error.
+    /// owner) or an error no retry can fix: fenced, a record that failed permanently without a
+    /// dead-letter topic, a fatal producer error, a broker without transactions. The clients
+    /// are closed (the group left) before it returns.
     pub async fn run<H, F>(
         mut self,
         mut handler: H,
@@ -389,19 +452,37 @@ impl TxnProcessor {
         H: FnMut(Message) -> F,
         F: Future<Output = Result<Vec<Message>, HandlerError>>,
     {
+        let result = self.run_batches(&mut handler, stop).await;
+        if let Some(c) = self.clients.take() {
+            blocking(move || drop(c)).await;
+        }
+        result.map(|()| self.stats)
+    }
+
+    async fn run_batches<H, F>(
+        &mut self,
+        handler: &mut H,
+        stop: impl Future<Output = ()>,
+    ) -> Result<(), Error>
+    where
+        H: FnMut(Message) -> F,
+        F: Future<Output = Result<Vec<Message>, HandlerError>>,
+    {
         let mut stop = std::pin::pin!(stop);
         let mut backoff = Duration::from_millis(100);
         loop {
-            *self.consumer.context().revoked.lock() = Revoked::default();
+            self.clients().consumer.context().revoked.lock().clear();
             let batch = tokio::select! {
                 biased;
-                _ = &mut stop => break,
+                _ = &mut stop => return Ok(()),
                 b = self.collect() => b?,
             };
-            let p = Arc::clone(&self.producer);
-            blocking(move || p.begin_transaction())
-                .await
-                .map_err(|e| txn_error("begin transaction", e).0)?;
+            let p = Arc::clone(&self.clients().producer);
+            if let Err(e) = blocking(move || p.begin_transaction()).await {
+                return Err(match failure("begin transaction", e) {
+                    Failure::Stop(e) | Failure::Abort(e) | Failure::Again(e) => e,
+                });
+            }
             let mut progress = Progress::default();
             for r in &batch {
                 progress
@@ -409,50 +490,52 @@ impl TxnProcessor {
                     .entry((r.topic.clone(), r.partition))
                     .or_insert(r.offset);
             }
-            let ended = match self.handle(&batch, &mut handler, &mut progress).await {
+            let ended = match self.handle(&batch, handler, &mut progress).await {
                 Ok(ended) => ended,
                 Err(e) => {
                     self.abort().await?;
                     return Err(e);
                 }
             };
-            let committed = self.commit(&mut progress).await?;
+            let committed = match ended {
+                Ended::Abort => {
+                    self.abort().await?;
+                    false
+                }
+                _ => self.commit(&batch, &mut progress).await?,
+            };
             if committed && matches!(ended, Ended::Done) {
                 backoff = Duration::from_millis(100);
                 continue;
             }
-            // Read again what was not committed: the failed record and what followed it, or
-            // the whole batch after an abort.
+            // Read again what was not committed: the rest of the batch after its committed
+            // prefix, or all of it after an abort.
             let keep = if committed {
-                progress.next.clone()
+                std::mem::take(&mut progress.next)
             } else {
                 BTreeMap::new()
             };
             self.rewind(&progress.first, &keep).await?;
-            if matches!(ended, Ended::Retry) {
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
+            if committed && matches!(ended, Ended::Early) {
+                continue;
             }
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = &mut stop => return Ok(()),
+            }
+            backoff = (backoff * 2).min(MAX_BACKOFF);
         }
-        let TxnProcessor {
-            consumer,
-            producer,
-            stats,
-            ..
-        } = self;
-        // Closing leaves the group (a blocking call): off the async workers.
-        blocking(move || drop((consumer, producer))).await;
-        Ok(stats)
     }
 
     /// The next batch: wait for one record, then take more for up to `linger`.
     async fn collect(&self) -> Result<Vec<Read>, Error> {
+        let consumer = &self.clients().consumer;
         let mut batch = Vec::new();
         let mut deadline = None;
         while batch.len() < self.spec.max_batch {
             let next = match deadline {
-                None => self.consumer.recv().await,
-                Some(d) => match tokio::time::timeout_at(d, self.consumer.recv()).await {
+                None => consumer.recv().await,
+                Some(d) => match tokio::time::timeout_at(d, consumer.recv()).await {
                     Ok(r) => r,
                     Err(_) => break,
                 },
@@ -480,6 +563,25 @@ impl TxnProcessor {
         Ok(batch)
     }
 
+    /// Note a failure of record `key`; its attempts in a row so far.
+    fn note_failure(&mut self, key: (String, i32, i64), reason: String) -> u32 {
+        match &mut self.failing {
+            Some(f) if f.key == key => {
+                f.attempts += 1;
+                f.reason = reason;
+                f.attempts
+            }
+            f => {
+                *f = Some(Failing {
+                    key,
+                    attempts: 1,
+                    reason,
+                });
+                1
+            }
+        }
+    }
+
     /// Hand the batch's records to the handler in order and queue their outputs in the open
     /// transaction. `Err` only for what must stop the processor.
     async fn handle<H, F>(
@@ -492,61 +594,98 @@ impl TxnProcessor {
         H: FnMut(Message) -> F,
         F: Future<Output = Result<Vec<Message>, HandlerError>>,
     {
+        let started = Instant::now();
         let mut scratch = String::new();
-        for r in batch {
-            let tp = (r.topic.clone(), r.partition);
-            let failure = match handler(r.message.clone()).await {
-                Ok(outputs) => match self
-                    .send_all(&outputs, &mut scratch, &mut progress.deliveries)
-                    .await
-                {
-                    Ok(()) => {
-                        progress.produced += outputs.len() as u64;
-                        None
-                    }
-                    // An output the broker can never take: the record fails permanently.
-                    Err(e) if !e.is_retryable() => {
-                        Some(HandlerError::permanent(format!("output refused: {e}")))
-                    }
-                    Err(e) => return Err(e),
+        for (i, r) in batch.iter().enumerate() {
+            if i > 0 && started.elapsed() > self.spec.transaction_timeout / 2 {
+                return Ok(Ended::Early);
+            }
+            let key = r.key();
+            // A record whose outputs the broker refused `max_attempts` times is not handed to
+            // the handler again: it would make the same outputs.
+            let exhausted = self
+                .failing
+                .as_ref()
+                .filter(|f| f.key == key && f.attempts >= self.spec.max_attempts)
+                .map(|f| HandlerError::permanent(f.reason.clone()));
+            let failure = match exhausted {
+                Some(e) => Some(e),
+                None => match handler(r.message.clone()).await {
+                    Ok(outputs) => match self.check_outputs(&outputs) {
+                        Err(e) => Some(HandlerError::permanent(format!("output refused: {e}"))),
+                        Ok(()) => {
+                            match self
+                                .send_all(&outputs, i, &mut scratch, &mut progress.deliveries)
+                                .await
+                            {
+                                Ok(()) => {}
+                                Err(SendFailed::Stop(e)) => return Err(e),
+                                Err(SendFailed::Abort) => return Ok(Ended::Abort),
+                            }
+                            progress.produced += outputs.len() as u64;
+                            None
+                        }
+                    },
+                    Err(e) => Some(e),
                 },
-                Err(e) => Some(e),
             };
             if let Some(e) = failure {
-                let key = (r.topic.clone(), r.partition, r.offset);
-                let attempts = match &mut self.failing {
-                    Some((k, n)) if *k == key => {
-                        *n += 1;
-                        *n
-                    }
-                    f => {
-                        *f = Some((key, 1));
-                        1
-                    }
-                };
+                let attempts = self.note_failure(key.clone(), e.to_string());
                 if !e.is_permanent() && attempts < self.spec.max_attempts {
                     tracing::debug!(topic = %r.topic, partition = r.partition, offset = r.offset, attempts, error = %e, "handler failed; retrying");
                     return Ok(Ended::Retry);
                 }
-                self.dead_letter(r, attempts, &e, &mut scratch, &mut progress.deliveries)
-                    .await?;
-                progress.dead_lettered += 1;
+                match self
+                    .dead_letter(r, i, attempts, &e, &mut scratch, &mut progress.deliveries)
+                    .await?
+                {
+                    Ok(()) => progress.dead_lettered += 1,
+                    Err(SendFailed::Stop(e)) => return Err(e),
+                    Err(SendFailed::Abort) => return Ok(Ended::Abort),
+                }
             }
-            self.failing = None;
-            progress.next.insert(tp, r.offset + 1);
+            if self.failing.as_ref().is_some_and(|f| f.key == key) {
+                self.failing = None;
+            }
+            progress
+                .next
+                .insert((r.topic.clone(), r.partition), r.offset + 1);
             progress.consumed += 1;
         }
         Ok(Ended::Done)
     }
 
+    /// Whether every output can be sent at all (topic name, headers, size): checked before
+    /// any is queued, so a record never commits with part of its outputs.
+    fn check_outputs(&self, outputs: &[Message]) -> Result<(), Error> {
+        for m in outputs {
+            validate::topic(m.topic().as_str(), &crate::TOPIC_RULES)?;
+            m.headers().validate()?;
+            if m.encoded_len() > self.max_output_bytes {
+                return Err(err(
+                    ErrorKind::TooLarge,
+                    format!(
+                        "an output of {} bytes is over the {} allowed",
+                        m.encoded_len(),
+                        self.max_output_bytes
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Move record `r` (index `i`) to the dead-letter topic in the open transaction. The outer
+    /// `Err` stops the processor (no dead-letter topic, or a letter that cannot be sent).
     async fn dead_letter(
         &self,
         r: &Read,
+        i: usize,
         attempts: u32,
         e: &HandlerError,
         scratch: &mut String,
-        deliveries: &mut Vec<DeliveryFuture>,
-    ) -> Result<(), Error> {
+        deliveries: &mut Vec<(usize, DeliveryFuture)>,
+    ) -> Result<Result<(), SendFailed>, Error> {
         let Some(to) = &self.spec.dead_letter else {
             return Err(err(
                 ErrorKind::Rejected,
@@ -562,21 +701,25 @@ impl TxnProcessor {
             offset: r.offset,
         };
         let letter = dead_letter::message(&r.message, to, &position, attempts, &e.to_string());
-        metrics::counter!("eventbus_kafka_txn_dead_lettered_total").increment(1);
-        self.send_all(std::slice::from_ref(&letter), scratch, deliveries)
-            .await
+        self.check_outputs(std::slice::from_ref(&letter))
+            .map_err(|e| err(e.kind(), format!("dead letter refused: {e}")).permanent())?;
+        Ok(self
+            .send_all(std::slice::from_ref(&letter), i, scratch, deliveries)
+            .await)
     }
 
-    /// Queue `outputs` in the open transaction; librdkafka delivers them before the commit.
+    /// Queue `outputs` of record `i` in the open transaction; librdkafka delivers them before
+    /// the commit. They passed [`TxnProcessor::check_outputs`]: a refusal here is the
+    /// transaction's (a failed delivery before it, a fenced producer), not the record's.
     async fn send_all(
         &self,
         outputs: &[Message],
+        i: usize,
         scratch: &mut String,
-        deliveries: &mut Vec<DeliveryFuture>,
-    ) -> Result<(), Error> {
+        deliveries: &mut Vec<(usize, DeliveryFuture)>,
+    ) -> Result<(), SendFailed> {
+        let producer = &self.clients().producer;
         for m in outputs {
-            validate::topic(m.topic().as_str(), &crate::TOPIC_RULES)?;
-            m.headers().validate()?;
             let headers = crate::headers::encode(m.id(), m.headers(), true, scratch);
             let mut record: FutureRecord<'_, [u8], [u8]> =
                 FutureRecord::to(m.topic().as_str()).payload(m.payload().as_ref());
@@ -587,9 +730,9 @@ impl TxnProcessor {
                 record = record.headers(h);
             }
             loop {
-                match self.producer.send_result(record) {
+                match producer.send_result(record) {
                     Ok(delivery) => {
-                        deliveries.push(delivery);
+                        deliveries.push((i, delivery));
                         break;
                     }
                     Err((e, r)) if e.rdkafka_error_code() == Some(C::QueueFull) => {
@@ -597,15 +740,11 @@ impl TxnProcessor {
                         tokio::time::sleep(Duration::from_millis(2)).await;
                     }
                     Err((e, _)) => {
-                        // A fenced or otherwise fatally failed producer refuses every send:
-                        // that stops the processor, it is not the output's fault.
-                        if let Some((code, _)) = self.producer.client().fatal_error() {
-                            return Err(fatal("send", code));
+                        if let Some((code, _)) = producer.client().fatal_error() {
+                            return Err(SendFailed::Stop(fatal("send", code)));
                         }
-                        return Err(match crate::error::enqueue(e) {
-                            eventbus_core::Outcome::Failed(e) => e,
-                            _ => err(ErrorKind::Other, "output refused"),
-                        });
+                        tracing::warn!(error = %e, "output refused; the transaction is aborted");
+                        return Err(SendFailed::Abort);
                     }
                 }
             }
@@ -613,14 +752,52 @@ impl TxnProcessor {
         Ok(())
     }
 
-    /// Commit the handled prefix with its offsets; abort when there is none or the partitions
-    /// were revoked since the batch was read. `Ok(true)` when committed.
-    async fn commit(&mut self, progress: &mut Progress) -> Result<bool, Error> {
+    /// Commit the handled prefix with its offsets; abort when there is none, the partitions
+    /// were revoked since the batch was read, or an output was not delivered. `Ok(true)` when
+    /// committed.
+    async fn commit(&mut self, batch: &[Read], progress: &mut Progress) -> Result<bool, Error> {
         let revoked = {
-            let r = self.consumer.context().revoked.lock();
-            progress.first.keys().any(|tp| r.touches(tp))
+            let r = self.clients().consumer.context().revoked.lock();
+            progress.first.keys().any(|tp| r.contains(tp))
         };
         if progress.next.is_empty() || revoked {
+            self.abort().await?;
+            return Ok(false);
+        }
+        // Wait for the outputs' delivery reports here, asynchronously: librdkafka's commit
+        // flushes first, and rust-rdkafka's flush waits in steps of up to 100 ms while another
+        // thread serves the reports (~100 ms per transaction). A refused output aborts the
+        // transaction and counts against its record.
+        let deliveries = std::mem::take(&mut progress.deliveries);
+        let reports = async {
+            for (i, d) in deliveries {
+                match d.await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err((e, _))) => return Some((i, Some(e))),
+                    Err(_) => return Some((i, None)),
+                }
+            }
+            None
+        };
+        let undelivered = match tokio::time::timeout(CALL_TIMEOUT, reports).await {
+            Ok(u) => u,
+            Err(_) => {
+                tracing::warn!("outputs not delivered in time; the transaction is aborted");
+                self.abort().await?;
+                return Ok(false);
+            }
+        };
+        if let Some((i, e)) = undelivered {
+            if let Some((code, _)) = self.clients().producer.client().fatal_error() {
+                return Err(fatal("deliver", code));
+            }
+            if let Some(Outcome::Failed(refused)) = e.as_ref().map(crate::error::delivery)
+                && !refused.is_retryable()
+            {
+                let reason = format!("output refused by the broker: {refused}");
+                self.note_failure(batch[i].key(), reason);
+            }
+            tracing::warn!("an output was not delivered; the transaction is aborted");
             self.abort().await?;
             return Ok(false);
         }
@@ -630,36 +807,34 @@ impl TxnProcessor {
                 .add_partition_offset(topic, *partition, Offset::Offset(*next))
                 .map_err(|e| other("offsets", e))?;
         }
-        let Some(group) = self.consumer.group_metadata() else {
+        let Some(group) = self.clients().consumer.group_metadata() else {
             self.abort().await?;
             return Ok(false);
         };
-        // Wait for the outputs' delivery reports here, asynchronously: librdkafka's commit
-        // flushes first, and rust-rdkafka's flush waits in steps of up to 100 ms while another
-        // thread serves the reports (~100 ms per transaction). A failed delivery fails the
-        // commit below.
-        let deliveries = std::mem::take(&mut progress.deliveries);
-        let reports = async {
-            for d in deliveries {
-                let _ = d.await;
-            }
-        };
-        let _ = tokio::time::timeout(CALL_TIMEOUT, reports).await;
-        let p = Arc::clone(&self.producer);
+        let p = Arc::clone(&self.clients().producer);
         let result = blocking(move || {
             // A report resolves its future a moment before librdkafka forgets the message; a
             // commit in that moment would poll for 100 ms (see above). Wait it out here.
-            let settled = std::time::Instant::now() + CALL_TIMEOUT;
-            while p.in_flight_count() > 0 && std::time::Instant::now() < settled {
-                std::thread::sleep(Duration::from_micros(100));
+            let settled = Instant::now() + Duration::from_secs(1);
+            while p.in_flight_count() > 0 && Instant::now() < settled {
+                std::thread::sleep(Duration::from_micros(200));
             }
-            p.send_offsets_to_transaction(&offsets, &group, CALL_TIMEOUT)?;
-            // A retriable failure (a timeout) leaves the commit in progress: ask again.
+            if let Err(e) = p.send_offsets_to_transaction(&offsets, &group, CALL_TIMEOUT) {
+                // Any failure here leaves the transaction open: abort it.
+                return Err(match failure("send offsets to the transaction", e) {
+                    Failure::Again(e) => Failure::Abort(e),
+                    f => f,
+                });
+            }
+            // A retriable failure leaves the commit in progress: only a commit may follow.
             let mut tries = 0;
             loop {
                 match p.commit_transaction(CALL_TIMEOUT) {
-                    Err(KafkaError::Transaction(t)) if t.is_retriable() && tries < 3 => tries += 1,
-                    r => return r,
+                    Ok(()) => return Ok(()),
+                    Err(e) => match failure("commit transaction", e) {
+                        Failure::Again(_) if tries < 3 => tries += 1,
+                        f => return Err(f),
+                    },
                 }
             }
         })
@@ -672,26 +847,37 @@ impl TxnProcessor {
                 self.stats.dead_lettered += progress.dead_lettered;
                 metrics::counter!("eventbus_kafka_txn_committed_total").increment(1);
                 metrics::counter!("eventbus_kafka_txn_consumed_total").increment(progress.consumed);
+                metrics::counter!("eventbus_kafka_txn_dead_lettered_total")
+                    .increment(progress.dead_lettered);
                 self.progress.send_replace(self.stats);
                 Ok(true)
             }
-            Err(e) => {
-                let (error, abortable) = txn_error("commit transaction", e);
-                if !abortable {
-                    return Err(error);
-                }
-                tracing::warn!(error = %error, "transaction aborted; the batch is read again");
+            Err(Failure::Abort(e)) => {
+                tracing::warn!(error = %e, "transaction aborted; the batch is read again");
                 self.abort().await?;
                 Ok(false)
             }
+            Err(Failure::Stop(e) | Failure::Again(e)) => Err(e),
         }
     }
 
+    /// Abort the open transaction (again while librdkafka says a retry can finish it).
     async fn abort(&mut self) -> Result<(), Error> {
-        let p = Arc::clone(&self.producer);
-        blocking(move || p.abort_transaction(CALL_TIMEOUT))
-            .await
-            .map_err(|e| txn_error("abort transaction", e).0)?;
+        let p = Arc::clone(&self.clients().producer);
+        let aborted = blocking(move || {
+            let mut tries = 0;
+            loop {
+                match p.abort_transaction(CALL_TIMEOUT) {
+                    Ok(()) => return Ok(()),
+                    Err(e) => match failure("abort transaction", e) {
+                        Failure::Again(_) if tries < 3 => tries += 1,
+                        Failure::Stop(e) | Failure::Abort(e) | Failure::Again(e) => return Err(e),
+                    },
+                }
+            }
+        })
+        .await;
+        aborted?;
         self.stats.aborted += 1;
         metrics::counter!("eventbus_kafka_txn_aborted_total").increment(1);
         self.progress.send_replace(self.stats);
@@ -709,8 +895,8 @@ impl TxnProcessor {
         keep: &BTreeMap<(String, i32), i64>,
     ) -> Result<(), Error> {
         let revoked = {
-            let r = self.consumer.context().revoked.lock();
-            first.keys().any(|tp| r.touches(tp))
+            let r = self.clients().consumer.context().revoked.lock();
+            first.keys().any(|tp| r.contains(tp))
         };
         let mut to = TopicPartitionList::new();
         for (tp, offset) in first {
@@ -718,7 +904,7 @@ impl TxnProcessor {
             to.add_partition_offset(&tp.0, tp.1, Offset::Offset(offset))
                 .map_err(|e| other("rewind", e))?;
         }
-        let c = Arc::clone(&self.consumer);
+        let c = Arc::clone(&self.clients().consumer);
         blocking(move || {
             if revoked {
                 let assigned = c.assignment()?;

@@ -1,6 +1,7 @@
 //! Kafka transactions (`TxnProcessor`) on librdkafka's mock cluster and on a tansu broker: each
-//! input's output committed exactly once through handler retries, a restart and a zombie
-//! fenced by its successor; poison records dead-lettered inside the transaction.
+//! input committed once through handler retries, a restart, refused commits and outputs and a
+//! rebalance; a fenced producer stops; poison records dead-lettered inside the transaction;
+//! tansu 0.6.0's missing EndTxn reported, typed.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -305,6 +306,117 @@ async fn fenced_stops(broker: Broker) {
     assert!(!err.is_retryable());
 }
 
+/// A second processor joins the group mid-stream (a rebalance): the partitions move, and
+/// every input is committed as consumed exactly once between the two. (It passed with the
+/// revocation check disabled too: on the mock the revocation never landed inside a batch
+/// being collected, so that path is not exercised here.)
+async fn rebalance_hands_over(broker: Broker) {
+    let kafka = broker.backend(&[("txn-in", 4), ("txn-out", 1)]).await;
+    let n = 2_000;
+    let ids = inputs(&kafka, "txn-in", n).await;
+    let slow = |input: Message| async move {
+        tokio::time::sleep(Duration::from_micros(500)).await;
+        Ok(vec![transform(&input)])
+    };
+    let start = |id: &'static str| {
+        let kafka = kafka.clone();
+        async move {
+            let p = kafka
+                .transactional(TxnSpec::new("txn-group", ["txn-in"], id).max_batch(100))
+                .await
+                .expect("processor");
+            let watch = p.progress();
+            let (stop, stopped) = oneshot::channel::<()>();
+            let task = tokio::spawn(p.run(slow, async move {
+                let _ = stopped.await;
+            }));
+            (watch, stop, task)
+        }
+    };
+    let (mut wa, stop_a, a) = start("txn-reb-a").await;
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let (mut wb, stop_b, b) = start("txn-reb-b").await;
+    let until = Instant::now() + Duration::from_secs(90);
+    while wa.borrow().consumed + wb.borrow().consumed < n as u64 && Instant::now() < until {
+        tokio::select! {
+            _ = wa.changed() => {}
+            _ = wb.changed() => {}
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+        }
+    }
+    // Anything committed twice would show up now.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let _ = (stop_a.send(()), stop_b.send(()));
+    let (sa, sb) = (
+        a.await.unwrap().expect("first"),
+        b.await.unwrap().expect("second"),
+    );
+    assert!(
+        sb.consumed > 0,
+        "the second processor got partitions: {sb:?}"
+    );
+    assert_eq!(
+        sa.consumed + sb.consumed,
+        n as u64,
+        "inputs committed as consumed: {sa:?} {sb:?}"
+    );
+    let bootstrap = broker.bootstrap();
+    let out = tokio::task::spawn_blocking(move || {
+        read(
+            &bootstrap,
+            "txn-out",
+            "read_committed",
+            n,
+            Duration::from_secs(30),
+        )
+    })
+    .await
+    .unwrap();
+    let seen: HashSet<&str> = out.iter().filter_map(|m| m.headers().get(FROM)).collect();
+    assert!(
+        ids.iter().all(|id| seen.contains(id.as_str())),
+        "an input has no output"
+    );
+}
+
+/// The broker refuses a produce request (a delivery report with an error): the transaction is
+/// aborted, the batch handled again after a back-off, and every input is committed.
+async fn refused_output_is_retried(broker: Broker) {
+    let kafka = broker.backend(&[("txn-in", 1), ("txn-out", 1)]).await;
+    let ids = inputs(&kafka, "txn-in", 100).await;
+    if let Broker::Mock(m) = &broker {
+        m.request_errors(
+            RDKafkaApiKey::Produce,
+            &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED],
+        );
+    }
+    let spec = TxnSpec::new("txn-group", ["txn-in"], "txn-refused");
+    let (stop, task) = spawn(kafka.clone(), spec, |input: Message| async move {
+        Ok(vec![transform(&input)])
+    });
+    let bootstrap = broker.bootstrap();
+    let out = tokio::task::spawn_blocking(move || {
+        read(
+            &bootstrap,
+            "txn-out",
+            "read_committed",
+            100,
+            Duration::from_secs(60),
+        )
+    })
+    .await
+    .unwrap();
+    let _ = stop.send(());
+    let stats = task.await.unwrap().expect("processor");
+    assert!(stats.aborted >= 1, "the refused output aborted: {stats:?}");
+    assert_eq!(stats.consumed, 100, "{stats:?}");
+    let seen: HashSet<&str> = out.iter().filter_map(|m| m.headers().get(FROM)).collect();
+    assert!(
+        ids.iter().all(|id| seen.contains(id.as_str())),
+        "an input has no output"
+    );
+}
+
 /// A permanent handler error moves the record to the dead-letter topic in the batch's
 /// transaction; without a dead-letter topic the run ends with the error.
 async fn poison_is_dead_lettered(broker: Broker) {
@@ -379,6 +491,16 @@ async fn mock_poison_is_dead_lettered() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mock_abort_rehandles() {
     abort_rehandles(Broker::mock()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mock_rebalance_hands_over() {
+    rebalance_hands_over(Broker::mock()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mock_refused_output_is_retried() {
+    refused_output_is_retried(Broker::mock()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
