@@ -22,7 +22,7 @@ use eventbus_batch::{BatchConfig, Batcher};
 use eventbus_core::handler::{self, HandlerConfig, HandlerError};
 use eventbus_core::{Message, Publisher, SubscribeSpec, Subscriber};
 use eventbus_kafka::{KafkaBackend, KafkaConfig, TxnSpec};
-use eventbus_nats::{NatsBackend, NatsConfig, StreamSpec};
+use eventbus_nats::NatsBackend;
 use eventbus_outbox::inbox::{PgInbox, SqliteInbox};
 use eventbus_outbox::sqlx::{self, PgPool, SqlitePool};
 use hdrhistogram::Histogram;
@@ -406,37 +406,14 @@ fn ms(us: u64) -> String {
 
 pub(crate) async fn study(args: &Args) -> Result<bool, String> {
     let n = if args.quick { 2_000 } else { 10_000 };
-    let nats =
-        eventbus_brokers::NatsServer::start().map_err(|e| format!("start nats-server: {e}"))?;
-    let backend = NatsBackend::connect(NatsConfig::new(nats.url()))
-        .await
-        .map_err(|e| format!("connect NATS: {e}"))?;
-    backend
-        .ensure_stream(&StreamSpec::new("EO_STUDY", ["eo.>"]))
-        .await
-        .map_err(|e| format!("stream: {e}"))?;
-    let pg = tokio::task::spawn_blocking(eventbus_brokers::Postgres::start)
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| format!("start PostgreSQL: {e}"))?;
-    let pool = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(CONCURRENCY as u32 + 2)
-        .connect(&pg.url())
-        .await
-        .map_err(|e| format!("connect PostgreSQL: {e}"))?;
-    let dir = std::env::temp_dir().join(format!("eventbus-eo-study-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).map_err(|e| format!("temp dir: {e}"))?;
-    let lite = sqlx::sqlite::SqlitePoolOptions::new()
-        .max_connections(CONCURRENCY as u32 + 2)
-        .connect_with(
-            sqlx::sqlite::SqliteConnectOptions::new()
-                .filename(dir.join("inbox.db"))
-                .create_if_missing(true)
-                .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal)
-                .busy_timeout(Duration::from_secs(10)),
-        )
-        .await
-        .map_err(|e| format!("open SQLite: {e}"))?;
+    let env = crate::outbox::StudyEnv::start(
+        "EO_STUDY",
+        "eo.>",
+        (CONCURRENCY as u32 + 2, CONCURRENCY as u32 + 2),
+        "inbox",
+    )
+    .await?;
+    let (backend, pool, lite) = (&env.backend, env.pg.clone(), env.lite.clone());
     let mut md = format!(
         "# Exactly once: what each form costs beside the at-least-once path\n\n\
          Written by `cargo xtask bench --exactly-once-study{}` (eventbus-bench, \
@@ -461,7 +438,7 @@ pub(crate) async fn study(args: &Args) -> Result<bool, String> {
                     rep + 1
                 );
                 let tag = format!("{}{}{rep}", &label[..2].to_ascii_lowercase(), i);
-                got[i].push(inbox_phase(&backend, &db, inbox, n, &tag).await?);
+                got[i].push(inbox_phase(backend, &db, inbox, n, &tag).await?);
             }
         }
         let mean = |v: &[Figures]| v.iter().map(|f| f.per_s).sum::<f64>() / v.len() as f64;
@@ -542,6 +519,5 @@ pub(crate) async fn study(args: &Args) -> Result<bool, String> {
     let path = args.out.join("exactly-once.md");
     std::fs::write(&path, &md).map_err(|e| format!("write {}: {e}", path.display()))?;
     println!("{md}");
-    let _ = std::fs::remove_dir_all(&dir);
     Ok(true)
 }

@@ -331,36 +331,14 @@ fn ms(us: u64) -> String {
 /// The study: both stores, writers and latency rows; writes `outbox.md` to `--out`.
 pub(crate) async fn study(args: &Args) -> Result<bool, String> {
     let secs = if args.quick { 2.0 } else { 5.0 };
-    let nats =
-        eventbus_brokers::NatsServer::start().map_err(|e| format!("start nats-server: {e}"))?;
-    let backend = NatsBackend::connect(NatsConfig::new(nats.url()))
-        .await
-        .map_err(|e| format!("connect NATS: {e}"))?;
-    backend
-        .ensure_stream(&StreamSpec::new("OUTBOX_STUDY", ["study.>"]))
-        .await
-        .map_err(|e| format!("stream: {e}"))?;
-    let pg = tokio::task::spawn_blocking(eventbus_brokers::Postgres::start)
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| format!("start PostgreSQL: {e}"))?;
-    let pool = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(12)
-        .connect(&pg.url())
-        .await
-        .map_err(|e| format!("connect PostgreSQL: {e}"))?;
-    let dir = tempfile_dir()?;
-    let lite = sqlx::sqlite::SqlitePoolOptions::new()
-        .max_connections(WRITERS as u32 + 2)
-        .connect_with(
-            sqlx::sqlite::SqliteConnectOptions::new()
-                .filename(dir.join("outbox.db"))
-                .create_if_missing(true)
-                .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal)
-                .busy_timeout(Duration::from_secs(10)),
-        )
-        .await
-        .map_err(|e| format!("open SQLite: {e}"))?;
+    let env = StudyEnv::start(
+        "OUTBOX_STUDY",
+        "study.>",
+        (12, WRITERS as u32 + 2),
+        "outbox",
+    )
+    .await?;
+    let (backend, pool, lite) = (&env.backend, env.pg.clone(), env.lite.clone());
     let dbs = [
         Db::Pg(
             pool.clone(),
@@ -416,7 +394,7 @@ pub(crate) async fn study(args: &Args) -> Result<bool, String> {
             eprintln!("==> outbox study: {label} writers, repetition {}", rep + 1);
             for (phase, got) in &mut figures {
                 let tag = format!("{label}-w{rep}-{}", got.len());
-                got.push(writers(db, &backend, "study.w", *phase, secs, &tag).await?);
+                got.push(writers(db, backend, "study.w", *phase, secs, &tag).await?);
             }
         }
         let mean = |v: Vec<f64>| v.iter().sum::<f64>() / v.len().max(1) as f64;
@@ -470,7 +448,7 @@ pub(crate) async fn study(args: &Args) -> Result<bool, String> {
             eprintln!("==> outbox study: {label} latency, notify {notify}");
             let h = latency(
                 db,
-                &backend,
+                backend,
                 "study.l",
                 notify,
                 secs,
@@ -501,14 +479,75 @@ pub(crate) async fn study(args: &Args) -> Result<bool, String> {
     let path = args.out.join("outbox.md");
     std::fs::write(&path, &md).map_err(|e| format!("write {}: {e}", path.display()))?;
     println!("{md}");
-    let _ = std::fs::remove_dir_all(&dir);
     // Every committed message was acked (checked in each phase); the goals are reported.
     Ok(true)
 }
 
-/// A fresh directory for the SQLite file.
-fn tempfile_dir() -> Result<std::path::PathBuf, String> {
-    let dir = std::env::temp_dir().join(format!("eventbus-outbox-study-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).map_err(|e| format!("temp dir: {e}"))?;
-    Ok(dir)
+/// What a database study runs on: a local nats-server with one stream, PostgreSQL (the
+/// project's fixture, fsync off) and a SQLite file (WAL) in a fresh directory, removed on drop.
+pub(crate) struct StudyEnv {
+    _nats: eventbus_brokers::NatsServer,
+    _postgres: eventbus_brokers::Postgres,
+    pub(crate) backend: NatsBackend,
+    pub(crate) pg: PgPool,
+    pub(crate) lite: SqlitePool,
+    dir: std::path::PathBuf,
+}
+
+impl StudyEnv {
+    /// Start it: stream `stream` over `subjects`, pools of `connections` (PostgreSQL, SQLite),
+    /// the SQLite file named after `name`.
+    pub(crate) async fn start(
+        stream: &str,
+        subjects: &str,
+        connections: (u32, u32),
+        name: &str,
+    ) -> Result<StudyEnv, String> {
+        let nats =
+            eventbus_brokers::NatsServer::start().map_err(|e| format!("start nats-server: {e}"))?;
+        let backend = NatsBackend::connect(NatsConfig::new(nats.url()))
+            .await
+            .map_err(|e| format!("connect NATS: {e}"))?;
+        backend
+            .ensure_stream(&StreamSpec::new(stream, [subjects]))
+            .await
+            .map_err(|e| format!("stream: {e}"))?;
+        let postgres = tokio::task::spawn_blocking(eventbus_brokers::Postgres::start)
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("start PostgreSQL: {e}"))?;
+        let pg = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(connections.0)
+            .connect(&postgres.url())
+            .await
+            .map_err(|e| format!("connect PostgreSQL: {e}"))?;
+        let dir =
+            std::env::temp_dir().join(format!("eventbus-{name}-study-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).map_err(|e| format!("temp dir: {e}"))?;
+        let lite = sqlx::sqlite::SqlitePoolOptions::new()
+            .max_connections(connections.1)
+            .connect_with(
+                sqlx::sqlite::SqliteConnectOptions::new()
+                    .filename(dir.join(format!("{name}.db")))
+                    .create_if_missing(true)
+                    .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal)
+                    .busy_timeout(Duration::from_secs(10)),
+            )
+            .await
+            .map_err(|e| format!("open SQLite: {e}"))?;
+        Ok(StudyEnv {
+            _nats: nats,
+            _postgres: postgres,
+            backend,
+            pg,
+            lite,
+            dir,
+        })
+    }
+}
+
+impl Drop for StudyEnv {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }
