@@ -265,6 +265,7 @@ macro_rules! conformance_tests {
             second_member_takes_over_after_close,
             per_key_order,
             per_key_order_through_a_cut,
+            live_tail_keeps_publish_order,
             consumer_groups,
             new_subscriber_reads_old_messages,
             close_flushes_everything,

@@ -927,6 +927,47 @@ pub async fn per_key_order<H: Harness>(h: &H) {
     }
 }
 
+/// Messages of one key published one at a time to a subscriber that is already reading (a
+/// live tail, not a backlog) arrive in publish order. A reader that keeps more than one pull
+/// open can get the tail split between them (nats-server hands waiting pulls messages in turn)
+/// and must still hand them over in stream order.
+pub async fn live_tail_keeps_publish_order<H: Harness>(h: &H) {
+    const N: usize = 150;
+    let topic = h.topic("livetail").await;
+    let mut sub = subscribe(h, SubscribeSpec::new(&topic).prefetch(16)).await;
+    let p = publisher(h, BatchConfig::default()).await;
+    // The subscriber is reading before the first message: wait until a probe arrives.
+    let probe = Message::new(&topic, "probe").with_key("k");
+    assert_all_acked(&publish_all(&p, vec![probe]).await);
+    assert_eq!(
+        take_acked(&mut sub, 1).await[0].payload().as_ref(),
+        b"probe"
+    );
+    let publishing = async {
+        for i in 0..N {
+            let m = Message::new(&topic, format!("{i}")).with_key("k");
+            assert_all_acked(&publish_all(&p, vec![m]).await);
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    };
+    let (got, ()) = tokio::join!(take_acked(&mut sub, N), publishing);
+    let got: Vec<usize> = got
+        .iter()
+        .map(|m| {
+            std::str::from_utf8(m.payload())
+                .expect("utf8")
+                .parse()
+                .expect("number")
+        })
+        .collect();
+    let behind = got.windows(2).filter(|w| w[1] < w[0]).count();
+    assert_eq!(
+        got,
+        (0..N).collect::<Vec<_>>(),
+        "{behind} deliveries came after a later message"
+    );
+}
+
 /// A keyed sequence published from one task while the connections to the broker are cut (a
 /// blackhole: nothing forwarded, nothing closed, for longer than a NATS sink waits for an ack)
 /// and then restored (reset) is acked whole, stored once, and handed to a handler in publish

@@ -104,6 +104,7 @@ eventbus_conformance::conformance_tests!(@each mock_cluster().await;
     second_member_takes_over_after_close,
     per_key_order,
     per_key_order_through_a_cut,
+    live_tail_keeps_publish_order,
     consumer_groups,
     new_subscriber_reads_old_messages,
     close_flushes_everything,

@@ -190,7 +190,8 @@ async fn subscribe_one(
 
 /// Pull batches and hand each message to the subscriber. Two pull requests overlap: the next
 /// one is asked for once half of the current batch is handed over, so the handler does not wait
-/// a round trip at every batch boundary. On close, every message already pulled but not handed
+/// a round trip at every batch boundary. Both may then be filled at once ([`Pulls`] hands their
+/// messages over in delivery order). On close, every message already pulled but not handed
 /// over is nacked so it is redelivered at once, not after the ack wait.
 async fn pump(
     consumer: jetstream::consumer::Consumer<pull::Config>,
@@ -198,46 +199,44 @@ async fn pump(
     prefetch: usize,
     mut feed: Feed,
 ) {
-    let mut next: Option<pull::Batch> = None;
+    let mut pulls = Pulls::default();
     'outer: loop {
         let connects = stats.connects.load(Ordering::Relaxed);
-        let mut batch = match next.take() {
-            Some(b) => b,
-            None => {
-                let asked = tokio::select! {
-                    b = request(&consumer, prefetch) => b,
-                    _ = feed.stopped() => break,
-                };
-                match asked {
-                    Ok(b) => b,
-                    Err(e) => {
-                        if feed
-                            .send(Err(error::other("pull request failed", e)))
-                            .await
-                            .is_err()
-                        {
-                            break;
-                        }
-                        tokio::time::sleep(Duration::from_millis(200)).await;
-                        continue;
+        if pulls.open.is_empty() {
+            let asked = tokio::select! {
+                b = request(&consumer, prefetch) => b,
+                _ = feed.stopped() => break,
+            };
+            match asked {
+                Ok(b) => pulls.push(b),
+                Err(e) => {
+                    if feed
+                        .send(Err(error::other("pull request failed", e)))
+                        .await
+                        .is_err()
+                    {
+                        break;
                     }
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
                 }
             }
-        };
-        let mut handed = 0;
-        // One timer per batch, not per message: every tick checks for a reconnect (open
-        // requests went with the old connection) and for a request silent too long.
+        }
+        // One timer per round of requests, not per message: every tick checks for a reconnect
+        // (open requests went with the old connection) and for requests silent too long.
         let mut tick = tokio::time::interval(RECHECK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            if next.is_none() && handed >= prefetch.div_ceil(2) {
-                // An early request that fails is asked again, and reported, when this batch ends.
-                next = request(&consumer, prefetch).await.ok();
+        while !pulls.open.is_empty() {
+            if pulls.wants_another(prefetch) {
+                // An early request that fails is asked again, and reported, when these end.
+                if let Ok(b) = request(&consumer, prefetch).await {
+                    pulls.push(b);
+                }
             }
             let since = tokio::time::Instant::now();
-            let item = loop {
+            let msg = loop {
                 tokio::select! {
-                    m = batch.next() => break Some(m),
+                    m = pulls.next() => break Some(m),
                     _ = tick.tick() => {
                         if stats.connects.load(Ordering::Relaxed) != connects {
                             tracing::debug!("reconnected; asking again");
@@ -249,35 +248,140 @@ async fn pump(
                         }
                     }
                     _ = feed.stopped() => {
-                        release_rest(&mut batch).await;
-                        if let Some(n) = next.as_mut() {
-                            release_rest(n).await;
-                        }
+                        pulls.release().await;
                         break 'outer;
                     }
                 }
             };
-            // Reconnected or silent: the early request went the same way; ask afresh.
-            let Some(item) = item else {
-                next = None;
+            // Reconnected or silent: the requests went the same way; ask afresh.
+            let Some(msg) = msg else {
+                pulls.abandon().await;
                 break;
             };
-            let msg = match item {
-                None => break, // batch done: on to the next one
-                Some(Ok(m)) => m,
-                Some(Err(e)) => {
-                    tracing::debug!(error = %e, "pull batch ended with an error");
-                    break;
-                }
-            };
-            handed += 1;
+            let Some(msg) = msg else { continue }; // a request ended
             if let Err(Ok(d)) = feed.send(Ok(to_delivery(msg))).await {
                 let _ = d.nack(Duration::ZERO).await;
-                release_rest(&mut batch).await;
-                if let Some(n) = next.as_mut() {
-                    release_rest(n).await;
-                }
+                pulls.release().await;
                 break 'outer;
+            }
+        }
+    }
+}
+
+/// The open pull requests, oldest first (at most two), and the message each has waiting.
+///
+/// nats-server hands its waiting pull requests messages in turn, so while two are open the
+/// tail of a live stream is split between them. Reading one request to its end before the next
+/// would hand the subscriber messages out of stream order (and hold half of them until the
+/// first request ends). Instead each request's next message is taken as soon as it arrives and
+/// the one delivered first (lowest consumer sequence) goes first. That is exact: the client
+/// reads one connection and routes its messages to the requests' inboxes in arrival order, so
+/// once a message is seen, every message delivered before it is already in its inbox, and the
+/// other requests are polled again before it is handed over.
+#[derive(Default)]
+struct Pulls {
+    open: Vec<Open>,
+}
+
+struct Open {
+    batch: pull::Batch,
+    /// Taken from the request, not yet handed over: its consumer sequence and the message.
+    held: Option<(u64, jetstream::Message)>,
+    ended: bool,
+    handed: usize,
+}
+
+impl Pulls {
+    fn push(&mut self, batch: pull::Batch) {
+        self.open.push(Open {
+            batch,
+            held: None,
+            ended: false,
+            handed: 0,
+        });
+    }
+
+    /// One request is open and half of it handed over: time to ask for the next.
+    fn wants_another(&self, prefetch: usize) -> bool {
+        matches!(&self.open[..], [only] if only.handed >= prefetch.div_ceil(2))
+    }
+
+    /// The next message in delivery order, or `None` when a request ended (it is dropped).
+    /// Cancel-safe: a message taken from a request is kept in `held` until handed over.
+    async fn next(&mut self) -> Option<jetstream::Message> {
+        use futures_util::FutureExt;
+        loop {
+            if self.open.is_empty() {
+                return None;
+            }
+            for o in self
+                .open
+                .iter_mut()
+                .filter(|o| o.held.is_none() && !o.ended)
+            {
+                if let Some(item) = o.batch.next().now_or_never() {
+                    o.take(item);
+                }
+            }
+            let before = self.open.len();
+            self.open.retain(|o| !o.ended || o.held.is_some());
+            if self.open.len() < before {
+                return None;
+            }
+            let first = self
+                .open
+                .iter_mut()
+                .filter(|o| o.held.is_some())
+                .min_by_key(|o| o.held.as_ref().map(|(seq, _)| *seq));
+            if let Some(o) = first {
+                o.handed += 1;
+                return o.held.take().map(|(_, m)| m);
+            }
+            // Nothing has arrived: wait for any request to move, then sort it out above.
+            let waiting = self
+                .open
+                .iter_mut()
+                .map(|o| Box::pin(async move { (o.batch.next().await, o) }));
+            let ((item, o), _, _) = futures_util::future::select_all(waiting).await;
+            o.take(item);
+        }
+    }
+
+    /// Drop the open requests, gone with their connection or silent, nacking what was pulled
+    /// and not handed over.
+    async fn abandon(&mut self) {
+        for o in self.open.drain(..) {
+            if let Some((_, m)) = o.held {
+                let _ = m.ack_with(AckKind::Nak(None)).await;
+            }
+        }
+    }
+
+    /// Nack what was pulled and not handed over, and wait out the open requests (a message
+    /// the server sends to an abandoned request would wait out the ack wait).
+    async fn release(&mut self) {
+        for mut o in self.open.drain(..) {
+            if let Some((_, m)) = o.held.take() {
+                let _ = m.ack_with(AckKind::Nak(None)).await;
+            }
+            if !o.ended {
+                release_rest(&mut o.batch).await;
+            }
+        }
+    }
+}
+
+impl Open {
+    fn take(&mut self, item: Option<Result<jetstream::Message, async_nats::Error>>) {
+        match item {
+            Some(Ok(m)) => {
+                let seq = m.info().map_or(0, |i| i.consumer_sequence);
+                self.held = Some((seq, m));
+            }
+            None => self.ended = true,
+            Some(Err(e)) => {
+                tracing::debug!(error = %e, "pull batch ended with an error");
+                self.ended = true;
             }
         }
     }
