@@ -298,6 +298,106 @@ pub(crate) fn png(svg: &str) -> Result<Vec<u8>, String> {
     pixmap.encode_png().map_err(|e| format!("encode PNG: {e}"))
 }
 
+/// One latency series of the rates chart: its name, the offered rate, and in microseconds
+/// `[ack p99, ack p99.9, handler p99, handler p99.9]`.
+pub(crate) type RatePoint = (String, u64, [u64; 4]);
+
+/// The `--latency-study` chart: two panels (publish -> ack, publish -> handler), a group of
+/// bars per offered rate, one bar per series at its p99 with a black tick at its p99.9, on the
+/// latency chart's log axis (0.1 ms .. 10 s).
+pub(crate) fn rates_svg(points: &[RatePoint]) -> String {
+    const COLOURS: [&str; 4] = ["#d62728", "#ff9896", "#1f77b4", "#aec7e8"];
+    let mut series: Vec<&str> = Vec::new();
+    let mut rates: Vec<u64> = Vec::new();
+    for (s, r, _) in points {
+        if !series.contains(&s.as_str()) {
+            series.push(s);
+        }
+        if !rates.contains(r) {
+            rates.push(*r);
+        }
+    }
+    let (ph, gap) = (LAT_PH * 0.6, 70.0);
+    let height = LAT_TOP + 2.0 * (ph + gap) + 20.0;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{LAT_W}" height="{height}" font-family="sans-serif" font-size="11">"#
+    );
+    let _ = writeln!(out, r#"<rect width="100%" height="100%" fill="white"/>"#);
+    let _ = writeln!(
+        out,
+        r#"<text x="{LAT_LEFT}" y="24" font-size="15">Latency at fixed offered rates: p99 (bar) and p99.9 (tick)</text>"#
+    );
+    let y_of = |top: f64, us: u64| {
+        let ms = (us.max(1) as f64 / 1000.0).log10().clamp(LMIN, LMAX);
+        top + ph - ph * (ms - LMIN) / (LMAX - LMIN)
+    };
+    let group_w = LAT_PW / rates.len().max(1) as f64;
+    let bar_w = group_w * 0.8 / series.len().max(1) as f64;
+    for (pi, title) in ["publish -> ack", "publish -> handler"].iter().enumerate() {
+        let top = LAT_TOP + pi as f64 * (ph + gap);
+        let _ = writeln!(
+            out,
+            r#"<text x="{LAT_LEFT}" y="{}" font-size="13">{}</text>"#,
+            top - 8.0,
+            escape(title)
+        );
+        for (i, label) in ["0.1 ms", "1 ms", "10 ms", "100 ms", "1 s", "10 s"]
+            .iter()
+            .enumerate()
+        {
+            let y = top + ph - ph * i as f64 / (LMAX - LMIN);
+            let _ = writeln!(
+                out,
+                r##"<line x1="{LAT_LEFT}" y1="{y}" x2="{}" y2="{y}" stroke="#ddd"/><text x="{}" y="{}" text-anchor="end">{label}</text>"##,
+                LAT_LEFT + LAT_PW,
+                LAT_LEFT - 6.0,
+                y + 4.0
+            );
+        }
+        for (ri, rate) in rates.iter().enumerate() {
+            let gx = LAT_LEFT + ri as f64 * group_w + group_w * 0.1;
+            let _ = writeln!(
+                out,
+                r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">{} msg/s</text>"#,
+                gx + group_w * 0.4,
+                top + ph + 16.0,
+                crate::report::fmt_rate(*rate as f64)
+            );
+            for (si, name) in series.iter().enumerate() {
+                let Some((_, _, v)) = points.iter().find(|(s, r, _)| s == name && r == rate) else {
+                    continue;
+                };
+                let x = gx + si as f64 * bar_w;
+                let (y99, y999) = (y_of(top, v[2 * pi]), y_of(top, v[2 * pi + 1]));
+                let _ = writeln!(
+                    out,
+                    r##"<rect x="{x:.1}" y="{y99:.1}" width="{:.1}" height="{:.1}" fill="{}"/><line x1="{x:.1}" y1="{y999:.1}" x2="{:.1}" y2="{y999:.1}" stroke="#000" stroke-width="2"/>"##,
+                    bar_w * 0.9,
+                    (top + ph - y99).max(0.0),
+                    COLOURS[si % COLOURS.len()],
+                    x + bar_w * 0.9
+                );
+            }
+        }
+    }
+    for (si, name) in series.iter().enumerate() {
+        let y = LAT_TOP + 10.0 + si as f64 * 20.0;
+        let x = LAT_LEFT + LAT_PW + 20.0;
+        let _ = writeln!(
+            out,
+            r#"<rect x="{x}" y="{y}" width="12" height="12" fill="{}"/><text x="{}" y="{}">{}</text>"#,
+            COLOURS[si % COLOURS.len()],
+            x + 18.0,
+            y + 10.0,
+            escape(name)
+        );
+    }
+    out.push_str("</svg>\n");
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

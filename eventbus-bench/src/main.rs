@@ -24,6 +24,8 @@ mod drive;
 mod exactly_once;
 #[cfg(feature = "kafka")]
 mod kafka;
+#[cfg(all(feature = "nats", feature = "kafka"))]
+mod latency;
 mod mode;
 #[cfg(feature = "nats")]
 mod nats;
@@ -112,6 +114,14 @@ pub(crate) struct Args {
     /// exactly-once.md.
     #[arg(long)]
     pub exactly_once_study: bool,
+    /// Measure publish -> ack and publish -> handler latency (p50 / p99 / p99.9) at 1,000,
+    /// 10,000 and 50,000 msg/s offered, the SDK's default beside the raw clients with ids, on
+    /// NATS and Kafka: writes latency.md and latency.svg.
+    #[arg(long)]
+    pub latency_study: bool,
+    /// Offered rates (msg/s, comma separated) for `--latency-study`. Default 1000,10000,50000.
+    #[arg(long, value_delimiter = ',')]
+    pub rates: Vec<u64>,
     /// Seconds of publishing per window in `--dedup-study`.
     #[arg(long, default_value_t = 150)]
     pub study_secs: u64,
@@ -277,6 +287,10 @@ async fn run(args: Args) -> Result<bool, String> {
     #[cfg(all(feature = "nats", feature = "kafka"))]
     if args.exactly_once_study {
         return exactly_once::study(&args).await;
+    }
+    #[cfg(all(feature = "nats", feature = "kafka"))]
+    if args.latency_study {
+        return latency::study(&args).await;
     }
     if let Some(path) = &args.from_json {
         return rerender(&args, path);

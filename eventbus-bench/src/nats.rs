@@ -140,7 +140,7 @@ async fn drive_raw_nats(
 
 /// Publish one message through `js`, with `id` as its `Nats-Msg-Id`: its ack, as an outcome
 /// to await. A message not sent fails the run's verification; the bench goes on.
-async fn send_raw_nats(
+pub(crate) async fn send_raw_nats(
     js: &async_nats::jetstream::Context,
     subject: String,
     body: Bytes,

@@ -1,0 +1,683 @@
+//! `--latency-study`: publish -> ack and publish -> handler latency at fixed offered rates, the
+//! SDK's default against the raw clients with ids, on a local nats-server (file stream) and a
+//! tansu broker (SQLite engine).
+//!
+//! One task offers messages on a fixed schedule (message `i` is due at `start + i / rate`; the
+//! timer's 1 ms step sends the ones due in one tick together, the same for every path). A
+//! latency runs from the instant `publish` is called (the SDK) or the record is handed to the
+//! client (raw) to the exact event: the ack future resolving, or the handler receiving the
+//! message (its send instant travels in the payload). A consumer reads the run's subject or
+//! topic throughout, so every run is also checked against the broker: every message acked and
+//! read back, once.
+
+use std::collections::HashSet;
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use eventbus_batch::{BatchConfig, Batcher};
+use eventbus_brokers::{BrokerKind, TansuStorage, TestBroker};
+use eventbus_core::{Message, Outcome, Publisher, SubscribeSpec, Subscriber, Subscription};
+use eventbus_kafka::{KafkaBackend, KafkaConfig};
+use eventbus_nats::{NatsBackend, NatsConfig, StreamSpec};
+use futures_util::StreamExt;
+use futures_util::future::BoxFuture;
+use futures_util::stream::FuturesUnordered;
+use hdrhistogram::Histogram;
+use parking_lot::Mutex;
+use rdkafka::ClientConfig;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use tokio::sync::{mpsc, watch};
+
+use crate::Args;
+use crate::drive::{decode, hist, payload};
+
+/// The offered rates, messages per second.
+const RATES: [u64; 3] = [1_000, 10_000, 50_000];
+/// tansu's engine for the Kafka rows, and what the table calls it. Its SQLite engine falls
+/// behind at 10,000 msg/s on one partition here (acks seconds late, SDK and raw alike).
+const KAFKA_STORAGE: TansuStorage = TansuStorage::Memory;
+const KAFKA_ENGINE: &str = "memory engine";
+/// The payload, as in the seed's scenarios.
+const PAYLOAD: usize = 108;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum BackendName {
+    Nats,
+    Kafka,
+}
+
+impl BackendName {
+    fn label(self) -> &'static str {
+        match self {
+            BackendName::Nats => "nats",
+            BackendName::Kafka => "kafka",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Path {
+    /// The SDK with its default configuration (ids on).
+    Sdk,
+    /// The bare client with the same ids (NATS `Nats-Msg-Id`, Kafka the `eventbus-id` header).
+    Raw,
+}
+
+impl Path {
+    fn label(self) -> &'static str {
+        match self {
+            Path::Sdk => "sdk",
+            Path::Raw => "raw-dedup",
+        }
+    }
+}
+
+/// What one run (or several, merged) measured.
+struct Lat {
+    ack: Histogram<u64>,
+    handler: Histogram<u64>,
+    offered: u64,
+    acked: u64,
+    received: u64,
+    /// The offered messages over the time it took to offer them.
+    achieved: f64,
+}
+
+impl Lat {
+    fn empty() -> Lat {
+        Lat {
+            ack: hist(),
+            handler: hist(),
+            offered: 0,
+            acked: 0,
+            received: 0,
+            achieved: 0.0,
+        }
+    }
+
+    fn add(&mut self, o: &Lat) {
+        self.ack.add(&o.ack).expect("same bounds");
+        self.handler.add(&o.handler).expect("same bounds");
+        self.offered += o.offered;
+        self.acked += o.acked;
+        self.received += o.received;
+        self.achieved = if self.achieved == 0.0 {
+            o.achieved
+        } else {
+            self.achieved.min(o.achieved)
+        };
+    }
+}
+
+/// How one path publishes: admission now, the ack as a future to time.
+enum Sender {
+    SdkNats(Batcher<eventbus_nats::NatsSink>),
+    SdkKafka(Batcher<eventbus_kafka::KafkaSink>),
+    RawNats(Box<async_nats::jetstream::Context>),
+    RawKafka(FutureProducer),
+}
+
+impl Sender {
+    async fn send(&self, topic: &str, body: eventbus_core::Bytes) -> BoxFuture<'static, Outcome> {
+        use futures_util::FutureExt;
+        let sdk = |r: Result<eventbus_core::PendingAck, eventbus_core::Error>| match r {
+            Ok(ack) => ack.boxed(),
+            Err(e) => std::future::ready(Outcome::Failed(e)).boxed(),
+        };
+        match self {
+            Sender::SdkNats(b) => sdk(b.publish(Message::new(topic, body)).await),
+            Sender::SdkKafka(b) => sdk(b.publish(Message::new(topic, body)).await),
+            Sender::RawNats(js) => {
+                let id = eventbus_core::MessageId::generate().to_string();
+                crate::nats::send_raw_nats(js, topic.to_owned(), body, Some(id))
+                    .await
+                    .boxed()
+            }
+            Sender::RawKafka(p) => {
+                let id = eventbus_core::MessageId::generate().to_string();
+                loop {
+                    let rec = FutureRecord::<(), [u8]>::to(topic)
+                        .payload(&body[..])
+                        .headers(OwnedHeaders::new().insert(Header {
+                            key: eventbus_kafka::ID_HEADER,
+                            value: Some(id.as_bytes()),
+                        }));
+                    match p.send_result(rec) {
+                        Ok(f) => {
+                            break async move {
+                                crate::drive::raw_outcome(match f.await {
+                                    Ok(Ok(_)) => Ok(()),
+                                    Ok(Err((e, _))) => Err(e.to_string()),
+                                    Err(_) => Err("delivery future cancelled".into()),
+                                })
+                            }
+                            .boxed();
+                        }
+                        // librdkafka's queue is full: wait and hand the record over again.
+                        Err(_) => tokio::time::sleep(Duration::from_millis(1)).await,
+                    }
+                }
+            }
+        }
+    }
+
+    async fn close(&self) {
+        match self {
+            Sender::SdkNats(b) => {
+                let _ = b.close(Duration::from_secs(10)).await;
+            }
+            Sender::SdkKafka(b) => {
+                let _ = b.close(Duration::from_secs(10)).await;
+            }
+            Sender::RawNats(_) => {}
+            Sender::RawKafka(p) => {
+                use rdkafka::producer::Producer as _;
+                let _ = p.flush(Duration::from_secs(10));
+            }
+        }
+    }
+}
+
+/// What the handler side saw: the latency of each first delivery, the warm-up's arrival.
+struct Collector {
+    t0: Instant,
+    state: Mutex<(Histogram<u64>, HashSet<u64>)>,
+    warm: watch::Sender<bool>,
+}
+
+impl Collector {
+    fn new(t0: Instant) -> Arc<Collector> {
+        Arc::new(Collector {
+            t0,
+            state: Mutex::new((hist(), HashSet::new())),
+            warm: watch::channel(false).0,
+        })
+    }
+
+    /// A delivery arrived now: time it from the send instant its payload carries.
+    fn saw(&self, p: &[u8]) {
+        let now = self.t0.elapsed().as_nanos() as u64;
+        match decode(p) {
+            None => {
+                self.warm.send_replace(true);
+            }
+            Some((id, sent)) => {
+                let mut st = self.state.lock();
+                if st.1.insert(id) {
+                    let _ = st.0.record((now.saturating_sub(sent) / 1_000).max(1));
+                }
+            }
+        }
+    }
+
+    fn received(&self) -> u64 {
+        self.state.lock().1.len() as u64
+    }
+}
+
+/// The broker of one backend and how each path publishes and reads there.
+#[allow(clippy::large_enum_variant)] // one per backend, for the whole study
+enum Rig {
+    Nats {
+        _server: Box<dyn TestBroker>,
+        backend: NatsBackend,
+    },
+    Kafka {
+        _server: Box<dyn TestBroker>,
+        backend: KafkaBackend,
+        bootstrap: String,
+    },
+}
+
+impl Rig {
+    async fn start(which: BackendName) -> Result<Rig, String> {
+        match which {
+            BackendName::Nats => {
+                let server = BrokerKind::Nats.start().map_err(|e| format!("nats: {e}"))?;
+                let backend = NatsBackend::connect(NatsConfig::new(server.address()))
+                    .await
+                    .map_err(|e| format!("connect NATS: {e}"))?;
+                backend
+                    .ensure_stream(&StreamSpec::new("LATENCY", ["lat.>"]))
+                    .await
+                    .map_err(|e| format!("stream: {e}"))?;
+                Ok(Rig::Nats {
+                    _server: server,
+                    backend,
+                })
+            }
+            BackendName::Kafka => {
+                let server = BrokerKind::Tansu(KAFKA_STORAGE)
+                    .start()
+                    .map_err(|e| format!("tansu: {e}"))?;
+                let bootstrap = server.address();
+                let backend = KafkaBackend::connect(
+                    KafkaConfig::new(bootstrap.clone()).option("fetch.wait.max.ms", "10"),
+                )
+                .await
+                .map_err(|e| format!("connect Kafka: {e}"))?;
+                Ok(Rig::Kafka {
+                    _server: server,
+                    backend,
+                    bootstrap,
+                })
+            }
+        }
+    }
+
+    /// A fresh subject or topic for run `n`.
+    async fn topic(&self, n: usize) -> Result<String, String> {
+        match self {
+            Rig::Nats { .. } => Ok(format!("lat.r{n}")),
+            Rig::Kafka { backend, .. } => {
+                let t = format!("lat-r{n}");
+                backend
+                    .ensure_topic(&t, 1)
+                    .await
+                    .map_err(|e| format!("topic: {e}"))?;
+                Ok(t)
+            }
+        }
+    }
+
+    async fn sender(&self, path: Path) -> Result<Sender, String> {
+        let cfg = BatchConfig::default();
+        Ok(match (self, path) {
+            (Rig::Nats { backend, .. }, Path::Sdk) => {
+                let sink = backend.sink().await.map_err(|e| e.to_string())?;
+                Sender::SdkNats(Batcher::new(sink, cfg).map_err(|e| e.to_string())?)
+            }
+            (Rig::Kafka { backend, .. }, Path::Sdk) => {
+                let sink = backend.sink().map_err(|e| e.to_string())?;
+                Sender::SdkKafka(Batcher::new(sink, cfg).map_err(|e| e.to_string())?)
+            }
+            (Rig::Nats { backend, .. }, Path::Raw) => Sender::RawNats(Box::new(
+                async_nats::jetstream::ContextBuilder::new()
+                    .max_ack_inflight(4_096)
+                    .backpressure_on_inflight(true)
+                    .timeout(Duration::from_secs(10))
+                    .build(backend.client().clone()),
+            )),
+            (Rig::Kafka { bootstrap, .. }, Path::Raw) => {
+                // librdkafka's defaults but idempotent with acks=all, as the SDK's producer;
+                // its linger (5 ms) is librdkafka's default and the SDK's.
+                let p: FutureProducer = ClientConfig::new()
+                    .set("bootstrap.servers", bootstrap)
+                    .set("enable.idempotence", "true")
+                    .set("acks", "all")
+                    .set("linger.ms", "5")
+                    .create()
+                    .map_err(|e| format!("raw producer: {e}"))?;
+                Sender::RawKafka(p)
+            }
+        })
+    }
+
+    /// Start the path's consumer of `topic`, feeding `c`; the handle stops it.
+    async fn consume(
+        &self,
+        path: Path,
+        topic: &str,
+        n: usize,
+        c: Arc<Collector>,
+    ) -> Result<tokio::task::JoinHandle<()>, String> {
+        match (self, path) {
+            (Rig::Nats { backend, .. }, Path::Sdk) => {
+                let sub = backend
+                    .subscriber()
+                    .subscribe(SubscribeSpec::new(topic).group(format!("lat{n}")))
+                    .await
+                    .map_err(|e| format!("subscribe: {e}"))?;
+                Ok(sdk_consumer(sub, c))
+            }
+            (Rig::Kafka { backend, .. }, Path::Sdk) => {
+                let sub = backend
+                    .subscriber()
+                    .subscribe(SubscribeSpec::new(topic).group(format!("lat{n}")))
+                    .await
+                    .map_err(|e| format!("subscribe: {e}"))?;
+                Ok(sdk_consumer(sub, c))
+            }
+            (Rig::Nats { backend, .. }, Path::Raw) => {
+                use async_nats::jetstream::consumer::{AckPolicy, pull};
+                let stream = backend
+                    .jetstream()
+                    .get_stream("LATENCY")
+                    .await
+                    .map_err(|e| format!("get stream: {e}"))?;
+                let consumer = stream
+                    .create_consumer(pull::Config {
+                        durable_name: Some(format!("lat{n}")),
+                        ack_policy: AckPolicy::Explicit,
+                        filter_subject: topic.to_owned(),
+                        ..Default::default()
+                    })
+                    .await
+                    .map_err(|e| format!("create consumer: {e}"))?;
+                let mut msgs = consumer
+                    .messages()
+                    .await
+                    .map_err(|e| format!("consume: {e}"))?;
+                Ok(tokio::spawn(async move {
+                    while let Some(Ok(m)) = msgs.next().await {
+                        c.saw(&m.payload);
+                        let _ = m.ack().await;
+                    }
+                }))
+            }
+            (Rig::Kafka { bootstrap, .. }, Path::Raw) => {
+                use rdkafka::Message as _;
+                // librdkafka's consumer defaults, reading the topic from its start in a group.
+                let consumer: StreamConsumer = ClientConfig::new()
+                    .set("bootstrap.servers", bootstrap)
+                    .set("group.id", format!("lat{n}"))
+                    .set("auto.offset.reset", "earliest")
+                    .set("fetch.wait.max.ms", "10")
+                    .create()
+                    .map_err(|e| format!("raw consumer: {e}"))?;
+                consumer
+                    .subscribe(&[topic])
+                    .map_err(|e| format!("subscribe: {e}"))?;
+                Ok(tokio::spawn(async move {
+                    while let Ok(m) = consumer.recv().await {
+                        c.saw(m.payload().unwrap_or_default());
+                    }
+                }))
+            }
+        }
+    }
+}
+
+fn sdk_consumer(mut sub: Subscription, c: Arc<Collector>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        while let Some(d) = sub.next().await {
+            let Ok(d) = d else { continue };
+            c.saw(d.message().payload());
+            let _ = d.ack().await;
+        }
+    })
+}
+
+/// What a run times: the acks with nothing reading (the consumer reads the run back after),
+/// or the handler with a consumer reading along.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Clock {
+    Ack,
+    Handler,
+}
+
+/// One run: `rate` messages per second for `secs` through `path`, timed by `clock`.
+async fn run(
+    rig: &Rig,
+    path: Path,
+    clock: Clock,
+    rate: u64,
+    secs: f64,
+    n: usize,
+) -> Result<Lat, String> {
+    let topic = rig.topic(n).await?;
+    let t0 = Instant::now();
+    let collector = Collector::new(t0);
+    let sender = rig.sender(path).await?;
+    // Warm up: the client connected and, reading along, the consumer assigned and fetching (a
+    // consumer that joined after the warm-up message, Kafka's group join, gets another one).
+    let mut consumer = None;
+    if clock == Clock::Handler {
+        consumer = Some(rig.consume(path, &topic, n, Arc::clone(&collector)).await?);
+    }
+    let mut warm = collector.warm.subscribe();
+    let ready = async {
+        loop {
+            let ack = sender
+                .send(&topic, eventbus_core::Bytes::from_static(b"warm"))
+                .await;
+            if let Some(e) = ack.await.error() {
+                return Err(format!("warm-up: {e}"));
+            }
+            if consumer.is_none()
+                || tokio::time::timeout(Duration::from_millis(500), warm.wait_for(|w| *w))
+                    .await
+                    .is_ok()
+            {
+                return Ok(());
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(60), ready)
+        .await
+        .map_err(|_| "warm-up: the consumer saw nothing in 60 s".to_string())??;
+
+    let total = (rate as f64 * secs) as u64;
+    let (tx, rx) = mpsc::unbounded_channel::<(Instant, BoxFuture<'static, Outcome>)>();
+    let acks = tokio::spawn(time_acks(rx));
+    let start = tokio::time::Instant::now();
+    let step = Duration::from_secs_f64(1.0 / rate as f64);
+    let mut last = Instant::now();
+    for i in 0..total {
+        let due = start + step * i as u32;
+        if due > tokio::time::Instant::now() {
+            tokio::time::sleep_until(due).await;
+        }
+        let body = payload(PAYLOAD, 0, i, t0);
+        last = Instant::now();
+        let ack = sender.send(&topic, body).await;
+        tx.send((last, ack)).expect("ack timer alive");
+    }
+    let offering = last.duration_since(start.into_std());
+    drop(tx);
+    let (ack, acked) = acks.await.map_err(|e| e.to_string())?;
+    if consumer.is_none() {
+        // Read the run back from the broker: the check, not a clock.
+        consumer = Some(rig.consume(path, &topic, n, Arc::clone(&collector)).await?);
+    }
+    let wait_until = Instant::now() + Duration::from_secs(30);
+    while collector.received() < total && Instant::now() < wait_until {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    if let Some(c) = consumer {
+        c.abort();
+    }
+    sender.close().await;
+    let handler = collector.state.lock().0.clone();
+    Ok(Lat {
+        ack,
+        handler,
+        offered: total,
+        acked,
+        received: collector.received(),
+        achieved: total as f64 / offering.as_secs_f64().max(1e-9),
+    })
+}
+
+/// Await the acks in the order they resolve, each timed when its future completes.
+async fn time_acks(
+    mut rx: mpsc::UnboundedReceiver<(Instant, BoxFuture<'static, Outcome>)>,
+) -> (Histogram<u64>, u64) {
+    let mut h = hist();
+    let mut acked = 0;
+    let mut pending = FuturesUnordered::new();
+    let mut open = true;
+    loop {
+        tokio::select! {
+            m = rx.recv(), if open => match m {
+                Some((sent, ack)) => pending.push(async move {
+                    let o = ack.await;
+                    (sent, Instant::now(), o)
+                }),
+                None => open = false,
+            },
+            Some((sent, at, o)) = pending.next(), if !pending.is_empty() => {
+                if o.is_acked() {
+                    acked += 1;
+                    let _ = h.record((at.duration_since(sent).as_micros() as u64).max(1));
+                }
+            }
+            else => break,
+        }
+    }
+    (h, acked)
+}
+
+fn ms(us: u64) -> String {
+    format!("{:.2}", us as f64 / 1000.0)
+}
+
+fn cells(h: &Histogram<u64>) -> String {
+    format!(
+        "{} / {} / {}",
+        ms(h.value_at_quantile(0.5)),
+        ms(h.value_at_quantile(0.99)),
+        ms(h.value_at_quantile(0.999))
+    )
+}
+
+/// The goal at `rate`, judged on merged histograms: at 1,000/s the SDK's p99 within 1 ms of
+/// raw's; above, its p99 and p99.9 at or below raw's. Says by how much either way.
+fn verdict(rate: u64, sdk: &Histogram<u64>, raw: &Histogram<u64>) -> String {
+    let q = |h: &Histogram<u64>, q| h.value_at_quantile(q);
+    let ratio = |p| q(sdk, p) as f64 / q(raw, p).max(1) as f64;
+    let met = if rate <= 1_000 {
+        q(sdk, 0.99) <= q(raw, 0.99) + 1_000
+    } else {
+        q(sdk, 0.99) <= q(raw, 0.99) && q(sdk, 0.999) <= q(raw, 0.999)
+    };
+    format!(
+        "{} (p99 {:.2}x, p99.9 {:.2}x raw)",
+        if met { "met" } else { "**not met**" },
+        ratio(0.99),
+        ratio(0.999)
+    )
+}
+
+/// The study: both backends, every rate, SDK and raw interleaved; writes `latency.md` and
+/// `latency.svg` (and `.png`) to `--out`. `Ok(false)` if a run lost or failed a message.
+pub(crate) async fn study(args: &Args) -> Result<bool, String> {
+    let (secs, reps) = if args.quick { (2.0, 1) } else { (4.0, 2) };
+    let reps = args.reps.unwrap_or(reps);
+    let rates = if args.rates.is_empty() {
+        RATES.to_vec()
+    } else {
+        args.rates.clone()
+    };
+    let backends: Vec<BackendName> = [BackendName::Nats, BackendName::Kafka]
+        .into_iter()
+        .filter(|b| args.backend.is_empty() || args.backend.iter().any(|n| n == b.label()))
+        .collect();
+    let mut md = format!(
+        "# Latency at fixed offered rates\n\n\
+         Written by `cargo xtask bench --latency-study{}` (eventbus-bench, `latency.rs`): one \
+         task offers 108-byte messages on a fixed schedule for {secs} s per run, {reps} \
+         run(s) per path, rate and clock, SDK and raw interleaved, histograms merged. Publish -> \
+         ack is timed with nothing reading (a consumer reads the run back afterwards, the check); \
+         publish -> handler with the path's own consumer reading along. NATS: a local nats-server, file stream, the SDK's default sink \
+         (fast-ingest batches, `Nats-Msg-Id`) against async-nats's JetStream context with \
+         `Nats-Msg-Id`, the SDK's subscriber against async-nats's pull consumer stream. Kafka: one \
+         tansu broker ({KAFKA_ENGINE}), the SDK's default producer against rdkafka's \
+         `FutureProducer` with the same `eventbus-id` header, both idempotent with `acks=all` and \
+         librdkafka's 5 ms linger; the SDK's subscriber against rdkafka's `StreamConsumer`, both \
+         with `fetch.wait.max.ms=10` (tansu holds a fetch for the whole wait). Publish -> ack runs from `publish` to \
+         the ack future resolving; publish -> handler to the consumer receiving the message.\n\n\
+         | backend | offered/s | path | achieved/s | acked | read back | publish -> ack p50 / \
+         p99 / p99.9 ms | publish -> handler p50 / p99 / p99.9 ms | goal (ack) | goal \
+         (handler) |\n|---|---|---|---|---|---|---|---|---|---|\n",
+        if args.quick { " --quick" } else { "" }
+    );
+    let mut ok = true;
+    let mut n = 0;
+    let mut chart: Vec<(String, u64, [u64; 4])> = Vec::new();
+    for which in backends {
+        eprintln!("==> latency study: starting {}", which.label());
+        let rig = Rig::start(which).await?;
+        for &rate in &rates {
+            // [path][clock]: sdk ack, sdk handler, raw ack, raw handler.
+            let mut got = [Lat::empty(), Lat::empty(), Lat::empty(), Lat::empty()];
+            for rep in 0..reps {
+                // Alternate which path goes first, so neither always runs on a warmer broker.
+                let order = if rep % 2 == 0 {
+                    [Path::Sdk, Path::Raw]
+                } else {
+                    [Path::Raw, Path::Sdk]
+                };
+                for clock in [Clock::Ack, Clock::Handler] {
+                    for path in order {
+                        n += 1;
+                        eprintln!(
+                            "==> latency study: {} {} at {rate}/s, {clock:?} clock, run {}",
+                            which.label(),
+                            path.label(),
+                            rep + 1
+                        );
+                        let lat = run(&rig, path, clock, rate, secs, n).await?;
+                        let h = if clock == Clock::Ack {
+                            &lat.ack
+                        } else {
+                            &lat.handler
+                        };
+                        eprintln!(
+                            "    acked {} read {} of {}; p50 / p99 / p99.9 {} ms",
+                            lat.acked,
+                            lat.received,
+                            lat.offered,
+                            cells(h),
+                        );
+                        got[2 * usize::from(path == Path::Raw)
+                            + usize::from(clock == Clock::Handler)]
+                        .add(&lat);
+                    }
+                }
+            }
+            for (path, ack, handler) in
+                [(Path::Sdk, &got[0], &got[1]), (Path::Raw, &got[2], &got[3])]
+            {
+                let complete = [ack, handler]
+                    .iter()
+                    .all(|l| l.acked == l.offered && l.received == l.offered);
+                ok &= complete;
+                let (ack_goal, handler_goal) = match path {
+                    Path::Sdk => (
+                        verdict(rate, &got[0].ack, &got[2].ack),
+                        verdict(rate, &got[1].handler, &got[3].handler),
+                    ),
+                    Path::Raw => (String::new(), String::new()),
+                };
+                let _ = writeln!(
+                    md,
+                    "| {} | {rate} | {} | {:.0} | {}{} | {} | {} | {} | {ack_goal} | \
+                     {handler_goal} |",
+                    which.label(),
+                    path.label(),
+                    ack.achieved.min(handler.achieved),
+                    ack.acked + handler.acked,
+                    if complete { "" } else { " **incomplete**" },
+                    ack.received + handler.received,
+                    cells(&ack.ack),
+                    cells(&handler.handler),
+                );
+                chart.push((
+                    format!("{} {}", which.label(), path.label()),
+                    rate,
+                    [
+                        ack.ack.value_at_quantile(0.99),
+                        ack.ack.value_at_quantile(0.999),
+                        handler.handler.value_at_quantile(0.99),
+                        handler.handler.value_at_quantile(0.999),
+                    ],
+                ));
+            }
+        }
+    }
+    std::fs::create_dir_all(&args.out).map_err(|e| e.to_string())?;
+    let path = args.out.join("latency.md");
+    std::fs::write(&path, &md).map_err(|e| format!("write {}: {e}", path.display()))?;
+    let svg = crate::chart::rates_svg(&chart);
+    let path = args.out.join("latency.svg");
+    std::fs::write(&path, &svg).map_err(|e| format!("write {}: {e}", path.display()))?;
+    let path = args.out.join("latency.png");
+    std::fs::write(&path, crate::chart::png(&svg)?)
+        .map_err(|e| format!("write {}: {e}", path.display()))?;
+    println!("{md}");
+    Ok(ok)
+}
