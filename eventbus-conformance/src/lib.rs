@@ -260,6 +260,7 @@ macro_rules! conformance_tests {
             refused_dead_letter_keeps_the_message,
             handler_orders_per_key_and_retries,
             unacked_redelivered_after_ack_wait,
+            late_acks_lose_nothing,
             close_and_reopen_loses_nothing,
             concurrent_subscribe_and_close,
             second_member_takes_over_after_close,

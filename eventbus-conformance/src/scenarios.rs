@@ -794,6 +794,50 @@ pub async fn unacked_redelivered_after_ack_wait<H: Harness>(h: &H) {
     drop(acker);
 }
 
+/// A handler slower than the ack wait: the first deliveries are held past it (the backend
+/// delivers them again meanwhile) and acked late, and the copies that come after those late
+/// acks are acked too. Every message must still arrive: late acks must not upset the
+/// subscription's count of what is in flight (on Kafka they did: the count wrapped, the
+/// partitions stayed paused and the rest never came).
+pub async fn late_acks_lose_nothing<H: Harness>(h: &H) {
+    const N: usize = 600;
+    let topic = h.topic("lateacks").await;
+    let wait = h.caps().min_ack_wait;
+    let p = publisher(h, BatchConfig::default()).await;
+    let msgs = numbered(&topic, N);
+    let expected = ids(&msgs);
+    assert_all_acked(&publish_all(&p, msgs).await);
+    let mut sub = subscribe(
+        h,
+        SubscribeSpec::new(&topic)
+            .group("g")
+            .prefetch(4)
+            .ack_wait(wait),
+    )
+    .await;
+    let mut held = Vec::new();
+    for _ in 0..5 {
+        held.push(
+            recv(&mut sub, RECV_TIMEOUT)
+                .await
+                .expect("first deliveries"),
+        );
+    }
+    // Past the ack wait: what was handed over is delivered again behind the rest.
+    tokio::time::sleep(wait + wait / 2).await;
+    let mut got = HashSet::new();
+    // The first stays unacked for now, so that what is acked after it stays in flight on the
+    // backend's books (not yet committed past) when its copies come round.
+    let first = held.remove(0);
+    got.insert(first.message().id().to_string());
+    for d in held {
+        got.insert(d.message().id().to_string());
+        d.ack().await.expect("late ack");
+    }
+    ack_until_all_seen(&mut sub, &mut got, &expected, "after late acks").await;
+    first.ack().await.expect("ack");
+}
+
 /// When one member of a group closes and the next one starts (a rolling restart), the next one
 /// gets the rest within [`Caps::handover_within`](crate::Caps::handover_within) (2 s) of `close`
 /// returning: `close` returns after the member has left the group, so nothing waits for the

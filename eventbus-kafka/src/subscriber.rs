@@ -456,6 +456,11 @@ struct State {
 
 impl State {
     fn assigned(&mut self, partitions: &[i32]) {
+        tracing::debug!(
+            ?partitions,
+            unsettled = self.unsettled,
+            "partitions assigned"
+        );
         for p in partitions {
             self.next_epoch += 1;
             self.parts.insert(
@@ -652,8 +657,16 @@ fn pump(consumer: &BaseConsumer<Ctx>, shared: &Arc<Shared>, spec: &SubscribeSpec
                 st.deliver(shared, k);
             }
         }
-        // Hand over what is waiting.
+        // Hand over what is waiting. A delivery whose message was settled meanwhile (an
+        // earlier delivery acked after its ack wait ran out) or that a later round replaced
+        // is dropped: handing it over would count a settled message as in flight again.
         while let Some((k, d)) = st.backlog.pop_front() {
+            if !st
+                .entry(&k)
+                .is_some_and(|e| e.round == k.round && e.stage != Stage::Settled)
+            {
+                continue;
+            }
             match feed.try_send(Ok(d)) {
                 Ok(()) => {
                     if let Some(e) = st.entry(&k) {
@@ -679,6 +692,13 @@ fn pump(consumer: &BaseConsumer<Ctx>, shared: &Arc<Shared>, spec: &SubscribeSpec
         }
         let pause = behind && now - *behind_since.get_or_insert(now) >= PAUSE_AFTER;
         if pause != st.paused {
+            tracing::debug!(
+                topic,
+                pause,
+                unsettled = st.unsettled,
+                backlog = st.backlog.len(),
+                "handler behind: partitions paused or resumed"
+            );
             st.paused = pause;
             if let Ok(tpl) = consumer.assignment() {
                 let r = if pause {

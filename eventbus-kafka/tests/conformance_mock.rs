@@ -99,6 +99,7 @@ eventbus_conformance::conformance_tests!(@each mock_cluster().await;
     dead_letters_after_max_deliveries,
     handler_orders_per_key_and_retries,
     unacked_redelivered_after_ack_wait,
+    late_acks_lose_nothing,
     close_and_reopen_loses_nothing,
     concurrent_subscribe_and_close,
     second_member_takes_over_after_close,

@@ -130,6 +130,16 @@ impl Database {
     }
 }
 
+/// A PostgreSQL session as `Pool::sessions` reads it: state, wait event type and name,
+/// transaction age in seconds, the statement's start.
+type Session = (
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Option<f64>,
+    String,
+);
+
 /// The row's own connection to the store, opened once: it creates the tables and counts.
 enum Pool {
     Postgres(sqlx::PgPool),
@@ -171,6 +181,35 @@ impl Pool {
             Pool::Sqlite(p) => SqliteInbox::new(p.clone(), INBOX_CONSUMER).migrate().await,
         };
         migrated.map_err(|e| format!("migrate the inbox: {e}"))
+    }
+
+    /// PostgreSQL's other sessions on this database: state, wait event, transaction age and
+    /// the statement's start, one per line; `None` on SQLite or when it cannot be read.
+    async fn sessions(&self) -> Option<String> {
+        let Pool::Postgres(p) = self else { return None };
+        let rows: Vec<Session> = sqlx::query_as(
+            "SELECT state, wait_event_type, wait_event, \
+                 extract(epoch FROM now() - xact_start)::float8, left(query, 80) \
+                 FROM pg_stat_activity WHERE datname = current_database() \
+                 AND pid <> pg_backend_pid()",
+        )
+        .fetch_all(p)
+        .await
+        .ok()?;
+        Some(
+            rows.iter()
+                .map(|(state, wt, w, age, q)| {
+                    format!(
+                        "[{} {}/{} xact {:.1} s: {q}]",
+                        state.as_deref().unwrap_or("-"),
+                        wt.as_deref().unwrap_or("-"),
+                        w.as_deref().unwrap_or("-"),
+                        age.unwrap_or(0.0)
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join(" "),
+        )
     }
 
     /// `(effect rows, distinct messages with an effect, deliveries)`.
@@ -337,6 +376,14 @@ pub async fn inbox_kill<T: Target>(t: &mut T, size: Size, store: Store, fault: I
             Err(e) => row.notes.push(e),
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    if (counts.1 as usize) < acked
+        && let Some(sessions) = pool.sessions().await
+    {
+        // Stalled: what the database's sessions were doing says whether the consumer waits
+        // on PostgreSQL (a lock, an open transaction) or on itself.
+        row.notes
+            .push(format!("stalled; PostgreSQL sessions: {sessions}"));
     }
     // Late redeliveries of messages already applied must change nothing.
     tokio::time::sleep(Duration::from_secs(3)).await;
