@@ -201,6 +201,18 @@ fn latency_axes(out: &mut String, xmax: f64) {
             crate::report::fmt_rate(v)
         );
     }
+    log_grid(out, left, top, pw, ph);
+    let _ = writeln!(
+        out,
+        r#"<text x="{}" y="{}" text-anchor="middle">publish msg/s</text>"#,
+        left + pw / 2.0,
+        LAT_H - 12.0
+    );
+}
+
+/// The latency axis's grid lines and labels (0.1 ms .. 10 s, log scale) over a plot area of
+/// `pw` x `ph` at (`left`, `top`).
+fn log_grid(out: &mut String, left: f64, top: f64, pw: f64, ph: f64) {
     for (i, label) in ["0.1 ms", "1 ms", "10 ms", "100 ms", "1 s", "10 s"]
         .iter()
         .enumerate()
@@ -214,12 +226,6 @@ fn latency_axes(out: &mut String, xmax: f64) {
             y + 4.0
         );
     }
-    let _ = writeln!(
-        out,
-        r#"<text x="{}" y="{}" text-anchor="middle">publish msg/s</text>"#,
-        left + pw / 2.0,
-        LAT_H - 12.0
-    );
 }
 
 /// A point per run, labelled `window/linger`, one colour (and legend entry) per backend and
@@ -343,19 +349,7 @@ pub(crate) fn rates_svg(points: &[RatePoint]) -> String {
             top - 8.0,
             escape(title)
         );
-        for (i, label) in ["0.1 ms", "1 ms", "10 ms", "100 ms", "1 s", "10 s"]
-            .iter()
-            .enumerate()
-        {
-            let y = top + ph - ph * i as f64 / (LMAX - LMIN);
-            let _ = writeln!(
-                out,
-                r##"<line x1="{LAT_LEFT}" y1="{y}" x2="{}" y2="{y}" stroke="#ddd"/><text x="{}" y="{}" text-anchor="end">{label}</text>"##,
-                LAT_LEFT + LAT_PW,
-                LAT_LEFT - 6.0,
-                y + 4.0
-            );
-        }
+        log_grid(&mut out, LAT_LEFT, top, LAT_PW, ph);
         for (ri, rate) in rates.iter().enumerate() {
             let gx = LAT_LEFT + ri as f64 * group_w + group_w * 0.1;
             let _ = writeln!(

@@ -326,20 +326,10 @@ impl Rig {
     ) -> Result<tokio::task::JoinHandle<()>, String> {
         match (self, path) {
             (Rig::Nats { backend, .. }, Path::Sdk) => {
-                let sub = backend
-                    .subscriber()
-                    .subscribe(SubscribeSpec::new(topic).group(format!("lat{n}")))
-                    .await
-                    .map_err(|e| format!("subscribe: {e}"))?;
-                Ok(sdk_consumer(sub, c))
+                sdk_consumer(backend.subscriber(), topic, n, c).await
             }
             (Rig::Kafka { backend, .. }, Path::Sdk) => {
-                let sub = backend
-                    .subscriber()
-                    .subscribe(SubscribeSpec::new(topic).group(format!("lat{n}")))
-                    .await
-                    .map_err(|e| format!("subscribe: {e}"))?;
-                Ok(sdk_consumer(sub, c))
+                sdk_consumer(backend.subscriber(), topic, n, c).await
             }
             (Rig::Nats { backend, .. }, Path::Raw) => {
                 use async_nats::jetstream::consumer::{AckPolicy, pull};
@@ -391,14 +381,24 @@ impl Rig {
     }
 }
 
-fn sdk_consumer(mut sub: Subscription, c: Arc<Collector>) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
+/// The SDK's consumer of `topic` in group `lat{n}`, feeding `c`, each delivery acked.
+async fn sdk_consumer(
+    subscriber: impl Subscriber,
+    topic: &str,
+    n: usize,
+    c: Arc<Collector>,
+) -> Result<tokio::task::JoinHandle<()>, String> {
+    let mut sub: Subscription = subscriber
+        .subscribe(SubscribeSpec::new(topic).group(format!("lat{n}")))
+        .await
+        .map_err(|e| format!("subscribe: {e}"))?;
+    Ok(tokio::spawn(async move {
         while let Some(d) = sub.next().await {
             let Ok(d) = d else { continue };
             c.saw(d.message().payload());
             let _ = d.ack().await;
         }
-    })
+    }))
 }
 
 /// What a run times: the acks with nothing reading (the consumer reads the run back after),
