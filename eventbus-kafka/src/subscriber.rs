@@ -463,7 +463,7 @@ impl State {
         );
         for p in partitions {
             self.next_epoch += 1;
-            self.parts.insert(
+            let replaced = self.parts.insert(
                 *p,
                 Part {
                     epoch: self.next_epoch,
@@ -472,6 +472,17 @@ impl State {
                     committed: None,
                 },
             );
+            // Assigned again without a revoke first (rdkafka's default handling of a rebalance
+            // error unassigns without one): the old assignment's messages are no longer in
+            // flight here.
+            if let Some(old) = replaced {
+                let open = old
+                    .entries
+                    .values()
+                    .filter(|e| e.stage != Stage::Settled)
+                    .count();
+                self.unsettled -= open;
+            }
         }
         self.paused = false;
     }

@@ -10,7 +10,7 @@ use eventbus_core::{
     AckHandle, Acker, DeadLetters, Delivery, DeliveryInfo, Error, ErrorKind, Feed, MessageId,
     Position, StartFrom, SubscribeSpec, Subscriber, Subscription, Topic,
 };
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 
 use crate::error::{self, BACKEND};
 use crate::headers;
@@ -277,7 +277,8 @@ async fn pump(
 /// the one delivered first (lowest consumer sequence) goes first. That is exact: the client
 /// reads one connection and routes its messages to the requests' inboxes in arrival order, so
 /// once a message is seen, every message delivered before it is already in its inbox, and the
-/// other requests are polled again before it is handed over.
+/// other requests are polled again (outside tokio's cooperative budget) before it is handed
+/// over.
 #[derive(Default)]
 struct Pulls {
     open: Vec<Open>,
@@ -309,7 +310,6 @@ impl Pulls {
     /// The next message in delivery order, or `None` when a request ended (it is dropped).
     /// Cancel-safe: a message taken from a request is kept in `held` until handed over.
     async fn next(&mut self) -> Option<jetstream::Message> {
-        use futures_util::FutureExt;
         loop {
             if self.open.is_empty() {
                 return None;
@@ -319,7 +319,9 @@ impl Pulls {
                 .iter_mut()
                 .filter(|o| o.held.is_none() && !o.ended)
             {
-                if let Some(item) = o.batch.next().now_or_never() {
+                // Unconstrained: with the task's cooperative budget spent, tokio's channel
+                // answers "pending" although a message waits, which would pass it over.
+                if let Some(item) = tokio::task::unconstrained(o.batch.next()).now_or_never() {
                     o.take(item);
                 }
             }
@@ -350,8 +352,13 @@ impl Pulls {
     /// Drop the open requests, gone with their connection or silent, nacking what was pulled
     /// and not handed over.
     async fn abandon(&mut self) {
-        for o in self.open.drain(..) {
-            if let Some((_, m)) = o.held {
+        for mut o in self.open.drain(..) {
+            if let Some((_, m)) = o.held.take() {
+                let _ = m.ack_with(AckKind::Nak(None)).await;
+            }
+            // What already arrived for the request is nacked too, not left to the ack wait.
+            while let Some(Some(Ok(m))) = tokio::task::unconstrained(o.batch.next()).now_or_never()
+            {
                 let _ = m.ack_with(AckKind::Nak(None)).await;
             }
         }
