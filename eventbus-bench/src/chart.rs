@@ -160,19 +160,29 @@ pub(crate) fn latency_svg(records: &[crate::report::Record]) -> String {
             .map(|r| r.publish_msgs_per_sec)
             .fold(1.0f64, f64::max),
     );
-    let mut out = String::new();
-    let _ = writeln!(
-        out,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{LAT_W}" height="{LAT_H}" font-family="sans-serif" font-size="11">"#
-    );
-    let _ = writeln!(out, r#"<rect width="100%" height="100%" fill="white"/>"#);
-    let _ = writeln!(
-        out,
-        r#"<text x="{LAT_LEFT}" y="24" font-size="15">ACK latency p99 vs publish throughput (sweep: window / linger ms)</text>"#
+    let mut out = lat_svg_open(
+        LAT_H,
+        "ACK latency p99 vs publish throughput (sweep: window / linger ms)",
     );
     latency_axes(&mut out, xmax);
     latency_points(&mut out, records, xmax);
     out.push_str("</svg>\n");
+    out
+}
+
+/// A latency chart's opening: the `<svg>` element `height` high, a white background, `title`.
+fn lat_svg_open(height: f64, title: &str) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{LAT_W}" height="{height}" font-family="sans-serif" font-size="11">"#
+    );
+    let _ = writeln!(out, r#"<rect width="100%" height="100%" fill="white"/>"#);
+    let _ = writeln!(
+        out,
+        r#"<text x="{LAT_LEFT}" y="24" font-size="15">{}</text>"#,
+        escape(title)
+    );
     out
 }
 
@@ -183,8 +193,14 @@ fn lat_x(v: f64, xmax: f64) -> f64 {
 
 /// The latency chart's y position of `us` microseconds (clamped to the axis).
 fn lat_y(us: u64) -> f64 {
+    log_y(LAT_TOP, LAT_PH, us)
+}
+
+/// The y position of `us` microseconds on the latency axis of a plot area `ph` high at `top`
+/// (clamped to the axis).
+fn log_y(top: f64, ph: f64, us: u64) -> f64 {
     let ms = (us.max(1) as f64 / 1000.0).log10().clamp(LMIN, LMAX);
-    LAT_TOP + LAT_PH - LAT_PH * (ms - LMIN) / (LMAX - LMIN)
+    top + ph - ph * (ms - LMIN) / (LMAX - LMIN)
 }
 
 /// The latency chart's grid and axis labels.
@@ -325,20 +341,10 @@ pub(crate) fn rates_svg(points: &[RatePoint]) -> String {
     }
     let (ph, gap) = (LAT_PH * 0.6, 70.0);
     let height = LAT_TOP + 2.0 * (ph + gap) + 20.0;
-    let mut out = String::new();
-    let _ = writeln!(
-        out,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{LAT_W}" height="{height}" font-family="sans-serif" font-size="11">"#
+    let mut out = lat_svg_open(
+        height,
+        "Latency at fixed offered rates: p99 (bar) and p99.9 (tick)",
     );
-    let _ = writeln!(out, r#"<rect width="100%" height="100%" fill="white"/>"#);
-    let _ = writeln!(
-        out,
-        r#"<text x="{LAT_LEFT}" y="24" font-size="15">Latency at fixed offered rates: p99 (bar) and p99.9 (tick)</text>"#
-    );
-    let y_of = |top: f64, us: u64| {
-        let ms = (us.max(1) as f64 / 1000.0).log10().clamp(LMIN, LMAX);
-        top + ph - ph * (ms - LMIN) / (LMAX - LMIN)
-    };
     let group_w = LAT_PW / rates.len().max(1) as f64;
     let bar_w = group_w * 0.8 / series.len().max(1) as f64;
     for (pi, title) in ["publish -> ack", "publish -> handler"].iter().enumerate() {
@@ -364,7 +370,7 @@ pub(crate) fn rates_svg(points: &[RatePoint]) -> String {
                     continue;
                 };
                 let x = gx + si as f64 * bar_w;
-                let (y99, y999) = (y_of(top, v[2 * pi]), y_of(top, v[2 * pi + 1]));
+                let (y99, y999) = (log_y(top, ph, v[2 * pi]), log_y(top, ph, v[2 * pi + 1]));
                 let _ = writeln!(
                     out,
                     r##"<rect x="{x:.1}" y="{y99:.1}" width="{:.1}" height="{:.1}" fill="{}"/><line x1="{x:.1}" y1="{y999:.1}" x2="{:.1}" y2="{y999:.1}" stroke="#000" stroke-width="2"/>"##,

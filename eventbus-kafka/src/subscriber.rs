@@ -426,6 +426,15 @@ struct Part {
 }
 
 impl Part {
+    /// Its messages still in flight (polled, not settled): what leaves the unsettled count
+    /// when the partition's books are dropped.
+    fn open(&self) -> usize {
+        self.entries
+            .values()
+            .filter(|e| e.stage != Stage::Settled)
+            .count()
+    }
+
     /// Drop the settled run at the front; the offset to commit (first unsettled, or after the
     /// last polled message).
     fn commit_point(&mut self) -> Option<i64> {
@@ -476,12 +485,7 @@ impl State {
             // error unassigns without one): the old assignment's messages are no longer in
             // flight here.
             if let Some(old) = replaced {
-                let open = old
-                    .entries
-                    .values()
-                    .filter(|e| e.stage != Stage::Settled)
-                    .count();
-                self.unsettled -= open;
+                self.unsettled -= old.open();
             }
         }
         self.paused = false;
@@ -596,12 +600,7 @@ impl ConsumerContext for Ctx {
         let commit = st.take_commits(&topic, Some(&revoked));
         for p in &revoked {
             if let Some(part) = st.parts.remove(p) {
-                let open = part
-                    .entries
-                    .values()
-                    .filter(|e| e.stage != Stage::Settled)
-                    .count();
-                st.unsettled -= open;
+                st.unsettled -= part.open();
             }
         }
         drop(st);
