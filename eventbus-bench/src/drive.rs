@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use eventbus_batch::{BatchConfig, Batcher};
+use eventbus_core::Backend as _;
 use eventbus_core::{
     BatchSink, Bytes, Message, Outcome, Publisher, SubscribeSpec, Subscriber, Subscription, Topic,
 };
@@ -573,7 +574,8 @@ impl Target for InProcess {
         let broker = MemoryBroker::new();
         let cfg = Env::sdk_config(args);
         rec.window = cfg.max_in_flight;
-        let p = Batcher::new(broker.sink(), cfg).map_err(|e| e.to_string())?;
+        let p = Batcher::new(broker.sink().await.map_err(|e| e.to_string())?, cfg)
+            .map_err(|e| e.to_string())?;
         let during = match run.measure {
             Measure::EndToEnd => Some(subscribe_each(&broker, &topics).await?),
             _ => None,

@@ -19,6 +19,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use eventbus_batch::{BatchConfig, Batcher};
+use eventbus_core::Backend as _;
 use eventbus_core::handler::{self, HandlerConfig, HandlerError};
 use eventbus_core::{Message, Publisher, SubscribeSpec, Subscriber};
 use eventbus_kafka::{KafkaBackend, KafkaConfig, TxnSpec};
@@ -293,7 +294,7 @@ async fn kafka_phase(
         .await
         .map_err(|e| format!("connect: {e}"))?;
     let publisher = Batcher::new(
-        kafka.sink().map_err(|e| e.to_string())?,
+        kafka.sink().await.map_err(|e| e.to_string())?,
         BatchConfig::default(),
     )
     .map_err(|e| e.to_string())?;

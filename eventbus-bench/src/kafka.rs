@@ -6,6 +6,8 @@ use std::time::{Duration, Instant};
 
 use eventbus_batch::Batcher;
 use eventbus_brokers::{BrokerKind, TansuStorage, TestBroker};
+use eventbus_core::Backend as _;
+use eventbus_core::TopicSpec;
 use eventbus_core::{Message, Publisher, Topic};
 use eventbus_kafka::{KafkaBackend, KafkaConfig};
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -282,7 +284,7 @@ impl KafkaEnv {
         let kafka = &class.backend;
         let topic = format!("bench.r{id}.backlog");
         kafka
-            .ensure_topic(&topic, DRAIN_PARTITIONS)
+            .ensure_topic(&TopicSpec::new(&topic).partitions(DRAIN_PARTITIONS))
             .await
             .map_err(|e| format!("create topic: {e}"))?;
         let sink = kafka.sink_without_id().map_err(|e| e.to_string())?;
@@ -369,7 +371,7 @@ impl RunTopics {
         let mut all = names.clone();
         all.push(warm.clone());
         kafka
-            .ensure_topics(&all, 1)
+            .ensure_topics(&all.iter().map(TopicSpec::new).collect::<Vec<_>>())
             .await
             .map_err(|e| format!("create topics: {e}"))?;
         let topics = names.iter().map(Topic::new).collect();
@@ -428,7 +430,7 @@ fn producer_key(run: Run, linger: u64, cfg: &eventbus_batch::BatchConfig) -> Str
 }
 
 /// Partitions of the drained topic.
-const DRAIN_PARTITIONS: i32 = 4;
+const DRAIN_PARTITIONS: u32 = 4;
 
 /// rdkafka's consumer in a group, committing like the SDK does: each offset stored after its
 /// message is processed, committed in the background. With `defaults`, librdkafka's own
@@ -527,7 +529,7 @@ impl Producer {
             Mode::Naive | Mode::Sdk { .. } => {
                 let sink = match mode {
                     Mode::Sdk { ids: false, .. } => kafka.sink_without_id(),
-                    _ => kafka.sink(),
+                    _ => kafka.sink().await,
                 };
                 let b = Batcher::new(sink.map_err(|e| e.to_string())?, cfg.clone())
                     .map_err(|e| e.to_string())?;

@@ -17,6 +17,8 @@ use std::time::{Duration, Instant};
 
 use eventbus_batch::{BatchConfig, Batcher};
 use eventbus_brokers::{BrokerKind, TansuStorage, TestBroker};
+use eventbus_core::Backend as _;
+use eventbus_core::TopicSpec;
 use eventbus_core::{Message, Outcome, Publisher, SubscribeSpec, Subscriber, Subscription};
 use eventbus_kafka::{KafkaBackend, KafkaConfig};
 use eventbus_nats::{NatsBackend, NatsConfig, StreamSpec};
@@ -275,7 +277,7 @@ impl Rig {
             Rig::Kafka { backend, .. } => {
                 let t = format!("lat-r{n}");
                 backend
-                    .ensure_topic(&t, 1)
+                    .ensure_topic(&TopicSpec::new(&t).partitions(1))
                     .await
                     .map_err(|e| format!("topic: {e}"))?;
                 Ok(t)
@@ -291,7 +293,7 @@ impl Rig {
                 Sender::SdkNats(Batcher::new(sink, cfg).map_err(|e| e.to_string())?)
             }
             (Rig::Kafka { backend, .. }, Path::Sdk) => {
-                let sink = backend.sink().map_err(|e| e.to_string())?;
+                let sink = backend.sink().await.map_err(|e| e.to_string())?;
                 Sender::SdkKafka(Batcher::new(sink, cfg).map_err(|e| e.to_string())?)
             }
             (Rig::Nats { backend, .. }, Path::Raw) => Sender::RawNats(Box::new(

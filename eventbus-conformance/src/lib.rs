@@ -5,18 +5,19 @@ use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use eventbus_core::{Backend, BatchSink, Subscriber, Topic};
+use eventbus_core::{
+    Backend, BatchSink, Capabilities, Error, ErrorKind, Subscriber, Topic, TopicSpec,
+};
 
 pub mod scenarios;
 
-/// Behaviours that legitimately differ between backends.
+/// How one test broker differs from the suite's defaults: timings and known broker defects, not
+/// properties of the backend (those are [`Capabilities`], which the suite reads from the
+/// backend itself).
 #[derive(Clone, Copy, Debug)]
 #[non_exhaustive]
-pub struct Caps {
-    /// Members of one consumer group receive disjoint shares (a Kafka group on a one-partition
-    /// topic gives everything to one member, which is allowed).
-    pub members_share_evenly: bool,
-    /// Shortest ack wait the backend honours in tests.
+pub struct Quirks {
+    /// Shortest ack wait the broker honours promptly in tests. Default 500 ms.
     pub min_ack_wait: Duration,
     /// How soon after one group member closes the next one, started then, has the rest. Default
     /// 2 s. A Kafka broker holds the first join into an empty group for
@@ -31,10 +32,9 @@ pub struct Caps {
     pub rejoin_after_churn: bool,
 }
 
-impl Default for Caps {
+impl Default for Quirks {
     fn default() -> Self {
-        Caps {
-            members_share_evenly: true,
+        Quirks {
             min_ack_wait: Duration::from_millis(500),
             handover_within: Duration::from_secs(2),
             rejoin_after_churn: true,
@@ -42,12 +42,7 @@ impl Default for Caps {
     }
 }
 
-impl Caps {
-    /// Set `members_share_evenly`.
-    pub fn members_share_evenly(mut self, v: bool) -> Self {
-        self.members_share_evenly = v;
-        self
-    }
+impl Quirks {
     /// Set `min_ack_wait`.
     pub fn min_ack_wait(mut self, d: Duration) -> Self {
         self.min_ack_wait = d;
@@ -72,11 +67,21 @@ pub trait Harness: Send + Sync + 'static {
     /// The subscriber.
     type Sub: Subscriber + Send + Sync + 'static;
 
-    /// Capabilities.
-    fn caps(&self) -> Caps;
+    /// What the backend can do ([`Backend::capabilities`]).
+    fn capabilities(&self) -> Capabilities;
 
-    /// A fresh topic, unique to this call, provisioned so it can be published to and
-    /// subscribed. `hint` is a readable suffix.
+    /// How the broker under test differs from the suite's defaults.
+    fn quirks(&self) -> Quirks;
+
+    /// Make sure `spec`'s topic exists ([`Backend::ensure_topic`], or the broker's own means
+    /// where the harness provisions topics itself).
+    fn ensure_topic(&self, spec: &TopicSpec) -> impl Future<Output = Result<(), Error>> + Send;
+
+    /// A fresh topic name, unique to this call, not provisioned. `hint` is a readable suffix.
+    fn topic_name(&self, hint: &str) -> String;
+
+    /// A fresh topic, unique to this call ([`Harness::topic_name`]), provisioned so it can be
+    /// published to and subscribed (with several partitions where the backend has them).
     fn topic(&self, hint: &str) -> impl Future<Output = Topic> + Send;
 
     /// A topic that passes validation but which the broker refuses (no stream covers it,
@@ -122,7 +127,7 @@ pub struct BackendHarness<B: Backend> {
     // broker they talk to goes away.
     backend: B,
     _broker: Box<dyn Any + Send + Sync>,
-    caps: Caps,
+    quirks: Quirks,
     partitions: u32,
     unroutable: Topic,
     provision: Option<Provision>,
@@ -131,14 +136,14 @@ pub struct BackendHarness<B: Backend> {
 }
 
 impl<B: Backend> BackendHarness<B> {
-    /// A harness over `backend`: default [`Caps`], topics with 3 partitions where the broker
-    /// has them (enough for two group members to share), `no.such.topic` as the unroutable
-    /// topic.
+    /// A harness over `backend`: default [`Quirks`], topics with 3 partitions where the
+    /// backend has them (enough for two group members to share), `no.such.topic` as the
+    /// unroutable topic.
     pub fn new(backend: B) -> Self {
         BackendHarness {
             backend,
             _broker: Box::new(()),
-            caps: Caps::default(),
+            quirks: Quirks::default(),
             partitions: 3,
             unroutable: Topic::new("no.such.topic"),
             provision: None,
@@ -153,9 +158,9 @@ impl<B: Backend> BackendHarness<B> {
         self
     }
 
-    /// Set the capabilities.
-    pub fn caps(mut self, caps: Caps) -> Self {
-        self.caps = caps;
+    /// Set the broker's quirks.
+    pub fn quirks(mut self, quirks: Quirks) -> Self {
+        self.quirks = quirks;
         self
     }
 
@@ -192,21 +197,37 @@ impl<B: Backend> Harness for BackendHarness<B> {
     type Sink = B::Sink;
     type Sub = B::Subscriber;
 
-    fn caps(&self) -> Caps {
-        self.caps
+    fn capabilities(&self) -> Capabilities {
+        self.backend.capabilities()
+    }
+
+    fn quirks(&self) -> Quirks {
+        self.quirks
+    }
+
+    async fn ensure_topic(&self, spec: &TopicSpec) -> Result<(), Error> {
+        match &self.provision {
+            Some(create) => {
+                spec.check(&self.backend.capabilities(), self.backend.name())?;
+                create(spec.name(), spec.get_partitions().unwrap_or(1))
+                    .map_err(|e| Error::new(ErrorKind::Other, e))
+            }
+            None => self.backend.ensure_topic(spec).await,
+        }
+    }
+
+    fn topic_name(&self, hint: &str) -> String {
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        format!("t{n}.{hint}")
     }
 
     async fn topic(&self, hint: &str) -> Topic {
-        let n = self.next.fetch_add(1, Ordering::Relaxed);
-        let name = format!("t{n}.{hint}");
-        match &self.provision {
-            Some(create) => create(&name, self.partitions).expect("create topic"),
-            None => self
-                .backend
-                .ensure_topic(&name, self.partitions)
-                .await
-                .expect("ensure topic"),
+        let name = self.topic_name(hint);
+        let mut spec = TopicSpec::new(name.as_str());
+        if self.backend.capabilities().partitions {
+            spec = spec.partitions(self.partitions);
         }
+        self.ensure_topic(&spec).await.expect("ensure topic");
         Topic::new(name)
     }
 
@@ -248,6 +269,8 @@ macro_rules! conformance_tests {
     ($harness:expr) => {
         $crate::conformance_tests!(@each $harness;
             roundtrip_intact,
+            topic_options_honoured_or_refused,
+            broker_dedup_as_capabilities_say,
             headers_keep_order_and_repeats,
             several_topics_in_one_subscription,
             typed_handler_dead_letters_bad_payloads,

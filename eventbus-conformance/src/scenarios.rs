@@ -15,6 +15,9 @@ use tokio::time::timeout;
 
 use crate::Harness;
 
+mod topics;
+pub use topics::{broker_dedup_as_capabilities_say, topic_options_honoured_or_refused};
+
 /// Longest any scenario may run before it counts as hung.
 pub const SCENARIO_TIMEOUT: Duration = Duration::from_secs(120);
 const RECV_TIMEOUT: Duration = Duration::from_secs(20);
@@ -773,7 +776,7 @@ pub async fn handler_orders_per_key_and_retries<H: Harness>(h: &H) {
 /// A delivery that is neither acked nor nacked comes back after the ack wait.
 pub async fn unacked_redelivered_after_ack_wait<H: Harness>(h: &H) {
     let topic = h.topic("ackwait").await;
-    let wait = h.caps().min_ack_wait;
+    let wait = h.quirks().min_ack_wait;
     let p = publisher(h, BatchConfig::default()).await;
     assert_all_acked(&publish_all(&p, vec![Message::new(&topic, "slow")]).await);
     let mut sub = subscribe(h, SubscribeSpec::new(&topic).group("g").ack_wait(wait)).await;
@@ -802,7 +805,7 @@ pub async fn unacked_redelivered_after_ack_wait<H: Harness>(h: &H) {
 pub async fn late_acks_lose_nothing<H: Harness>(h: &H) {
     const N: usize = 600;
     let topic = h.topic("lateacks").await;
-    let wait = h.caps().min_ack_wait;
+    let wait = h.quirks().min_ack_wait;
     let p = publisher(h, BatchConfig::default()).await;
     let msgs = numbered(&topic, N);
     let expected = ids(&msgs);
@@ -839,7 +842,7 @@ pub async fn late_acks_lose_nothing<H: Harness>(h: &H) {
 }
 
 /// When one member of a group closes and the next one starts (a rolling restart), the next one
-/// gets the rest within [`Caps::handover_within`](crate::Caps::handover_within) (2 s) of `close`
+/// gets the rest within [`Quirks::handover_within`](crate::Quirks::handover_within) (2 s) of `close`
 /// returning: `close` returns after the member has left the group, so nothing waits for the
 /// broker to notice that the member is gone.
 pub async fn second_member_takes_over_after_close<H: Harness>(h: &H) {
@@ -858,7 +861,7 @@ pub async fn second_member_takes_over_after_close<H: Harness>(h: &H) {
     // A rolling restart: the next member starts once the previous one is gone.
     let closed = tokio::time::Instant::now();
     let mut second = subscribe(h, spec).await;
-    let within = h.caps().handover_within;
+    let within = h.quirks().handover_within;
     let deadline = closed + within;
     while got.len() < expected.len() {
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
@@ -931,7 +934,7 @@ pub async fn concurrent_subscribe_and_close<H: Harness>(h: &H) {
         20,
         "after churn the group still owes every message: {lag:?}"
     );
-    let group = if h.caps().rejoin_after_churn {
+    let group = if h.quirks().rejoin_after_churn {
         "g"
     } else {
         "g-after-churn"
@@ -1137,7 +1140,7 @@ pub async fn consumer_groups<H: Harness>(h: &H) {
     );
     let union: HashSet<String> = seen1.union(&seen2).cloned().collect();
     assert_eq!(union, expected, "group a (two members) sees everything");
-    if h.caps().members_share_evenly {
+    if !h.capabilities().partitions {
         assert!(
             !seen1.is_empty() && !seen2.is_empty(),
             "both members get a share: {} / {}",

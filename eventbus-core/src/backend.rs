@@ -49,7 +49,10 @@
 //!     fn name(&self) -> &'static str { "closed" }
 //!     async fn sink(&self) -> Result<Closed, Error> { Ok(Closed) }
 //!     fn subscriber(&self) -> Closed { Closed }
-//!     async fn ensure_topic(&self, _: &str, _: u32) -> Result<(), Error> { Ok(()) }
+//!     fn capabilities(&self) -> Capabilities { Capabilities::none() }
+//!     async fn ensure_topic(&self, spec: &TopicSpec) -> Result<(), Error> {
+//!         spec.check(&self.capabilities(), "closed")
+//!     }
 //! }
 //!
 //! # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
@@ -59,6 +62,10 @@
 //! let outcomes = sink.send_batch(vec![Message::new("a", "x")]).await;
 //! assert!(matches!(&outcomes[..], [Outcome::Failed(_)]));
 //! assert!(backend.as_any().downcast_ref::<Closed>().is_some());
+//! // Options beyond the capabilities are refused, typed.
+//! let spec = TopicSpec::new("t").partitions(3);
+//! let e = backend.ensure_topic_dyn(&spec).await.unwrap_err();
+//! assert_eq!(e.kind(), ErrorKind::Unsupported);
 //! # });
 //! ```
 
@@ -74,6 +81,7 @@ use crate::ops::{Health, HealthCheck, Lag};
 use crate::outcome::Outcome;
 use crate::sink::{BatchSink, SinkLimits};
 use crate::subscriber::{SubscribeSpec, Subscriber, Subscription};
+use crate::topic::{Capabilities, TopicSpec};
 
 /// A boxed, sendable future: what the dyn twins return.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -100,14 +108,16 @@ pub trait Backend: HealthCheck + Send + Sync + 'static {
     /// A subscriber.
     fn subscriber(&self) -> Self::Subscriber;
 
-    /// Make sure `topic` can be published to and subscribed, creating what the broker needs
-    /// (with `partitions` where the broker has them) unless it exists. What exists is left as
-    /// it is.
-    fn ensure_topic(
-        &self,
-        topic: &str,
-        partitions: u32,
-    ) -> impl Future<Output = Result<(), Error>> + Send;
+    /// What this backend can do: which [`TopicSpec`] options it honours, how a group's
+    /// members share a topic, whether the broker drops duplicate ids.
+    fn capabilities(&self) -> Capabilities;
+
+    /// Make sure `spec`'s topic can be published to and subscribed, creating what the broker
+    /// needs with `spec`'s options unless it exists. What exists is left as it is. An option
+    /// beyond [`Backend::capabilities`] is refused with
+    /// [`ErrorKind::Unsupported`](crate::ErrorKind::Unsupported), before anything is created
+    /// ([`TopicSpec::check`]).
+    fn ensure_topic(&self, spec: &TopicSpec) -> impl Future<Output = Result<(), Error>> + Send;
 }
 
 /// What an environment variable read by a backend sets.
@@ -206,7 +216,8 @@ impl EnvVar {
 /// #     fn name(&self) -> &'static str { "closed" }
 /// #     async fn sink(&self) -> Result<Closed, Error> { Ok(Closed) }
 /// #     fn subscriber(&self) -> Closed { Closed }
-/// #     async fn ensure_topic(&self, _: &str, _: u32) -> Result<(), Error> { Ok(()) }
+/// #     fn capabilities(&self) -> eventbus_core::Capabilities { eventbus_core::Capabilities::none() }
+/// #     async fn ensure_topic(&self, _: &eventbus_core::TopicSpec) -> Result<(), Error> { Ok(()) }
 /// # }
 /// /// `[closed]`: where the (imaginary) server is.
 /// #[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
@@ -385,12 +396,10 @@ pub trait DynBackend: Send + Sync + 'static {
     fn sink_dyn(&self) -> BoxFuture<'_, Result<BoxSink, Error>>;
     /// [`Backend::subscriber`], shared.
     fn subscriber_dyn(&self) -> ArcSubscriber;
+    /// [`Backend::capabilities`].
+    fn capabilities_dyn(&self) -> Capabilities;
     /// [`Backend::ensure_topic`].
-    fn ensure_topic_dyn<'a>(
-        &'a self,
-        topic: &'a str,
-        partitions: u32,
-    ) -> BoxFuture<'a, Result<(), Error>>;
+    fn ensure_topic_dyn<'a>(&'a self, spec: &'a TopicSpec) -> BoxFuture<'a, Result<(), Error>>;
     /// [`HealthCheck::health`].
     fn health_dyn(&self, timeout: Duration) -> BoxFuture<'_, Health>;
     /// The concrete backend, to reach what only it offers (`downcast_ref::<NatsBackend>()`).
@@ -407,12 +416,11 @@ impl<B: Backend> DynBackend for B {
     fn subscriber_dyn(&self) -> ArcSubscriber {
         Arc::new(self.subscriber())
     }
-    fn ensure_topic_dyn<'a>(
-        &'a self,
-        topic: &'a str,
-        partitions: u32,
-    ) -> BoxFuture<'a, Result<(), Error>> {
-        Box::pin(self.ensure_topic(topic, partitions))
+    fn capabilities_dyn(&self) -> Capabilities {
+        self.capabilities()
+    }
+    fn ensure_topic_dyn<'a>(&'a self, spec: &'a TopicSpec) -> BoxFuture<'a, Result<(), Error>> {
+        Box::pin(self.ensure_topic(spec))
     }
     fn health_dyn(&self, timeout: Duration) -> BoxFuture<'_, Health> {
         Box::pin(self.health(timeout))

@@ -33,6 +33,9 @@ pub enum ErrorKind {
     /// Another instance with the same transactional identity took over: this one must stop
     /// (its open transaction is aborted by the broker and never becomes visible).
     Fenced,
+    /// The backend cannot do what was asked (a topic option it has no equivalent for, see
+    /// [`Capabilities`](crate::Capabilities)).
+    Unsupported,
     /// Anything else.
     Other,
 }
@@ -52,6 +55,7 @@ impl fmt::Display for ErrorKind {
             ErrorKind::Contract => "backend contract violation",
             ErrorKind::Storage => "storage error",
             ErrorKind::Fenced => "fenced by a newer instance",
+            ErrorKind::Unsupported => "not supported by the backend",
             ErrorKind::Other => "error",
         })
     }

@@ -14,6 +14,7 @@ mod publisher;
 mod router;
 mod sink;
 mod subscriber;
+pub mod topic;
 pub mod trace;
 pub mod validate;
 
@@ -50,6 +51,7 @@ pub use subscriber::{
     AckHandle, Acker, DeadLetters, Delivery, DeliveryInfo, Feed, StartFrom, SubscribeSpec,
     Subscriber, Subscription, TrySend,
 };
+pub use topic::{Capabilities, TopicSpec};
 pub use validate::TopicRules;
 
 /// Re-exported so backends and users name the same `Bytes`.

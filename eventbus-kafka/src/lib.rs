@@ -11,7 +11,7 @@ mod txn;
 use std::sync::Arc;
 use std::time::Duration;
 
-use eventbus_core::{Error, ErrorKind};
+use eventbus_core::{Capabilities, Error, ErrorKind, TopicSpec};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -60,21 +60,33 @@ impl eventbus_core::Backend for KafkaBackend {
     fn name(&self) -> &'static str {
         error::BACKEND
     }
+
+    /// A publishing sink (one librdkafka producer); wrap it in `eventbus_batch::Batcher`.
     async fn sink(&self) -> Result<KafkaSink, Error> {
-        KafkaBackend::sink(self)
+        KafkaSink::new(&self.config, true)
     }
+
+    /// A subscriber (one librdkafka consumer and thread per subscription).
     fn subscriber(&self) -> KafkaSubscriber {
-        KafkaBackend::subscriber(self)
+        KafkaSubscriber {
+            config: self.config.clone(),
+            lag_readers: self.lag_readers.clone(),
+        }
     }
-    /// [`KafkaBackend::ensure_topic`] with `partitions` (at least 1), replication factor 1.
-    async fn ensure_topic(&self, topic: &str, partitions: u32) -> Result<(), Error> {
-        let partitions = i32::try_from(partitions.max(1)).map_err(|_| {
-            error::err(
-                eventbus_core::ErrorKind::Config,
-                "partitions must fit in an i32",
-            )
-        })?;
-        KafkaBackend::ensure_topic(self, topic, partitions).await
+
+    /// Topics have partitions, a replication factor and `retention.ms`. The broker keeps every
+    /// copy a retried publish sends (the idempotent producer only drops its own in-session
+    /// resends): consumers de-duplicate by id.
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::none()
+            .with_partitions(true)
+            .with_replicas(true)
+            .with_max_age(true)
+    }
+
+    /// [`KafkaBackend::ensure_topics`] with one topic.
+    async fn ensure_topic(&self, spec: &TopicSpec) -> Result<(), Error> {
+        self.ensure_topics(std::slice::from_ref(spec)).await
     }
 }
 
@@ -261,25 +273,12 @@ impl KafkaBackend {
         })
     }
 
-    /// A publishing sink (one librdkafka producer); wrap it in `eventbus_batch::Batcher`.
-    pub fn sink(&self) -> Result<KafkaSink, Error> {
-        KafkaSink::new(&self.config, true)
-    }
-
     /// A sink that does not send the `eventbus-id` header: consumers then see generated ids
     /// (no de-duplication by id downstream). Some brokers pay per header: tansu 0.6.0's SQLite
     /// engine stores 100,000 108-byte records at ~100k msg/s without headers and ~50k msg/s
     /// with one 32-byte header, whoever produces them.
     pub fn sink_without_id(&self) -> Result<KafkaSink, Error> {
         KafkaSink::new(&self.config, false)
-    }
-
-    /// A subscriber (one librdkafka consumer and thread per subscription).
-    pub fn subscriber(&self) -> KafkaSubscriber {
-        KafkaSubscriber {
-            config: self.config.clone(),
-            lag_readers: self.lag_readers.clone(),
-        }
     }
 
     /// A consume-transform-produce processor whose outputs and input offsets commit in one
@@ -294,35 +293,54 @@ impl KafkaBackend {
         &self.config
     }
 
-    /// Create `topic` with `partitions` (replication factor 1) unless it exists.
-    pub async fn ensure_topic(&self, topic: &str, partitions: i32) -> Result<(), Error> {
-        self.ensure_topics(&[topic], partitions).await
-    }
-
-    /// Create every topic in `topics` with `partitions` (replication factor 1) unless it
-    /// exists, in one CreateTopics request. Every name is validated before anything is sent;
-    /// an invalid name fails the call with nothing created.
+    /// Create every topic in `specs` unless it exists, in one CreateTopics request: with the
+    /// spec's partitions (default 1), replication factor (default 1) and age limit
+    /// (`retention.ms`, default the broker's). Every spec is checked before anything is sent;
+    /// an invalid name or option fails the call with nothing created.
     ///
     /// ```no_run
     /// # async fn demo(kafka: eventbus_kafka::KafkaBackend) -> Result<(), eventbus_core::Error> {
-    /// kafka.ensure_topics(&["orders", "payments", "refunds"], 3).await?;
+    /// use eventbus_core::TopicSpec;
+    /// let specs = ["orders", "payments", "refunds"].map(|t| TopicSpec::new(t).partitions(3));
+    /// kafka.ensure_topics(&specs).await?;
     /// # Ok(()) }
     /// ```
-    pub async fn ensure_topics<S: AsRef<str>>(
-        &self,
-        topics: &[S],
-        partitions: i32,
-    ) -> Result<(), Error> {
-        for t in topics {
-            eventbus_core::validate::topic(t.as_ref(), &TOPIC_RULES)?;
+    pub async fn ensure_topics(&self, specs: &[TopicSpec]) -> Result<(), Error> {
+        use eventbus_core::Backend as _;
+        let caps = self.capabilities();
+        let mut plan = Vec::with_capacity(specs.len());
+        for spec in specs {
+            eventbus_core::validate::topic(spec.name(), &TOPIC_RULES)?;
+            spec.check(&caps, error::BACKEND)?;
+            let int = |n: Option<u32>| {
+                i32::try_from(n.unwrap_or(1)).map_err(|_| {
+                    error::err(
+                        ErrorKind::Config,
+                        "partitions and replicas must fit in an i32",
+                    )
+                })
+            };
+            let retention = spec.get_max_age().map(|d| d.as_millis().to_string());
+            plan.push((
+                spec.name(),
+                int(spec.get_partitions())?,
+                int(spec.get_replicas())?,
+                retention,
+            ));
         }
-        if topics.is_empty() {
+        if specs.is_empty() {
             return Ok(());
         }
         let admin = self.admin()?;
-        let new: Vec<NewTopic<'_>> = topics
+        let new: Vec<NewTopic<'_>> = plan
             .iter()
-            .map(|t| NewTopic::new(t.as_ref(), partitions, TopicReplication::Fixed(1)))
+            .map(|(name, partitions, replicas, retention)| {
+                let t = NewTopic::new(name, *partitions, TopicReplication::Fixed(*replicas));
+                match retention {
+                    Some(ms) => t.set("retention.ms", ms),
+                    None => t,
+                }
+            })
             .collect();
         let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
         let results = admin

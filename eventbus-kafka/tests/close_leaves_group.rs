@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 
 use eventbus_batch::{BatchConfig, Batcher};
 use eventbus_brokers::{Tansu, TansuStorage};
+use eventbus_core::Backend as _;
+use eventbus_core::TopicSpec;
 use eventbus_core::{Message, Publisher, SubscribeSpec, Subscriber};
 use eventbus_kafka::{KafkaBackend, KafkaConfig};
 
@@ -53,8 +55,11 @@ async fn close_leaves_the_group_before_it_returns() {
     let kafka = KafkaBackend::connect(KafkaConfig::new(broker.bootstrap()))
         .await
         .expect("connect");
-    kafka.ensure_topic("leave", 2).await.expect("topic");
-    let p = Batcher::new(kafka.sink().expect("sink"), BatchConfig::default()).unwrap();
+    kafka
+        .ensure_topic(&TopicSpec::new("leave").partitions(2))
+        .await
+        .expect("topic");
+    let p = Batcher::new(kafka.sink().await.expect("sink"), BatchConfig::default()).unwrap();
     let mut want = HashSet::new();
     let mut acks = Vec::new();
     for i in 0..20 {

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use eventbus_batch::{BatchConfig, Batcher};
 use eventbus_conformance::scenarios::publish_all;
+use eventbus_core::Backend as _;
 use eventbus_core::{ErrorKind, Message, Outcome, Position, Publisher, SubscribeSpec, Subscriber};
 use eventbus_kafka::{KafkaBackend, KafkaConfig};
 use rdkafka::mocking::MockCluster;
@@ -29,7 +30,7 @@ async fn retriable_produce_errors_are_absorbed_once_in_order() {
     let kafka = KafkaBackend::connect(KafkaConfig::new(mock.bootstrap_servers()))
         .await
         .expect("connect");
-    let p = Batcher::new(kafka.sink().expect("sink"), BatchConfig::default()).unwrap();
+    let p = Batcher::new(kafka.sink().await.expect("sink"), BatchConfig::default()).unwrap();
     // The next five produce requests fail with retriable errors.
     use RDKafkaRespErr::*;
     mock.request_errors(
@@ -84,7 +85,7 @@ async fn broker_down_past_message_timeout_resolves_everything() {
     )
     .await
     .expect("connect");
-    let p = Batcher::new(kafka.sink().expect("sink"), BatchConfig::default()).unwrap();
+    let p = Batcher::new(kafka.sink().await.expect("sink"), BatchConfig::default()).unwrap();
     // Warm up (producer id, metadata) so the outage hits publishing, not set-up.
     assert!(publish_all(&p, vec![Message::new("down", "warm")]).await[0].is_acked());
 
@@ -148,7 +149,7 @@ async fn permanent_error_fails_fast_and_alone() {
     let kafka = KafkaBackend::connect(KafkaConfig::new(mock.bootstrap_servers()))
         .await
         .expect("connect");
-    let p = Batcher::new(kafka.sink().expect("sink"), BatchConfig::default()).unwrap();
+    let p = Batcher::new(kafka.sink().await.expect("sink"), BatchConfig::default()).unwrap();
     let started = Instant::now();
     let mut msgs: Vec<Message> = (0..20)
         .map(|i| Message::new("allowed", format!("{i}")))
@@ -186,7 +187,7 @@ async fn fatal_idempotence_error_stops_publishing() {
     )
     .await
     .expect("connect");
-    let p = Batcher::new(kafka.sink().expect("sink"), BatchConfig::default()).unwrap();
+    let p = Batcher::new(kafka.sink().await.expect("sink"), BatchConfig::default()).unwrap();
     let first = publish_all(&p, vec![Message::new("fatal", "first")]).await;
     assert!(!first[0].is_acked(), "{:?}", first[0]);
     let deadline = Instant::now() + Duration::from_secs(10);

@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use eventbus_batch::{BatchConfig, Batcher};
 use eventbus_brokers::{Tansu, TansuStorage};
+use eventbus_core::Backend as _;
+use eventbus_core::TopicSpec;
 use eventbus_core::{Envelope, ErrorKind, Message, Position, Publisher};
 use eventbus_kafka::{KafkaBackend, KafkaConfig};
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -48,8 +50,11 @@ fn read_back(brokers: &str, topic: &str, partitions: i32, n: usize) -> Vec<Messa
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publish_then_plain_consumer_reads_everything_intact() {
     let (broker, kafka) = start().await;
-    kafka.ensure_topic("orders", 3).await.expect("create topic");
-    let p = Batcher::new(kafka.sink().expect("sink"), BatchConfig::default()).unwrap();
+    kafka
+        .ensure_topic(&TopicSpec::new("orders").partitions(3))
+        .await
+        .expect("create topic");
+    let p = Batcher::new(kafka.sink().await.expect("sink"), BatchConfig::default()).unwrap();
     let env = Envelope::new("order.created")
         .aggregate_id("a-1")
         .tenant("acme");
@@ -113,8 +118,11 @@ async fn publish_then_plain_consumer_reads_everything_intact() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_is_typed_and_touches_nothing_else() {
     let (_broker, kafka) = start().await;
-    kafka.ensure_topic("good", 1).await.expect("create topic");
-    let sink = kafka.sink().expect("sink");
+    kafka
+        .ensure_topic(&TopicSpec::new("good").partitions(1))
+        .await
+        .expect("create topic");
+    let sink = kafka.sink().await.expect("sink");
     let limit = eventbus_core::BatchSink::limits(&sink)
         .max_message_bytes
         .unwrap();
@@ -179,7 +187,10 @@ async fn sdk_consumes_what_a_plain_producer_wrote() {
     use rdkafka::message::{Header, OwnedHeaders};
     use rdkafka::producer::{FutureProducer, FutureRecord};
     let (broker, kafka) = start().await;
-    kafka.ensure_topic("foreign", 1).await.expect("topic");
+    kafka
+        .ensure_topic(&TopicSpec::new("foreign").partitions(1))
+        .await
+        .expect("topic");
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", broker.bootstrap())
         .create()
@@ -271,10 +282,13 @@ async fn sdk_consumes_what_a_plain_producer_wrote() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ensure_topics_creates_all_in_one_call_and_validates_first() {
+    fn two<const N: usize>(names: [&str; N]) -> [TopicSpec; N] {
+        names.map(|t| TopicSpec::new(t).partitions(2))
+    }
     let (_broker, kafka) = start().await;
     // One invalid name: the call fails typed and creates none of the valid ones.
     let e = kafka
-        .ensure_topics(&["batch-a", "bad topic", "batch-b"], 2)
+        .ensure_topics(&two(["batch-a", "bad topic", "batch-b"]))
         .await
         .expect_err("invalid name");
     assert_eq!(e.kind(), ErrorKind::InvalidMessage, "{e}");
@@ -284,7 +298,7 @@ async fn ensure_topics_creates_all_in_one_call_and_validates_first() {
         "nothing created before validation passed: {md:?}"
     );
     kafka
-        .ensure_topics(&["batch-a", "batch-b", "batch-c"], 2)
+        .ensure_topics(&two(["batch-a", "batch-b", "batch-c"]))
         .await
         .expect("create three");
     for t in ["batch-a", "batch-b", "batch-c"] {
@@ -293,14 +307,11 @@ async fn ensure_topics_creates_all_in_one_call_and_validates_first() {
     }
     // Existing topics are fine, and the shared admin client serves later calls.
     kafka
-        .ensure_topics(&["batch-a", "batch-d"], 2)
+        .ensure_topics(&two(["batch-a", "batch-d"]))
         .await
         .expect("again, with one new");
     assert_eq!(kafka.watermarks("batch-d").await.expect("d").len(), 2);
-    kafka
-        .ensure_topics::<&str>(&[], 1)
-        .await
-        .expect("empty is a no-op");
+    kafka.ensure_topics(&[]).await.expect("empty is a no-op");
 }
 
 /// What the SDK reports acked, the broker holds, counted by the broker's own watermarks (a
@@ -315,10 +326,10 @@ async fn the_broker_holds_every_acked_record_across_a_restart() {
         .await
         .expect("connect to tansu");
     kafka
-        .ensure_topic("counted", 2)
+        .ensure_topic(&TopicSpec::new("counted").partitions(2))
         .await
         .expect("create topic");
-    let p = Batcher::new(kafka.sink().expect("sink"), BatchConfig::default()).unwrap();
+    let p = Batcher::new(kafka.sink().await.expect("sink"), BatchConfig::default()).unwrap();
     let mut acks = Vec::new();
     for i in 0..300u32 {
         let m = Message::new("counted", format!("{i}")).with_key(format!("k{}", i % 7));

@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 
 use eventbus_batch::{BatchConfig, Batcher};
 use eventbus_brokers::{Tansu, TansuStorage};
+use eventbus_core::Backend as _;
+use eventbus_core::TopicSpec;
 use eventbus_core::{ErrorKind, Message, Publisher};
 use eventbus_kafka::{KafkaBackend, KafkaConfig};
 
@@ -63,8 +65,12 @@ async fn wrong_password_fails_fast_and_typed_right_one_publishes() {
     let kafka = KafkaBackend::connect(scram(broker.bootstrap(), PASSWORD))
         .await
         .expect("the right password connects");
-    kafka.ensure_topic("sasl-ok", 1).await.expect("topic");
-    let p = Batcher::new(kafka.sink().expect("sink"), BatchConfig::default()).expect("engine");
+    kafka
+        .ensure_topic(&TopicSpec::new("sasl-ok").partitions(1))
+        .await
+        .expect("topic");
+    let p =
+        Batcher::new(kafka.sink().await.expect("sink"), BatchConfig::default()).expect("engine");
     let outcome = p
         .publish(Message::new("sasl-ok", "authenticated"))
         .await

@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use eventbus_batch::{BatchConfig, Batcher};
 use eventbus_brokers::{Tansu, TansuStorage};
+use eventbus_core::Backend as _;
+use eventbus_core::TopicSpec;
 use eventbus_core::{Message, Publisher, SubscribeSpec, Subscriber};
 use eventbus_kafka::{KafkaBackend, KafkaConfig};
 
@@ -19,7 +21,7 @@ async fn start() -> (Tansu, KafkaBackend) {
 }
 
 async fn publish(kafka: &KafkaBackend, topic: &str, n: usize) -> HashSet<String> {
-    let p = Batcher::new(kafka.sink().expect("sink"), BatchConfig::default()).unwrap();
+    let p = Batcher::new(kafka.sink().await.expect("sink"), BatchConfig::default()).unwrap();
     let mut acks = Vec::new();
     let mut ids = HashSet::new();
     for i in 0..n {
@@ -40,7 +42,10 @@ async fn publish(kafka: &KafkaBackend, topic: &str, n: usize) -> HashSet<String>
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn small_prefetch_reads_everything() {
     let (_broker, kafka) = start().await;
-    kafka.ensure_topic("flow", 3).await.expect("topic");
+    kafka
+        .ensure_topic(&TopicSpec::new("flow").partitions(3))
+        .await
+        .expect("topic");
     let expected = publish(&kafka, "flow", 2_000).await;
     for group in [None, Some("g")] {
         let mut spec = SubscribeSpec::new("flow").prefetch(16);
@@ -78,7 +83,10 @@ async fn small_prefetch_reads_everything() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commit_stops_at_the_first_unacked_message() {
     let (_broker, kafka) = start().await;
-    kafka.ensure_topic("prefix", 1).await.expect("topic");
+    kafka
+        .ensure_topic(&TopicSpec::new("prefix").partitions(1))
+        .await
+        .expect("topic");
     publish(&kafka, "prefix", 20).await;
     let spec = SubscribeSpec::new("prefix")
         .group("g")
@@ -136,7 +144,10 @@ async fn commit_stops_at_the_first_unacked_message() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lag_readings_reuse_one_reader_per_group() {
     let (_broker, kafka) = start().await;
-    kafka.ensure_topic("lagged", 1).await.expect("topic");
+    kafka
+        .ensure_topic(&TopicSpec::new("lagged").partitions(1))
+        .await
+        .expect("topic");
     publish(&kafka, "lagged", 10).await;
     let topic = eventbus_core::Topic::new("lagged");
     for _ in 0..5 {
@@ -205,7 +216,10 @@ async fn rebalances_under_load_lose_nothing() {
     }
 
     let (_broker, kafka) = start().await;
-    kafka.ensure_topic("moving", 3).await.expect("topic");
+    kafka
+        .ensure_topic(&TopicSpec::new("moving").partitions(3))
+        .await
+        .expect("topic");
     const PUBLISHERS: usize = 5;
     const PER: usize = 1_200;
     let spec = SubscribeSpec::new("moving")
@@ -258,7 +272,7 @@ async fn rebalances_under_load_lose_nothing() {
         Arc::clone(&stop_first),
     );
     // Publish in the background, a little at a time, so the rebalances happen mid-stream.
-    let p = Batcher::new(kafka.sink().expect("sink"), BatchConfig::default()).unwrap();
+    let p = Batcher::new(kafka.sink().await.expect("sink"), BatchConfig::default()).unwrap();
     let mut publishers = Vec::new();
     for w in 0..PUBLISHERS {
         let p = p.clone();
@@ -387,7 +401,7 @@ async fn rebalances_under_load_lose_nothing() {
 async fn a_regex_subscribes_every_matching_topic() {
     let (_broker, kafka) = start().await;
     kafka
-        .ensure_topics(&["rx-orders", "rx-refunds", "other-topic"], 1)
+        .ensure_topics(&["rx-orders", "rx-refunds", "other-topic"].map(TopicSpec::new))
         .await
         .expect("topics");
     let mut want = publish(&kafka, "rx-orders", 5).await;

@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 use eventbus_batch::{BatchConfig, Batcher};
 use eventbus_brokers::{Tansu, TansuStorage};
 use eventbus_conformance::scenarios::publish_all;
+use eventbus_core::Backend as _;
+use eventbus_core::TopicSpec;
 use eventbus_core::handler::HandlerError;
 use eventbus_core::{ErrorKind, Message, Publisher, dead_letter};
 use eventbus_kafka::{KafkaBackend, KafkaConfig, TxnSpec, TxnStats};
@@ -54,7 +56,8 @@ impl Broker {
                 Broker::Mock(m) => m
                     .create_topic(t, *partitions as i32, 1)
                     .expect("mock topic"),
-                Broker::Tansu(_) => eventbus_core::Backend::ensure_topic(&kafka, t, *partitions)
+                Broker::Tansu(_) => kafka
+                    .ensure_topic(&TopicSpec::new(*t).partitions(*partitions))
                     .await
                     .expect("topic"),
             }
@@ -65,7 +68,7 @@ impl Broker {
 
 /// Publish `n` keyed inputs to `topic`; their ids in publish order.
 async fn inputs(kafka: &KafkaBackend, topic: &str, n: usize) -> Vec<String> {
-    let p = Batcher::new(kafka.sink().expect("sink"), BatchConfig::default()).unwrap();
+    let p = Batcher::new(kafka.sink().await.expect("sink"), BatchConfig::default()).unwrap();
     let msgs: Vec<Message> = (0..n)
         .map(|i| Message::new(topic, format!("{i}")).with_key(format!("k{}", i % 8)))
         .collect();

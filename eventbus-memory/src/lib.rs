@@ -85,15 +85,25 @@ impl eventbus_core::Backend for MemoryBroker {
     fn name(&self) -> &'static str {
         BACKEND
     }
+    /// A publishing sink; wrap it in `eventbus_batch::Batcher`.
     async fn sink(&self) -> Result<MemorySink, Error> {
-        Ok(MemoryBroker::sink(self))
+        Ok(MemorySink::new(self))
     }
     fn subscriber(&self) -> MemorySubscriber {
-        MemoryBroker::subscriber(self)
+        MemorySubscriber {
+            broker: self.clone(),
+        }
     }
-    /// Topics need nothing here; the name is checked as a publish would check it.
-    async fn ensure_topic(&self, topic: &str, _partitions: u32) -> Result<(), Error> {
-        eventbus_core::validate::topic(topic, &eventbus_core::validate::PORTABLE)
+    /// One process, one copy, nothing expires: no topic options; a group's members share a
+    /// topic message by message.
+    fn capabilities(&self) -> eventbus_core::Capabilities {
+        eventbus_core::Capabilities::none()
+    }
+    /// Topics need nothing here; the name is checked as a publish would check it, and options
+    /// are refused.
+    async fn ensure_topic(&self, spec: &eventbus_core::TopicSpec) -> Result<(), Error> {
+        eventbus_core::validate::topic(spec.name(), &eventbus_core::validate::PORTABLE)?;
+        spec.check(&self.capabilities(), BACKEND)
     }
 }
 
@@ -158,20 +168,6 @@ impl MemoryBroker {
             .store(n as u64, Ordering::Relaxed);
     }
 
-    /// A publishing sink; wrap it in `eventbus_batch::Batcher`.
-    pub fn sink(&self) -> MemorySink {
-        MemorySink {
-            broker: self.clone(),
-        }
-    }
-
-    /// A subscriber.
-    pub fn subscriber(&self) -> MemorySubscriber {
-        MemorySubscriber {
-            broker: self.clone(),
-        }
-    }
-
     /// Make the broker refuse writes to `topic` (each such message resolves as
     /// [`Outcome::Failed`] with [`ErrorKind::Rejected`]), like a NATS subject no stream covers.
     pub fn block_topic(&self, topic: impl Into<Topic>) {
@@ -230,6 +226,16 @@ impl MemoryBroker {
 #[derive(Clone, Debug)]
 pub struct MemorySink {
     broker: MemoryBroker,
+}
+
+impl MemorySink {
+    /// A sink publishing to `broker`: [`Backend::sink`](eventbus_core::Backend::sink) without
+    /// the `await`, for synchronous setup code (nothing here can fail).
+    pub fn new(broker: &MemoryBroker) -> Self {
+        MemorySink {
+            broker: broker.clone(),
+        }
+    }
 }
 
 impl BatchSink for MemorySink {

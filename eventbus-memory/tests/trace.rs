@@ -6,9 +6,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use eventbus_batch::{BatchConfig, Batcher};
+use eventbus_core::Backend as _;
 use eventbus_core::trace::TraceParent;
 use eventbus_core::{Message, Publisher, SubscribeSpec, Subscriber};
-use eventbus_memory::MemoryBroker;
+use eventbus_memory::{MemoryBroker, MemorySink};
 
 struct Capture(Arc<Mutex<Vec<u8>>>);
 
@@ -34,7 +35,7 @@ async fn each_delivery_is_a_debug_event_with_its_traceparent() {
     let _guard = tracing::subscriber::set_default(subscriber);
 
     let bus = MemoryBroker::new();
-    let p = Batcher::new(bus.sink(), BatchConfig::default()).unwrap();
+    let p = Batcher::new(MemorySink::new(&bus), BatchConfig::default()).unwrap();
     let parent = TraceParent::new_root();
     let msg = parent.inject(Message::new("traced", "x"));
     let id = msg.id().to_string();

@@ -169,7 +169,7 @@ pub struct NatsConfig {
     /// Send each message's id as `Nats-Msg-Id`, so the stream drops a retry it already stored
     /// (within its duplicate window). Default `true`.
     pub dedup: bool,
-    /// Replicas of the streams [`NatsBackend::ensure_topic`](crate::NatsBackend::ensure_topic)
+    /// Replicas of the streams [`Backend::ensure_topic`](eventbus_core::Backend::ensure_topic)
     /// creates (3 on a 3-node cluster for R3). Default 1.
     pub stream_replicas: usize,
 }

@@ -14,7 +14,7 @@ mod subscriber;
 use std::time::Duration;
 
 use async_nats::jetstream;
-use eventbus_core::Error;
+use eventbus_core::{Capabilities, Error, TopicSpec};
 
 pub use config::{ENV_VARS, NatsAuth, NatsConfig};
 pub use headers::{HEADER_ORDER, KEY as KEY_HEADER, KEY_HEX as KEY_HEX_HEADER};
@@ -74,15 +74,53 @@ impl eventbus_core::Backend for NatsBackend {
     fn name(&self) -> &'static str {
         error::BACKEND
     }
+
+    /// A publishing sink as the config says ([`NatsConfig::publish_mode`], by default fast
+    /// ingest; [`NatsConfig::dedup`], by default on: every message carries its id in
+    /// `Nats-Msg-Id`, so the stream de-duplicates retries within its duplicate window). Wrap it
+    /// in `eventbus_batch::Batcher`.
     async fn sink(&self) -> Result<NatsSink, Error> {
-        NatsBackend::sink(self).await
+        self.sink_with(self.publish).await
     }
+
     fn subscriber(&self) -> NatsSubscriber {
-        NatsBackend::subscriber(self)
+        NatsSubscriber {
+            js: self.js.clone(),
+        }
     }
-    /// [`NatsBackend::ensure_topic`]; streams have no partitions.
-    async fn ensure_topic(&self, topic: &str, _partitions: u32) -> Result<(), Error> {
-        NatsBackend::ensure_topic(self, topic).await
+
+    /// Streams have replicas and an age limit, no partitions (a consumer group's members share
+    /// a stream message by message); the broker de-duplicates ids when [`NatsConfig::dedup`]
+    /// is on.
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::none()
+            .with_replicas(true)
+            .with_max_age(true)
+            .with_broker_dedup(self.publish.dedup)
+    }
+
+    /// Make sure the topic has a stream: a file stream named after it (`.` becomes `_`, e.g.
+    /// `orders_created`) capturing `topic` and `topic.>`, with the spec's replicas (default
+    /// [`NatsConfig::stream_replicas`]) and age limit, and what the configured publish mode
+    /// needs (`allow_atomic` for [`PublishMode::Atomic`]), unless a stream of that name exists
+    /// (left as it is). More than one partition is refused.
+    async fn ensure_topic(&self, spec: &TopicSpec) -> Result<(), Error> {
+        let topic = spec.name();
+        eventbus_core::validate::topic(topic, &SUBJECT_RULES)?;
+        spec.check(&self.capabilities(), error::BACKEND)?;
+        let replicas = spec
+            .get_replicas()
+            .map_or(self.stream_replicas, |n| n as usize);
+        let mut stream = StreamSpec::new(
+            topic.replace('.', "_"),
+            [topic.to_owned(), format!("{topic}.>")],
+        )
+        .replicas(replicas)
+        .allow_atomic(self.publish.mode == PublishMode::Atomic);
+        if let Some(age) = spec.get_max_age() {
+            stream = stream.max_age(age);
+        }
+        self.ensure_stream(&stream).await
     }
 }
 
@@ -185,14 +223,6 @@ impl NatsBackend {
         })
     }
 
-    /// A publishing sink as the config says ([`NatsConfig::publish_mode`], by default fast
-    /// ingest; [`NatsConfig::dedup`], by default on: every message carries its id in
-    /// `Nats-Msg-Id`, so the stream de-duplicates retries within its duplicate window). Wrap it
-    /// in `eventbus_batch::Batcher`.
-    pub async fn sink(&self) -> Result<NatsSink, Error> {
-        self.sink_with(self.publish).await
-    }
-
     /// A publishing sink with explicit options (publish mode, de-duplication).
     ///
     /// ```no_run
@@ -217,30 +247,6 @@ impl NatsBackend {
     /// work per message. Retries of unknown outcomes may then store duplicates.
     pub async fn sink_without_dedup(&self) -> Result<NatsSink, Error> {
         self.sink_with(self.publish.dedup(false)).await
-    }
-
-    /// Make sure `topic` has a stream: a file stream named after it (`.` becomes `_`, e.g.
-    /// `orders_created`) capturing `topic` and `topic.>`, with
-    /// [`NatsConfig::stream_replicas`] and what the configured publish mode needs (`allow_atomic`
-    /// for [`PublishMode::Atomic`]), unless a stream of that name exists (left as it is).
-    pub async fn ensure_topic(&self, topic: &str) -> Result<(), Error> {
-        eventbus_core::validate::topic(topic, &SUBJECT_RULES)?;
-        self.ensure_stream(
-            &StreamSpec::new(
-                topic.replace('.', "_"),
-                [topic.to_owned(), format!("{topic}.>")],
-            )
-            .replicas(self.stream_replicas)
-            .allow_atomic(self.publish.mode == PublishMode::Atomic),
-        )
-        .await
-    }
-
-    /// A subscriber.
-    pub fn subscriber(&self) -> NatsSubscriber {
-        NatsSubscriber {
-            js: self.js.clone(),
-        }
     }
 
     /// The server's `max_payload` in bytes.

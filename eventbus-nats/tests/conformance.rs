@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use eventbus_brokers::BrokerKind;
 use eventbus_brokers::proxy::{FaultProxy, Mode};
-use eventbus_conformance::{BackendHarness, Caps};
+use eventbus_conformance::{BackendHarness, Quirks};
 use eventbus_nats::{NatsBackend, NatsConfig, PublishMode};
 
 /// A NATS backend in `mode` on a fresh `kind` of broker; streams get one replica per node.
@@ -44,7 +44,7 @@ async fn nats(kind: BrokerKind, mode: PublishMode, proxied: bool) -> BackendHarn
         .expect("connect to nats-server");
     let harness = BackendHarness::new(backend)
         .keep(broker)
-        .caps(Caps::default().min_ack_wait(Duration::from_secs(1)))
+        .quirks(Quirks::default().min_ack_wait(Duration::from_secs(1)))
         .unroutable("no.stream.here".into());
     match proxy {
         Some(p) => {

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use eventbus_batch::{BatchConfig, Batcher};
 use eventbus_brokers::{NatsOptions, NatsServer};
+use eventbus_core::Backend as _;
 use eventbus_core::{ErrorKind, Message, Outcome, Publisher};
 use eventbus_nats::{NatsAuth, NatsBackend, NatsConfig, StreamSpec};
 

@@ -8,7 +8,9 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
+use eventbus_core::Backend as _;
 use eventbus_core::Message;
+use eventbus_core::TopicSpec;
 use eventbus_core::handler::HandlerError;
 use eventbus_outbox::inbox::{Inbox, InboxDatabase, PgInbox, Processed, SqliteInbox, WorkFuture};
 
@@ -387,7 +389,10 @@ async fn postgres_nats_consumer_failing_after_commit_applies_once() {
     let backend = NatsBackend::connect(NatsConfig::new(nats.url()))
         .await
         .expect("connect");
-    backend.ensure_topic("inbox.orders").await.expect("stream");
+    backend
+        .ensure_topic(&TopicSpec::new("inbox.orders"))
+        .await
+        .expect("stream");
     let publisher =
         Batcher::new(backend.sink().await.expect("sink"), BatchConfig::default()).expect("engine");
     for i in 0..N {

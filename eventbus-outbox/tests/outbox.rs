@@ -8,7 +8,9 @@
 use std::time::{Duration, Instant};
 
 use eventbus_batch::{BatchConfig, Batcher};
+use eventbus_core::Backend as _;
 use eventbus_core::Message;
+use eventbus_core::TopicSpec;
 use eventbus_memory::MemoryBroker;
 use eventbus_outbox::{OutboxStore, PgOutbox, Relay, RelayConfig, SqliteOutbox};
 
@@ -168,7 +170,11 @@ fn quick() -> RelayConfig {
 }
 
 fn publisher(broker: &MemoryBroker) -> Batcher<eventbus_memory::MemorySink> {
-    Batcher::new(broker.sink(), BatchConfig::default()).expect("engine")
+    Batcher::new(
+        eventbus_memory::MemorySink::new(broker),
+        BatchConfig::default(),
+    )
+    .expect("engine")
 }
 
 /// Wait until `topic` holds `n` messages (or 10 s pass); what it holds.
@@ -368,7 +374,10 @@ async fn postgres_to_nats_wakes_on_commit() {
     let backend = NatsBackend::connect(NatsConfig::new(nats.url()))
         .await
         .expect("connect");
-    backend.ensure_topic("outbox.orders").await.expect("stream");
+    backend
+        .ensure_topic(&TopicSpec::new("outbox.orders"))
+        .await
+        .expect("stream");
     let sink = backend.sink().await.expect("sink");
     let relay = Relay::start(
         db.store(),

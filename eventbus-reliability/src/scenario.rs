@@ -6,6 +6,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use eventbus_batch::{BatchConfig, Batcher, OnFull};
+use eventbus_core::Backend as _;
+use eventbus_core::TopicSpec;
 use eventbus_core::{Outcome, Publisher, SubscribeSpec, Subscriber};
 use rand::Rng;
 use serde::Serialize;
@@ -1316,10 +1318,10 @@ async fn connects_and_publishes(
             .await
             .map_err(|e| format!("connect: {e}"))?;
         backend
-            .ensure_topic(topic, 1)
+            .ensure_topic(&TopicSpec::new(topic).partitions(1))
             .await
             .map_err(|e| format!("topic: {e}"))?;
-        let sink = backend.sink().map_err(|e| format!("sink: {e}"))?;
+        let sink = backend.sink().await.map_err(|e| format!("sink: {e}"))?;
         let p = Batcher::new(
             sink,
             BatchConfig::default().ack_timeout(Duration::from_secs(10)),

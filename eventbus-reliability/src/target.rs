@@ -5,6 +5,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use eventbus_brokers::{Protocol, TestBroker};
+use eventbus_core::Backend as _;
+use eventbus_core::TopicSpec;
 use eventbus_core::{BatchSink, Error, Subscriber};
 
 use crate::proxy::FaultProxy;
@@ -272,7 +274,7 @@ pub mod kafka {
     }
 
     /// Partitions per topic.
-    pub const PARTITIONS: i32 = 4;
+    pub const PARTITIONS: u32 = 4;
 
     impl Kafka {
         /// Start tansu on `storage` (SQLite survives a restart; memory serves a deep backlog
@@ -321,7 +323,9 @@ pub mod kafka {
         run: &str,
     ) -> Result<(Vec<String>, String), Error> {
         let topic = format!("rel-{run}");
-        backend.ensure_topic(&topic, PARTITIONS).await?;
+        backend
+            .ensure_topic(&TopicSpec::new(&topic).partitions(PARTITIONS))
+            .await?;
         Ok((vec![topic.clone()], topic))
     }
 
@@ -341,7 +345,7 @@ pub mod kafka {
             provision(&self.backend, run).await
         }
         async fn sink(&self) -> Result<KafkaSink, Error> {
-            self.backend.sink()
+            self.backend.sink().await
         }
         fn subscriber(&self) -> KafkaSubscriber {
             self.backend.subscriber()
@@ -805,7 +809,7 @@ pub mod kafka_cluster {
             super::kafka::provision(&self.backend, run).await
         }
         async fn sink(&self) -> Result<KafkaSink, Error> {
-            self.backend.sink()
+            self.backend.sink().await
         }
         fn subscriber(&self) -> KafkaSubscriber {
             self.backend.subscriber()

@@ -16,7 +16,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let config = BusConfig::load(None)?;
     let bus = Bus::connect(&config).await?;
     let topic = Topic::new("examples.envelopes");
-    bus.ensure_topic(topic.as_str(), 1).await?;
+    bus.ensure_topic(topic.as_str()).await?;
     let correlation = format!("checkout-{}", std::process::id());
 
     let publisher = bus.publisher().await?;

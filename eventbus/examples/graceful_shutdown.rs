@@ -20,7 +20,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let config = BusConfig::load(None)?;
     let bus = Bus::connect(&config).await?;
     let topic = Topic::new("examples.shutdown");
-    bus.ensure_topic(topic.as_str(), 1).await?;
+    bus.ensure_topic(topic.as_str()).await?;
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {

@@ -47,8 +47,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         Topic::new("examples.http"),
         Topic::new("examples.heartbeat"),
     );
-    bus.ensure_topic(topic.as_str(), 1).await?;
-    bus.ensure_topic(beat.as_str(), 1).await?;
+    bus.ensure_topic(topic.as_str()).await?;
+    bus.ensure_topic(beat.as_str()).await?;
     let publisher = bus.publisher().await?;
     let app = Arc::new(App {
         bus: bus.clone(),

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use eventbus::handler::{self, HandlerConfig, HandlerError};
-use eventbus::{Bus, BusConfig, Message, Publisher, SubscribeSpec, Subscriber, Topic};
+use eventbus::{Bus, BusConfig, Message, Publisher, SubscribeSpec, Subscriber, Topic, TopicSpec};
 use parking_lot::Mutex;
 
 const KEYS: u64 = 8;
@@ -22,7 +22,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let config = BusConfig::load(None)?;
     let bus = Bus::connect(&config).await?;
     let topic = Topic::new("examples.ordered");
-    bus.ensure_topic(topic.as_str(), 4).await?;
+    // Where topics have partitions (Kafka), four: keys spread over them, order holds per key.
+    let spec = TopicSpec::new(topic.as_str());
+    let spec = match bus.capabilities().partitions {
+        true => spec.partitions(4),
+        false => spec,
+    };
+    bus.ensure_topic(spec).await?;
     // Messages of earlier runs may still be on the topic: this run only counts its own.
     let run = std::process::id().to_string();
 

@@ -18,7 +18,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let config = BusConfig::load(None)?;
     let bus = Bus::connect(&config).await?;
     let topic = Topic::new("examples.outbox");
-    bus.ensure_topic(topic.as_str(), 1).await?;
+    bus.ensure_topic(topic.as_str()).await?;
     let run = std::process::id().to_string();
 
     let dir = std::env::temp_dir().join(format!("eventbus-outbox-example-{run}"));

@@ -70,8 +70,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let (nats, kafka) = (bus("nats").await?, bus("kafka").await?);
     let run = std::process::id().to_string();
     let (payments, ledger) = (format!("examples.payments.{run}"), "examples.ledger");
-    nats.ensure_topic(&payments, 1).await?;
-    kafka.ensure_topic(ledger, 1).await?;
+    nats.ensure_topic(&payments).await?;
+    kafka.ensure_topic(ledger).await?;
 
     let dir = std::env::temp_dir().join(format!("eventbus-pipeline-example-{run}"));
     std::fs::create_dir_all(&dir)?;

@@ -30,7 +30,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .on_full(OnFull::Wait);
     let bus = Bus::connect(&config).await?;
     let topic = Topic::new("examples.backpressure");
-    bus.ensure_topic(topic.as_str(), 1).await?;
+    bus.ensure_topic(topic.as_str()).await?;
     let publisher = bus.publisher().await?;
 
     // Alert when 90% of the window is in use (e.g. shed load, or flip a readiness probe).

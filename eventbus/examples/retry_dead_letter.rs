@@ -22,8 +22,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let config = BusConfig::load(None)?;
     let bus = Bus::connect(&config).await?;
     let (topic, dlq) = (Topic::new("examples.retry"), Topic::new("examples.dead"));
-    bus.ensure_topic(topic.as_str(), 1).await?;
-    bus.ensure_topic(dlq.as_str(), 1).await?;
+    bus.ensure_topic(topic.as_str()).await?;
+    bus.ensure_topic(dlq.as_str()).await?;
     let run = std::process::id().to_string();
 
     let publisher = bus.publisher().await?;

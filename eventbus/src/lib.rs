@@ -134,12 +134,28 @@ impl Bus {
         BusSubscriber(self.backend.subscriber_dyn(), self.backend.name())
     }
 
-    /// Make sure `topic` can be published to and subscribed, as the backend provisions topics
+    /// Make sure a topic can be published to and subscribed, as the backend provisions topics
     /// (its [`Backend::ensure_topic`]: for NATS a file stream named after the topic, for Kafka a
-    /// topic with `partitions`; see each backend's own `ensure_topic`). What exists is left as
-    /// it is. Production setups usually provision through their own tooling instead.
-    pub async fn ensure_topic(&self, topic: &str, partitions: u32) -> Result<(), Error> {
-        self.backend.ensure_topic_dyn(topic, partitions).await
+    /// topic with partitions). Takes a name or a [`TopicSpec`]; an option the backend lacks
+    /// ([`Bus::capabilities`]) is refused with [`ErrorKind::Unsupported`]. What exists is left
+    /// as it is. Production setups usually provision through their own tooling instead.
+    ///
+    /// ```no_run
+    /// # async fn demo(bus: eventbus::Bus) -> Result<(), eventbus::Error> {
+    /// use eventbus::TopicSpec;
+    /// bus.ensure_topic("audit").await?;
+    /// let orders = TopicSpec::new("orders");
+    /// let orders = if bus.capabilities().partitions { orders.partitions(6) } else { orders };
+    /// bus.ensure_topic(orders).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn ensure_topic(&self, spec: impl Into<TopicSpec>) -> Result<(), Error> {
+        self.backend.ensure_topic_dyn(&spec.into()).await
+    }
+
+    /// What the backend can do ([`Backend::capabilities`]).
+    pub fn capabilities(&self) -> Capabilities {
+        self.backend.capabilities_dyn()
     }
 
     /// The backend's health check.

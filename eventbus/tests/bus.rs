@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use eventbus::{BackendKind, Bus, BusConfig};
+use eventbus_core::Backend as _;
 use eventbus_core::{ErrorKind, Message, Publisher, SubscribeSpec, Subscriber, Topic};
 
 #[test]

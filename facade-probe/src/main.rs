@@ -30,7 +30,7 @@ async fn main() -> ExitCode {
 async fn run(topic: &str) -> Result<(), Error> {
     let config = BusConfig::load(None)?;
     let bus = Bus::connect(&config).await?;
-    bus.ensure_topic(topic, 1).await?;
+    bus.ensure_topic(topic).await?;
     let publisher = bus.publisher().await?;
     let mut acks = Vec::with_capacity(MESSAGES);
     for i in 0..MESSAGES {

@@ -4,15 +4,13 @@
 use std::time::Duration;
 
 use eventbus_brokers::{BrokerKind, Tansu, TansuStorage};
-use eventbus_conformance::{BackendHarness, Caps};
+use eventbus_conformance::{BackendHarness, Quirks};
 use eventbus_kafka::{KafkaBackend, KafkaConfig};
 
-/// How any Kafka-protocol broker differs from the suite's defaults: group members share
-/// partitions, not messages (one member may get every key).
-pub(crate) fn caps() -> Caps {
-    Caps::default()
-        .members_share_evenly(false)
-        .min_ack_wait(Duration::from_secs(1))
+/// How the Kafka-protocol brokers under test differ from the suite's defaults: ack waits of a
+/// second or more. (Group members sharing by partition is a capability the backend reports.)
+pub(crate) fn quirks() -> Quirks {
+    Quirks::default().min_ack_wait(Duration::from_secs(1))
 }
 
 /// A Kafka backend connected to `bootstrap`.
@@ -21,12 +19,12 @@ pub(crate) async fn harness(bootstrap: String) -> BackendHarness<KafkaBackend> {
         .await
         .expect("connect to the broker");
     BackendHarness::new(backend)
-        .caps(caps())
+        .quirks(quirks())
         .unroutable("no-such-topic".into())
 }
 
 /// A Kafka backend on a fresh `kind` of tansu broker. tansu 0.6.0 keeps a departed group leader
-/// in one case (see [`Caps::rejoin_after_churn`]).
+/// in one case (see [`Quirks::rejoin_after_churn`]).
 #[allow(dead_code)] // not every test binary that includes this module starts tansu
 pub(crate) async fn tansu(kind: BrokerKind) -> BackendHarness<KafkaBackend> {
     let broker = kind
@@ -35,7 +33,7 @@ pub(crate) async fn tansu(kind: BrokerKind) -> BackendHarness<KafkaBackend> {
     harness(broker.address())
         .await
         .keep(broker)
-        .caps(caps().rejoin_after_churn(false))
+        .quirks(quirks().rejoin_after_churn(false))
 }
 
 /// A Kafka backend on a fresh tansu that advertises a fault proxy's port, so every client
@@ -54,7 +52,7 @@ pub(crate) async fn tansu_proxied(storage: TansuStorage) -> BackendHarness<Kafka
     harness(proxy.addr().to_string())
         .await
         .keep(broker)
-        .caps(caps().rejoin_after_churn(false))
+        .quirks(quirks().rejoin_after_churn(false))
         .fault(
             move || proxy.set(Mode::Hold),
             move || {
