@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use crate::{Proc, free_port, log_tail, other, wait_until_listening};
+use crate::process::{Proc, free_port, log_tail, other, run, wait_until_listening};
 
 /// The directory of PostgreSQL's server binaries (`initdb`, `postgres`): `EVENTBUS_PG_BIN`,
 /// else what `pg_config --bindir` says, else the newest `/usr/lib/postgresql/<v>/bin`.
@@ -242,7 +242,7 @@ impl Postgres {
 
     fn group_signal_checked(&self, sig: &str) -> io::Result<()> {
         let pid = self.pid().ok_or_else(|| other("postgres is not running"))?;
-        crate::run(
+        run(
             Command::new("kill")
                 .arg(format!("-{sig}"))
                 .arg("--")

@@ -311,6 +311,22 @@ impl Pulls {
     /// Cancel-safe: a message taken from a request is kept in `held` until handed over.
     async fn next(&mut self) -> Option<jetstream::Message> {
         loop {
+            if let [only] = &mut self.open[..] {
+                // One request: its own order is delivery order, nothing to compare. Awaiting
+                // the stream directly is cancel-safe (a message is only taken when returned).
+                let item = match only.held.take() {
+                    Some((_, m)) => Some(Ok(m)),
+                    None if only.ended => None,
+                    None => only.batch.next().await,
+                };
+                if let Some(Ok(m)) = item {
+                    only.handed += 1;
+                    return Some(m);
+                }
+                only.take(item);
+                self.open.clear();
+                return None;
+            }
             if self.open.is_empty() {
                 return None;
             }
