@@ -42,6 +42,20 @@ pub(crate) fn encode(
 /// producer) gets an id derived from where it is stored, `kafka:<topic>:<partition>:<offset>`:
 /// the same for every consumer group and on every redelivery.
 pub fn decode(m: &rdkafka::message::BorrowedMessage<'_>) -> Message {
+    decode_reusing(m, &mut None)
+}
+
+/// [`decode`], naming the message's topic with `last` when it is the same topic (a `Topic` is
+/// shared, so a consumer reading one topic does not allocate its name per message); `last`
+/// then holds this message's topic.
+pub(crate) fn decode_reusing(
+    m: &rdkafka::message::BorrowedMessage<'_>,
+    last: &mut Option<Topic>,
+) -> Message {
+    let topic = match last {
+        Some(t) if t.as_str() == m.topic() => t.clone(),
+        _ => last.insert(Topic::new(m.topic())).clone(),
+    };
     let mut headers = Headers::new();
     let mut id = None;
     if let Some(h) = m.headers() {
@@ -65,7 +79,7 @@ pub fn decode(m: &rdkafka::message::BorrowedMessage<'_>) -> Message {
                 m.offset()
             ))
         }),
-        Topic::new(m.topic()),
+        topic,
         m.key().map(Bytes::copy_from_slice),
         headers,
         Bytes::copy_from_slice(m.payload().unwrap_or_default()),

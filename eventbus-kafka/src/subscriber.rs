@@ -635,6 +635,8 @@ fn pump(consumer: &BaseConsumer<Ctx>, shared: &Arc<Shared>, spec: &SubscribeSpec
     let mut last_commit = Instant::now();
     let max_unsettled = spec.prefetch.saturating_mul(8).max(1_000);
     let mut behind_since: Option<Instant> = None;
+    let mut burst: Vec<Polled> = Vec::with_capacity(BURST);
+    let mut last_topic: Option<Topic> = None;
     loop {
         if feed.is_stopped() {
             return;
@@ -682,8 +684,8 @@ fn pump(consumer: &BaseConsumer<Ctx>, shared: &Arc<Shared>, spec: &SubscribeSpec
                     if let Some(e) = st.entry(&k) {
                         e.stage = Stage::Out;
                     }
-                    st.timers
-                        .push(Reverse((Instant::now() + shared.ack_wait, k)));
+                    // `now` is this pass's: the burst was polled just before it.
+                    st.timers.push(Reverse((now + shared.ack_wait, k)));
                 }
                 Err(TrySend::Full(Ok(d))) => {
                     st.backlog.push_front((k, d));
@@ -749,12 +751,13 @@ fn pump(consumer: &BaseConsumer<Ctx>, shared: &Arc<Shared>, spec: &SubscribeSpec
         match consumer.poll(wait) {
             None => {}
             Some(Ok(m)) => {
-                admit(shared, &m);
+                burst.push(polled(&m, &mut last_topic));
                 // Take what librdkafka already holds before handing over, so the handler's task
-                // is woken once per burst rather than once per message.
+                // is woken once per burst rather than once per message, and the state is
+                // locked once per burst, not per message (acks contend for it).
                 for _ in 1..BURST {
                     match consumer.poll(Duration::ZERO) {
-                        Some(Ok(m)) => admit(shared, &m),
+                        Some(Ok(m)) => burst.push(polled(&m, &mut last_topic)),
                         Some(Err(e)) => {
                             consumer_error(feed, e);
                             break;
@@ -762,6 +765,7 @@ fn pump(consumer: &BaseConsumer<Ctx>, shared: &Arc<Shared>, spec: &SubscribeSpec
                         None => break,
                     }
                 }
+                admit(shared, &mut burst);
             }
             Some(Err(e)) => consumer_error(feed, e),
         }
@@ -781,39 +785,51 @@ fn consumer_error(feed: &Feed, e: rdkafka::error::KafkaError) {
     }
 }
 
-/// Register a freshly polled message and queue its first delivery.
-fn admit(shared: &Arc<Shared>, m: &rdkafka::message::BorrowedMessage<'_>) {
+/// A polled message, decoded outside the state lock: its partition, offset and message.
+type Polled = (i32, i64, Message);
+
+/// Decode a freshly polled message (outside the state lock) for [`admit`].
+fn polled(m: &rdkafka::message::BorrowedMessage<'_>, topic: &mut Option<Topic>) -> Polled {
     use rdkafka::Message as _;
-    let (partition, offset) = (m.partition(), m.offset());
-    let message = crate::headers::decode(m);
+    (
+        m.partition(),
+        m.offset(),
+        crate::headers::decode_reusing(m, topic),
+    )
+}
+
+/// Register freshly polled messages and queue their first deliveries, under one lock.
+fn admit(shared: &Arc<Shared>, burst: &mut Vec<Polled>) {
     let mut st = shared.state.lock();
-    let Some(part) = st.parts.get_mut(&partition) else {
-        return; // revoked meanwhile: the next owner reads it
-    };
-    part.next = Some(offset + 1);
-    let epoch = part.epoch;
-    if part.entries.contains_key(&offset) {
-        return;
-    }
-    part.entries.insert(
-        offset,
-        Entry {
-            message,
-            count: 0,
-            round: 0,
-            stage: Stage::Queued,
-        },
-    );
-    st.unsettled += 1;
-    st.deliver(
-        shared,
-        Key {
-            partition,
+    for (partition, offset, message) in burst.drain(..) {
+        let Some(part) = st.parts.get_mut(&partition) else {
+            continue; // revoked meanwhile: the next owner reads it
+        };
+        part.next = Some(offset + 1);
+        let epoch = part.epoch;
+        if part.entries.contains_key(&offset) {
+            continue;
+        }
+        part.entries.insert(
             offset,
-            epoch,
-            round: 0,
-        },
-    );
+            Entry {
+                message,
+                count: 0,
+                round: 0,
+                stage: Stage::Queued,
+            },
+        );
+        st.unsettled += 1;
+        st.deliver(
+            shared,
+            Key {
+                partition,
+                offset,
+                epoch,
+                round: 0,
+            },
+        );
+    }
 }
 
 /// Commit what was settled, then leave the group and close the consumer.
