@@ -12,7 +12,8 @@
 //!   restart on the same store, and the backend's sink and subscriber;
 //! - [`raw`]: the raw clients (no SDK), driven through the same ledger for comparison rows;
 //! - [`scenario`]: the fault scenarios; `cargo xtask reliability` runs them all and prints the
-//!   table (`--quick` is the CI subset).
+//!   table (`--quick` is the CI subset);
+//! - [`plan`]: the scenarios and targets the command line names, typed, and which runs where.
 //!
 //! ```
 //! use eventbus_reliability::check::{check, Ledger};
@@ -28,6 +29,7 @@
 
 pub mod check;
 pub mod facade_probe;
+pub mod plan;
 pub use eventbus_brokers::proxy;
 pub mod raw;
 pub mod record;

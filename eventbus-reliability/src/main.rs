@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use clap::Parser;
+use eventbus_reliability::plan::{Scenario, Target as On};
 use eventbus_reliability::scenario::{self, Reader, Row, Size};
 use eventbus_reliability::target::Target;
 
@@ -25,7 +26,7 @@ struct Args {
     /// consumers in consume-kill and consume-blackhole).
     /// Default: nats, kafka.
     #[arg(long, value_delimiter = ',')]
-    backend: Vec<String>,
+    backend: Vec<On>,
     /// Scenarios (comma separated): kill-restart, consume-kill (a group subscription kept open
     /// through a kill and restart), consume-blackhole (the same through a blackhole of its
     /// connection), pause, stall-memory, slow-consumer, blackhole, wire, shutdown, cancel,
@@ -40,7 +41,7 @@ struct Args {
     /// off), rolling-restart and partition (the stream leader cut off from the other two by
     /// route proxies). Default: all but the nats-cluster-only ones.
     #[arg(long, value_delimiter = ',')]
-    scenario: Vec<String>,
+    scenario: Vec<Scenario>,
     /// Output directory for reliability.json and reliability.md.
     #[arg(long, default_value = "target/reliability")]
     out: PathBuf,
@@ -49,147 +50,67 @@ struct Args {
     doc: Option<PathBuf>,
 }
 
-/// Scenarios the raw async-nats client (`nats-cluster-raw`) runs beside the SDK (producer rows
-/// with the raw publisher, consumer rows with the raw consumer).
-const RAW: [&str; 8] = [
-    "kill-restart",
-    "stepdown",
-    "kill-connected",
-    "rolling-restart",
-    "partition",
-    "consume-kill",
-    "consume-kill-connected",
-    "consume-partition",
-];
-
-/// Scenarios raw rdkafka (`kafka-cluster-raw`) runs.
-const RAW_KAFKA_CLUSTER: [&str; 2] = ["kill-restart", "consume-kill"];
-
-/// Scenarios the raw consumers run on a single broker (`nats-raw`, `kafka-raw`).
-const RAW_SINGLE: [&str; 2] = ["consume-kill", "consume-blackhole"];
-
-/// Scenarios that only a NATS cluster runs.
-const NATS_CLUSTER_ONLY: [&str; 6] = [
-    "stepdown",
-    "kill-connected",
-    "consume-kill-connected",
-    "consume-partition",
-    "rolling-restart",
-    "partition",
-];
-
-/// Scenarios that run on the single brokers (`nats`, `kafka`) only (the outbox: PostgreSQL and
-/// a broker together).
-const SINGLE_ONLY: [&str; 6] = [
-    "outbox",
-    "outbox-broker",
-    "outbox-db-pause",
-    "inbox-kill",
-    "inbox-kill-sqlite",
-    "inbox-db-restart",
-];
-
-const ALL: [&str; 24] = [
-    "kill-restart",
-    "consume-kill",
-    "consume-blackhole",
-    "pause",
-    "stall-memory",
-    "slow-consumer",
-    "blackhole",
-    "wire",
-    "shutdown",
-    "cancel",
-    "absent",
-    "security",
-    "outbox",
-    "outbox-broker",
-    "outbox-db-pause",
-    "inbox-kill",
-    "inbox-kill-sqlite",
-    "inbox-db-restart",
-    "stepdown",
-    "kill-connected",
-    "consume-kill-connected",
-    "consume-partition",
-    "rolling-restart",
-    "partition",
-];
-
-/// Scenarios that run on the `nats` backend only. `inbox-kill-sqlite` on tansu: its groups do
-/// not survive the kills, so each restart reads every message again in a new group, and the
-/// SQLite inbox (one writer at a time, a write transaction per delivery, duplicates included)
-/// fell behind: 1,137 of 2,000 applied after 90 s, twice; none applied twice.
-const NATS_SINGLE_ONLY: [&str; 1] = ["inbox-kill-sqlite"];
-
-/// Whether `backend` runs `scenario` (the cluster-only and raw-client rows run on their own
-/// backends only).
-fn runs_on(backend: &str, scenario: &str) -> bool {
-    match backend {
-        "nats-cluster-raw" => RAW.contains(&scenario),
-        "kafka-cluster-raw" => RAW_KAFKA_CLUSTER.contains(&scenario),
-        "nats-raw" | "kafka-raw" => RAW_SINGLE.contains(&scenario),
-        "nats-cluster" => !SINGLE_ONLY.contains(&scenario),
-        "nats" => !NATS_CLUSTER_ONLY.contains(&scenario),
-        "kafka" => !NATS_CLUSTER_ONLY.contains(&scenario) && !NATS_SINGLE_ONLY.contains(&scenario),
-        _ => !NATS_CLUSTER_ONLY.contains(&scenario) && !SINGLE_ONLY.contains(&scenario),
-    }
-}
-
-fn proxied(s: &str) -> bool {
-    matches!(s, "blackhole" | "wire" | "consume-blackhole")
-}
-
 /// tansu's SQLite fetch sums the size of every record from the fetch offset to the high
 /// watermark (a window function in `record_fetch.sql`) before it cuts the response, so each
 /// fetch costs O(backlog): a deep backlog drains quadratically (the first fetch of 40,000 x
 /// 1 KiB took 58 s). The slow consumer therefore runs on tansu's memory engine.
 #[cfg(feature = "kafka")]
-fn storage(s: &str) -> eventbus_reliability::target::kafka::TansuStorage {
+fn storage(s: Scenario) -> eventbus_reliability::target::kafka::TansuStorage {
     use eventbus_reliability::target::kafka::TansuStorage;
-    if s == "slow-consumer" {
+    if s == Scenario::SlowConsumer {
         TansuStorage::Memory
     } else {
         TansuStorage::Sqlite
     }
 }
 
-async fn run_on<T: Target>(t: &mut T, s: &str, size: Size) -> Row {
+async fn run_on<T: Target>(t: &mut T, s: Scenario, size: Size) -> Row {
+    use scenario::{InboxFault, Store};
     match s {
-        "kill-restart" => scenario::kill_restart(t, size).await,
-        "consume-kill" | "consume-blackhole" => consume_on(t, s, size, Reader::Sdk).await,
-        "pause" => scenario::pause(t, size).await,
-        "stall-memory" => scenario::stall_memory(t, size).await,
-        "slow-consumer" => scenario::slow_consumer(t, size).await,
-        "blackhole" => scenario::blackhole(t, size).await,
-        "wire" => scenario::wire(t, size).await,
-        "shutdown" => scenario::shutdown(t, size).await,
-        "cancel" => scenario::cancel(t, size).await,
-        "outbox" => scenario::outbox(t, size).await,
-        "outbox-broker" => scenario::outbox_broker(t, size).await,
-        "outbox-db-pause" => scenario::outbox_db_pause(t, size).await,
-        "inbox-kill" => {
-            let fault = scenario::InboxFault::KillConsumer;
-            scenario::inbox_kill(t, size, scenario::Store::Postgres, fault).await
+        Scenario::KillRestart => scenario::kill_restart(t, size).await,
+        Scenario::ConsumeKill | Scenario::ConsumeBlackhole => {
+            consume_on(t, s, size, Reader::Sdk).await
         }
-        "inbox-kill-sqlite" => {
-            let fault = scenario::InboxFault::KillConsumer;
-            scenario::inbox_kill(t, size, scenario::Store::Sqlite, fault).await
+        Scenario::Pause => scenario::pause(t, size).await,
+        Scenario::StallMemory => scenario::stall_memory(t, size).await,
+        Scenario::SlowConsumer => scenario::slow_consumer(t, size).await,
+        Scenario::Blackhole => scenario::blackhole(t, size).await,
+        Scenario::Wire => scenario::wire(t, size).await,
+        Scenario::Shutdown => scenario::shutdown(t, size).await,
+        Scenario::Cancel => scenario::cancel(t, size).await,
+        Scenario::Outbox => scenario::outbox(t, size).await,
+        Scenario::OutboxBroker => scenario::outbox_broker(t, size).await,
+        Scenario::OutboxDbPause => scenario::outbox_db_pause(t, size).await,
+        Scenario::InboxKill => {
+            scenario::inbox_kill(t, size, Store::Postgres, InboxFault::KillConsumer).await
         }
-        "inbox-db-restart" => {
-            let fault = scenario::InboxFault::RestartDatabase;
-            scenario::inbox_kill(t, size, scenario::Store::Postgres, fault).await
+        Scenario::InboxKillSqlite => {
+            scenario::inbox_kill(t, size, Store::Sqlite, InboxFault::KillConsumer).await
         }
-        other => unreachable!("scenario {other}"),
+        Scenario::InboxDbRestart => {
+            scenario::inbox_kill(t, size, Store::Postgres, InboxFault::RestartDatabase).await
+        }
+        other => not_here(other, t.name()),
+    }
+}
+
+/// The row of a scenario dispatched to a target that does not run it (a bug in this file's
+/// dispatch, reported as a failed row rather than a panic).
+fn not_here(s: Scenario, target: &str) -> Row {
+    Row {
+        scenario: s.name(),
+        backend: target.into(),
+        failures: vec![format!("{} is not dispatched on {target}", s.name())],
+        ..Row::default()
     }
 }
 
 /// A consumer row that every target runs, with the live consumer `reader`.
-async fn consume_on<T: Target>(t: &mut T, s: &str, size: Size, reader: Reader) -> Row {
+async fn consume_on<T: Target>(t: &mut T, s: Scenario, size: Size, reader: Reader) -> Row {
     match s {
-        "consume-kill" => scenario::consume_kill(t, size, reader).await,
-        "consume-blackhole" => scenario::consume_blackhole(t, size, reader).await,
-        other => unreachable!("consumer scenario {other}"),
+        Scenario::ConsumeKill => scenario::consume_kill(t, size, reader).await,
+        Scenario::ConsumeBlackhole => scenario::consume_blackhole(t, size, reader).await,
+        other => not_here(other, t.name()),
     }
 }
 
@@ -197,17 +118,17 @@ async fn consume_on<T: Target>(t: &mut T, s: &str, size: Size, reader: Reader) -
 #[cfg(feature = "nats")]
 async fn consume_on_nats_cluster(
     t: &mut eventbus_reliability::target::nats_cluster::NatsCluster3,
-    s: &str,
+    s: Scenario,
     size: Size,
     reader: Reader,
 ) -> Row {
     use eventbus_reliability::target::nats_cluster::Aim;
     let mut row = match s {
-        "consume-partition" => return scenario::consume_partition(t, size, reader).await,
-        "consume-kill-connected" => {
+        Scenario::ConsumePartition => return scenario::consume_partition(t, size, reader).await,
+        Scenario::ConsumeKillConnected => {
             t.aim(Aim::SubscriberNode);
             let mut row = scenario::consume_kill(t, size, reader).await;
-            row.scenario = s.into();
+            row.scenario = s.name();
             row
         }
         _ => consume_on(t, s, size, reader).await,
@@ -218,132 +139,135 @@ async fn consume_on_nats_cluster(
     row
 }
 
-async fn run(backend: &str, s: &str, size: Size) -> Row {
+/// The NATS cluster's own rows, and the others with the node they hit noted.
+#[cfg(feature = "nats")]
+async fn run_on_nats_cluster(s: Scenario, size: Size) -> Result<Row, String> {
+    use eventbus_reliability::target::nats_cluster::{Aim, NatsCluster3};
+    let mut t = NatsCluster3::start_for(s).await?;
+    if s.consumes() {
+        return Ok(consume_on_nats_cluster(&mut t, s, size, Reader::Sdk).await);
+    }
+    let mut row = match s {
+        Scenario::Stepdown => return Ok(scenario::stepdown(&mut t, size).await),
+        Scenario::RollingRestart => return Ok(scenario::rolling_restart(&mut t, size).await),
+        Scenario::Partition => return Ok(scenario::partition(&mut t, size).await),
+        Scenario::KillConnected => {
+            t.aim(Aim::ClientNode);
+            let mut row = scenario::kill_restart(&mut t, size).await;
+            row.scenario = s.name();
+            row
+        }
+        _ => run_on(&mut t, s, size).await,
+    };
+    if let Some(v) = t.last_victim() {
+        row.notes.push(format!("the faults hit node n{v}"));
+    }
+    if matches!(s, Scenario::KillRestart | Scenario::KillConnected) {
+        // An election inside the ack deadline: the SDK resends (same ids) until the new
+        // leader stores, so the caller sees every message acked.
+        scenario::require_no_failed(&mut row, "a node kill");
+        row.require(
+            row.figures.first_unknown == 0,
+            format!(
+                "a node kill reached the caller: {} unknown first outcomes",
+                row.figures.first_unknown
+            ),
+        );
+    }
+    Ok(row)
+}
+
+async fn run(on: On, s: Scenario, size: Size) -> Row {
     let failed = |e: String| Row {
-        scenario: s.into(),
-        backend: backend.into(),
+        scenario: s.name(),
+        backend: on.name(),
         failures: vec![e],
         ..Row::default()
     };
-    if s == "security" {
-        return match backend {
-            "nats" => scenario::security("nats").await,
-            "kafka" => scenario::security("kafka").await,
-            _ => failed(format!("security is not run on {backend}")),
+    if matches!(s, Scenario::Security | Scenario::Absent) {
+        let backend = match on {
+            On::Nats => "nats",
+            On::Kafka => "kafka",
+            _ => return failed(format!("{} is not run on {}", s.name(), on.name())),
+        };
+        return match s {
+            Scenario::Security => scenario::security(backend).await,
+            _ => scenario::absent(backend).await,
         };
     }
-    if s == "absent" {
-        return match backend {
-            "nats" => scenario::absent("nats").await,
-            "kafka" => scenario::absent("kafka").await,
-            _ => failed(format!("unknown backend {backend}")),
-        };
-    }
-    match backend {
+    let row = match on {
         #[cfg(feature = "nats")]
-        "nats" => {
-            match eventbus_reliability::target::nats::Nats::start(Vec::new(), proxied(s)).await {
-                Ok(mut t) => run_on(&mut t, s, size).await,
-                Err(e) => failed(e),
+        On::Nats => {
+            match eventbus_reliability::target::nats::Nats::start(Vec::new(), s.proxied()).await {
+                Ok(mut t) => Ok(run_on(&mut t, s, size).await),
+                Err(e) => Err(e),
             }
         }
         #[cfg(feature = "kafka")]
-        "kafka" => {
-            match eventbus_reliability::target::kafka::Kafka::start(storage(s), proxied(s)).await {
-                Ok(mut t) => run_on(&mut t, s, size).await,
-                Err(e) => failed(e),
+        On::Kafka => {
+            let t = eventbus_reliability::target::kafka::Kafka::start(storage(s), s.proxied());
+            match t.await {
+                Ok(mut t) => Ok(run_on(&mut t, s, size).await),
+                Err(e) => Err(e),
             }
         }
         #[cfg(feature = "nats")]
-        "nats-cluster" => {
-            use eventbus_reliability::target::nats_cluster::{Aim, NatsCluster3};
-            let mut t = match NatsCluster3::start_for(s).await {
-                Ok(t) => t,
-                Err(e) => return failed(e),
-            };
-            if s.starts_with("consume-") {
-                return consume_on_nats_cluster(&mut t, s, size, Reader::Sdk).await;
-            }
-            let mut row = match s {
-                "stepdown" => return scenario::stepdown(&mut t, size).await,
-                "rolling-restart" => return scenario::rolling_restart(&mut t, size).await,
-                "partition" => return scenario::partition(&mut t, size).await,
-                "kill-connected" => {
-                    t.aim(Aim::ClientNode);
-                    let mut row = scenario::kill_restart(&mut t, size).await;
-                    row.scenario = s.into();
-                    row
-                }
-                _ => run_on(&mut t, s, size).await,
-            };
-            if let Some(v) = t.last_victim() {
-                row.notes.push(format!("the faults hit node n{v}"));
-            }
-            if matches!(s, "kill-restart" | "kill-connected") {
-                // An election inside the ack deadline: the SDK resends (same ids) until the new
-                // leader stores, so the caller sees every message acked.
-                scenario::require_no_failed(&mut row, "a node kill");
-                row.require(
-                    row.figures.first_unknown == 0,
-                    format!(
-                        "a node kill reached the caller: {} unknown first outcomes",
-                        row.figures.first_unknown
-                    ),
-                );
-            }
-            row
-        }
+        On::NatsCluster => run_on_nats_cluster(s, size).await,
         #[cfg(feature = "nats")]
-        "nats-cluster-raw" => {
-            match eventbus_reliability::target::nats_cluster::NatsCluster3::start_for(s).await {
-                Ok(mut t) if s.starts_with("consume-") => {
-                    consume_on_nats_cluster(&mut t, s, size, Reader::Raw).await
+        On::NatsClusterRaw => {
+            use eventbus_reliability::target::nats_cluster::NatsCluster3;
+            match NatsCluster3::start_for(s).await {
+                Ok(mut t) if s.consumes() => {
+                    Ok(consume_on_nats_cluster(&mut t, s, size, Reader::Raw).await)
                 }
-                Ok(mut t) => scenario::raw_nats(&mut t, s, size).await,
-                Err(e) => failed(e),
+                Ok(mut t) => Ok(scenario::raw_nats(&mut t, s, size).await),
+                Err(e) => Err(e),
             }
         }
         #[cfg(feature = "kafka")]
-        "kafka-cluster-raw" => {
+        On::KafkaClusterRaw => {
             match eventbus_reliability::target::kafka_cluster::TansuCluster3::start().await {
-                Ok(mut t) if s.starts_with("consume-") => {
+                Ok(mut t) if s.consumes() => {
                     let mut row = consume_on(&mut t, s, size, Reader::Raw).await;
                     row.notes.push(t.kill_note());
-                    row
+                    Ok(row)
                 }
-                Ok(mut t) => scenario::raw_kafka(&mut t, size).await,
-                Err(e) => failed(e),
+                Ok(mut t) => Ok(scenario::raw_kafka(&mut t, size).await),
+                Err(e) => Err(e),
             }
         }
         #[cfg(feature = "nats")]
-        "nats-raw" => {
-            match eventbus_reliability::target::nats::Nats::start(Vec::new(), proxied(s)).await {
-                Ok(mut t) => consume_on(&mut t, s, size, Reader::Raw).await,
-                Err(e) => failed(e),
+        On::NatsRaw => {
+            match eventbus_reliability::target::nats::Nats::start(Vec::new(), s.proxied()).await {
+                Ok(mut t) => Ok(consume_on(&mut t, s, size, Reader::Raw).await),
+                Err(e) => Err(e),
             }
         }
         #[cfg(feature = "kafka")]
-        "kafka-raw" => {
-            match eventbus_reliability::target::kafka::Kafka::start(storage(s), proxied(s)).await {
-                Ok(mut t) => consume_on(&mut t, s, size, Reader::Raw).await,
-                Err(e) => failed(e),
+        On::KafkaRaw => {
+            let t = eventbus_reliability::target::kafka::Kafka::start(storage(s), s.proxied());
+            match t.await {
+                Ok(mut t) => Ok(consume_on(&mut t, s, size, Reader::Raw).await),
+                Err(e) => Err(e),
             }
         }
         #[cfg(feature = "kafka")]
-        "kafka-cluster" => {
+        On::KafkaCluster => {
             match eventbus_reliability::target::kafka_cluster::TansuCluster3::start().await {
                 Ok(mut t) => {
                     let mut row = run_on(&mut t, s, size).await;
-                    if s == "kill-restart" {
+                    if s == Scenario::KillRestart {
                         row.notes.push(t.kill_note());
                     }
-                    row
+                    Ok(row)
                 }
-                Err(e) => failed(e),
+                Err(e) => Err(e),
             }
         }
-        _ => failed(format!("backend {backend} not built")),
-    }
+        #[allow(unreachable_patterns)] // every target is built with both features
+        _ => Err(format!("backend {} not built", on.name())),
+    };
+    row.unwrap_or_else(failed)
 }
 
 fn opt(v: Option<u64>) -> String {
@@ -541,44 +465,28 @@ fn main() -> std::process::ExitCode {
     }
     let args = Args::parse();
     let size = Size { quick: args.quick };
-    let backends: Vec<String> = if args.backend.is_empty() {
-        let mut v = Vec::new();
-        if cfg!(feature = "nats") {
-            v.push("nats".to_owned());
-        }
-        if cfg!(feature = "kafka") {
-            v.push("kafka".to_owned());
-        }
-        v
+    let backends: Vec<On> = if args.backend.is_empty() {
+        On::default_set()
     } else {
         args.backend.clone()
     };
-    let scenarios: Vec<String> = if args.scenario.is_empty() {
-        ALL.iter()
-            .filter(|s| !NATS_CLUSTER_ONLY.contains(s))
-            .map(|s| (*s).to_owned())
-            .collect()
+    let scenarios: Vec<Scenario> = if args.scenario.is_empty() {
+        Scenario::default_set()
     } else {
         args.scenario.clone()
     };
-    for s in &scenarios {
-        if !ALL.contains(&s.as_str()) {
-            eprintln!("unknown scenario {s}; known: {}", ALL.join(", "));
-            return std::process::ExitCode::from(2);
-        }
-    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .expect("tokio runtime");
     let mut rows = Vec::new();
-    for s in &scenarios {
-        for b in &backends {
-            if !runs_on(b, s) {
+    for &s in &scenarios {
+        for &b in &backends {
+            if !b.runs(s) {
                 continue;
             }
-            eprint!("==> {s} on {b} ... ");
+            eprint!("==> {} on {} ... ", s.name(), b.name());
             let t0 = Instant::now();
             let mut row = rt.block_on(run(b, s, size));
             row.secs = t0.elapsed().as_secs_f64();
@@ -604,15 +512,19 @@ fn main() -> std::process::ExitCode {
     );
     let _ = std::fs::write(args.out.join("reliability.md"), &md);
     if let Some(doc) = &args.doc {
-        let clusters = backends.iter().any(|b| b.contains("cluster"));
+        let clusters = backends.iter().any(|b| b.is_cluster());
+        let names = |v: Vec<String>| v.join(",");
         let command = format!(
             "cargo xtask reliability{} --backend {}{}",
             if args.quick { " --quick" } else { "" },
-            backends.join(","),
+            names(backends.iter().map(|b| b.name()).collect()),
             if args.scenario.is_empty() {
                 String::new()
             } else {
-                format!(" --scenario {}", scenarios.join(","))
+                format!(
+                    " --scenario {}",
+                    names(scenarios.iter().map(|s| s.name()).collect())
+                )
             }
         );
         let text = format!(

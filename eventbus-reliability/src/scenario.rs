@@ -420,15 +420,18 @@ async fn raw_setup<T: Target>(
 }
 
 /// The raw async-nats client (no SDK) under `scenario` (`kill-restart`, `stepdown`,
-/// `kill-connected`, `rolling-restart` or `partition`) on the NATS cluster, with the SDK's window and wire timeout: what a caller sees without the SDK.
+/// `kill-connected`, `rolling-restart` or `partition`) on the NATS cluster, with the SDK's
+/// window and wire timeout: what a caller sees without the SDK.
 /// Only safety is asserted; the caller-visible figures are the comparison.
 #[cfg(feature = "nats")]
 pub async fn raw_nats(
     t: &mut crate::target::nats_cluster::NatsCluster3,
-    scenario: &str,
+    scenario: crate::plan::Scenario,
     size: Size,
 ) -> Row {
-    let (mut row, provisioned) = match raw_setup(t, scenario, "nats-cluster raw").await {
+    use crate::plan::Scenario;
+    let name = scenario.name();
+    let (mut row, provisioned) = match raw_setup(t, &name, "nats-cluster raw").await {
         Ok(v) => v,
         Err(row) => return row,
     };
@@ -443,10 +446,10 @@ pub async fn raw_nats(
         }
     };
     let mut row = match scenario {
-        "stepdown" => stepdown_with(t, &p, provisioned, size, row).await,
-        "rolling-restart" => rolling_restart_with(t, &p, provisioned, size, row).await,
-        "partition" => partition_with(t, &p, provisioned, size, row).await,
-        "kill-connected" => {
+        Scenario::Stepdown => stepdown_with(t, &p, provisioned, size, row).await,
+        Scenario::RollingRestart => rolling_restart_with(t, &p, provisioned, size, row).await,
+        Scenario::Partition => partition_with(t, &p, provisioned, size, row).await,
+        Scenario::KillConnected => {
             t.aim(crate::target::nats_cluster::Aim::ClientNode);
             kill_restart_with(t, &p, provisioned, size, row).await
         }

@@ -7,7 +7,7 @@ use std::time::Duration;
 use eventbus_brokers::{Protocol, TestBroker};
 use eventbus_core::Backend as _;
 use eventbus_core::TopicSpec;
-use eventbus_core::{BatchSink, Error, Subscriber};
+use eventbus_core::{BatchSink, Capabilities, Error, Subscriber};
 
 use crate::proxy::FaultProxy;
 
@@ -106,14 +106,17 @@ pub trait Target: Send + Sync {
             ],
         }
     }
+    /// What the backend can do, as it reports it ([`eventbus_core::Backend::capabilities`]).
+    fn capabilities(&self) -> Capabilities;
     /// The broker drops a copy published again with the same message id (NATS's duplicate
-    /// window); without it (Kafka) a consumer's de-duplication layer does.
+    /// window, [`Capabilities::broker_dedup`]); without it (Kafka) a consumer's
+    /// de-duplication layer does.
     fn drops_copies(&self) -> bool {
-        self.broker().protocol() == Protocol::Nats
+        self.capabilities().broker_dedup
     }
     /// A consumer group keeps serving after members were SIGKILLed in quick succession.
     /// tansu 0.6.0's does not: a leader that leaves while the group rebalances is never
-    /// cleared, and every later join of that group loops (see `eventbus_conformance::Caps::
+    /// cleared, and every later join of that group loops (see `eventbus_conformance::Quirks::
     /// rejoin_after_churn`); a row that kills consumers then starts each one in a new group.
     fn group_survives_churn(&self) -> bool {
         self.broker().protocol() == Protocol::Nats
@@ -218,6 +221,9 @@ pub mod nats {
         type Sub = NatsSubscriber;
         fn name(&self) -> &'static str {
             "nats"
+        }
+        fn capabilities(&self) -> Capabilities {
+            self.direct.capabilities()
         }
         async fn provision(&self, run: &str, n: usize) -> Result<(Vec<String>, String), Error> {
             provision(&self.direct, run, n, 1).await
@@ -341,6 +347,9 @@ pub mod kafka {
         fn name(&self) -> &'static str {
             "kafka"
         }
+        fn capabilities(&self) -> Capabilities {
+            self.backend.capabilities()
+        }
         async fn provision(&self, run: &str, _n: usize) -> Result<(Vec<String>, String), Error> {
             provision(&self.backend, run).await
         }
@@ -423,8 +432,9 @@ pub mod nats_cluster {
         }
 
         /// Start three nodes as `scenario` needs them: with route proxies for `partition`.
-        pub async fn start_for(scenario: &str) -> Result<NatsCluster3, String> {
-            if matches!(scenario, "partition" | "consume-partition") {
+        pub async fn start_for(scenario: crate::plan::Scenario) -> Result<NatsCluster3, String> {
+            use crate::plan::Scenario;
+            if matches!(scenario, Scenario::Partition | Scenario::ConsumePartition) {
                 Self::start_with_route_proxies().await
             } else {
                 Self::start().await
@@ -639,6 +649,9 @@ pub mod nats_cluster {
         fn name(&self) -> &'static str {
             "nats-cluster"
         }
+        fn capabilities(&self) -> Capabilities {
+            self.direct.capabilities()
+        }
         async fn provision(&self, run: &str, n: usize) -> Result<(Vec<String>, String), Error> {
             let provisioned = super::nats::provision(&self.direct, run, n, 3).await?;
             *self.stream.lock() = Some(super::nats::stream_name(run));
@@ -804,6 +817,9 @@ pub mod kafka_cluster {
         type Sub = KafkaSubscriber;
         fn name(&self) -> &'static str {
             "kafka-cluster"
+        }
+        fn capabilities(&self) -> Capabilities {
+            self.backend.capabilities()
         }
         async fn provision(&self, run: &str, _n: usize) -> Result<(Vec<String>, String), Error> {
             super::kafka::provision(&self.backend, run).await
