@@ -210,7 +210,7 @@ impl<S: BatchSink> Batcher<S> {
     /// use std::time::Duration;
     /// use eventbus_batch::{BacklogEvent, BatchConfig, Batcher};
     /// let bus = eventbus_memory::MemoryBroker::new();
-    /// let publisher = Batcher::new(bus.sink(), BatchConfig::default()).unwrap();
+    /// let publisher = Batcher::new(eventbus_memory::MemorySink::new(&bus), BatchConfig::default()).unwrap();
     /// let _watch = publisher.watch_backlog(Duration::from_millis(100), 5_000, |e| match e {
     ///     BacklogEvent::Above(s) => eprintln!("publisher backlog high: {} in flight", s.in_flight),
     ///     BacklogEvent::Below(s) => eprintln!("publisher backlog back to {}", s.in_flight),

@@ -1,7 +1,7 @@
 //! What a topic is created with ([`TopicSpec`]) and what a backend can do ([`Capabilities`]).
 //!
 //! A backend honours every option of a [`TopicSpec`] its [`Capabilities`] list, and refuses
-//! any other with [`ErrorKind::Unsupported`](crate::ErrorKind::Unsupported): nothing asked
+//! any other with [`ErrorKind::Unsupported`]: nothing asked
 //! for is dropped silently. Portable code reads the capabilities first:
 //!
 //! ```

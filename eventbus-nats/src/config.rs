@@ -163,7 +163,7 @@ pub struct NatsConfig {
     pub max_ack_inflight: usize,
     /// Connection name shown by the server. Default `eventbus`.
     pub name: String,
-    /// How [`NatsBackend::sink`](crate::NatsBackend::sink) publishes: `fast`, `async` or
+    /// How [`Backend::sink`](eventbus_core::Backend::sink) publishes: `fast`, `async` or
     /// `atomic` (see [`PublishMode`]). Default `fast`.
     pub publish_mode: PublishMode,
     /// Send each message's id as `Nats-Msg-Id`, so the stream drops a retry it already stored
@@ -266,7 +266,7 @@ impl NatsConfig {
         self.request_timeout = d;
         self
     }
-    /// Set `publish_mode` (what [`NatsBackend::sink`](crate::NatsBackend::sink) uses).
+    /// Set `publish_mode` (what [`Backend::sink`](eventbus_core::Backend::sink) uses).
     pub fn publish_mode(mut self, mode: PublishMode) -> Self {
         self.publish_mode = mode;
         self
