@@ -1,8 +1,9 @@
 //! What a topic is created with ([`TopicSpec`]) and what a backend can do ([`Capabilities`]).
 //!
-//! A backend honours every option of a [`TopicSpec`] its [`Capabilities`] list, and refuses
-//! any other with [`ErrorKind::Unsupported`]: nothing asked
-//! for is dropped silently. Portable code reads the capabilities first:
+//! A backend creating a topic honours every option of a [`TopicSpec`] its [`Capabilities`]
+//! list, and refuses any other with [`ErrorKind::Unsupported`]: nothing asked for is dropped
+//! silently. A topic that already exists is left as it is, whatever the spec says (provision
+//! changes with the broker's own tooling). Portable code reads the capabilities first:
 //!
 //! ```
 //! use std::time::Duration;

@@ -320,7 +320,10 @@ impl KafkaBackend {
                     )
                 })
             };
-            let retention = spec.get_max_age().map(|d| d.as_millis().to_string());
+            // Rounded up: an age under a millisecond must not become `0` (no retention).
+            let retention = spec
+                .get_max_age()
+                .map(|d| d.as_nanos().div_ceil(1_000_000).to_string());
             plan.push((
                 spec.name(),
                 int(spec.get_partitions())?,

@@ -317,6 +317,7 @@ fn start(config: &KafkaConfig, spec: &SubscribeSpec) -> Result<Started, Error> {
     });
     let shared = Arc::new(Shared {
         state: Mutex::new(State::default()),
+        pending: Mutex::new(Vec::with_capacity(BURST)),
         ack_wait: spec.ack_wait,
         grouped: spec.group.is_some(),
     });
@@ -559,6 +560,10 @@ impl State {
 
 struct Shared {
     state: Mutex<State>,
+    /// Messages polled in the current burst, not yet admitted. A rebalance callback (which
+    /// runs inside a poll) admits them first, so each is registered under the assignment it
+    /// was fetched in.
+    pending: Mutex<Vec<Polled>>,
     ack_wait: Duration,
     grouped: bool,
 }
@@ -571,6 +576,7 @@ impl ClientContext for Ctx {}
 
 impl ConsumerContext for Ctx {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        admit(&self.shared);
         let Rebalance::Revoke(tpl) = rebalance else {
             return;
         };
@@ -612,6 +618,7 @@ impl ConsumerContext for Ctx {
     }
 
     fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        admit(&self.shared);
         match rebalance {
             Rebalance::Assign(tpl) => {
                 let parts: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
@@ -635,7 +642,6 @@ fn pump(consumer: &BaseConsumer<Ctx>, shared: &Arc<Shared>, spec: &SubscribeSpec
     let mut last_commit = Instant::now();
     let max_unsettled = spec.prefetch.saturating_mul(8).max(1_000);
     let mut behind_since: Option<Instant> = None;
-    let mut burst: Vec<Polled> = Vec::with_capacity(BURST);
     let mut last_topic: Option<Topic> = None;
     loop {
         if feed.is_stopped() {
@@ -751,13 +757,18 @@ fn pump(consumer: &BaseConsumer<Ctx>, shared: &Arc<Shared>, spec: &SubscribeSpec
         match consumer.poll(wait) {
             None => {}
             Some(Ok(m)) => {
-                burst.push(polled(&m, &mut last_topic));
+                let first = polled(&m, &mut last_topic);
+                shared.pending.lock().push(first);
                 // Take what librdkafka already holds before handing over, so the handler's task
                 // is woken once per burst rather than once per message, and the state is
-                // locked once per burst, not per message (acks contend for it).
+                // locked once per burst, not per message (acks contend for it). A poll that
+                // runs a rebalance callback admits what came before it (`Shared::pending`).
                 for _ in 1..BURST {
                     match consumer.poll(Duration::ZERO) {
-                        Some(Ok(m)) => burst.push(polled(&m, &mut last_topic)),
+                        Some(Ok(m)) => {
+                            let next = polled(&m, &mut last_topic);
+                            shared.pending.lock().push(next);
+                        }
                         Some(Err(e)) => {
                             consumer_error(feed, e);
                             break;
@@ -765,7 +776,7 @@ fn pump(consumer: &BaseConsumer<Ctx>, shared: &Arc<Shared>, spec: &SubscribeSpec
                         None => break,
                     }
                 }
-                admit(shared, &mut burst);
+                admit(shared);
             }
             Some(Err(e)) => consumer_error(feed, e),
         }
@@ -798,10 +809,15 @@ fn polled(m: &rdkafka::message::BorrowedMessage<'_>, topic: &mut Option<Topic>) 
     )
 }
 
-/// Register freshly polled messages and queue their first deliveries, under one lock.
-fn admit(shared: &Arc<Shared>, burst: &mut Vec<Polled>) {
+/// Register the freshly polled messages ([`Shared::pending`]) and queue their first
+/// deliveries, under one lock.
+fn admit(shared: &Arc<Shared>) {
+    let burst = std::mem::take(&mut *shared.pending.lock());
+    if burst.is_empty() {
+        return;
+    }
     let mut st = shared.state.lock();
-    for (partition, offset, message) in burst.drain(..) {
+    for (partition, offset, message) in burst {
         let Some(part) = st.parts.get_mut(&partition) else {
             continue; // revoked meanwhile: the next owner reads it
         };

@@ -14,7 +14,7 @@ mod subscriber;
 use std::time::Duration;
 
 use async_nats::jetstream;
-use eventbus_core::{Capabilities, Error, TopicSpec};
+use eventbus_core::{Capabilities, Error, ErrorKind, TopicSpec};
 
 pub use config::{ENV_VARS, NatsAuth, NatsConfig};
 pub use headers::{HEADER_ORDER, KEY as KEY_HEADER, KEY_HEX as KEY_HEX_HEADER};
@@ -103,7 +103,8 @@ impl eventbus_core::Backend for NatsBackend {
     /// `orders_created`) capturing `topic` and `topic.>`, with the spec's replicas (default
     /// [`NatsConfig::stream_replicas`]) and age limit, and what the configured publish mode
     /// needs (`allow_atomic` for [`PublishMode::Atomic`]), unless a stream of that name exists
-    /// (left as it is). More than one partition is refused.
+    /// (left as it is). More than one partition is refused, and so is an age under 100 ms;
+    /// an age under the default 2-minute duplicate window shortens the window to the age.
     async fn ensure_topic(&self, spec: &TopicSpec) -> Result<(), Error> {
         let topic = spec.name();
         eventbus_core::validate::topic(topic, &SUBJECT_RULES)?;
@@ -118,7 +119,16 @@ impl eventbus_core::Backend for NatsBackend {
         .replicas(replicas)
         .allow_atomic(self.publish.mode == PublishMode::Atomic);
         if let Some(age) = spec.get_max_age() {
-            stream = stream.max_age(age);
+            // nats-server refuses an age under 100 ms, and a duplicate window longer than
+            // the age: the window shrinks to the age (ids are kept no longer than messages).
+            if age < Duration::from_millis(100) {
+                return Err(error::err(
+                    ErrorKind::Config,
+                    format!("topic {topic}: max_age must be at least 100 ms on NATS"),
+                ));
+            }
+            let window = stream.duplicate_window.min(age);
+            stream = stream.max_age(age).duplicate_window(window);
         }
         self.ensure_stream(&stream).await
     }

@@ -33,6 +33,26 @@ async fn topic_spec_reaches_the_stream_or_is_refused_whole() {
         vec!["audit.events".to_owned(), "audit.events.>".to_owned()]
     );
 
+    // An age under the 2-minute duplicate window shortens the window (the server refuses a
+    // window longer than the age); an age under 100 ms is refused before anything is made.
+    let minute = Duration::from_secs(60);
+    nats.ensure_topic(&TopicSpec::new("short.events").max_age(minute))
+        .await
+        .expect("a one-minute age");
+    let mut short = nats
+        .jetstream()
+        .get_stream("short_events")
+        .await
+        .expect("the stream exists");
+    let config = short.info().await.expect("info").config.clone();
+    assert_eq!((config.max_age, config.duplicate_window), (minute, minute));
+    let e = nats
+        .ensure_topic(&TopicSpec::new("blink.events").max_age(Duration::from_millis(50)))
+        .await
+        .expect_err("under 100 ms");
+    assert_eq!(e.kind(), ErrorKind::Config, "{e}");
+    assert!(nats.jetstream().get_stream("blink_events").await.is_err());
+
     // Partitions are refused, typed, and no stream is made for the refused spec.
     let e = nats
         .ensure_topic(&TopicSpec::new("sharded.events").partitions(4))

@@ -61,7 +61,8 @@ pub enum Scenario {
 enum Runs {
     /// Every broker, single and cluster.
     Everywhere,
-    /// The single brokers only (the outbox and inbox rows: PostgreSQL and a broker together).
+    /// The single brokers only: the outbox and inbox rows (PostgreSQL and a broker together),
+    /// and the rows that start brokers of their own (security, absent).
     Singles,
     /// The single NATS server only. `inbox-kill-sqlite` on tansu: its groups do not survive
     /// the kills, so each restart reads every message again in a new group, and the SQLite
@@ -83,7 +84,8 @@ impl Scenario {
     fn runs(self) -> Runs {
         use Scenario::*;
         match self {
-            Outbox | OutboxBroker | OutboxDbPause | InboxKill | InboxDbRestart => Runs::Singles,
+            Outbox | OutboxBroker | OutboxDbPause | InboxKill | InboxDbRestart | Security
+            | Absent => Runs::Singles,
             InboxKillSqlite => Runs::NatsSingle,
             Stepdown | KillConnected | ConsumeKillConnected | ConsumePartition | RollingRestart
             | Partition => Runs::NatsCluster,
@@ -227,6 +229,7 @@ mod tests {
         assert!(Target::Nats.runs(InboxKillSqlite) && !Target::Kafka.runs(InboxKillSqlite));
         assert!(Target::NatsCluster.runs(Partition) && !Target::Nats.runs(Partition));
         assert!(!Target::KafkaCluster.runs(Stepdown));
+        assert!(!Target::NatsCluster.runs(Security) && Target::Kafka.runs(Absent));
         assert!(Target::KafkaClusterRaw.runs(ConsumeKill) && !Target::KafkaClusterRaw.runs(Pause));
         assert!(!Scenario::default_set().contains(&RollingRestart));
         assert!(Scenario::default_set().contains(&Security));
