@@ -14,7 +14,7 @@ mod subscriber;
 use std::time::Duration;
 
 use async_nats::jetstream;
-use eventbus_core::{Capabilities, Error, ErrorKind, TopicSpec};
+use eventbus_core::{Capabilities, Error, TopicSpec};
 
 pub use config::{ENV_VARS, NatsAuth, NatsConfig};
 pub use headers::{HEADER_ORDER, KEY as KEY_HEADER, KEY_HEX as KEY_HEX_HEADER};
@@ -119,14 +119,8 @@ impl eventbus_core::Backend for NatsBackend {
         .replicas(replicas)
         .allow_atomic(self.publish.mode == PublishMode::Atomic);
         if let Some(age) = spec.get_max_age() {
-            // nats-server refuses an age under 100 ms, and a duplicate window longer than
-            // the age: the window shrinks to the age (ids are kept no longer than messages).
-            if age < Duration::from_millis(100) {
-                return Err(error::err(
-                    ErrorKind::Config,
-                    format!("topic {topic}: max_age must be at least 100 ms on NATS"),
-                ));
-            }
+            // A stream's duplicate window may not be longer than its age: the window shrinks
+            // to the age (ids are kept no longer than messages).
             let window = stream.duplicate_window.min(age);
             stream = stream.max_age(age).duplicate_window(window);
         }

@@ -31,7 +31,7 @@ pub struct StreamSpec {
     pub storage: StorageKind,
     /// Replicas. Default 1.
     pub replicas: usize,
-    /// Max age (zero: unlimited).
+    /// Max age (zero: unlimited; else at least 100 ms and at least the duplicate window).
     pub max_age: Duration,
     /// Max bytes (-1: unlimited).
     pub max_bytes: i64,
@@ -125,6 +125,21 @@ impl NatsBackend {
                 ErrorKind::Config,
                 "stream name must be non-empty without '.', '*', '>' or spaces",
             ));
+        }
+        // nats-server's own rules (error 10052), refused typed before the request.
+        if !spec.max_age.is_zero() {
+            if spec.max_age < Duration::from_millis(100) {
+                return Err(error::err(
+                    ErrorKind::Config,
+                    "max_age must be zero (unlimited) or at least 100 ms",
+                ));
+            }
+            if spec.duplicate_window > spec.max_age {
+                return Err(error::err(
+                    ErrorKind::Config,
+                    "duplicate_window must not be longer than max_age",
+                ));
+            }
         }
         let cfg = stream::Config {
             name: spec.name.clone(),

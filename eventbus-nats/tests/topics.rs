@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use eventbus_brokers::NatsServer;
 use eventbus_core::{Backend, ErrorKind, TopicSpec};
-use eventbus_nats::{NatsBackend, NatsConfig};
+use eventbus_nats::{NatsBackend, NatsConfig, StreamSpec};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn topic_spec_reaches_the_stream_or_is_refused_whole() {
@@ -52,6 +52,13 @@ async fn topic_spec_reaches_the_stream_or_is_refused_whole() {
         .expect_err("under 100 ms");
     assert_eq!(e.kind(), ErrorKind::Config, "{e}");
     assert!(nats.jetstream().get_stream("blink_events").await.is_err());
+
+    // The same rules hold for a stream asked for directly: a window longer than the age.
+    let e = nats
+        .ensure_stream(&StreamSpec::new("AGED", ["aged.>"]).max_age(minute))
+        .await
+        .expect_err("a 2-minute window over a 1-minute age");
+    assert_eq!(e.kind(), ErrorKind::Config, "{e}");
 
     // Partitions are refused, typed, and no stream is made for the refused spec.
     let e = nats
