@@ -10,8 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use eventbus_batch::{BatchConfig, Batcher};
-use eventbus_core::Backend as _;
-use eventbus_core::{Message, Publisher};
+use eventbus_core::{Backend as _, Message, Publisher};
 use eventbus_nats::{NatsBackend, NatsConfig, StreamSpec};
 
 use crate::Args;

@@ -5,9 +5,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use eventbus_batch::{BatchConfig, Batcher};
-use eventbus_core::Backend as _;
 use eventbus_core::{
-    BatchSink, Bytes, Message, Outcome, Publisher, SubscribeSpec, Subscriber, Subscription, Topic,
+    Backend as _, BatchSink, Bytes, Message, Outcome, Publisher, SubscribeSpec, Subscriber,
+    Subscription, Topic,
 };
 use eventbus_memory::MemoryBroker;
 use hdrhistogram::Histogram;

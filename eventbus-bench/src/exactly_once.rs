@@ -19,9 +19,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use eventbus_batch::{BatchConfig, Batcher};
-use eventbus_core::Backend as _;
 use eventbus_core::handler::{self, HandlerConfig, HandlerError};
-use eventbus_core::{Message, Publisher, SubscribeSpec, Subscriber};
+use eventbus_core::{Backend as _, Message, Publisher, SubscribeSpec, Subscriber};
 use eventbus_kafka::{KafkaBackend, KafkaConfig, TxnSpec};
 use eventbus_nats::NatsBackend;
 use eventbus_outbox::inbox::{PgInbox, SqliteInbox};

@@ -6,9 +6,7 @@ use std::time::{Duration, Instant};
 
 use eventbus_batch::Batcher;
 use eventbus_brokers::{BrokerKind, TansuStorage, TestBroker};
-use eventbus_core::Backend as _;
-use eventbus_core::TopicSpec;
-use eventbus_core::{Message, Publisher, Topic};
+use eventbus_core::{Backend as _, Message, Publisher, Topic, TopicSpec};
 use eventbus_kafka::{KafkaBackend, KafkaConfig};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use std::sync::Arc;

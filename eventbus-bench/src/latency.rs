@@ -17,9 +17,9 @@ use std::time::{Duration, Instant};
 
 use eventbus_batch::{BatchConfig, Batcher};
 use eventbus_brokers::{BrokerKind, TansuStorage, TestBroker};
-use eventbus_core::Backend as _;
-use eventbus_core::TopicSpec;
-use eventbus_core::{Message, Outcome, Publisher, SubscribeSpec, Subscriber, Subscription};
+use eventbus_core::{
+    Backend as _, Message, Outcome, Publisher, SubscribeSpec, Subscriber, Subscription, TopicSpec,
+};
 use eventbus_kafka::{KafkaBackend, KafkaConfig};
 use eventbus_nats::{NatsBackend, NatsConfig, StreamSpec};
 use futures_util::StreamExt;
@@ -277,7 +277,7 @@ impl Rig {
             Rig::Kafka { backend, .. } => {
                 let t = format!("lat-r{n}");
                 backend
-                    .ensure_topic(&TopicSpec::new(&t).partitions(1))
+                    .ensure_topic(&TopicSpec::new(&t))
                     .await
                     .map_err(|e| format!("topic: {e}"))?;
                 Ok(t)

@@ -5,8 +5,9 @@ use std::time::{Duration, Instant};
 
 use eventbus_batch::Batcher;
 use eventbus_brokers::{BrokerKind, TestBroker};
-use eventbus_core::Backend as _;
-use eventbus_core::{Bytes, Publisher, SubscribeSpec, Subscriber, Subscription, Topic};
+use eventbus_core::{
+    Backend as _, Bytes, Publisher, SubscribeSpec, Subscriber, Subscription, Topic,
+};
 use tokio::sync::mpsc;
 
 use crate::drive::{

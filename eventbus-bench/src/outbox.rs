@@ -18,8 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use eventbus_batch::{BatchConfig, Batcher};
-use eventbus_core::Backend as _;
-use eventbus_core::{CloseReport, Error, Message, PendingAck, Publisher};
+use eventbus_core::{Backend as _, CloseReport, Error, Message, PendingAck, Publisher};
 use eventbus_nats::{NatsBackend, NatsConfig, StreamSpec};
 use eventbus_outbox::sqlx::{self, PgPool, SqlitePool};
 use eventbus_outbox::{OutboxStore, PgOutbox, Relay, RelayConfig, SqliteOutbox};

@@ -10,9 +10,7 @@ use std::time::{Duration, Instant};
 
 use eventbus_batch::{BatchConfig, Batcher};
 use eventbus_brokers::{Tansu, TansuStorage};
-use eventbus_core::Backend as _;
-use eventbus_core::TopicSpec;
-use eventbus_core::{Message, Publisher, SubscribeSpec, Subscriber};
+use eventbus_core::{Backend as _, Message, Publisher, SubscribeSpec, Subscriber, TopicSpec};
 use eventbus_kafka::{KafkaBackend, KafkaConfig};
 
 /// Set in the child: the broker to use.

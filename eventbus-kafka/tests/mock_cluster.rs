@@ -7,8 +7,9 @@ use std::time::{Duration, Instant};
 
 use eventbus_batch::{BatchConfig, Batcher};
 use eventbus_conformance::scenarios::publish_all;
-use eventbus_core::Backend as _;
-use eventbus_core::{ErrorKind, Message, Outcome, Position, Publisher, SubscribeSpec, Subscriber};
+use eventbus_core::{
+    Backend as _, ErrorKind, Message, Outcome, Position, Publisher, SubscribeSpec, Subscriber,
+};
 use eventbus_kafka::{KafkaBackend, KafkaConfig};
 use rdkafka::mocking::MockCluster;
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};

@@ -6,9 +6,7 @@ use std::time::Duration;
 
 use eventbus_batch::{BatchConfig, Batcher};
 use eventbus_brokers::{Tansu, TansuStorage};
-use eventbus_core::Backend as _;
-use eventbus_core::TopicSpec;
-use eventbus_core::{Envelope, ErrorKind, Message, Position, Publisher};
+use eventbus_core::{Backend as _, Envelope, ErrorKind, Message, Position, Publisher, TopicSpec};
 use eventbus_kafka::{KafkaBackend, KafkaConfig};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
@@ -119,7 +117,7 @@ async fn publish_then_plain_consumer_reads_everything_intact() {
 async fn bad_input_is_typed_and_touches_nothing_else() {
     let (_broker, kafka) = start().await;
     kafka
-        .ensure_topic(&TopicSpec::new("good").partitions(1))
+        .ensure_topic(&TopicSpec::new("good"))
         .await
         .expect("create topic");
     let sink = kafka.sink().await.expect("sink");
@@ -188,7 +186,7 @@ async fn sdk_consumes_what_a_plain_producer_wrote() {
     use rdkafka::producer::{FutureProducer, FutureRecord};
     let (broker, kafka) = start().await;
     kafka
-        .ensure_topic(&TopicSpec::new("foreign").partitions(1))
+        .ensure_topic(&TopicSpec::new("foreign"))
         .await
         .expect("topic");
     let producer: FutureProducer = ClientConfig::new()

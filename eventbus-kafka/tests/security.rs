@@ -9,9 +9,7 @@ use std::time::{Duration, Instant};
 
 use eventbus_batch::{BatchConfig, Batcher};
 use eventbus_brokers::{Tansu, TansuStorage};
-use eventbus_core::Backend as _;
-use eventbus_core::TopicSpec;
-use eventbus_core::{ErrorKind, Message, Publisher};
+use eventbus_core::{Backend as _, ErrorKind, Message, Publisher, TopicSpec};
 use eventbus_kafka::{KafkaBackend, KafkaConfig};
 
 const PASSWORD: &str = "pw-4c81e0-do-not-log";
@@ -66,7 +64,7 @@ async fn wrong_password_fails_fast_and_typed_right_one_publishes() {
         .await
         .expect("the right password connects");
     kafka
-        .ensure_topic(&TopicSpec::new("sasl-ok").partitions(1))
+        .ensure_topic(&TopicSpec::new("sasl-ok"))
         .await
         .expect("topic");
     let p =

@@ -6,9 +6,7 @@ use std::time::Duration;
 
 use eventbus_batch::{BatchConfig, Batcher};
 use eventbus_brokers::{Tansu, TansuStorage};
-use eventbus_core::Backend as _;
-use eventbus_core::TopicSpec;
-use eventbus_core::{Message, Publisher, SubscribeSpec, Subscriber};
+use eventbus_core::{Backend as _, Message, Publisher, SubscribeSpec, Subscriber, TopicSpec};
 use eventbus_kafka::{KafkaBackend, KafkaConfig};
 
 async fn start() -> (Tansu, KafkaBackend) {
@@ -84,7 +82,7 @@ async fn small_prefetch_reads_everything() {
 async fn commit_stops_at_the_first_unacked_message() {
     let (_broker, kafka) = start().await;
     kafka
-        .ensure_topic(&TopicSpec::new("prefix").partitions(1))
+        .ensure_topic(&TopicSpec::new("prefix"))
         .await
         .expect("topic");
     publish(&kafka, "prefix", 20).await;
@@ -145,7 +143,7 @@ async fn commit_stops_at_the_first_unacked_message() {
 async fn lag_readings_reuse_one_reader_per_group() {
     let (_broker, kafka) = start().await;
     kafka
-        .ensure_topic(&TopicSpec::new("lagged").partitions(1))
+        .ensure_topic(&TopicSpec::new("lagged"))
         .await
         .expect("topic");
     publish(&kafka, "lagged", 10).await;

@@ -6,9 +6,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use eventbus_batch::{BatchConfig, Batcher};
-use eventbus_core::Backend as _;
 use eventbus_core::trace::TraceParent;
-use eventbus_core::{Message, Publisher, SubscribeSpec, Subscriber};
+use eventbus_core::{Backend as _, Message, Publisher, SubscribeSpec, Subscriber};
 use eventbus_memory::{MemoryBroker, MemorySink};
 
 struct Capture(Arc<Mutex<Vec<u8>>>);

@@ -7,8 +7,7 @@ use async_nats::jetstream::stream;
 use eventbus_batch::{BatchConfig, Batcher};
 use eventbus_brokers::{NatsOptions, NatsServer};
 use eventbus_conformance::scenarios::publish_all;
-use eventbus_core::Backend as _;
-use eventbus_core::{ErrorKind, Message, Outcome, Position, Publisher};
+use eventbus_core::{Backend as _, ErrorKind, Message, Outcome, Position, Publisher};
 use eventbus_nats::{NatsBackend, NatsConfig, NatsSink, PublishMode, SinkOptions, StreamSpec};
 
 async fn connect() -> (NatsServer, NatsBackend) {

@@ -6,8 +6,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use eventbus_brokers::NatsServer;
-use eventbus_core::Backend as _;
-use eventbus_core::{Position, SubscribeSpec, Subscriber, Subscription};
+use eventbus_core::{Backend as _, Position, SubscribeSpec, Subscriber, Subscription};
 use eventbus_nats::{NatsBackend, NatsConfig, StreamSpec};
 
 async fn next(sub: &mut Subscription, what: &str) -> eventbus_core::Delivery {

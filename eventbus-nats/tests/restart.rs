@@ -8,8 +8,7 @@ use std::time::Duration;
 
 use eventbus_batch::{BatchConfig, Batcher};
 use eventbus_brokers::{BrokerKind, NatsServer};
-use eventbus_core::Backend as _;
-use eventbus_core::{Message, Outcome, Publisher, SubscribeSpec, Subscriber};
+use eventbus_core::{Backend as _, Message, Outcome, Publisher, SubscribeSpec, Subscriber};
 use eventbus_nats::{NatsBackend, NatsConfig, PublishMode, SinkOptions, StreamSpec};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

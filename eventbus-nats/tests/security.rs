@@ -9,8 +9,7 @@ use std::time::{Duration, Instant};
 
 use eventbus_batch::{BatchConfig, Batcher};
 use eventbus_brokers::{NatsOptions, NatsServer};
-use eventbus_core::Backend as _;
-use eventbus_core::{ErrorKind, Message, Outcome, Publisher};
+use eventbus_core::{Backend as _, ErrorKind, Message, Outcome, Publisher};
 use eventbus_nats::{NatsAuth, NatsBackend, NatsConfig, StreamSpec};
 
 const PASSWORD: &str = "pw-7f3a9c-do-not-log";

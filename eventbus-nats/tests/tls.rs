@@ -9,8 +9,7 @@ use eventbus_batch::{BatchConfig, Batcher};
 use eventbus_brokers::tls::Pki;
 use eventbus_brokers::{NatsOptions, NatsServer};
 use eventbus_conformance::scenarios::publish_all;
-use eventbus_core::Backend as _;
-use eventbus_core::{Error, ErrorKind, Message, Outcome};
+use eventbus_core::{Backend as _, Error, ErrorKind, Message, Outcome};
 use eventbus_nats::{NatsBackend, NatsConfig, StreamSpec};
 
 /// nats-server with TLS on, its certificate for `names`; `verify` requires client certificates

@@ -8,10 +8,8 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use eventbus_core::Backend as _;
-use eventbus_core::Message;
-use eventbus_core::TopicSpec;
 use eventbus_core::handler::HandlerError;
+use eventbus_core::{Backend as _, Message, TopicSpec};
 use eventbus_outbox::inbox::{Inbox, InboxDatabase, PgInbox, Processed, SqliteInbox, WorkFuture};
 
 /// A store with the inbox table and a business table `effects` (one row per applied message).

@@ -8,9 +8,7 @@
 use std::time::{Duration, Instant};
 
 use eventbus_batch::{BatchConfig, Batcher};
-use eventbus_core::Backend as _;
-use eventbus_core::Message;
-use eventbus_core::TopicSpec;
+use eventbus_core::{Backend as _, Message, TopicSpec};
 use eventbus_memory::MemoryBroker;
 use eventbus_outbox::{OutboxStore, PgOutbox, Relay, RelayConfig, SqliteOutbox};
 

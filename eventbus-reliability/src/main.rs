@@ -195,79 +195,64 @@ async fn run(on: On, s: Scenario, size: Size) -> Row {
             _ => scenario::absent(backend).await,
         };
     }
-    let row = match on {
+    on_target(on, s, size).await.unwrap_or_else(failed)
+}
+
+/// Start target `on` for scenario `s` and run it; `Err` when the target did not start.
+async fn on_target(on: On, s: Scenario, size: Size) -> Result<Row, String> {
+    #[cfg(feature = "kafka")]
+    use eventbus_reliability::target::{kafka::Kafka, kafka_cluster::TansuCluster3};
+    #[cfg(feature = "nats")]
+    use eventbus_reliability::target::{nats::Nats, nats_cluster::NatsCluster3};
+    Ok(match on {
         #[cfg(feature = "nats")]
-        On::Nats => {
-            match eventbus_reliability::target::nats::Nats::start(Vec::new(), s.proxied()).await {
-                Ok(mut t) => Ok(run_on(&mut t, s, size).await),
-                Err(e) => Err(e),
-            }
-        }
+        On::Nats => run_on(&mut Nats::start(Vec::new(), s.proxied()).await?, s, size).await,
         #[cfg(feature = "kafka")]
-        On::Kafka => {
-            let t = eventbus_reliability::target::kafka::Kafka::start(storage(s), s.proxied());
-            match t.await {
-                Ok(mut t) => Ok(run_on(&mut t, s, size).await),
-                Err(e) => Err(e),
-            }
-        }
+        On::Kafka => run_on(&mut Kafka::start(storage(s), s.proxied()).await?, s, size).await,
         #[cfg(feature = "nats")]
-        On::NatsCluster => run_on_nats_cluster(s, size).await,
+        On::NatsCluster => run_on_nats_cluster(s, size).await?,
         #[cfg(feature = "nats")]
         On::NatsClusterRaw => {
-            use eventbus_reliability::target::nats_cluster::NatsCluster3;
-            match NatsCluster3::start_for(s).await {
-                Ok(mut t) if s.consumes() => {
-                    Ok(consume_on_nats_cluster(&mut t, s, size, Reader::Raw).await)
-                }
-                Ok(mut t) => Ok(scenario::raw_nats(&mut t, s, size).await),
-                Err(e) => Err(e),
+            let mut t = NatsCluster3::start_for(s).await?;
+            if s.consumes() {
+                consume_on_nats_cluster(&mut t, s, size, Reader::Raw).await
+            } else {
+                scenario::raw_nats(&mut t, s, size).await
             }
         }
         #[cfg(feature = "kafka")]
         On::KafkaClusterRaw => {
-            match eventbus_reliability::target::kafka_cluster::TansuCluster3::start().await {
-                Ok(mut t) if s.consumes() => {
-                    let mut row = consume_on(&mut t, s, size, Reader::Raw).await;
-                    row.notes.push(t.kill_note());
-                    Ok(row)
-                }
-                Ok(mut t) => Ok(scenario::raw_kafka(&mut t, size).await),
-                Err(e) => Err(e),
+            let mut t = TansuCluster3::start().await?;
+            if s.consumes() {
+                let mut row = consume_on(&mut t, s, size, Reader::Raw).await;
+                row.notes.push(t.kill_note());
+                row
+            } else {
+                scenario::raw_kafka(&mut t, size).await
             }
         }
         #[cfg(feature = "nats")]
         On::NatsRaw => {
-            match eventbus_reliability::target::nats::Nats::start(Vec::new(), s.proxied()).await {
-                Ok(mut t) => Ok(consume_on(&mut t, s, size, Reader::Raw).await),
-                Err(e) => Err(e),
-            }
+            let mut t = Nats::start(Vec::new(), s.proxied()).await?;
+            consume_on(&mut t, s, size, Reader::Raw).await
         }
         #[cfg(feature = "kafka")]
         On::KafkaRaw => {
-            let t = eventbus_reliability::target::kafka::Kafka::start(storage(s), s.proxied());
-            match t.await {
-                Ok(mut t) => Ok(consume_on(&mut t, s, size, Reader::Raw).await),
-                Err(e) => Err(e),
-            }
+            let mut t = Kafka::start(storage(s), s.proxied()).await?;
+            consume_on(&mut t, s, size, Reader::Raw).await
         }
         #[cfg(feature = "kafka")]
         On::KafkaCluster => {
-            match eventbus_reliability::target::kafka_cluster::TansuCluster3::start().await {
-                Ok(mut t) => {
-                    let mut row = run_on(&mut t, s, size).await;
-                    if s == Scenario::KillRestart {
-                        row.notes.push(t.kill_note());
-                    }
-                    Ok(row)
-                }
-                Err(e) => Err(e),
+            let mut t = TansuCluster3::start().await?;
+            let mut row = run_on(&mut t, s, size).await;
+            if s == Scenario::KillRestart {
+                row.notes.push(t.kill_note());
             }
+            row
         }
         #[allow(unreachable_patterns)] // every target is built with both features
-        _ => Err(format!("backend {} not built", on.name())),
-    };
-    row.unwrap_or_else(failed)
+        _ => return Err(format!("backend {} not built", on.name())),
+    })
 }
 
 fn opt(v: Option<u64>) -> String {

@@ -6,9 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use eventbus_batch::{BatchConfig, Batcher, OnFull};
-use eventbus_core::Backend as _;
-use eventbus_core::TopicSpec;
-use eventbus_core::{Outcome, Publisher, SubscribeSpec, Subscriber};
+use eventbus_core::{Backend as _, Outcome, Publisher, SubscribeSpec, Subscriber};
 use rand::Rng;
 use serde::Serialize;
 
@@ -1321,7 +1319,7 @@ async fn connects_and_publishes(
             .await
             .map_err(|e| format!("connect: {e}"))?;
         backend
-            .ensure_topic(&TopicSpec::new(topic).partitions(1))
+            .ensure_topic(&eventbus_core::TopicSpec::new(topic))
             .await
             .map_err(|e| format!("topic: {e}"))?;
         let sink = backend.sink().await.map_err(|e| format!("sink: {e}"))?;

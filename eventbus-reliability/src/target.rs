@@ -5,9 +5,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use eventbus_brokers::{Protocol, TestBroker};
-use eventbus_core::Backend as _;
-use eventbus_core::TopicSpec;
-use eventbus_core::{BatchSink, Capabilities, Error, Subscriber};
+use eventbus_core::{Backend as _, BatchSink, Capabilities, Error, Subscriber};
 
 use crate::proxy::FaultProxy;
 
@@ -330,7 +328,7 @@ pub mod kafka {
     ) -> Result<(Vec<String>, String), Error> {
         let topic = format!("rel-{run}");
         backend
-            .ensure_topic(&TopicSpec::new(&topic).partitions(PARTITIONS))
+            .ensure_topic(&eventbus_core::TopicSpec::new(&topic).partitions(PARTITIONS))
             .await?;
         Ok((vec![topic.clone()], topic))
     }

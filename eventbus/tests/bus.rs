@@ -5,8 +5,9 @@
 use std::time::Duration;
 
 use eventbus::{BackendKind, Bus, BusConfig};
-use eventbus_core::Backend as _;
-use eventbus_core::{ErrorKind, Message, Publisher, SubscribeSpec, Subscriber, Topic};
+use eventbus_core::{
+    Backend as _, ErrorKind, Message, Publisher, SubscribeSpec, Subscriber, Topic,
+};
 
 #[test]
 fn toml_errors_name_the_field() {
