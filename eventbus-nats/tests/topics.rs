@@ -7,6 +7,16 @@ use eventbus_brokers::NatsServer;
 use eventbus_core::{Backend, ErrorKind, TopicSpec};
 use eventbus_nats::{NatsBackend, NatsConfig, StreamSpec};
 
+/// Stream `name`'s config, as the server holds it.
+async fn stream_config(nats: &NatsBackend, name: &str) -> async_nats::jetstream::stream::Config {
+    let mut stream = nats
+        .jetstream()
+        .get_stream(name)
+        .await
+        .unwrap_or_else(|e| panic!("stream {name}: {e}"));
+    stream.info().await.expect("info").config.clone()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn topic_spec_reaches_the_stream_or_is_refused_whole() {
     let server = NatsServer::start().expect("start nats-server");
@@ -20,12 +30,7 @@ async fn topic_spec_reaches_the_stream_or_is_refused_whole() {
     nats.ensure_topic(&TopicSpec::new("audit.events").replicas(1).max_age(day))
         .await
         .expect("ensure");
-    let mut stream = nats
-        .jetstream()
-        .get_stream("audit_events")
-        .await
-        .expect("the stream exists");
-    let config = stream.info().await.expect("info").config.clone();
+    let config = stream_config(&nats, "audit_events").await;
     assert_eq!(config.max_age, day);
     assert_eq!(config.num_replicas, 1);
     assert_eq!(
@@ -39,12 +44,7 @@ async fn topic_spec_reaches_the_stream_or_is_refused_whole() {
     nats.ensure_topic(&TopicSpec::new("short.events").max_age(minute))
         .await
         .expect("a one-minute age");
-    let mut short = nats
-        .jetstream()
-        .get_stream("short_events")
-        .await
-        .expect("the stream exists");
-    let config = short.info().await.expect("info").config.clone();
+    let config = stream_config(&nats, "short_events").await;
     assert_eq!((config.max_age, config.duplicate_window), (minute, minute));
     let e = nats
         .ensure_topic(&TopicSpec::new("blink.events").max_age(Duration::from_millis(50)))
