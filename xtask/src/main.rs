@@ -19,8 +19,9 @@
 #![allow(missing_docs)]
 #![allow(clippy::print_stdout, clippy::print_stderr)] // a command-line tool
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use eventbus_brokers as brokers;
 
@@ -61,10 +62,45 @@ fn root() -> PathBuf {
         .to_path_buf()
 }
 
+/// Set by `ci`: a CI run starts cold and builds each crate once, so incremental state (it
+/// was half of a warm `target/`) is only disk spent.
+static ONE_SHOT: AtomicBool = AtomicBool::new(false);
+
 fn cargo() -> Command {
     let mut c = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
     c.current_dir(root());
+    if ONE_SHOT.load(Ordering::Relaxed) {
+        c.env("CARGO_INCREMENTAL", "0");
+    }
     c
+}
+
+/// Bytes under `dir`, files only (hard links counted once per link; cargo makes few).
+fn tree_bytes(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.file_type() {
+            Ok(t) if t.is_dir() => tree_bytes(&e.path()),
+            Ok(t) if t.is_file() => e.metadata().map_or(0, |m| m.len()),
+            _ => 0,
+        })
+        .sum()
+}
+
+/// The workspace's `target/`, or `CARGO_TARGET_DIR`.
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root().join("target"), PathBuf::from)
+}
+
+/// One line after each CI phase: what `target/` holds, so a run that outgrows the disk shows
+/// which phase grew it.
+fn report_target(phase: &str) {
+    let target = target_dir();
+    let gib = tree_bytes(&target) as f64 / (1u64 << 30) as f64;
+    eprintln!("==> after {phase}: {} holds {gib:.1} GiB", target.display());
 }
 
 fn run(mut c: Command) -> Result {
@@ -179,7 +215,7 @@ fn build_facade_probe() -> Result<PathBuf> {
     let dir = root().join("facade-probe");
     std::fs::copy(root().join("Cargo.lock"), dir.join("Cargo.lock"))
         .map_err(|e| format!("copy Cargo.lock to facade-probe: {e}"))?;
-    let target = root().join("target");
+    let target = target_dir();
     let mut c = cargo();
     c.arg("build")
         .arg("--manifest-path")
@@ -323,6 +359,7 @@ fn up_cluster() -> Result<String> {
 }
 
 fn ci() -> Result {
+    ONE_SHOT.store(true, Ordering::Relaxed);
     let mut fmt = cargo();
     fmt.args(["fmt", "--all", "--", "--check"]);
     run(fmt)?;
@@ -381,9 +418,13 @@ fn ci() -> Result {
     for backend in ["nats", "kafka"] {
         check_alone("eventbus-bench", backend)?;
     }
+    report_target("clippy, doc and checks");
     test(&[])?;
+    report_target("test");
     bench(&["--quick".into()])?;
+    report_target("bench");
     reliability(&["--quick".into()])?;
+    report_target("reliability");
     // The NATS cluster under load: the stream leader killed and restarted, paused, asked to
     // step down and cut off from the other nodes; the client's own node killed; every node
     // restarted in turn; a live consumer through a leader kill, its own node's kill and a
@@ -396,7 +437,9 @@ fn ci() -> Result {
     )?;
     cluster_reliability("kafka-cluster", "pause")?;
     // The raw consumers beside the SDK's, through the same consumer rows.
-    cluster_reliability("nats-raw,kafka-raw", "consume-kill,consume-blackhole")
+    cluster_reliability("nats-raw,kafka-raw", "consume-kill,consume-blackhole")?;
+    report_target("cluster reliability");
+    Ok(())
 }
 
 /// `reliability --quick` of `scenarios` on the (cluster) backends `backend`.
