@@ -280,6 +280,7 @@ macro_rules! conformance_tests {
             topics_isolated,
             nack_redelivers,
             dead_letters_after_max_deliveries,
+            gives_up_after_max_deliveries,
             refused_dead_letter_keeps_the_message,
             handler_orders_per_key_and_retries,
             unacked_redelivered_after_ack_wait,

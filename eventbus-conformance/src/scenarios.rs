@@ -578,7 +578,14 @@ pub async fn dead_letters_after_max_deliveries<H: Harness>(h: &H) {
         seen += 1;
     }
     let mut dl = subscribe(h, SubscribeSpec::new(&dlq)).await;
-    let got = take_acked(&mut dl, 1).await.remove(0);
+    // The subscription moves the message out as it reads the delivery past the limit: read on.
+    let got = tokio::select! {
+        mut got = take_acked(&mut dl, 1) => got.remove(0),
+        d = recv(&mut sub, RECV_TIMEOUT * 2) => match d {
+            Some(d) => panic!("delivery {} handed over past max_deliveries", d.info().delivery_count),
+            None => panic!("no dead letter"),
+        },
+    };
     assert_eq!(&got.payload()[..], b"poison");
     assert_eq!(got.key().map(|k| &k[..]), Some(&b"k-1"[..]));
     assert_eq!(got.headers().get("x-a"), Some("1"));
@@ -600,6 +607,42 @@ pub async fn dead_letters_after_max_deliveries<H: Harness>(h: &H) {
     );
     assert_quiet(&mut sub, Duration::from_millis(800)).await;
     assert_quiet(&mut dl, Duration::from_millis(300)).await;
+}
+
+/// Without a dead-letter topic, a message past `max_deliveries` is given up on the same way on
+/// every backend: the handler sees it exactly `max_deliveries` times, the message beside it is
+/// unaffected, and the group never gets it again, not even through a new member.
+pub async fn gives_up_after_max_deliveries<H: Harness>(h: &H) {
+    let topic = h.topic("giveup").await;
+    let p = publisher(h, BatchConfig::default()).await;
+    let poison = Message::new(&topic, "poison");
+    let good = Message::new(&topic, "good");
+    assert_all_acked(&publish_all(&p, vec![poison.clone(), good.clone()]).await);
+    let spec = || {
+        SubscribeSpec::new(&topic)
+            .group("g")
+            .max_deliveries(2)
+            .ack_wait(Duration::from_secs(30))
+    };
+    let mut sub = subscribe(h, spec()).await;
+    let (mut poisoned, mut goods) = (0, 0);
+    while poisoned < 2 || goods < 1 {
+        let d = recv(&mut sub, RECV_TIMEOUT).await.expect("delivery");
+        if d.message().id() == poison.id() {
+            poisoned += 1;
+            assert_eq!(d.info().delivery_count, poisoned);
+            d.nack(Duration::ZERO).await.expect("nack");
+        } else {
+            assert_eq!(d.message().id(), good.id());
+            goods += 1;
+            d.ack().await.expect("ack");
+        }
+    }
+    assert_quiet(&mut sub, Duration::from_secs(1)).await;
+    sub.close().await;
+    let mut sub = subscribe(h, spec()).await;
+    assert_quiet(&mut sub, Duration::from_secs(1)).await;
+    sub.close().await;
 }
 
 /// A dead letter the broker refuses loses nothing: the message stays in the group, and a later

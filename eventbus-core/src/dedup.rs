@@ -30,7 +30,7 @@ use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use crate::outcome::Position;
-use crate::subscriber::{Relayed, Subscription};
+use crate::subscriber::{Delivery, Layer, Step, Subscription};
 
 /// How many message ids [`Subscription::dedup`] remembers, and for how long.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -135,27 +135,26 @@ impl Subscription {
     /// Hand each message id over once (see [`crate::dedup`]): later copies of an id already
     /// seen at another position are acked and skipped; redeliveries of the same copy pass.
     pub fn dedup(self, cfg: DedupConfig) -> Subscription {
-        let mut window = Window::new(cfg);
-        self.relay(move |d| {
-            let verdict = window.check(
-                &d.message().id().to_string(),
-                &d.info().position,
-                Instant::now(),
-            );
-            async move {
-                match verdict {
-                    Seen::New => Relayed::Pass(d),
-                    Seen::Duplicate => {
-                        metrics::counter!("eventbus_dedup_skipped_total").increment(1);
-                        tracing::debug!(id = %d.message().id(), "duplicate copy skipped");
-                        if let Err(e) = d.ack().await {
-                            tracing::warn!(error = %e, "ack of a skipped duplicate failed");
-                        }
-                        Relayed::Settled
-                    }
+        self.layer(Window::new(cfg))
+    }
+}
+
+impl Layer for Window {
+    fn step(&mut self, d: Delivery) -> Step {
+        match self.check(
+            &d.message().id().to_string(),
+            &d.info().position,
+            Instant::now(),
+        ) {
+            Seen::New => Step::Pass(d),
+            Seen::Duplicate => Step::Aside(Box::pin(async move {
+                metrics::counter!("eventbus_dedup_skipped_total").increment(1);
+                tracing::debug!(id = %d.message().id(), "duplicate copy skipped");
+                if let Err(e) = d.ack().await {
+                    tracing::warn!(error = %e, "ack of a skipped duplicate failed");
                 }
-            }
-        })
+            })),
+        }
     }
 }
 

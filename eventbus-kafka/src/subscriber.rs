@@ -124,8 +124,8 @@ impl Subscriber for KafkaSubscriber {
                 }
                 _ => None,
             };
-            let sub = Subscription::per_topic(spec, |one| subscribe_one(&config, one)).await?;
-            Ok(sub.dead_letters(letters))
+            Subscription::per_topic(spec, letters, |one, feed| subscribe_one(&config, one, feed))
+                .await
         }
     }
 }
@@ -205,10 +205,9 @@ async fn resolve_patterns(
 }
 
 /// One topic's subscription: a consumer (and its thread) in the spec's group.
-async fn subscribe_one(config: &KafkaConfig, spec: SubscribeSpec) -> Result<Subscription, Error> {
+async fn subscribe_one(config: &KafkaConfig, spec: SubscribeSpec, feed: Feed) -> Result<(), Error> {
     let config = config.clone();
     let rt = tokio::runtime::Handle::current();
-    let (sub, feed) = Subscription::channel(spec.prefetch);
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
     std::thread::Builder::new()
         .name("eventbus-kafka-sub".into())
@@ -244,7 +243,7 @@ async fn subscribe_one(config: &KafkaConfig, spec: SubscribeSpec) -> Result<Subs
     ready_rx
         .await
         .map_err(|_| error::err(ErrorKind::Other, "consumer thread ended"))??;
-    Ok(sub)
+    Ok(())
 }
 
 /// The partitions of `topic`; an unknown topic is a `Rejected` error.
@@ -655,23 +654,12 @@ fn pump(consumer: &BaseConsumer<Ctx>, shared: &Arc<Shared>, spec: &SubscribeSpec
                 break;
             }
             st.timers.pop();
-            // With a dead-letter topic it is delivered again: the dead-letter layer on the
-            // subscription moves it out once it is past the limit.
-            let exhausted = match st.entry(&k) {
-                Some(e) if e.round == k.round && e.stage != Stage::Settled => {
-                    spec.dead_letter.is_none() && spec.max_deliveries.is_some_and(|m| e.count >= m)
-                }
-                _ => continue,
-            };
-            if exhausted {
-                tracing::warn!(
-                    topic,
-                    partition = k.partition,
-                    offset = k.offset,
-                    "message dropped after max deliveries (no dead-letter topic); committed past it"
-                );
-                st.settle(&k);
-            } else {
+            // Delivered again even past `max_deliveries`: the subscription gives up on it (dead
+            // letter or termination) with the count this delivery carries.
+            if st
+                .entry(&k)
+                .is_some_and(|e| e.round == k.round && e.stage != Stage::Settled)
+            {
                 st.deliver(shared, k);
             }
         }

@@ -104,6 +104,7 @@ eventbus_conformance::conformance_tests!(@each mock_cluster().await;
     topics_isolated,
     nack_redelivers,
     dead_letters_after_max_deliveries,
+    gives_up_after_max_deliveries,
     handler_orders_per_key_and_retries,
     unacked_redelivered_after_ack_wait,
     late_acks_lose_nothing,

@@ -307,14 +307,18 @@ impl Subscriber for MemorySubscriber {
                     std::future::ready(broker.append(letter).into_result().map(drop))
                 })
             };
-            let sub = Subscription::per_topic(spec, |one| subscribe_one(&broker, one)).await?;
-            Ok(sub.dead_letters(letters))
+            Subscription::per_topic(spec, letters, |one, feed| subscribe_one(&broker, one, feed))
+                .await
         }
     }
 }
 
 /// One topic's subscription.
-async fn subscribe_one(broker: &MemoryBroker, spec: SubscribeSpec) -> Result<Subscription, Error> {
+async fn subscribe_one(
+    broker: &MemoryBroker,
+    spec: SubscribeSpec,
+    feed: Feed,
+) -> Result<(), Error> {
     let topic = broker.topic(&spec.topic);
     let (group, ephemeral) = match &spec.group {
         Some(g) => (g.clone(), false),
@@ -345,9 +349,8 @@ async fn subscribe_one(broker: &MemoryBroker, spec: SubscribeSpec) -> Result<Sub
             });
         g.members += 1;
     }
-    let (sub, feed) = Subscription::channel(spec.prefetch);
     tokio::spawn(member(topic, group, spec, feed));
-    Ok(sub)
+    Ok(())
 }
 
 enum Next {
@@ -406,70 +409,55 @@ fn next_delivery(topic: &Arc<TopicState>, group: &str, spec: &SubscribeSpec) -> 
     let Some(g) = groups.get_mut(group) else {
         return Next::Wait(None);
     };
-    loop {
-        // 1. A pending delivery whose ack wait expired or whose nack delay passed.
-        if let Some(&(due, offset)) = g.due.first()
-            && due <= now
-        {
-            g.due.pop_first();
-            let p = g
-                .pending
-                .get_mut(&offset)
-                .expect("due index matches pending");
-            // With a dead-letter topic it is delivered again: the dead-letter layer on the
-            // subscription moves it out once it is past the limit.
-            if spec.dead_letter.is_none() && spec.max_deliveries.is_some_and(|m| p.deliveries >= m)
-            {
-                let deliveries = p.deliveries;
-                g.pending.remove(&offset);
-                tracing::warn!(
-                    topic = %spec.topic,
-                    offset,
-                    deliveries,
-                    "message dropped after max deliveries (no dead-letter topic)"
-                );
-                continue;
-            }
-            p.deliveries += 1;
-            p.due = now + spec.ack_wait;
-            p.token = TOKENS.fetch_add(1, Ordering::Relaxed);
-            g.due.insert((p.due, offset));
-            let d = make_delivery(
-                topic,
-                group,
-                &messages[offset as usize],
-                offset,
-                p.deliveries,
-                p.token,
-            );
-            return Next::Deliver(d);
-        }
-        // 2. The next new message.
-        if (g.next as usize) < messages.len() {
-            let offset = g.next;
-            g.next += 1;
-            let token = TOKENS.fetch_add(1, Ordering::Relaxed);
-            let due = now + spec.ack_wait;
-            g.pending.insert(
-                offset,
-                PendingEntry {
-                    deliveries: 1,
-                    due,
-                    token,
-                },
-            );
-            g.due.insert((due, offset));
-            return Next::Deliver(make_delivery(
-                topic,
-                group,
-                &messages[offset as usize],
-                offset,
-                1,
-                token,
-            ));
-        }
-        return Next::Wait(g.due.first().map(|(d, _)| *d));
+    // 1. A pending delivery whose ack wait expired or whose nack delay passed.
+    if let Some(&(due, offset)) = g.due.first()
+        && due <= now
+    {
+        g.due.pop_first();
+        let p = g
+            .pending
+            .get_mut(&offset)
+            .expect("due index matches pending");
+        // Delivered again even past `max_deliveries`: the subscription gives up on it.
+        p.deliveries += 1;
+        p.due = now + spec.ack_wait;
+        p.token = TOKENS.fetch_add(1, Ordering::Relaxed);
+        g.due.insert((p.due, offset));
+        let d = make_delivery(
+            topic,
+            group,
+            &messages[offset as usize],
+            offset,
+            p.deliveries,
+            p.token,
+        );
+        return Next::Deliver(d);
     }
+    // 2. The next new message.
+    if (g.next as usize) < messages.len() {
+        let offset = g.next;
+        g.next += 1;
+        let token = TOKENS.fetch_add(1, Ordering::Relaxed);
+        let due = now + spec.ack_wait;
+        g.pending.insert(
+            offset,
+            PendingEntry {
+                deliveries: 1,
+                due,
+                token,
+            },
+        );
+        g.due.insert((due, offset));
+        return Next::Deliver(make_delivery(
+            topic,
+            group,
+            &messages[offset as usize],
+            offset,
+            1,
+            token,
+        ));
+    }
+    Next::Wait(g.due.first().map(|(d, _)| *d))
 }
 
 fn make_delivery(

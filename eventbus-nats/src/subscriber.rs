@@ -130,8 +130,7 @@ impl Subscriber for NatsSubscriber {
                 let js = js.clone();
                 DeadLetters::for_spec(&spec, move |letter| publish_letter(js.clone(), letter))
             };
-            let sub = Subscription::per_topic(spec, |one| subscribe_one(&js, one)).await?;
-            Ok(sub.dead_letters(letters))
+            Subscription::per_topic(spec, letters, |one, feed| subscribe_one(&js, one, feed)).await
         }
     }
 }
@@ -141,19 +140,18 @@ impl Subscriber for NatsSubscriber {
 async fn subscribe_one(
     js: &jetstream::Context,
     spec: SubscribeSpec,
-) -> Result<Subscription, Error> {
+    feed: Feed,
+) -> Result<(), Error> {
     let js = js.clone();
     let stream = stream_of(&js, spec.topic.as_str()).await?;
     let mut config = pull::Config {
         filter_subject: spec.topic.as_str().to_owned(),
         ack_policy: jetstream::consumer::AckPolicy::Explicit,
         ack_wait: spec.ack_wait,
-        // With a dead-letter topic the server keeps redelivering and the dead-letter layer
-        // moves the message once it is past `max_deliveries` (the server would only drop it).
-        max_deliver: match (&spec.dead_letter, spec.max_deliveries) {
-            (None, Some(m)) => i64::from(m),
-            _ => -1,
-        },
+        // The server keeps redelivering: the subscription gives up on a message past
+        // `max_deliveries` (dead letter or a logged termination), where the server would stop
+        // delivering it without a word.
+        max_deliver: -1,
         deliver_policy: match spec.start {
             StartFrom::Latest => jetstream::consumer::DeliverPolicy::New,
             _ => jetstream::consumer::DeliverPolicy::All,
@@ -178,14 +176,13 @@ async fn subscribe_one(
                 .map_err(|e| error::other("could not create the consumer", e))?
         }
     };
-    let (sub, feed) = Subscription::channel(spec.prefetch);
     tokio::spawn(pump(
         consumer,
         js.client().statistics(),
         spec.prefetch,
         feed,
     ));
-    Ok(sub)
+    Ok(())
 }
 
 /// Pull batches and hand each message to the subscriber. Two pull requests overlap: the next
