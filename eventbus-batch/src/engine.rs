@@ -6,8 +6,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
+use eventbus_core::spi::AckSender;
 use eventbus_core::{
-    AckSender, BatchSink, CloseReport, Error, ErrorKind, Message, Outcome, PendingAck, Publisher,
+    BatchSink, CloseReport, Error, ErrorKind, Message, Outcome, PendingAck, Publisher,
 };
 use parking_lot::Mutex;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};

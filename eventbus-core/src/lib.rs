@@ -18,6 +18,19 @@ pub mod topic;
 pub mod trace;
 pub mod validate;
 
+/// What a backend implements and uses to plug into eventbus, kept apart from the API a
+/// service programs against (the crate root), as OpenDAL keeps its `raw` module: acks a backend
+/// resolves ([`AckSender`](spi::AckSender), [`OutcomeRouter`](spi::OutcomeRouter)), the
+/// subscription's backend end ([`Feed`](spi::Feed), [`AckHandle`](spi::AckHandle),
+/// [`DeadLetters`](spi::DeadLetters)), and name rules ([`TopicRules`](spi::TopicRules)).
+/// A backend also implements [`Backend`], [`BatchSink`] and [`Subscriber`] from the root.
+pub mod spi {
+    pub use crate::outcome::AckSender;
+    pub use crate::router::{BatchOutcomes, OutcomeRouter};
+    pub use crate::subscriber::{AckHandle, DeadLetters, Feed, TrySend};
+    pub use crate::validate::TopicRules;
+}
+
 /// `serde(with = "eventbus_core::serde_millis")`: a `Duration` as integer milliseconds in config
 /// files, the one representation every eventbus config uses.
 pub mod serde_millis {
@@ -42,17 +55,14 @@ pub use dedup::DedupConfig;
 pub use envelope::{Envelope, names as envelope_headers};
 pub use error::{Error, ErrorKind, Result, Retry};
 pub use message::{Headers, Message, MessageId, Topic};
-pub use outcome::{Ack, AckSender, Outcome, PendingAck, Position};
+pub use outcome::{Ack, Outcome, PendingAck, Position};
 pub use publisher::{CloseReport, Publisher};
-pub use router::{BatchOutcomes, OutcomeRouter};
 pub use sink::{BatchSink, SinkLimits};
 pub use subscriber::dead_letter;
 pub use subscriber::{
-    AckHandle, Acker, DeadLetters, Delivery, DeliveryInfo, Feed, StartFrom, SubscribeSpec,
-    Subscriber, Subscription, TrySend,
+    Acker, Delivery, DeliveryInfo, StartFrom, SubscribeSpec, Subscriber, Subscription,
 };
 pub use topic::{Capabilities, TopicSpec};
-pub use validate::TopicRules;
 
 /// Re-exported so backends and users name the same `Bytes`.
 pub use bytes::Bytes;

@@ -15,8 +15,8 @@ use crate::error::{Error, ErrorKind};
 pub struct Topic(Arc<TopicInner>);
 
 struct TopicInner {
-    /// The last [`TopicRules`](crate::TopicRules) (a `static`) the name passed; null for none.
-    valid: AtomicPtr<crate::TopicRules>,
+    /// The last [`TopicRules`](crate::validate::TopicRules) (a `static`) the name passed; null for none.
+    valid: AtomicPtr<crate::validate::TopicRules>,
     name: Box<str>,
 }
 
@@ -56,11 +56,11 @@ impl Topic {
         &self.0.name
     }
 
-    pub(crate) fn known_valid(&self, rules: &'static crate::TopicRules) -> bool {
+    pub(crate) fn known_valid(&self, rules: &'static crate::validate::TopicRules) -> bool {
         std::ptr::eq(self.0.valid.load(Ordering::Relaxed), rules)
     }
 
-    pub(crate) fn mark_valid(&self, rules: &'static crate::TopicRules) {
+    pub(crate) fn mark_valid(&self, rules: &'static crate::validate::TopicRules) {
         // Only compared by address, never written through.
         self.0
             .valid

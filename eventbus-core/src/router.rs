@@ -26,7 +26,8 @@ struct Pending {
 /// ```
 /// # #[tokio::main(flavor = "current_thread")] async fn main() {
 /// use std::sync::Arc;
-/// use eventbus_core::{Ack, Outcome, OutcomeRouter, Position};
+/// use eventbus_core::spi::OutcomeRouter;
+/// use eventbus_core::{Ack, Outcome, Position};
 /// let router = Arc::new(OutcomeRouter::new("demo"));
 /// let (batch, outcomes) = router.register(2);
 /// router.settle(batch, 1, Outcome::Acked(Ack { position: Position::Offset(1) }));

@@ -9,7 +9,7 @@ use crate::message::{Message, Topic, truncate};
 /// what every backend accepts.
 ///
 /// ```
-/// use eventbus_core::{TopicRules, validate};
+/// use eventbus_core::{spi::TopicRules, validate};
 ///
 /// /// Lower-case names only (a backend of your own, say).
 /// static LOWER: TopicRules = TopicRules::new("lower-case topic", |name| {

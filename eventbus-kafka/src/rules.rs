@@ -1,6 +1,6 @@
 //! What a Kafka topic name may be.
 
-use eventbus_core::TopicRules;
+use eventbus_core::spi::TopicRules;
 
 /// Kafka topic names: 1..=249 characters of `[A-Za-z0-9._-]`, not `.` or `..` (the broker's own
 /// rules, checked before any I/O). The sink, the subscriber and

@@ -5,7 +5,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use eventbus_core::{Ack, BatchSink, Error, Message, Outcome, OutcomeRouter, Position, SinkLimits};
+use eventbus_core::spi::OutcomeRouter;
+use eventbus_core::{Ack, BatchSink, Error, Message, Outcome, Position, SinkLimits};
 use rdkafka::ClientContext;
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 

@@ -15,9 +15,10 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use eventbus_core::spi::{AckHandle, DeadLetters, Feed, TrySend};
 use eventbus_core::{
-    AckHandle, Acker, DeadLetters, Delivery, DeliveryInfo, Error, ErrorKind, Feed, Message,
-    Position, StartFrom, SubscribeSpec, Subscriber, Subscription, Topic, TrySend,
+    Acker, Delivery, DeliveryInfo, Error, ErrorKind, Message, Position, StartFrom, SubscribeSpec,
+    Subscriber, Subscription, Topic,
 };
 use parking_lot::Mutex;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
@@ -778,7 +779,10 @@ const BURST: usize = 256;
 fn consumer_error(feed: &Feed, e: rdkafka::error::KafkaError) {
     let err = error::other("consumer error", e);
     if matches!(err.kind(), ErrorKind::Auth | ErrorKind::Rejected) {
-        let _ = feed.try_send(Err(err));
+        // librdkafka reports such an error again on later polls; a full buffer only delays it.
+        if let Err(TrySend::Full(Err(err))) = feed.try_send(Err(err)) {
+            tracing::warn!(error = %err, "consumer error not handed over yet: the subscription's buffer is full");
+        }
     } else {
         tracing::debug!(error = %err, "transient consumer error");
     }
@@ -838,8 +842,8 @@ fn admit(shared: &Arc<Shared>) {
 
 /// Commit what was settled, then leave the group and close the consumer.
 fn shutdown(consumer: BaseConsumer<Ctx>, shared: &Arc<Shared>) {
-    // Dead letters on their way were settled before this: the dead-letter layer finishes them
-    // before it closes the subscription underneath.
+    // Dead letters on their way were settled before this: closing or dropping a subscription
+    // finishes the work its layers set aside before it stops the consumers.
     let mut st = shared.state.lock();
     st.closing = true;
     st.backlog.clear();

@@ -6,10 +6,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use eventbus_core::spi::{AckHandle, DeadLetters, Feed};
 use eventbus_core::{
-    Ack, AckHandle, Acker, BatchSink, DeadLetters, Delivery, DeliveryInfo, Error, ErrorKind, Feed,
-    Message, Outcome, Position, SinkLimits, StartFrom, SubscribeSpec, Subscriber, Subscription,
-    Topic,
+    Ack, Acker, BatchSink, Delivery, DeliveryInfo, Error, ErrorKind, Message, Outcome, Position,
+    SinkLimits, StartFrom, SubscribeSpec, Subscriber, Subscription, Topic,
 };
 use parking_lot::Mutex;
 use tokio::sync::Notify;

@@ -21,7 +21,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use eventbus_core::{Message, Outcome, OutcomeRouter};
+use eventbus_core::spi::OutcomeRouter;
+use eventbus_core::{Message, Outcome};
 use parking_lot::Mutex;
 
 /// Attempts after which a retry first checks that a stream covers the subject; the waits up to

@@ -1,6 +1,6 @@
 //! What a NATS subject may be.
 
-use eventbus_core::TopicRules;
+use eventbus_core::spi::TopicRules;
 
 /// NATS subjects: dot-separated non-empty tokens, no wildcards (`*`, `>`: they cannot be
 /// published to), no whitespace or control characters. The sink, the subscriber's

@@ -6,9 +6,10 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, AckKind, consumer::pull};
+use eventbus_core::spi::{AckHandle, DeadLetters, Feed};
 use eventbus_core::{
-    AckHandle, Acker, DeadLetters, Delivery, DeliveryInfo, Error, ErrorKind, Feed, MessageId,
-    Position, StartFrom, SubscribeSpec, Subscriber, Subscription, Topic,
+    Acker, Delivery, DeliveryInfo, Error, ErrorKind, MessageId, Position, StartFrom, SubscribeSpec,
+    Subscriber, Subscription, Topic,
 };
 use futures_util::{FutureExt, StreamExt};
 

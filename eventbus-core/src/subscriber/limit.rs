@@ -25,7 +25,8 @@ use crate::message::{Message, Topic};
 ///
 /// ```
 /// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
-/// use eventbus_core::{DeadLetters, Message, SubscribeSpec, Topic};
+/// use eventbus_core::spi::DeadLetters;
+/// use eventbus_core::{Message, SubscribeSpec, Topic};
 /// let spec = SubscribeSpec::new("orders").max_deliveries(5).dead_letter("orders.dlq");
 /// let layer = DeadLetters::for_spec(&spec, |letter: Message| async move {
 ///     assert_eq!(letter.topic().as_str(), "orders.dlq");

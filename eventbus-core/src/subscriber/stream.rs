@@ -3,7 +3,9 @@
 //! One subscription is one bounded buffer, however many topics it reads: every part (one
 //! backend consumer per topic) hands deliveries into the same channel, so at most `prefetch`
 //! wait ahead of the handler. The steps core adds (the max-deliveries limit, de-duplication)
-//! run as the stream is polled, on the reader's task, with no buffer or task of their own.
+//! look at each delivery as the stream is polled, on the reader's task, with no buffer of
+//! their own; only the settling they decide on (a dead letter's publish, a duplicate's ack)
+//! runs as a task beside the stream.
 
 use std::fmt;
 use std::pin::Pin;
@@ -48,7 +50,13 @@ pub struct Subscription {
     layers: Vec<Box<dyn Layer>>,
     /// Deliveries a layer is settling (dead letters being published, duplicates being acked).
     aside: JoinSet<()>,
+    /// The runtime the subscription was made on, where aside work runs (the stream itself may
+    /// be polled from anywhere).
+    rt: Option<tokio::runtime::Handle>,
     closed: bool,
+    /// Handed to a task by `Drop`: if that task is dropped unrun (its runtime is shutting
+    /// down), stop here rather than spawn again.
+    orphan: bool,
 }
 
 /// The subscription's hold on one backend consumer.
@@ -109,7 +117,9 @@ impl Subscription {
             parts,
             layers: Vec::new(),
             aside: JoinSet::new(),
+            rt: tokio::runtime::Handle::try_current().ok(),
             closed: false,
+            orphan: false,
         }
     }
 
@@ -191,6 +201,10 @@ impl Subscription {
 
     fn poll_item(&mut self, cx: &mut Context<'_>) -> Poll<Option<Item>> {
         while self.aside.try_join_next().is_some() {}
+        // A topic that ended is said at once, even while the others keep the buffer full.
+        if let Some(e) = self.ended(Some(cx)) {
+            return Poll::Ready(Some(Err(e)));
+        }
         loop {
             match self.rx.poll_recv(cx) {
                 Poll::Ready(Some(Ok(d))) => {
@@ -201,11 +215,7 @@ impl Subscription {
                 Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e))),
                 // Every consumer is gone: say which ended on their own, then end.
                 Poll::Ready(None) => return Poll::Ready(self.ended(None).map(Err)),
-                Poll::Pending => {
-                    return self
-                        .ended(Some(cx))
-                        .map_or(Poll::Pending, |e| Poll::Ready(Some(Err(e))));
-                }
+                Poll::Pending => return Poll::Pending,
             }
         }
     }
@@ -216,7 +226,10 @@ impl Subscription {
             match layer.step(d) {
                 Step::Pass(next) => d = next,
                 Step::Aside(work) => {
-                    self.aside.spawn(work);
+                    match &self.rt {
+                        Some(rt) => self.aside.spawn_on(work, rt),
+                        None => self.aside.spawn(work),
+                    };
                     return None;
                 }
             }
@@ -225,8 +238,8 @@ impl Subscription {
     }
 
     /// With several parts, the error for one that ended on its own (its consumer is gone while
-    /// the others go on), once per part: polled with `cx` while the buffer is empty, or taken
-    /// at once (`None`) when every part is gone. One part ending is the stream's end instead.
+    /// the others go on), once per part: polled with `cx`, or taken at once (`None`) when every
+    /// part is gone. One part ending is the stream's end instead.
     fn ended(&mut self, cx: Option<&mut Context<'_>>) -> Option<Error> {
         if self.parts.len() < 2 {
             return None;
@@ -274,28 +287,34 @@ impl Drop for Subscription {
         if self.closed {
             return;
         }
+        // What `close` does, in a task: the aside work (a dead letter half published) finishes
+        // while the consumers still run, then the buffer is handed back.
+        let rt = self
+            .rt
+            .clone()
+            .or_else(|| tokio::runtime::Handle::try_current().ok())
+            .filter(|_| !self.orphan);
+        if let Some(rt) = rt {
+            let (_, rx) = mpsc::channel(1);
+            let orphan = Subscription {
+                rx: std::mem::replace(&mut self.rx, rx),
+                parts: std::mem::take(&mut self.parts),
+                layers: Vec::new(),
+                aside: std::mem::take(&mut self.aside),
+                rt: None,
+                closed: false,
+                orphan: true,
+            };
+            self.closed = true;
+            rt.spawn(orphan.close());
+            return;
+        }
+        // No runtime to finish on: stop the consumers; what they handed over is redelivered
+        // after its ack wait.
         for part in &mut self.parts {
             part.stop.take();
         }
         self.rx.close();
-        // Work set aside finishes on its own (a dead letter half published is published
-        // again, never lost); dropping the set would abort it.
-        std::mem::take(&mut self.aside).detach_all();
-        let mut buffered = Vec::new();
-        while let Ok(d) = self.rx.try_recv() {
-            if let Ok(d) = d {
-                buffered.push(d);
-            }
-        }
-        if !buffered.is_empty()
-            && let Ok(rt) = tokio::runtime::Handle::try_current()
-        {
-            rt.spawn(async move {
-                for d in buffered {
-                    let _ = d.nack(Duration::ZERO).await;
-                }
-            });
-        }
     }
 }
 

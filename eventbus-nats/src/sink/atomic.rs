@@ -6,7 +6,8 @@
 //! stored whole or not at all, and its messages hold consecutive stream sequences ending at the
 //! acked one.
 
-use eventbus_core::{Ack, Error, ErrorKind, Message, Outcome, OutcomeRouter, Position, SinkLimits};
+use eventbus_core::spi::OutcomeRouter;
+use eventbus_core::{Ack, Error, ErrorKind, Message, Outcome, Position, SinkLimits};
 
 use super::reply::{Reply, Router, parse_reply};
 use super::writer::{Groups, Writer, not_queued};

@@ -50,7 +50,8 @@ use std::collections::{HashMap, VecDeque};
 use std::hash::{Hash, Hasher};
 use std::time::{Duration, Instant};
 
-use eventbus_core::{Ack, Bytes, Error, ErrorKind, Message, Outcome, OutcomeRouter, Position};
+use eventbus_core::spi::OutcomeRouter;
+use eventbus_core::{Ack, Bytes, Error, ErrorKind, Message, Outcome, Position};
 
 use super::reply::{ApiError, DUPLICATE_IN_PROCESS, Reply, Router, api_error, parse_reply};
 use super::writer::{Group, Writer, no_stream, not_queued};

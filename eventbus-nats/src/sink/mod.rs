@@ -20,7 +20,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_nats::Client;
-use eventbus_core::{BatchSink, Error, ErrorKind, Message, Outcome, OutcomeRouter, SinkLimits};
+use eventbus_core::spi::OutcomeRouter;
+use eventbus_core::{BatchSink, Error, ErrorKind, Message, Outcome, SinkLimits};
 use tokio::sync::mpsc;
 
 use crate::error::{BACKEND, err};

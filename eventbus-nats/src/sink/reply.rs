@@ -7,7 +7,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_nats::StatusCode;
-use eventbus_core::{Ack, Error, ErrorKind, Message, Outcome, OutcomeRouter, Position};
+use eventbus_core::spi::OutcomeRouter;
+use eventbus_core::{Ack, Error, ErrorKind, Message, Outcome, Position};
 use futures_util::StreamExt;
 use tokio::sync::mpsc;
 

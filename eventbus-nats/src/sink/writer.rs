@@ -7,7 +7,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_nats::Client;
-use eventbus_core::{Error, ErrorKind, Message, Outcome, OutcomeRouter, SinkLimits};
+use eventbus_core::spi::OutcomeRouter;
+use eventbus_core::{Error, ErrorKind, Message, Outcome, SinkLimits};
 use parking_lot::Mutex;
 use tokio::sync::mpsc;
 
