@@ -640,8 +640,10 @@ impl ConsumerContext for Ctx {
 fn pump(consumer: &BaseConsumer<Ctx>, shared: &Arc<Shared>, spec: &SubscribeSpec, feed: &Feed) {
     let topic = spec.topic.as_str();
     let mut last_commit = Instant::now();
-    let max_unsettled = spec.prefetch.saturating_mul(8).max(1_000);
-    let mut behind_since: Option<Instant> = None;
+    let mut flow = Flow {
+        max_unsettled: spec.prefetch.saturating_mul(8).max(1_000),
+        behind_since: None,
+    };
     let mut last_topic: Option<Topic> = None;
     loop {
         if feed.is_stopped() {
@@ -649,75 +651,11 @@ fn pump(consumer: &BaseConsumer<Ctx>, shared: &Arc<Shared>, spec: &SubscribeSpec
         }
         let now = Instant::now();
         let mut st = shared.state.lock();
-        // Due timers: ack wait expired or nack delay over.
-        while let Some(Reverse((at, k))) = st.timers.peek().copied() {
-            if at > now {
-                break;
-            }
-            st.timers.pop();
-            // Delivered again even past `max_deliveries`: the subscription gives up on it (dead
-            // letter or termination) with the count this delivery carries.
-            if st
-                .entry(&k)
-                .is_some_and(|e| e.round == k.round && e.stage != Stage::Settled)
-            {
-                st.deliver(shared, k);
-            }
+        st.redeliver_due(shared, now);
+        if !st.hand_over(feed, shared, now) {
+            return;
         }
-        // Hand over what is waiting. A delivery whose message was settled meanwhile (an
-        // earlier delivery acked after its ack wait ran out) or that a later round replaced
-        // is dropped: handing it over would count a settled message as in flight again.
-        while let Some((k, d)) = st.backlog.pop_front() {
-            if !st
-                .entry(&k)
-                .is_some_and(|e| e.round == k.round && e.stage != Stage::Settled)
-            {
-                continue;
-            }
-            match feed.try_send(Ok(d)) {
-                Ok(()) => {
-                    if let Some(e) = st.entry(&k) {
-                        e.stage = Stage::Out;
-                    }
-                    // `now` is this pass's: the burst was polled just before it.
-                    st.timers.push(Reverse((now + shared.ack_wait, k)));
-                }
-                Err(TrySend::Full(Ok(d))) => {
-                    st.backlog.push_front((k, d));
-                    break;
-                }
-                Err(_) => return,
-            }
-        }
-        // Flow control. The handler is behind when its buffer is full or it holds too many
-        // unsettled messages. Then stop polling (librdkafka's own bounded queue keeps what it
-        // prefetched); if that lasts, pause the partitions (which makes librdkafka drop its
-        // prefetched data and refetch on resume) and keep polling for group events only.
-        let behind = !st.backlog.is_empty() || st.unsettled >= max_unsettled;
-        if !behind {
-            behind_since = None;
-        }
-        let pause = behind && now - *behind_since.get_or_insert(now) >= PAUSE_AFTER;
-        if pause != st.paused {
-            tracing::debug!(
-                topic,
-                pause,
-                unsettled = st.unsettled,
-                backlog = st.backlog.len(),
-                "handler behind: partitions paused or resumed"
-            );
-            st.paused = pause;
-            if let Ok(tpl) = consumer.assignment() {
-                let r = if pause {
-                    consumer.pause(&tpl)
-                } else {
-                    consumer.resume(&tpl)
-                };
-                if let Err(e) = r {
-                    tracing::debug!(error = %e, "pause/resume failed");
-                }
-            }
-        }
+        let (behind, pause) = flow.control(&mut st, consumer, topic, now);
         let wait = if behind {
             Duration::from_millis(1)
         } else {
@@ -743,32 +681,139 @@ fn pump(consumer: &BaseConsumer<Ctx>, shared: &Arc<Shared>, spec: &SubscribeSpec
             std::thread::sleep(wait);
             continue;
         }
-        match consumer.poll(wait) {
-            None => {}
-            Some(Ok(m)) => {
-                let first = polled(&m, &mut last_topic);
-                shared.pending.lock().push(first);
-                // Take what librdkafka already holds before handing over, so the handler's task
-                // is woken once per burst rather than once per message, and the state is
-                // locked once per burst, not per message (acks contend for it). A poll that
-                // runs a rebalance callback admits what came before it (`Shared::pending`).
-                for _ in 1..BURST {
-                    match consumer.poll(Duration::ZERO) {
-                        Some(Ok(m)) => {
-                            let next = polled(&m, &mut last_topic);
-                            shared.pending.lock().push(next);
-                        }
-                        Some(Err(e)) => {
-                            consumer_error(feed, e);
-                            break;
-                        }
-                        None => break,
-                    }
-                }
-                admit(shared);
+        poll_burst(consumer, shared, feed, wait, &mut last_topic);
+    }
+}
+
+impl State {
+    /// Deliver again what is due: its ack wait expired or its nack delay is over. Past
+    /// `max_deliveries` too: the subscription gives up on it (dead letter or termination) with
+    /// the count this delivery carries.
+    fn redeliver_due(&mut self, shared: &Arc<Shared>, now: Instant) {
+        while let Some(Reverse((at, k))) = self.timers.peek().copied() {
+            if at > now {
+                break;
             }
-            Some(Err(e)) => consumer_error(feed, e),
+            self.timers.pop();
+            if self
+                .entry(&k)
+                .is_some_and(|e| e.round == k.round && e.stage != Stage::Settled)
+            {
+                self.deliver(shared, k);
+            }
         }
+    }
+
+    /// Hand over what is waiting, as far as the buffer takes it; `false` once the
+    /// subscription is gone. A delivery whose message was settled meanwhile (an earlier
+    /// delivery acked after its ack wait ran out) or that a later round replaced is dropped:
+    /// handing it over would count a settled message as in flight again.
+    fn hand_over(&mut self, feed: &Feed, shared: &Shared, now: Instant) -> bool {
+        while let Some((k, d)) = self.backlog.pop_front() {
+            if !self
+                .entry(&k)
+                .is_some_and(|e| e.round == k.round && e.stage != Stage::Settled)
+            {
+                continue;
+            }
+            match feed.try_send(Ok(d)) {
+                Ok(()) => {
+                    if let Some(e) = self.entry(&k) {
+                        e.stage = Stage::Out;
+                    }
+                    // `now` is this pass's: the burst was polled just before it.
+                    self.timers.push(Reverse((now + shared.ack_wait, k)));
+                }
+                Err(TrySend::Full(Ok(d))) => {
+                    self.backlog.push_front((k, d));
+                    break;
+                }
+                Err(_) => return false,
+            }
+        }
+        true
+    }
+}
+
+/// Flow control. The handler is behind when its buffer is full or it holds too many unsettled
+/// messages. Then stop polling (librdkafka's own bounded queue keeps what it prefetched); if
+/// that lasts, pause the partitions (which makes librdkafka drop its prefetched data and
+/// refetch on resume) and keep polling for group events only.
+struct Flow {
+    max_unsettled: usize,
+    behind_since: Option<Instant>,
+}
+
+impl Flow {
+    /// Whether the handler is behind, and whether the partitions are (now) paused.
+    fn control(
+        &mut self,
+        st: &mut State,
+        consumer: &BaseConsumer<Ctx>,
+        topic: &str,
+        now: Instant,
+    ) -> (bool, bool) {
+        let behind = !st.backlog.is_empty() || st.unsettled >= self.max_unsettled;
+        if !behind {
+            self.behind_since = None;
+        }
+        let pause = behind && now - *self.behind_since.get_or_insert(now) >= PAUSE_AFTER;
+        if pause != st.paused {
+            tracing::debug!(
+                topic,
+                pause,
+                unsettled = st.unsettled,
+                backlog = st.backlog.len(),
+                "handler behind: partitions paused or resumed"
+            );
+            st.paused = pause;
+            if let Ok(tpl) = consumer.assignment() {
+                let r = if pause {
+                    consumer.pause(&tpl)
+                } else {
+                    consumer.resume(&tpl)
+                };
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "pause/resume failed");
+                }
+            }
+        }
+        (behind, pause)
+    }
+}
+
+/// Poll once for up to `wait`, then take what librdkafka already holds before handing over,
+/// so the handler's task is woken once per burst rather than once per message, and the state
+/// is locked once per burst, not per message (acks contend for it). A poll that runs a
+/// rebalance callback admits what came before it (`Shared::pending`).
+fn poll_burst(
+    consumer: &BaseConsumer<Ctx>,
+    shared: &Arc<Shared>,
+    feed: &Feed,
+    wait: Duration,
+    last_topic: &mut Option<Topic>,
+) {
+    match consumer.poll(wait) {
+        None => {}
+        Some(Ok(m)) => {
+            let first = polled(&m, last_topic);
+            shared.pending.lock().push(first);
+            for _ in 1..BURST {
+                match consumer.poll(Duration::ZERO) {
+                    Some(Ok(m)) => {
+                        let next = polled(&m, last_topic);
+                        shared.pending.lock().push(next);
+                    }
+                    Some(Err(e)) => {
+                        consumer_error(feed, e);
+                        break;
+                    }
+                    None => break,
+                }
+            }
+            admit(shared);
+        }
+        Some(Err(e)) => consumer_error(feed, e),
     }
 }
 
