@@ -240,11 +240,10 @@ impl Subscription {
     /// With several parts, the error for one that ended on its own (its consumer is gone while
     /// the others go on), once per part: polled with `cx`, or taken at once (`None`) when every
     /// part is gone. One part ending is the stream's end instead.
-    fn ended(&mut self, cx: Option<&mut Context<'_>>) -> Option<Error> {
+    fn ended(&mut self, mut cx: Option<&mut Context<'_>>) -> Option<Error> {
         if self.parts.len() < 2 {
             return None;
         }
-        let mut cx = cx;
         for part in &mut self.parts {
             let Some(done) = &mut part.done else { continue };
             let gone = match cx.as_deref_mut() {
@@ -305,7 +304,6 @@ impl Drop for Subscription {
                 closed: false,
                 orphan: true,
             };
-            self.closed = true;
             rt.spawn(orphan.close());
             return;
         }
