@@ -79,6 +79,12 @@ pub(crate) fn decode(p: &[u8]) -> Option<(u64, u64)> {
     Some(((publisher << 40) | seq, sent))
 }
 
+/// The key of publisher `w`'s `i`-th message under `--keys` (round robin over `s.keys` keys
+/// per publisher), the same for the SDK and the raw baselines; `None` without `--keys`.
+pub(crate) fn key(s: &Scenario, w: usize, i: usize) -> Option<String> {
+    (s.keys > 0).then(|| format!("p{w}-k{}", i % s.keys))
+}
+
 pub(crate) fn share(s: &Scenario, w: usize) -> usize {
     s.messages / s.publishers + usize::from(w < s.messages % s.publishers)
 }
@@ -103,8 +109,8 @@ pub(crate) async fn drive_sdk<S: BatchSink>(
                     &topics[i % topics.len()],
                     payload(s.payload, w as u32, i as u64, t0),
                 );
-                if s.keys > 0 {
-                    m = m.with_key(format!("p{w}-k{}", i % s.keys));
+                if let Some(k) = key(&s, w, i) {
+                    m = m.with_key(k);
                 }
                 let sent = Instant::now();
                 match p.publish(m).await {

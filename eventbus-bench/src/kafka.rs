@@ -738,9 +738,14 @@ async fn drive_raw(p: &FutureProducer, s: Scenario, topics: &[String], t0: Insta
             for i in 0..n {
                 let body = payload(s.payload, w as u32, i as u64, t0);
                 let topic = &topics[i % topics.len()];
+                let key = crate::drive::key(&s, w, i);
                 let sent = Instant::now();
                 loop {
-                    match p.send_result(FutureRecord::<(), [u8]>::to(topic).payload(&body[..])) {
+                    let mut record = FutureRecord::<str, [u8]>::to(topic).payload(&body[..]);
+                    if let Some(key) = &key {
+                        record = record.key(key.as_str());
+                    }
+                    match p.send_result(record) {
                         Ok(f) => {
                             let outcome = async move {
                                 crate::drive::raw_outcome(match f.await {

@@ -130,7 +130,8 @@ pub(crate) struct Args {
     pub batches: Option<usize>,
     /// Give the SDK modes' messages keys, this many per publisher (round robin): NATS fast
     /// mode then spreads them over its lanes (per-key order) instead of one run per batch.
-    /// The raw baselines publish without keys. Default: no keys.
+    /// The raw baselines publish the same keys (NATS: in the SDK's key header; Kafka: as the
+    /// record key). Default: no keys.
     #[arg(long, default_value_t = 0)]
     pub keys: usize,
     /// SDK linger in milliseconds. Default: the engine's default (0).

@@ -11,7 +11,7 @@ use eventbus_core::{
 use tokio::sync::mpsc;
 
 use crate::drive::{
-    Attempt, Env, Published, Received, Run, Seen, Target, backlog, drive_sdk, joined, payload,
+    Attempt, Env, Published, Received, Run, Seen, Target, backlog, drive_sdk, joined, key, payload,
     raw_outcome, read_back, receive, share, spawn_acker, timed, timed_drain,
 };
 use crate::mode::{Measure, Mode, Storage};
@@ -130,7 +130,7 @@ async fn drive_raw_nats(
                 let subject = subjects[i % subjects.len()].clone();
                 let body = payload(s.payload, w as u32, i as u64, t0);
                 let id = dedup.then(|| format!("{w}-{i}"));
-                let ack = send_raw_nats(&js, subject, body, id).await;
+                let ack = send_raw_keyed(&js, subject, body, id, key(&s, w, i)).await;
                 tx.send((sent, ack)).expect("acker alive");
             }
             drop(tx);
@@ -148,14 +148,32 @@ pub(crate) async fn send_raw_nats(
     body: Bytes,
     id: Option<String>,
 ) -> impl Future<Output = eventbus_core::Outcome> + Send + 'static {
+    send_raw_keyed(js, subject, body, id, None).await
+}
+
+/// [`send_raw_nats`] with the message's key in the header the SDK carries it in (`--keys`), so
+/// a keyed SDK run is compared with a raw client writing the same bytes.
+async fn send_raw_keyed(
+    js: &async_nats::jetstream::Context,
+    subject: String,
+    body: Bytes,
+    id: Option<String>,
+    key: Option<String>,
+) -> impl Future<Output = eventbus_core::Outcome> + Send + 'static {
     use async_nats::jetstream::message::PublishMessage;
     use futures_util::future::Either;
-    let sent = match id {
-        Some(id) => {
-            let message = PublishMessage::build().payload(body).message_id(id);
+    let sent = match (id, key) {
+        (None, None) => js.publish(subject, body).await,
+        (id, key) => {
+            let mut message = PublishMessage::build().payload(body);
+            if let Some(id) = id {
+                message = message.message_id(id);
+            }
+            if let Some(key) = key {
+                message = message.header(eventbus_nats::KEY_HEADER, key.as_str());
+            }
             js.send_publish(subject, message).await
         }
-        None => js.publish(subject, body).await,
     };
     match sent {
         Ok(ack) => {

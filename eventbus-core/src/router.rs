@@ -21,6 +21,18 @@ struct Pending {
     done: oneshot::Sender<Vec<Outcome>>,
 }
 
+impl Pending {
+    /// Hand a complete batch its outcomes.
+    fn finish(self) {
+        let _ = self.done.send(
+            self.outcomes
+                .into_iter()
+                .map(|o| o.expect("all settled"))
+                .collect(),
+        );
+    }
+}
+
 /// Routes outcomes to batches: one map lookup per outcome, no per-message channel or future.
 ///
 /// ```
@@ -91,24 +103,63 @@ impl OutcomeRouter {
     /// Settle message `index` of batch `batch`. The first outcome for a message wins; outcomes
     /// for unknown batches (timed out, dropped) are ignored.
     pub fn settle(&self, batch: u64, index: usize, outcome: Outcome) {
-        let mut map = self.pending.lock();
-        let Some(p) = map.get_mut(&batch) else { return };
-        let Some(slot) = p.outcomes.get_mut(index) else {
-            return;
+        let done = {
+            let mut map = self.pending.lock();
+            Self::settle_locked(&mut map, batch, index, outcome)
         };
+        if let Some(p) = done {
+            p.finish();
+        }
+    }
+
+    /// Settle many messages, of any batches, under one lock: what a sink does when one reply
+    /// answers for many messages (a committed fast batch, a produce response). Same rules as
+    /// [`settle`](Self::settle); completed batches are handed their outcomes after the lock is
+    /// released.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// use std::sync::Arc;
+    /// use eventbus_core::spi::OutcomeRouter;
+    /// use eventbus_core::{Ack, Outcome, Position};
+    /// let router = Arc::new(OutcomeRouter::new("demo"));
+    /// let (a, first) = router.register(1);
+    /// let (b, second) = router.register(2);
+    /// let acked = |n| Outcome::Acked(Ack { position: Position::Offset(n) });
+    /// router.settle_all([(a, 0, acked(0)), (b, 0, acked(1)), (b, 1, acked(2))]);
+    /// assert_eq!(first.await.len() + second.await.len(), 3);
+    /// # }
+    /// ```
+    pub fn settle_all(&self, outcomes: impl IntoIterator<Item = (u64, usize, Outcome)>) {
+        let mut done = Vec::new();
+        {
+            let mut map = self.pending.lock();
+            for (batch, index, outcome) in outcomes {
+                done.extend(Self::settle_locked(&mut map, batch, index, outcome));
+            }
+        }
+        for p in done {
+            p.finish();
+        }
+    }
+
+    /// Record one outcome; the batch, taken out of the map, once it is complete.
+    fn settle_locked(
+        map: &mut HashMap<u64, Pending>,
+        batch: u64,
+        index: usize,
+        outcome: Outcome,
+    ) -> Option<Pending> {
+        let p = map.get_mut(&batch)?;
+        let slot = p.outcomes.get_mut(index)?;
         if slot.is_none() {
             *slot = Some(outcome);
             p.remaining -= 1;
         }
         if p.remaining == 0 {
-            let p = map.remove(&batch).expect("present");
-            drop(map);
-            let _ = p.done.send(
-                p.outcomes
-                    .into_iter()
-                    .map(|o| o.expect("all settled"))
-                    .collect(),
-            );
+            map.remove(&batch)
+        } else {
+            None
         }
     }
 
@@ -227,5 +278,38 @@ mod tests {
             }),
         ); // ignored
         assert!(r.register(0).1.await.is_empty());
+    }
+
+    #[tokio::test]
+    async fn settle_all_keeps_first_outcome_and_completes_each_batch() {
+        let r = Arc::new(OutcomeRouter::new("t"));
+        let at = |n| {
+            Outcome::Acked(Ack {
+                position: Position::Offset(n),
+            })
+        };
+        let (a, fa) = r.register(2);
+        let (b, fb) = r.register(1);
+        let (c, _fc) = r.register(2);
+        r.settle_all([(a, 1, at(1)), (b, 0, at(5)), (a, 1, at(99)), (c, 0, at(7))]);
+        assert_eq!(r.unsettled(a), Some(vec![0]));
+        assert_eq!(
+            r.unsettled(c),
+            Some(vec![1]),
+            "a partly settled batch still waits"
+        );
+        r.settle_all([(a, 0, at(0)), (a + 100, 0, at(3))]);
+        let a_out: Vec<_> = fa
+            .await
+            .into_iter()
+            .map(|o| o.into_result().unwrap().position)
+            .collect();
+        assert_eq!(
+            a_out,
+            vec![Position::Offset(0), Position::Offset(1)],
+            "first outcome wins"
+        );
+        assert_eq!(fb.await.len(), 1);
+        assert_eq!(r.pending_batches(), 1);
     }
 }

@@ -1,7 +1,7 @@
 //! Message <-> NATS headers. The key and id travel as headers; user headers pass through.
 
 use async_nats::HeaderMap;
-use async_nats::header::NATS_MESSAGE_ID;
+use async_nats::header::{HeaderName, NATS_MESSAGE_ID};
 use eventbus_core::{Bytes, Headers, Message, MessageId, Topic};
 
 /// Header carrying the message key (UTF-8 keys as is).
@@ -13,6 +13,12 @@ pub const KEY_HEX: &str = "Eventbus-Key-Hex";
 /// ones (async-nats keeps headers in a hash map); the subscriber restores the order from it and
 /// strips it.
 pub const HEADER_ORDER: &str = "Eventbus-Header-Order";
+
+/// [`KEY`], [`KEY_HEX`] and [`HEADER_ORDER`] as header names, built once: a name from a `&str`
+/// is validated and copied on every use.
+const KEY_NAME: HeaderName = HeaderName::from_static(KEY);
+const KEY_HEX_NAME: HeaderName = HeaderName::from_static(KEY_HEX);
+const HEADER_ORDER_NAME: HeaderName = HeaderName::from_static(HEADER_ORDER);
 
 /// Atomic batch headers (ADR-50).
 pub(crate) const BATCH_ID: &str = "Nats-Batch-Id";
@@ -33,7 +39,7 @@ pub(crate) fn encode_ref(msg: &Message, with_id: bool) -> (String, Bytes, Header
         h.append(n, v);
     }
     if let Some(order) = order_of(msg.headers()) {
-        h.insert(HEADER_ORDER, order);
+        h.insert(HEADER_ORDER_NAME, order);
     }
     if with_id {
         let mut ids = String::with_capacity(32);
@@ -42,8 +48,8 @@ pub(crate) fn encode_ref(msg: &Message, with_id: bool) -> (String, Bytes, Header
     }
     if let Some(k) = msg.key() {
         match std::str::from_utf8(k) {
-            Ok(s) if !s.contains(['\r', '\n']) => h.insert(KEY, s),
-            _ => h.insert(KEY_HEX, hex(k)),
+            Ok(s) if !s.contains(['\r', '\n']) => h.insert(KEY_NAME, s),
+            _ => h.insert(KEY_HEX_NAME, hex(k)),
         }
     }
     (msg.topic().as_str().to_owned(), msg.payload().clone(), h)

@@ -205,6 +205,13 @@ pub(super) struct Entry {
 impl Entry {
     /// Settle this message with `o`, never `Failed` when an earlier attempt may be stored.
     fn settle(self, router: &OutcomeRouter, o: Outcome) {
+        let (b, i, o) = self.settlement(o);
+        router.settle(b, i, o);
+    }
+
+    /// What settling this message with `o` hands the router, for
+    /// [`OutcomeRouter::settle_all`]: never `Failed` when an earlier attempt may be stored.
+    fn settlement(self, o: Outcome) -> (u64, usize, Outcome) {
         let o = match o {
             Outcome::Failed(e) if self.maybe_stored => Outcome::Unknown(
                 err(
@@ -215,7 +222,7 @@ impl Entry {
             ),
             o => o,
         };
-        router.settle(self.b, self.i, o);
+        (self.b, self.i, o)
     }
 }
 
@@ -806,22 +813,24 @@ fn route_fast(
     drop(map);
     let fast = &g.fast;
     let mut again = Vec::new();
+    // A committed batch answers for all its messages at once: one lock on the router for them.
+    let mut settled = Vec::with_capacity(g.entries.len());
     for (j, mut e) in g.entries.into_iter().enumerate() {
         match fast.fate(j as u64 + 1, &end) {
-            Fate::Settle(o) => e.settle(&r.router, o),
-            Fate::Resend { maybe_stored } if maybe_stored && !r.dedup => e.settle(
-                &r.router,
-                Outcome::Unknown(err(
+            Fate::Settle(o) => settled.push(e.settlement(o)),
+            Fate::Resend { maybe_stored } if maybe_stored && !r.dedup => {
+                settled.push(e.settlement(Outcome::Unknown(err(
                     ErrorKind::Connect,
                     "the fast batch ended without saying what it stored; the message may be stored",
-                )),
-            ),
+                ))));
+            }
             Fate::Resend { maybe_stored } => {
                 e.maybe_stored |= maybe_stored;
                 again.push(e);
             }
         }
     }
+    r.router.settle_all(settled);
     let transient = fast.transient;
     let (tries, wait) = if transient && !again.is_empty() {
         let tries = g.tries.saturating_add(1);
