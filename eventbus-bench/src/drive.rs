@@ -517,23 +517,27 @@ where
     C: FnOnce(Instant, watch::Receiver<bool>) -> F,
     F: Future<Output = Result<Received, String>>,
 {
-    let (done_tx, done) = watch::channel(false);
-    let meter = sys::Meter::start(broker_pid);
-    let t0 = meter.t0;
-    let during = consumer.map(|c| c(t0, done.clone()));
-    // Done before `?`: a consumer must hear it even when the publish failed, or it reads on.
-    let published = publish(t0).await;
-    let _ = done_tx.send(true);
-    let published = published?;
-    let received = match during {
-        Some(r) => Some(r.await?),
-        None => None,
-    };
-    match &received {
-        Some(r) => rec.fill(&published, r, &meter, measure),
-        None => rec.fill(&published, &Received::empty(), &meter, measure),
-    }
-    Ok(Timed { t0, received, done })
+    let name = crate::profile::run_name(rec, measure);
+    crate::profile::profiled(name, async move {
+        let (done_tx, done) = watch::channel(false);
+        let meter = sys::Meter::start(broker_pid);
+        let t0 = meter.t0;
+        let during = consumer.map(|c| c(t0, done.clone()));
+        // Done before `?`: a consumer must hear it even when the publish failed, or it reads on.
+        let published = publish(t0).await;
+        let _ = done_tx.send(true);
+        let published = published?;
+        let received = match during {
+            Some(r) => Some(r.await?),
+            None => None,
+        };
+        match &received {
+            Some(r) => rec.fill(&published, r, &meter, measure),
+            None => rec.fill(&published, &Received::empty(), &meter, measure),
+        }
+        Ok(Timed { t0, received, done })
+    })
+    .await
 }
 
 /// The timed phase every drain shares: start the meter (and the clock), `read` the backlog
@@ -545,12 +549,16 @@ pub(crate) async fn timed_drain(
     acked: u64,
     read: impl AsyncFnOnce(Instant) -> Result<Received, String>,
 ) -> Result<Received, String> {
-    let meter = sys::Meter::start(broker_pid);
-    let received = read(meter.t0).await?;
-    rec.fill(&Published::empty(), &received, &meter, Measure::Drain);
-    rec.acked = acked;
-    rec.window = 1024; // the consumers' prefetch
-    Ok(received)
+    let name = crate::profile::run_name(rec, Measure::Drain);
+    crate::profile::profiled(name, async move {
+        let meter = sys::Meter::start(broker_pid);
+        let received = read(meter.t0).await?;
+        rec.fill(&Published::empty(), &received, &meter, Measure::Drain);
+        rec.acked = acked;
+        rec.window = 1024; // the consumers' prefetch
+        Ok(received)
+    })
+    .await
 }
 
 /// What a reader task saw, its panic as an error.

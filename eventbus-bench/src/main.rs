@@ -32,6 +32,7 @@ mod nats;
 #[cfg(feature = "nats")]
 mod outbox;
 mod plan;
+mod profile;
 mod report;
 mod sys;
 
@@ -137,6 +138,12 @@ pub(crate) struct Args {
     /// SDK linger in milliseconds. Default: the engine's default (0).
     #[arg(long)]
     pub linger: Option<u64>,
+    /// Record a flame graph of the bench process (`perf record`, folded with inferno) over
+    /// every timed run, into `<out>/profile/NN-<run>.svg` (and its `.perf.data` for `perf
+    /// report`). Narrow it to one row with `--backend`, `--scenario`, `--measure`, `--mode`
+    /// and `--reps 1`. Profiled runs carry perf's own cost: not for the tables.
+    #[arg(long)]
+    pub profile: bool,
     /// Output directory for JSON, CSV and the Markdown table.
     #[arg(long, default_value = "target/bench")]
     pub out: PathBuf,
@@ -297,6 +304,9 @@ async fn run(args: Args) -> Result<bool, String> {
         return rerender(&args, path);
     }
     let sel = Selection::from_args(&args)?;
+    if args.profile {
+        profile::enable(&args.out.join("profile"))?;
+    }
     if args.sweep {
         return sweep(&args, &sel.backends, &sel.storages).await;
     }
