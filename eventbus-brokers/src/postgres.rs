@@ -102,6 +102,51 @@ impl Postgres {
 
     /// `initdb` and start a server with extra `postgres` arguments (`-c name=value`, ...).
     pub fn start_with(args: &[&str]) -> io::Result<Postgres> {
+        Self::start_prepared(args, |_, _| Ok(()))
+    }
+
+    /// `initdb` and start a server (fsync off) that accepts **only TLS** connections on
+    /// loopback (`hostssl` in `pg_hba.conf`), with the certificate `cert` and its private key
+    /// `key` (PEM files, copied into the data directory). A client connects with
+    /// `sslmode=verify-full&sslrootcert=<the CA>` on [`Postgres::url`], or is refused.
+    pub fn start_tls(cert: &Path, key: &Path) -> io::Result<Postgres> {
+        let args = [
+            "-c",
+            "fsync=off",
+            "-c",
+            "ssl=on",
+            "-c",
+            "ssl_cert_file=server.crt",
+            "-c",
+            "ssl_key_file=server.key",
+        ];
+        Self::start_prepared(&args, |data, user| {
+            std::fs::copy(cert, data.join("server.crt"))?;
+            std::fs::copy(key, data.join("server.key"))?;
+            // PostgreSQL refuses a key that others can read.
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(
+                data.join("server.key"),
+                std::fs::Permissions::from_mode(0o600),
+            )?;
+            std::fs::write(
+                data.join("pg_hba.conf"),
+                "local all all trust\nhostssl all all 127.0.0.1/32 trust\n",
+            )?;
+            if let Some((uid, gid)) = user {
+                for f in ["server.crt", "server.key", "pg_hba.conf"] {
+                    std::os::unix::fs::chown(data.join(f), Some(uid), Some(gid))?;
+                }
+            }
+            Ok(())
+        })
+    }
+
+    /// `initdb`, then `prepare(data directory, server user)`, then start with `args`.
+    fn start_prepared(
+        args: &[&str],
+        prepare: impl FnOnce(&Path, Option<(u32, u32)>) -> io::Result<()>,
+    ) -> io::Result<Postgres> {
         let bin = postgres_bin_dir()?;
         let user = server_user()?;
         let dir = tempfile::Builder::new()
@@ -131,6 +176,7 @@ impl Postgres {
                 String::from_utf8_lossy(&out.stderr).trim()
             )));
         }
+        prepare(&dir.path().join("data"), user)?;
         let mut pg = Postgres {
             proc: Proc { child: None },
             port: free_port()?,

@@ -18,29 +18,25 @@ pub struct ProbeRun {
     pub output: String,
 }
 
-/// Run the probe on Kafka at `addr` with the `EVENTBUS_KAFKA_*` settings `vars`, publishing to
-/// `topic`. `Err` when it could not be started at all.
-pub async fn probe(addr: &str, vars: &[(&str, String)], topic: &str) -> Result<ProbeRun, String> {
+/// The probe, with a service's environment: only the `EVENTBUS_*` settings the caller adds
+/// (the facade refuses variables that name no setting, such as this tooling's own).
+fn command() -> Result<Command, String> {
     let bin = std::env::var_os(PROBE_VAR).ok_or_else(|| {
         format!(
             "{PROBE_VAR} is not set (`cargo xtask reliability` builds facade-probe and sets it)"
         )
     })?;
     let mut c = Command::new(bin);
-    // A service's environment: only its own EVENTBUS_* settings (the facade refuses variables
-    // that name no setting, such as this tooling's own).
     for (k, _) in std::env::vars_os() {
         if k.to_string_lossy().starts_with("EVENTBUS_") {
             c.env_remove(k);
         }
     }
-    c.arg(topic)
-        .env("EVENTBUS_BACKEND", "kafka")
-        .env("EVENTBUS_KAFKA_BROKERS", addr)
-        .env("EVENTBUS_KAFKA_CONNECT_TIMEOUT", "3000");
-    for (k, v) in vars {
-        c.env(k, v);
-    }
+    Ok(c)
+}
+
+/// Run `c` to its end: what it printed, and whether it exited 0.
+async fn output(mut c: Command) -> Result<ProbeRun, String> {
     let out = tokio::task::spawn_blocking(move || c.output())
         .await
         .map_err(|e| format!("facade-probe: {e}"))?
@@ -56,9 +52,37 @@ pub async fn probe(addr: &str, vars: &[(&str, String)], topic: &str) -> Result<P
     })
 }
 
+/// Run the probe on Kafka at `addr` with the `EVENTBUS_KAFKA_*` settings `vars`, publishing to
+/// `topic`. `Err` when it could not be started at all.
+pub async fn probe(addr: &str, vars: &[(&str, String)], topic: &str) -> Result<ProbeRun, String> {
+    let mut c = command()?;
+    c.arg(topic)
+        .env("EVENTBUS_BACKEND", "kafka")
+        .env("EVENTBUS_KAFKA_BROKERS", addr)
+        .env("EVENTBUS_KAFKA_CONNECT_TIMEOUT", "3000");
+    for (k, v) in vars {
+        c.env(k, v);
+    }
+    output(c).await
+}
+
 /// Run the probe; `Ok` with its line when it published, acked and read back, `Err` otherwise.
 pub async fn run(addr: &str, vars: &[(&str, String)], topic: &str) -> Result<String, String> {
     let run = probe(addr, vars, topic).await?;
+    if run.ok {
+        Ok(run.output)
+    } else {
+        Err(run.output)
+    }
+}
+
+/// Run the probe's outbox on the PostgreSQL at `url` (`facade-probe --outbox`), relaying to
+/// the memory backend: `Ok` with its line when the connection was encrypted and a relay
+/// published what one transaction enqueued, `Err` with what it printed otherwise.
+pub async fn outbox(url: &str) -> Result<String, String> {
+    let mut c = command()?;
+    c.args(["--outbox", url]).env("EVENTBUS_BACKEND", "memory");
+    let run = output(c).await?;
     if run.ok {
         Ok(run.output)
     } else {

@@ -1277,6 +1277,8 @@ pub async fn security(backend: &'static str) -> Row {
     #[cfg(feature = "nats")]
     if backend == "nats" {
         security_nats(&mut row).await;
+        // Backend-agnostic (it relays to the memory backend): run once, on this row.
+        outbox_tls(&mut row).await;
         return row;
     }
     #[cfg(feature = "kafka")]
@@ -1287,6 +1289,48 @@ pub async fn security(backend: &'static str) -> Row {
     row.failures
         .push(format!("security is not run on {backend}"));
     row
+}
+
+/// The outbox's PostgreSQL over TLS, through a program built on the `eventbus` facade alone
+/// (feature `outbox`, [`crate::facade_probe`]): a server that accepts only TLS, a URL with
+/// `sslmode=verify-full` and the test CA; the connection must be encrypted and a relay must
+/// publish what one transaction enqueued. The same server must refuse `sslmode=disable`, so
+/// the first case cannot pass without TLS.
+#[cfg(feature = "nats")]
+async fn outbox_tls(row: &mut Row) {
+    let pki = eventbus_brokers::tls::Pki::new("pg-ca");
+    let (cert, key) = pki.leaf("postgres", &["localhost", "127.0.0.1"]);
+    let pg = match tokio::task::spawn_blocking(move || {
+        eventbus_brokers::Postgres::start_tls(&cert, &key)
+    })
+    .await
+    {
+        Ok(Ok(pg)) => pg,
+        Ok(Err(e)) => return row.failures.push(format!("PostgreSQL with TLS: {e}")),
+        Err(e) => return row.failures.push(format!("PostgreSQL with TLS: {e}")),
+    };
+    let tls = format!(
+        "{}?sslmode=verify-full&sslrootcert={}",
+        pg.url(),
+        pki.ca().display()
+    );
+    match crate::facade_probe::outbox(&tls).await {
+        Ok(line) => row
+            .notes
+            .push(format!("outbox, through the facade alone: {line}")),
+        Err(e) => row
+            .failures
+            .push(format!("outbox over TLS, through the facade alone: {e}")),
+    }
+    match crate::facade_probe::outbox(&format!("{}?sslmode=disable", pg.url())).await {
+        Ok(line) => row.failures.push(format!(
+            "outbox: a PostgreSQL that accepts only TLS let a plaintext client in: {line}"
+        )),
+        Err(e) => row.notes.push(format!(
+            "outbox without TLS refused, as it must be: {}",
+            e.lines().next().unwrap_or_default()
+        )),
+    }
 }
 
 /// A Kafka client configured by `EVENTBUS_KAFKA_*` variables (the way a service configures

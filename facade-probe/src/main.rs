@@ -2,6 +2,10 @@
 //! topic named by the first argument, publishes a few messages, awaits every ack, then reads them
 //! back through a consumer group. Prints one line and exits 0 when all of that worked; on an
 //! error prints the error's `Display` (what a user's log would show) and exits 1.
+//!
+//! `facade-probe --outbox <postgres url>` instead opens the outbox's PostgreSQL at that URL
+//! (the row gives a TLS URL), checks the connection is encrypted, enqueues messages in a
+//! transaction, and has a relay publish them through the bus the environment names.
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -12,9 +16,22 @@ const MESSAGES: usize = 20;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let topic = std::env::args()
-        .nth(1)
-        .unwrap_or_else(|| "facade-probe".into());
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if let [flag, url] = &args[..]
+        && flag == "--outbox"
+    {
+        return match outbox(url).await {
+            Ok(line) => {
+                println!("facade-probe: {line}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("facade-probe: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let topic = args.first().cloned().unwrap_or_else(|| "facade-probe".into());
     match run(&topic).await {
         Ok(()) => {
             println!("facade-probe: {MESSAGES} published, acked and read back on {topic}");
@@ -63,4 +80,44 @@ async fn run(topic: &str) -> Result<(), Error> {
     }
     sub.close().await;
     Ok(())
+}
+
+/// The outbox on the PostgreSQL at `url`: the connection must be encrypted; `MESSAGES` enqueued
+/// in one transaction are published by a relay through the environment's bus.
+async fn outbox(url: &str) -> Result<String, Box<dyn std::error::Error>> {
+    use eventbus::outbox::sqlx::{self, PgPool};
+    use eventbus::outbox::{OutboxStore, PgOutbox, Relay, RelayConfig};
+    let pool = PgPool::connect(url).await?;
+    let ssl: bool = sqlx::query_scalar("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+        .fetch_one(&pool)
+        .await?;
+    if !ssl {
+        return Err("connected, but not over TLS".into());
+    }
+    let outbox = PgOutbox::new(pool.clone());
+    outbox.migrate().await?;
+    let bus = Bus::connect(&BusConfig::load(None)?).await?;
+    let relay = Relay::start(outbox.clone(), bus.publisher().await?, RelayConfig::default());
+    let mut tx = pool.begin().await?;
+    for i in 0..MESSAGES {
+        outbox
+            .enqueue(&mut tx, &Message::new("probe.outbox", format!("m{i}")))
+            .await?;
+    }
+    tx.commit().await?;
+    let until = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let stats = outbox.stats().await?;
+        if stats.pending == 0 {
+            break;
+        }
+        if std::time::Instant::now() > until {
+            return Err(format!("{} of {MESSAGES} still pending after 30 s", stats.pending).into());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    relay.close(Duration::from_secs(5)).await;
+    Ok(format!(
+        "outbox over TLS: {MESSAGES} enqueued in one transaction and published by the relay"
+    ))
 }
