@@ -427,6 +427,20 @@ pub async fn invalid_input_typed_errors<H: Harness>(h: &H) {
         0,
         "rejected messages hold no window slot"
     );
+    // A dead-letter topic no publish could reach is refused at subscribe, typed.
+    let subscriber = h.subscriber().await;
+    for dlq in ["", "a b", "a\r\nb"] {
+        let spec = SubscribeSpec::new(&topic)
+            .max_deliveries(3)
+            .dead_letter(dlq);
+        let err = subscriber
+            .subscribe(spec)
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("dead-letter topic {dlq:?} accepted"));
+        assert_eq!(err.kind(), ErrorKind::InvalidMessage, "{dlq:?}: {err}");
+        assert!(!err.is_retryable());
+    }
     let o = p
         .publish(Message::new(&topic, "good"))
         .await

@@ -116,15 +116,10 @@ impl Subscriber for KafkaSubscriber {
         let config = self.config.clone();
         async move {
             let spec = resolve_patterns(&config, spec).await?;
-            let letters = match (&spec.dead_letter, spec.max_deliveries) {
-                (Some(to), Some(_)) => {
-                    eventbus_core::validate::topic(to.as_str(), &crate::TOPIC_RULES)
-                        .map_err(|e| e.with_backend(BACKEND))?;
-                    let producer = LetterProducer::new(&config)?;
-                    DeadLetters::for_spec(&spec, move |letter| producer.clone().send(letter))
-                }
-                _ => None,
-            };
+            let letters = DeadLetters::for_spec(&spec, &crate::TOPIC_RULES, BACKEND, || {
+                let producer = LetterProducer::new(&config)?;
+                Ok(move |letter| producer.clone().send(letter))
+            })?;
             Subscription::per_topic(spec, letters, |one, feed| subscribe_one(&config, one, feed))
                 .await
         }

@@ -301,12 +301,13 @@ impl Subscriber for MemorySubscriber {
                 eventbus_core::validate::topic(t.as_str(), &eventbus_core::validate::PORTABLE)
                     .map_err(|e| e.with_backend(BACKEND))?;
             }
-            let letters = {
-                let broker = broker.clone();
-                DeadLetters::for_spec(&spec, move |letter| {
-                    std::future::ready(broker.append(letter).into_result().map(drop))
-                })
-            };
+            let letters =
+                DeadLetters::for_spec(&spec, &eventbus_core::validate::PORTABLE, BACKEND, || {
+                    let broker = broker.clone();
+                    Ok(move |letter| {
+                        std::future::ready(broker.append(letter).into_result().map(drop))
+                    })
+                })?;
             Subscription::per_topic(spec, letters, |one, feed| subscribe_one(&broker, one, feed))
                 .await
         }

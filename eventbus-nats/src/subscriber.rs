@@ -123,14 +123,10 @@ impl Subscriber for NatsSubscriber {
                 eventbus_core::validate::subscription_filter(t.as_str())
                     .map_err(|e| e.with_backend(BACKEND))?;
             }
-            if let Some(to) = &spec.dead_letter {
-                eventbus_core::validate::topic(to.as_str(), &crate::SUBJECT_RULES)
-                    .map_err(|e| e.with_backend(BACKEND))?;
-            }
-            let letters = {
+            let letters = DeadLetters::for_spec(&spec, &crate::SUBJECT_RULES, BACKEND, || {
                 let js = js.clone();
-                DeadLetters::for_spec(&spec, move |letter| publish_letter(js.clone(), letter))
-            };
+                Ok(move |letter| publish_letter(js.clone(), letter))
+            })?;
             Subscription::per_topic(spec, letters, |one, feed| subscribe_one(&js, one, feed)).await
         }
     }

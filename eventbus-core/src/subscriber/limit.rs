@@ -27,13 +27,18 @@ use crate::message::{Message, Topic};
 /// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
 /// use eventbus_core::spi::DeadLetters;
 /// use eventbus_core::{Message, SubscribeSpec, Topic};
+/// use eventbus_core::validate::PORTABLE;
 /// let spec = SubscribeSpec::new("orders").max_deliveries(5).dead_letter("orders.dlq");
-/// let layer = DeadLetters::for_spec(&spec, |letter: Message| async move {
+/// let publish = || Ok(|letter: Message| async move {
 ///     assert_eq!(letter.topic().as_str(), "orders.dlq");
 ///     Ok(()) // publish it somewhere
 /// });
+/// let layer = DeadLetters::for_spec(&spec, &PORTABLE, "demo", publish).unwrap();
 /// assert!(layer.is_some());
-/// assert!(DeadLetters::for_spec(&SubscribeSpec::new("orders"), |_| async { Ok(()) }).is_none());
+/// let none = DeadLetters::for_spec(&SubscribeSpec::new("orders"), &PORTABLE, "demo", publish);
+/// assert!(none.unwrap().is_none());
+/// let bad = SubscribeSpec::new("orders").max_deliveries(5).dead_letter("orders dlq");
+/// assert!(DeadLetters::for_spec(&bad, &PORTABLE, "demo", publish).is_err());
 /// # });
 /// ```
 #[derive(Clone)]
@@ -87,15 +92,33 @@ impl DeadLetters {
         })
     }
 
-    /// The layer `spec` asks for (`dead_letter` and `max_deliveries` both set), if any.
-    pub fn for_spec<F, Fut>(spec: &SubscribeSpec, post: F) -> Option<Self>
+    /// The layer `spec` asks for (`dead_letter` and `max_deliveries` both set), if any, what
+    /// every backend does before [`Subscription::per_topic`](crate::Subscription::per_topic):
+    ///
+    /// - a dead-letter topic is checked against the backend's `rules` whenever the spec names
+    ///   one (a bad name is a typed [`ErrorKind::InvalidMessage`] at subscribe, tagged with
+    ///   `backend`, not a failure at the first letter);
+    /// - `make` is called, once, only when there will be letters to publish: it returns how to
+    ///   publish one (a backend may open a producer there).
+    pub fn for_spec<M, F, Fut>(
+        spec: &SubscribeSpec,
+        rules: &crate::spi::TopicRules,
+        backend: &'static str,
+        make: M,
+    ) -> Result<Option<Self>, Error>
     where
+        M: FnOnce() -> Result<F, Error>,
         F: Fn(Message) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<(), Error>> + Send + 'static,
     {
-        let to = spec.dead_letter.clone()?;
-        let max = spec.max_deliveries?;
-        Some(Self::new(to, max, post))
+        let Some(to) = spec.dead_letter.clone() else {
+            return Ok(None);
+        };
+        crate::validate::topic(to.as_str(), rules).map_err(|e| e.with_backend(backend))?;
+        let Some(max) = spec.max_deliveries else {
+            return Ok(None);
+        };
+        Ok(Some(Self::new(to, max, make()?)))
     }
 
     /// The topic letters go to.
