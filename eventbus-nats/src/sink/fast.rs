@@ -518,6 +518,69 @@ impl Fast {
                 .await;
         }
     }
+
+    /// Queue engine batch `job_id`'s messages to `stream` (slot, message), in order: each on
+    /// its key's lane, those without a key as one run for an idle lane; a message over the
+    /// stream's `max_msg_size` fails at once (the server would refuse it mid-batch and end the
+    /// batch there). Then send every touched lane that is idle.
+    async fn queue_stream(
+        &mut self,
+        w: &mut Writer<FastBatch>,
+        job_id: u64,
+        stream: &str,
+        facts: StreamFacts,
+        msgs: impl Iterator<Item = (usize, Message)>,
+    ) {
+        let lanes = self.lanes_of(stream);
+        let mut touched = 0u64;
+        let mut keyless = Vec::new();
+        for (i, msg) in msgs {
+            if let Some(max) = facts.max_msg_size {
+                let (_, payload, hdrs) = headers::encode_ref(&msg, w.dedup);
+                if wire_len(&hdrs, &payload) > max {
+                    w.router.settle(
+                        job_id,
+                        i,
+                        Outcome::Failed(err(
+                            ErrorKind::TooLarge,
+                            "message exceeds the stream's max_msg_size",
+                        )),
+                    );
+                    continue;
+                }
+            }
+            let entry = Entry {
+                b: job_id,
+                i,
+                maybe_stored: false,
+                attempts: 0,
+                msg,
+            };
+            match entry.msg.key().map(lane_of) {
+                Some(l) => {
+                    lanes[l as usize].queue.push_back(entry);
+                    touched |= 1 << l;
+                }
+                None => keyless.push(entry),
+            }
+        }
+        for (l, lane) in lanes.iter_mut().enumerate() {
+            if touched & (1 << l) != 0 {
+                lane.trim(&w.router);
+            }
+        }
+        for l in 0..LANES {
+            if touched & (1 << l) != 0 && !self.lanes_of(stream)[l as usize].busy {
+                self.send_lane(w, stream, l).await;
+            }
+        }
+        if !keyless.is_empty() {
+            let runs = self.keyless.entry(stream.to_owned()).or_default();
+            runs.push_back(keyless);
+            trim_runs(runs, &w.router);
+            self.place_keyless(w, stream).await;
+        }
+    }
 }
 
 impl Protocol for Fast {
@@ -544,62 +607,10 @@ impl Protocol for Fast {
                 }
                 continue;
             }
-            let lanes = self.lanes_of(&stream);
-            let mut touched = 0u64;
-            let mut keyless = Vec::new();
-            for i in indices {
-                let Some(msg) = slots[i].take() else {
-                    continue;
-                };
-                if let Some(max) = facts.max_msg_size {
-                    let (_, payload, hdrs) = headers::encode_ref(&msg, w.dedup);
-                    if wire_len(&hdrs, &payload) > max {
-                        w.router.settle(
-                            job_id,
-                            i,
-                            Outcome::Failed(err(
-                                ErrorKind::TooLarge,
-                                "message exceeds the stream's max_msg_size",
-                            )),
-                        );
-                        continue;
-                    }
-                }
-                let Some(l) = msg.key().map(lane_of) else {
-                    keyless.push(Entry {
-                        b: job_id,
-                        i,
-                        msg,
-                        maybe_stored: false,
-                        attempts: 0,
-                    });
-                    continue;
-                };
-                lanes[l as usize].queue.push_back(Entry {
-                    b: job_id,
-                    i,
-                    msg,
-                    maybe_stored: false,
-                    attempts: 0,
-                });
-                touched |= 1 << l;
-            }
-            for (l, lane) in lanes.iter_mut().enumerate() {
-                if touched & (1 << l) != 0 {
-                    lane.trim(&w.router);
-                }
-            }
-            for l in 0..LANES {
-                if touched & (1 << l) != 0 && !self.lanes_of(&stream)[l as usize].busy {
-                    self.send_lane(w, &stream, l).await;
-                }
-            }
-            if !keyless.is_empty() {
-                let runs = self.keyless.entry(stream.clone()).or_default();
-                runs.push_back(keyless);
-                trim_runs(runs, &w.router);
-                self.place_keyless(w, &stream).await;
-            }
+            let msgs = indices
+                .into_iter()
+                .filter_map(|i| Some((i, slots[i].take()?)));
+            self.queue_stream(w, job_id, &stream, facts, msgs).await;
         }
     }
 
