@@ -678,7 +678,14 @@ async fn drive_threaded(
                 let topic = &topics[i % topics.len()];
                 let sent = Instant::now();
                 let id = with_id.then(|| eventbus_core::MessageId::generate().to_string());
-                send_threaded(&p, topic, &body, id.as_deref(), (run, sent)).await?;
+                let key = crate::drive::key(&s, w, i);
+                let record = RawRecord {
+                    topic,
+                    body: &body,
+                    id: id.as_deref(),
+                    key: key.as_deref(),
+                };
+                send_threaded(&p, record, (run, sent)).await?;
             }
             Ok::<_, String>(())
         }));
@@ -695,18 +702,32 @@ async fn drive_threaded(
     Ok(published.finish(t0, last))
 }
 
-/// Hand one record to librdkafka (with `id` in the `eventbus-id` header), waiting while its
-/// queue is full; `opaque` (the run, the send time) comes back with its delivery report.
+/// One raw record: its topic, payload, `eventbus-id` header (`raw-dedup`) and key (`--keys`).
+struct RawRecord<'a> {
+    topic: &'a str,
+    body: &'a [u8],
+    id: Option<&'a str>,
+    key: Option<&'a str>,
+}
+
+/// Hand one record to librdkafka, waiting while its queue is full; `opaque` (the run, the send
+/// time) comes back with its delivery report.
 async fn send_threaded(
     p: &ThreadedProducer<TallyCtx>,
-    topic: &str,
-    body: &[u8],
-    id: Option<&str>,
+    RawRecord {
+        topic,
+        body,
+        id,
+        key,
+    }: RawRecord<'_>,
     opaque: (u64, Instant),
 ) -> Result<(), String> {
     loop {
         let mut rec =
-            BaseRecord::<(), [u8], _>::with_opaque_to(topic, Box::new(Some(opaque))).payload(body);
+            BaseRecord::<str, [u8], _>::with_opaque_to(topic, Box::new(Some(opaque))).payload(body);
+        if let Some(key) = key {
+            rec = rec.key(key);
+        }
         if let Some(id) = id {
             rec = rec.headers(OwnedHeaders::new().insert(Header {
                 key: eventbus_kafka::ID_HEADER,

@@ -3,8 +3,8 @@
 //! the code that spends it.
 //!
 //! The sampler attaches to the bench process (every thread: the SDK or raw client, the
-//! verifying consumer when it reads along) when a run's clock is about to start and stops when
-//! the run's work is done, before its figures are filled in. Its own cost (~1-3% at 499 Hz with
+//! verifying consumer when it reads along) when a run's clock is about to start and stops just
+//! after the run's figures are filled in. Its own cost (~1-3% at 499 Hz with
 //! DWARF stacks) lands in the run's figures: profiled runs are for finding where time goes,
 //! not for the tables.
 
@@ -141,6 +141,13 @@ impl Profiler {
             .stderr(Stdio::null())
             .output()
             .map_err(|e| format!("perf script: {e}"))?;
+        if !script.status.success() {
+            return Err(format!(
+                "perf script failed ({}) on {}",
+                script.status,
+                self.data.display()
+            ));
+        }
         let mut folded = Vec::new();
         use inferno::collapse::Collapse;
         inferno::collapse::perf::Folder::from(inferno::collapse::perf::Options::default())

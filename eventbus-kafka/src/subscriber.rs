@@ -115,11 +115,13 @@ impl Subscriber for KafkaSubscriber {
     ) -> impl Future<Output = Result<Subscription, Error>> + Send {
         let config = self.config.clone();
         async move {
-            let spec = resolve_patterns(&config, spec).await?;
+            // Before any I/O: a bad dead-letter topic is refused as such, whatever the
+            // patterns match (resolving them does not touch the dead-letter settings).
             let letters = DeadLetters::for_spec(&spec, &crate::TOPIC_RULES, BACKEND, || {
                 let producer = LetterProducer::new(&config)?;
                 Ok(move |letter| producer.clone().send(letter))
             })?;
+            let spec = resolve_patterns(&config, spec).await?;
             Subscription::per_topic(spec, letters, |one, feed| subscribe_one(&config, one, feed))
                 .await
         }

@@ -1322,13 +1322,20 @@ async fn outbox_tls(row: &mut Row) {
             .failures
             .push(format!("outbox over TLS, through the facade alone: {e}")),
     }
+    // Refused by the server for want of encryption, nothing else (the probe also fails when it
+    // gets in without TLS, which must count against the row).
     match crate::facade_probe::outbox(&format!("{}?sslmode=disable", pg.url())).await {
+        Err(e) if e.contains("no pg_hba.conf entry") && e.contains("no encryption") => {
+            row.notes.push(format!(
+                "outbox without TLS refused by the server, as it must be: {}",
+                e.lines().next().unwrap_or_default()
+            ))
+        }
+        Err(e) => row.failures.push(format!(
+            "outbox with sslmode=disable: not the server's refusal of a plaintext client: {e}"
+        )),
         Ok(line) => row.failures.push(format!(
             "outbox: a PostgreSQL that accepts only TLS let a plaintext client in: {line}"
-        )),
-        Err(e) => row.notes.push(format!(
-            "outbox without TLS refused, as it must be: {}",
-            e.lines().next().unwrap_or_default()
         )),
     }
 }
