@@ -31,7 +31,10 @@ async fn main() -> ExitCode {
             }
         };
     }
-    let topic = args.first().cloned().unwrap_or_else(|| "facade-probe".into());
+    let topic = args
+        .first()
+        .cloned()
+        .unwrap_or_else(|| "facade-probe".into());
     match run(&topic).await {
         Ok(()) => {
             println!("facade-probe: {MESSAGES} published, acked and read back on {topic}");
@@ -97,7 +100,11 @@ async fn outbox(url: &str) -> Result<String, Box<dyn std::error::Error>> {
     let outbox = PgOutbox::new(pool.clone());
     outbox.migrate().await?;
     let bus = Bus::connect(&BusConfig::load(None)?).await?;
-    let relay = Relay::start(outbox.clone(), bus.publisher().await?, RelayConfig::default());
+    let relay = Relay::start(
+        outbox.clone(),
+        bus.publisher().await?,
+        RelayConfig::default(),
+    );
     let mut tx = pool.begin().await?;
     for i in 0..MESSAGES {
         outbox
