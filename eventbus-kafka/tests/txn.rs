@@ -307,11 +307,20 @@ async fn fenced_stops(broker: Broker) {
     assert!(!err.is_retryable());
 }
 
-/// A second processor joins the group mid-stream (a rebalance): the partitions move, and
-/// every input is committed as consumed exactly once between the two. (It passed with the
-/// revocation check disabled too: on the mock the revocation never landed inside a batch
-/// being collected, so that path is not exercised here.)
-async fn rebalance_hands_over(broker: Broker) {
+/// Two processors in one group split the partitions, and every input is committed as consumed
+/// exactly once between the two.
+///
+/// Both start at once and join inside the mock's initial rebalance delay (3 s,
+/// `group_initial_rebalance_delay_ms` in librdkafka's `rdkafka_mock.c`), so the partitions are
+/// assigned once, before anything is committed. A partition moved *after* commits cannot be
+/// checked on librdkafka's mock: its TxnOffsetCommit handler (`rdkafka_mock_handlers.c`)
+/// parses the offsets and stores nothing, so the new owner starts again from the beginning
+/// and every input is handled twice. That is what made this test fail once, when the second
+/// processor, started 1.5 s after the first, joined after the first had been assigned every
+/// partition and committed 1,000 inputs (A consumed 2,000, B 1,000). A real broker keeps
+/// transactional offsets and fences a stale generation (KIP-447); tansu 0.6.0 has no
+/// transactions at all, so the handover after commits waits for a broker that has both.
+async fn two_processors_split_the_group(broker: Broker) {
     let kafka = broker.backend(&[("txn-in", 4), ("txn-out", 1)]).await;
     let n = 2_000;
     let ids = inputs(&kafka, "txn-in", n).await;
@@ -334,9 +343,8 @@ async fn rebalance_hands_over(broker: Broker) {
             (watch, stop, task)
         }
     };
-    let (mut wa, stop_a, a) = start("txn-reb-a").await;
-    tokio::time::sleep(Duration::from_millis(1_500)).await;
-    let (mut wb, stop_b, b) = start("txn-reb-b").await;
+    let ((mut wa, stop_a, a), (mut wb, stop_b, b)) =
+        tokio::join!(start("txn-reb-a"), start("txn-reb-b"));
     let until = Instant::now() + Duration::from_secs(90);
     while wa.borrow().consumed + wb.borrow().consumed < n as u64 && Instant::now() < until {
         tokio::select! {
@@ -495,8 +503,8 @@ async fn mock_abort_rehandles() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn mock_rebalance_hands_over() {
-    rebalance_hands_over(Broker::mock()).await;
+async fn mock_two_processors_split_the_group() {
+    two_processors_split_the_group(Broker::mock()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
