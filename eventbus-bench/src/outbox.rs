@@ -64,15 +64,17 @@ impl<P: Publisher + Clone + 'static> Publisher for Timed<P> {
 /// The database under test.
 #[derive(Clone)]
 enum Db {
-    /// The pool, its outbox, the same outbox without notifications, and the server's label.
-    Pg(PgPool, PgOutbox, PgOutbox, &'static str),
+    /// The pool, its outbox, the same outbox without notifications, and whether the server
+    /// runs with fsync on (the fixture's is off).
+    Pg(PgPool, PgOutbox, PgOutbox, bool),
     Sqlite(SqlitePool, SqliteOutbox),
 }
 
 impl Db {
     fn label(&self) -> &'static str {
         match self {
-            Db::Pg(.., label) => label,
+            Db::Pg(.., false) => "PostgreSQL",
+            Db::Pg(.., true) => "PostgreSQL, fsync on",
             Db::Sqlite(..) => "SQLite",
         }
     }
@@ -343,17 +345,17 @@ pub(crate) async fn study(args: &Args) -> Result<bool, String> {
     // and indexes weigh most there. A production server flushes the WAL at every commit;
     // a second server with fsync on shows what the enqueue adds to such a commit.
     let durable = DurablePg::start().await?;
-    let pg = |pool: PgPool, label| {
+    let pg = |pool: PgPool, fsync| {
         Db::Pg(
             pool.clone(),
             PgOutbox::new(pool.clone()),
             PgOutbox::new(pool).notifications(false),
-            label,
+            fsync,
         )
     };
     let dbs = [
-        pg(pool, "PostgreSQL"),
-        pg(durable.pool.clone(), "PostgreSQL, fsync on"),
+        pg(pool, false),
+        pg(durable.pool.clone(), true),
         Db::Sqlite(lite.clone(), SqliteOutbox::new(lite)),
     ];
     let mut md = format!(
@@ -386,7 +388,7 @@ pub(crate) async fn study(args: &Args) -> Result<bool, String> {
             }
         }
         let phases: &[Phase] = match db {
-            Db::Pg(.., label) if label.contains("fsync on") => &[
+            Db::Pg(.., true) => &[
                 Phase::Plain,
                 Phase::Enqueue { notify: true },
                 Phase::Relayed,
@@ -455,7 +457,7 @@ pub(crate) async fn study(args: &Args) -> Result<bool, String> {
     );
     for db in &dbs {
         let modes: &[bool] = match db {
-            Db::Pg(.., label) if label.contains("fsync on") => &[true],
+            Db::Pg(.., true) => &[true],
             Db::Pg(..) => &[true, false],
             Db::Sqlite(..) => &[false],
         };

@@ -18,6 +18,17 @@ pub struct ProbeRun {
     pub output: String,
 }
 
+impl ProbeRun {
+    /// `Ok` with what it printed when it exited 0, `Err` with what it printed otherwise.
+    pub fn into_result(self) -> Result<String, String> {
+        if self.ok {
+            Ok(self.output)
+        } else {
+            Err(self.output)
+        }
+    }
+}
+
 /// The probe, with a service's environment: only the `EVENTBUS_*` settings the caller adds
 /// (the facade refuses variables that name no setting, such as this tooling's own).
 fn command() -> Result<Command, String> {
@@ -68,12 +79,7 @@ pub async fn probe(addr: &str, vars: &[(&str, String)], topic: &str) -> Result<P
 
 /// Run the probe; `Ok` with its line when it published, acked and read back, `Err` otherwise.
 pub async fn run(addr: &str, vars: &[(&str, String)], topic: &str) -> Result<String, String> {
-    let run = probe(addr, vars, topic).await?;
-    if run.ok {
-        Ok(run.output)
-    } else {
-        Err(run.output)
-    }
+    probe(addr, vars, topic).await?.into_result()
 }
 
 /// Run the probe's outbox on the PostgreSQL at `url` (`facade-probe --outbox`), relaying to
@@ -82,10 +88,5 @@ pub async fn run(addr: &str, vars: &[(&str, String)], topic: &str) -> Result<Str
 pub async fn outbox(url: &str) -> Result<String, String> {
     let mut c = command()?;
     c.args(["--outbox", url]).env("EVENTBUS_BACKEND", "memory");
-    let run = output(c).await?;
-    if run.ok {
-        Ok(run.output)
-    } else {
-        Err(run.output)
-    }
+    output(c).await?.into_result()
 }

@@ -64,6 +64,15 @@ impl Row {
         }
     }
 
+    /// A check that either worked (`Ok`, what it saw) or did not: a note or a failure, both
+    /// prefixed with `what`.
+    fn outcome(&mut self, what: &str, result: Result<String, String>) {
+        match result {
+            Ok(saw) => self.notes.push(format!("{what}: {saw}")),
+            Err(e) => self.failures.push(format!("{what}: {e}")),
+        }
+    }
+
     /// The invariants every scenario keeps: nothing acked is lost, nothing failed is stored,
     /// nothing corrupt is delivered.
     fn require_safety(&mut self) {
@@ -1300,13 +1309,14 @@ pub async fn security(backend: &'static str) -> Row {
 async fn outbox_tls(row: &mut Row) {
     let pki = eventbus_brokers::tls::Pki::new("pg-ca");
     let (cert, key) = pki.leaf("postgres", &["localhost", "127.0.0.1"]);
-    let pg = match tokio::task::spawn_blocking(move || {
-        eventbus_brokers::Postgres::start_tls(&cert, &key)
+    let started = tokio::task::spawn_blocking(move || {
+        eventbus_brokers::Postgres::start_tls(&cert, &key).map_err(|e| e.to_string())
     })
     .await
-    {
-        Ok(Ok(pg)) => pg,
-        Ok(Err(e)) => return row.failures.push(format!("PostgreSQL with TLS: {e}")),
+    .map_err(|e| e.to_string())
+    .flatten();
+    let pg = match started {
+        Ok(pg) => pg,
         Err(e) => return row.failures.push(format!("PostgreSQL with TLS: {e}")),
     };
     let tls = format!(
@@ -1314,14 +1324,10 @@ async fn outbox_tls(row: &mut Row) {
         pg.url(),
         pki.ca().display()
     );
-    match crate::facade_probe::outbox(&tls).await {
-        Ok(line) => row
-            .notes
-            .push(format!("outbox, through the facade alone: {line}")),
-        Err(e) => row
-            .failures
-            .push(format!("outbox over TLS, through the facade alone: {e}")),
-    }
+    row.outcome(
+        "outbox over TLS, through the facade alone",
+        crate::facade_probe::outbox(&tls).await,
+    );
     // Refused by the server for want of encryption, nothing else (the probe also fails when it
     // gets in without TLS, which must count against the row).
     match crate::facade_probe::outbox(&format!("{}?sslmode=disable", pg.url())).await {
@@ -1391,21 +1397,15 @@ async fn connects_and_publishes(
             Err(format!("not acked: {o:?}"))
         }
     };
-    match published.await {
-        Ok(()) => row
-            .notes
-            .push(format!("{what}: connected, one publish acked")),
-        Err(e) => row.failures.push(format!("{what}: {e}")),
-    }
+    let published = published
+        .await
+        .map(|()| "connected, one publish acked".to_owned());
+    row.outcome(what, published);
     let topic = format!("{topic}-facade");
-    match crate::facade_probe::run(addr, vars, &topic).await {
-        Ok(line) => row
-            .notes
-            .push(format!("{what}, through the facade alone: {line}")),
-        Err(e) => row
-            .failures
-            .push(format!("{what}, through the facade alone: {e}")),
-    }
+    row.outcome(
+        &format!("{what}, through the facade alone"),
+        crate::facade_probe::run(addr, vars, &topic).await,
+    );
 }
 
 /// One refused Kafka connect with `cfg` (see [`expect_refusal`]); `accepted` counts the

@@ -17,27 +17,22 @@ const MESSAGES: usize = 20;
 #[tokio::main]
 async fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    if let [flag, url] = &args[..]
-        && flag == "--outbox"
-    {
-        return match outbox(url).await {
-            Ok(line) => {
-                println!("facade-probe: {line}");
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("facade-probe: {e}");
-                ExitCode::FAILURE
-            }
-        };
-    }
-    let topic = args
-        .first()
-        .cloned()
-        .unwrap_or_else(|| "facade-probe".into());
-    match run(&topic).await {
-        Ok(()) => {
-            println!("facade-probe: {MESSAGES} published, acked and read back on {topic}");
+    let result = match &args[..] {
+        [flag, url] if flag == "--outbox" => outbox(url).await,
+        _ => {
+            let topic = args
+                .first()
+                .cloned()
+                .unwrap_or_else(|| "facade-probe".into());
+            run(&topic)
+                .await
+                .map(|()| format!("{MESSAGES} published, acked and read back on {topic}"))
+                .map_err(Into::into)
+        }
+    };
+    match result {
+        Ok(line) => {
+            println!("facade-probe: {line}");
             ExitCode::SUCCESS
         }
         Err(e) => {
