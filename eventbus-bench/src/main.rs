@@ -29,7 +29,7 @@ mod latency;
 mod mode;
 #[cfg(feature = "nats")]
 mod nats;
-#[cfg(feature = "nats")]
+#[cfg(all(feature = "nats", feature = "kafka"))]
 mod outbox;
 mod plan;
 mod profile;
@@ -105,9 +105,10 @@ pub(crate) struct Args {
     /// 2 min and 10 min windows over a sustained publish with ids on: writes dedup-window.md.
     #[arg(long)]
     pub dedup_study: bool,
-    /// Measure the transactional outbox on PostgreSQL and SQLite, relaying to NATS: what the
-    /// enqueue costs a writer, the relay's throughput and lag, commit-to-ack latency at 1,000
-    /// transactions/s with LISTEN/NOTIFY and with polling: writes outbox.md.
+    /// Measure the transactional outbox on PostgreSQL and SQLite, relaying to NATS and Kafka
+    /// (tansu): what the enqueue (and, for scale, any second row) costs a writer, the relay's
+    /// throughput and lag, commit-to-ack latency at 1,000 transactions/s with LISTEN/NOTIFY and
+    /// with polling: writes outbox.md.
     #[arg(long)]
     pub outbox_study: bool,
     /// Measure what exactly-once costs beside at-least-once: the inbox on PostgreSQL and
@@ -288,7 +289,7 @@ async fn run(args: Args) -> Result<bool, String> {
     if args.dedup_study {
         return dedup::study(&args).await;
     }
-    #[cfg(feature = "nats")]
+    #[cfg(all(feature = "nats", feature = "kafka"))]
     if args.outbox_study {
         return outbox::study(&args).await;
     }

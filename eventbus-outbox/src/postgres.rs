@@ -157,7 +157,15 @@ impl PgOutbox {
             ),
             // Replaced by `_pending` (it made every round sort the backlog).
             format!("DROP INDEX IF EXISTS {i}_due"),
-            format!("CREATE INDEX IF NOT EXISTS {i}_key ON {t} (msg_key, seq) WHERE state = 0"),
+            // Per-key order needs to find, for a due row, an earlier row of its key that waits
+            // (delayed by `enqueue_at` or by a retry). Only such rows are indexed: a row
+            // enqueued to go at once (`available_at = created_at`) costs the writer no entry
+            // here. Replaces `_key`, which indexed every pending row.
+            format!("DROP INDEX IF EXISTS {i}_key"),
+            format!(
+                "CREATE INDEX IF NOT EXISTS {i}_held ON {t} (msg_key, seq)
+                 WHERE state = 0 AND available_at > created_at"
+            ),
             format!("CREATE INDEX IF NOT EXISTS {i}_done ON {t} (published_at) WHERE state = 1"),
         ]
     }
@@ -252,7 +260,9 @@ impl OutboxStore for PgOutbox {
                -- the row's key partition (by its id without a key)
                AND (abs(hashtext(coalesce(encode(o.msg_key, 'hex'), o.message_id))::bigint)
                     % {PARTITIONS})::int4 = ANY($2)
+               -- an earlier row of its key that waits (`available_at > created_at`: `_held`)
                AND NOT EXISTS (SELECT 1 FROM {t} p WHERE p.state = 0 AND p.msg_key = o.msg_key
+                               AND p.available_at > p.created_at
                                AND p.seq < o.seq AND p.available_at > now())
              ORDER BY seq LIMIT $1"
         ))
@@ -279,8 +289,12 @@ impl OutboxStore for PgOutbox {
 
     async fn retry_later(&self, seq: i64, after: Duration, why: &str) -> Result<(), Error> {
         sqlx::query(&format!(
+            // Later than `created_at` even if the clock went back: the row is then in
+            // `_held`, where later rows of its key find it and wait.
             "UPDATE {} SET attempts = attempts + 1,
-                 available_at = now() + $1 * interval '1 millisecond', last_error = $2
+                 available_at = GREATEST(now() + $1 * interval '1 millisecond',
+                                         created_at + interval '1 millisecond'),
+                 last_error = $2
              WHERE seq = $3 AND state = 0",
             self.table
         ))

@@ -1,7 +1,7 @@
 //! The outbox on both stores (SQLite in a temporary file, PostgreSQL started by the project's
 //! own tooling) against the memory backend, and on PostgreSQL against a real nats-server:
 //! committed messages are published with their ids, rolled-back ones never; per-key order
-//! holds through a retry; a message the backend refuses ends in the failed state and the rest
+//! holds through a retry and behind a delayed message; a message the backend refuses ends in the failed state and the rest
 //! go on; rows committed while no relay ran are published by the next one; PostgreSQL's
 //! NOTIFY wakes the relay long before its poll interval.
 
@@ -19,6 +19,8 @@ trait Db: Send + Sync {
     /// One transaction: an order row per message, and the messages enqueued; committed when
     /// `commit`, rolled back otherwise.
     async fn write(&self, msgs: &[Message], commit: bool);
+    /// One committed transaction enqueueing `msg` to go no earlier than `delay` from now.
+    async fn write_delayed(&self, msg: &Message, delay: Duration);
     /// Rows in `orders`.
     async fn orders(&self) -> i64;
     /// (message id, error) of the failed rows.
@@ -74,6 +76,14 @@ impl Db for Sqlite {
         } else {
             tx.rollback().await.expect("rollback");
         }
+    }
+    async fn write_delayed(&self, msg: &Message, delay: Duration) {
+        let mut tx = self.pool.begin().await.expect("begin");
+        self.outbox
+            .enqueue_at(&mut tx, msg, delay)
+            .await
+            .expect("enqueue");
+        tx.commit().await.expect("commit");
     }
     async fn orders(&self) -> i64 {
         sqlx::query_scalar("SELECT count(*) FROM orders")
@@ -143,6 +153,14 @@ impl Db for Pg {
         } else {
             tx.rollback().await.expect("rollback");
         }
+    }
+    async fn write_delayed(&self, msg: &Message, delay: Duration) {
+        let mut tx = self.pool.begin().await.expect("begin");
+        self.outbox
+            .enqueue_at(&mut tx, msg, delay)
+            .await
+            .expect("enqueue");
+        tx.commit().await.expect("commit");
     }
     async fn orders(&self) -> i64 {
         sqlx::query_scalar("SELECT count(*) FROM orders")
@@ -319,6 +337,41 @@ async fn closed_publisher_leaves_rows_pending<D: Db>(db: D) {
     let relay = Relay::start(db.store(), publisher(&broker), quick());
     assert_eq!(stored(&broker, "orders", 5).await.len(), 5);
     relay.close(Duration::from_secs(5)).await;
+}
+
+/// A message enqueued to go later holds its key: a later message of that key waits for it,
+/// others go at once.
+async fn delayed_message_holds_its_key<D: Db>(db: D) {
+    let later = Message::new("delayed", "1").with_key("k");
+    let next = Message::new("delayed", "2").with_key("k");
+    let other = Message::new("delayed", "x").with_key("other");
+    db.write_delayed(&later, Duration::from_millis(700)).await;
+    db.write(&[next.clone(), other.clone()], true).await;
+    let broker = MemoryBroker::new();
+    let t0 = Instant::now();
+    let relay = Relay::start(db.store(), publisher(&broker), quick());
+    let got = stored(&broker, "delayed", 3).await;
+    relay.close(Duration::from_secs(5)).await;
+    let ids = |ms: Vec<&Message>| ms.iter().map(|m| m.id().to_string()).collect::<Vec<_>>();
+    assert_eq!(
+        ids(got.iter().collect()),
+        ids(vec![&other, &later, &next]),
+        "{got:?}"
+    );
+    assert!(
+        t0.elapsed() >= Duration::from_millis(500),
+        "the delay was kept"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_delayed_message_holds_its_key() {
+    delayed_message_holds_its_key(Sqlite::open().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_delayed_message_holds_its_key() {
+    delayed_message_holds_its_key(Pg::open().await).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
