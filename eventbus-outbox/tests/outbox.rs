@@ -202,6 +202,13 @@ async fn stored(broker: &MemoryBroker, topic: &str, n: usize) -> Vec<Message> {
     broker.messages(topic)
 }
 
+/// The broker holds exactly `want`, in that order (by message id).
+fn assert_order(got: &[Message], want: &[&Message]) {
+    let got_ids: Vec<String> = got.iter().map(|m| m.id().to_string()).collect();
+    let want_ids: Vec<String> = want.iter().map(|m| m.id().to_string()).collect();
+    assert_eq!(got_ids, want_ids, "{got:?}");
+}
+
 /// Committed messages are published once each with their ids, in commit order; rolled-back
 /// ones (and their business rows) never; the table empties once they are acked.
 async fn commit_publishes_and_rollback_never<D: Db>(db: D) {
@@ -309,12 +316,7 @@ async fn next_relay_publishes_and_keys_keep_order<D: Db>(db: D) {
     let relay = Relay::start(db.store(), publisher(&broker), quick());
     let got = stored(&broker, "held", 3).await;
     relay.close(Duration::from_secs(5)).await;
-    let ids = |ms: Vec<&Message>| ms.iter().map(|m| m.id().to_string()).collect::<Vec<_>>();
-    assert_eq!(
-        ids(got.iter().collect()),
-        ids(vec![&other, &first, &second]),
-        "{got:?}"
-    );
+    assert_order(&got, &[&other, &first, &second]);
 }
 
 /// A publisher that is closed refuses for itself, not for the row: the round stops and the
@@ -352,12 +354,7 @@ async fn delayed_message_holds_its_key<D: Db>(db: D) {
     let relay = Relay::start(db.store(), publisher(&broker), quick());
     let got = stored(&broker, "delayed", 3).await;
     relay.close(Duration::from_secs(5)).await;
-    let ids = |ms: Vec<&Message>| ms.iter().map(|m| m.id().to_string()).collect::<Vec<_>>();
-    assert_eq!(
-        ids(got.iter().collect()),
-        ids(vec![&other, &later, &next]),
-        "{got:?}"
-    );
+    assert_order(&got, &[&other, &later, &next]);
     assert!(
         t0.elapsed() >= Duration::from_millis(500),
         "the delay was kept"
