@@ -160,12 +160,13 @@ impl PgOutbox {
             // Per-key order needs to find, for a due row, an earlier row of its key that waits
             // (delayed by `enqueue_at` or by a retry). Only such rows are indexed: a row
             // enqueued to go at once (`available_at = created_at`) costs the writer no entry
-            // here. Replaces `_key`, which indexed every pending row.
-            format!("DROP INDEX IF EXISTS {i}_key"),
+            // here, and is due whatever the clock says. Replaces `_key`, which indexed every
+            // pending row (created first, so a relay never runs without either).
             format!(
                 "CREATE INDEX IF NOT EXISTS {i}_held ON {t} (msg_key, seq)
                  WHERE state = 0 AND available_at > created_at"
             ),
+            format!("DROP INDEX IF EXISTS {i}_key"),
             format!("CREATE INDEX IF NOT EXISTS {i}_done ON {t} (published_at) WHERE state = 1"),
         ]
     }
@@ -256,7 +257,9 @@ impl OutboxStore for PgOutbox {
         let t = &self.table;
         let rows = sqlx::query(&format!(
             "SELECT seq, message_id, topic, msg_key, headers, payload, attempts FROM {t} o
-             WHERE state = 0 AND available_at <= now()
+             -- due: its time has come, or it was enqueued to go at once (even if the clock
+             -- has stepped back since: such a row is not in `_held`, so it must not wait)
+             WHERE state = 0 AND (available_at <= now() OR available_at = created_at)
                -- the row's key partition (by its id without a key)
                AND (abs(hashtext(coalesce(encode(o.msg_key, 'hex'), o.message_id))::bigint)
                     % {PARTITIONS})::int4 = ANY($2)

@@ -69,12 +69,13 @@ impl SqliteOutbox {
             // Replaced by `_pending` (it made every round sort the backlog).
             format!("DROP INDEX IF EXISTS {t}_due"),
             // Only rows that wait (delayed or retried) are indexed for per-key order: a row
-            // enqueued to go at once costs the writer no entry here. Replaces `_key`.
-            format!("DROP INDEX IF EXISTS {t}_key"),
+            // enqueued to go at once costs the writer no entry here, and is due whatever the
+            // clock says. Replaces `_key` (created first, so a relay never runs without either).
             format!(
                 "CREATE INDEX IF NOT EXISTS {t}_held ON {t} (msg_key, seq)
                  WHERE state = 0 AND available_at > created_at"
             ),
+            format!("DROP INDEX IF EXISTS {t}_key"),
         ]
     }
 
@@ -156,7 +157,7 @@ impl OutboxStore for SqliteOutbox {
         let t = &self.table;
         let rows = sqlx::query(&format!(
             "SELECT seq, message_id, topic, msg_key, headers, payload, attempts FROM {t} o
-             WHERE state = 0 AND available_at <= ?1
+             WHERE state = 0 AND (available_at <= ?1 OR available_at = created_at)
                AND NOT EXISTS (SELECT 1 FROM {t} p WHERE p.state = 0 AND p.msg_key = o.msg_key
                                AND p.available_at > p.created_at
                                AND p.seq < o.seq AND p.available_at > ?1)

@@ -21,6 +21,9 @@ trait Db: Send + Sync {
     async fn write(&self, msgs: &[Message], commit: bool);
     /// One committed transaction enqueueing `msg` to go no earlier than `delay` from now.
     async fn write_delayed(&self, msg: &Message, delay: Duration);
+    /// Make every row so far look enqueued by a clock an hour ahead of this one (the clock
+    /// has stepped back since).
+    async fn clock_stepped_back(&self);
     /// Rows in `orders`.
     async fn orders(&self) -> i64;
     /// (message id, error) of the failed rows.
@@ -84,6 +87,15 @@ impl Db for Sqlite {
             .await
             .expect("enqueue");
         tx.commit().await.expect("commit");
+    }
+    async fn clock_stepped_back(&self) {
+        sqlx::query(
+            "UPDATE eventbus_outbox SET created_at = created_at + 3600000,
+                                        available_at = available_at + 3600000",
+        )
+        .execute(&self.pool)
+        .await
+        .expect("shift");
     }
     async fn orders(&self) -> i64 {
         sqlx::query_scalar("SELECT count(*) FROM orders")
@@ -161,6 +173,15 @@ impl Db for Pg {
             .await
             .expect("enqueue");
         tx.commit().await.expect("commit");
+    }
+    async fn clock_stepped_back(&self) {
+        sqlx::query(
+            "UPDATE eventbus_outbox SET created_at = created_at + interval '1 hour',
+                                        available_at = available_at + interval '1 hour'",
+        )
+        .execute(&self.pool)
+        .await
+        .expect("shift");
     }
     async fn orders(&self) -> i64 {
         sqlx::query_scalar("SELECT count(*) FROM orders")
@@ -347,18 +368,43 @@ async fn delayed_message_holds_its_key<D: Db>(db: D) {
     let later = Message::new("delayed", "1").with_key("k");
     let next = Message::new("delayed", "2").with_key("k");
     let other = Message::new("delayed", "x").with_key("other");
+    let t0 = Instant::now();
     db.write_delayed(&later, Duration::from_millis(700)).await;
     db.write(&[next.clone(), other.clone()], true).await;
     let broker = MemoryBroker::new();
-    let t0 = Instant::now();
     let relay = Relay::start(db.store(), publisher(&broker), quick());
     let got = stored(&broker, "delayed", 3).await;
     relay.close(Duration::from_secs(5)).await;
     assert_order(&got, &[&other, &later, &next]);
     assert!(
-        t0.elapsed() >= Duration::from_millis(500),
+        t0.elapsed() >= Duration::from_millis(650),
         "the delay was kept"
     );
+}
+
+/// A message enqueued to go at once goes at once, and before later ones of its key, even
+/// when the clock has stepped back since it was enqueued.
+async fn clock_step_back_keeps_order<D: Db>(db: D) {
+    let first = Message::new("stepped", "1").with_key("k");
+    let second = Message::new("stepped", "2").with_key("k");
+    db.write(std::slice::from_ref(&first), true).await;
+    db.clock_stepped_back().await;
+    db.write(std::slice::from_ref(&second), true).await;
+    let broker = MemoryBroker::new();
+    let relay = Relay::start(db.store(), publisher(&broker), quick());
+    let got = stored(&broker, "stepped", 2).await;
+    relay.close(Duration::from_secs(5)).await;
+    assert_order(&got, &[&first, &second]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_clock_step_back_keeps_order() {
+    clock_step_back_keeps_order(Sqlite::open().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_clock_step_back_keeps_order() {
+    clock_step_back_keeps_order(Pg::open().await).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -502,6 +502,8 @@ async fn expect_refusal<C, F: Future<Output = Result<(), eventbus_core::Error>>>
         ..
     } = *case;
     let timeout = REFUSAL_TIMEOUT;
+    // This case's connections only: earlier cases may have used the same listener.
+    let before = accepted();
     let t0 = Instant::now();
     let result = connect.await;
     let took = t0.elapsed();
@@ -510,9 +512,9 @@ async fn expect_refusal<C, F: Future<Output = Result<(), eventbus_core::Error>>>
     // error is handed back), but a TCP connection it opened just before may still wait in the
     // listener's backlog: let the listener accept those before counting what comes after.
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let attempts = accepted();
+    let attempts = accepted() - before;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let later = accepted() - attempts;
+    let later = accepted() - before - attempts;
     match result {
         Ok(()) => row.failures.push(format!("{what}: connected")),
         Err(e) => {
