@@ -184,16 +184,10 @@ async fn run(on: On, s: Scenario, size: Size) -> Row {
         failures: vec![e],
         ..Row::default()
     };
-    if matches!(s, Scenario::Security | Scenario::Absent) {
-        let backend = match on {
-            On::Nats => "nats",
-            On::Kafka => "kafka",
-            _ => return failed(format!("{} is not run on {}", s.name(), on.name())),
-        };
-        return match s {
-            Scenario::Security => scenario::security(backend).await,
-            _ => scenario::absent(backend).await,
-        };
+    match s {
+        Scenario::Security => return scenario::security(on).await,
+        Scenario::Absent => return scenario::absent(on).await,
+        _ => {}
     }
     on_target(on, s, size).await.unwrap_or_else(failed)
 }

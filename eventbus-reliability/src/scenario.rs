@@ -1219,8 +1219,9 @@ pub async fn cancel<T: Target>(t: &mut T, size: Size) -> Row {
 /// Broker absent at start: connecting (through a proxy whose upstream is closed, so every
 /// attempt is counted) fails with a typed error within the 2 s connect timeout, and nothing
 /// keeps reconnecting in the background afterwards.
-pub async fn absent(backend: &'static str) -> Row {
-    let mut row = Row::new("absent", backend);
+pub async fn absent(on: crate::plan::Target) -> Row {
+    use crate::plan::Target;
+    let mut row = Row::new("absent", &on.name());
     let dead = match eventbus_brokers::free_port() {
         Ok(p) => p,
         Err(e) => {
@@ -1238,21 +1239,22 @@ pub async fn absent(backend: &'static str) -> Row {
     let timeout = Duration::from_secs(2);
     let addr = proxy.addr();
     let t0 = Instant::now();
-    let result: Result<(), eventbus_core::Error> = match backend {
+    let result: Result<(), eventbus_core::Error> = match on {
         #[cfg(feature = "nats")]
-        "nats" => eventbus_nats::NatsBackend::connect(
+        Target::Nats => eventbus_nats::NatsBackend::connect(
             eventbus_nats::NatsConfig::new(format!("nats://{addr}")).connect_timeout(timeout),
         )
         .await
         .map(drop),
         #[cfg(feature = "kafka")]
-        "kafka" => eventbus_kafka::KafkaBackend::connect(
+        Target::Kafka => eventbus_kafka::KafkaBackend::connect(
             eventbus_kafka::KafkaConfig::new(addr.to_string()).connect_timeout(timeout),
         )
         .await
         .map(drop),
         _ => {
-            row.failures.push(format!("backend {backend} not built"));
+            row.failures
+                .push(format!("absent is not run on {}", on.name()));
             return row;
         }
     };

@@ -11,6 +11,7 @@ use eventbus_batch::{BatchConfig, Batcher};
 use eventbus_core::{Backend as _, Publisher};
 
 use super::{Row, ms};
+use crate::plan::Target;
 
 /// Security. NATS: TLS with a wrong CA, a `nats://` URL to a TLS server, a host name mismatch,
 /// mutual TLS without a client certificate, a wrong password, and a publish without
@@ -20,22 +21,21 @@ use super::{Row, ms};
 /// typed, not retryable (except a plaintext Kafka client, which cannot tell a TLS listener from
 /// a broken broker), within the connect timeout (+1 s), with no secret in its text and no
 /// reconnect attempts in the 2 s after it.
-pub async fn security(backend: &'static str) -> Row {
-    let mut row = Row::new("security", backend);
-    #[cfg(feature = "nats")]
-    if backend == "nats" {
-        security_nats(&mut row).await;
-        // Backend-agnostic (it relays to the memory backend): run once, on this row.
-        outbox_tls(&mut row).await;
-        return row;
+pub async fn security(on: Target) -> Row {
+    let mut row = Row::new("security", &on.name());
+    match on {
+        #[cfg(feature = "nats")]
+        Target::Nats => {
+            security_nats(&mut row).await;
+            // Backend-agnostic (it relays to the memory backend): run once, on this row.
+            outbox_tls(&mut row).await;
+        }
+        #[cfg(feature = "kafka")]
+        Target::Kafka => security_kafka(&mut row).await,
+        _ => row
+            .failures
+            .push(format!("security is not run on {}", on.name())),
     }
-    #[cfg(feature = "kafka")]
-    if backend == "kafka" {
-        security_kafka(&mut row).await;
-        return row;
-    }
-    row.failures
-        .push(format!("security is not run on {backend}"));
     row
 }
 
