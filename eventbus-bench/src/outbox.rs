@@ -305,7 +305,6 @@ async fn writers(
     tag: &str,
 ) -> Result<Writers, String> {
     let acked: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
-    let outbox = matches!(phase, Phase::Enqueue { .. } | Phase::Relayed(_));
     let notify = !matches!(phase, Phase::Enqueue { notify: false });
     let r = if let Phase::Relayed(to) = phase {
         let r = relay(brokers.get(to), db.relay_store(true), &acked).await?;
@@ -375,7 +374,8 @@ async fn writers(
             return Err(format!("{tag}: {committed} committed, {n} acked"));
         }
     }
-    if outbox && relay_per_s.is_none() {
+    if let Phase::Enqueue { .. } = phase {
+        // Nothing published them.
         db.clear().await?;
     }
     Ok(Writers {

@@ -1,9 +1,10 @@
 //! The outbox on both stores (SQLite in a temporary file, PostgreSQL started by the project's
 //! own tooling) against the memory backend, and on PostgreSQL against a real nats-server:
 //! committed messages are published with their ids, rolled-back ones never; per-key order
-//! holds through a retry and behind a delayed message; a message the backend refuses ends in the failed state and the rest
-//! go on; rows committed while no relay ran are published by the next one; PostgreSQL's
-//! NOTIFY wakes the relay long before its poll interval.
+//! holds through a retry, behind a delayed message and after the clock stepped back; a message
+//! the backend refuses ends in the failed state and the rest go on; rows committed while no
+//! relay ran are published by the next one; PostgreSQL's NOTIFY wakes the relay long before its
+//! poll interval.
 
 use std::time::{Duration, Instant};
 

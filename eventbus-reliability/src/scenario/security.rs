@@ -1,9 +1,5 @@
-//! Security. NATS: TLS with a wrong CA, a `nats://` URL to a TLS server, a host name mismatch,
-//! mutual TLS without a client certificate, a wrong password, and a publish without
-//! permission; the outbox's PostgreSQL over TLS. Kafka: the same TLS cases (a plaintext client
-//! instead of the URL scheme) plus TLS and mutual TLS that work, and SASL SCRAM with a wrong
-//! and the right password. Each case is a line of a table: what is refused and how, or what
-//! connects and publishes.
+//! The `security` row ([`security`]): each case is a line of a table, what is refused and
+//! how, or what connects and publishes.
 
 use std::time::{Duration, Instant};
 
@@ -157,6 +153,19 @@ struct Refusal<'a, C> {
     retryable_ok: bool,
     /// Text that must not appear in the error.
     secrets: &'a [&'a str],
+}
+
+impl<C> Refusal<'_, C> {
+    /// Refused with `want`, not retryable, no secret to look for.
+    fn new(what: &'static str, config: C, want: eventbus_core::ErrorKind) -> Self {
+        Refusal {
+            what,
+            config,
+            want,
+            retryable_ok: false,
+            secrets: &[],
+        }
+    }
 }
 
 /// A Kafka case: the listener's counts of accepted connections and of completed TLS
@@ -421,18 +430,11 @@ async fn kafka_refused(
         !format!("{wrong:?}").contains(WRONG),
         "the SASL password shows in the config's Debug",
     );
-    let refused = |what, config, want| Refusal {
-        what,
-        config,
-        want,
-        retryable_ok: false,
-        secrets: &[],
-    };
     let refusals: [KafkaRefusal<'_>; 5] = [
         (
             &|| tls.accepted(),
             None,
-            refused(
+            Refusal::new(
                 "wrong CA",
                 ssl_config(tls.addr(), other.ca()),
                 ErrorKind::Connect,
@@ -445,7 +447,7 @@ async fn kafka_refused(
             Some(&|| tls.handshakes()),
             Refusal {
                 retryable_ok: true,
-                ..refused(
+                ..Refusal::new(
                     "plaintext client to a TLS listener",
                     KafkaConfig::new(tls.addr().to_string()).connect_timeout(REFUSAL_TIMEOUT),
                     ErrorKind::Connect,
@@ -455,7 +457,7 @@ async fn kafka_refused(
         (
             &|| mismatch.accepted(),
             None,
-            refused(
+            Refusal::new(
                 "host name mismatch",
                 ssl_config(mismatch.addr(), pki.ca()),
                 ErrorKind::Connect,
@@ -464,7 +466,7 @@ async fn kafka_refused(
         (
             &|| mtls.accepted(),
             None,
-            refused(
+            Refusal::new(
                 "mutual TLS without a client certificate",
                 ssl_config(mtls.addr(), pki.ca()),
                 ErrorKind::Connect,
@@ -475,7 +477,7 @@ async fn kafka_refused(
             None,
             Refusal {
                 secrets: &[WRONG, PASSWORD],
-                ..refused("wrong password (SCRAM-SHA-512)", wrong, ErrorKind::Auth)
+                ..Refusal::new("wrong password (SCRAM-SHA-512)", wrong, ErrorKind::Auth)
             },
         ),
     ];
@@ -512,9 +514,10 @@ async fn expect_refusal<C, F: Future<Output = Result<(), eventbus_core::Error>>>
     // error is handed back), but a TCP connection it opened just before may still wait in the
     // listener's backlog: let the listener accept those before counting what comes after.
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let attempts = accepted() - before;
+    let counted = accepted();
+    let attempts = counted - before;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let later = accepted() - before - attempts;
+    let later = accepted() - counted;
     match result {
         Ok(()) => row.failures.push(format!("{what}: connected")),
         Err(e) => {
@@ -654,33 +657,26 @@ async fn security_nats(row: &mut Row) {
     };
     let wrong_password = with(WRONG);
     let wrong_password: Config<'_> = &wrong_password;
-    let refused = |what, config, want| Refusal {
-        what,
-        config,
-        want,
-        retryable_ok: false,
-        secrets: &[],
-    };
     let refusals: [NatsRefusal<'_>; 5] = [
         (
             &tls,
             "tls",
-            refused("wrong CA", wrong_ca, ErrorKind::Connect),
+            Refusal::new("wrong CA", wrong_ca, ErrorKind::Connect),
         ),
         (
             &tls,
             "nats",
-            refused("nats:// URL to a TLS server", wrong_ca, ErrorKind::Connect),
+            Refusal::new("nats:// URL to a TLS server", wrong_ca, ErrorKind::Connect),
         ),
         (
             &mismatch,
             "tls",
-            refused("host name mismatch", right_ca, ErrorKind::Connect),
+            Refusal::new("host name mismatch", right_ca, ErrorKind::Connect),
         ),
         (
             &mtls,
             "tls",
-            refused(
+            Refusal::new(
                 "mutual TLS without a client certificate",
                 right_ca,
                 ErrorKind::Connect,
@@ -691,7 +687,7 @@ async fn security_nats(row: &mut Row) {
             "nats",
             Refusal {
                 secrets: &[WRONG, PASSWORD],
-                ..refused("wrong password", wrong_password, ErrorKind::Auth)
+                ..Refusal::new("wrong password", wrong_password, ErrorKind::Auth)
             },
         ),
     ];
