@@ -10,7 +10,7 @@
 //! partition (Kafka keeps no per-message delivery count, so the count restarts there).
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
+use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -414,9 +414,55 @@ struct Entry {
     stage: Stage,
 }
 
+/// A partition's messages in flight, in offset order. They are polled in offset order, so an
+/// entry is appended at the back and a settled run leaves from the front; a lookup first tries
+/// the slot the offset would have with no gaps (offsets are contiguous unless the log has
+/// gaps, such as transaction markers or compaction), then a binary search.
+#[derive(Default)]
+struct Ledger(VecDeque<(i64, Entry)>);
+
+impl Ledger {
+    fn index(&self, offset: i64) -> Option<usize> {
+        let (first, _) = self.0.front()?;
+        if let Ok(i) = usize::try_from(offset - first)
+            && self.0.get(i).is_some_and(|(o, _)| *o == offset)
+        {
+            return Some(i);
+        }
+        self.0.binary_search_by_key(&offset, |(o, _)| *o).ok()
+    }
+
+    fn get_mut(&mut self, offset: i64) -> Option<&mut Entry> {
+        self.index(offset).map(|i| &mut self.0[i].1)
+    }
+
+    /// Add `entry` at `offset`, unless one is there already (`false`).
+    fn insert(&mut self, offset: i64, entry: Entry) -> bool {
+        match self.0.back() {
+            Some((last, _)) if *last >= offset => {
+                match self.0.binary_search_by_key(&offset, |(o, _)| *o) {
+                    Ok(_) => false,
+                    Err(i) => {
+                        self.0.insert(i, (offset, entry));
+                        true
+                    }
+                }
+            }
+            _ => {
+                self.0.push_back((offset, entry));
+                true
+            }
+        }
+    }
+
+    fn values(&self) -> impl Iterator<Item = &Entry> {
+        self.0.iter().map(|(_, e)| e)
+    }
+}
+
 struct Part {
     epoch: u64,
-    entries: BTreeMap<i64, Entry>,
+    entries: Ledger,
     /// Offset after the last message polled, once one was.
     next: Option<i64>,
     /// Last offset committed by us.
@@ -436,11 +482,11 @@ impl Part {
     /// Drop the settled run at the front; the offset to commit (first unsettled, or after the
     /// last polled message).
     fn commit_point(&mut self) -> Option<i64> {
-        while let Some(e) = self.entries.first_entry() {
-            if e.get().stage != Stage::Settled {
-                return Some(*e.key());
+        while let Some((offset, e)) = self.entries.0.front() {
+            if e.stage != Stage::Settled {
+                return Some(*offset);
             }
-            e.remove();
+            self.entries.0.pop_front();
         }
         self.next
     }
@@ -474,7 +520,7 @@ impl State {
                 *p,
                 Part {
                     epoch: self.next_epoch,
-                    entries: BTreeMap::new(),
+                    entries: Ledger::default(),
                     next: None,
                     committed: None,
                 },
@@ -494,7 +540,7 @@ impl State {
         if part.epoch != k.epoch {
             return None;
         }
-        part.entries.get_mut(&k.offset)
+        part.entries.get_mut(k.offset)
     }
 
     fn settle(&mut self, k: &Key) {
@@ -857,18 +903,15 @@ fn admit(shared: &Arc<Shared>) {
         };
         part.next = Some(offset + 1);
         let epoch = part.epoch;
-        if part.entries.contains_key(&offset) {
+        let fresh = Entry {
+            message,
+            count: 0,
+            round: 0,
+            stage: Stage::Queued,
+        };
+        if !part.entries.insert(offset, fresh) {
             continue;
         }
-        part.entries.insert(
-            offset,
-            Entry {
-                message,
-                count: 0,
-                round: 0,
-                stage: Stage::Queued,
-            },
-        );
         st.unsettled += 1;
         st.deliver(
             shared,
@@ -940,5 +983,64 @@ impl AckHandle for KafkaAcker {
     async fn term(self: Box<Self>) -> Result<(), Error> {
         self.shared.state.lock().settle(&self.key);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(n: i64) -> Entry {
+        Entry {
+            message: Message::new("t", n.to_string()),
+            count: 0,
+            round: 0,
+            stage: Stage::Queued,
+        }
+    }
+
+    fn offsets(l: &Ledger) -> Vec<i64> {
+        l.0.iter().map(|(o, _)| *o).collect()
+    }
+
+    #[test]
+    fn ledger_finds_entries_across_gaps_and_late_inserts() {
+        let mut l = Ledger::default();
+        for o in [5, 6, 7, 10, 11, 20] {
+            assert!(l.insert(o, entry(o)));
+        }
+        // Already there: refused, the first one kept.
+        assert!(!l.insert(10, entry(-1)));
+        // Below the last one and missing: put in its place.
+        assert!(l.insert(8, entry(8)));
+        assert_eq!(offsets(&l), [5, 6, 7, 8, 10, 11, 20]);
+        for o in [5, 6, 7, 8, 10, 11, 20] {
+            let e = l.get_mut(o).expect("present");
+            assert_eq!(&e.message.payload()[..], o.to_string().as_bytes());
+        }
+        for o in [4, 9, 12, 19, 21] {
+            assert!(l.get_mut(o).is_none(), "{o} is not in the ledger");
+        }
+    }
+
+    #[test]
+    fn commit_point_drops_the_settled_front() {
+        let mut part = Part {
+            epoch: 1,
+            entries: Ledger::default(),
+            next: Some(13),
+            committed: None,
+        };
+        for o in [10, 11, 12] {
+            part.entries.insert(o, entry(o));
+        }
+        part.entries.get_mut(10).expect("10").stage = Stage::Settled;
+        part.entries.get_mut(12).expect("12").stage = Stage::Settled;
+        assert_eq!(part.commit_point(), Some(11));
+        assert_eq!(offsets(&part.entries), [11, 12]);
+        assert_eq!(part.open(), 1);
+        part.entries.get_mut(11).expect("11").stage = Stage::Settled;
+        assert_eq!(part.commit_point(), Some(13));
+        assert!(part.entries.0.is_empty());
     }
 }
