@@ -8,8 +8,8 @@ use std::time::Duration;
 use async_nats::jetstream::{self, AckKind, consumer::pull};
 use eventbus_core::spi::{AckHandle, DeadLetters, Feed};
 use eventbus_core::{
-    Acker, Delivery, DeliveryInfo, Error, ErrorKind, MessageId, Position, StartFrom, SubscribeSpec,
-    Subscriber, Subscription, Topic,
+    Acker, Bytes, Delivery, DeliveryInfo, Error, ErrorKind, MessageId, Position, StartFrom,
+    SubscribeSpec, Subscriber, Subscription, Topic,
 };
 use futures_util::{FutureExt, StreamExt};
 
@@ -173,12 +173,7 @@ async fn subscribe_one(
                 .map_err(|e| error::other("could not create the consumer", e))?
         }
     };
-    tokio::spawn(pump(
-        consumer,
-        js.client().statistics(),
-        spec.prefetch,
-        feed,
-    ));
+    tokio::spawn(pump(consumer, Arc::new(js.client()), spec.prefetch, feed));
     Ok(())
 }
 
@@ -189,10 +184,11 @@ async fn subscribe_one(
 /// over is nacked so it is redelivered at once, not after the ack wait.
 async fn pump(
     consumer: jetstream::consumer::Consumer<pull::Config>,
-    stats: Arc<async_nats::Statistics>,
+    client: Arc<async_nats::Client>,
     prefetch: usize,
     mut feed: Feed,
 ) {
+    let stats = client.statistics();
     let mut pulls = Pulls::default();
     'outer: loop {
         let connects = stats.connects.load(Ordering::Relaxed);
@@ -253,7 +249,7 @@ async fn pump(
                 break;
             };
             let Some(msg) = msg else { continue }; // a request ended
-            if let Err(Ok(d)) = feed.send(Ok(to_delivery(msg))).await {
+            if let Err(Ok(d)) = feed.send(Ok(to_delivery(msg, &client))).await {
                 let _ = d.nack(Duration::ZERO).await;
                 pulls.release().await;
                 break 'outer;
@@ -438,7 +434,8 @@ async fn release_rest(batch: &mut pull::Batch) {
     }
 }
 
-fn to_delivery(msg: jetstream::Message) -> Delivery {
+/// The delivery of `msg`; its ack goes out on `client`, the subscription's.
+fn to_delivery(msg: jetstream::Message, client: &Arc<async_nats::Client>) -> Delivery {
     let (count, position) = match msg.info() {
         Ok(i) => (
             i.delivered.clamp(1, i64::from(u32::MAX)) as u32,
@@ -457,10 +454,12 @@ fn to_delivery(msg: jetstream::Message) -> Delivery {
             },
         ),
     };
+    // The message without its JetStream context: the ack needs only the reply subject.
+    let msg = msg.message;
     let m = headers::decode(
         msg.subject.as_str(),
         msg.headers.as_ref(),
-        msg.payload.clone(),
+        msg.payload,
         || match &position {
             Position::Stream {
                 stream, sequence, ..
@@ -471,12 +470,37 @@ fn to_delivery(msg: jetstream::Message) -> Delivery {
     Delivery::new(
         m,
         DeliveryInfo::new(count, position),
-        Acker::new(NatsAcker { msg }),
+        Acker::new(NatsAcker {
+            client: Arc::clone(client),
+            reply: msg.reply,
+        }),
     )
 }
 
+/// Acks a message by publishing the ack on its reply subject, as async-nats's
+/// `jetstream::Message::ack_with` does, without holding the message and a clone of its
+/// JetStream context per delivery.
 struct NatsAcker {
-    msg: jetstream::Message,
+    client: Arc<async_nats::Client>,
+    reply: Option<async_nats::Subject>,
+}
+
+impl NatsAcker {
+    /// Publish `payload` on the reply subject: empty for an ack (as `ack()` sends it), else
+    /// the [`AckKind`]'s.
+    async fn send(self: Box<Self>, payload: Bytes) -> Result<(), Error> {
+        let Some(reply) = self.reply else {
+            return Err(Error::new(
+                eventbus_core::ErrorKind::Other,
+                "no reply subject: not a JetStream message",
+            )
+            .with_backend(BACKEND));
+        };
+        self.client
+            .publish(reply, payload)
+            .await
+            .map_err(|e| ack_err(e.into()))
+    }
 }
 
 fn ack_err(e: async_nats::Error) -> Error {
@@ -491,16 +515,13 @@ fn ack_err(e: async_nats::Error) -> Error {
 #[async_trait::async_trait]
 impl AckHandle for NatsAcker {
     async fn ack(self: Box<Self>) -> Result<(), Error> {
-        self.msg.ack().await.map_err(ack_err)
+        self.send(Bytes::new()).await
     }
     async fn nack(self: Box<Self>, delay: Duration) -> Result<(), Error> {
         let delay = (!delay.is_zero()).then_some(delay);
-        self.msg
-            .ack_with(AckKind::Nak(delay))
-            .await
-            .map_err(ack_err)
+        self.send(AckKind::Nak(delay).into()).await
     }
     async fn term(self: Box<Self>) -> Result<(), Error> {
-        self.msg.ack_with(AckKind::Term).await.map_err(ack_err)
+        self.send(AckKind::Term.into()).await
     }
 }
