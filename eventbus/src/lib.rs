@@ -164,6 +164,40 @@ impl Bus {
     }
 }
 
+/// A bus is itself a [`Backend`], so code generic over backends (your own layers, the
+/// project's conformance suite) runs over whichever one the config names, through the same
+/// boxed sink and subscriber the bus hands out.
+impl Backend for Bus {
+    type Sink = BoxSink;
+    type Subscriber = BusSubscriber;
+
+    fn name(&self) -> &'static str {
+        self.backend.name()
+    }
+
+    async fn sink(&self) -> Result<BoxSink, Error> {
+        self.backend.sink_dyn().await
+    }
+
+    fn subscriber(&self) -> BusSubscriber {
+        Bus::subscriber(self)
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        self.backend.capabilities_dyn()
+    }
+
+    async fn ensure_topic(&self, spec: &TopicSpec) -> Result<(), Error> {
+        self.backend.ensure_topic_dyn(spec).await
+    }
+}
+
+impl eventbus_core::ops::HealthCheck for Bus {
+    async fn health(&self, timeout: Duration) -> Health {
+        self.backend.health_dyn(timeout).await
+    }
+}
+
 /// A publisher on whichever backend the bus uses: the batching engine over the backend's sink,
 /// boxed once per batch.
 pub type BusPublisher = Batcher<BoxSink>;

@@ -1,20 +1,21 @@
 //! The shared conformance suite against librdkafka's in-process mock cluster (3 brokers), the
 //! second Kafka target next to the tansu process: the same scenarios (all but two, see below),
 //! a different broker implementation (librdkafka's own protocol mock, which also serves
-//! consumer groups). Topics are created through the mock's own API: it does not serve the
-//! admin CreateTopics request.
+//! consumer groups), through the facade's `Bus`. Topics are created through the mock's own
+//! API: it does not serve the admin CreateTopics request.
 //!
 //! The mock cluster is not `Send`, so it lives on a thread of its own for the whole test and
 //! is torn down when the harness is dropped.
 
-mod support;
-
 use std::sync::mpsc;
+use std::time::Duration;
 
 use parking_lot::Mutex;
 
-use eventbus_conformance::BackendHarness;
-use eventbus_kafka::KafkaBackend;
+use eventbus::Bus;
+use eventbus_brokers::Protocol;
+use eventbus_conformance::{BackendHarness, Quirks};
+use eventbus_fixture::{Fixture, Select};
 use rdkafka::types::RDKafkaErrorCode;
 
 type Create = (String, i32, mpsc::Sender<Result<(), String>>);
@@ -49,7 +50,7 @@ impl MockThread {
     }
 }
 
-async fn mock_cluster() -> BackendHarness<KafkaBackend> {
+async fn mock_cluster() -> BackendHarness<Bus> {
     let (boot_tx, boot_rx) = mpsc::channel();
     let (requests, incoming) = mpsc::channel::<Create>();
     let thread = std::thread::spawn(move || {
@@ -79,9 +80,13 @@ async fn mock_cluster() -> BackendHarness<KafkaBackend> {
     // here) for the others to rejoin before it rebalances (`rd_kafka_mock_cgrp_classic_rebalance`
     // in librdkafka's `rdkafka_mock_cgrp.c`; Apache Kafka rebalances as soon as every remaining
     // member has rejoined).
-    let quirks = support::quirks().handover_within(std::time::Duration::from_secs(12));
-    support::harness(bootstrap)
+    let quirks = Quirks::default()
+        .min_ack_wait(Duration::from_secs(1))
+        .handover_within(Duration::from_secs(12));
+    Fixture::start(Select::External(Protocol::Kafka, bootstrap), &[])
         .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .harness()
         .quirks(quirks)
         .provision_with(move |name, partitions| creates.create_topic(name, partitions))
         .keep(guard)
