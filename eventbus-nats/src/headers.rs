@@ -44,7 +44,8 @@ pub(crate) fn encode_ref(msg: &Message, with_id: bool) -> (String, Bytes, Header
     if with_id {
         let mut ids = String::with_capacity(32);
         msg.id().write_to(&mut ids);
-        h.insert(NATS_MESSAGE_ID, ids.as_str());
+        // The string itself becomes the value (a `&str` would be copied again).
+        h.insert(NATS_MESSAGE_ID, ids);
     }
     if let Some(k) = msg.key() {
         match std::str::from_utf8(k) {
