@@ -55,6 +55,9 @@ pub struct Fixture {
     // the broker they talk to go away.
     bus: Bus,
     vars: Vec<(String, String)>,
+    /// What clients are given: the proxy's address when there is one; `None` for the memory
+    /// backend.
+    address: Option<String>,
     /// The broker's protocol; `None` for the memory backend.
     protocol: Option<Protocol>,
     proxy: Option<Arc<FaultProxy>>,
@@ -178,36 +181,35 @@ impl Fixture {
                 (Some(broker), Some(proxy), Some(address))
             }
             Select::External(protocol, address) => {
-                return Self::connect_with(
-                    None,
-                    Some(protocol),
-                    broker_vars(protocol, &address, 1),
-                    vars,
-                )
-                .await;
+                let base = broker_vars(protocol, &address, 1);
+                return Self::connect_with(None, Some((protocol, address)), base, vars).await;
             }
         };
-        let base = match (&broker, address) {
-            (Some(b), Some(address)) => broker_vars(b.protocol(), &address, b.nodes()),
-            _ => vec![("EVENTBUS_BACKEND".into(), "memory".into())],
+        let (base, reached) = match (&broker, address) {
+            (Some(b), Some(address)) => (
+                broker_vars(b.protocol(), &address, b.nodes()),
+                Some((b.protocol(), address)),
+            ),
+            _ => (vec![("EVENTBUS_BACKEND".into(), "memory".into())], None),
         };
-        let protocol = broker.as_ref().map(|b| b.protocol());
-        let mut fixture = Self::connect_with(broker, protocol, base, vars).await?;
+        let mut fixture = Self::connect_with(broker, reached, base, vars).await?;
         fixture.proxy = proxy;
         Ok(fixture)
     }
 
     async fn connect_with(
         broker: Option<Box<dyn TestBroker>>,
-        protocol: Option<Protocol>,
+        reached: Option<(Protocol, String)>,
         base: Vec<(String, String)>,
         vars: &[(&str, &str)],
     ) -> Result<Fixture, String> {
         let vars = merge(base, vars);
         let bus = connect(&vars).await?;
+        let (protocol, address) = reached.unzip();
         Ok(Fixture {
             bus,
             vars,
+            address,
             protocol,
             proxy: None,
             broker,
@@ -229,6 +231,39 @@ impl Fixture {
     /// when there is one).
     pub async fn connect_again(&self) -> Result<Bus, String> {
         connect(&self.vars).await
+    }
+
+    /// A bus straight to the broker, around the proxy, where the protocol allows it: a NATS
+    /// client dials the addresses it is given, so it gets the server's own. A Kafka client
+    /// follows the address the broker advertises (the proxy's), so on Kafka, and without a
+    /// proxy, this is [`Fixture::connect_again`].
+    pub async fn connect_direct(&self) -> Result<Bus, String> {
+        match (&self.broker, &self.proxy) {
+            (Some(b), Some(_)) if b.protocol() == Protocol::Nats => {
+                let own = broker_vars(b.protocol(), &b.address(), b.nodes());
+                let vars: Vec<(String, String)> = self
+                    .vars
+                    .iter()
+                    .map(|(k, v)| {
+                        let v = own.iter().find(|(o, _)| o == k).map_or(v, |(_, o)| o);
+                        (k.clone(), v.clone())
+                    })
+                    .collect();
+                connect(&vars).await
+            }
+            _ => self.connect_again().await,
+        }
+    }
+
+    /// The address clients are given (the proxy's, with [`Select::Proxied`]); `None` for the
+    /// memory backend.
+    pub fn address(&self) -> Option<&str> {
+        self.address.as_deref()
+    }
+
+    /// The protocol of the broker; `None` for the memory backend.
+    pub fn protocol(&self) -> Option<Protocol> {
+        self.protocol
     }
 
     /// The broker, when there is one.

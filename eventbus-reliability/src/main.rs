@@ -194,15 +194,21 @@ async fn run(on: On, s: Scenario, size: Size) -> Row {
 
 /// Start target `on` for scenario `s` and run it; `Err` when the target did not start.
 async fn on_target(on: On, s: Scenario, size: Size) -> Result<Row, String> {
+    use eventbus_brokers::BrokerKind;
     #[cfg(feature = "kafka")]
-    use eventbus_reliability::target::{kafka::Kafka, kafka_cluster::TansuCluster3};
+    use eventbus_reliability::target::kafka_cluster::TansuCluster3;
     #[cfg(feature = "nats")]
-    use eventbus_reliability::target::{nats::Nats, nats_cluster::NatsCluster3};
+    use eventbus_reliability::target::nats_cluster::NatsCluster3;
+    use eventbus_reliability::target::single::Single;
+    #[cfg(feature = "nats")]
+    let nats = || Single::start(BrokerKind::Nats, s.proxied());
+    #[cfg(feature = "kafka")]
+    let kafka = || Single::start(BrokerKind::Tansu(storage(s)), s.proxied());
     Ok(match on {
         #[cfg(feature = "nats")]
-        On::Nats => run_on(&mut Nats::start(Vec::new(), s.proxied()).await?, s, size).await,
+        On::Nats => run_on(&mut nats().await?, s, size).await,
         #[cfg(feature = "kafka")]
-        On::Kafka => run_on(&mut Kafka::start(storage(s), s.proxied()).await?, s, size).await,
+        On::Kafka => run_on(&mut kafka().await?, s, size).await,
         #[cfg(feature = "nats")]
         On::NatsCluster => run_on_nats_cluster(s, size).await?,
         #[cfg(feature = "nats")]
@@ -226,15 +232,9 @@ async fn on_target(on: On, s: Scenario, size: Size) -> Result<Row, String> {
             }
         }
         #[cfg(feature = "nats")]
-        On::NatsRaw => {
-            let mut t = Nats::start(Vec::new(), s.proxied()).await?;
-            consume_on(&mut t, s, size, Reader::Raw).await
-        }
+        On::NatsRaw => consume_on(&mut nats().await?, s, size, Reader::Raw).await,
         #[cfg(feature = "kafka")]
-        On::KafkaRaw => {
-            let mut t = Kafka::start(storage(s), s.proxied()).await?;
-            consume_on(&mut t, s, size, Reader::Raw).await
-        }
+        On::KafkaRaw => consume_on(&mut kafka().await?, s, size, Reader::Raw).await,
         #[cfg(feature = "kafka")]
         On::KafkaCluster => {
             let mut t = TansuCluster3::start().await?;

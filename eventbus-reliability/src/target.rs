@@ -125,62 +125,145 @@ fn loopback(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
 }
 
-/// NATS JetStream on a real nats-server (file storage).
+/// One broker (nats-server on file storage, or tansu), with a fault proxy in front when the row
+/// needs one, and the facade's bus connected to it from `EVENTBUS_*` variables
+/// ([`eventbus_fixture::Fixture`]), with the defaults a user gets (NATS: the wire's ack_timeout
+/// is 2 s; Kafka: the 30 s message timeout, longer than every fault here).
+pub mod single {
+    use super::*;
+    use eventbus::{Bus, BusSubscriber};
+    use eventbus_brokers::BrokerKind;
+    use eventbus_core::backend::BoxSink;
+    use eventbus_fixture::{Fixture, Select};
+
+    /// The broker, its proxy and two buses.
+    ///
+    /// NATS: sinks get connections of their own, through the proxy; provisioning, counting and
+    /// subscribers use a connection straight to the server. Kafka: tansu advertises the proxy's
+    /// port, so every connection goes through the proxy, and one bus serves everything. (A
+    /// Kafka sink timing out sooner than a blackhole makes librdkafka bump the idempotent
+    /// producer's epoch (KIP-360), and tansu 0.6.0 then panics in its idempotence check ("more
+    /// or less than one row", storage/src/lite.rs:503): a broker bug, shown by `broker_panic`
+    /// if it happens.)
+    #[derive(Debug)]
+    pub struct Single {
+        fixture: Fixture,
+        direct: Bus,
+    }
+
+    fn connect_error(e: String) -> Error {
+        Error::new(eventbus_core::ErrorKind::Connect, e)
+    }
+
+    impl Single {
+        /// Start `kind` (a single broker), a proxy in front if `proxied`, and connect.
+        pub async fn start(kind: BrokerKind, proxied: bool) -> Result<Single, String> {
+            let select = if proxied {
+                Select::Proxied(kind)
+            } else {
+                Select::Broker(kind)
+            };
+            let fixture = Fixture::start(select, &[]).await?;
+            let direct = fixture.connect_direct().await?;
+            Ok(Single { fixture, direct })
+        }
+
+        fn protocol(&self) -> Protocol {
+            self.fixture.protocol().expect("a broker")
+        }
+
+        #[cfg(feature = "nats")]
+        fn nats(&self) -> &eventbus_nats::NatsBackend {
+            self.direct.backend().expect("a NATS bus")
+        }
+
+        #[cfg(feature = "kafka")]
+        fn kafka(&self) -> &eventbus_kafka::KafkaBackend {
+            self.direct.backend().expect("a Kafka bus")
+        }
+    }
+
+    impl Target for Single {
+        type Sink = BoxSink;
+        type Sub = BusSubscriber;
+        fn name(&self) -> &'static str {
+            self.direct.backend_name()
+        }
+        fn capabilities(&self) -> Capabilities {
+            self.direct.capabilities()
+        }
+        async fn provision(&self, run: &str, n: usize) -> Result<(Vec<String>, String), Error> {
+            match self.protocol() {
+                #[cfg(feature = "nats")]
+                Protocol::Nats => super::nats::provision(self.nats(), run, n, 1).await,
+                #[cfg(feature = "kafka")]
+                Protocol::Kafka => super::kafka::provision(self.kafka(), run).await,
+                #[allow(unreachable_patterns)]
+                other => Err(connect_error(format!("{other:?} not built"))),
+            }
+        }
+        async fn sink(&self) -> Result<BoxSink, Error> {
+            if self.protocol() == Protocol::Nats {
+                let own = self.fixture.connect_again().await.map_err(connect_error)?;
+                own.sink().await
+            } else {
+                eventbus_core::Backend::sink(&self.direct).await
+            }
+        }
+        fn subscriber(&self) -> BusSubscriber {
+            self.direct.subscriber()
+        }
+        async fn live_subscriber(&self) -> Result<BusSubscriber, Error> {
+            if self.fixture.proxy().is_some() && self.protocol() == Protocol::Nats {
+                let own = self.fixture.connect_again().await.map_err(connect_error)?;
+                Ok(own.subscriber())
+            } else {
+                Ok(self.direct.subscriber())
+            }
+        }
+        async fn raw_reads(&self, run: &str, filter: &str) -> Result<crate::raw::Reads, String> {
+            let address = self.fixture.address().expect("a broker");
+            match self.protocol() {
+                #[cfg(feature = "nats")]
+                Protocol::Nats => {
+                    let servers = eventbus_nats::NatsConfig::new(address)
+                        .servers()
+                        .map_err(|e| e.to_string())?;
+                    crate::raw::nats_reads(servers, &super::nats::stream_name(run), filter).await
+                }
+                #[cfg(feature = "kafka")]
+                Protocol::Kafka => crate::raw::kafka_reads(address, filter),
+                #[allow(unreachable_patterns)]
+                other => Err(format!("{other:?} not built")),
+            }
+        }
+        async fn stored(&self, run: &str) -> Option<u64> {
+            match self.protocol() {
+                #[cfg(feature = "nats")]
+                Protocol::Nats => super::nats::stored(self.nats(), run).await,
+                #[cfg(feature = "kafka")]
+                Protocol::Kafka => super::kafka::stored(self.kafka(), run).await,
+                #[allow(unreachable_patterns)]
+                _ => None,
+            }
+        }
+        fn proxy(&self) -> Option<&FaultProxy> {
+            self.fixture.proxy()
+        }
+        fn broker(&self) -> &dyn TestBroker {
+            self.fixture.broker().expect("a broker")
+        }
+        fn broker_mut(&mut self) -> &mut dyn TestBroker {
+            self.fixture.broker_mut().expect("a broker")
+        }
+    }
+}
+
+/// NATS JetStream: the stream of a run, shared by the single-server and cluster targets.
 #[cfg(feature = "nats")]
 pub mod nats {
     use super::*;
-    use eventbus_brokers::{NatsOptions, NatsServer};
-    use eventbus_nats::{NatsBackend, NatsConfig, NatsSink, NatsSubscriber, StreamSpec};
-
-    /// nats-server with an optional proxy; the sink connects through the proxy, the subscriber
-    /// directly.
-    #[derive(Debug)]
-    pub struct Nats {
-        server: NatsServer,
-        proxy: Option<FaultProxy>,
-        direct: NatsBackend,
-        config: NatsConfig,
-    }
-
-    impl Nats {
-        /// Start a server (with `args`), a proxy if `proxied`, and connect.
-        pub async fn start(args: Vec<String>, proxied: bool) -> Result<Nats, String> {
-            let server = NatsServer::start_with(NatsOptions {
-                args,
-                ..NatsOptions::default()
-            })
-            .map_err(|e| format!("start nats-server: {e}"))?;
-            let proxy = if proxied {
-                Some(
-                    FaultProxy::start(loopback(server.port()))
-                        .await
-                        .map_err(|e| format!("proxy: {e}"))?,
-                )
-            } else {
-                None
-            };
-            let url = match &proxy {
-                Some(p) => format!("nats://{}", p.addr()),
-                None => server.url(),
-            };
-            // The defaults a user gets (the wire's ack_timeout is 2 s).
-            let config = NatsConfig::new(url);
-            let direct = NatsBackend::connect(NatsConfig::new(server.url()))
-                .await
-                .map_err(|e| format!("connect: {e}"))?;
-            Ok(Nats {
-                server,
-                proxy,
-                direct,
-                config,
-            })
-        }
-
-        /// The server process.
-        pub fn server(&self) -> &NatsServer {
-            &self.server
-        }
-    }
+    use eventbus_nats::{NatsBackend, NatsConfig, NatsSink, StreamSpec};
 
     pub(super) fn stream_name(run: &str) -> String {
         format!("REL_{}", run.replace('-', "_"))
@@ -213,113 +296,17 @@ pub mod nats {
             .ok()
             .map(|s| s.messages)
     }
-
-    impl Target for Nats {
-        type Sink = NatsSink;
-        type Sub = NatsSubscriber;
-        fn name(&self) -> &'static str {
-            "nats"
-        }
-        fn capabilities(&self) -> Capabilities {
-            self.direct.capabilities()
-        }
-        async fn provision(&self, run: &str, n: usize) -> Result<(Vec<String>, String), Error> {
-            provision(&self.direct, run, n, 1).await
-        }
-        async fn sink(&self) -> Result<NatsSink, Error> {
-            sink(&self.config).await
-        }
-        fn subscriber(&self) -> NatsSubscriber {
-            self.direct.subscriber()
-        }
-        async fn live_subscriber(&self) -> Result<NatsSubscriber, Error> {
-            if self.proxy.is_some() {
-                Ok(NatsBackend::connect(self.config.clone())
-                    .await?
-                    .subscriber())
-            } else {
-                Ok(self.direct.subscriber())
-            }
-        }
-        async fn raw_reads(&self, run: &str, filter: &str) -> Result<crate::raw::Reads, String> {
-            let servers = self.config.servers().map_err(|e| e.to_string())?;
-            crate::raw::nats_reads(servers, &stream_name(run), filter).await
-        }
-        async fn stored(&self, run: &str) -> Option<u64> {
-            stored(&self.direct, run).await
-        }
-        fn proxy(&self) -> Option<&FaultProxy> {
-            self.proxy.as_ref()
-        }
-        fn broker(&self) -> &dyn TestBroker {
-            &self.server
-        }
-        fn broker_mut(&mut self) -> &mut dyn TestBroker {
-            &mut self.server
-        }
-    }
 }
 
-/// Kafka protocol on a real tansu process (SQLite storage, which survives a restart, or memory).
+/// Kafka protocol: the topic of a run, shared by the single-broker and cluster targets.
 #[cfg(feature = "kafka")]
 pub mod kafka {
     use super::*;
-    use eventbus_brokers::Tansu;
     pub use eventbus_brokers::TansuStorage;
-    use eventbus_kafka::{KafkaBackend, KafkaConfig, KafkaSink, KafkaSubscriber};
-
-    /// tansu with an optional proxy. With a proxy, tansu advertises the proxy's port, so every
-    /// client connection (sink and subscriber) goes through it.
-    #[derive(Debug)]
-    pub struct Kafka {
-        broker: Tansu,
-        proxy: Option<FaultProxy>,
-        backend: KafkaBackend,
-    }
+    use eventbus_kafka::KafkaBackend;
 
     /// Partitions per topic.
     pub const PARTITIONS: u32 = 4;
-
-    impl Kafka {
-        /// Start tansu on `storage` (SQLite survives a restart; memory serves a deep backlog
-        /// faster), a proxy if `proxied`, and connect.
-        pub async fn start(storage: TansuStorage, proxied: bool) -> Result<Kafka, String> {
-            let proxy_port = if proxied {
-                Some(eventbus_brokers::free_port().map_err(|e| e.to_string())?)
-            } else {
-                None
-            };
-            let broker = Tansu::start_advertising(storage, proxy_port)
-                .map_err(|e| format!("start tansu: {e}"))?;
-            let proxy = match proxy_port {
-                Some(p) => Some(
-                    FaultProxy::start_on(p, loopback(broker.port()))
-                        .await
-                        .map_err(|e| format!("proxy: {e}"))?,
-                ),
-                None => None,
-            };
-            let bootstrap = match &proxy {
-                Some(p) => p.addr().to_string(),
-                None => broker.bootstrap(),
-            };
-            // The SDK's default message timeout (30 s), longer than every fault here (the longest,
-            // stall-memory, holds the broker 20 s). A timeout
-            // shorter than a blackhole makes librdkafka bump the idempotent producer's epoch
-            // (KIP-360), and tansu 0.6.0 then panics in its idempotence check ("more or less
-            // than one row", storage/src/lite.rs:503) and stops serving: a broker bug, shown by
-            // `broker_panic` if it happens.
-            let config = KafkaConfig::new(bootstrap).connect_timeout(Duration::from_secs(10));
-            let backend = KafkaBackend::connect(config)
-                .await
-                .map_err(|e| format!("connect: {e}"))?;
-            Ok(Kafka {
-                broker,
-                proxy,
-                backend,
-            })
-        }
-    }
 
     /// One topic for run `run`; producers are told apart by key (-> partition) and headers.
     pub(super) async fn provision(
@@ -337,41 +324,6 @@ pub mod kafka {
     pub(super) async fn stored(backend: &KafkaBackend, run: &str) -> Option<u64> {
         let w = backend.watermarks(&format!("rel-{run}")).await.ok()?;
         Some(w.iter().map(|(_, lo, hi)| (hi - lo).max(0) as u64).sum())
-    }
-
-    impl Target for Kafka {
-        type Sink = KafkaSink;
-        type Sub = KafkaSubscriber;
-        fn name(&self) -> &'static str {
-            "kafka"
-        }
-        fn capabilities(&self) -> Capabilities {
-            self.backend.capabilities()
-        }
-        async fn provision(&self, run: &str, _n: usize) -> Result<(Vec<String>, String), Error> {
-            provision(&self.backend, run).await
-        }
-        async fn sink(&self) -> Result<KafkaSink, Error> {
-            self.backend.sink().await
-        }
-        fn subscriber(&self) -> KafkaSubscriber {
-            self.backend.subscriber()
-        }
-        async fn raw_reads(&self, _run: &str, topic: &str) -> Result<crate::raw::Reads, String> {
-            crate::raw::kafka_reads(&self.backend.config().brokers, topic)
-        }
-        async fn stored(&self, run: &str) -> Option<u64> {
-            stored(&self.backend, run).await
-        }
-        fn proxy(&self) -> Option<&FaultProxy> {
-            self.proxy.as_ref()
-        }
-        fn broker(&self) -> &dyn TestBroker {
-            &self.broker
-        }
-        fn broker_mut(&mut self) -> &mut dyn TestBroker {
-            &mut self.broker
-        }
     }
 }
 
