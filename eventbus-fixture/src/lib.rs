@@ -3,9 +3,13 @@
 //! service connects, through the facade's registry and `EVENTBUS_*` variables. Built from one
 //! typed selector, [`Select`]; the conformance suite runs over it ([`Fixture::harness`]).
 //!
-//! Adding a backend here is one arm in [`broker_vars`] (the variables that point the facade at
-//! a broker of its protocol), one in [`Fixture::start`]'s proxy set-up if its clients can be
-//! cut, and one in [`Fixture::harness`] for the broker's quirks.
+//! Adding a backend with a broker of its own: the broker in `eventbus-brokers` (a
+//! [`BrokerKind`], a [`Protocol`]), then here one arm in [`broker_vars`] (the variables that
+//! point the facade at a broker of that protocol), one in the proxy set-up if its clients can
+//! be cut, and one in [`Fixture::harness`] for the broker's quirks.
+//!
+//! The cargo features (`nats`, `kafka`, `memory`, all on by default) are the facade's: a
+//! fixture can connect only the backends its build includes.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), String> {
@@ -27,7 +31,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use eventbus::{Bus, BusConfig, MemoryBroker, Topic};
+use eventbus::{Bus, BusConfig, Topic};
 use eventbus_brokers::proxy::{FaultProxy, Mode};
 use eventbus_brokers::{BrokerKind, Protocol, TestBroker};
 use eventbus_conformance::{BackendHarness, Quirks};
@@ -53,7 +57,8 @@ pub enum Select {
 pub struct Fixture {
     // Field order matters: fields drop in order, so the clients close before the proxy and
     // the broker they talk to go away.
-    bus: Bus,
+    /// `None` with [`Fixture::start_broker`].
+    bus: Option<Bus>,
     vars: Vec<(String, String)>,
     /// What clients are given: the proxy's address when there is one; `None` for the memory
     /// backend.
@@ -67,7 +72,7 @@ pub struct Fixture {
 impl std::fmt::Debug for Fixture {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Fixture")
-            .field("backend", &self.bus.backend_name())
+            .field("backend", &self.bus.as_ref().map(Bus::backend_name))
             .field("broker", &self.broker.as_ref().map(|b| b.describe()))
             .field("proxied", &self.proxy.is_some())
             .finish()
@@ -169,6 +174,15 @@ impl Fixture {
     /// Start what `select` names and connect a bus to it, with `vars` (`EVENTBUS_*`) on top
     /// of the ones that reach the broker ([`broker_vars`]).
     pub async fn start(select: Select, vars: &[(&str, &str)]) -> Result<Fixture, String> {
+        let mut fixture = Self::start_broker(select, vars).await?;
+        fixture.bus = Some(connect(&fixture.vars).await?);
+        Ok(fixture)
+    }
+
+    /// Start what `select` names, without a bus of its own: the caller opens the connections
+    /// it wants ([`Fixture::connect_again`], [`Fixture::connect_direct`]), and no idle client
+    /// sits behind the proxy.
+    pub async fn start_broker(select: Select, vars: &[(&str, &str)]) -> Result<Fixture, String> {
         let (broker, proxy, address) = match select {
             Select::Memory => (None, None, None),
             Select::Broker(kind) => {
@@ -182,7 +196,7 @@ impl Fixture {
             }
             Select::External(protocol, address) => {
                 let base = broker_vars(protocol, &address, 1);
-                return Self::connect_with(None, Some((protocol, address)), base, vars).await;
+                return Ok(Self::assemble(None, Some((protocol, address)), base, vars));
             }
         };
         let (base, reached) = match (&broker, address) {
@@ -192,33 +206,33 @@ impl Fixture {
             ),
             _ => (vec![("EVENTBUS_BACKEND".into(), "memory".into())], None),
         };
-        let mut fixture = Self::connect_with(broker, reached, base, vars).await?;
+        let mut fixture = Self::assemble(broker, reached, base, vars);
         fixture.proxy = proxy;
         Ok(fixture)
     }
 
-    async fn connect_with(
+    fn assemble(
         broker: Option<Box<dyn TestBroker>>,
         reached: Option<(Protocol, String)>,
         base: Vec<(String, String)>,
         vars: &[(&str, &str)],
-    ) -> Result<Fixture, String> {
-        let vars = merge(base, vars);
-        let bus = connect(&vars).await?;
+    ) -> Fixture {
         let (protocol, address) = reached.unzip();
-        Ok(Fixture {
-            bus,
-            vars,
+        Fixture {
+            bus: None,
+            vars: merge(base, vars),
             address,
             protocol,
             proxy: None,
             broker,
-        })
+        }
     }
 
-    /// The connected bus.
+    /// The connected bus. Panics after [`Fixture::start_broker`], which connects none.
     pub fn bus(&self) -> &Bus {
-        &self.bus
+        self.bus
+            .as_ref()
+            .expect("Fixture::start_broker connects no bus: use connect_again")
     }
 
     /// The `EVENTBUS_*` variables the bus was connected with: what a program built on the
@@ -289,34 +303,43 @@ impl Fixture {
     }
 
     /// The conformance suite's harness over this fixture's bus, with the broker's quirks, the
-    /// topic its backend refuses, and [`Fixture::cut`] as its fault.
+    /// topic its backend refuses, and [`Fixture::cut`] as its fault. Panics after
+    /// [`Fixture::start_broker`].
     pub fn harness(self) -> BackendHarness<Bus> {
+        let tansu = self
+            .broker
+            .as_ref()
+            .is_some_and(|b| b.protocol() == Protocol::Kafka);
         let (quirks, unroutable) = match self.protocol {
+            #[cfg(feature = "memory")]
             None => {
                 let memory = self
-                    .bus
-                    .backend::<MemoryBroker>()
+                    .bus()
+                    .backend::<eventbus::MemoryBroker>()
                     .expect("no broker: the memory backend");
                 memory.block_topic("nowhere");
                 (Quirks::default(), "nowhere")
             }
+            #[cfg(not(feature = "memory"))]
+            None => (Quirks::default(), "nowhere"),
             // A second or more: the ack waits these brokers honour promptly.
             Some(Protocol::Nats) => (
                 Quirks::default().min_ack_wait(Duration::from_secs(1)),
                 "no.stream.here",
             ),
-            // tansu 0.6.0 keeps a departed group leader in one case (see
-            // `Quirks::rejoin_after_churn`).
+            // The Kafka brokers this project starts are tansu, and tansu 0.6.0 keeps a departed
+            // group leader in one case (see `Quirks::rejoin_after_churn`).
             Some(Protocol::Kafka) => (
                 Quirks::default()
                     .min_ack_wait(Duration::from_secs(1))
-                    .rejoin_after_churn(false),
+                    .rejoin_after_churn(!tansu),
                 "no-such-topic",
             ),
         };
         let Fixture {
             bus, proxy, broker, ..
         } = self;
+        let bus = bus.expect("Fixture::start_broker connects no bus");
         let harness = BackendHarness::new(bus)
             .keep((broker, proxy.clone()))
             .quirks(quirks)

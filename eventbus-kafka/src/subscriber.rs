@@ -455,6 +455,14 @@ impl Ledger {
         }
     }
 
+    /// Give back memory after a burst: a deque keeps its largest capacity.
+    fn release(&mut self) {
+        let (len, cap) = (self.0.len(), self.0.capacity());
+        if cap > 4_096 && len < cap / 4 {
+            self.0.shrink_to(len * 2);
+        }
+    }
+
     fn values(&self) -> impl Iterator<Item = &Entry> {
         self.0.iter().map(|(_, e)| e)
     }
@@ -482,13 +490,17 @@ impl Part {
     /// Drop the settled run at the front; the offset to commit (first unsettled, or after the
     /// last polled message).
     fn commit_point(&mut self) -> Option<i64> {
-        while let Some((offset, e)) = self.entries.0.front() {
-            if e.stage != Stage::Settled {
-                return Some(*offset);
+        let at = loop {
+            match self.entries.0.front() {
+                Some((offset, e)) if e.stage != Stage::Settled => break Some(*offset),
+                Some(_) => {
+                    self.entries.0.pop_front();
+                }
+                None => break self.next,
             }
-            self.entries.0.pop_front();
-        }
-        self.next
+        };
+        self.entries.release();
+        at
     }
 }
 
@@ -1021,6 +1033,30 @@ mod tests {
         for o in [4, 9, 12, 19, 21] {
             assert!(l.get_mut(o).is_none(), "{o} is not in the ledger");
         }
+    }
+
+    #[test]
+    fn ledger_gives_memory_back_after_a_burst() {
+        let mut part = Part {
+            epoch: 1,
+            entries: Ledger::default(),
+            next: Some(10_000),
+            committed: None,
+        };
+        for o in 0..10_000 {
+            part.entries.insert(o, entry(o));
+        }
+        let peak = part.entries.0.capacity();
+        for o in 0..9_990 {
+            part.entries.get_mut(o).expect("present").stage = Stage::Settled;
+        }
+        assert_eq!(part.commit_point(), Some(9_990));
+        assert_eq!(part.entries.0.len(), 10);
+        assert!(
+            part.entries.0.capacity() < peak / 4,
+            "kept {}",
+            part.entries.0.capacity()
+        );
     }
 
     #[test]

@@ -491,7 +491,7 @@ impl NatsAcker {
     async fn send(self: Box<Self>, payload: Bytes) -> Result<(), Error> {
         let Some(reply) = self.reply else {
             return Err(Error::new(
-                eventbus_core::ErrorKind::Other,
+                ErrorKind::Other,
                 "no reply subject: not a JetStream message",
             )
             .with_backend(BACKEND));

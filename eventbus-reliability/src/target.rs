@@ -1,7 +1,6 @@
 //! The brokers under test: a real broker process, optionally behind a [`FaultProxy`], and the
 //! backend's sink and subscriber connected through it.
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use eventbus_brokers::{Protocol, TestBroker};
@@ -121,8 +120,9 @@ pub trait Target: Send + Sync {
     }
 }
 
-fn loopback(port: u16) -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], port))
+#[cfg(feature = "nats")]
+fn loopback(port: u16) -> std::net::SocketAddr {
+    std::net::SocketAddr::from(([127, 0, 0, 1], port))
 }
 
 /// One broker (nats-server on file storage, or tansu), with a fault proxy in front when the row
@@ -136,19 +136,21 @@ pub mod single {
     use eventbus_core::backend::BoxSink;
     use eventbus_fixture::{Fixture, Select};
 
-    /// The broker, its proxy and two buses.
+    /// The broker, its proxy, and a bus for provisioning, counting and subscribers.
     ///
-    /// NATS: sinks get connections of their own, through the proxy; provisioning, counting and
-    /// subscribers use a connection straight to the server. Kafka: tansu advertises the proxy's
-    /// port, so every connection goes through the proxy, and one bus serves everything. (A
-    /// Kafka sink timing out sooner than a blackhole makes librdkafka bump the idempotent
-    /// producer's epoch (KIP-360), and tansu 0.6.0 then panics in its idempotence check ("more
-    /// or less than one row", storage/src/lite.rs:503): a broker bug, shown by `broker_panic`
-    /// if it happens.)
+    /// NATS: sinks get connections of their own (through the proxy when there is one), and
+    /// so does the live subscriber; the bus goes straight to the server. Kafka: tansu
+    /// advertises the proxy's port, so every connection goes through the proxy, and the bus
+    /// serves everything. No other client is connected: a fault row counts the proxy's
+    /// connections. (A Kafka sink timing out sooner than a blackhole makes librdkafka bump the
+    /// idempotent producer's epoch (KIP-360), and tansu 0.6.0 then panics in its idempotence
+    /// check ("more or less than one row", storage/src/lite.rs:503): a broker bug, shown by
+    /// `broker_panic` if it happens.)
     #[derive(Debug)]
     pub struct Single {
-        fixture: Fixture,
+        // Dropped first: the client closes before the broker goes away.
         direct: Bus,
+        fixture: Fixture,
     }
 
     fn connect_error(e: String) -> Error {
@@ -163,9 +165,9 @@ pub mod single {
             } else {
                 Select::Broker(kind)
             };
-            let fixture = Fixture::start(select, &[]).await?;
+            let fixture = Fixture::start_broker(select, &[]).await?;
             let direct = fixture.connect_direct().await?;
-            Ok(Single { fixture, direct })
+            Ok(Single { direct, fixture })
         }
 
         fn protocol(&self) -> Protocol {
@@ -192,6 +194,7 @@ pub mod single {
         fn capabilities(&self) -> Capabilities {
             self.direct.capabilities()
         }
+        #[cfg_attr(not(feature = "nats"), allow(unused_variables))]
         async fn provision(&self, run: &str, n: usize) -> Result<(Vec<String>, String), Error> {
             match self.protocol() {
                 #[cfg(feature = "nats")]
@@ -203,12 +206,12 @@ pub mod single {
             }
         }
         async fn sink(&self) -> Result<BoxSink, Error> {
-            if self.protocol() == Protocol::Nats {
-                let own = self.fixture.connect_again().await.map_err(connect_error)?;
-                own.sink().await
+            let bus = if self.protocol() == Protocol::Nats {
+                &self.fixture.connect_again().await.map_err(connect_error)?
             } else {
-                eventbus_core::Backend::sink(&self.direct).await
-            }
+                &self.direct
+            };
+            eventbus_core::Backend::sink(bus).await
         }
         fn subscriber(&self) -> BusSubscriber {
             self.direct.subscriber()
@@ -221,6 +224,7 @@ pub mod single {
                 Ok(self.direct.subscriber())
             }
         }
+        #[cfg_attr(not(feature = "nats"), allow(unused_variables))]
         async fn raw_reads(&self, run: &str, filter: &str) -> Result<crate::raw::Reads, String> {
             let address = self.fixture.address().expect("a broker");
             match self.protocol() {

@@ -166,7 +166,10 @@ impl Bus {
 
 /// A bus is itself a [`Backend`], so code generic over backends (your own layers, the
 /// project's conformance suite) runs over whichever one the config names, through the same
-/// boxed sink and subscriber the bus hands out.
+/// boxed sink and subscriber the bus hands out. [`Backend::sink`] is the backend's raw sink,
+/// without the `[batch]` engine: publish through [`Bus::publisher`]. A bus given to
+/// [`Bus::with_backend`] is nested: [`Bus::backend`] of the outer one finds only the inner
+/// `Bus`.
 impl Backend for Bus {
     type Sink = BoxSink;
     type Subscriber = BusSubscriber;
