@@ -5,9 +5,10 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use eventbus_batch::Batcher;
-use eventbus_brokers::{BrokerKind, TansuStorage, TestBroker};
+use eventbus_brokers::{BrokerKind, Protocol, TansuStorage};
 use eventbus_core::{Backend as _, Message, Publisher, Topic, TopicSpec};
-use eventbus_kafka::{KafkaBackend, KafkaConfig};
+use eventbus_fixture::{Fixture, Select};
+use eventbus_kafka::KafkaBackend;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use std::sync::Arc;
 
@@ -31,25 +32,28 @@ const RAW_LINGERS_MS: [usize; 3] = [1, 5, 20];
 /// default bench stays within minutes. The record's `messages` says what was sent.
 pub(crate) const DURABLE_CAP: usize = 100_000;
 
-/// One storage class: its name, a backend, and the brokers the bench started for it.
+/// One storage class: its name, and the brokers the bench started for it (or the user's) with
+/// a bus connected to them.
 struct StorageClass {
     /// The class the brokers serve.
     storage: Storage,
-    // Declared before `tansu`, dropped before it: the client closes before its brokers stop.
-    backend: KafkaBackend,
-    /// `None`: external brokers (`--kafka-brokers`).
-    tansu: Option<Box<dyn TestBroker>>,
+    fixture: Fixture,
 }
 
 impl StorageClass {
     /// The broker process whose CPU the bench reports (node 0; `None` when external).
     fn pid(&self) -> Option<u32> {
-        self.tansu.as_ref().and_then(|t| t.pid(0))
+        self.fixture.broker().and_then(|t| t.pid(0))
     }
 
     /// Whether the brokers are the user's (`--kafka-brokers`), not the bench's.
     fn external(&self) -> bool {
-        self.tansu.is_none()
+        self.fixture.broker().is_none()
+    }
+
+    /// The connected backend.
+    fn backend(&self) -> &KafkaBackend {
+        self.fixture.bus().backend().expect("a Kafka bus")
     }
 }
 
@@ -96,29 +100,18 @@ impl KafkaEnv {
     pub(crate) async fn start(args: &Args, storages: &[Storage]) -> Result<KafkaEnv, String> {
         let mut brokers = Vec::new();
         for &storage in storages {
-            let (tansu, bootstrap) = match &args.kafka_brokers {
-                Some(b) => (None, b.clone()),
-                None => {
-                    let kind = match storage {
-                        Storage::Replicated => BrokerKind::TansuCluster { nodes: 3 },
-                        Storage::Durable => BrokerKind::Tansu(TansuStorage::Sqlite),
-                        Storage::Memory => BrokerKind::Tansu(TansuStorage::Memory),
-                    };
-                    let t = kind
-                        .start()
-                        .map_err(|e| format!("cannot start {kind:?}: {e}"))?;
-                    let b = t.address();
-                    (Some(t), b)
-                }
+            let select = match &args.kafka_brokers {
+                Some(b) => Select::External(Protocol::Kafka, b.clone()),
+                None => Select::Broker(match storage {
+                    Storage::Replicated => BrokerKind::TansuCluster { nodes: 3 },
+                    Storage::Durable => BrokerKind::Tansu(TansuStorage::Sqlite),
+                    Storage::Memory => BrokerKind::Tansu(TansuStorage::Memory),
+                }),
             };
-            let backend = KafkaBackend::connect(KafkaConfig::new(bootstrap.clone()))
+            let fixture = Fixture::start(select, &[])
                 .await
-                .map_err(|e| format!("cannot reach Kafka at {bootstrap}: {e}"))?;
-            brokers.push(StorageClass {
-                storage,
-                backend,
-                tansu,
-            });
+                .map_err(|e| format!("Kafka ({storage}): {e}"))?;
+            brokers.push(StorageClass { storage, fixture });
         }
         let reported = args.kafka_brokers.as_deref().map(reported_by);
         Ok(KafkaEnv {
@@ -132,17 +125,17 @@ impl KafkaEnv {
     pub(crate) fn describe(&self) -> String {
         self.brokers
             .iter()
-            .map(|c| match &c.tansu {
+            .map(|c| match c.fixture.broker() {
                 Some(t) => format!(
                     "{} ({}) at {}",
                     t.describe(),
                     c.storage,
-                    c.backend.config().brokers
+                    c.backend().config().brokers
                 ),
                 None => format!(
                     "external Kafka-protocol brokers at {} ({}; run as the {} class, engine \
                      unknown to the bench; verified by {})",
-                    c.backend.config().brokers,
+                    c.backend().config().brokers,
                     self.reported.as_deref().unwrap_or("no metadata"),
                     c.storage,
                     if self.trust_watermarks {
@@ -225,7 +218,7 @@ impl KafkaEnv {
         cfg: &eventbus_batch::BatchConfig,
         rec: &mut Record,
     ) -> Result<(), String> {
-        let (kafka, s, linger) = (&class.backend, run.s, at.setting as u64);
+        let (kafka, s, linger) = (class.backend(), run.s, at.setting as u64);
         let topics = RunTopics::create(kafka, at, s.topics).await?;
         rec.topic_or_stream = format!("bench.r{}l{}.t*", at.id, at.index);
         // Producer up and warm (connection, idempotent producer id) before the clock starts.
@@ -279,7 +272,7 @@ impl KafkaEnv {
         id: u64,
         rec: &mut Record,
     ) -> Result<(), String> {
-        let kafka = &class.backend;
+        let kafka = class.backend();
         let topic = format!("bench.r{id}.backlog");
         kafka
             .ensure_topic(&TopicSpec::new(&topic).partitions(DRAIN_PARTITIONS))
@@ -392,7 +385,7 @@ async fn verify(
     let external = class.external();
     match received {
         None => {
-            let stored = watermark_total(&class.backend, names).await?;
+            let stored = watermark_total(class.backend(), names).await?;
             rec.verify(
                 stored,
                 false,

@@ -4,10 +4,11 @@
 use std::time::{Duration, Instant};
 
 use eventbus_batch::Batcher;
-use eventbus_brokers::{BrokerKind, TestBroker};
+use eventbus_brokers::{BrokerKind, Protocol};
 use eventbus_core::{
     Backend as _, Bytes, Publisher, SubscribeSpec, Subscriber, Subscription, Topic,
 };
+use eventbus_fixture::{Fixture, Select};
 use tokio::sync::mpsc;
 
 use crate::drive::{
@@ -22,44 +23,40 @@ use crate::{Args, Scenario};
 const RAW_WINDOWS: [usize; 3] = [1_024, 4_096, 16_384];
 
 pub(crate) struct NatsEnv {
-    // Declared first, dropped first: the client closes before the server it talks to stops.
-    backend: eventbus_nats::NatsBackend,
-    /// The server or cluster the bench started (`None`: external, `--nats-url`).
-    broker: Option<Box<dyn TestBroker>>,
-    url: String,
+    /// The server or cluster the bench started, or an external one (`--nats-url`), and a bus
+    /// connected to it (dropped before the server).
+    fixture: Fixture,
 }
 
 impl NatsEnv {
     /// Start `kind` and connect, or connect to the external `url`.
     pub(crate) async fn start(kind: BrokerKind, url: Option<&str>) -> Result<NatsEnv, String> {
-        let (broker, url) = match url {
-            Some(u) => (None, u.to_owned()),
-            None => {
-                let b = tokio::task::spawn_blocking(move || kind.start())
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .map_err(|e| format!("cannot start nats-server: {e}"))?;
-                let u = b.address();
-                (Some(b), u)
-            }
+        let select = match url {
+            Some(u) => Select::External(Protocol::Nats, u.to_owned()),
+            None => Select::Broker(kind),
         };
-        let backend =
-            eventbus_nats::NatsBackend::connect(eventbus_nats::NatsConfig::new(url.clone()))
-                .await
-                .map_err(|e| format!("cannot connect to NATS at {url}: {e}"))?;
-        Ok(NatsEnv {
-            broker,
-            url,
-            backend,
-        })
+        let fixture = Fixture::start(select, &[])
+            .await
+            .map_err(|e| format!("NATS: {e}"))?;
+        Ok(NatsEnv { fixture })
+    }
+
+    /// The connected backend.
+    fn backend(&self) -> &eventbus_nats::NatsBackend {
+        self.fixture.bus().backend().expect("a NATS bus")
+    }
+
+    /// The server's URL (every node of a cluster).
+    fn url(&self) -> &str {
+        self.fixture.address().expect("a NATS server")
     }
 
     /// How many messages the server has counted in on `client`'s connection (`/connz`).
     async fn messages_in(&self, client: &async_nats::Client) -> Result<u64, String> {
         let info = client.server_info();
         let http = self
-            .broker
-            .as_ref()
+            .fixture
+            .broker()
             .and_then(|b| {
                 (0..b.nodes())
                     .find(|&i| b.port(i) == info.port)
@@ -81,18 +78,18 @@ impl NatsEnv {
 
     /// The process whose CPU the bench reports (node 0 of a cluster).
     pub(crate) fn pid(&self) -> Option<u32> {
-        self.broker.as_ref().and_then(|b| b.pid(0))
+        self.fixture.broker().and_then(|b| b.pid(0))
     }
 
     pub(crate) fn describe(&self) -> String {
-        let version = self.backend.server_version();
-        match &self.broker {
+        let version = self.backend().server_version();
+        match self.fixture.broker() {
             Some(b) => format!(
                 "{} at {}, started by the bench (reports {version})",
                 b.describe(),
-                self.url
+                self.url()
             ),
-            None => format!("nats-server {version} at {} (external)", self.url),
+            None => format!("nats-server {version} at {} (external)", self.url()),
         }
     }
 }
@@ -233,7 +230,7 @@ impl NatsRun<'_> {
             StorageKind::File
         };
         self.env
-            .backend
+            .backend()
             .ensure_stream(
                 &StreamSpec::new(&self.stream, [self.filter()])
                     .storage(kind)
@@ -251,7 +248,7 @@ impl NatsRun<'_> {
 
     async fn subscribe(&self, group: &str) -> Result<Subscription, String> {
         self.env
-            .backend
+            .backend()
             .subscriber()
             .subscribe(
                 SubscribeSpec::new(self.filter())
@@ -265,7 +262,7 @@ impl NatsRun<'_> {
     async fn stored(&self) -> Result<u64, String> {
         Ok(self
             .env
-            .backend
+            .backend()
             .stream_state(&self.stream)
             .await
             .map_err(|e| format!("stream state: {e}"))?
@@ -313,7 +310,7 @@ impl NatsRun<'_> {
         if let Some(o) = nats_sink_options(mode) {
             let sink = self
                 .env
-                .backend
+                .backend()
                 .sink_with(o)
                 .await
                 .map_err(|e| e.to_string())?;
@@ -326,7 +323,7 @@ impl NatsRun<'_> {
             Mode::CeilingJetStream => Ok(NatsPublisher::CeilingJetStream),
             Mode::CeilingCore => async_nats::ConnectOptions::new()
                 .name("eventbus-bench-ceiling")
-                .connect(&self.env.url)
+                .connect(self.env.url())
                 .await
                 .map(NatsPublisher::CeilingCore)
                 .map_err(|e| format!("connect: {e}")),
@@ -336,7 +333,7 @@ impl NatsRun<'_> {
 
     /// Publish the scenario through `publisher`, the clock started at `t0`.
     async fn drive(&self, publisher: &NatsPublisher, topics: &[Topic], t0: Instant) -> Published {
-        let (s, client) = (self.run.s, self.env.backend.client());
+        let (s, client) = (self.run.s, self.env.backend().client());
         match publisher {
             NatsPublisher::Sdk { batcher, naive } => {
                 drive_sdk(batcher, s, topics, *naive, t0).await
@@ -396,7 +393,7 @@ impl NatsRun<'_> {
         let s = self.run.s;
         backlog(
             self.env
-                .backend
+                .backend()
                 .sink_with(eventbus_nats::SinkOptions::default().dedup(false))
                 .await
                 .map_err(|e| e.to_string())?,
@@ -426,7 +423,7 @@ impl NatsRun<'_> {
         use futures_util::StreamExt;
         let stream = self
             .env
-            .backend
+            .backend()
             .jetstream()
             .get_stream(&self.stream)
             .await
@@ -585,7 +582,7 @@ impl Target for NatsEnv {
         } else {
             one.publish(args, at.setting, rec).await
         };
-        let _ = self.backend.delete_stream(&one.stream).await;
+        let _ = self.backend().delete_stream(&one.stream).await;
         result
     }
 }

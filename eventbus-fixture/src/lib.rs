@@ -1,7 +1,8 @@
 //! One test fixture for every backend: a real broker the project starts (or none, for the
 //! in-memory backend), optionally behind a fault proxy, and a [`Bus`] connected to it the way a
 //! service connects, through the facade's registry and `EVENTBUS_*` variables. Built from one
-//! typed selector, [`Select`]; the conformance suite runs over it ([`Fixture::harness`]).
+//! typed selector, [`Select`]. The conformance suite runs over it ([`Fixture::harness`]), and so
+//! do the reliability rows' single-broker target and the bench's brokers.
 //!
 //! Adding a backend with a broker of its own: the broker in `eventbus-brokers` (a
 //! [`BrokerKind`], a [`Protocol`]), then here one arm in [`broker_vars`] (the variables that
