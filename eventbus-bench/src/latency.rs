@@ -16,10 +16,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use eventbus_batch::{BatchConfig, Batcher};
-use eventbus_brokers::{BrokerKind, TansuStorage, TestBroker};
+use eventbus_brokers::{BrokerKind, TansuStorage};
 use eventbus_core::{
     Backend as _, Message, Outcome, Publisher, SubscribeSpec, Subscriber, Subscription, TopicSpec,
 };
+use eventbus_fixture::{Fixture, Select};
 use eventbus_kafka::{KafkaBackend, KafkaConfig};
 use eventbus_nats::{NatsBackend, NatsConfig, StreamSpec};
 use futures_util::StreamExt;
@@ -220,26 +221,34 @@ impl Collector {
     }
 }
 
-/// The broker of one backend and how each path publishes and reads there.
+/// The broker of one backend and how each path publishes and reads there. The backend is
+/// declared before the broker, so the client closes before the broker stops.
 #[allow(clippy::large_enum_variant)] // one per backend, for the whole study
 enum Rig {
     Nats {
-        _server: Box<dyn TestBroker>,
         backend: NatsBackend,
+        _broker: Fixture,
     },
     Kafka {
-        _server: Box<dyn TestBroker>,
         backend: KafkaBackend,
         bootstrap: String,
+        _broker: Fixture,
     },
+}
+
+/// Start `kind` (no bus: each rig connects with its own settings) and return its address.
+async fn broker(kind: BrokerKind) -> Result<(Fixture, String), String> {
+    let fixture = Fixture::start_broker(Select::Broker(kind), &[]).await?;
+    let address = fixture.address().expect("a broker").to_owned();
+    Ok((fixture, address))
 }
 
 impl Rig {
     async fn start(which: BackendName) -> Result<Rig, String> {
         match which {
             BackendName::Nats => {
-                let server = BrokerKind::Nats.start().map_err(|e| format!("nats: {e}"))?;
-                let backend = NatsBackend::connect(NatsConfig::new(server.address()))
+                let (fixture, url) = broker(BrokerKind::Nats).await?;
+                let backend = NatsBackend::connect(NatsConfig::new(url))
                     .await
                     .map_err(|e| format!("connect NATS: {e}"))?;
                 backend
@@ -247,24 +256,21 @@ impl Rig {
                     .await
                     .map_err(|e| format!("stream: {e}"))?;
                 Ok(Rig::Nats {
-                    _server: server,
                     backend,
+                    _broker: fixture,
                 })
             }
             BackendName::Kafka => {
-                let server = BrokerKind::Tansu(KAFKA_STORAGE)
-                    .start()
-                    .map_err(|e| format!("tansu: {e}"))?;
-                let bootstrap = server.address();
+                let (fixture, bootstrap) = broker(BrokerKind::Tansu(KAFKA_STORAGE)).await?;
                 let backend = KafkaBackend::connect(
                     KafkaConfig::new(bootstrap.clone()).option("fetch.wait.max.ms", "10"),
                 )
                 .await
                 .map_err(|e| format!("connect Kafka: {e}"))?;
                 Ok(Rig::Kafka {
-                    _server: server,
                     backend,
                     bootstrap,
+                    _broker: fixture,
                 })
             }
         }

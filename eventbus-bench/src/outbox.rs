@@ -20,10 +20,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use eventbus_batch::{BatchConfig, Batcher};
-use eventbus_brokers::{BrokerKind, TansuStorage, TestBroker};
+use eventbus_brokers::{BrokerKind, TansuStorage};
 use eventbus_core::backend::DynBackend;
-use eventbus_core::{Backend as _, CloseReport, Error, Message, PendingAck, Publisher, TopicSpec};
-use eventbus_kafka::{KafkaBackend, KafkaConfig};
+use eventbus_core::{CloseReport, Error, Message, PendingAck, Publisher};
+use eventbus_fixture::{Fixture, Select};
+use eventbus_kafka::KafkaBackend;
 use eventbus_nats::{NatsBackend, NatsConfig, StreamSpec};
 use eventbus_outbox::sqlx::{self, PgPool, SqlitePool};
 use eventbus_outbox::{OutboxStore, PgOutbox, Relay, RelayConfig, SqliteOutbox};
@@ -239,36 +240,35 @@ impl Phase {
 /// The brokers a relay publishes to: the study's nats-server and a tansu of its own.
 struct Brokers<'a> {
     nats: &'a NatsBackend,
-    kafka: KafkaBackend,
-    _tansu: Box<dyn TestBroker>,
+    /// tansu and a bus connected to it.
+    kafka: Fixture,
 }
 
 impl Brokers<'_> {
     /// Start tansu (SQLite engine: durable, like the NATS file stream) with `topics`.
     async fn start<'a>(nats: &'a NatsBackend, topics: &[&str]) -> Result<Brokers<'a>, String> {
-        let tansu = BrokerKind::Tansu(TansuStorage::Sqlite)
-            .start()
-            .map_err(|e| format!("start tansu: {e}"))?;
-        let kafka = KafkaBackend::connect(KafkaConfig::new(tansu.address()))
+        let kafka = Fixture::start(Select::Broker(BrokerKind::Tansu(TansuStorage::Sqlite)), &[])
             .await
-            .map_err(|e| format!("connect Kafka: {e}"))?;
+            .map_err(|e| format!("Kafka: {e}"))?;
         for t in topics {
             kafka
-                .ensure_topic(&TopicSpec::new(*t))
+                .bus()
+                .ensure_topic(*t)
                 .await
                 .map_err(|e| format!("topic {t}: {e}"))?;
         }
-        Ok(Brokers {
-            nats,
-            kafka,
-            _tansu: tansu,
-        })
+        Ok(Brokers { nats, kafka })
     }
 
+    /// The backend relays publish to: the concrete one, as a service's relay would hold it.
     fn get(&self, to: To) -> &dyn DynBackend {
         match to {
             To::Nats => self.nats,
-            To::Kafka => &self.kafka,
+            To::Kafka => self
+                .kafka
+                .bus()
+                .backend::<KafkaBackend>()
+                .expect("a Kafka bus"),
         }
     }
 }
@@ -655,9 +655,10 @@ impl DurablePg {
 /// What a database study runs on: a local nats-server with one stream, PostgreSQL (the
 /// project's fixture, fsync off) and a SQLite file (WAL) in a fresh directory, removed on drop.
 pub(crate) struct StudyEnv {
-    _nats: eventbus_brokers::NatsServer,
-    _postgres: eventbus_brokers::Postgres,
+    // Declared first, dropped first: the client closes before the server stops.
     pub(crate) backend: NatsBackend,
+    _nats: Fixture,
+    _postgres: eventbus_brokers::Postgres,
     pub(crate) pg: PgPool,
     pub(crate) lite: SqlitePool,
     dir: std::path::PathBuf,
@@ -672,9 +673,9 @@ impl StudyEnv {
         connections: (u32, u32),
         name: &str,
     ) -> Result<StudyEnv, String> {
-        let nats =
-            eventbus_brokers::NatsServer::start().map_err(|e| format!("start nats-server: {e}"))?;
-        let backend = NatsBackend::connect(NatsConfig::new(nats.url()))
+        let nats = Fixture::start_broker(Select::Broker(BrokerKind::Nats), &[]).await?;
+        let url = nats.address().expect("a NATS server").to_owned();
+        let backend = NatsBackend::connect(NatsConfig::new(url))
             .await
             .map_err(|e| format!("connect NATS: {e}"))?;
         backend
