@@ -148,16 +148,13 @@ async fn start_proxied(
 }
 
 /// `base`, then `extra` on top (a name in both takes `extra`'s value).
-fn merge(base: Vec<(String, String)>, extra: &[(&str, &str)]) -> Vec<(String, String)> {
+fn merge(base: &[(String, String)], extra: &[(String, String)]) -> Vec<(String, String)> {
     let mut vars: Vec<(String, String)> = base
-        .into_iter()
+        .iter()
         .filter(|(k, _)| !extra.iter().any(|(e, _)| e == k))
+        .cloned()
         .collect();
-    vars.extend(
-        extra
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
-    );
+    vars.extend_from_slice(extra);
     vars
 }
 
@@ -184,47 +181,49 @@ impl Fixture {
     /// it wants ([`Fixture::connect_again`], [`Fixture::connect_direct`]), and no idle client
     /// sits behind the proxy.
     pub async fn start_broker(select: Select, vars: &[(&str, &str)]) -> Result<Fixture, String> {
-        let (broker, proxy, address) = match select {
-            Select::Memory => (None, None, None),
+        Ok(match select {
+            Select::Memory => Self::assemble(None, None, None, vars),
             Select::Broker(kind) => {
                 let broker = start_broker(kind).await?;
-                let address = broker.address();
-                (Some(broker), None, Some(address))
+                let reached = (broker.protocol(), broker.address());
+                Self::assemble(Some(broker), None, Some(reached), vars)
             }
             Select::Proxied(kind) => {
                 let (broker, proxy, address) = start_proxied(kind).await?;
-                (Some(broker), Some(proxy), Some(address))
+                let reached = (broker.protocol(), address);
+                Self::assemble(Some(broker), Some(proxy), Some(reached), vars)
             }
             Select::External(protocol, address) => {
-                let base = broker_vars(protocol, &address, 1);
-                return Ok(Self::assemble(None, Some((protocol, address)), base, vars));
+                Self::assemble(None, None, Some((protocol, address)), vars)
             }
-        };
-        let (base, reached) = match (&broker, address) {
-            (Some(b), Some(address)) => (
-                broker_vars(b.protocol(), &address, b.nodes()),
-                Some((b.protocol(), address)),
-            ),
-            _ => (vec![("EVENTBUS_BACKEND".into(), "memory".into())], None),
-        };
-        let mut fixture = Self::assemble(broker, reached, base, vars);
-        fixture.proxy = proxy;
-        Ok(fixture)
+        })
     }
 
+    /// A fixture without a bus: the variables that reach `reached` (protocol, the address
+    /// clients are given), or the memory backend, with `vars` on top.
     fn assemble(
         broker: Option<Box<dyn TestBroker>>,
+        proxy: Option<Arc<FaultProxy>>,
         reached: Option<(Protocol, String)>,
-        base: Vec<(String, String)>,
         vars: &[(&str, &str)],
     ) -> Fixture {
+        let base = match &reached {
+            Some((protocol, address)) => {
+                broker_vars(*protocol, address, broker.as_ref().map_or(1, |b| b.nodes()))
+            }
+            None => vec![("EVENTBUS_BACKEND".into(), "memory".into())],
+        };
+        let extra: Vec<(String, String)> = vars
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
         let (protocol, address) = reached.unzip();
         Fixture {
             bus: None,
-            vars: merge(base, vars),
+            vars: merge(&base, &extra),
             address,
             protocol,
-            proxy: None,
+            proxy,
             broker,
         }
     }
@@ -256,15 +255,7 @@ impl Fixture {
         match (&self.broker, &self.proxy) {
             (Some(b), Some(_)) if b.protocol() == Protocol::Nats => {
                 let own = broker_vars(b.protocol(), &b.address(), b.nodes());
-                let vars: Vec<(String, String)> = self
-                    .vars
-                    .iter()
-                    .map(|(k, v)| {
-                        let v = own.iter().find(|(o, _)| o == k).map_or(v, |(_, o)| o);
-                        (k.clone(), v.clone())
-                    })
-                    .collect();
-                connect(&vars).await
+                connect(&merge(&self.vars, &own)).await
             }
             _ => self.connect_again().await,
         }

@@ -455,12 +455,21 @@ impl Ledger {
         }
     }
 
-    /// Give back memory after a burst: a deque keeps its largest capacity.
-    fn release(&mut self) {
+    /// Drop the settled run at the front; the offset of the first entry still in flight.
+    /// Gives memory back after a burst (a deque keeps its largest capacity).
+    fn first_open(&mut self) -> Option<i64> {
+        while self
+            .0
+            .front()
+            .is_some_and(|(_, e)| e.stage == Stage::Settled)
+        {
+            self.0.pop_front();
+        }
         let (len, cap) = (self.0.len(), self.0.capacity());
         if cap > 4_096 && len < cap / 4 {
             self.0.shrink_to(len * 2);
         }
+        self.0.front().map(|(offset, _)| *offset)
     }
 
     fn values(&self) -> impl Iterator<Item = &Entry> {
@@ -490,17 +499,7 @@ impl Part {
     /// Drop the settled run at the front; the offset to commit (first unsettled, or after the
     /// last polled message).
     fn commit_point(&mut self) -> Option<i64> {
-        let at = loop {
-            match self.entries.0.front() {
-                Some((offset, e)) if e.stage != Stage::Settled => break Some(*offset),
-                Some(_) => {
-                    self.entries.0.pop_front();
-                }
-                None => break self.next,
-            }
-        };
-        self.entries.release();
-        at
+        self.entries.first_open().or(self.next)
     }
 }
 
