@@ -521,7 +521,16 @@ fn main() -> std::process::ExitCode {
     if rows.iter().all(Row::passed) {
         std::process::ExitCode::SUCCESS
     } else {
-        eprintln!("reliability: some scenarios FAILED");
+        // Repeated last so that a log's tail (all CI keeps) names the row and why.
+        eprintln!("reliability: some scenarios FAILED:");
+        for row in rows.iter().filter(|r| !r.passed()) {
+            eprintln!(
+                "  {} on {}: {}",
+                row.scenario,
+                row.backend,
+                row.failures.join("; ")
+            );
+        }
         std::process::ExitCode::FAILURE
     }
 }
