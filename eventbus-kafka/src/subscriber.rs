@@ -1005,12 +1005,13 @@ fn polled(m: &rdkafka::message::BorrowedMessage<'_>, topic: &mut Option<Topic>) 
 /// Register the freshly polled messages ([`Shared::pending`]) and queue their first
 /// deliveries, under one lock.
 fn admit(shared: &Arc<Shared>) {
-    let burst = std::mem::take(&mut *shared.pending.lock());
+    let mut burst = std::mem::take(&mut *shared.pending.lock());
     if burst.is_empty() {
+        *shared.pending.lock() = burst;
         return;
     }
     let mut st = shared.state.lock();
-    for (partition, offset, message) in burst {
+    for (partition, offset, message) in burst.drain(..) {
         let Some(part) = st.parts.get_mut(&partition) else {
             continue; // revoked meanwhile: the next owner reads it
         };
@@ -1035,6 +1036,13 @@ fn admit(shared: &Arc<Shared>) {
                 round: 0,
             },
         );
+    }
+    drop(st);
+    // The buffer goes back for the next burst with its capacity: taken empty, it grew again
+    // from nothing at every burst (a reallocation and a copy of the messages at each doubling).
+    let mut pending = shared.pending.lock();
+    if pending.is_empty() {
+        *pending = burst;
     }
 }
 
