@@ -55,8 +55,8 @@ pub struct KafkaConfig {
     /// Any librdkafka property, applied last (escape hatch), e.g. `security.protocol`.
     ///
     /// Every client starts from `reconnect.backoff.max.ms=2000` (librdkafka's own default is
-    /// 10 s): while a broker is away, reconnects are at most 2 s apart, so a restarted broker
-    /// is reached again within about 2 s of serving.
+    /// 10 s; raised to `reconnect.backoff.ms` if that is set higher): while a broker is away,
+    /// reconnect attempts are at most 2 s apart.
     pub options: BTreeMap<String, String>,
 }
 
@@ -368,8 +368,19 @@ impl KafkaConfig {
             .set("client.id", &self.client_id)
             // librdkafka doubles its reconnect back-off up to 10 s, so a broker that takes a
             // few seconds to restart was reached again up to 10 s after it served.
-            .set("reconnect.backoff.max.ms", RECONNECT_BACKOFF_MAX_MS);
+            .set("reconnect.backoff.max.ms", self.reconnect_backoff_max());
         c
+    }
+
+    /// [`RECONNECT_BACKOFF_MAX_MS`], or the user's `reconnect.backoff.ms` if that is longer:
+    /// librdkafka refuses a configuration whose first back-off exceeds the cap.
+    fn reconnect_backoff_max(&self) -> String {
+        let cap: u64 = RECONNECT_BACKOFF_MAX_MS.parse().unwrap_or(2_000);
+        self.options
+            .get("reconnect.backoff.ms")
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map_or(cap, |first| first.max(cap))
+            .to_string()
     }
 
     /// A consumer for `group`: no auto-commit and no automatic offset store (the subscription
@@ -585,10 +596,23 @@ mod tests {
             );
         }
         let c = KafkaConfig::new("h:1").option("reconnect.backoff.max.ms", "5000");
+        for cfg in [
+            c.client_config(),
+            c.consumer_config("g", true),
+            c.producer_config(),
+        ] {
+            assert_eq!(cfg.get("reconnect.backoff.max.ms"), Some("5000"));
+        }
+        // A first back-off above the cap raises the cap with it: librdkafka refuses a client
+        // whose reconnect.backoff.ms exceeds reconnect.backoff.max.ms.
+        let c = KafkaConfig::new("h:1").option("reconnect.backoff.ms", "3000");
         assert_eq!(
-            c.producer_config().get("reconnect.backoff.max.ms"),
-            Some("5000")
+            c.client_config().get("reconnect.backoff.max.ms"),
+            Some("3000")
         );
+        c.client_config()
+            .create::<rdkafka::consumer::BaseConsumer>()
+            .expect("librdkafka takes a first back-off of 3 s");
     }
 
     #[test]

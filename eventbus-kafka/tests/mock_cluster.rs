@@ -121,7 +121,8 @@ async fn broker_down_past_message_timeout_resolves_everything() {
 
     mock.broker_up(1).expect("broker up");
     // Publishing recovers once librdkafka has reconnected (its reconnect backoff grows to
-    // 10 s while the broker is down); each attempt is bounded by the 2 s message timeout.
+    // the SDK's 2 s cap while the broker is down); each attempt is bounded by the 2 s message
+    // timeout.
     let up = Instant::now();
     loop {
         let after = publish_all(&p, vec![Message::new("down", "after")]).await;
