@@ -310,9 +310,11 @@ async fn fenced_stops(broker: Broker) {
 /// Two processors in one group split the partitions, and every input is committed as consumed
 /// exactly once between the two.
 ///
-/// Both start at once and join inside the mock's initial rebalance delay (3 s,
-/// `group_initial_rebalance_delay_ms` in librdkafka's `rdkafka_mock.c`), so the partitions are
-/// assigned once, before anything is committed. A partition moved *after* commits cannot be
+/// Both start at once, and the inputs are written only 4 s after both have subscribed, past the
+/// mock's initial rebalance delay (3 s, `group_initial_rebalance_delay_ms` in librdkafka's
+/// `rdkafka_mock.c`): the partitions are assigned before anything is committed, even when one
+/// processor's join comes late (once in CI, with the inputs written first, the second joined
+/// after the first had committed). A partition moved *after* commits cannot be
 /// checked on librdkafka's mock: its TxnOffsetCommit handler (`rdkafka_mock_handlers.c`)
 /// parses the offsets and stores nothing, so the new owner starts again from the beginning
 /// and every input is handled twice. That is what made this test fail once, when the second
@@ -323,7 +325,6 @@ async fn fenced_stops(broker: Broker) {
 async fn two_processors_split_the_group(broker: Broker) {
     let kafka = broker.backend(&[("txn-in", 4), ("txn-out", 1)]).await;
     let n = 2_000;
-    let ids = inputs(&kafka, "txn-in", n).await;
     let slow = |input: Message| async move {
         tokio::time::sleep(Duration::from_micros(500)).await;
         Ok(vec![transform(&input)])
@@ -345,6 +346,8 @@ async fn two_processors_split_the_group(broker: Broker) {
     };
     let ((mut wa, stop_a, a), (mut wb, stop_b, b)) =
         tokio::join!(start("txn-reb-a"), start("txn-reb-b"));
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let ids = inputs(&kafka, "txn-in", n).await;
     let until = Instant::now() + Duration::from_secs(90);
     while wa.borrow().consumed + wb.borrow().consumed < n as u64 && Instant::now() < until {
         tokio::select! {
