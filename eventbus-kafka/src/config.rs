@@ -145,7 +145,7 @@ pub(crate) fn env_options() -> impl Iterator<Item = (&'static str, &'static str)
 /// with a 3 s outage, 1.4-2.6 s at 2 s against 5.0-13.5 s at librdkafka's 10 s; with a 300 ms
 /// outage, 0.29-0.55 s at 2 s (10 runs) against 0.27-2.6 s at 10 s. A 1 s cap was slower on
 /// short outages (1.0-1.4 s in 13 runs).
-const RECONNECT_BACKOFF_MAX_MS: &str = "2000";
+const RECONNECT_BACKOFF_MAX_MS: u64 = 2_000;
 
 /// The `security.protocol` values librdkafka knows (lower case).
 const PROTOCOLS: [&str; 4] = ["plaintext", "ssl", "sasl_plaintext", "sasl_ssl"];
@@ -353,11 +353,7 @@ impl KafkaConfig {
     }
 
     pub(crate) fn client_config(&self) -> rdkafka::ClientConfig {
-        let mut c = self.base_config();
-        for (k, v) in &self.options {
-            c.set(k, v);
-        }
-        c
+        self.with_options(self.base_config())
     }
 
     /// What every client of this config shares: the brokers, the client id and the reconnect
@@ -375,12 +371,21 @@ impl KafkaConfig {
     /// [`RECONNECT_BACKOFF_MAX_MS`], or the user's `reconnect.backoff.ms` if that is longer:
     /// librdkafka refuses a configuration whose first back-off exceeds the cap.
     fn reconnect_backoff_max(&self) -> String {
-        let cap: u64 = RECONNECT_BACKOFF_MAX_MS.parse().unwrap_or(2_000);
         self.options
             .get("reconnect.backoff.ms")
             .and_then(|v| v.trim().parse::<u64>().ok())
-            .map_or(cap, |first| first.max(cap))
+            .map_or(RECONNECT_BACKOFF_MAX_MS, |first| {
+                first.max(RECONNECT_BACKOFF_MAX_MS)
+            })
             .to_string()
+    }
+
+    /// `c` with the user's `options` applied last (they win over everything set before).
+    fn with_options(&self, mut c: rdkafka::ClientConfig) -> rdkafka::ClientConfig {
+        for (k, v) in &self.options {
+            c.set(k, v);
+        }
+        c
     }
 
     /// A consumer for `group`: no auto-commit and no automatic offset store (the subscription
@@ -410,10 +415,7 @@ impl KafkaConfig {
             // With a bounded queue, librdkafka's default 1 s back-off after the queue was full
             // throttled a draining consumer to ~1k msg/s; retry the fetch after 10 ms instead.
             .set("fetch.queue.backoff.ms", "10");
-        for (k, v) in &self.options {
-            c.set(k, v);
-        }
-        c
+        self.with_options(c)
     }
 
     pub(crate) fn producer_config(&self) -> rdkafka::ClientConfig {
@@ -438,10 +440,7 @@ impl KafkaConfig {
             "topic.metadata.propagation.max.ms",
             self.unknown_topic_timeout.as_millis().to_string(),
         );
-        for (k, v) in &self.options {
-            c.set(k, v);
-        }
-        c
+        self.with_options(c)
     }
 }
 
@@ -592,7 +591,7 @@ mod tests {
         ] {
             assert_eq!(
                 cfg.get("reconnect.backoff.max.ms"),
-                Some(RECONNECT_BACKOFF_MAX_MS)
+                Some(RECONNECT_BACKOFF_MAX_MS.to_string().as_str())
             );
         }
         let c = KafkaConfig::new("h:1").option("reconnect.backoff.max.ms", "5000");

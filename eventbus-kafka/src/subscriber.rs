@@ -477,9 +477,8 @@ impl Ledger {
         {
             self.0.pop_front();
         }
-        let (len, cap) = (self.0.len(), self.0.capacity());
-        if cap > 4_096 && len < cap / 4 {
-            self.0.shrink_to(len * 2);
+        if let Some(cap) = shrunk(self.0.len(), self.0.capacity()) {
+            self.0.shrink_to(cap);
         }
         self.0.front().map(|(offset, _)| *offset)
     }
@@ -566,13 +565,19 @@ impl Timers {
         }
         self.waits.retain(|(_, k)| live(k));
         self.delays.retain(|Reverse((_, k))| live(k));
-        if self.waits.capacity() > TIMER_SLACK && self.waits.len() < self.waits.capacity() / 4 {
-            self.waits.shrink_to(self.waits.len() * 2);
+        if let Some(cap) = shrunk(self.waits.len(), self.waits.capacity()) {
+            self.waits.shrink_to(cap);
         }
-        if self.delays.capacity() > TIMER_SLACK && self.delays.len() < self.delays.capacity() / 4 {
-            self.delays.shrink_to(self.delays.len() * 2);
+        if let Some(cap) = shrunk(self.delays.len(), self.delays.capacity()) {
+            self.delays.shrink_to(cap);
         }
     }
+}
+
+/// The capacity to give a buffer back to after a burst (collections keep their largest
+/// capacity): twice its length once it is over 4,096 and under a quarter full.
+fn shrunk(len: usize, capacity: usize) -> Option<usize> {
+    (capacity > 4_096 && len < capacity / 4).then_some(len * 2)
 }
 
 struct Part {
@@ -599,6 +604,17 @@ impl Part {
     fn commit_point(&mut self) -> Option<i64> {
         self.entries.first_open().or(self.next)
     }
+}
+
+/// `k` is the latest delivery of a message in flight in the current assignment of its
+/// partition: its timer fires, its delivery is handed over. [`State::compact_timers`] keeps
+/// exactly the timers this holds for.
+fn current(parts: &HashMap<i32, Part>, k: &Key) -> bool {
+    parts
+        .get(&k.partition)
+        .filter(|p| p.epoch == k.epoch)
+        .and_then(|p| p.entries.get(k.offset))
+        .is_some_and(|e| e.is_current(k))
 }
 
 #[derive(Default)]
@@ -660,13 +676,7 @@ impl State {
             unsettled,
             ..
         } = self;
-        timers.compact(*unsettled, |k| {
-            parts
-                .get(&k.partition)
-                .filter(|p| p.epoch == k.epoch)
-                .and_then(|p| p.entries.get(k.offset))
-                .is_some_and(|e| e.is_current(k))
-        });
+        timers.compact(*unsettled, |k| current(parts, k));
     }
 
     fn settle(&mut self, k: &Key) {
@@ -859,7 +869,7 @@ impl State {
     /// the count this delivery carries.
     fn redeliver_due(&mut self, shared: &Arc<Shared>, now: Instant) {
         while let Some(k) = self.timers.pop_due(now) {
-            if self.entry(&k).is_some_and(|e| e.is_current(&k)) {
+            if current(&self.parts, &k) {
                 self.deliver(shared, k);
             }
         }
@@ -871,7 +881,7 @@ impl State {
     /// handing it over would count a settled message as in flight again.
     fn hand_over(&mut self, feed: &Feed, shared: &Shared, now: Instant) -> bool {
         while let Some((k, d)) = self.backlog.pop_front() {
-            if !self.entry(&k).is_some_and(|e| e.is_current(&k)) {
+            if !current(&self.parts, &k) {
                 continue;
             }
             match feed.try_send(Ok(d)) {
