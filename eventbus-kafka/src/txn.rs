@@ -36,7 +36,9 @@ use std::time::{Duration, Instant};
 
 use eventbus_core::handler::HandlerError;
 use eventbus_core::{Error, ErrorKind, Message, Outcome, Position, Topic, dead_letter, validate};
-use rdkafka::consumer::{Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::consumer::{
+    Consumer, ConsumerContext, ConsumerGroupMetadata, Rebalance, StreamConsumer,
+};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode as C};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
@@ -305,6 +307,50 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
     tokio::task::spawn_blocking(f)
         .await
         .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
+}
+
+/// The offsets to commit with the transaction: the next record of every partition read.
+fn next_offsets(progress: &Progress) -> Result<TopicPartitionList, Error> {
+    let mut offsets = TopicPartitionList::new();
+    for ((topic, partition), next) in &progress.next {
+        offsets
+            .add_partition_offset(topic, *partition, Offset::Offset(*next))
+            .map_err(|e| other("offsets", e))?;
+    }
+    Ok(offsets)
+}
+
+/// Send the consumer's offsets into the transaction and commit it (blocking: run it through
+/// [`blocking`]).
+fn commit_offsets(
+    p: &FutureProducer,
+    offsets: &TopicPartitionList,
+    group: &ConsumerGroupMetadata,
+) -> Result<(), Failure> {
+    // A report resolves its future a moment before librdkafka forgets the message; a commit
+    // in that moment would poll for 100 ms (see `outputs_delivered`). Wait it out here.
+    let settled = Instant::now() + Duration::from_secs(1);
+    while p.in_flight_count() > 0 && Instant::now() < settled {
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    if let Err(e) = p.send_offsets_to_transaction(offsets, group, CALL_TIMEOUT) {
+        // Any failure here leaves the transaction open: abort it.
+        return Err(match failure("send offsets to the transaction", e) {
+            Failure::Again(e) => Failure::Abort(e),
+            f => f,
+        });
+    }
+    // A retriable failure leaves the commit in progress: only a commit may follow.
+    let mut tries = 0;
+    loop {
+        match p.commit_transaction(CALL_TIMEOUT) {
+            Ok(()) => return Ok(()),
+            Err(e) => match failure("commit transaction", e) {
+                Failure::Again(_) if tries < 3 => tries += 1,
+                f => return Err(f),
+            },
+        }
+    }
 }
 
 /// The producer failed for good (librdkafka's fatal error `code`).
@@ -760,14 +806,40 @@ impl TxnProcessor {
             let r = self.clients().consumer.context().revoked.lock();
             progress.first.keys().any(|tp| r.contains(tp))
         };
-        if progress.next.is_empty() || revoked {
+        if progress.next.is_empty() || revoked || !self.outputs_delivered(batch, progress).await? {
             self.abort().await?;
             return Ok(false);
         }
-        // Wait for the outputs' delivery reports here, asynchronously: librdkafka's commit
-        // flushes first, and rust-rdkafka's flush waits in steps of up to 100 ms while another
-        // thread serves the reports (~100 ms per transaction). A refused output aborts the
-        // transaction and counts against its record.
+        let Some(group) = self.clients().consumer.group_metadata() else {
+            self.abort().await?;
+            return Ok(false);
+        };
+        let offsets = next_offsets(progress)?;
+        let p = Arc::clone(&self.clients().producer);
+        match blocking(move || commit_offsets(&p, &offsets, &group)).await {
+            Ok(()) => {
+                self.committed(progress);
+                Ok(true)
+            }
+            Err(Failure::Abort(e)) => {
+                tracing::warn!(error = %e, "transaction aborted; the batch is read again");
+                self.abort().await?;
+                Ok(false)
+            }
+            Err(Failure::Stop(e) | Failure::Again(e)) => Err(e),
+        }
+    }
+
+    /// Wait for the outputs' delivery reports here, asynchronously: librdkafka's commit
+    /// flushes first, and rust-rdkafka's flush waits in steps of up to 100 ms while another
+    /// thread serves the reports (~100 ms per transaction). `false`: an output was refused or
+    /// not delivered in time, and the transaction must be aborted; a refusal that cannot pass
+    /// on a retry counts against its record.
+    async fn outputs_delivered(
+        &mut self,
+        batch: &[Read],
+        progress: &mut Progress,
+    ) -> Result<bool, Error> {
         let deliveries = std::mem::take(&mut progress.deliveries);
         let reports = async {
             for (i, d) in deliveries {
@@ -779,86 +851,37 @@ impl TxnProcessor {
             }
             None
         };
-        let undelivered = match tokio::time::timeout(CALL_TIMEOUT, reports).await {
-            Ok(u) => u,
-            Err(_) => {
-                tracing::warn!("outputs not delivered in time; the transaction is aborted");
-                self.abort().await?;
-                return Ok(false);
-            }
-        };
-        if let Some((i, e)) = undelivered {
-            if let Some((code, _)) = self.clients().producer.client().fatal_error() {
-                return Err(fatal("deliver", code));
-            }
-            if let Some(Outcome::Failed(refused)) = e.as_ref().map(crate::error::delivery)
-                && !refused.is_retryable()
-            {
-                let reason = format!("output refused by the broker: {refused}");
-                self.note_failure(batch[i].key(), reason);
-            }
-            tracing::warn!("an output was not delivered; the transaction is aborted");
-            self.abort().await?;
-            return Ok(false);
-        }
-        let mut offsets = TopicPartitionList::new();
-        for ((topic, partition), next) in &progress.next {
-            offsets
-                .add_partition_offset(topic, *partition, Offset::Offset(*next))
-                .map_err(|e| other("offsets", e))?;
-        }
-        let Some(group) = self.clients().consumer.group_metadata() else {
-            self.abort().await?;
+        let Ok(undelivered) = tokio::time::timeout(CALL_TIMEOUT, reports).await else {
+            tracing::warn!("outputs not delivered in time; the transaction is aborted");
             return Ok(false);
         };
-        let p = Arc::clone(&self.clients().producer);
-        let result = blocking(move || {
-            // A report resolves its future a moment before librdkafka forgets the message; a
-            // commit in that moment would poll for 100 ms (see above). Wait it out here.
-            let settled = Instant::now() + Duration::from_secs(1);
-            while p.in_flight_count() > 0 && Instant::now() < settled {
-                std::thread::sleep(Duration::from_micros(200));
-            }
-            if let Err(e) = p.send_offsets_to_transaction(&offsets, &group, CALL_TIMEOUT) {
-                // Any failure here leaves the transaction open: abort it.
-                return Err(match failure("send offsets to the transaction", e) {
-                    Failure::Again(e) => Failure::Abort(e),
-                    f => f,
-                });
-            }
-            // A retriable failure leaves the commit in progress: only a commit may follow.
-            let mut tries = 0;
-            loop {
-                match p.commit_transaction(CALL_TIMEOUT) {
-                    Ok(()) => return Ok(()),
-                    Err(e) => match failure("commit transaction", e) {
-                        Failure::Again(_) if tries < 3 => tries += 1,
-                        f => return Err(f),
-                    },
-                }
-            }
-        })
-        .await;
-        match result {
-            Ok(()) => {
-                self.stats.committed += 1;
-                self.stats.consumed += progress.consumed;
-                self.stats.produced += progress.produced;
-                self.stats.dead_lettered += progress.dead_lettered;
-                metrics::counter!("eventbus_kafka_txn_committed_total").increment(1);
-                metrics::counter!("eventbus_kafka_txn_consumed_total").increment(progress.consumed);
-                metrics::counter!("eventbus_kafka_txn_dead_lettered_total")
-                    .increment(progress.dead_lettered);
-                self.progress.send_replace(self.stats);
-                Ok(true)
-            }
-            Err(Failure::Abort(e)) => {
-                tracing::warn!(error = %e, "transaction aborted; the batch is read again");
-                self.abort().await?;
-                Ok(false)
-            }
-            Err(Failure::Stop(e) | Failure::Again(e)) => Err(e),
+        let Some((i, e)) = undelivered else {
+            return Ok(true);
+        };
+        if let Some((code, _)) = self.clients().producer.client().fatal_error() {
+            return Err(fatal("deliver", code));
         }
+        if let Some(Outcome::Failed(refused)) = e.as_ref().map(crate::error::delivery)
+            && !refused.is_retryable()
+        {
+            let reason = format!("output refused by the broker: {refused}");
+            self.note_failure(batch[i].key(), reason);
+        }
+        tracing::warn!("an output was not delivered; the transaction is aborted");
+        Ok(false)
+    }
+
+    /// Count a committed transaction in the stats and metrics, and tell the watchers.
+    fn committed(&mut self, progress: &Progress) {
+        self.stats.committed += 1;
+        self.stats.consumed += progress.consumed;
+        self.stats.produced += progress.produced;
+        self.stats.dead_lettered += progress.dead_lettered;
+        metrics::counter!("eventbus_kafka_txn_committed_total").increment(1);
+        metrics::counter!("eventbus_kafka_txn_consumed_total").increment(progress.consumed);
+        metrics::counter!("eventbus_kafka_txn_dead_lettered_total")
+            .increment(progress.dead_lettered);
+        self.progress.send_replace(self.stats);
     }
 
     /// Abort the open transaction (again while librdkafka says a retry can finish it).

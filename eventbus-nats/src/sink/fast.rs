@@ -393,38 +393,10 @@ impl Fast {
             .iter()
             .map(|e| headers::encode_ref(&e.msg, w.dedup))
             .collect();
-        let count = entries.len() as u64;
         // Last subject: the commit goes to a subject of the stream.
         let last_subject = entries[entries.len() - 1].msg.topic().as_str().to_owned();
         track(w, (n, l), stream, entries, (tries, silences));
-        let mut reply = String::with_capacity(prefix.len() + id.len() + 32);
-        let mut sent = 0u64;
-        let mut failure = None;
-        for (subject, payload, hdrs) in encoded {
-            let seq = sent + 1;
-            let op = if seq == 1 { Op::Start } else { Op::Append };
-            self::reply(&mut reply, &prefix, &id, seq, op);
-            if let Err(e) = w
-                .client
-                .publish_with_reply_and_headers(subject, reply.clone(), hdrs, payload)
-                .await
-            {
-                failure = Some(e);
-                break;
-            }
-            sent = seq;
-        }
-        let failure = match failure {
-            Some(e) => Some(e),
-            None => {
-                // End of batch: an empty commit message, not stored.
-                self::reply(&mut reply, &prefix, &id, count + 1, Op::CommitEob);
-                w.client
-                    .publish_with_reply(last_subject, reply.clone(), Bytes::new())
-                    .await
-                    .err()
-            }
-        };
+        let (sent, failure) = publish_batch(w, &prefix, &id, encoded, last_subject).await;
         let mut groups = w.groups.lock();
         if let Some(e) = failure {
             // The client is closed. A fast batch is stored as it arrives: what was handed over
@@ -741,6 +713,41 @@ impl Protocol for Fast {
     }
 }
 
+/// Hand a lane batch's messages to the connection, then its commit (an empty message to
+/// `last_subject`, not stored). How many messages were handed over, and the error that
+/// stopped it (the client closed), if any.
+async fn publish_batch(
+    w: &Writer<FastBatch>,
+    prefix: &str,
+    id: &str,
+    encoded: Vec<(String, Bytes, async_nats::HeaderMap)>,
+    last_subject: String,
+) -> (u64, Option<async_nats::PublishError>) {
+    let count = encoded.len() as u64;
+    let mut reply = String::with_capacity(prefix.len() + id.len() + 32);
+    let mut sent = 0u64;
+    for (subject, payload, hdrs) in encoded {
+        let seq = sent + 1;
+        let op = if seq == 1 { Op::Start } else { Op::Append };
+        self::reply(&mut reply, prefix, id, seq, op);
+        if let Err(e) = w
+            .client
+            .publish_with_reply_and_headers(subject, reply.clone(), hdrs, payload)
+            .await
+        {
+            return (sent, Some(e));
+        }
+        sent = seq;
+    }
+    self::reply(&mut reply, prefix, id, count + 1, Op::CommitEob);
+    let failure = w
+        .client
+        .publish_with_reply(last_subject, reply, Bytes::new())
+        .await
+        .err();
+    (sent, failure)
+}
+
 /// The pub ack of lane batch `n` of lane `l`: one message sent alone. "In process" (an earlier
 /// attempt is being replicated), "no responders" and 503 send it again after a backoff, with
 /// the lane held; any other answer settles it.
@@ -822,12 +829,18 @@ fn route_fast(
     };
     let g = map.remove(&(n, l)).expect("present").state;
     drop(map);
+    finish_fast(r, g, &end);
+}
+
+/// Settle what lane batch `g` (ended as `end` says) stored or refused, and hand the messages
+/// it must send again back to the head of its lane.
+fn finish_fast(r: &Router<FastBatch>, g: FastBatch, end: &End) {
     let fast = &g.fast;
     let mut again = Vec::new();
     // A committed batch answers for all its messages at once: one lock on the router for them.
     let mut settled = Vec::with_capacity(g.entries.len());
     for (j, mut e) in g.entries.into_iter().enumerate() {
-        match fast.fate(j as u64 + 1, &end) {
+        match fast.fate(j as u64 + 1, end) {
             Fate::Settle(o) => settled.push(e.settlement(o)),
             Fate::Resend { maybe_stored } if maybe_stored && !r.dedup => {
                 settled.push(e.settlement(Outcome::Unknown(err(
