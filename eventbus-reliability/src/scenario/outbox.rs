@@ -177,31 +177,7 @@ async fn outbox_with<T: Target>(t: &mut T, size: Size, faults: Faults, name: &st
             .await
             .map_err(|e| format!("provision: {e}"))
     );
-    let pool = try_setup!(
-        row,
-        sqlx::postgres::PgPoolOptions::new()
-            .max_connections(8)
-            .acquire_timeout(Duration::from_secs(2))
-            .connect(&pg.url())
-            .await
-            .map_err(|e| format!("connect PostgreSQL: {e}"))
-    );
-    let outbox = PgOutbox::new(pool.clone());
-    try_setup!(
-        row,
-        async {
-            outbox.migrate().await?;
-            sqlx::query("CREATE TABLE orders (id BIGINT)")
-                .execute(&pool)
-                .await
-                .map(|_| ())
-                .map_err(|e| {
-                    eventbus_core::Error::new(eventbus_core::ErrorKind::Storage, e.to_string())
-                })
-        }
-        .await
-        .map_err(|e| format!("schema: {e}"))
-    );
+    let (pool, outbox) = try_setup!(row, open(&pg).await);
     let setup = RelaySetup {
         database: pg.url(),
         env: t.bus_env(),
@@ -216,126 +192,20 @@ async fn outbox_with<T: Target>(t: &mut T, size: Size, faults: Faults, name: &st
     let ledger = Ledger::default();
     let per = if size.quick { 300 } else { 1_000 };
     let topic: Arc<str> = topics[0].as_str().into();
-    let writers: Vec<_> = (0..5u32)
-        .map(|w| {
-            let (pool, outbox, ledger) = (pool.clone(), outbox.clone(), ledger.clone());
-            let (run, topic) = (run.clone(), Arc::clone(&topic));
-            tokio::spawn(async move {
-                for seq in 0..per {
-                    let msg = record::message(&run, &topic, w, seq, 100);
-                    let commit = seq % 10 != 7;
-                    let at = Instant::now();
-                    write(&pool, &outbox, &msg, commit).await;
-                    let class = if commit { Class::Acked } else { Class::Failed };
-                    ledger.record((w, seq), at, class, None);
-                    tokio::time::sleep(Duration::from_millis(if size.quick { 20 } else { 8 }))
-                        .await;
-                }
-            })
-        })
-        .collect();
+    let writers = writers(&pool, &outbox, &ledger, (&run, &topic), per, size);
     // The faults, while the writers commit (about 6-8 s).
-    let mut log = Vec::new();
-    tokio::time::sleep(Duration::from_millis(1_000)).await;
-    if faults == Faults::DatabasePause {
-        let down = Instant::now();
-        let paused = blocking(|| {
-            let paused = pg.pause();
-            std::thread::sleep(DB_PAUSE);
-            // Resumed whatever the pause did: never leave the database stopped.
-            let resumed = pg.resume();
-            paused.and(resumed)
-        })
-        .await;
-        if let Err(e) = paused {
-            row.failures.push(format!("pause PostgreSQL: {e}"));
-        }
-        log.push(format!(
-            "PostgreSQL SIGSTOPped at 1.0 s, resumed after {} ms",
-            ms(down.elapsed())
-        ));
-    } else {
-        relays[0].kill();
-        log.push("relay 0 SIGKILLed at 1.0 s".to_owned());
-        tokio::time::sleep(Duration::from_millis(1_000)).await;
-        match RelayProcess::spawn(&setup) {
-            Ok(r) => relays[0] = r,
-            Err(e) => row.failures.push(format!("restart relay: {e}")),
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let down = Instant::now();
-        let restarted = blocking(|| {
-            pg.kill();
-            std::thread::sleep(Duration::from_millis(500));
-            pg.restart()
-        })
-        .await;
-        if let Err(e) = restarted {
-            row.failures.push(format!("restart PostgreSQL: {e}"));
-        }
-        log.push(format!(
-            "PostgreSQL SIGKILLed, back after {} ms",
-            ms(down.elapsed())
-        ));
-    }
-    if faults == Faults::AlsoBroker {
-        tokio::time::sleep(Duration::from_millis(1_000)).await;
-        let down = Instant::now();
-        t.kill();
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        if let Err(e) = blocking(|| t.restart()).await {
-            row.failures.push(format!("restart the broker: {e}"));
-        }
-        log.push(format!(
-            "{} SIGKILLed, back after {} ms",
-            t.broker().describe(),
-            ms(down.elapsed())
-        ));
-    }
+    let log = inflict(t, &mut pg, &mut relays, &setup, faults, &mut row).await;
     for w in writers {
         let _ = w.await;
     }
     // Every committed row published: the outbox empties.
-    let until = Instant::now() + Duration::from_secs(60);
-    let mut pending = u64::MAX;
-    while Instant::now() < until {
-        match outbox.stats().await {
-            Ok(s) if s.pending == 0 => {
-                pending = 0;
-                break;
-            }
-            Ok(s) => pending = s.pending,
-            Err(_) => {}
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let pending = drained(&outbox, Duration::from_secs(60)).await;
     row.require(
         pending == 0,
         format!("{pending} rows still pending after 60 s"),
     );
     drop(relays);
-    // Every publish a relay recorded (marked, or sent back for a retry) adds one attempt: more
-    // than about one per row means relays published the same rows side by side.
-    let publishes: Result<(i64, i64), _> = sqlx::query_as(
-        "SELECT count(*), coalesce(sum(attempts), 0)::int8 FROM eventbus_outbox WHERE state = 1",
-    )
-    .fetch_one(&pool)
-    .await;
-    match publishes {
-        Ok((rows, attempts)) => {
-            let per = attempts as f64 / rows.max(1) as f64;
-            row.notes.push(format!(
-                "{attempts} publishes recorded for {rows} rows ({per:.3} per row)"
-            ));
-            row.require(
-                per <= MAX_PUBLISHES_PER_ROW,
-                format!(
-                    "{per:.2} publishes per row (at most {MAX_PUBLISHES_PER_ROW}): relays published the same rows"
-                ),
-            );
-        }
-        Err(e) => row.failures.push(format!("counting publishes: {e}")),
-    }
+    count_publishes(&pool, &mut row).await;
     let stored = t.stored(&run).await.map(|n| n as usize);
     // Without the broker's de-duplication, the consumer's layer drops copies a relay published
     // again (killed before it marked them): what a consumer then sees is checked.
@@ -385,6 +255,164 @@ async fn outbox_with<T: Target>(t: &mut T, size: Size, faults: Faults, name: &st
         ),
     );
     row
+}
+
+/// A pool on `pg`, the outbox table and the business table.
+async fn open(pg: &Postgres) -> Result<(sqlx::PgPool, PgOutbox), String> {
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(8)
+        .acquire_timeout(Duration::from_secs(2))
+        .connect(&pg.url())
+        .await
+        .map_err(|e| format!("connect PostgreSQL: {e}"))?;
+    let outbox = PgOutbox::new(pool.clone());
+    outbox.migrate().await.map_err(|e| format!("schema: {e}"))?;
+    sqlx::query("CREATE TABLE orders (id BIGINT)")
+        .execute(&pool)
+        .await
+        .map_err(|e| format!("schema: {e}"))?;
+    Ok((pool, outbox))
+}
+
+/// 5 writers committing `per` transactions each to `topic` of `run`, one in ten rolled back,
+/// each recorded in `ledger` (a rollback as failed).
+fn writers(
+    pool: &sqlx::PgPool,
+    outbox: &PgOutbox,
+    ledger: &Ledger,
+    (run, topic): (&str, &Arc<str>),
+    per: u64,
+    size: Size,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    (0..5u32)
+        .map(|w| {
+            let (pool, outbox, ledger) = (pool.clone(), outbox.clone(), ledger.clone());
+            let (run, topic) = (run.to_owned(), Arc::clone(topic));
+            tokio::spawn(async move {
+                for seq in 0..per {
+                    let msg = record::message(&run, &topic, w, seq, 100);
+                    let commit = seq % 10 != 7;
+                    let at = Instant::now();
+                    write(&pool, &outbox, &msg, commit).await;
+                    let class = if commit { Class::Acked } else { Class::Failed };
+                    ledger.record((w, seq), at, class, None);
+                    tokio::time::sleep(Duration::from_millis(if size.quick { 20 } else { 8 }))
+                        .await;
+                }
+            })
+        })
+        .collect()
+}
+
+/// The row's faults, from 1 s in: what happened, for the row's notes.
+async fn inflict<T: Target>(
+    t: &mut T,
+    pg: &mut Postgres,
+    relays: &mut [Worker],
+    setup: &RelaySetup,
+    faults: Faults,
+    row: &mut Row,
+) -> Vec<String> {
+    let mut log = Vec::new();
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    if faults == Faults::DatabasePause {
+        let down = Instant::now();
+        let paused = blocking(|| {
+            let paused = pg.pause();
+            std::thread::sleep(DB_PAUSE);
+            // Resumed whatever the pause did: never leave the database stopped.
+            let resumed = pg.resume();
+            paused.and(resumed)
+        })
+        .await;
+        if let Err(e) = paused {
+            row.failures.push(format!("pause PostgreSQL: {e}"));
+        }
+        log.push(format!(
+            "PostgreSQL SIGSTOPped at 1.0 s, resumed after {} ms",
+            ms(down.elapsed())
+        ));
+    } else {
+        relays[0].kill();
+        log.push("relay 0 SIGKILLed at 1.0 s".to_owned());
+        tokio::time::sleep(Duration::from_millis(1_000)).await;
+        match RelayProcess::spawn(setup) {
+            Ok(r) => relays[0] = r,
+            Err(e) => row.failures.push(format!("restart relay: {e}")),
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let down = Instant::now();
+        let restarted = blocking(|| {
+            pg.kill();
+            std::thread::sleep(Duration::from_millis(500));
+            pg.restart()
+        })
+        .await;
+        if let Err(e) = restarted {
+            row.failures.push(format!("restart PostgreSQL: {e}"));
+        }
+        log.push(format!(
+            "PostgreSQL SIGKILLed, back after {} ms",
+            ms(down.elapsed())
+        ));
+    }
+    if faults == Faults::AlsoBroker {
+        tokio::time::sleep(Duration::from_millis(1_000)).await;
+        let down = Instant::now();
+        t.kill();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        if let Err(e) = blocking(|| t.restart()).await {
+            row.failures.push(format!("restart the broker: {e}"));
+        }
+        log.push(format!(
+            "{} SIGKILLed, back after {} ms",
+            t.broker().describe(),
+            ms(down.elapsed())
+        ));
+    }
+    log
+}
+
+/// Wait until no row is pending, at most `limit`: the rows still pending then (`u64::MAX` if
+/// the table could not be read).
+async fn drained(outbox: &PgOutbox, limit: Duration) -> u64 {
+    let until = Instant::now() + limit;
+    let mut pending = u64::MAX;
+    while Instant::now() < until {
+        match outbox.stats().await {
+            Ok(s) if s.pending == 0 => return 0,
+            Ok(s) => pending = s.pending,
+            Err(_) => {}
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    pending
+}
+
+/// Publishes per row the relays recorded, required to be about one.
+async fn count_publishes(pool: &sqlx::PgPool, row: &mut Row) {
+    // Every publish a relay recorded (marked, or sent back for a retry) adds one attempt: more
+    // than about one per row means relays published the same rows side by side.
+    let publishes: Result<(i64, i64), _> = sqlx::query_as(
+        "SELECT count(*), coalesce(sum(attempts), 0)::int8 FROM eventbus_outbox WHERE state = 1",
+    )
+    .fetch_one(pool)
+    .await;
+    match publishes {
+        Ok((rows, attempts)) => {
+            let per = attempts as f64 / rows.max(1) as f64;
+            row.notes.push(format!(
+                "{attempts} publishes recorded for {rows} rows ({per:.3} per row)"
+            ));
+            row.require(
+                per <= MAX_PUBLISHES_PER_ROW,
+                format!(
+                    "{per:.2} publishes per row (at most {MAX_PUBLISHES_PER_ROW}): relays published the same rows"
+                ),
+            );
+        }
+        Err(e) => row.failures.push(format!("counting publishes: {e}")),
+    }
 }
 
 /// One business transaction: an order row and `msg` enqueued, committed when `commit`, else
