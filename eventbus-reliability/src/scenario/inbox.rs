@@ -230,6 +230,110 @@ pub enum InboxFault {
     RestartDatabase,
 }
 
+impl Database {
+    /// A PostgreSQL server of the project's own, or a SQLite file in a temporary directory.
+    async fn start(store: Store) -> Result<Database, String> {
+        match store {
+            Store::Postgres => blocking(Postgres::start)
+                .await
+                .map(Database::Postgres)
+                .map_err(|e| format!("start PostgreSQL: {e}")),
+            Store::Sqlite => tempfile::tempdir()
+                .map(Database::Sqlite)
+                .map_err(|e| format!("temp dir: {e}")),
+        }
+    }
+}
+
+/// Publish `n` keyed messages to `topic` at about 2,500 a second, then wait for their acks:
+/// how many were acked.
+async fn publish_paced<P: Publisher>(
+    publisher: P,
+    topic: String,
+    n: usize,
+) -> Result<usize, String> {
+    let mut acks = Vec::with_capacity(n);
+    for i in 0..n {
+        let msg = Message::new(topic.as_str(), format!("m{i}")).with_key(format!("k{}", i % 16));
+        match publisher.publish(msg).await {
+            Ok(ack) => acks.push(ack),
+            Err(e) => return Err(format!("publish: {e}")),
+        }
+        if i % 100 == 99 {
+            // About 2,500 messages a second: the kills land while messages arrive.
+            tokio::time::sleep(Duration::from_millis(40)).await;
+        }
+    }
+    let mut acked = 0usize;
+    for ack in acks {
+        if ack.await.into_result().is_ok() {
+            acked += 1;
+        }
+    }
+    let _ = publisher.close(Duration::from_secs(5)).await;
+    Ok(acked)
+}
+
+/// `kills` faults at random 200-900 ms intervals: the consumer process SIGKILLed and started
+/// again by `spawn` (the start's number), or PostgreSQL SIGKILLed and restarted. The
+/// database's downtimes, in ms.
+async fn inflict(
+    fault: InboxFault,
+    kills: usize,
+    db: &mut Database,
+    consumer: &mut Worker,
+    spawn: &impl Fn(usize) -> std::io::Result<Worker>,
+) -> Result<Vec<u128>, String> {
+    let mut downtimes = Vec::new();
+    for start in 1..=kills {
+        let wait = rand::rng().random_range(200..900);
+        tokio::time::sleep(Duration::from_millis(wait)).await;
+        if let (InboxFault::RestartDatabase, Database::Postgres(pg)) = (fault, &mut *db) {
+            let down = Instant::now();
+            blocking(|| {
+                pg.kill();
+                std::thread::sleep(Duration::from_millis(300));
+                pg.restart()
+            })
+            .await
+            .map_err(|e| format!("restart PostgreSQL: {e}"))?;
+            downtimes.push(down.elapsed().as_millis());
+            continue;
+        }
+        consumer.kill();
+        *consumer = spawn(start).map_err(|e| format!("restart the consumer: {e}"))?;
+    }
+    Ok(downtimes)
+}
+
+/// Wait until `acked` distinct messages were applied, at most `limit`: the table's counts
+/// (rows, distinct messages, deliveries). A stall notes what PostgreSQL's sessions were doing.
+async fn applied(pool: &Pool, acked: usize, limit: Duration, row: &mut Row) -> (i64, i64, i64) {
+    let until = Instant::now() + limit;
+    let mut counts = (0, 0, 0);
+    while Instant::now() < until {
+        match pool.counts().await {
+            Ok(c) => {
+                counts = c;
+                if c.1 as usize >= acked {
+                    break;
+                }
+            }
+            Err(e) => row.notes.push(e),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    if (counts.1 as usize) < acked
+        && let Some(sessions) = pool.sessions().await
+    {
+        // Stalled: what the database's sessions were doing says whether the consumer waits
+        // on PostgreSQL (a lock, an open transaction) or on itself.
+        row.notes
+            .push(format!("stalled; PostgreSQL sessions: {sessions}"));
+    }
+    counts
+}
+
 /// `inbox-kill` (PostgreSQL) / `inbox-kill-sqlite`: the consumer process SIGKILLed at random
 /// points while messages are published, and restarted each time. `inbox-db-restart`: the
 /// database SIGKILLed and restarted instead, twice (quick) or five times.
@@ -240,22 +344,7 @@ pub async fn inbox_kill<T: Target>(t: &mut T, size: Size, store: Store, fault: I
         (Store::Sqlite, _) => ("inbox-kill-sqlite", "sqlite"),
     };
     let mut row = Row::new(name, &format!("{}+{db_name}", t.name()));
-    let mut db = match store {
-        Store::Postgres => match blocking(Postgres::start).await {
-            Ok(pg) => Database::Postgres(pg),
-            Err(e) => {
-                row.failures.push(format!("start PostgreSQL: {e}"));
-                return row;
-            }
-        },
-        Store::Sqlite => match tempfile::tempdir() {
-            Ok(d) => Database::Sqlite(d),
-            Err(e) => {
-                row.failures.push(format!("temp dir: {e}"));
-                return row;
-            }
-        },
-    };
+    let mut db = try_setup!(row, Database::start(store).await);
     let url = db.url();
     let pool = try_setup!(row, Pool::open(&url).await);
     try_setup!(row, pool.create_tables().await);
@@ -292,29 +381,7 @@ pub async fn inbox_kill<T: Target>(t: &mut T, size: Size, store: Store, fault: I
     );
     let n: usize = if size.quick { 2_000 } else { 10_000 };
     let topic = topics[0].clone();
-    let publishing = tokio::spawn(async move {
-        let mut acks = Vec::with_capacity(n);
-        for i in 0..n {
-            let msg =
-                Message::new(topic.as_str(), format!("m{i}")).with_key(format!("k{}", i % 16));
-            match publisher.publish(msg).await {
-                Ok(ack) => acks.push(ack),
-                Err(e) => return Err(format!("publish: {e}")),
-            }
-            if i % 100 == 99 {
-                // About 2,500 messages a second: the kills land while messages arrive.
-                tokio::time::sleep(Duration::from_millis(40)).await;
-            }
-        }
-        let mut acked = 0usize;
-        for ack in acks {
-            if ack.await.into_result().is_ok() {
-                acked += 1;
-            }
-        }
-        let _ = publisher.close(Duration::from_secs(5)).await;
-        Ok(acked)
-    });
+    let publishing = tokio::spawn(publish_paced(publisher, topic, n));
     // SIGKILL the consumer (or the database) at random points while messages are published
     // and handled.
     let kills = match (fault, size.quick) {
@@ -323,34 +390,13 @@ pub async fn inbox_kill<T: Target>(t: &mut T, size: Size, store: Store, fault: I
         (InboxFault::RestartDatabase, true) => 2,
         (InboxFault::RestartDatabase, false) => 5,
     };
-    let mut downtimes = Vec::new();
-    for start in 1..=kills {
-        let wait = rand::rng().random_range(200..900);
-        tokio::time::sleep(Duration::from_millis(wait)).await;
-        if let (InboxFault::RestartDatabase, Database::Postgres(pg)) = (fault, &mut db) {
-            let down = Instant::now();
-            let restarted = blocking(|| {
-                pg.kill();
-                std::thread::sleep(Duration::from_millis(300));
-                pg.restart()
-            })
-            .await;
-            if let Err(e) = restarted {
-                row.failures.push(format!("restart PostgreSQL: {e}"));
-                return row;
-            }
-            downtimes.push(down.elapsed().as_millis());
-            continue;
+    let downtimes = match inflict(fault, kills, &mut db, &mut consumer, &spawn).await {
+        Ok(d) => d,
+        Err(e) => {
+            row.failures.push(e);
+            return row;
         }
-        consumer.kill();
-        consumer = match spawn(start) {
-            Ok(c) => c,
-            Err(e) => {
-                row.failures.push(format!("restart the consumer: {e}"));
-                return row;
-            }
-        };
-    }
+    };
     let acked = match publishing.await {
         Ok(Ok(a)) => a,
         Ok(Err(e)) => {
@@ -363,28 +409,7 @@ pub async fn inbox_kill<T: Target>(t: &mut T, size: Size, store: Store, fault: I
         }
     };
     // Every message's effect, however many redeliveries the kills caused.
-    let until = Instant::now() + Duration::from_secs(90);
-    let mut counts = (0, 0, 0);
-    while Instant::now() < until {
-        match pool.counts().await {
-            Ok(c) => {
-                counts = c;
-                if c.1 as usize >= acked {
-                    break;
-                }
-            }
-            Err(e) => row.notes.push(e),
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    if (counts.1 as usize) < acked
-        && let Some(sessions) = pool.sessions().await
-    {
-        // Stalled: what the database's sessions were doing says whether the consumer waits
-        // on PostgreSQL (a lock, an open transaction) or on itself.
-        row.notes
-            .push(format!("stalled; PostgreSQL sessions: {sessions}"));
-    }
+    let mut counts = applied(&pool, acked, Duration::from_secs(90), &mut row).await;
     // Late redeliveries of messages already applied must change nothing.
     tokio::time::sleep(Duration::from_secs(3)).await;
     drop(consumer);
