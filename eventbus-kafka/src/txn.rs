@@ -341,11 +341,20 @@ fn commit_offsets(
         });
     }
     // A retriable failure leaves the commit in progress: only a commit may follow.
+    retried("commit transaction", || p.commit_transaction(CALL_TIMEOUT))
+}
+
+/// `call` (a transaction step), made again up to 3 times while librdkafka says a retry can
+/// finish it.
+fn retried(
+    what: &'static str,
+    mut call: impl FnMut() -> rdkafka::error::KafkaResult<()>,
+) -> Result<(), Failure> {
     let mut tries = 0;
     loop {
-        match p.commit_transaction(CALL_TIMEOUT) {
+        match call() {
             Ok(()) => return Ok(()),
-            Err(e) => match failure("commit transaction", e) {
+            Err(e) => match failure(what, e) {
                 Failure::Again(_) if tries < 3 => tries += 1,
                 f => return Err(f),
             },
@@ -887,20 +896,11 @@ impl TxnProcessor {
     /// Abort the open transaction (again while librdkafka says a retry can finish it).
     async fn abort(&mut self) -> Result<(), Error> {
         let p = Arc::clone(&self.clients().producer);
-        let aborted = blocking(move || {
-            let mut tries = 0;
-            loop {
-                match p.abort_transaction(CALL_TIMEOUT) {
-                    Ok(()) => return Ok(()),
-                    Err(e) => match failure("abort transaction", e) {
-                        Failure::Again(_) if tries < 3 => tries += 1,
-                        Failure::Stop(e) | Failure::Abort(e) | Failure::Again(e) => return Err(e),
-                    },
-                }
-            }
-        })
-        .await;
-        aborted?;
+        blocking(move || retried("abort transaction", || p.abort_transaction(CALL_TIMEOUT)))
+            .await
+            .map_err(|f| match f {
+                Failure::Stop(e) | Failure::Abort(e) | Failure::Again(e) => e,
+            })?;
         self.stats.aborted += 1;
         metrics::counter!("eventbus_kafka_txn_aborted_total").increment(1);
         self.progress.send_replace(self.stats);
