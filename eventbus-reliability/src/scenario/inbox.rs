@@ -120,6 +120,19 @@ enum Database {
 }
 
 impl Database {
+    /// A PostgreSQL server of the project's own, or a SQLite file in a temporary directory.
+    async fn start(store: Store) -> Result<Database, String> {
+        match store {
+            Store::Postgres => blocking(Postgres::start)
+                .await
+                .map(Database::Postgres)
+                .map_err(|e| format!("start PostgreSQL: {e}")),
+            Store::Sqlite => tempfile::tempdir()
+                .map(Database::Sqlite)
+                .map_err(|e| format!("temp dir: {e}")),
+        }
+    }
+
     fn url(&self) -> String {
         match self {
             Database::Postgres(pg) => pg.url(),
@@ -228,21 +241,6 @@ pub enum InboxFault {
     KillConsumer,
     /// SIGKILL PostgreSQL under load and start it again; the consumer process lives on.
     RestartDatabase,
-}
-
-impl Database {
-    /// A PostgreSQL server of the project's own, or a SQLite file in a temporary directory.
-    async fn start(store: Store) -> Result<Database, String> {
-        match store {
-            Store::Postgres => blocking(Postgres::start)
-                .await
-                .map(Database::Postgres)
-                .map_err(|e| format!("start PostgreSQL: {e}")),
-            Store::Sqlite => tempfile::tempdir()
-                .map(Database::Sqlite)
-                .map_err(|e| format!("temp dir: {e}")),
-        }
-    }
 }
 
 /// Publish `n` keyed messages to `topic` at about 2,500 a second, then wait for their acks:
