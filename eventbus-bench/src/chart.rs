@@ -324,7 +324,7 @@ pub(crate) fn png(svg: &str) -> Result<Vec<u8>, String> {
 /// `[ack p99, ack p99.9, handler p99, handler p99.9]`.
 pub(crate) type RatePoint = (String, u64, [u64; 4]);
 
-/// The `--latency-study` chart: two panels (publish -> ack, publish -> handler), a group of
+/// The latency rows' chart (main run and `--latency-study`): two panels (publish -> ack, publish -> handler), a group of
 /// bars per offered rate, one bar per series at its p99 with a black tick at its p99.9, on the
 /// latency chart's log axis (0.1 ms .. 10 s).
 pub(crate) fn rates_svg(points: &[RatePoint]) -> String {

@@ -1,6 +1,7 @@
-//! `--latency-study`: publish -> ack and publish -> handler latency at fixed offered rates, the
-//! SDK's default against the raw clients with ids, on a local nats-server (file stream) and a
-//! tansu broker (SQLite engine).
+//! The latency rows of the main run, and `--latency-study` (the same cells, longer):
+//! publish -> ack and publish -> handler latency at fixed offered rates, the SDK's default
+//! against the raw clients with ids, on a local nats-server (file stream) and a tansu broker
+//! (memory engine: [`KAFKA_STORAGE`]).
 //!
 //! One task offers messages on a fixed schedule (message `i` is due at `start + i / rate`; the
 //! timer's 1 ms step sends the ones due in one tick together, the same for every path). A
@@ -560,11 +561,94 @@ fn verdict(rate: u64, sdk: &Histogram<u64>, raw: &Histogram<u64>) -> String {
     )
 }
 
-/// The study: both backends, every rate, SDK and raw interleaved; writes `latency.md` and
-/// `latency.svg` (and `.png`) to `--out`. `Ok(false)` if a run lost or failed a message.
+use crate::report::LatencySection as Section;
+
+/// How long and how often each (path, rate, clock) runs: for the longer of `secs` and the time
+/// `samples` messages take at the rate, `reps` times.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Size {
+    secs: f64,
+    samples: u64,
+    reps: usize,
+}
+
+impl Size {
+    /// Seconds of one run at `rate`.
+    fn secs(self, rate: u64) -> f64 {
+        self.secs.max(self.samples as f64 / rate.max(1) as f64)
+    }
+
+    /// The standalone study: 4 s per run, twice (2 s, once, with `--quick`); `--reps` wins.
+    fn study(args: &Args) -> Size {
+        let (secs, reps) = if args.quick { (2.0, 1) } else { (4.0, 2) };
+        Size {
+            secs,
+            samples: 0,
+            reps: args.reps.unwrap_or(reps),
+        }
+    }
+
+    /// The latency rows of the main run: once per (path, rate, clock), 1 s or 2,000 messages
+    /// (1,000 with `--quick`), so the default run stays within minutes; `--full` runs them as
+    /// the study does.
+    pub(crate) fn run(args: &Args) -> Size {
+        if args.full {
+            Size {
+                secs: 4.0,
+                samples: 0,
+                reps: 2,
+            }
+        } else {
+            Size {
+                secs: 1.0,
+                samples: if args.quick { 1_000 } else { 2_000 },
+                reps: 1,
+            }
+        }
+    }
+
+    fn describe(self) -> String {
+        let each = if self.samples == 0 {
+            format!("{} s per run", self.secs)
+        } else {
+            format!(
+                "{} s or {},{:03} messages per run, whichever is longer",
+                self.secs,
+                self.samples / 1_000,
+                self.samples % 1_000
+            )
+        };
+        format!("{each}, {} run(s) per path, rate and clock", self.reps)
+    }
+}
+
+/// `--latency-study`: [`measure`] at the study's size; writes `latency.md` and `latency.svg`
+/// (and `.png`) to `--out`. `Ok(false)` if a run lost or failed a message.
 pub(crate) async fn study(args: &Args) -> Result<bool, String> {
-    let (secs, reps) = if args.quick { (2.0, 1) } else { (4.0, 2) };
-    let reps = args.reps.unwrap_or(reps);
+    let section = measure(args, Size::study(args)).await?;
+    let md = format!(
+        "# Latency at fixed offered rates\n\nWritten by `cargo xtask bench --latency-study{}` \
+         (eventbus-bench, `latency.rs`): {}\n\n{}",
+        if args.quick { " --quick" } else { "" },
+        section.method,
+        section.table
+    );
+    std::fs::create_dir_all(&args.out).map_err(|e| e.to_string())?;
+    let path = args.out.join("latency.md");
+    std::fs::write(&path, &md).map_err(|e| format!("write {}: {e}", path.display()))?;
+    let svg = section.svg();
+    let path = args.out.join("latency.svg");
+    std::fs::write(&path, &svg).map_err(|e| format!("write {}: {e}", path.display()))?;
+    let path = args.out.join("latency.png");
+    std::fs::write(&path, crate::chart::png(&svg)?)
+        .map_err(|e| format!("write {}: {e}", path.display()))?;
+    println!("{md}");
+    Ok(section.ok)
+}
+
+/// Latency at every rate (`--rates`, default [`RATES`]) on NATS and Kafka (narrowed by
+/// `--backend`), SDK and raw interleaved, each (path, rate, clock) run as `size` says.
+pub(crate) async fn measure(args: &Args, size: Size) -> Result<Section, String> {
     let rates = if args.rates.is_empty() {
         RATES.to_vec()
     } else {
@@ -574,118 +658,138 @@ pub(crate) async fn study(args: &Args) -> Result<bool, String> {
         .into_iter()
         .filter(|b| args.backend.is_empty() || args.backend.iter().any(|n| n == b.label()))
         .collect();
-    let mut md = format!(
-        "# Latency at fixed offered rates\n\n\
-         Written by `cargo xtask bench --latency-study{}` (eventbus-bench, `latency.rs`): one \
-         task offers 108-byte messages on a fixed schedule for {secs} s per run, {reps} \
-         run(s) per path, rate and clock, SDK and raw interleaved, histograms merged. Publish -> \
+    let method = format!(
+        "one task offers 108-byte messages on a fixed schedule, {}, SDK and raw \
+         interleaved, histograms merged. Publish -> \
          ack is timed with nothing reading (a consumer reads the run back afterwards, the check); \
-         publish -> handler with the path's own consumer reading along. NATS: a local nats-server, file stream, the SDK's default sink \
-         (fast-ingest batches, `Nats-Msg-Id`) against async-nats's JetStream context with \
-         `Nats-Msg-Id`, the SDK's subscriber against async-nats's pull consumer stream. Kafka: one \
-         tansu broker ({KAFKA_ENGINE}), the SDK's default producer against rdkafka's \
-         `FutureProducer` with the same `eventbus-id` header, both idempotent with `acks=all` and \
-         librdkafka's 5 ms linger; the SDK's subscriber against rdkafka's `StreamConsumer`, both \
-         with `fetch.wait.max.ms=10` (tansu holds a fetch for the whole wait). Publish -> ack runs from `publish` to \
-         the ack future resolving; publish -> handler to the consumer receiving the message.\n\n\
-         | backend | offered/s | path | achieved/s | acked | read back | publish -> ack p50 / \
+         publish -> handler with the path's own consumer reading along. NATS: a local \
+         nats-server, file stream, the SDK's default sink (fast-ingest batches, `Nats-Msg-Id`) \
+         against async-nats's JetStream context with `Nats-Msg-Id`, the SDK's subscriber \
+         against async-nats's pull consumer stream. Kafka: one tansu broker ({KAFKA_ENGINE}), \
+         the SDK's default producer against rdkafka's `FutureProducer` with the same \
+         `eventbus-id` header, both idempotent with `acks=all` and librdkafka's 5 ms linger; \
+         the SDK's subscriber against rdkafka's `StreamConsumer`, both with \
+         `fetch.wait.max.ms=10` (tansu holds a fetch for the whole wait). Publish -> ack runs \
+         from `publish` to the ack future resolving; publish -> handler to the consumer \
+         receiving the message. Goals: at 1,000/s the SDK's p99 within 1 ms of raw's; above, \
+         its p99 and p99.9 at or below raw's.",
+        size.describe()
+    );
+    let mut table = String::from(
+        "| backend | offered/s | path | achieved/s | acked | read back | publish -> ack p50 / \
          p99 / p99.9 ms | publish -> handler p50 / p99 / p99.9 ms | goal (ack) | goal \
          (handler) |\n|---|---|---|---|---|---|---|---|---|---|\n",
-        if args.quick { " --quick" } else { "" }
     );
     let mut ok = true;
     let mut n = 0;
-    let mut chart: Vec<(String, u64, [u64; 4])> = Vec::new();
+    let mut points = Vec::new();
     for which in backends {
-        eprintln!("==> latency study: starting {}", which.label());
+        eprintln!("==> latency: starting {}", which.label());
         let rig = Rig::start(which).await?;
         for &rate in &rates {
-            // [path][clock]: sdk ack, sdk handler, raw ack, raw handler.
-            let mut got = [Lat::empty(), Lat::empty(), Lat::empty(), Lat::empty()];
-            for rep in 0..reps {
-                // Alternate which path goes first, so neither always runs on a warmer broker.
-                let order = if rep % 2 == 0 {
-                    [Path::Sdk, Path::Raw]
-                } else {
-                    [Path::Raw, Path::Sdk]
-                };
-                for clock in [Clock::Ack, Clock::Handler] {
-                    for path in order {
-                        n += 1;
-                        eprintln!(
-                            "==> latency study: {} {} at {rate}/s, {clock:?} clock, run {}",
-                            which.label(),
-                            path.label(),
-                            rep + 1
-                        );
-                        let lat = run(&rig, path, clock, rate, secs, n).await?;
-                        let h = if clock == Clock::Ack {
-                            &lat.ack
-                        } else {
-                            &lat.handler
-                        };
-                        eprintln!(
-                            "    acked {} read {} of {}; p50 / p99 / p99.9 {} ms",
-                            lat.acked,
-                            lat.received,
-                            lat.offered,
-                            cells(h),
-                        );
-                        got[2 * usize::from(path == Path::Raw)
-                            + usize::from(clock == Clock::Handler)]
-                        .add(&lat);
-                    }
-                }
-            }
-            for (path, ack, handler) in
-                [(Path::Sdk, &got[0], &got[1]), (Path::Raw, &got[2], &got[3])]
-            {
-                let complete = [ack, handler]
-                    .iter()
-                    .all(|l| l.acked == l.offered && l.received == l.offered);
-                ok &= complete;
-                let (ack_goal, handler_goal) = match path {
-                    Path::Sdk => (
-                        verdict(rate, &got[0].ack, &got[2].ack),
-                        verdict(rate, &got[1].handler, &got[3].handler),
-                    ),
-                    Path::Raw => (String::new(), String::new()),
-                };
-                let _ = writeln!(
-                    md,
-                    "| {} | {rate} | {} | {:.0} | {}{} | {} | {} | {} | {ack_goal} | \
-                     {handler_goal} |",
+            let got = measure_rate(&rig, which, rate, size, &mut n).await?;
+            ok &= rows(&mut table, &mut points, which, rate, &got);
+        }
+    }
+    Ok(Section {
+        method,
+        table,
+        points,
+        ok,
+    })
+}
+
+/// Every run at `rate` on `rig`: `[sdk ack, sdk handler, raw ack, raw handler]`, merged over
+/// the runs `size` says. `n` numbers the runs (their subjects, topics and groups).
+async fn measure_rate(
+    rig: &Rig,
+    which: BackendName,
+    rate: u64,
+    size: Size,
+    n: &mut usize,
+) -> Result<[Lat; 4], String> {
+    let mut got = [Lat::empty(), Lat::empty(), Lat::empty(), Lat::empty()];
+    for rep in 0..size.reps {
+        // Alternate which path goes first, so neither always runs on a warmer broker.
+        let order = if rep % 2 == 0 {
+            [Path::Sdk, Path::Raw]
+        } else {
+            [Path::Raw, Path::Sdk]
+        };
+        for clock in [Clock::Ack, Clock::Handler] {
+            for path in order {
+                *n += 1;
+                eprintln!(
+                    "==> latency: {} {} at {rate}/s, {clock:?} clock, run {}",
                     which.label(),
                     path.label(),
-                    ack.achieved.min(handler.achieved),
-                    ack.acked + handler.acked,
-                    if complete { "" } else { " **incomplete**" },
-                    ack.received + handler.received,
-                    cells(&ack.ack),
-                    cells(&handler.handler),
+                    rep + 1
                 );
-                chart.push((
-                    format!("{} {}", which.label(), path.label()),
-                    rate,
-                    [
-                        ack.ack.value_at_quantile(0.99),
-                        ack.ack.value_at_quantile(0.999),
-                        handler.handler.value_at_quantile(0.99),
-                        handler.handler.value_at_quantile(0.999),
-                    ],
-                ));
+                let lat = run(rig, path, clock, rate, size.secs(rate), *n).await?;
+                let h = if clock == Clock::Ack {
+                    &lat.ack
+                } else {
+                    &lat.handler
+                };
+                eprintln!(
+                    "    acked {} read {} of {}; p50 / p99 / p99.9 {} ms",
+                    lat.acked,
+                    lat.received,
+                    lat.offered,
+                    cells(h),
+                );
+                got[2 * usize::from(path == Path::Raw) + usize::from(clock == Clock::Handler)]
+                    .add(&lat);
             }
         }
     }
-    std::fs::create_dir_all(&args.out).map_err(|e| e.to_string())?;
-    let path = args.out.join("latency.md");
-    std::fs::write(&path, &md).map_err(|e| format!("write {}: {e}", path.display()))?;
-    let svg = crate::chart::rates_svg(&chart);
-    let path = args.out.join("latency.svg");
-    std::fs::write(&path, &svg).map_err(|e| format!("write {}: {e}", path.display()))?;
-    let path = args.out.join("latency.png");
-    std::fs::write(&path, crate::chart::png(&svg)?)
-        .map_err(|e| format!("write {}: {e}", path.display()))?;
-    println!("{md}");
-    Ok(ok)
+    Ok(got)
+}
+
+/// The table's two rows (SDK with its verdicts, raw) and the chart's two points for one rate;
+/// whether both paths acked and read back every message.
+fn rows(
+    table: &mut String,
+    points: &mut Vec<crate::chart::RatePoint>,
+    which: BackendName,
+    rate: u64,
+    got: &[Lat; 4],
+) -> bool {
+    let mut ok = true;
+    for (path, ack, handler) in [(Path::Sdk, &got[0], &got[1]), (Path::Raw, &got[2], &got[3])] {
+        let complete = [ack, handler]
+            .iter()
+            .all(|l| l.acked == l.offered && l.received == l.offered);
+        ok &= complete;
+        let (ack_goal, handler_goal) = match path {
+            Path::Sdk => (
+                verdict(rate, &got[0].ack, &got[2].ack),
+                verdict(rate, &got[1].handler, &got[3].handler),
+            ),
+            Path::Raw => (String::new(), String::new()),
+        };
+        let _ = writeln!(
+            table,
+            "| {} | {rate} | {} | {:.0} | {}{} | {} | {} | {} | {ack_goal} | {handler_goal} |",
+            which.label(),
+            path.label(),
+            ack.achieved.min(handler.achieved),
+            ack.acked + handler.acked,
+            if complete { "" } else { " **incomplete**" },
+            ack.received + handler.received,
+            cells(&ack.ack),
+            cells(&handler.handler),
+        );
+        points.push((
+            format!("{} {}", which.label(), path.label()),
+            rate,
+            [
+                ack.ack.value_at_quantile(0.99),
+                ack.ack.value_at_quantile(0.999),
+                handler.handler.value_at_quantile(0.99),
+                handler.handler.value_at_quantile(0.999),
+            ],
+        ));
+    }
+    ok
 }

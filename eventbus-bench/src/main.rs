@@ -121,7 +121,8 @@ pub(crate) struct Args {
     /// NATS and Kafka: writes latency.md and latency.svg.
     #[arg(long)]
     pub latency_study: bool,
-    /// Offered rates (msg/s, comma separated) for `--latency-study`. Default 1000,10000,50000.
+    /// Offered rates (msg/s, comma separated) of the latency rows (the main run's and
+    /// `--latency-study`'s). Default 1000,10000,50000.
     #[arg(long, value_delimiter = ',')]
     pub rates: Vec<u64>,
     /// Seconds of publishing per window in `--dedup-study`.
@@ -155,7 +156,8 @@ pub(crate) struct Args {
     /// JSON file written by an earlier run.
     #[arg(long)]
     pub from_json: Option<PathBuf>,
-    /// Rewrite the results block of this README (and docs/bench/throughput.svg beside it).
+    /// Rewrite the results block of this README (and the charts beside it:
+    /// docs/bench/throughput.svg, docs/bench/latency-run.svg).
     #[arg(long)]
     pub readme: Option<PathBuf>,
     /// Use this Kafka cluster (bootstrap servers) instead of starting local tansu brokers.
@@ -272,7 +274,8 @@ fn main() -> std::process::ExitCode {
         Ok(true) => std::process::ExitCode::SUCCESS,
         Ok(false) => {
             eprintln!(
-                "\nSOME RUNS FAILED VERIFICATION: see `verified` and `verify_note` above and in the JSON."
+                "\nSOME RUNS FAILED VERIFICATION: see `verified` and `verify_note` above and in the JSON, \
+                 and the latency rows (\"incomplete\", or an error above)."
             );
             std::process::ExitCode::FAILURE
         }
@@ -322,10 +325,47 @@ async fn run(args: Args) -> Result<bool, String> {
     let started = Instant::now();
     let records = Bench::new(&args, &env, plan.len()).run_all(plan).await;
     eprintln!("{}", time_spent(&records, started.elapsed()));
-    let all_ok = records.iter().all(|r| r.verified);
-    report::write(&args, &env.describe(), &records)?;
+    let machine = env.describe();
     env.stop().await;
-    Ok(all_ok)
+    // Saved before the latency rows run, so a hang there loses none of the above; written
+    // again with them.
+    report::write(&args, &machine, &records, None, false)?;
+    // A latency row that cannot run fails the bench, after the other rows are reported.
+    let (latency, latency_ok) = match latency_rows(&args).await {
+        Ok(l) => {
+            let ok = l.as_ref().is_none_or(|l| l.ok);
+            (l, ok)
+        }
+        Err(e) => {
+            eprintln!("bench: latency rows: {e}");
+            (None, false)
+        }
+    };
+    report::write(&args, &machine, &records, latency.as_ref(), true)?;
+    Ok(records.iter().all(|r| r.verified) && latency_ok)
+}
+
+/// The latency rows of a whole run (`--latency-study` measures them on their own, longer):
+/// `None` when the run is narrowed to some scenarios, modes or measures or to backends other
+/// than NATS and Kafka, benches brokers of yours, profiles, or this build lacks a backend they
+/// compare.
+async fn latency_rows(args: &Args) -> Result<Option<report::LatencySection>, String> {
+    let whole = args.scenario.is_empty()
+        && args.mode.is_empty()
+        && args.measure.is_empty()
+        && (args.backend.is_empty() || args.backend.iter().any(|b| b == "nats" || b == "kafka"))
+        && args.nats_url.is_none()
+        && args.kafka_brokers.is_none()
+        && !args.profile;
+    #[cfg(all(feature = "nats", feature = "kafka"))]
+    if whole {
+        let started = Instant::now();
+        let section = latency::measure(args, latency::Size::run(args)).await?;
+        eprintln!("latency rows: {:.0} s", started.elapsed().as_secs_f64());
+        return Ok(Some(section));
+    }
+    let _ = whole;
+    Ok(None)
 }
 
 /// `--from-json`: the report of an earlier run, written again; whether all its runs verified.
@@ -334,8 +374,8 @@ fn rerender(args: &Args, path: &Path) -> Result<bool, String> {
         std::fs::read_to_string(path).map_err(|e| format!("read {}: {e}", path.display()))?;
     let doc =
         report::Saved::parse(&text, path).map_err(|e| format!("parse {}: {e}", path.display()))?;
-    report::write(args, &doc.machine, &doc.records)?;
-    Ok(doc.records.iter().all(|r| r.verified))
+    report::write(args, &doc.machine, &doc.records, doc.latency.as_ref(), true)?;
+    Ok(doc.records.iter().all(|r| r.verified) && doc.latency.as_ref().is_none_or(|l| l.ok))
 }
 
 /// A progress bar of `len` steps drawn with `template`.

@@ -177,11 +177,11 @@ fn bench(extra: &[String]) -> Result {
     broker_env(&mut c);
     run(c)?;
     // The whole bench also measures the outbox (PostgreSQL and SQLite relaying to NATS) and
-    // what exactly-once costs (the inbox; Kafka transactions on librdkafka's mock cluster), and
-    // latency at fixed offered rates (SDK and raw, both backends).
+    // what exactly-once costs (the inbox; Kafka transactions on librdkafka's mock cluster).
+    // Latency at fixed offered rates is part of the main run.
     let whole = extra.iter().all(|a| a == "--quick" || a == "--full");
     if whole {
-        for study in ["--outbox-study", "--exactly-once-study", "--latency-study"] {
+        for study in ["--outbox-study", "--exactly-once-study"] {
             let mut c = cargo();
             c.args(["run", "--release", "-p", "eventbus-bench", "--", study]);
             if extra.iter().any(|a| a == "--quick") {
