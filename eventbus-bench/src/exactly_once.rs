@@ -146,6 +146,26 @@ struct Figures {
     p99_us: u64,
 }
 
+/// Publish `msgs` through `publisher` and wait until every one is acked: a phase's backlog.
+async fn backlog<S: eventbus_core::BatchSink>(
+    publisher: &Batcher<S>,
+    msgs: impl Iterator<Item = Message>,
+) -> Result<(), String> {
+    let mut acks = Vec::new();
+    for m in msgs {
+        acks.push(publisher.publish(m).await.map_err(|e| e.to_string())?);
+    }
+    for a in acks {
+        a.await.into_result().map_err(|e| format!("backlog: {e}"))?;
+    }
+    Ok(())
+}
+
+/// Message `i` of a phase's backlog: 100 bytes.
+fn input(topic: &str, i: usize) -> Message {
+    Message::new(topic, format!("{i:0100}"))
+}
+
 /// Consume `n` messages of a fresh backlog with the handler runtime, each effect written by
 /// the handler (`inbox` false) or through the inbox.
 async fn inbox_phase(
@@ -161,14 +181,7 @@ async fn inbox_phase(
         BatchConfig::default(),
     )
     .map_err(|e| e.to_string())?;
-    let mut acks = Vec::with_capacity(n);
-    for i in 0..n {
-        let m = Message::new(subject.as_str(), format!("{i:0100}"));
-        acks.push(publisher.publish(m).await.map_err(|e| e.to_string())?);
-    }
-    for a in acks {
-        a.await.into_result().map_err(|e| format!("backlog: {e}"))?;
-    }
+    backlog(&publisher, (0..n).map(|i| input(&subject, i))).await?;
     let _ = publisher.close(Duration::from_secs(5)).await;
 
     let sub = nats
@@ -261,6 +274,12 @@ async fn inbox_phase(
         )
     })?;
     let _ = report;
+    figures(db, tag, &progress).await
+}
+
+/// A finished inbox phase's figures, once the table is checked to hold one effect per message.
+async fn figures(db: &Db, tag: &str, progress: &Progress) -> Result<Figures, String> {
+    let n = progress.n;
     let took = progress.elapsed().ok_or("no message handled")?;
     let (rows, distinct) = db.distinct(tag).await?;
     if distinct as usize != n || rows < distinct {
@@ -276,6 +295,9 @@ async fn inbox_phase(
     })
 }
 
+/// How a Kafka phase turns an input into its output.
+type Transform = Arc<dyn Fn(&Message) -> Message + Send + Sync>;
+
 /// Records/s consuming `n` inputs and producing one output each, at-least-once or in
 /// transactions of 500, on the mock cluster at `bootstrap`.
 async fn kafka_phase(
@@ -284,8 +306,8 @@ async fn kafka_phase(
     n: usize,
     tag: &str,
 ) -> Result<f64, String> {
-    let (input, output) = (format!("eo-in-{tag}"), format!("eo-out-{tag}"));
-    for t in [&input, &output] {
+    let (input_topic, output) = (format!("eo-in-{tag}"), format!("eo-out-{tag}"));
+    for t in [&input_topic, &output] {
         mock.create_topic(t, 4, 1)
             .map_err(|e| format!("topic: {e}"))?;
     }
@@ -297,95 +319,19 @@ async fn kafka_phase(
         BatchConfig::default(),
     )
     .map_err(|e| e.to_string())?;
-    let mut acks = Vec::with_capacity(n);
-    for i in 0..n {
-        let m = Message::new(input.as_str(), format!("{i:0100}")).with_key(format!("k{}", i % 64));
-        acks.push(publisher.publish(m).await.map_err(|e| e.to_string())?);
-    }
-    for a in acks {
-        a.await.into_result().map_err(|e| format!("backlog: {e}"))?;
-    }
-    let transform = {
+    let inputs = (0..n).map(|i| input(&input_topic, i).with_key(format!("k{}", i % 64)));
+    backlog(&publisher, inputs).await?;
+    let transform: Transform = {
         let output = output.clone();
-        move |m: &Message| Message::new(output.as_str(), m.payload().clone())
+        Arc::new(move |m: &Message| Message::new(output.as_str(), m.payload().clone()))
     };
     // From the first record handed over (the group join is not the form's cost) to the last
     // output committed.
-    let first = Arc::new(std::sync::OnceLock::<Instant>::new());
-    let took;
-    if txn {
-        let t0 = Arc::clone(&first);
-        let processor = kafka
-            .transactional(TxnSpec::new(tag, [input.as_str()], tag).max_batch(500))
-            .await
-            .map_err(|e| format!("processor: {e}"))?;
-        let mut progress = processor.progress();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let running = tokio::spawn(processor.run(
-            move |m: Message| {
-                t0.get_or_init(Instant::now);
-                let out = transform(&m);
-                async move { Ok(vec![out]) }
-            },
-            async move {
-                let _ = stopped.await;
-            },
-        ));
-        // The exact event: the commit that makes the last input consumed.
-        tokio::time::timeout(
-            Duration::from_secs(120),
-            progress.wait_for(|s| s.consumed as usize >= n),
-        )
-        .await
-        .map_err(|_| format!("{tag}: not all committed in 120 s"))?
-        .map_err(|_| format!("{tag}: the processor stopped"))?;
-        took = first.get().ok_or("no record")?.elapsed();
-        let _ = stop.send(());
-        let stats = running
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| format!("processor: {e}"))?;
-        if stats.consumed as usize != n {
-            return Err(format!("{tag}: {} of {n} committed", stats.consumed));
-        }
+    let took = if txn {
+        transactions(&kafka, &input_topic, transform, n, tag).await?
     } else {
-        // Inputs whose output was acked and which were acked themselves.
-        let done = Arc::new(AtomicUsize::new(0));
-        let mut sub = kafka
-            .subscriber()
-            .subscribe(SubscribeSpec::new(input.as_str()).group(tag))
-            .await
-            .map_err(|e| format!("subscribe: {e}"))?;
-        let finished = Arc::new(Notify::new());
-        let mut pending = 0usize;
-        while pending < n {
-            let d = tokio::time::timeout(Duration::from_secs(60), sub.next())
-                .await
-                .map_err(|_| format!("{tag}: {pending} of {n} delivered in 60 s"))?
-                .ok_or("subscription ended")?
-                .map_err(|e| e.to_string())?;
-            first.get_or_init(Instant::now);
-            pending += 1;
-            let ack = publisher
-                .publish(transform(d.message()))
-                .await
-                .map_err(|e| e.to_string())?;
-            let (done, finished) = (Arc::clone(&done), Arc::clone(&finished));
-            tokio::spawn(async move {
-                if ack.await.is_acked()
-                    && d.ack().await.is_ok()
-                    && done.fetch_add(1, Ordering::AcqRel) + 1 == n
-                {
-                    finished.notify_one();
-                }
-            });
-        }
-        tokio::time::timeout(Duration::from_secs(60), finished.notified())
-            .await
-            .map_err(|_| format!("{tag}: outputs not all acked in 60 s"))?;
-        took = first.get().ok_or("no record")?.elapsed();
-        sub.close().await;
-    }
+        at_least_once(&kafka, &publisher, &input_topic, transform, n, tag).await?
+    };
     let _ = publisher.close(Duration::from_secs(5)).await;
     // The mock writes no transaction markers: each offset is one output.
     let stored: i64 = kafka
@@ -401,6 +347,103 @@ async fn kafka_phase(
     Ok(n as f64 / took.as_secs_f64())
 }
 
+/// `TxnProcessor` over `input`, 500 records per transaction, until all `n` are consumed: the
+/// time from the first record handed over to the commit that consumes the last.
+async fn transactions(
+    kafka: &KafkaBackend,
+    input: &str,
+    transform: Transform,
+    n: usize,
+    tag: &str,
+) -> Result<Duration, String> {
+    let first = Arc::new(std::sync::OnceLock::<Instant>::new());
+    let t0 = Arc::clone(&first);
+    let processor = kafka
+        .transactional(TxnSpec::new(tag, [input], tag).max_batch(500))
+        .await
+        .map_err(|e| format!("processor: {e}"))?;
+    let mut progress = processor.progress();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(processor.run(
+        move |m: Message| {
+            t0.get_or_init(Instant::now);
+            let out = transform(&m);
+            async move { Ok(vec![out]) }
+        },
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    // The exact event: the commit that makes the last input consumed.
+    tokio::time::timeout(
+        Duration::from_secs(120),
+        progress.wait_for(|s| s.consumed as usize >= n),
+    )
+    .await
+    .map_err(|_| format!("{tag}: not all committed in 120 s"))?
+    .map_err(|_| format!("{tag}: the processor stopped"))?;
+    let took = first.get().ok_or("no record")?.elapsed();
+    let _ = stop.send(());
+    let stats = running
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("processor: {e}"))?;
+    if stats.consumed as usize != n {
+        return Err(format!("{tag}: {} of {n} committed", stats.consumed));
+    }
+    Ok(took)
+}
+
+/// The SDK's subscriber over `input`, each input acked once its output (published through
+/// `publisher`) is acked: the time from the first record handed over to the last such ack.
+async fn at_least_once<S: eventbus_core::BatchSink>(
+    kafka: &KafkaBackend,
+    publisher: &Batcher<S>,
+    input: &str,
+    transform: Transform,
+    n: usize,
+    tag: &str,
+) -> Result<Duration, String> {
+    let mut first = None;
+    // Inputs whose output was acked and which were acked themselves.
+    let done = Arc::new(AtomicUsize::new(0));
+    let mut sub = kafka
+        .subscriber()
+        .subscribe(SubscribeSpec::new(input).group(tag))
+        .await
+        .map_err(|e| format!("subscribe: {e}"))?;
+    let finished = Arc::new(Notify::new());
+    let mut pending = 0usize;
+    while pending < n {
+        let d = tokio::time::timeout(Duration::from_secs(60), sub.next())
+            .await
+            .map_err(|_| format!("{tag}: {pending} of {n} delivered in 60 s"))?
+            .ok_or("subscription ended")?
+            .map_err(|e| e.to_string())?;
+        first.get_or_insert_with(Instant::now);
+        pending += 1;
+        let ack = publisher
+            .publish(transform(d.message()))
+            .await
+            .map_err(|e| e.to_string())?;
+        let (done, finished) = (Arc::clone(&done), Arc::clone(&finished));
+        tokio::spawn(async move {
+            if ack.await.is_acked()
+                && d.ack().await.is_ok()
+                && done.fetch_add(1, Ordering::AcqRel) + 1 == n
+            {
+                finished.notify_one();
+            }
+        });
+    }
+    tokio::time::timeout(Duration::from_secs(60), finished.notified())
+        .await
+        .map_err(|_| format!("{tag}: outputs not all acked in 60 s"))?;
+    let took = first.ok_or("no record")?.elapsed();
+    sub.close().await;
+    Ok(took)
+}
+
 /// The ratio cell of row `i` (row 0 is the baseline) against the goal of at least 0.5x.
 fn against_half(i: usize, ratio: f64) -> String {
     if i == 0 {
@@ -412,6 +455,88 @@ fn against_half(i: usize, ratio: f64) -> String {
 
 fn ms(us: u64) -> String {
     format!("{:.2}", us as f64 / 1000.0)
+}
+
+/// The inbox rows of `db`: plain and inbox phases of `n` messages, interleaved, twice.
+async fn inbox_rows(
+    md: &mut String,
+    backend: &NatsBackend,
+    db: &Db,
+    n: usize,
+) -> Result<(), String> {
+    db.setup().await?;
+    let label = db.label();
+    let mut got: [Vec<Figures>; 2] = [Vec::new(), Vec::new()];
+    for rep in 0..2 {
+        for (i, inbox) in [false, true].into_iter().enumerate() {
+            eprintln!(
+                "==> exactly-once study: {label}, inbox {inbox}, repetition {}",
+                rep + 1
+            );
+            let tag = format!("{}{}{rep}", &label[..2].to_ascii_lowercase(), i);
+            got[i].push(inbox_phase(backend, db, inbox, n, &tag).await?);
+        }
+    }
+    let mean = |v: &[Figures]| v.iter().map(|f| f.per_s).sum::<f64>() / v.len() as f64;
+    let plain = mean(&got[0]);
+    let joined = |f: &[Figures], q: fn(&Figures) -> u64| {
+        f.iter().map(|x| ms(q(x))).collect::<Vec<_>>().join(" / ")
+    };
+    for (i, name) in ["handler's own transaction", "inbox"].iter().enumerate() {
+        let f = &got[i];
+        let rate = mean(f);
+        let _ = writeln!(
+            md,
+            "| {label} | {name} | {rate:.0} | {} | {} | {} |",
+            joined(f, |x| x.p50_us),
+            joined(f, |x| x.p99_us),
+            against_half(i, rate / plain)
+        );
+    }
+    Ok(())
+}
+
+/// The Kafka transactions rows: at-least-once and `TxnProcessor` phases of `n` records each,
+/// interleaved, twice, on a mock cluster of their own.
+async fn kafka_rows(md: &mut String, n: usize) -> Result<(), String> {
+    let _ = writeln!(
+        md,
+        "\n**Kafka transactions**, on librdkafka's mock cluster (in-process, no disk: it runs the \
+         client's whole transaction protocol but keeps no transaction markers; tansu 0.6.0 \
+         cannot commit a transaction and Apache Kafka cannot be installed here, so this measures \
+         the client's side only). {n} 100-byte inputs over 4 partitions, one output each; \
+         at-least-once: the SDK's subscriber, each input acked once its output's publish is \
+         acked; transactions: `TxnProcessor`, 500 records per transaction. From the first record handed over to \
+         the last output committed; each phase checks the output topic holds them all.\n\n\
+         | path | records/s (each repetition) | vs at-least-once (goal >= 0.5x) |\n|---|---|---|"
+    );
+    let mock = rdkafka::mocking::MockCluster::new(1).map_err(|e| format!("mock cluster: {e}"))?;
+    let mut rates: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+    for rep in 0..2 {
+        for (i, txn) in [false, true].into_iter().enumerate() {
+            eprintln!(
+                "==> exactly-once study: Kafka, transactions {txn}, repetition {}",
+                rep + 1
+            );
+            rates[i].push(kafka_phase(&mock, txn, n, &format!("k{i}{rep}")).await?);
+        }
+    }
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+    let base = mean(&rates[0]);
+    for (i, name) in ["at-least-once", "transactions (500)"].iter().enumerate() {
+        let ratio = mean(&rates[i]) / base;
+        let _ = writeln!(
+            md,
+            "| {name} | {} | {} |",
+            rates[i]
+                .iter()
+                .map(|r| format!("{r:.0}"))
+                .collect::<Vec<_>>()
+                .join(" / "),
+            against_half(i, ratio)
+        );
+    }
+    Ok(())
 }
 
 pub(crate) async fn study(args: &Args) -> Result<bool, String> {
@@ -438,79 +563,9 @@ pub(crate) async fn study(args: &Args) -> Result<bool, String> {
         if args.quick { " --quick" } else { "" }
     );
     for db in [Db::Pg(pool), Db::Sqlite(lite)] {
-        db.setup().await?;
-        let label = db.label();
-        let mut got: [Vec<Figures>; 2] = [Vec::new(), Vec::new()];
-        for rep in 0..2 {
-            for (i, inbox) in [false, true].into_iter().enumerate() {
-                eprintln!(
-                    "==> exactly-once study: {label}, inbox {inbox}, repetition {}",
-                    rep + 1
-                );
-                let tag = format!("{}{}{rep}", &label[..2].to_ascii_lowercase(), i);
-                got[i].push(inbox_phase(backend, &db, inbox, n, &tag).await?);
-            }
-        }
-        let mean = |v: &[Figures]| v.iter().map(|f| f.per_s).sum::<f64>() / v.len() as f64;
-        let plain = mean(&got[0]);
-        for (i, name) in ["handler's own transaction", "inbox"].iter().enumerate() {
-            let f = &got[i];
-            let rate = mean(f);
-            let ratio = rate / plain;
-            let _ = writeln!(
-                md,
-                "| {label} | {name} | {rate:.0} | {} | {} | {} |",
-                f.iter()
-                    .map(|x| ms(x.p50_us))
-                    .collect::<Vec<_>>()
-                    .join(" / "),
-                f.iter()
-                    .map(|x| ms(x.p99_us))
-                    .collect::<Vec<_>>()
-                    .join(" / "),
-                against_half(i, ratio)
-            );
-        }
+        inbox_rows(&mut md, backend, &db, n).await?;
     }
-
-    let _ = writeln!(
-        md,
-        "\n**Kafka transactions**, on librdkafka's mock cluster (in-process, no disk: it runs the \
-         client's whole transaction protocol but keeps no transaction markers; tansu 0.6.0 \
-         cannot commit a transaction and Apache Kafka cannot be installed here, so this measures \
-         the client's side only). {} 100-byte inputs over 4 partitions, one output each; \
-         at-least-once: the SDK's subscriber, each input acked once its output's publish is \
-         acked; transactions: `TxnProcessor`, 500 records per transaction. From the first record handed over to \
-         the last output committed; each phase checks the output topic holds them all.\n\n\
-         | path | records/s (each repetition) | vs at-least-once (goal >= 0.5x) |\n|---|---|---|",
-        n * 5
-    );
-    let mock = rdkafka::mocking::MockCluster::new(1).map_err(|e| format!("mock cluster: {e}"))?;
-    let mut rates: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
-    for rep in 0..2 {
-        for (i, txn) in [false, true].into_iter().enumerate() {
-            eprintln!(
-                "==> exactly-once study: Kafka, transactions {txn}, repetition {}",
-                rep + 1
-            );
-            rates[i].push(kafka_phase(&mock, txn, n * 5, &format!("k{i}{rep}")).await?);
-        }
-    }
-    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
-    let base = mean(&rates[0]);
-    for (i, name) in ["at-least-once", "transactions (500)"].iter().enumerate() {
-        let ratio = mean(&rates[i]) / base;
-        let _ = writeln!(
-            md,
-            "| {name} | {} | {} |",
-            rates[i]
-                .iter()
-                .map(|r| format!("{r:.0}"))
-                .collect::<Vec<_>>()
-                .join(" / "),
-            against_half(i, ratio)
-        );
-    }
+    kafka_rows(&mut md, n * 5).await?;
     std::fs::create_dir_all(&args.out).map_err(|e| e.to_string())?;
     let path = args.out.join("exactly-once.md");
     std::fs::write(&path, &md).map_err(|e| format!("write {}: {e}", path.display()))?;
