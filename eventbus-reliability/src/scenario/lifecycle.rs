@@ -7,98 +7,20 @@ use super::*;
 /// with `close(1 s)`: nothing reported failed may reach the broker after it resumes.
 pub async fn shutdown<T: Target>(t: &mut T, _size: Size) -> Row {
     let mut row = Row::new("shutdown", t.name());
-    let cfg = BatchConfig::default()
-        .max_in_flight(10_000)
-        .ack_timeout(Duration::from_secs(30));
     let ledger = Ledger::default();
-    let mut loads = Vec::new();
-    let mut filters = Vec::new();
+    let mut runs = Vec::new();
     for (paused, deadline) in [
         (false, Duration::from_secs(5)),
         (true, Duration::from_secs(1)),
     ] {
-        let (run, topics, filter, p) = try_setup!(
-            row,
-            setup(
-                t,
-                &mut row,
-                if paused { "shutp" } else { "shut" },
-                1,
-                cfg.clone()
-            )
-            .await
-        );
-        if paused && let Err(e) = t.pause() {
-            row.failures.push(format!("pause: {e}"));
-            return row;
+        match close_in_flight(t, &mut row, &ledger, paused, deadline).await {
+            Some(run) => runs.push(run),
+            None => return row,
         }
-        let load = Load {
-            run,
-            topics,
-            producers: 1,
-            per: 5_000,
-            payload: 100,
-            pace: None,
-            stop_at: None,
-        };
-        let producer = u32::from(paused);
-        let mut acks = Vec::new();
-        for seq in 0..load.per {
-            let m = crate::record::message(&load.run, &load.topics[0], producer, seq, load.payload);
-            let at = Instant::now();
-            match p.publish(m).await {
-                Ok(a) => acks.push((seq, at, a)),
-                Err(e) => ledger.record((producer, seq), at, Class::Refused, Some(e.kind())),
-            }
-        }
-        let t0 = Instant::now();
-        let report = p.close(deadline).await;
-        let took = t0.elapsed();
-        let (mut acked, mut other) = (0u64, 0u64);
-        for (seq, at, a) in acks {
-            let o: Outcome = a.await;
-            if o.is_acked() {
-                acked += 1;
-            } else {
-                other += 1;
-            }
-            ledger.record(
-                (producer, seq),
-                at,
-                Class::of(&o),
-                o.error().map(|e| e.kind()),
-            );
-        }
-        let unresolved = report.as_ref().map(|r| r.unresolved).unwrap_or(0);
-        row.notes.push(format!(
-            "{}: close({} ms) took {} ms, {acked} acked, {other} not acked, {unresolved} unresolved",
-            if paused { "paused broker" } else { "live broker" },
-            ms(deadline),
-            ms(took)
-        ));
-        row.require(
-            took <= deadline + Duration::from_millis(500),
-            format!("close took {} ms, deadline {} ms", ms(took), ms(deadline)),
-        );
-        row.require(acked + other == 5_000, "not every message resolved");
-        if paused {
-            let _ = t.resume();
-            row.require(
-                acked == 0 || other > 0,
-                "paused broker yet everything acked",
-            );
-        } else {
-            row.require(
-                other == unresolved,
-                "non-acked messages not reported unresolved",
-            );
-        }
-        loads.push(load);
-        filters.push(filter);
     }
     // Drain both runs and check them together (ids are distinct per run).
     let mut reads = Vec::new();
-    for (load, filter) in loads.iter().zip(&filters) {
+    for (load, filter) in &runs {
         let expect = t.stored(&load.run).await.map(|n| n as usize);
         match check::drain(
             &t.subscriber(),
@@ -116,6 +38,99 @@ pub async fn shutdown<T: Target>(t: &mut T, _size: Size) -> Row {
     row.figures = check::check(&ledger, &reads, 0);
     row.require_safety();
     row
+}
+
+/// One half of [`shutdown`]: 5,000 messages published with nothing awaited, then
+/// `close(deadline)` (the broker paused first if `paused`), every outcome in `ledger`. The run
+/// and its filter, to drain; `None` if it could not be set up (the failure is in `row`).
+async fn close_in_flight<T: Target>(
+    t: &mut T,
+    row: &mut Row,
+    ledger: &Ledger,
+    paused: bool,
+    deadline: Duration,
+) -> Option<(Load, String)> {
+    let cfg = BatchConfig::default()
+        .max_in_flight(10_000)
+        .ack_timeout(Duration::from_secs(30));
+    let name = if paused { "shutp" } else { "shut" };
+    let (run, topics, filter, p) = match setup(t, row, name, 1, cfg).await {
+        Ok(x) => x,
+        Err(e) => {
+            row.failures.push(e);
+            return None;
+        }
+    };
+    if paused && let Err(e) = t.pause() {
+        row.failures.push(format!("pause: {e}"));
+        return None;
+    }
+    let load = Load {
+        run,
+        topics,
+        producers: 1,
+        per: 5_000,
+        payload: 100,
+        pace: None,
+        stop_at: None,
+    };
+    let producer = u32::from(paused);
+    let mut acks = Vec::new();
+    for seq in 0..load.per {
+        let m = crate::record::message(&load.run, &load.topics[0], producer, seq, load.payload);
+        let at = Instant::now();
+        match p.publish(m).await {
+            Ok(a) => acks.push((seq, at, a)),
+            Err(e) => ledger.record((producer, seq), at, Class::Refused, Some(e.kind())),
+        }
+    }
+    let t0 = Instant::now();
+    let report = p.close(deadline).await;
+    let took = t0.elapsed();
+    let (mut acked, mut other) = (0u64, 0u64);
+    for (seq, at, a) in acks {
+        let o: Outcome = a.await;
+        if o.is_acked() {
+            acked += 1;
+        } else {
+            other += 1;
+        }
+        ledger.record(
+            (producer, seq),
+            at,
+            Class::of(&o),
+            o.error().map(|e| e.kind()),
+        );
+    }
+    let unresolved = report.as_ref().map(|r| r.unresolved).unwrap_or(0);
+    row.notes.push(format!(
+        "{}: close({} ms) took {} ms, {acked} acked, {other} not acked, {unresolved} unresolved",
+        if paused {
+            "paused broker"
+        } else {
+            "live broker"
+        },
+        ms(deadline),
+        ms(took)
+    ));
+    row.require(
+        took <= deadline + Duration::from_millis(500),
+        format!("close took {} ms, deadline {} ms", ms(took), ms(deadline)),
+    );
+    row.require(acked + other == 5_000, "not every message resolved");
+    if paused {
+        let _ = t.resume();
+        row.require(
+            acked == 0 || other > 0,
+            "paused broker yet everything acked",
+        );
+    } else {
+        row.require(
+            other == unresolved,
+            "non-acked messages not reported unresolved",
+        );
+    }
+    Some((load, filter))
 }
 
 /// Cancellation: publish futures dropped at random points (a timeout of 0..300 µs) and 30 % of
@@ -140,48 +155,7 @@ pub async fn cancel<T: Target>(t: &mut T, size: Size) -> Row {
             Arc::clone(&gauge),
         );
         tasks.push(tokio::spawn(async move {
-            let (mut dropped_publish, mut dropped_ack, mut resolved) = (0u64, 0u64, 0u64);
-            let mut waits = Vec::new();
-            for seq in 0..per {
-                let m = crate::record::message(&run, &topic, producer, seq, 100);
-                let (cut, drop_ack, us) = {
-                    let mut r = rand::rng();
-                    (
-                        r.random_bool(0.3),
-                        r.random_bool(0.3),
-                        r.random_range(0..300u64),
-                    )
-                };
-                let admitted = if cut {
-                    match tokio::time::timeout(Duration::from_micros(us), p.publish(m)).await {
-                        Ok(r) => r.ok(),
-                        Err(_) => {
-                            dropped_publish += 1;
-                            None
-                        }
-                    }
-                } else {
-                    p.publish(m).await.ok()
-                };
-                let Some(ack) = admitted else { continue };
-                if drop_ack {
-                    dropped_ack += 1;
-                    drop(ack);
-                } else {
-                    gauge.up();
-                    let g = Arc::clone(&gauge);
-                    waits.push(tokio::spawn(async move {
-                        let _ = ack.await;
-                        g.down();
-                    }));
-                }
-            }
-            for w in waits {
-                if w.await.is_ok() {
-                    resolved += 1;
-                }
-            }
-            (dropped_publish, dropped_ack, resolved)
+            cancelling_producer(&p, &run, &topic, producer, per, &gauge).await
         }));
     }
     let (mut dp, mut da, mut res) = (0, 0, 0);
@@ -199,12 +173,87 @@ pub async fn cancel<T: Target>(t: &mut T, size: Size) -> Row {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let leaked = p.stats().in_flight;
-    // The whole window is usable: WINDOW publishes admitted without awaiting any ack.
+    let full = window_admits(&p, &run, &topics[0], WINDOW).await;
+    sampler.finish(&mut row, &gauge);
+    row.notes.push(format!(
+        "{dp} publish futures dropped mid-wait, {da} acks dropped unawaited, {res} awaited"
+    ));
+    let _ = p.close(Duration::from_secs(5)).await;
+    row.require(leaked == 0, format!("{leaked} window slots leaked"));
+    row.require(full, "the full window could not be admitted again");
+    row.require(dp + da > 0, "nothing was cancelled");
+    row.require(row.peak_in_flight <= row.window, "peak above the window");
+    row
+}
+
+/// One producer of [`cancel`]: `per` messages to `topic`, 30% of the publishes cut short by
+/// a timeout of 0..300 us and 30% of the acks dropped unawaited; the others awaited (counted
+/// in `gauge` while they wait). Publishes dropped, acks dropped, acks awaited.
+async fn cancelling_producer<S: eventbus_core::BatchSink>(
+    p: &Batcher<S>,
+    run: &str,
+    topic: &str,
+    producer: u32,
+    per: u64,
+    gauge: &Arc<Gauge>,
+) -> (u64, u64, u64) {
+    let (mut dropped_publish, mut dropped_ack, mut resolved) = (0u64, 0u64, 0u64);
+    let mut waits = Vec::new();
+    for seq in 0..per {
+        let m = crate::record::message(run, topic, producer, seq, 100);
+        let (cut, drop_ack, us) = {
+            let mut r = rand::rng();
+            (
+                r.random_bool(0.3),
+                r.random_bool(0.3),
+                r.random_range(0..300u64),
+            )
+        };
+        let admitted = if cut {
+            match tokio::time::timeout(Duration::from_micros(us), p.publish(m)).await {
+                Ok(r) => r.ok(),
+                Err(_) => {
+                    dropped_publish += 1;
+                    None
+                }
+            }
+        } else {
+            p.publish(m).await.ok()
+        };
+        let Some(ack) = admitted else { continue };
+        if drop_ack {
+            dropped_ack += 1;
+            drop(ack);
+        } else {
+            gauge.up();
+            let g = Arc::clone(gauge);
+            waits.push(tokio::spawn(async move {
+                let _ = ack.await;
+                g.down();
+            }));
+        }
+    }
+    for w in waits {
+        if w.await.is_ok() {
+            resolved += 1;
+        }
+    }
+    (dropped_publish, dropped_ack, resolved)
+}
+
+/// Whether `window` publishes are admitted within 5 s without awaiting any ack (the whole
+/// window is free); their acks are awaited afterwards.
+async fn window_admits<S: eventbus_core::BatchSink>(
+    p: &Batcher<S>,
+    run: &str,
+    topic: &str,
+    window: usize,
+) -> bool {
     let mut held = Vec::new();
     let full = tokio::time::timeout(Duration::from_secs(5), async {
-        for seq in 0..WINDOW as u64 {
+        for seq in 0..window as u64 {
             match p
-                .publish(crate::record::message(&run, &topics[0], 9, seq, 100))
+                .publish(crate::record::message(run, topic, 9, seq, 100))
                 .await
             {
                 Ok(a) => held.push(a),
@@ -218,16 +267,7 @@ pub async fn cancel<T: Target>(t: &mut T, size: Size) -> Row {
     for a in held {
         let _ = a.await;
     }
-    sampler.finish(&mut row, &gauge);
-    row.notes.push(format!(
-        "{dp} publish futures dropped mid-wait, {da} acks dropped unawaited, {res} awaited"
-    ));
-    let _ = p.close(Duration::from_secs(5)).await;
-    row.require(leaked == 0, format!("{leaked} window slots leaked"));
-    row.require(full, "the full window could not be admitted again");
-    row.require(dp + da > 0, "nothing was cancelled");
-    row.require(row.peak_in_flight <= row.window, "peak above the window");
-    row
+    full
 }
 
 /// Broker absent at start: connecting (through a proxy whose upstream is closed, so every

@@ -133,6 +133,61 @@ pub async fn slow_consumer<T: Target>(t: &mut T, size: Size) -> Row {
             return row;
         }
     };
+    let SlowRead {
+        reads,
+        growth,
+        left_at_end_of_slow,
+    } = read_slowly(&mut sub, &mut row, acked, slow, base).await;
+    sub.close().await;
+    row.figures = check::check(&ledger, &reads, 0);
+    row.rss_growth_bytes = growth;
+    let backlog_bytes = (acked * PAYLOAD) as u64;
+    row.notes
+        .push(format!("{acked} acked ({} MiB)", backlog_bytes >> 20));
+    row.require_safety();
+    row.require(
+        acked as u64 == row.figures.sent,
+        "not every publish was acked",
+    );
+    row.require(
+        left_at_end_of_slow * 2 >= acked,
+        format!("the consumer was not slow: only {left_at_end_of_slow} of {acked} left"),
+    );
+    let bound = (PREFETCH * PAYLOAD) as u64 + SLACK;
+    match growth {
+        Some(g) => row.require(
+            g <= bound,
+            format!(
+                "RSS grew {} MiB while the consumer was slow (bound {} MiB: prefetch {PREFETCH} \
+                 x {PAYLOAD} B + {} MiB)",
+                g >> 20,
+                bound >> 20,
+                SLACK >> 20
+            ),
+        ),
+        None => row.failures.push("the slow phase never ended".into()),
+    }
+    row
+}
+
+/// What [`read_slowly`] read, and what the slow phase left.
+struct SlowRead {
+    reads: Vec<record::Read>,
+    /// Peak RSS growth over `base` at the end of the slow phase (`None`: it never ended).
+    growth: Option<u64>,
+    /// Acked messages not yet read when the slow phase ended.
+    left_at_end_of_slow: usize,
+}
+
+/// Read until all `acked` messages are seen: one per 2 ms for `slow` from the first delivery,
+/// then as fast as they come; the RSS growth over `base` is taken when the slow phase ends.
+async fn read_slowly(
+    sub: &mut eventbus_core::Subscription,
+    row: &mut Row,
+    acked: usize,
+    slow: Duration,
+    base: u64,
+) -> SlowRead {
     let mut reads = Vec::new();
     let mut seen = std::collections::HashSet::new();
     let subscribed = Instant::now();
@@ -177,7 +232,6 @@ pub async fn slow_consumer<T: Target>(t: &mut T, size: Size) -> Row {
             }
         }
     }
-    sub.close().await;
     let drained = subscribed.elapsed();
     if let Some(f) = first {
         row.notes.push(format!(
@@ -185,37 +239,14 @@ pub async fn slow_consumer<T: Target>(t: &mut T, size: Size) -> Row {
             ms(f - subscribed)
         ));
     }
-    row.figures = check::check(&ledger, &reads, 0);
-    row.rss_growth_bytes = growth;
-    let backlog_bytes = (acked * PAYLOAD) as u64;
     row.notes.push(format!(
-        "{acked} acked ({} MiB); {left_at_end_of_slow} still in the broker after the slow phase; \
-         all read in {} ms",
-        backlog_bytes >> 20,
+        "{left_at_end_of_slow} of {acked} still in the broker after the slow phase; all read \
+         in {} ms",
         ms(drained)
     ));
-    row.require_safety();
-    row.require(
-        acked as u64 == row.figures.sent,
-        "not every publish was acked",
-    );
-    row.require(
-        left_at_end_of_slow * 2 >= acked,
-        format!("the consumer was not slow: only {left_at_end_of_slow} of {acked} left"),
-    );
-    let bound = (PREFETCH * PAYLOAD) as u64 + SLACK;
-    match growth {
-        Some(g) => row.require(
-            g <= bound,
-            format!(
-                "RSS grew {} MiB while the consumer was slow (bound {} MiB: prefetch {PREFETCH} \
-                 x {PAYLOAD} B + {} MiB)",
-                g >> 20,
-                bound >> 20,
-                SLACK >> 20
-            ),
-        ),
-        None => row.failures.push("the slow phase never ended".into()),
+    SlowRead {
+        reads,
+        growth,
+        left_at_end_of_slow,
     }
-    row
 }
