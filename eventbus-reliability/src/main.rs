@@ -414,36 +414,10 @@ fn worker_logs() {
 }
 
 fn main() -> std::process::ExitCode {
-    if let [_, cmd, database] = std::env::args().collect::<Vec<_>>().as_slice()
-        && cmd == scenario::RELAY_COMMAND
-    {
-        // A relay process of the outbox rows.
-        worker_logs();
-        let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
-        return match rt.block_on(scenario::relay_process(database)) {
-            Ok(()) => std::process::ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("outbox relay: {e}");
-                std::process::ExitCode::FAILURE
-            }
-        };
-    }
-    if let [_, cmd, database, filter, group] = std::env::args().collect::<Vec<_>>().as_slice()
-        && cmd == scenario::INBOX_COMMAND
-    {
-        // A consumer process of the inbox rows.
-        worker_logs();
-        let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
-        return match rt.block_on(scenario::consumer_process(database, filter, group)) {
-            Ok(()) => std::process::ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("inbox consumer: {e}");
-                std::process::ExitCode::FAILURE
-            }
-        };
+    if let Some(code) = worker_process() {
+        return code;
     }
     let args = Args::parse();
-    let size = Size { quick: args.quick };
     let backends: Vec<On> = if args.backend.is_empty() {
         On::default_set()
     } else {
@@ -454,14 +428,65 @@ fn main() -> std::process::ExitCode {
     } else {
         args.scenario.clone()
     };
+    let rows = run_rows(&scenarios, &backends, Size { quick: args.quick });
+    let md = markdown(&rows, args.quick);
+    println!("\n{md}");
+    write_reports(&args, &rows, &md, &backends, &scenarios);
+    if rows.iter().all(Row::passed) {
+        std::process::ExitCode::SUCCESS
+    } else {
+        // Repeated last so that a log's tail (all CI keeps) names the row and why.
+        eprintln!("reliability: some scenarios FAILED:");
+        for row in rows.iter().filter(|r| !r.passed()) {
+            eprintln!(
+                "  {} on {}: {}",
+                row.scenario,
+                row.backend,
+                row.failures.join("; ")
+            );
+        }
+        std::process::ExitCode::FAILURE
+    }
+}
+
+/// A worker process's work (it borrows the process's arguments).
+type Work<'a> = std::pin::Pin<Box<dyn Future<Output = Result<(), String>> + 'a>>;
+
+/// When this process was started as one of the rows' worker processes (an outbox relay, an
+/// inbox consumer), run it: its exit code.
+fn worker_process() -> Option<std::process::ExitCode> {
+    let args: Vec<String> = std::env::args().collect();
+    let (what, work): (&str, Work<'_>) = match args.as_slice() {
+        [_, cmd, database] if cmd == scenario::RELAY_COMMAND => {
+            ("outbox relay", Box::pin(scenario::relay_process(database)))
+        }
+        [_, cmd, database, filter, group] if cmd == scenario::INBOX_COMMAND => (
+            "inbox consumer",
+            Box::pin(scenario::consumer_process(database, filter, group)),
+        ),
+        _ => return None,
+    };
+    worker_logs();
+    let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
+    Some(match rt.block_on(work) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{what}: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    })
+}
+
+/// Every scenario on every backend that runs it, in order, each timed and its verdict printed.
+fn run_rows(scenarios: &[Scenario], backends: &[On], size: Size) -> Vec<Row> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .expect("tokio runtime");
     let mut rows = Vec::new();
-    for &s in &scenarios {
-        for &b in &backends {
+    for &s in scenarios {
+        for &b in backends {
             if !b.runs(s) {
                 continue;
             }
@@ -482,55 +507,43 @@ fn main() -> std::process::ExitCode {
             rows.push(row);
         }
     }
-    let md = markdown(&rows, args.quick);
-    println!("\n{md}");
+    rows
+}
+
+/// `reliability.json` and `reliability.md` in `--out`, and the page `--doc` names (the table
+/// under a header that says how it was run).
+fn write_reports(args: &Args, rows: &[Row], md: &str, backends: &[On], scenarios: &[Scenario]) {
     let _ = std::fs::create_dir_all(&args.out);
     let _ = std::fs::write(
         args.out.join("reliability.json"),
         serde_json::to_string_pretty(&rows).unwrap_or_default(),
     );
-    let _ = std::fs::write(args.out.join("reliability.md"), &md);
-    if let Some(doc) = &args.doc {
-        let clusters = backends.iter().any(|b| b.is_cluster());
-        let names = |v: Vec<String>| v.join(",");
-        let command = format!(
-            "cargo xtask reliability{} --backend {}{}",
-            if args.quick { " --quick" } else { "" },
-            names(backends.iter().map(|b| b.name()).collect()),
-            if args.scenario.is_empty() {
-                String::new()
-            } else {
-                format!(
-                    " --scenario {}",
-                    names(scenarios.iter().map(|s| s.name()).collect())
-                )
-            }
-        );
-        let text = format!(
-            "{}\n\n{md}",
-            if clusters {
-                cluster_doc_header(&command)
-            } else {
-                single_doc_header(&command)
-            }
-        );
-        if let Err(e) = std::fs::write(doc, text) {
-            eprintln!("could not write {}: {e}", doc.display());
+    let _ = std::fs::write(args.out.join("reliability.md"), md);
+    let Some(doc) = &args.doc else { return };
+    let clusters = backends.iter().any(|b| b.is_cluster());
+    let names = |v: Vec<String>| v.join(",");
+    let command = format!(
+        "cargo xtask reliability{} --backend {}{}",
+        if args.quick { " --quick" } else { "" },
+        names(backends.iter().map(|b| b.name()).collect()),
+        if args.scenario.is_empty() {
+            String::new()
+        } else {
+            format!(
+                " --scenario {}",
+                names(scenarios.iter().map(|s| s.name()).collect())
+            )
         }
-    }
-    if rows.iter().all(Row::passed) {
-        std::process::ExitCode::SUCCESS
-    } else {
-        // Repeated last so that a log's tail (all CI keeps) names the row and why.
-        eprintln!("reliability: some scenarios FAILED:");
-        for row in rows.iter().filter(|r| !r.passed()) {
-            eprintln!(
-                "  {} on {}: {}",
-                row.scenario,
-                row.backend,
-                row.failures.join("; ")
-            );
+    );
+    let text = format!(
+        "{}\n\n{md}",
+        if clusters {
+            cluster_doc_header(&command)
+        } else {
+            single_doc_header(&command)
         }
-        std::process::ExitCode::FAILURE
+    );
+    if let Err(e) = std::fs::write(doc, text) {
+        eprintln!("could not write {}: {e}", doc.display());
     }
 }
