@@ -428,7 +428,14 @@ fn main() -> std::process::ExitCode {
     } else {
         args.scenario.clone()
     };
-    let rows = run_rows(&scenarios, &backends, Size { quick: args.quick });
+    // Lives until main returns: dropping it waits for blocking tasks the rows left behind
+    // (clients closing), which must not hold back the reports.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let rows = run_rows(&rt, &scenarios, &backends, Size { quick: args.quick });
     let md = markdown(&rows, args.quick);
     println!("\n{md}");
     write_reports(&args, &rows, &md, &backends, &scenarios);
@@ -478,12 +485,12 @@ fn worker_process() -> Option<std::process::ExitCode> {
 }
 
 /// Every scenario on every backend that runs it, in order, each timed and its verdict printed.
-fn run_rows(scenarios: &[Scenario], backends: &[On], size: Size) -> Vec<Row> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
+fn run_rows(
+    rt: &tokio::runtime::Runtime,
+    scenarios: &[Scenario],
+    backends: &[On],
+    size: Size,
+) -> Vec<Row> {
     let mut rows = Vec::new();
     for &s in scenarios {
         for &b in backends {

@@ -126,7 +126,7 @@ pub async fn slow_consumer<T: Target>(t: &mut T, size: Size) -> Row {
         .group(format!("slow-{run}"))
         .prefetch(PREFETCH)
         .ack_wait(Duration::from_secs(60));
-    let mut sub = match t.subscriber().subscribe(spec).await {
+    let sub = match t.subscriber().subscribe(spec).await {
         Ok(s) => s,
         Err(e) => {
             row.failures.push(format!("subscribe: {e}"));
@@ -137,8 +137,7 @@ pub async fn slow_consumer<T: Target>(t: &mut T, size: Size) -> Row {
         reads,
         growth,
         left_at_end_of_slow,
-    } = read_slowly(&mut sub, &mut row, acked, slow, base).await;
-    sub.close().await;
+    } = read_slowly(sub, &mut row, acked, slow, base).await;
     row.figures = check::check(&ledger, &reads, 0);
     row.rss_growth_bytes = growth;
     let backlog_bytes = (acked * PAYLOAD) as u64;
@@ -180,9 +179,10 @@ struct SlowRead {
 }
 
 /// Read until all `acked` messages are seen: one per 2 ms for `slow` from the first delivery,
-/// then as fast as they come; the RSS growth over `base` is taken when the slow phase ends.
+/// then as fast as they come, and close `sub`; the RSS growth over `base` is taken when the
+/// slow phase ends.
 async fn read_slowly(
-    sub: &mut eventbus_core::Subscription,
+    mut sub: eventbus_core::Subscription,
     row: &mut Row,
     acked: usize,
     slow: Duration,
@@ -232,6 +232,7 @@ async fn read_slowly(
             }
         }
     }
+    sub.close().await;
     let drained = subscribed.elapsed();
     if let Some(f) = first {
         row.notes.push(format!(
