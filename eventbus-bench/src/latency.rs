@@ -37,6 +37,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::Args;
 use crate::drive::{decode, hist, payload};
+use crate::report::LatencySection as Section;
 
 /// The offered rates, messages per second.
 const RATES: [u64; 3] = [1_000, 10_000, 50_000];
@@ -561,8 +562,6 @@ fn verdict(rate: u64, sdk: &Histogram<u64>, raw: &Histogram<u64>) -> String {
     )
 }
 
-use crate::report::LatencySection as Section;
-
 /// How long and how often each (path, rate, clock) runs: for the longer of `secs` and the time
 /// `samples` messages take at the rate, `reps` times.
 #[derive(Clone, Copy, Debug)]
@@ -573,6 +572,13 @@ pub(crate) struct Size {
 }
 
 impl Size {
+    /// The study's cells, and `--full`'s: 4 s per run, twice.
+    const LONG: Size = Size {
+        secs: 4.0,
+        samples: 0,
+        reps: 2,
+    };
+
     /// Seconds of one run at `rate`.
     fn secs(self, rate: u64) -> f64 {
         self.secs.max(self.samples as f64 / rate.max(1) as f64)
@@ -580,11 +586,18 @@ impl Size {
 
     /// The standalone study: 4 s per run, twice (2 s, once, with `--quick`); `--reps` wins.
     fn study(args: &Args) -> Size {
-        let (secs, reps) = if args.quick { (2.0, 1) } else { (4.0, 2) };
+        let size = if args.quick {
+            Size {
+                secs: 2.0,
+                samples: 0,
+                reps: 1,
+            }
+        } else {
+            Size::LONG
+        };
         Size {
-            secs,
-            samples: 0,
-            reps: args.reps.unwrap_or(reps),
+            reps: args.reps.unwrap_or(size.reps),
+            ..size
         }
     }
 
@@ -593,11 +606,7 @@ impl Size {
     /// the study does.
     pub(crate) fn run(args: &Args) -> Size {
         if args.full {
-            Size {
-                secs: 4.0,
-                samples: 0,
-                reps: 2,
-            }
+            Size::LONG
         } else {
             Size {
                 secs: 1.0,
@@ -611,11 +620,18 @@ impl Size {
         let each = if self.samples == 0 {
             format!("{} s per run", self.secs)
         } else {
+            // Digits grouped by three, as the rest of the report writes counts.
+            let digits = self.samples.to_string();
+            let mut samples = String::new();
+            for (i, c) in digits.chars().enumerate() {
+                if i > 0 && (digits.len() - i).is_multiple_of(3) {
+                    samples.push(',');
+                }
+                samples.push(c);
+            }
             format!(
-                "{} s or {},{:03} messages per run, whichever is longer",
-                self.secs,
-                self.samples / 1_000,
-                self.samples % 1_000
+                "{} s or {samples} messages per run, whichever is longer",
+                self.secs
             )
         };
         format!("{each}, {} run(s) per path, rate and clock", self.reps)
@@ -636,12 +652,7 @@ pub(crate) async fn study(args: &Args) -> Result<bool, String> {
     std::fs::create_dir_all(&args.out).map_err(|e| e.to_string())?;
     let path = args.out.join("latency.md");
     std::fs::write(&path, &md).map_err(|e| format!("write {}: {e}", path.display()))?;
-    let svg = section.svg();
-    let path = args.out.join("latency.svg");
-    std::fs::write(&path, &svg).map_err(|e| format!("write {}: {e}", path.display()))?;
-    let path = args.out.join("latency.png");
-    std::fs::write(&path, crate::chart::png(&svg)?)
-        .map_err(|e| format!("write {}: {e}", path.display()))?;
+    crate::report::write_svg(&args.out, "latency", &section.svg())?;
     println!("{md}");
     Ok(section.ok)
 }
@@ -792,4 +803,33 @@ fn rows(
         ));
     }
     ok
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Size;
+
+    #[test]
+    fn sizes_describe_their_counts_grouped_by_three() {
+        let d = |samples| {
+            Size {
+                secs: 1.0,
+                samples,
+                reps: 1,
+            }
+            .describe()
+        };
+        assert!(
+            d(2_000).starts_with("1 s or 2,000 messages per run"),
+            "{}",
+            d(2_000)
+        );
+        assert!(d(500).starts_with("1 s or 500 messages"), "{}", d(500));
+        assert!(
+            d(1_234_567).contains("1,234,567 messages"),
+            "{}",
+            d(1_234_567)
+        );
+        assert!(Size::LONG.describe().starts_with("4 s per run, 2 run(s)"));
+    }
 }

@@ -791,10 +791,15 @@ pub(crate) fn write(
 const LATENCY_CHART: &str = "latency-run";
 
 /// `<dir>/<name>.svg` and its `.png`.
-fn write_svg(dir: &std::path::Path, name: &str, svg: &str) -> Result<(), String> {
-    std::fs::write(dir.join(format!("{name}.png")), crate::chart::png(svg)?)
-        .map_err(|e| e.to_string())?;
-    std::fs::write(dir.join(format!("{name}.svg")), svg).map_err(|e| e.to_string())
+pub(crate) fn write_svg(dir: &std::path::Path, name: &str, svg: &str) -> Result<(), String> {
+    let png = crate::chart::png(svg)?;
+    for (path, bytes) in [
+        (dir.join(format!("{name}.png")), png.as_slice()),
+        (dir.join(format!("{name}.svg")), svg.as_bytes()),
+    ] {
+        std::fs::write(&path, bytes).map_err(|e| format!("write {}: {e}", path.display()))?;
+    }
+    Ok(())
 }
 
 /// The latency rows: how they were run, the chart, the table with the goals.
@@ -967,11 +972,7 @@ pub(crate) fn write_sweep(args: &Args, machine: &str, records: &[Record]) -> Res
         "sweep.json",
         serde_json::to_string_pretty(&doc).map_err(|e| e.to_string())?,
     )?;
-    let svg = crate::chart::latency_svg(records);
-    let png = crate::chart::png(&svg)?;
-    put("sweep.svg", svg)?;
-    let path = args.out.join("sweep.png");
-    std::fs::write(&path, png).map_err(|e| format!("write {}: {e}", path.display()))?;
+    write_svg(&args.out, "sweep", &crate::chart::latency_svg(records))?;
     eprintln!(
         "wrote {0}/sweep.json, {0}/sweep.md, {0}/sweep.svg, {0}/sweep.png",
         args.out.display()
