@@ -21,13 +21,14 @@ pub mod validate;
 /// What a backend implements and uses to plug into eventbus, kept apart from the API a
 /// service programs against (the crate root), as OpenDAL keeps its `raw` module: acks a backend
 /// resolves ([`AckSender`](spi::AckSender), [`OutcomeRouter`](spi::OutcomeRouter)), the
-/// subscription's backend end ([`Feed`](spi::Feed), [`AckHandle`](spi::AckHandle),
+/// subscription's backend end ([`Feed`](spi::Feed), [`AckHandle`](spi::AckHandle) or
+/// [`SharedAck`](spi::SharedAck),
 /// [`DeadLetters`](spi::DeadLetters)), and name rules ([`TopicRules`](spi::TopicRules)).
 /// A backend also implements [`Backend`], [`BatchSink`] and [`Subscriber`] from the root.
 pub mod spi {
     pub use crate::outcome::AckSender;
     pub use crate::router::{BatchOutcomes, OutcomeRouter};
-    pub use crate::subscriber::{AckHandle, DeadLetters, Feed, TrySend};
+    pub use crate::subscriber::{AckHandle, AckToken, DeadLetters, Feed, SharedAck, TrySend};
     pub use crate::validate::TopicRules;
 }
 

@@ -18,7 +18,7 @@ mod delivery;
 mod limit;
 mod stream;
 
-pub use delivery::{AckHandle, Acker, Delivery, DeliveryInfo};
+pub use delivery::{AckHandle, AckToken, Acker, Delivery, DeliveryInfo, SharedAck};
 pub use limit::DeadLetters;
 pub use stream::{Feed, Subscription, TrySend};
 pub(crate) use stream::{Layer, Step};

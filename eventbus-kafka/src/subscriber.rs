@@ -15,7 +15,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use eventbus_core::spi::{AckHandle, DeadLetters, Feed, TrySend};
+use eventbus_core::spi::{AckToken, DeadLetters, Feed, SharedAck, TrySend};
 use eventbus_core::{
     Acker, Delivery, DeliveryInfo, Error, ErrorKind, Message, Position, StartFrom, SubscribeSpec,
     Subscriber, Subscription, Topic,
@@ -397,6 +397,24 @@ struct Key {
     round: u32,
 }
 
+impl Key {
+    /// The key as the token its delivery's [`Acker`] carries: partition and round share a word.
+    fn token(self) -> AckToken {
+        let low = u64::from(self.partition as u32) | (u64::from(self.round) << 32);
+        AckToken([low, self.offset as u64, self.epoch])
+    }
+
+    fn from_token(t: AckToken) -> Key {
+        let [low, offset, epoch] = t.0;
+        Key {
+            partition: low as u32 as i32,
+            round: (low >> 32) as u32,
+            offset: offset as i64,
+            epoch,
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Stage {
     /// Waiting in the backlog or for a redelivery timer: not with the handler.
@@ -708,10 +726,7 @@ impl State {
                     offset: k.offset,
                 },
             ),
-            Acker::new(KafkaAcker {
-                shared: Arc::clone(shared),
-                key,
-            }),
+            Acker::shared(Arc::clone(shared) as Arc<dyn SharedAck>, key.token()),
         );
         self.backlog.push_back((key, d));
     }
@@ -1085,20 +1100,16 @@ fn shutdown(consumer: BaseConsumer<Ctx>, shared: &Arc<Shared>) {
     consumer.unsubscribe();
 }
 
-struct KafkaAcker {
-    shared: Arc<Shared>,
-    key: Key,
-}
-
-#[async_trait::async_trait]
-impl AckHandle for KafkaAcker {
-    async fn ack(self: Box<Self>) -> Result<(), Error> {
-        self.shared.state.lock().settle(&self.key);
+/// Settling is bookkeeping under the state's lock (the offsets are committed later, from the
+/// pump), so every delivery shares this one state: no handle per message.
+impl SharedAck for Shared {
+    fn ack(&self, token: AckToken) -> Result<(), Error> {
+        self.state.lock().settle(&Key::from_token(token));
         Ok(())
     }
-    async fn nack(self: Box<Self>, delay: Duration) -> Result<(), Error> {
-        let mut st = self.shared.state.lock();
-        let k = self.key;
+    fn nack(&self, token: AckToken, delay: Duration) -> Result<(), Error> {
+        let mut st = self.state.lock();
+        let k = Key::from_token(token);
         if let Some(e) = st.entry(&k)
             && e.is_current(&k)
         {
@@ -1114,8 +1125,8 @@ impl AckHandle for KafkaAcker {
         }
         Ok(())
     }
-    async fn term(self: Box<Self>) -> Result<(), Error> {
-        self.shared.state.lock().settle(&self.key);
+    fn term(&self, token: AckToken) -> Result<(), Error> {
+        self.state.lock().settle(&Key::from_token(token));
         Ok(())
     }
 }
@@ -1188,6 +1199,28 @@ mod tests {
             epoch: 1,
             round,
         }
+    }
+
+    #[test]
+    fn keys_survive_the_ack_token() {
+        for k in [
+            key(0, 0),
+            Key {
+                partition: i32::MAX,
+                offset: i64::MAX,
+                epoch: u64::MAX,
+                round: u32::MAX,
+            },
+            Key {
+                partition: 7,
+                offset: 1 << 40,
+                epoch: 3,
+                round: 2,
+            },
+        ] {
+            assert_eq!(Key::from_token(k.token()), k);
+        }
+        assert_ne!(key(1, 0).token(), key(1, 1).token());
     }
 
     #[test]

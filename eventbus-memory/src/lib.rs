@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use eventbus_core::spi::{AckHandle, DeadLetters, Feed};
+use eventbus_core::spi::{AckToken, DeadLetters, Feed, SharedAck};
 use eventbus_core::{
     Ack, Acker, BatchSink, Delivery, DeliveryInfo, Error, ErrorKind, Message, Outcome, Position,
     SinkLimits, StartFrom, SubscribeSpec, Subscriber, Subscription, Topic,
@@ -360,11 +360,15 @@ enum Next {
 }
 
 async fn member(topic: Arc<TopicState>, group: String, spec: SubscribeSpec, mut feed: Feed) {
+    let acks: Arc<dyn SharedAck> = Arc::new(GroupAcks {
+        topic: Arc::clone(&topic),
+        group: group.clone(),
+    });
     loop {
         let notified = topic.notify.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
-        let next = next_delivery(&topic, &group, &spec);
+        let next = next_delivery(&topic, &group, &spec, &acks);
         match next {
             Next::Deliver(d) => {
                 if let Err(Ok(d)) = feed.send(Ok(d)).await {
@@ -403,7 +407,12 @@ async fn member(topic: Arc<TopicState>, group: String, spec: SubscribeSpec, mut 
     topic.notify.notify_waiters();
 }
 
-fn next_delivery(topic: &Arc<TopicState>, group: &str, spec: &SubscribeSpec) -> Next {
+fn next_delivery(
+    topic: &Arc<TopicState>,
+    group: &str,
+    spec: &SubscribeSpec,
+    acks: &Arc<dyn SharedAck>,
+) -> Next {
     let now = Instant::now();
     let mut log = topic.log.lock();
     let TopicLog { messages, groups } = &mut *log;
@@ -425,8 +434,7 @@ fn next_delivery(topic: &Arc<TopicState>, group: &str, spec: &SubscribeSpec) -> 
         p.token = TOKENS.fetch_add(1, Ordering::Relaxed);
         g.due.insert((p.due, offset));
         let d = make_delivery(
-            topic,
-            group,
+            acks,
             &messages[offset as usize],
             offset,
             p.deliveries,
@@ -450,8 +458,7 @@ fn next_delivery(topic: &Arc<TopicState>, group: &str, spec: &SubscribeSpec) -> 
         );
         g.due.insert((due, offset));
         return Next::Deliver(make_delivery(
-            topic,
-            group,
+            acks,
             &messages[offset as usize],
             offset,
             1,
@@ -462,8 +469,7 @@ fn next_delivery(topic: &Arc<TopicState>, group: &str, spec: &SubscribeSpec) -> 
 }
 
 fn make_delivery(
-    topic: &Arc<TopicState>,
-    group: &str,
+    acks: &Arc<dyn SharedAck>,
     msg: &Message,
     offset: u64,
     n: u32,
@@ -472,41 +478,38 @@ fn make_delivery(
     Delivery::new(
         msg.clone(),
         DeliveryInfo::new(n, Position::Offset(offset)),
-        Acker::new(MemoryAcker {
-            topic: Arc::clone(topic),
-            group: group.to_owned(),
-            offset,
-            token,
-        }),
+        Acker::shared(Arc::clone(acks), AckToken([offset, token, 0])),
     )
 }
 
-struct MemoryAcker {
+/// Settles one group member's deliveries; a delivery's token holds its offset and the
+/// delivery token its pending entry had when it was handed over.
+struct GroupAcks {
     topic: Arc<TopicState>,
     group: String,
-    offset: u64,
-    token: u64,
 }
 
-impl MemoryAcker {
-    /// Apply `f` to the pending entry if this delivery is still the current one.
-    fn settle(&self, redeliver_at: Option<Instant>) {
+impl GroupAcks {
+    /// Drop the pending entry (`None`) or set it to be redelivered at `redeliver_at`, if
+    /// `token` is still its current delivery.
+    fn settle(&self, token: AckToken, redeliver_at: Option<Instant>) {
+        let [offset, token, _] = token.0;
         let mut log = self.topic.log.lock();
         if let Some(g) = log.groups.get_mut(&self.group)
-            && let Some(p) = g.pending.get_mut(&self.offset)
+            && let Some(p) = g.pending.get_mut(&offset)
         {
-            if p.token != self.token {
+            if p.token != token {
                 return; // stale: already redelivered to someone else
             }
-            g.due.remove(&(p.due, self.offset));
+            g.due.remove(&(p.due, offset));
             match redeliver_at {
                 Some(at) => {
                     p.due = at;
                     p.token = 0;
-                    g.due.insert((at, self.offset));
+                    g.due.insert((at, offset));
                 }
                 None => {
-                    g.pending.remove(&self.offset);
+                    g.pending.remove(&offset);
                 }
             }
         }
@@ -517,18 +520,17 @@ impl MemoryAcker {
     }
 }
 
-#[async_trait::async_trait]
-impl AckHandle for MemoryAcker {
-    async fn ack(self: Box<Self>) -> Result<(), Error> {
-        self.settle(None);
+impl SharedAck for GroupAcks {
+    fn ack(&self, token: AckToken) -> Result<(), Error> {
+        self.settle(token, None);
         Ok(())
     }
-    async fn nack(self: Box<Self>, delay: Duration) -> Result<(), Error> {
-        self.settle(Some(Instant::now() + delay));
+    fn nack(&self, token: AckToken, delay: Duration) -> Result<(), Error> {
+        self.settle(token, Some(Instant::now() + delay));
         Ok(())
     }
-    async fn term(self: Box<Self>) -> Result<(), Error> {
-        self.settle(None);
+    fn term(&self, token: AckToken) -> Result<(), Error> {
+        self.settle(token, None);
         Ok(())
     }
 }

@@ -1,6 +1,7 @@
 //! One delivery and the handle that settles it.
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::error::Error;
@@ -18,25 +19,64 @@ pub trait AckHandle: Send + Sync + 'static {
     async fn term(self: Box<Self>) -> Result<(), Error>;
 }
 
-/// A boxed [`AckHandle`].
-pub struct Acker(Box<dyn AckHandle>);
+/// Settles the deliveries of one subscription from the state they share, each named by an
+/// [`AckToken`]: the receive path's form without an allocation per delivery
+/// ([`Acker::shared`]), for backends whose settling is bookkeeping in the client (an offset
+/// to commit later, an entry to drop) rather than a request to the broker.
+///
+/// The methods run on the handler's task: they must not block beyond a short lock.
+pub trait SharedAck: Send + Sync + 'static {
+    /// Processed: never deliver again. See [`AckHandle::ack`].
+    fn ack(&self, token: AckToken) -> Result<(), Error>;
+    /// Not processed: deliver again after `delay`. See [`AckHandle::nack`].
+    fn nack(&self, token: AckToken, delay: Duration) -> Result<(), Error>;
+    /// Never deliver again, without processing. See [`AckHandle::term`].
+    fn term(&self, token: AckToken) -> Result<(), Error>;
+}
+
+/// Which delivery a [`SharedAck`] settles: three words whose meaning the backend chooses (for
+/// example a partition and delivery round, an offset, an assignment epoch).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AckToken(pub [u64; 3]);
+
+/// Settles one delivery: a backend's [`AckHandle`], or a token into its [`SharedAck`].
+pub struct Acker(Inner);
+
+enum Inner {
+    Handle(Box<dyn AckHandle>),
+    Shared(Arc<dyn SharedAck>, AckToken),
+}
 
 impl Acker {
-    /// Wrap a backend's handle.
+    /// Wrap a backend's handle (one allocation per delivery).
     pub fn new(h: impl AckHandle) -> Self {
-        Acker(Box::new(h))
+        Acker(Inner::Handle(Box::new(h)))
+    }
+    /// A delivery settled through `state` as `token`: no allocation, and settling is a plain
+    /// call rather than a boxed future.
+    pub fn shared(state: Arc<dyn SharedAck>, token: AckToken) -> Self {
+        Acker(Inner::Shared(state, token))
     }
     /// See [`AckHandle::ack`].
     pub async fn ack(self) -> Result<(), Error> {
-        self.0.ack().await
+        match self.0 {
+            Inner::Handle(h) => h.ack().await,
+            Inner::Shared(s, t) => s.ack(t),
+        }
     }
     /// See [`AckHandle::nack`].
     pub async fn nack(self, delay: Duration) -> Result<(), Error> {
-        self.0.nack(delay).await
+        match self.0 {
+            Inner::Handle(h) => h.nack(delay).await,
+            Inner::Shared(s, t) => s.nack(t, delay),
+        }
     }
     /// See [`AckHandle::term`].
     pub async fn term(self) -> Result<(), Error> {
-        self.0.term().await
+        match self.0 {
+            Inner::Handle(h) => h.term().await,
+            Inner::Shared(s, t) => s.term(t),
+        }
     }
 }
 
