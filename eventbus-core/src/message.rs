@@ -145,6 +145,32 @@ impl MessageId {
         MessageId(IdRepr::Custom(Arc::from(s)))
     }
 
+    /// [`MessageId::custom`] from formatted text, such as an id derived from where a message
+    /// is stored, without a `String` per id: the text is written into a buffer kept per
+    /// thread, and the id's own allocation is the only one.
+    ///
+    /// ```
+    /// use eventbus_core::MessageId;
+    /// let id = MessageId::custom_fmt(format_args!("kafka:{}:{}:{}", "orders", 3, 42));
+    /// assert_eq!(id, MessageId::custom("kafka:orders:3:42"));
+    /// ```
+    pub fn custom_fmt(args: std::fmt::Arguments<'_>) -> Self {
+        use std::fmt::Write as _;
+        thread_local! {
+            static TEXT: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+        }
+        TEXT.with_borrow_mut(|text| {
+            text.clear();
+            let _ = text.write_fmt(args);
+            let id = Self::custom(text.as_str());
+            // A long id once does not keep its buffer for the thread's life.
+            if text.capacity() > 1024 {
+                *text = String::new();
+            }
+            id
+        })
+    }
+
     /// Write the id's text form into `out`.
     pub fn write_to(&self, out: &mut String) {
         match &self.0 {

@@ -2,6 +2,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use tokio::sync::oneshot;
@@ -14,8 +15,8 @@ use crate::error::{Error, ErrorKind};
 pub enum Position {
     /// A JetStream stream sequence.
     Stream {
-        /// Stream name.
-        stream: String,
+        /// Stream name (shared: every ack of a batch names the same stream).
+        stream: Arc<str>,
         /// Sequence number in the stream.
         sequence: u64,
         /// The broker recognised the message id as a duplicate of one it already stored.
@@ -27,8 +28,8 @@ pub enum Position {
     /// during the batch. Within one sink and stream, `(last_sequence, index)` orders messages
     /// as the stream stored them.
     StreamBatch {
-        /// Stream name.
-        stream: String,
+        /// Stream name (shared: every ack of a batch names the same stream).
+        stream: Arc<str>,
         /// Stream sequence of the batch's last stored message.
         last_sequence: u64,
         /// The message's place in its batch, from 1.

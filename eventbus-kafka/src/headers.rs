@@ -37,21 +37,6 @@ pub(crate) fn encode(
     Some(h)
 }
 
-/// The id of a record without an id header: where it is stored. The text is written into a
-/// buffer kept per thread (the consumer's pump thread decodes every record), so the id's own
-/// allocation is the only one.
-fn stored_at(m: &rdkafka::message::BorrowedMessage<'_>) -> MessageId {
-    use std::fmt::Write as _;
-    thread_local! {
-        static TEXT: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
-    }
-    TEXT.with_borrow_mut(|text| {
-        text.clear();
-        let _ = write!(text, "kafka:{}:{}:{}", m.topic(), m.partition(), m.offset());
-        MessageId::custom(text.as_str())
-    })
-}
-
 /// Convert a consumed record. Header values that are not UTF-8 are skipped (eventbus headers are
 /// text); the id header becomes the message id. A record without one (written by another
 /// producer) gets an id derived from where it is stored, `kafka:<topic>:<partition>:<offset>`:
@@ -86,7 +71,14 @@ pub(crate) fn decode_reusing(
         }
     }
     Message::from_parts(
-        id.unwrap_or_else(|| stored_at(m)),
+        id.unwrap_or_else(|| {
+            MessageId::custom_fmt(format_args!(
+                "kafka:{}:{}:{}",
+                m.topic(),
+                m.partition(),
+                m.offset()
+            ))
+        }),
         topic,
         m.key().map(Bytes::copy_from_slice),
         headers,

@@ -82,7 +82,7 @@ fn order_of(headers: &Headers) -> Option<String> {
 /// (published by another client): derived from where it is stored, so every consumer and
 /// every redelivery sees the same id.
 pub(crate) fn decode(
-    subject: &str,
+    topic: Topic,
     headers: Option<&HeaderMap>,
     payload: Bytes,
     fallback_id: impl FnOnce() -> MessageId,
@@ -132,13 +132,7 @@ pub(crate) fn decode(
             out.append(n, v);
         }
     }
-    Message::from_parts(
-        id.unwrap_or_else(fallback_id),
-        Topic::new(subject),
-        key,
-        out,
-        payload,
-    )
+    Message::from_parts(id.unwrap_or_else(fallback_id), topic, key, out, payload)
 }
 
 fn hex(b: &[u8]) -> String {
@@ -167,7 +161,7 @@ mod tests {
                 .with_header("x", "1");
             let id = m.id().to_string();
             let (subject, payload, h) = encode(m, true);
-            let back = decode(&subject, Some(&h), payload, MessageId::generate);
+            let back = decode(Topic::new(&subject), Some(&h), payload, MessageId::generate);
             assert_eq!(back.key().map(|k| &k[..]), Some(key));
             assert_eq!(back.id().to_string(), id);
             assert_eq!(back.headers().get("x"), Some("1"));
@@ -183,7 +177,7 @@ mod tests {
         }
         let m = Message::new("a.b", "p").with_headers(sent.clone());
         let (subject, payload, h) = encode(m, false);
-        let back = decode(&subject, Some(&h), payload, || {
+        let back = decode(Topic::new(&subject), Some(&h), payload, || {
             MessageId::custom("fallback")
         });
         let got: Vec<_> = back.headers().iter().collect();

@@ -190,6 +190,7 @@ async fn pump(
 ) {
     let stats = client.statistics();
     let mut pulls = Pulls::default();
+    let mut names = Names::default();
     'outer: loop {
         let connects = stats.connects.load(Ordering::Relaxed);
         if pulls.open.is_empty() {
@@ -249,7 +250,7 @@ async fn pump(
                 break;
             };
             let Some(msg) = msg else { continue }; // a request ended
-            if let Err(Ok(d)) = feed.send(Ok(to_delivery(msg, &client))).await {
+            if let Err(Ok(d)) = feed.send(Ok(to_delivery(msg, &client, &mut names))).await {
                 let _ = d.nack(Duration::ZERO).await;
                 pulls.release().await;
                 break 'outer;
@@ -434,13 +435,41 @@ async fn release_rest(batch: &mut pull::Batch) {
     }
 }
 
+/// Names a subscription's messages share (the stream, and the subject while it stays the
+/// same), so a delivery does not allocate them anew.
+#[derive(Default)]
+struct Names {
+    stream: Option<Arc<str>>,
+    topic: Option<Topic>,
+}
+
+impl Names {
+    fn stream(&mut self, name: &str) -> Arc<str> {
+        match &self.stream {
+            Some(s) if &**s == name => Arc::clone(s),
+            _ => Arc::clone(self.stream.insert(Arc::from(name))),
+        }
+    }
+
+    fn topic(&mut self, subject: &str) -> Topic {
+        match &self.topic {
+            Some(t) if t.as_str() == subject => t.clone(),
+            _ => self.topic.insert(Topic::new(subject)).clone(),
+        }
+    }
+}
+
 /// The delivery of `msg`; its ack goes out on `client`, the subscription's.
-fn to_delivery(msg: jetstream::Message, client: &Arc<async_nats::Client>) -> Delivery {
+fn to_delivery(
+    msg: jetstream::Message,
+    client: &Arc<async_nats::Client>,
+    names: &mut Names,
+) -> Delivery {
     let (count, position) = match msg.info() {
         Ok(i) => (
             i.delivered.clamp(1, i64::from(u32::MAX)) as u32,
             Position::Stream {
-                stream: i.stream.to_owned(),
+                stream: names.stream(i.stream),
                 sequence: i.stream_sequence,
                 duplicate: false,
             },
@@ -448,7 +477,7 @@ fn to_delivery(msg: jetstream::Message, client: &Arc<async_nats::Client>) -> Del
         Err(_) => (
             1,
             Position::Stream {
-                stream: String::new(),
+                stream: names.stream(""),
                 sequence: 0,
                 duplicate: false,
             },
@@ -457,13 +486,15 @@ fn to_delivery(msg: jetstream::Message, client: &Arc<async_nats::Client>) -> Del
     // The message without its JetStream context: the ack needs only the reply subject.
     let msg = msg.message;
     let m = headers::decode(
-        msg.subject.as_str(),
+        names.topic(msg.subject.as_str()),
         msg.headers.as_ref(),
         msg.payload,
         || match &position {
             Position::Stream {
                 stream, sequence, ..
-            } if !stream.is_empty() => MessageId::custom(format!("nats:{stream}:{sequence}")),
+            } if !stream.is_empty() => {
+                MessageId::custom_fmt(format_args!("nats:{stream}:{sequence}"))
+            }
             _ => MessageId::generate(),
         },
     );

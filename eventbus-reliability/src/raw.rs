@@ -149,7 +149,7 @@ impl Publisher for RawNats {
                 match ack.await {
                     Ok(a) => Outcome::Acked(Ack {
                         position: Position::Stream {
-                            stream: a.stream,
+                            stream: a.stream.into(),
                             sequence: a.sequence,
                             duplicate: a.duplicate,
                         },

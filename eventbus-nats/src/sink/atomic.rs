@@ -139,13 +139,14 @@ fn route_atomic(
         } if count.is_none_or(|c| c == n as u64) && seq >= n as u64 => {
             // Committed under the stream lock: consecutive sequences ending at `seq`.
             let first = seq + 1 - n as u64;
+            let stream: std::sync::Arc<str> = stream.into();
             for (j, i) in g.indices.into_iter().enumerate() {
                 router.settle(
                     b,
                     i,
                     Outcome::Acked(Ack {
                         position: Position::Stream {
-                            stream: stream.to_owned(),
+                            stream: std::sync::Arc::clone(&stream),
                             sequence: first + j as u64,
                             duplicate,
                         },

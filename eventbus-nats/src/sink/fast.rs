@@ -48,6 +48,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::{Hash, Hasher};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use eventbus_core::spi::OutcomeRouter;
@@ -941,7 +942,7 @@ enum Event {
     },
     /// The batch is committed: messages 1..=count are stored, the last at stream `last`.
     Committed {
-        stream: String,
+        stream: Arc<str>,
         last: u64,
         count: u64,
     },
@@ -970,7 +971,7 @@ fn parse(seq: u64, payload: &[u8]) -> Event {
         },
         (None, None) => match (r.stream, r.seq, r.batch, r.count) {
             (Some(stream), Some(last), Some(_), Some(count)) => Event::Committed {
-                stream: stream.to_owned(),
+                stream: Arc::from(stream),
                 last,
                 count,
             },
@@ -1032,7 +1033,7 @@ enum Fate {
 enum End {
     /// Committed with messages 1..=count stored, the last at stream sequence `last`.
     Committed {
-        stream: String,
+        stream: Arc<str>,
         last: u64,
         count: u64,
     },
@@ -1092,11 +1093,11 @@ impl FastState {
     /// What becomes of message `seq` (from 1) once the batch committed with `count` stored.
     /// With `gap=fail`, messages after `count` were dropped: refused ones fail with the
     /// server's reason, the others (cut off by a gap) are sent again.
-    fn committed(&self, seq: u64, stream: &str, last: u64, count: u64) -> Fate {
+    fn committed(&self, seq: u64, stream: &Arc<str>, last: u64, count: u64) -> Fate {
         if seq <= count {
             return Fate::Settle(Outcome::Acked(Ack {
                 position: Position::StreamBatch {
-                    stream: stream.to_owned(),
+                    stream: Arc::clone(stream),
                     last_sequence: last,
                     index: seq,
                     count,
@@ -1167,7 +1168,7 @@ mod tests {
                 stream,
                 last: 42,
                 count: 3,
-            } => assert_eq!(stream, "S"),
+            } => assert_eq!(&*stream, "S"),
             e => panic!("{e:?}"),
         }
         assert!(matches!(
@@ -1181,13 +1182,13 @@ mod tests {
     fn outcomes_follow_the_committed_count() {
         let mut st = FastState::default();
         st.refuse(3, err(ErrorKind::TooLarge, "too big"), Scope::Message);
-        assert!(matches!(st.committed(2, "S", 10, 2), Fate::Settle(o) if o.is_acked()));
-        match st.committed(3, "S", 10, 2) {
+        assert!(matches!(st.committed(2, &Arc::from("S"), 10, 2), Fate::Settle(o) if o.is_acked()));
+        match st.committed(3, &Arc::from("S"), 10, 2) {
             Fate::Settle(Outcome::Failed(e)) => assert_eq!(e.kind(), ErrorKind::TooLarge),
             f => panic!("{f:?}"),
         }
         assert!(matches!(
-            st.committed(4, "S", 10, 2),
+            st.committed(4, &Arc::from("S"), 10, 2),
             Fate::Resend {
                 maybe_stored: false
             }
@@ -1213,7 +1214,7 @@ mod tests {
         st.refuse(seq, error, scope);
         assert!(st.transient, "the lane waits before sending it again");
         assert!(matches!(
-            st.committed(3, "S", 10, 2),
+            st.committed(3, &Arc::from("S"), 10, 2),
             Fate::Resend { maybe_stored: true }
         ));
         // The same refusal as a flow error of the batch.

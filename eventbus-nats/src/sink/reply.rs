@@ -127,7 +127,7 @@ impl Reply<'_> {
                 ..
             } => Outcome::Acked(Ack {
                 position: Position::Stream {
-                    stream: stream.to_owned(),
+                    stream: stream.into(),
                     sequence: seq,
                     duplicate,
                 },
