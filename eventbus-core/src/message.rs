@@ -155,20 +155,29 @@ impl MessageId {
     /// assert_eq!(id, MessageId::custom("kafka:orders:3:42"));
     /// ```
     pub fn custom_fmt(args: std::fmt::Arguments<'_>) -> Self {
+        use std::cell::RefCell;
         use std::fmt::Write as _;
         thread_local! {
-            static TEXT: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+            static TEXT: RefCell<String> = const { RefCell::new(String::new()) };
         }
-        TEXT.with_borrow_mut(|text| {
-            text.clear();
-            let _ = text.write_fmt(args);
-            let id = Self::custom(text.as_str());
-            // A long id once does not keep its buffer for the thread's life.
-            if text.capacity() > 1024 {
-                *text = String::new();
-            }
-            id
-        })
+        // The buffer is out of reach when a value being formatted makes an id itself
+        // (re-entry) or while the thread's locals are being torn down; a failing `Display`
+        // leaves it half written. Each falls back to a `String` of its own, as `format!`.
+        let fast = TEXT
+            .try_with(|cell| {
+                let mut text = cell.try_borrow_mut().ok()?;
+                text.clear();
+                text.write_fmt(args).ok()?;
+                let id = Self::custom(text.as_str());
+                // A long id once does not keep its buffer for the thread's life.
+                if text.capacity() > 1024 {
+                    *text = String::new();
+                }
+                Some(id)
+            })
+            .ok()
+            .flatten();
+        fast.unwrap_or_else(|| Self::custom(std::fmt::format(args)))
     }
 
     /// Write the id's text form into `out`.
@@ -516,6 +525,29 @@ impl fmt::Debug for Message {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn formatted_ids_survive_reentry_and_long_text() {
+        // A value whose `Display` makes an id itself: the inner call finds the buffer busy.
+        struct Nested;
+        impl std::fmt::Display for Nested {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                let inner = MessageId::custom_fmt(format_args!("in:{}", 1));
+                write!(f, "{inner}")
+            }
+        }
+        let id = MessageId::custom_fmt(format_args!("out:{Nested}"));
+        assert_eq!(id, MessageId::custom("out:in:1"));
+        let long = "x".repeat(5_000);
+        assert_eq!(
+            MessageId::custom_fmt(format_args!("{long}")),
+            MessageId::custom(&long)
+        );
+        assert_eq!(
+            MessageId::custom_fmt(format_args!("a:{}", 2)),
+            MessageId::custom("a:2")
+        );
+    }
 
     #[test]
     fn generated_ids_are_unique_and_stable_across_clone() {

@@ -15,7 +15,8 @@ use crate::error::{Error, ErrorKind};
 pub enum Position {
     /// A JetStream stream sequence.
     Stream {
-        /// Stream name (shared: every ack of a batch names the same stream).
+        /// Stream name, shared where many positions name one stream (a batch's acks, a
+        /// subscription's deliveries).
         stream: Arc<str>,
         /// Sequence number in the stream.
         sequence: u64,
@@ -28,7 +29,8 @@ pub enum Position {
     /// during the batch. Within one sink and stream, `(last_sequence, index)` orders messages
     /// as the stream stored them.
     StreamBatch {
-        /// Stream name (shared: every ack of a batch names the same stream).
+        /// Stream name, shared where many positions name one stream (a batch's acks, a
+        /// subscription's deliveries).
         stream: Arc<str>,
         /// Stream sequence of the batch's last stored message.
         last_sequence: u64,

@@ -445,64 +445,73 @@ impl Entry {
 /// the slot the offset would have with no gaps (offsets are contiguous unless the log has
 /// gaps, such as transaction markers or compaction), then a binary search.
 #[derive(Default)]
-struct Ledger(VecDeque<(i64, Entry)>);
+struct Ledger {
+    items: VecDeque<(i64, Entry)>,
+    /// The most entries held since [`Ledger::first_open`] last judged the capacity.
+    peak: usize,
+}
 
 impl Ledger {
     fn index(&self, offset: i64) -> Option<usize> {
-        let (first, _) = self.0.front()?;
+        let (first, _) = self.items.front()?;
         if let Ok(i) = usize::try_from(offset - first)
-            && self.0.get(i).is_some_and(|(o, _)| *o == offset)
+            && self.items.get(i).is_some_and(|(o, _)| *o == offset)
         {
             return Some(i);
         }
-        self.0.binary_search_by_key(&offset, |(o, _)| *o).ok()
+        self.items.binary_search_by_key(&offset, |(o, _)| *o).ok()
     }
 
     fn get(&self, offset: i64) -> Option<&Entry> {
-        self.index(offset).map(|i| &self.0[i].1)
+        self.index(offset).map(|i| &self.items[i].1)
     }
 
     fn get_mut(&mut self, offset: i64) -> Option<&mut Entry> {
-        self.index(offset).map(|i| &mut self.0[i].1)
+        self.index(offset).map(|i| &mut self.items[i].1)
     }
 
     /// Add `entry` at `offset`, unless one is there already (`false`).
     fn insert(&mut self, offset: i64, entry: Entry) -> bool {
-        match self.0.back() {
+        match self.items.back() {
             Some((last, _)) if *last >= offset => {
-                match self.0.binary_search_by_key(&offset, |(o, _)| *o) {
+                match self.items.binary_search_by_key(&offset, |(o, _)| *o) {
                     Ok(_) => false,
                     Err(i) => {
-                        self.0.insert(i, (offset, entry));
+                        self.items.insert(i, (offset, entry));
+                        self.peak = self.peak.max(self.items.len());
                         true
                     }
                 }
             }
             _ => {
-                self.0.push_back((offset, entry));
+                self.items.push_back((offset, entry));
+                self.peak = self.peak.max(self.items.len());
                 true
             }
         }
     }
 
     /// Drop the settled run at the front; the offset of the first entry still in flight.
-    /// Gives memory back after a burst (a deque keeps its largest capacity).
+    /// Gives memory back after a burst (a deque keeps its largest capacity): once a whole
+    /// interval between two calls held under a quarter of it, so a steady flow, which fills
+    /// and empties the ledger between commits, does not shrink and regrow it every time.
     fn first_open(&mut self) -> Option<i64> {
         while self
-            .0
+            .items
             .front()
             .is_some_and(|(_, e)| e.stage == Stage::Settled)
         {
-            self.0.pop_front();
+            self.items.pop_front();
         }
-        if let Some(cap) = shrunk(self.0.len(), self.0.capacity()) {
-            self.0.shrink_to(cap);
+        if let Some(cap) = shrunk(self.peak.max(self.items.len()), self.items.capacity()) {
+            self.items.shrink_to(cap);
         }
-        self.0.front().map(|(offset, _)| *offset)
+        self.peak = self.items.len();
+        self.items.front().map(|(offset, _)| *offset)
     }
 
     fn values(&self) -> impl Iterator<Item = &Entry> {
-        self.0.iter().map(|(_, e)| e)
+        self.items.iter().map(|(_, e)| e)
     }
 }
 
@@ -1145,7 +1154,7 @@ mod tests {
     }
 
     fn offsets(l: &Ledger) -> Vec<i64> {
-        l.0.iter().map(|(o, _)| *o).collect()
+        l.items.iter().map(|(o, _)| *o).collect()
     }
 
     #[test]
@@ -1179,16 +1188,19 @@ mod tests {
         for o in 0..10_000 {
             part.entries.insert(o, entry(o));
         }
-        let peak = part.entries.0.capacity();
+        let peak = part.entries.items.capacity();
         for o in 0..9_990 {
             part.entries.get_mut(o).expect("present").stage = Stage::Settled;
         }
         assert_eq!(part.commit_point(), Some(9_990));
-        assert_eq!(part.entries.0.len(), 10);
+        assert_eq!(part.entries.items.len(), 10);
+        // The interval just ended held the burst: kept until one passes without it.
+        assert_eq!(part.entries.items.capacity(), peak);
+        assert_eq!(part.commit_point(), Some(9_990));
         assert!(
-            part.entries.0.capacity() < peak / 4,
+            part.entries.items.capacity() < peak / 4,
             "kept {}",
-            part.entries.0.capacity()
+            part.entries.items.capacity()
         );
     }
 
@@ -1216,6 +1228,18 @@ mod tests {
                 offset: 1 << 40,
                 epoch: 3,
                 round: 2,
+            },
+            Key {
+                partition: -1,
+                offset: -1001,
+                epoch: 0,
+                round: 1,
+            },
+            Key {
+                partition: i32::MIN,
+                offset: i64::MIN,
+                epoch: 1,
+                round: 0,
             },
         ] {
             assert_eq!(Key::from_token(k.token()), k);
@@ -1335,6 +1359,6 @@ mod tests {
         assert_eq!(part.open(), 1);
         part.entries.get_mut(11).expect("11").stage = Stage::Settled;
         assert_eq!(part.commit_point(), Some(13));
-        assert!(part.entries.0.is_empty());
+        assert!(part.entries.items.is_empty());
     }
 }

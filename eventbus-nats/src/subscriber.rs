@@ -477,7 +477,7 @@ fn to_delivery(
         Err(_) => (
             1,
             Position::Stream {
-                stream: names.stream(""),
+                stream: Arc::from(""),
                 sequence: 0,
                 duplicate: false,
             },

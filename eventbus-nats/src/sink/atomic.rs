@@ -6,6 +6,8 @@
 //! stored whole or not at all, and its messages hold consecutive stream sequences ending at the
 //! acked one.
 
+use std::sync::Arc;
+
 use eventbus_core::spi::OutcomeRouter;
 use eventbus_core::{Ack, Error, ErrorKind, Message, Outcome, Position, SinkLimits};
 
@@ -139,14 +141,14 @@ fn route_atomic(
         } if count.is_none_or(|c| c == n as u64) && seq >= n as u64 => {
             // Committed under the stream lock: consecutive sequences ending at `seq`.
             let first = seq + 1 - n as u64;
-            let stream: std::sync::Arc<str> = stream.into();
+            let stream: Arc<str> = stream.into();
             for (j, i) in g.indices.into_iter().enumerate() {
                 router.settle(
                     b,
                     i,
                     Outcome::Acked(Ack {
                         position: Position::Stream {
-                            stream: std::sync::Arc::clone(&stream),
+                            stream: Arc::clone(&stream),
                             sequence: first + j as u64,
                             duplicate,
                         },
