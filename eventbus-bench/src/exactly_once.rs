@@ -166,6 +166,76 @@ fn input(topic: &str, i: usize) -> Message {
     Message::new(topic, format!("{i:0100}"))
 }
 
+/// An inbox phase's consumer on either store: `$pool` of `$inbox`, parameters written `$p1`;
+/// the handler writes each effect itself (`$with_inbox` false) or through the inbox, and the
+/// runtime reads `$sub` until `$stop`.
+macro_rules! consume {
+    ($pool:expr, $inbox:ident, $p:literal, ($with_inbox:expr, $sub:expr, $cfg:expr, $stop:expr, $progress:expr, $phase:expr)) => {{
+        let (sub, cfg, stop) = ($sub, $cfg, $stop);
+        let (progress, phase): (Arc<Progress>, Arc<str>) =
+            (Arc::clone(&$progress), Arc::clone(&$phase));
+        let pool = $pool.clone();
+        let failed = |e: sqlx::Error| HandlerError::new(format!("effect: {e}"));
+        const INSERT: &str = concat!(
+            "INSERT INTO effects (phase, msg_id) VALUES (",
+            $p,
+            "1, ",
+            $p,
+            "2)"
+        );
+        let p = Arc::clone(&progress);
+        if $with_inbox {
+            let ph = Arc::clone(&phase);
+            let inner = $inbox::new(pool, &phase).handler(move |msg, tx| {
+                let ph = Arc::clone(&ph);
+                Box::pin(async move {
+                    sqlx::query(INSERT)
+                        .bind(&*ph)
+                        .bind(msg.id().to_string())
+                        .execute(tx)
+                        .await
+                        .map_err(failed)?;
+                    Ok(())
+                })
+            });
+            let work = move |msg: Message, info| {
+                let (p, t) = (Arc::clone(&p), Instant::now());
+                p.begin();
+                let handled = inner(msg, info);
+                async move {
+                    handled.await?;
+                    p.handled(t.elapsed());
+                    Ok(())
+                }
+            };
+            handler::run(sub, cfg, work, stop).await
+        } else {
+            let work = move |msg: Message, _| {
+                let (p, pool, ph, t) = (
+                    Arc::clone(&p),
+                    pool.clone(),
+                    Arc::clone(&phase),
+                    Instant::now(),
+                );
+                p.begin();
+                async move {
+                    let mut tx = pool.begin().await.map_err(failed)?;
+                    sqlx::query(INSERT)
+                        .bind(&*ph)
+                        .bind(msg.id().to_string())
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(failed)?;
+                    tx.commit().await.map_err(failed)?;
+                    p.handled(t.elapsed());
+                    Ok(())
+                }
+            };
+            handler::run(sub, cfg, work, stop).await
+        }
+    }};
+}
+
 /// Consume `n` messages of a fresh backlog with the handler runtime, each effect written by
 /// the handler (`inbox` false) or through the inbox.
 async fn inbox_phase(
@@ -196,74 +266,17 @@ async fn inbox_phase(
         let p = Arc::clone(&progress);
         async move { p.finished.notified().await }
     };
-    // The same phase on either store: `$pool` of `$inbox`, parameters written `$p1`.
-    macro_rules! consume {
-        ($pool:expr, $inbox:ident, $p:literal) => {{
-            let pool = $pool.clone();
-            let failed = |e: sqlx::Error| HandlerError::new(format!("effect: {e}"));
-            const INSERT: &str = concat!(
-                "INSERT INTO effects (phase, msg_id) VALUES (",
-                $p,
-                "1, ",
-                $p,
-                "2)"
-            );
-            let p = Arc::clone(&progress);
-            if inbox {
-                let ph = Arc::clone(&phase);
-                let inner = $inbox::new(pool, &phase).handler(move |msg, tx| {
-                    let ph = Arc::clone(&ph);
-                    Box::pin(async move {
-                        sqlx::query(INSERT)
-                            .bind(&*ph)
-                            .bind(msg.id().to_string())
-                            .execute(tx)
-                            .await
-                            .map_err(failed)?;
-                        Ok(())
-                    })
-                });
-                let work = move |msg: Message, info| {
-                    let (p, t) = (Arc::clone(&p), Instant::now());
-                    p.begin();
-                    let handled = inner(msg, info);
-                    async move {
-                        handled.await?;
-                        p.handled(t.elapsed());
-                        Ok(())
-                    }
-                };
-                handler::run(sub, cfg, work, stop).await
-            } else {
-                let work = move |msg: Message, _| {
-                    let (p, pool, ph, t) = (
-                        Arc::clone(&p),
-                        pool.clone(),
-                        Arc::clone(&phase),
-                        Instant::now(),
-                    );
-                    p.begin();
-                    async move {
-                        let mut tx = pool.begin().await.map_err(failed)?;
-                        sqlx::query(INSERT)
-                            .bind(&*ph)
-                            .bind(msg.id().to_string())
-                            .execute(&mut *tx)
-                            .await
-                            .map_err(failed)?;
-                        tx.commit().await.map_err(failed)?;
-                        p.handled(t.elapsed());
-                        Ok(())
-                    }
-                };
-                handler::run(sub, cfg, work, stop).await
-            }
-        }};
-    }
     let report = tokio::time::timeout(Duration::from_secs(300), async {
         match db {
-            Db::Pg(pool) => consume!(pool, PgInbox, "$"),
-            Db::Sqlite(pool) => consume!(pool, SqliteInbox, "?"),
+            Db::Pg(pool) => consume!(pool, PgInbox, "$", (inbox, sub, cfg, stop, progress, phase)),
+            Db::Sqlite(pool) => {
+                consume!(
+                    pool,
+                    SqliteInbox,
+                    "?",
+                    (inbox, sub, cfg, stop, progress, phase)
+                )
+            }
         }
     })
     .await

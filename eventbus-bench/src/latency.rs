@@ -137,7 +137,7 @@ impl Sender {
             Sender::SdkKafka(b) => sdk(b.publish(Message::new(topic, body)).await),
             Sender::RawNats(js) => {
                 let id = eventbus_core::MessageId::generate().to_string();
-                crate::nats::send_raw_nats(js, topic.to_owned(), body, Some(id))
+                crate::nats::send_raw_keyed(js, topic.to_owned(), body, Some(id), None)
                     .await
                     .boxed()
             }
@@ -438,27 +438,7 @@ async fn run(
     if clock == Clock::Handler {
         consumer = Some(rig.consume(path, &topic, n, Arc::clone(&collector)).await?);
     }
-    let mut warm = collector.warm.subscribe();
-    let ready = async {
-        loop {
-            let ack = sender
-                .send(&topic, eventbus_core::Bytes::from_static(b"warm"))
-                .await;
-            if let Some(e) = ack.await.error() {
-                return Err(format!("warm-up: {e}"));
-            }
-            if consumer.is_none()
-                || tokio::time::timeout(Duration::from_millis(500), warm.wait_for(|w| *w))
-                    .await
-                    .is_ok()
-            {
-                return Ok(());
-            }
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(60), ready)
-        .await
-        .map_err(|_| "warm-up: the consumer saw nothing in 60 s".to_string())??;
+    warm_up(&sender, &topic, &collector, consumer.is_some()).await?;
 
     let total = (rate as f64 * secs) as u64;
     let (tx, rx) = mpsc::unbounded_channel::<(Instant, BoxFuture<'static, Outcome>)>();
@@ -500,6 +480,37 @@ async fn run(
         received: collector.received(),
         achieved: total as f64 / offering.as_secs_f64().max(1e-9),
     })
+}
+
+/// Send warm-up messages until one is acked and, when a consumer is `reading` along, seen by it
+/// (a consumer that joined after the first, such as Kafka's group join, gets another).
+async fn warm_up(
+    sender: &Sender,
+    topic: &str,
+    collector: &Collector,
+    reading: bool,
+) -> Result<(), String> {
+    let mut warm = collector.warm.subscribe();
+    let ready = async {
+        loop {
+            let ack = sender
+                .send(topic, eventbus_core::Bytes::from_static(b"warm"))
+                .await;
+            if let Some(e) = ack.await.error() {
+                return Err(format!("warm-up: {e}"));
+            }
+            if !reading
+                || tokio::time::timeout(Duration::from_millis(500), warm.wait_for(|w| *w))
+                    .await
+                    .is_ok()
+            {
+                return Ok(());
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(60), ready)
+        .await
+        .map_err(|_| "warm-up: the consumer saw nothing in 60 s".to_string())?
 }
 
 /// Await the acks in the order they resolve, each timed when its future completes.

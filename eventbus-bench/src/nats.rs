@@ -137,20 +137,11 @@ async fn drive_raw_nats(
     Published::merge(tasks, t0).await
 }
 
-/// Publish one message through `js`, with `id` as its `Nats-Msg-Id`: its ack, as an outcome
-/// to await. A message not sent fails the run's verification; the bench goes on.
-pub(crate) async fn send_raw_nats(
-    js: &async_nats::jetstream::Context,
-    subject: String,
-    body: Bytes,
-    id: Option<String>,
-) -> impl Future<Output = eventbus_core::Outcome> + Send + 'static {
-    send_raw_keyed(js, subject, body, id, None).await
-}
-
-/// [`send_raw_nats`] with the message's key in the header the SDK carries it in (`--keys`), so
-/// a keyed SDK run is compared with a raw client writing the same bytes.
-async fn send_raw_keyed(
+/// Publish one message through `js`, with `id` as its `Nats-Msg-Id` and the key (`--keys`) in
+/// the header the SDK carries it in, so a keyed SDK run is compared with a raw client writing
+/// the same bytes: its ack, as an outcome to await. A message not sent fails the run's
+/// verification; the bench goes on.
+pub(crate) async fn send_raw_keyed(
     js: &async_nats::jetstream::Context,
     subject: String,
     body: Bytes,

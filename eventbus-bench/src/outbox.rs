@@ -319,23 +319,7 @@ async fn writers(
     let tasks: Vec<_> = (0..WRITERS)
         .map(|w| {
             let (db, topic, tag) = (db.clone(), topic.to_owned(), tag.to_owned());
-            tokio::spawn(async move {
-                let mut n = 0u64;
-                while Instant::now() < until {
-                    let m = Message::new(topic.as_str(), "x".repeat(100))
-                        .with_id(format!("{tag}-{w}-{n}"))
-                        .with_key(format!("k{w}-{}", n % 16));
-                    let extra = match phase {
-                        Phase::Plain => Extra::Nothing,
-                        Phase::TwoRows => Extra::Row,
-                        _ => Extra::Enqueue(&m, notify),
-                    };
-                    db.transaction(extra).await?;
-                    n += 1;
-                }
-                // Its last commit, the writer's clock.
-                Ok::<(u64, Instant), String>((n, Instant::now()))
-            })
+            tokio::spawn(async move { writer(&db, (&topic, &tag, w), phase, notify, until).await })
         })
         .collect();
     let mut max_lag = Duration::ZERO;
@@ -383,6 +367,31 @@ async fn writers(
         relay_per_s,
         max_lag: relay_per_s.map(|_| max_lag),
     })
+}
+
+/// Writer `w` committing transactions flat out, as `phase` says, until `until`: how many it
+/// committed, and when its last commit returned (the writer's clock).
+async fn writer(
+    db: &Db,
+    (topic, tag, w): (&str, &str, usize),
+    phase: Phase,
+    notify: bool,
+    until: Instant,
+) -> Result<(u64, Instant), String> {
+    let mut n = 0u64;
+    while Instant::now() < until {
+        let m = Message::new(topic, "x".repeat(100))
+            .with_id(format!("{tag}-{w}-{n}"))
+            .with_key(format!("k{w}-{}", n % 16));
+        let extra = match phase {
+            Phase::Plain => Extra::Nothing,
+            Phase::TwoRows => Extra::Row,
+            _ => Extra::Enqueue(&m, notify),
+        };
+        db.transaction(extra).await?;
+        n += 1;
+    }
+    Ok((n, Instant::now()))
 }
 
 /// Commit-to-ack latencies (ms) at 1,000 transactions/s for `secs`.

@@ -332,6 +332,18 @@ async fn applied(pool: &Pool, acked: usize, limit: Duration, row: &mut Row) -> (
     counts
 }
 
+impl InboxFault {
+    /// How many times a row inflicts the fault.
+    fn times(self, size: Size) -> usize {
+        match (self, size.quick) {
+            (InboxFault::KillConsumer, true) => 6,
+            (InboxFault::KillConsumer, false) => 20,
+            (InboxFault::RestartDatabase, true) => 2,
+            (InboxFault::RestartDatabase, false) => 5,
+        }
+    }
+}
+
 /// `inbox-kill` (PostgreSQL) / `inbox-kill-sqlite`: the consumer process SIGKILLed at random
 /// points while messages are published, and restarted each time. `inbox-db-restart`: the
 /// database SIGKILLed and restarted instead, twice (quick) or five times.
@@ -382,12 +394,7 @@ pub async fn inbox_kill<T: Target>(t: &mut T, size: Size, store: Store, fault: I
     let publishing = tokio::spawn(publish_paced(publisher, topic, n));
     // SIGKILL the consumer (or the database) at random points while messages are published
     // and handled.
-    let kills = match (fault, size.quick) {
-        (InboxFault::KillConsumer, true) => 6,
-        (InboxFault::KillConsumer, false) => 20,
-        (InboxFault::RestartDatabase, true) => 2,
-        (InboxFault::RestartDatabase, false) => 5,
-    };
+    let kills = fault.times(size);
     let downtimes = match inflict(fault, kills, &mut db, &mut consumer, &spawn).await {
         Ok(d) => d,
         Err(e) => {
@@ -395,14 +402,11 @@ pub async fn inbox_kill<T: Target>(t: &mut T, size: Size, store: Store, fault: I
             return row;
         }
     };
-    let acked = match publishing.await {
-        Ok(Ok(a)) => a,
-        Ok(Err(e)) => {
-            row.failures.push(e);
-            return row;
-        }
+    let published = publishing.await.map_err(|e| format!("publisher task: {e}"));
+    let acked = match published.and_then(|r| r) {
+        Ok(a) => a,
         Err(e) => {
-            row.failures.push(format!("publisher task: {e}"));
+            row.failures.push(e);
             return row;
         }
     };
@@ -414,37 +418,74 @@ pub async fn inbox_kill<T: Target>(t: &mut T, size: Size, store: Store, fault: I
     if let Ok(c) = pool.counts().await {
         counts = c;
     }
-    let (rows, distinct, deliveries) = (counts.0 as u64, counts.1 as u64, counts.2 as u64);
-    row.figures.sent = n as u64;
-    row.figures.acked = acked as u64;
-    row.figures.stored = distinct;
-    row.figures.lost = (acked as u64).saturating_sub(distinct);
-    row.figures.duplicates = rows.saturating_sub(distinct);
-    let what = match fault {
-        InboxFault::KillConsumer => format!(
-            "the consumer process SIGKILLed {kills} times at random 200-900 ms intervals and restarted ({})",
-            if churn_safe {
-                "in its group"
-            } else {
-                "each time in a new group, reading from the start: the broker's groups do not survive the kills"
-            }
-        ),
-        InboxFault::RestartDatabase => format!(
-            "PostgreSQL SIGKILLed {kills} times at random 200-900 ms intervals under the running consumer, back after {downtimes:?} ms"
-        ),
+    let fate = Fate {
+        n,
+        acked,
+        counts,
+        fault,
+        kills,
+        downtimes,
+        churn_safe,
     };
-    row.notes.push(format!(
-        "{n} messages published ({acked} acked), {what}; effects: {distinct} messages applied, {rows} rows; {deliveries} deliveries ({} more than messages: redeliveries the inbox let through at most once)",
-        deliveries.saturating_sub(n as u64)
-    ));
-    row.require(acked == n, format!("{} publishes not acked", n - acked));
-    row.require(
-        row.figures.lost == 0,
-        format!("{} messages never applied", row.figures.lost),
-    );
-    row.require(
-        row.figures.duplicates == 0,
-        format!("{} extra applications of a message", row.figures.duplicates),
-    );
+    fate.record(&mut row);
     row
+}
+
+/// What an inbox row ended with: published, acked, the table's counts (rows, distinct
+/// messages, deliveries), and the faults inflicted.
+struct Fate {
+    n: usize,
+    acked: usize,
+    counts: (i64, i64, i64),
+    fault: InboxFault,
+    kills: usize,
+    downtimes: Vec<u128>,
+    churn_safe: bool,
+}
+
+impl Fate {
+    /// The row's figures, its note, and its verdict: every acked message applied exactly once.
+    fn record(self, row: &mut Row) {
+        let Fate {
+            n,
+            acked,
+            counts,
+            fault,
+            kills,
+            downtimes,
+            churn_safe,
+        } = self;
+        let (rows, distinct, deliveries) = (counts.0 as u64, counts.1 as u64, counts.2 as u64);
+        row.figures.sent = n as u64;
+        row.figures.acked = acked as u64;
+        row.figures.stored = distinct;
+        row.figures.lost = (acked as u64).saturating_sub(distinct);
+        row.figures.duplicates = rows.saturating_sub(distinct);
+        let what = match fault {
+            InboxFault::KillConsumer => format!(
+                "the consumer process SIGKILLed {kills} times at random 200-900 ms intervals and restarted ({})",
+                if churn_safe {
+                    "in its group"
+                } else {
+                    "each time in a new group, reading from the start: the broker's groups do not survive the kills"
+                }
+            ),
+            InboxFault::RestartDatabase => format!(
+                "PostgreSQL SIGKILLed {kills} times at random 200-900 ms intervals under the running consumer, back after {downtimes:?} ms"
+            ),
+        };
+        row.notes.push(format!(
+            "{n} messages published ({acked} acked), {what}; effects: {distinct} messages applied, {rows} rows; {deliveries} deliveries ({} more than messages: redeliveries the inbox let through at most once)",
+            deliveries.saturating_sub(n as u64)
+        ));
+        row.require(acked == n, format!("{} publishes not acked", n - acked));
+        row.require(
+            row.figures.lost == 0,
+            format!("{} messages never applied", row.figures.lost),
+        );
+        row.require(
+            row.figures.duplicates == 0,
+            format!("{} extra applications of a message", row.figures.duplicates),
+        );
+    }
 }

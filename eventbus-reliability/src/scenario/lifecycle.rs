@@ -74,35 +74,8 @@ async fn close_in_flight<T: Target>(
         pace: None,
         stop_at: None,
     };
-    let producer = u32::from(paused);
-    let mut acks = Vec::new();
-    for seq in 0..load.per {
-        let m = crate::record::message(&load.run, &load.topics[0], producer, seq, load.payload);
-        let at = Instant::now();
-        match p.publish(m).await {
-            Ok(a) => acks.push((seq, at, a)),
-            Err(e) => ledger.record((producer, seq), at, Class::Refused, Some(e.kind())),
-        }
-    }
-    let t0 = Instant::now();
-    let report = p.close(deadline).await;
-    let took = t0.elapsed();
-    let (mut acked, mut other) = (0u64, 0u64);
-    for (seq, at, a) in acks {
-        let o: Outcome = a.await;
-        if o.is_acked() {
-            acked += 1;
-        } else {
-            other += 1;
-        }
-        ledger.record(
-            (producer, seq),
-            at,
-            Class::of(&o),
-            o.error().map(|e| e.kind()),
-        );
-    }
-    let unresolved = report.as_ref().map(|r| r.unresolved).unwrap_or(0);
+    let (took, acked, other, unresolved) =
+        publish_then_close(&p, &load, u32::from(paused), deadline, ledger).await;
     row.notes.push(format!(
         "{}: close({} ms) took {} ms, {acked} acked, {other} not acked, {unresolved} unresolved",
         if paused {
@@ -131,6 +104,47 @@ async fn close_in_flight<T: Target>(
         );
     }
     Some((load, filter))
+}
+
+/// Publish `load`'s messages as `producer` with nothing awaited, then `close(deadline)`:
+/// how long the close took, the outcomes acked and not, and how many it reported unresolved.
+/// Every outcome goes in `ledger`.
+async fn publish_then_close<P: Publisher>(
+    p: &P,
+    load: &Load,
+    producer: u32,
+    deadline: Duration,
+    ledger: &Ledger,
+) -> (Duration, u64, u64, u64) {
+    let mut acks = Vec::new();
+    for seq in 0..load.per {
+        let m = crate::record::message(&load.run, &load.topics[0], producer, seq, load.payload);
+        let at = Instant::now();
+        match p.publish(m).await {
+            Ok(a) => acks.push((seq, at, a)),
+            Err(e) => ledger.record((producer, seq), at, Class::Refused, Some(e.kind())),
+        }
+    }
+    let t0 = Instant::now();
+    let report = p.close(deadline).await;
+    let took = t0.elapsed();
+    let (mut acked, mut other) = (0u64, 0u64);
+    for (seq, at, a) in acks {
+        let o: Outcome = a.await;
+        if o.is_acked() {
+            acked += 1;
+        } else {
+            other += 1;
+        }
+        ledger.record(
+            (producer, seq),
+            at,
+            Class::of(&o),
+            o.error().map(|e| e.kind()),
+        );
+    }
+    let unresolved = report.as_ref().map(|r| r.unresolved).unwrap_or(0);
+    (took, acked, other, unresolved)
 }
 
 /// Cancellation: publish futures dropped at random points (a timeout of 0..300 µs) and 30 % of

@@ -207,36 +207,7 @@ async fn outbox_with<T: Target>(t: &mut T, size: Size, faults: Faults, name: &st
     drop(relays);
     count_publishes(&pool, &mut row).await;
     let stored = t.stored(&run).await.map(|n| n as usize);
-    // Without the broker's de-duplication, the consumer's layer drops copies a relay published
-    // again (killed before it marked them): what a consumer then sees is checked.
-    let (expect, dedup) = if t.drops_copies() {
-        (stored, None)
-    } else {
-        (None, Some(eventbus_core::DedupConfig::default()))
-    };
-    match check::drain_with(
-        &t.subscriber(),
-        &filter,
-        expect,
-        Duration::from_secs(3),
-        Duration::from_secs(60),
-        dedup,
-    )
-    .await
-    {
-        Ok(reads) => {
-            if dedup.is_some()
-                && let Some(n) = stored
-            {
-                row.notes.push(format!(
-                    "{} copies stored under an id already stored, dropped by the consumer's de-duplication",
-                    n.saturating_sub(reads.len())
-                ));
-            }
-            row.figures = check::check(&ledger, &reads, 0);
-        }
-        Err(e) => row.failures.push(format!("drain failed: {e:?}")),
-    }
+    read_back(t, &filter, stored, &ledger, &mut row).await;
     row.notes.extend(log);
     row.notes.push(format!(
         "{RELAYS} relay processes; 5 writers, {per} transactions each, one in ten rolled back; the broker holds {}",
@@ -255,6 +226,46 @@ async fn outbox_with<T: Target>(t: &mut T, size: Size, faults: Faults, name: &st
         ),
     );
     row
+}
+
+/// Read the run back as a consumer would and check it against what the writers committed.
+/// Without the broker's de-duplication, the consumer's layer drops copies a relay published
+/// again (killed before it marked them): what a consumer then sees is checked.
+async fn read_back<T: Target>(
+    t: &T,
+    filter: &str,
+    stored: Option<usize>,
+    ledger: &Ledger,
+    row: &mut Row,
+) {
+    let (expect, dedup) = if t.drops_copies() {
+        (stored, None)
+    } else {
+        (None, Some(eventbus_core::DedupConfig::default()))
+    };
+    match check::drain_with(
+        &t.subscriber(),
+        filter,
+        expect,
+        Duration::from_secs(3),
+        Duration::from_secs(60),
+        dedup,
+    )
+    .await
+    {
+        Ok(reads) => {
+            if dedup.is_some()
+                && let Some(n) = stored
+            {
+                row.notes.push(format!(
+                    "{} copies stored under an id already stored, dropped by the consumer's de-duplication",
+                    n.saturating_sub(reads.len())
+                ));
+            }
+            row.figures = check::check(ledger, &reads, 0);
+        }
+        Err(e) => row.failures.push(format!("drain failed: {e:?}")),
+    }
 }
 
 /// A pool on `pg`, the outbox table and the business table.
