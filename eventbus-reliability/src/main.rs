@@ -402,8 +402,8 @@ from the (last) fault to the first ack of a message admitted after it.
     )
 }
 
-/// A worker process logs to stderr (inherited from the row's process) only when `RUST_LOG`
-/// asks for it: the way to see why a relay or a consumer stopped.
+/// The rows' process, and each worker process (its stderr inherited), logs to stderr only when
+/// `RUST_LOG` asks for it: the way to see why a relay or a consumer stopped or was slow.
 fn worker_logs() {
     if std::env::var_os("RUST_LOG").is_some() {
         let _ = tracing_subscriber::fmt()
@@ -418,6 +418,7 @@ fn main() -> std::process::ExitCode {
         return code;
     }
     let args = Args::parse();
+    worker_logs();
     let backends: Vec<On> = if args.backend.is_empty() {
         On::default_set()
     } else {

@@ -15,8 +15,15 @@ use crate::check::Class;
 use crate::record::{self, Read};
 use crate::target::Target;
 
-/// How soon after a single broker's restart the live consumer must deliver again.
+/// How soon after a single broker's restart the live consumer must deliver again: NATS.
 const RESUME_WITHIN_MS: u64 = 2_000;
+
+/// The same for a Kafka client. librdkafka retries a lost broker on a back-off that the SDK
+/// caps at 2 s (`reconnect.backoff.max.ms`) and jitters by up to +50%, so its next try can
+/// come 3 s after the last, and the fetch comes on top. On tansu, SDK and raw rdkafka alike
+/// resumed 0.3-0.8 s after the restart in most runs and 1.9-2.9 s in about one in seven
+/// (2026-12-08; no client error logged after the broker was back).
+const KAFKA_RESUME_WITHIN_MS: u64 = 3_500;
 
 fn opt_ms(v: Option<u64>) -> String {
     v.map_or("never".into(), |m| m.to_string())
@@ -227,10 +234,14 @@ async fn consume_through<T: Target>(
     // elections the fault caused (the stream's and the consumer's), which the figure includes
     // (reported, not asserted).
     if t.broker().nodes() == 1 && reader == Reader::Sdk {
+        let goal = match t.broker().protocol() {
+            eventbus_brokers::Protocol::Kafka => KAFKA_RESUME_WITHIN_MS,
+            _ => RESUME_WITHIN_MS,
+        };
         row.require(
-            c.resume_ms.is_some_and(|m| m <= RESUME_WITHIN_MS),
+            c.resume_ms.is_some_and(|m| m <= goal),
             format!(
-                "deliveries resumed {} ms after the broker side could serve (goal {RESUME_WITHIN_MS} ms)",
+                "deliveries resumed {} ms after the broker side could serve (goal {goal} ms)",
                 opt_ms(c.resume_ms)
             ),
         );
