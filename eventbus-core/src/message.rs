@@ -51,6 +51,25 @@ impl Topic {
         }))
     }
 
+    /// `name` as a topic, shared with `last` when that is the same name, else made anew and
+    /// kept in `last`: a backend decoding message after message of one topic names it without
+    /// an allocation each.
+    ///
+    /// ```
+    /// use eventbus_core::Topic;
+    /// let mut last = None;
+    /// let a = Topic::reusing(&mut last, "orders");
+    /// let b = Topic::reusing(&mut last, "orders");
+    /// assert_eq!(a, b);
+    /// assert_eq!(Topic::reusing(&mut last, "refunds").as_str(), "refunds");
+    /// ```
+    pub fn reusing(last: &mut Option<Topic>, name: &str) -> Topic {
+        match last {
+            Some(t) if t.as_str() == name => t.clone(),
+            _ => last.insert(Topic::new(name)).clone(),
+        }
+    }
+
     /// The name as a string slice.
     pub fn as_str(&self) -> &str {
         &self.0.name

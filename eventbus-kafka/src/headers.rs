@@ -52,10 +52,7 @@ pub(crate) fn decode_reusing(
     m: &rdkafka::message::BorrowedMessage<'_>,
     last: &mut Option<Topic>,
 ) -> Message {
-    let topic = match last {
-        Some(t) if t.as_str() == m.topic() => t.clone(),
-        _ => last.insert(Topic::new(m.topic())).clone(),
-    };
+    let topic = Topic::reusing(last, m.topic());
     let mut headers = Headers::new();
     let mut id = None;
     if let Some(h) = m.headers() {

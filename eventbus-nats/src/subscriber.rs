@@ -452,10 +452,7 @@ impl Names {
     }
 
     fn topic(&mut self, subject: &str) -> Topic {
-        match &self.topic {
-            Some(t) if t.as_str() == subject => t.clone(),
-            _ => self.topic.insert(Topic::new(subject)).clone(),
-        }
+        Topic::reusing(&mut self.topic, subject)
     }
 }
 
